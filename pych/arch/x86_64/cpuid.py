@@ -1,0 +1,116 @@
+"""CPUID shaping: KVM's supported CPUID, made per-vCPU and safe for this kind of host.
+
+Pure functions over lists of ``kvm_cpuid_entry2`` so they are unit tested without KVM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from pych.hypervisor.kvm.bindings import kvm_cpuid_entry2
+
+# leaf 1
+ECX_CX16 = 1 << 13          # cmpxchg16b: not emulated by the nested KVM here (pvm-host.md)
+ECX_X2APIC = 1 << 21
+ECX_TSC_DEADLINE = 1 << 24
+ECX_HYPERVISOR = 1 << 31
+EDX_HTT = 1 << 28
+# leaf 7 subleaf 0
+EDX7_ARCH_CAPABILITIES = 1 << 29   # MSR 0x10a is not usable here (QEMU needs -arch-capabilities)
+
+LEAF_TOPOLOGY = 0x0B
+LEAF_EXT_TOPOLOGY = 0x1F
+LEVEL_TYPE_SMT = 1
+LEVEL_TYPE_CORE = 2
+
+
+@dataclass(frozen=True)
+class Topology:
+    threads_per_core: int = 1
+    cores_per_die: int = 1
+    dies_per_package: int = 1
+    packages: int = 1
+
+    @classmethod
+    def flat(cls, max_vcpus: int) -> "Topology":
+        """The reference's default: one package holding every possible vCPU as a core."""
+        return cls(1, max_vcpus, 1, 1)
+
+    @property
+    def thread_bits(self) -> int:
+        return (self.threads_per_core - 1).bit_length()
+
+    @property
+    def core_bits(self) -> int:
+        return (self.cores_per_die - 1).bit_length()
+
+    @property
+    def die_bits(self) -> int:
+        return (self.dies_per_package - 1).bit_length()
+
+    def apic_id(self, cpu_id: int) -> int:
+        """x2APIC id of ``cpu_id`` with thread/core/die/package fields packed by width."""
+        t = cpu_id % self.threads_per_core
+        c = (cpu_id // self.threads_per_core) % self.cores_per_die
+        d = (cpu_id // (self.threads_per_core * self.cores_per_die)) % self.dies_per_package
+        p = cpu_id // (self.threads_per_core * self.cores_per_die * self.dies_per_package)
+        return (((p << self.die_bits | d) << self.core_bits | c) << self.thread_bits) | t
+
+
+def _copy(e: kvm_cpuid_entry2) -> kvm_cpuid_entry2:
+    return kvm_cpuid_entry2.from_buffer_copy(bytes(e))
+
+
+def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topology) -> list[kvm_cpuid_entry2]:
+    """The CPUID table for one vCPU."""
+    apic_id = topology.apic_id(cpu_id)
+    threads_per_package = topology.threads_per_core * topology.cores_per_die * topology.dies_per_package
+    out: list[kvm_cpuid_entry2] = []
+    for src in supported:
+        e = _copy(src)
+        if e.function == 1:
+            e.ecx &= ~ECX_CX16
+            e.ecx |= ECX_HYPERVISOR
+            e.ebx = (e.ebx & 0x0000_FFFF) | (apic_id << 24) | (min(threads_per_package, 255) << 16)
+            e.edx |= EDX_HTT
+        elif e.function == 4:
+            # EAX[31:26]: addressable core ids per package - 1
+            cores = topology.cores_per_die * topology.dies_per_package
+            e.eax = (e.eax & 0x03FF_FFFF) | ((min(cores, 64) - 1) << 26)
+        elif e.function == 7 and e.index == 0:
+            e.edx &= ~EDX7_ARCH_CAPABILITIES
+        elif e.function in (LEAF_TOPOLOGY, LEAF_EXT_TOPOLOGY):
+            e = _topology_leaf(e, apic_id, topology)
+        out.append(e)
+    return out
+
+
+def _topology_leaf(e: kvm_cpuid_entry2, apic_id: int, topo: Topology) -> kvm_cpuid_entry2:
+    e.edx = apic_id
+    if e.index == 0:
+        e.eax, e.ebx, e.ecx = topo.thread_bits, topo.threads_per_core, (LEVEL_TYPE_SMT << 8)
+    elif e.index == 1:
+        shift = topo.thread_bits + topo.core_bits + (topo.die_bits if e.function == LEAF_TOPOLOGY else 0)
+        count = topo.threads_per_core * topo.cores_per_die
+        if e.function == LEAF_TOPOLOGY:
+            count *= topo.dies_per_package
+        e.eax, e.ebx, e.ecx = shift, count, (LEVEL_TYPE_CORE << 8) | 1
+    else:
+        e.eax, e.ebx, e.ecx = 0, 0, e.index
+    return e
+
+
+def find(entries: list[kvm_cpuid_entry2], function: int, index: int = 0) -> kvm_cpuid_entry2 | None:
+    for e in entries:
+        if e.function == function and e.index == index:
+            return e
+    return None
+
+
+def entry(function: int, index: int = 0, eax: int = 0, ebx: int = 0, ecx: int = 0, edx: int = 0,
+          flags: int = 0) -> kvm_cpuid_entry2:
+    return kvm_cpuid_entry2(function=function, index=index, flags=flags, eax=eax, ebx=ebx, ecx=ecx, edx=edx)
+
+
+assert ctypes.sizeof(kvm_cpuid_entry2) == 40

@@ -1,0 +1,187 @@
+"""Guest memory: memfd-backed shared mappings and bounds-checked access.
+
+Every guest physical address in pych goes through :class:`GuestMemory`; devices get this
+object (never the VM) and use ``view()`` for zero-copy I/O (``os.preadv`` straight into
+guest RAM) and ``read_*``/``write_*`` for descriptors and rings. The same class backs the
+fake guest memory used by device unit tests: it needs no KVM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+
+
+class GuestMemoryError(Exception):
+    """A guest address (range) that is not backed by guest RAM."""
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    gpa: int
+    size: int
+    fd: int                 # memfd (or file) backing the region; -1 for anonymous
+    mmap: mmap.mmap
+    host_addr: int
+    fd_offset: int = 0
+    owns_fd: bool = True
+    name: str = ""
+    slot: int | None = field(default=None)   # KVM memslot, set by the hypervisor layer
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def close(self) -> None:
+        try:
+            self.mmap.close()
+        except BufferError:
+            # A memoryview into this region is still alive somewhere; the mapping is
+            # released when that view goes away.
+            pass
+        if self.owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _host_address(mm: mmap.mmap) -> int:
+    buf = ctypes.c_char.from_buffer(mm)
+    addr = ctypes.addressof(buf)
+    del buf
+    return addr
+
+
+class GuestMemory:
+    """A set of non-overlapping regions of guest physical memory."""
+
+    def __init__(self) -> None:
+        self._regions: tuple[MemoryRegion, ...] = ()
+        self._lock = threading.Lock()
+
+    # --- construction -----------------------------------------------------------------
+    @classmethod
+    def from_ranges(cls, ranges: list[tuple[int, int]], name: str = "ram") -> "GuestMemory":
+        mem = cls()
+        for i, (gpa, size) in enumerate(ranges):
+            mem.add_region(gpa, size, name=f"{name}{i}")
+        return mem
+
+    def add_region(self, gpa: int, size: int, *, fd: int | None = None, fd_offset: int = 0,
+                   name: str = "ram", readonly: bool = False, shared: bool = True) -> MemoryRegion:
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
+        owns_fd = fd is None
+        if fd is None:
+            fd = os.memfd_create(f"pych-{name}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        try:
+            mm = mmap.mmap(fd, size, flags=flags, prot=prot, offset=fd_offset)
+        except Exception:
+            if owns_fd:
+                os.close(fd)
+            raise
+        region = MemoryRegion(gpa, size, fd, mm, _host_address(mm), fd_offset, owns_fd, name)
+        with self._lock:
+            for r in self._regions:
+                if gpa < r.end and r.gpa < gpa + size:
+                    region.close()
+                    raise GuestMemoryError(
+                        f"region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+            self._regions = tuple(sorted(self._regions + (region,), key=lambda r: r.gpa))
+        return region
+
+    def remove_region(self, region: MemoryRegion) -> None:
+        with self._lock:
+            self._regions = tuple(r for r in self._regions if r is not region)
+        region.close()
+
+    def close(self) -> None:
+        with self._lock:
+            regions, self._regions = self._regions, ()
+        for r in regions:
+            r.close()
+
+    # --- queries ----------------------------------------------------------------------
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return self._regions
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest physical address backed by RAM."""
+        return max((r.end for r in self._regions), default=0)
+
+    def region_for(self, gpa: int, length: int = 1) -> MemoryRegion:
+        for r in self._regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in guest RAM")
+
+    def is_valid(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.region_for(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    # --- access -----------------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable zero-copy view of ``length`` bytes at ``gpa`` (within one region)."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length at {gpa:#x}")
+        r = self.region_for(gpa, max(length, 1))
+        off = gpa - r.gpa
+        return memoryview(r.mmap)[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r = self.region_for(gpa, max(length, 1))
+        off = gpa - r.gpa
+        return r.mmap[off:off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        r = self.region_for(gpa, max(n, 1))
+        off = gpa - r.gpa
+        r.mmap[off:off + n] = data
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, v: int) -> None:
+        self.write(gpa, bytes((v & 0xFF,)))
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<H", v & 0xFFFF))
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<I", v & 0xFFFF_FFFF))
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<Q", v & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def read_obj(self, gpa: int, ctype):
+        return ctype.from_buffer_copy(self.read(gpa, ctypes.sizeof(ctype)))
+
+    def write_obj(self, gpa: int, obj) -> None:
+        self.write(gpa, bytes(obj))
