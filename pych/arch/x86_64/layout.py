@@ -75,3 +75,18 @@ def ram_regions(size: int) -> list[tuple[int, int]]:
         return [(0, size)]
     return [(0, MEM_32BIT_RESERVED_START),
             (RAM_64BIT_START, size - MEM_32BIT_RESERVED_START)]
+
+
+def pci_intx_irq(slot: int) -> int:
+    """The GSI a PCI slot's INTx pins are routed to (the DSDT's _PRT says the same)."""
+    return PCI_INTX_IRQ_BASE + slot % PCI_INTX_IRQ_COUNT
+
+
+MMIO64_WINDOW_SIZE = 64 * GiB
+
+
+def mmio64_window(ram_end: int, hotplug_size: int = 0) -> tuple[int, int]:
+    """The 64-bit PCI MMIO window: after RAM and the memory hot plug window, 1 GiB aligned."""
+    start = max(RAM_64BIT_START, ram_end) + hotplug_size
+    start = (start + GiB - 1) & ~(GiB - 1)
+    return start, MMIO64_WINDOW_SIZE

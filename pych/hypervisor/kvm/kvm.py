@@ -23,10 +23,20 @@ class KvmError(Exception):
     pass
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+
+
 def _ioctl(fd: int, request: int, arg=0):
+    """ioctl with a mutable buffer/structure (read back in place) or an unsigned long."""
+    if isinstance(arg, int):
+        ret = _libc.ioctl(fd, request, arg)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise KvmError(f"ioctl {request:#x} failed: {os.strerror(err)}")
+        return ret
     try:
-        return fcntl.ioctl(fd, request, arg, True) if isinstance(arg, (bytearray, ctypes.Structure, ctypes.Array)) \
-            else fcntl.ioctl(fd, request, arg)
+        return fcntl.ioctl(fd, request, arg, True)
     except OSError as e:
         raise KvmError(f"ioctl {request:#x} failed: {os.strerror(e.errno)}") from e
 

@@ -1,0 +1,302 @@
+"""ACPI platform devices (GED, shutdown/reset register, PM timer) and the fixed DSDT pieces.
+
+Each device is a :class:`~pych.devices.bus.BusDevice`; the ones the guest finds through the
+DSDT also produce their AML with ``to_aml()``, so the register block and the AML that drives
+it stay side by side. The free functions return the rest of the DSDT that the reference emits
+(shared/notes/ch-hotplug-reference.md §1.3, §2, §5.2), including the stub hot plug controllers
+that ``\\_SB_.GEC_.ESCN`` calls by absolute path and that the CPU, memory and PCI managers
+replace with their real AML.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from pych.acpi.aml import (
+    Aml, AddressSpace, And, Device, EISAName, Equal, ExtendedInterrupt, Field, FieldAccess,
+    FieldUpdate, If, IO, Local, Memory32Fixed, Method, MethodCall, Name, Named, Notify,
+    OpRegion, Package, Path, RegionSpace, ResourceTemplate, Store, String,
+)
+from pych.arch.x86_64 import layout
+from pych.devices.interrupt import IrqLine
+
+log = logging.getLogger(__name__)
+
+
+class AcpiNotification(enum.IntFlag):
+    """Bits of the GED event register: which scan method ``ESCN`` runs."""
+
+    CPU = 1 << 0            # \_SB_.CPUS.CSCN
+    MEMORY = 1 << 1         # \_SB_.MHPC.MSCN
+    PCI = 1 << 2            # \_SB_.PHPR.PSCN
+    POWER_BUTTON = 1 << 3   # Notify(\_SB_.PWRB, 0x80)
+
+
+class AcpiGedDevice:
+    """The Generic Event Device's 1-byte MMIO event register (read-to-clear).
+
+    :meth:`notify` ORs events into a latch and pulses the GED interrupt (edge, active high);
+    the guest's ``_EVT`` runs ``\\_SB_.GEC_.ESCN``, whose single 1-byte read returns and clears
+    everything latched so far, so events raised before that read coalesce into one scan.
+    Other accesses read 0 and writes are ignored. Safe to call from any thread.
+    """
+
+    SIZE = 1
+
+    def __init__(self, irq: IrqLine, mmio_base: int, *, gsi: int = layout.GED_IRQ):
+        self._irq = irq
+        self.mmio_base = mmio_base
+        self.gsi = gsi
+        self._pending = AcpiNotification(0)
+        self._lock = threading.Lock()
+
+    def notify(self, events: AcpiNotification) -> None:
+        """Latch ``events`` and interrupt the guest (nothing happens for no events)."""
+        if not events:
+            return
+        with self._lock:
+            self._pending |= events
+        self._irq.pulse()
+
+    def read(self, offset: int, size: int) -> int:
+        if offset != 0 or size != 1:
+            log.warning("GED: ignoring %d-byte read at offset %d", size, offset)
+            return 0
+        with self._lock:
+            pending, self._pending = self._pending, AcpiNotification(0)
+        return int(pending)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        log.warning("GED: ignoring %d-byte write of %#x at offset %d", size, value, offset)
+
+    def to_aml(self) -> bytes:
+        """``\\_SB_.GEC_`` (register block and ``ESCN``) and ``\\_SB_.GED_`` (ACPI0013)."""
+        dispatch = [
+            (AcpiNotification.CPU, MethodCall("\\_SB_.CPUS.CSCN")),
+            (AcpiNotification.MEMORY, MethodCall("\\_SB_.MHPC.MSCN")),
+            (AcpiNotification.PCI, MethodCall("\\_SB_.PHPR.PSCN")),
+            (AcpiNotification.POWER_BUTTON, Notify("\\_SB_.PWRB", 0x80)),
+        ]
+        escn = [Store(Path("GDAT"), Local(0))]
+        for bit, action in dispatch:
+            escn += [And(Local(0), int(bit), Local(1)), If(Equal(Local(1), int(bit)), action)]
+        gec = Device(
+            "\\_SB_.GEC_",
+            Name("_HID", EISAName("PNP0A06")),
+            Name("_UID", String("Generic Event Controller")),
+            Name("_CRS", ResourceTemplate(_mmio_window(self.mmio_base, self.SIZE))),
+            OpRegion("GDST", RegionSpace.SYSTEM_MEMORY, self.mmio_base, self.SIZE),
+            Field("GDST", Named("GDAT", 8), access=FieldAccess.BYTE,
+                  update=FieldUpdate.WRITE_AS_ZEROS),
+            Method("ESCN", 0, *escn, serialized=True),
+        )
+        ged = Device(
+            "\\_SB_.GED_",
+            Name("_HID", String("ACPI0013")),
+            Name("_UID", 0),
+            Name("_CRS", ResourceTemplate(ExtendedInterrupt(self.gsi))),
+            Method("_EVT", 1, MethodCall("\\_SB_.GEC_.ESCN"), serialized=True),
+        )
+        return gec.to_aml() + ged.to_aml()
+
+
+def _mmio_window(base: int, size: int) -> AddressSpace:
+    return AddressSpace.memory(base, base + size - 1)
+
+
+class AcpiShutdownDevice:
+    """The FADT's reset and sleep control/status register (1 byte at ``ACPI_SHUTDOWN_PORT``).
+
+    Writing ``RESET_VALUE`` calls ``on_reset``; writing S5 with SLP_EN (``POWEROFF_VALUE``)
+    calls ``on_poweroff``. Every other write (e.g. the WAK_STS clear Linux writes before
+    sleeping) is ignored, and reads return 0. The callbacks run on the vCPU thread that wrote
+    the register; they must arrange for the vCPUs to stop before that vCPU re-enters the
+    guest.
+    """
+
+    SIZE = 4
+    RESET_VALUE = 1
+    SLEEP_TYPE_SHIFT = 2
+    SLEEP_ENABLE = 1 << 5
+    S5_SLEEP_TYPE = 5                     # must match the _S5_ package
+    POWEROFF_VALUE = S5_SLEEP_TYPE << SLEEP_TYPE_SHIFT | SLEEP_ENABLE
+
+    def __init__(self, on_reset: Callable[[], None], on_poweroff: Callable[[], None]):
+        self._on_reset = on_reset
+        self._on_poweroff = on_poweroff
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset != 0 or size != 1:
+            log.warning("ACPI shutdown: ignoring %d-byte write at offset %d", size, offset)
+        elif value == self.RESET_VALUE:
+            log.info("ACPI reset requested by the guest")
+            self._on_reset()
+        elif value == self.POWEROFF_VALUE:
+            log.info("ACPI power off (S5) requested by the guest")
+            self._on_poweroff()
+
+
+class AcpiPmTimer:
+    """The ACPI PM timer at ``ACPI_PM_TIMER_PORT``: a free-running 32-bit counter at
+    3.579545 MHz, zero when the device is created (the FADT sets TMR_VAL_EXT).
+
+    It wraps modulo 2**32, so its low 24 bits (all a guest assuming a 24-bit timer uses)
+    wrap consistently modulo 2**24. Reads narrower than 4 bytes return the addressed bytes
+    of the counter; writes are ignored. ``clock_ns`` is a monotonic nanosecond clock.
+    """
+
+    SIZE = 4
+    FREQUENCY_HZ = 3_579_545
+
+    def __init__(self, clock_ns: Callable[[], int] = time.monotonic_ns):
+        self._clock_ns = clock_ns
+        self._start_ns = clock_ns()
+
+    def counter(self) -> int:
+        elapsed = self._clock_ns() - self._start_ns
+        return elapsed * self.FREQUENCY_HZ // 1_000_000_000 & 0xFFFF_FFFF
+
+    def read(self, offset: int, size: int) -> int:
+        if offset + size > self.SIZE:
+            log.warning("PM timer: ignoring %d-byte read at offset %d", size, offset)
+            return 0
+        return self.counter() >> 8 * offset & (1 << 8 * size) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        log.warning("PM timer: ignoring %d-byte write at offset %d", size, offset)
+
+
+# --- stub hot plug controllers ---------------------------------------------------------------
+def cpu_hotplug_stub_aml() -> Aml:
+    """``\\_SB_.CPUS`` (processor container) with an empty ``CSCN``."""
+    return Device(
+        "\\_SB_.CPUS",
+        Name("_HID", String("ACPI0010")),
+        Name("_CID", EISAName("PNP0A05")),
+        Method("CSCN", 0, serialized=True),
+    )
+
+
+def memory_hotplug_stub_aml() -> Aml:
+    """``\\_SB_.MHPC`` with an empty ``MSCN`` (what the reference emits without ACPI hot plug)."""
+    return Device(
+        "\\_SB_.MHPC",
+        Name("_HID", EISAName("PNP0A06")),
+        Name("_UID", String("Memory Hotplug Controller")),
+        Method("MSCN", 0, serialized=True),
+    )
+
+
+def pci_hotplug_stub_aml() -> Aml:
+    """``\\_SB_.PHPR`` with an empty ``PSCN``."""
+    return Device(
+        "\\_SB_.PHPR",
+        Name("_HID", EISAName("PNP0A06")),
+        Name("_STA", 0x0B),
+        Name("_UID", String("PCI Hotplug Controller")),
+        Method("PSCN", 0, serialized=True),
+    )
+
+
+# --- fixed DSDT pieces ----------------------------------------------------------------------
+def com1_aml() -> Aml:
+    """``\\_SB_.COM1``: the 16550 at ``COM1_PORT`` (8 ports) on ``SERIAL_IRQ`` (edge, high)."""
+    return Device(
+        "\\_SB_.COM1",
+        Name("_HID", EISAName("PNP0501")),
+        Name("_UID", 0),
+        Name("_DDN", String("COM1")),
+        Name("_CRS", ResourceTemplate(
+            ExtendedInterrupt(layout.SERIAL_IRQ),
+            IO(layout.COM1_PORT, layout.COM1_PORT, 0, 8),
+        )),
+    )
+
+
+def s5_aml() -> Aml:
+    """``_S5_``: soft-off with SLP_TYP 5 (what :class:`AcpiShutdownDevice` expects)."""
+    s5 = AcpiShutdownDevice.S5_SLEEP_TYPE
+    return Name("_S5_", Package(s5, s5, 0, 0))
+
+
+def power_button_aml() -> Aml:
+    """``\\_SB_.PWRB``: the power button device (PNP0C0C) that ``ESCN`` notifies with 0x80."""
+    return Device("\\_SB_.PWRB", Name("_HID", EISAName("PNP0C0C")), Name("_UID", 0))
+
+
+class MmioWindow(NamedTuple):
+    """A guest physical address range ``[base, base + size)``."""
+
+    base: int
+    size: int
+
+    @property
+    def last(self) -> int:
+        return self.base + self.size - 1
+
+
+PCI_SLOTS = 32
+
+
+def ecam_base(segment: int) -> int:
+    """Guest address of a PCI segment's ECAM window (one bus, 1 MiB)."""
+    return layout.PCI_MMCONFIG_START + segment * layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
+
+
+def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
+                    prt_irq: Callable[[int], int]) -> Device:
+    """``\\_SB_.PCxx``, the host bridge of PCI segment ``segment`` (bus 0 only).
+
+    ``_CRS`` lists bus 0, on segment 0 the legacy config ports and I/O windows, the segment's
+    ECAM window, and the 32- and 64-bit MMIO windows; ``_PRT`` routes INTA..INTD of slot ``s``
+    to GSI ``prt_irq(s)``. There is no ``_OSC``, so Linux leaves hot plug to acpiphp.
+    """
+    resources: list[Aml] = [AddressSpace.bus_number(0, 0)]
+    if segment == 0:
+        resources.append(IO(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_PORT, 1,
+                            layout.PCI_CONFIG_IO_PORT_SIZE))
+    resources += [
+        Memory32Fixed(ecam_base(segment), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT),
+        AddressSpace.memory(mmio32.base, mmio32.last, width=32),
+        AddressSpace.memory(mmio64.base, mmio64.last, width=64),
+    ]
+    if segment == 0:
+        resources += [AddressSpace.io(0, layout.PCI_CONFIG_IO_PORT - 1),
+                      AddressSpace.io(0x0D00, 0xFFFF)]
+    prt = Package(*(Package(slot << 16 | 0xFFFF, 0, 0, prt_irq(slot))
+                    for slot in range(PCI_SLOTS)))
+    return Device(
+        f"\\_SB_.PC{segment:02X}",
+        Name("_HID", EISAName("PNP0A08")),
+        Name("_CID", EISAName("PNP0A03")),
+        Name("_SEG", segment),
+        Name("_UID", segment),
+        Name("_CRS", ResourceTemplate(*resources)),
+        Name("_PRT", prt),
+    )
+
+
+def pci_ecam_reservation_aml(pci_segments: int = 1) -> Aml:
+    """``\\_SB_.MBRD`` (PNP0C02 motherboard resources) reserving every segment's ECAM window."""
+    return Device(
+        "\\_SB_.MBRD",
+        Name("_HID", EISAName("PNP0C02")),
+        Name("_UID", 0),
+        Name("_CRS", ResourceTemplate(*(
+            Memory32Fixed(ecam_base(s), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT)
+            for s in range(pci_segments)))),
+    )
+
+
+def build_dsdt_body(*pieces: Aml) -> bytes:
+    """The DSDT's AML body: the pieces' encodings, in order."""
+    return b"".join(piece.to_aml() for piece in pieces)
+

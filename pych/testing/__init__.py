@@ -1,0 +1,1 @@
+"""Helpers for driving real guests from tests, benchmarks and the demo."""

@@ -1,0 +1,235 @@
+"""Drive a booted guest over its serial console: wait for lines, run shell commands.
+
+Used by the guest tests, ``bench/`` and ``make demo``. The same :class:`Console` works for
+a guest under pych (serial on a Unix socket) and under QEMU (serial on a pipe), so the
+benchmarks compare both on equal terms.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("PYCH_GUEST_DIR", REPO / "build" / "guest"))
+READY = b"GUEST-READY"
+
+
+class GuestError(Exception):
+    pass
+
+
+def guest_artifacts() -> dict[str, Path]:
+    paths = {name: GUEST_DIR / name for name in ("vmlinux", "bzImage", "initramfs.cpio", "cmdline")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise GuestError(f"test guest not built ({', '.join(missing)} missing): run `make guest`")
+    return paths
+
+
+def guest_cmdline(extra: str = "") -> str:
+    base = guest_artifacts()["cmdline"].read_text().strip()
+    return f"{base} {extra}".strip()
+
+
+class Console:
+    """A byte stream to a guest's serial console (a socket or a pair of pipe fds)."""
+
+    def __init__(self, rfd: int, wfd: int, log_path: Path | None = None):
+        self.rfd, self.wfd = rfd, wfd
+        self.buf = bytearray()
+        self.log = open(log_path, "ab", buffering=0) if log_path else None
+        self.eof = False
+
+    @classmethod
+    def connect_unix(cls, path: str, timeout: float, log_path: Path | None = None,
+                     alive=lambda: True) -> "Console":
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                c = cls(s.fileno(), s.fileno(), log_path)
+                c._sock = s
+                return c
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or not alive():
+                    raise GuestError(f"serial socket {path} never accepted a connection")
+                time.sleep(0.05)
+
+    def _fill(self, timeout: float) -> bool:
+        r, _, _ = select.select([self.rfd], [], [], max(timeout, 0))
+        if not r:
+            return False
+        data = os.read(self.rfd, 65536)
+        if not data:
+            self.eof = True
+            return False
+        if self.log:
+            self.log.write(data)
+        self.buf += data
+        return True
+
+    def expect(self, pattern: bytes | re.Pattern, timeout: float, start: int = 0) -> re.Match:
+        """Wait until ``pattern`` appears in the output at or after ``start``."""
+        rx = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.buf, start)
+            if m:
+                return m
+            if self.eof:
+                raise GuestError(f"console closed while waiting for {rx.pattern!r}; "
+                                 f"last output: {self.tail()!r}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"timed out after {timeout:.0f} s waiting for {rx.pattern!r}; "
+                                 f"last output: {self.tail()!r}")
+            self._fill(min(left, 1.0))
+
+    def tail(self, n: int = 600) -> str:
+        return self.buf[-n:].decode(errors="replace")
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        while data:
+            n = os.write(self.wfd, data)
+            data = data[n:]
+
+    def close(self) -> None:
+        if getattr(self, "_sock", None):
+            self._sock.close()
+        if self.log:
+            self.log.close()
+
+
+class Shell:
+    """Runs commands in the guest's console shell and returns (exit code, output)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def prepare(self, timeout: float = 60) -> None:
+        """Quiet the shell (no echo, no prompt) so outputs come back clean."""
+        c = self.console
+        c.send("\n")
+        self.run("stty -echo 2>/dev/null; PS1=''; export PS1", timeout=timeout, check=False)
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
+        c = self.console
+        tag = uuid.uuid4().hex[:12]
+        start = len(c.buf)
+        # The marker is assembled by printf, so the command's own echo never matches it.
+        c.send(f"{cmd}\nprintf '@@%s@@%d@@\\n' {tag} $?\n")
+        m = c.expect(re.compile(rb"@@" + tag.encode() + rb"@@(\d+)@@"), timeout, start)
+        out = c.buf[start:m.start()].decode(errors="replace").replace("\r", "")
+        lines = [ln for ln in out.split("\n")
+                 if not (ln.startswith(cmd.split("\n")[0]) and ln.strip() == cmd.strip())]
+        rc = int(m.group(1))
+        text = "\n".join(lines).strip("\n")
+        if check and rc != 0:
+            raise GuestError(f"guest command {cmd!r} failed ({rc}): {text}")
+        return rc, text
+
+
+class PychGuest:
+    """A pych process booting the test guest, with its serial socket and API socket."""
+
+    def __init__(self, workdir: Path, *, cpus: str = "boot=1", memory: str = "size=256M",
+                 extra_args: list[str] | None = None, cmdline_extra: str = "",
+                 kernel: str = "vmlinux", api: bool = True, env: dict | None = None):
+        art = guest_artifacts()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.serial_path = str(self.workdir / "serial.sock")
+        self.api_path = str(self.workdir / "api.sock") if api else None
+        self.log_path = self.workdir / "pych.log"
+        self.args = [
+            str(REPO / ".venv" / "bin" / "pych"),
+            "--kernel", str(art[kernel]), "--initramfs", str(art["initramfs.cpio"]),
+            "--cmdline", guest_cmdline(cmdline_extra),
+            "--cpus", cpus, "--memory", memory,
+            "--serial", f"socket={self.serial_path}", "--console", "off",
+        ]
+        if api:
+            self.args += ["--api-socket", self.api_path]
+        self.args += extra_args or []
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.console: Console | None = None
+        self.shell: Shell | None = None
+        self.boot_started = 0.0
+
+    def start(self) -> "PychGuest":
+        self.boot_started = time.monotonic()
+        self._stderr = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                     stderr=self._stderr, env=self.env)
+        self.console = Console.connect_unix(self.serial_path, 30, self.workdir / "console.log",
+                                            alive=lambda: self.proc.poll() is None)
+        self.shell = Shell(self.console)
+        return self
+
+    def wait_ready(self, timeout: float = 300, start: int = 0) -> float:
+        """Wait for GUEST-READY (after ``start`` in the output); returns seconds since start."""
+        try:
+            self.console.expect(READY, timeout, start)
+        except GuestError as e:
+            raise GuestError(f"{e}\npych log: {self.pych_log()}") from None
+        took = time.monotonic() - self.boot_started
+        self.shell.prepare()
+        return took
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check)
+
+    def pych_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"pych still running after {timeout} s; log: {self.pych_log()}") from None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.console:
+            self.console.close()
+        if getattr(self, "_stderr", None):
+            self._stderr.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def qemu_command(art: dict[str, Path], *, machine: str = "microvm,acpi=on", memory: str = "256M",
+                 smp: str = "1", cmdline: str | None = None) -> list[str]:
+    return ["qemu-system-x86_64", "-M", machine, "-enable-kvm",
+            "-cpu", "host,-arch-capabilities,-cx16", "-m", memory, "-smp", smp,
+            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-kernel", str(art["vmlinux"]), "-initrd", str(art["initramfs.cpio"]),
+            "-append", cmdline if cmdline is not None else guest_cmdline()]
+
+
+__all__ = ["Console", "GuestError", "PychGuest", "Shell", "guest_artifacts", "guest_cmdline",
+           "qemu_command"]

@@ -1,0 +1,193 @@
+"""One boot of a virtual machine, assembled from a VmConfig.
+
+``Vm`` owns the KVM VM fd, guest memory, buses, devices and vCPUs of a single boot. A
+guest reboot throws the whole object away and the VMM builds a new one from the
+configuration as it is *then*, which is how every hot plug change survives a reboot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from pych.acpi import tables as acpi_tables
+from pych.arch.x86_64 import boot, layout, loader
+from pych.arch.x86_64.cpuid import Topology
+from pych.cpu import CpuManager
+from pych.devices import acpi as acpi_devices
+from pych.devices.bus import Bus
+from pych.devices.legacy.cmos import Cmos
+from pych.devices.legacy.debug_port import DebugPort
+from pych.devices.legacy.i8042 import I8042
+from pych.devices.legacy.serial import Serial
+from pych.hypervisor.kvm import Kvm
+from pych.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+class VmError(Exception):
+    pass
+
+
+class KvmIrqLine:
+    """An IOAPIC pin of the in-kernel irqchip."""
+
+    def __init__(self, vm, gsi: int):
+        self._vm = vm
+        self.gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self._vm.irq_line(self.gsi, level)
+
+    def pulse(self) -> None:
+        self._vm.irq_line(self.gsi, True)
+        self._vm.irq_line(self.gsi, False)
+
+
+class Vm:
+    """A booted (or bootable) VM. ``on_exit(kind, detail)`` is called from a vCPU or device
+    thread when the guest powers off ("poweroff"), resets ("reset") or fails ("error")."""
+
+    def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
+                 serial_port=None):
+        self.config = config
+        self.kvm = kvm
+        self.on_exit = on_exit
+        self.serial_port = serial_port      # host side of --serial, outlives reboots
+        self._exit_once = threading.Lock()
+        self._exited = False
+        self.state = "Created"
+        self.vm = None
+        self.mem: GuestMemory | None = None
+        self.cpus: CpuManager | None = None
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+
+    # --- guest-initiated exits ------------------------------------------------------------
+    def _guest_exit(self, kind: str, detail: str = "") -> None:
+        with self._exit_once:
+            if self._exited:
+                return
+            self._exited = True
+        self.on_exit(kind, detail)
+
+    # --- assembly -----------------------------------------------------------------------------
+    def boot(self) -> None:
+        cfg = self.config
+        try:
+            self.vm = self.kvm.create_vm()
+            self.vm.set_tss_address(TSS_ADDRESS)
+            self.vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+            self._create_memory(cfg.memory.size)
+            self._create_legacy_devices()
+            self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),
+                                                  layout.ACPI_GED_ADDR)
+            self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
+            topo = cfg.cpus.topology
+            self.cpus = CpuManager(
+                self.kvm, self.vm, self.pio, self.mmio,
+                boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
+                topology=Topology(topo.threads_per_core, topo.cores_per_die,
+                                  topo.dies_per_package, topo.packages) if topo else None,
+                on_exit=self._guest_exit)
+            kernel = self._load_payload()
+            self.cpus.create_boot_vcpus(kernel)
+            self.cpus.start()
+            self.state = "Running"
+        except Exception:
+            self.close()
+            raise
+
+    def _create_memory(self, size: int) -> None:
+        self.mem = GuestMemory()
+        for i, (gpa, length) in enumerate(layout.ram_regions(size)):
+            region = self.mem.add_region(gpa, length, name=f"ram{i}")
+            region.slot = self.vm.add_memory(gpa, length, region.host_addr)
+
+    def _create_legacy_devices(self) -> None:
+        irq4 = KvmIrqLine(self.vm, layout.SERIAL_IRQ)
+        if self.serial_port is not None:
+            self.serial = Serial(irq4, self.serial_port.write)
+            self.serial_port.attach(self.serial)
+            self.pio.insert(layout.COM1_PORT, 8, self.serial)
+        else:
+            self.serial = None
+        self.pio.insert(layout.I8042_PORT, 5, I8042(on_reset=lambda: self._guest_exit("reset")))
+        below, above = self._memory_split()
+        self.pio.insert(layout.CMOS_PORT, 2, Cmos(below, above))
+        self.pio.insert(layout.DEBUG_PORT, 1, DebugPort())
+        self.pio.insert(layout.ACPI_SHUTDOWN_PORT, 8, acpi_devices.AcpiShutdownDevice(
+            on_reset=lambda: self._guest_exit("reset"),
+            on_poweroff=lambda: self._guest_exit("poweroff")))
+        self.pio.insert(layout.ACPI_PM_TIMER_PORT, 4, acpi_devices.AcpiPmTimer())
+
+    def _memory_split(self) -> tuple[int, int]:
+        below = sum(r.size for r in self.mem.regions if r.end <= layout.MEM_32BIT_RESERVED_START)
+        return below, self.mem.total_size - below
+
+    def _load_payload(self) -> loader.LoadedKernel:
+        payload = self.config.payload
+        if payload is None or not payload.kernel:
+            raise VmError("no kernel to boot (give --kernel, or a payload in vm.create)")
+        kernel = loader.load_kernel(self.mem, payload.kernel)
+        initramfs = loader.load_initramfs(self.mem, payload.initramfs, kernel) if payload.initramfs else None
+        rsdp = acpi_tables.create_acpi_tables(
+            self.mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
+            max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id)
+        boot.write_boot_info(self.mem, kernel, payload.cmdline or "", initramfs, rsdp)
+        if kernel.protocol == "linux64":
+            boot.write_identity_page_tables(self.mem)
+            boot.write_gdt(self.mem, boot.GDT_64)
+        else:
+            boot.write_gdt(self.mem, boot.GDT_PVH)
+        return kernel
+
+    def _dsdt_body(self) -> bytes:
+        mmio32 = acpi_devices.MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
+        mmio64 = acpi_devices.MmioWindow(*layout.mmio64_window(self.mem.end))
+        pieces = [acpi_devices.pci_hotplug_stub_aml(),
+                  acpi_devices.pci_segment_aml(0, mmio32, mmio64, layout.pci_intx_irq),
+                  acpi_devices.pci_ecam_reservation_aml(1)]
+        if self.serial is not None:
+            pieces.append(acpi_devices.com1_aml())
+        pieces += [acpi_devices.s5_aml(), acpi_devices.power_button_aml(), self.ged,
+                   acpi_devices.cpu_hotplug_stub_aml(), acpi_devices.memory_hotplug_stub_aml()]
+        return acpi_devices.build_dsdt_body(*pieces)
+
+    # --- control (VMM thread) -------------------------------------------------------------------
+    def pause(self) -> None:
+        self.cpus.pause()
+        self.state = "Paused"
+
+    def resume(self) -> None:
+        self.cpus.resume()
+        self.state = "Running"
+
+    def power_button(self) -> None:
+        self.ged.notify(acpi_devices.AcpiNotification.POWER_BUTTON)
+
+    @property
+    def memory_actual_size(self) -> int:
+        return self.mem.total_size if self.mem else self.config.memory.size
+
+    def close(self) -> None:
+        """Stop the vCPUs and release every resource of this boot."""
+        if self.cpus is not None:
+            self.cpus.close()
+            self.cpus = None
+        if self.serial_port is not None:
+            self.serial_port.detach()
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.state = "Shutdown"

@@ -1,0 +1,376 @@
+"""The VMM: one control loop that owns the VM and serialises every request onto it.
+
+Requests arrive from the HTTP server thread (or from Python callers) as callables run
+on the control loop through :meth:`Vmm.call`; guest-initiated events (poweroff, reset,
+fatal errors) arrive from vCPU threads through :meth:`Vmm.post`. Both wake the loop
+with an eventfd, so nothing ever races the VM's own state.
+
+``Vmm`` is the :class:`~pych.api.handler.RequestHandler`: a method per endpoint. The
+HTTP API is a thin route table over it, and tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import signal
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, TypeVar
+
+import pych
+from pych.api.handler import ApiError, RequestHandler
+from pych.config import ApiSocket, ConfigError, EventMonitor as EventMonitorOption, VmConfig
+from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
+from pych.event_monitor import EventMonitor, NullEventMonitor
+from pych.hypervisor.kvm import Kvm
+from pych.vcpu import install_kick_handler
+from pych.vm import Vm
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SerialPort:
+    """The host end of ``--serial``, kept across reboots; each boot's UART attaches to it."""
+
+    def __init__(self, backend: SerialBackend):
+        self.backend = backend
+        self._uart = None
+        backend.start(self)
+
+    def enqueue_input(self, data: bytes) -> None:
+        uart = self._uart
+        if uart is not None:
+            uart.enqueue_input(data)
+
+    def write(self, data: bytes) -> None:
+        self.backend.write(data)
+
+    def attach(self, uart) -> None:
+        self._uart = uart
+
+    def detach(self) -> None:
+        self._uart = None
+
+    def close(self) -> None:
+        self._uart = None
+        self.backend.close()
+
+
+class Vmm(RequestHandler):
+    def __init__(self, *, event_monitor: EventMonitor | NullEventMonitor | None = None,
+                 exit_on_guest_poweroff: bool = True):
+        self.events = event_monitor or NullEventMonitor()
+        self.exit_on_guest_poweroff = exit_on_guest_poweroff
+        self.config: VmConfig | None = None
+        self.vm: Vm | None = None
+        self.state = "NotCreated"
+        self.exit_code: int | None = None
+        self._kvm: Kvm | None = None
+        self._serial: SerialPort | None = None
+        self._serial_spec: tuple | None = None
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._loop_thread: threading.Thread | None = None
+
+    # --- plumbing ----------------------------------------------------------------------------
+    @property
+    def kvm(self) -> Kvm:
+        if self._kvm is None:
+            self._kvm = Kvm()
+        return self._kvm
+
+    def _in_loop(self) -> bool:
+        return self._loop_thread is None or threading.current_thread() is self._loop_thread
+
+    def call(self, fn: Callable[["Vmm"], T]) -> T:
+        """Run ``fn(self)`` on the control loop and return its result (or raise its error)."""
+        if self._in_loop():
+            return fn(self)
+        fut: Future = Future()
+        self._tasks.put((fn, fut))
+        os.eventfd_write(self._wake, 1)
+        return fut.result()
+
+    def post(self, fn: Callable[["Vmm"], Any]) -> None:
+        """Queue ``fn(self)`` on the control loop without waiting (from any thread)."""
+        self._tasks.put((fn, None))
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
+
+    def run_loop(self) -> int:
+        """Serve requests and guest events until the VMM is asked to exit."""
+        self._loop_thread = threading.current_thread()
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        while self.exit_code is None:
+            try:
+                poller.poll(1000)
+            except InterruptedError:
+                pass
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass
+            self._drain()
+        self._drain()
+        return self.exit_code
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn, fut = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if fut is None:
+                try:
+                    fn(self)
+                except Exception:  # noqa: BLE001
+                    log.exception("VMM task failed")
+                continue
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def request_exit(self, code: int) -> None:
+        if self.exit_code is None:
+            self.exit_code = code
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
+
+    # --- guest-initiated events (posted from vCPU threads) ----------------------------------
+    def _on_guest_exit(self, vm: Vm, kind: str, detail: str) -> None:
+        self.post(lambda vmm: vmm._guest_exit(vm, kind, detail))
+
+    def _guest_exit(self, vm: Vm, kind: str, detail: str) -> None:
+        if vm is not self.vm:
+            return                         # a stale event from a VM already replaced
+        if kind == "reset":
+            log.info("guest reset: rebooting")
+            self._reboot()
+        elif kind == "poweroff":
+            log.info("guest powered off")
+            self._stop_vm()
+            self.events.emit("vm", "shutdown")
+            if self.exit_on_guest_poweroff:
+                self.request_exit(0)
+        else:
+            print(f"pych: error: {detail or kind}", file=sys.stderr, flush=True)
+            self._stop_vm()
+            self.request_exit(1)
+
+    # --- VM lifecycle --------------------------------------------------------------------------
+    def _serial_port(self, config: VmConfig) -> SerialPort | None:
+        mode = config.serial.mode.lower()
+        spec = (mode, config.serial.file or config.serial.socket)
+        if spec != self._serial_spec and self._serial is not None:
+            self._serial.close()
+            self._serial = None
+        self._serial_spec = spec
+        if mode == "off":
+            return None
+        if self._serial is None:
+            path = config.serial.file if mode == "file" else config.serial.socket
+            self._serial = SerialPort(open_serial_backend(mode, path))
+        return self._serial
+
+    def _start_vm(self) -> None:
+        assert self.config is not None
+        vm_box: list[Vm] = []
+        vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
+                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
+        vm_box.append(vm)
+        self.events.emit("vm", "booting")
+        vm.boot()
+        self.vm = vm
+        self.state = "Running"
+        self.events.emit("vm", "booted")
+
+    def _stop_vm(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.config is not None:
+            self.state = "Shutdown"
+
+    def _reboot(self) -> None:
+        self.events.emit("vm", "rebooting")
+        self._stop_vm()
+        try:
+            self._start_vm()
+        except Exception as e:
+            print(f"pych: error: reboot failed: {e}", file=sys.stderr, flush=True)
+            self.request_exit(1)
+            raise
+        self.events.emit("vm", "rebooted")
+
+    def _require_vm(self) -> VmConfig:
+        if self.config is None:
+            raise ApiError(404, ["VM is not created"])
+        return self.config
+
+    def _require_running(self, *states: str) -> Vm:
+        self._require_vm()
+        if self.vm is None or self.state not in (states or ("Running",)):
+            raise ApiError(500, [f"VM is not running (state: {self.state})"])
+        return self.vm
+
+    # --- RequestHandler -----------------------------------------------------------------------
+    def vmm_ping(self) -> dict:
+        return {"build_version": pych.__version__, "version": pych.__version__, "pid": os.getpid(),
+                "features": ["kvm"]}
+
+    def vmm_shutdown(self) -> None:
+        self._stop_vm()
+        self.request_exit(0)
+
+    def vm_create(self, config: VmConfig) -> None:
+        if self.config is not None:
+            raise ApiError(500, ["VM is already created"])
+        config.validate()
+        self.config = config
+        self.state = "Created"
+
+    def vm_boot(self) -> None:
+        self._require_vm()
+        if self.vm is not None:
+            raise ApiError(500, ["VM is already booted"])
+        try:
+            self._start_vm()
+        except Exception as e:  # noqa: BLE001 - any boot failure is the caller's one clear error
+            log.debug("boot failed", exc_info=True)
+            raise ApiError(500, ["Error booting VM", str(e)]) from None
+
+    def vm_shutdown(self) -> None:
+        self._require_running("Running", "Paused")
+        self._stop_vm()
+        self.events.emit("vm", "shutdown")
+
+    def vm_delete(self) -> None:
+        if self.config is None:
+            return None
+        self._stop_vm()
+        self.config = None
+        self.state = "NotCreated"
+        self.events.emit("vm", "deleted")
+
+    def vm_reboot(self) -> None:
+        self._require_running("Running", "Paused")
+        self._reboot()
+
+    def vm_pause(self) -> None:
+        vm = self._require_running("Running")
+        vm.pause()
+        self.state = "Paused"
+        self.events.emit("vm", "paused")
+
+    def vm_resume(self) -> None:
+        vm = self._require_running("Paused")
+        vm.resume()
+        self.state = "Running"
+        self.events.emit("vm", "resumed")
+
+    def vm_power_button(self) -> None:
+        self._require_running("Running").power_button()
+
+    def vm_info(self) -> dict:
+        config = self._require_vm()
+        return {
+            "config": config.model_dump(mode="json", exclude_none=True),
+            "state": self.state if self.state != "NotCreated" else "Created",
+            "memory_actual_size": self.vm.memory_actual_size if self.vm else config.memory.size,
+            "device_tree": {},
+        }
+
+    def vm_counters(self) -> dict:
+        self._require_running("Running", "Paused")
+        return {}
+
+    # --- teardown ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop_vm()
+        if self._serial is not None:
+            self._serial.close()
+            self._serial = None
+        self.events.close()
+        if self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+
+
+def _setup_logging(args) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}.get(min(args.v or 0, 2))
+    handler: logging.Handler
+    if getattr(args, "log_file", None):
+        handler = logging.FileHandler(args.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pych: %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _option(value, parser):
+    if value is None or not isinstance(value, str):
+        return value
+    return parser.parse(value)
+
+
+def run(config: VmConfig | None, args) -> int:
+    """``pych``'s main: boot ``config`` (if given), serve the API, return the exit code."""
+    _setup_logging(args)
+    install_kick_handler()
+    monitor_opt = _option(getattr(args, "event_monitor", None), EventMonitorOption)
+    api_opt = _option(getattr(args, "api_socket", None), ApiSocket)
+    try:
+        monitor = EventMonitor(monitor_opt.path, monitor_opt.fd) if monitor_opt else None
+    except OSError as e:
+        print(f"pych: error: --event-monitor: {e.strerror}: {monitor_opt.path}", file=sys.stderr)
+        return 1
+    vmm = Vmm(event_monitor=monitor)
+    server = None
+
+    def on_signal(signum, _frame):
+        log.warning("received signal %d: shutting down", signum)
+        vmm.post(lambda v: (v._stop_vm(), v.request_exit(0)))
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        vmm.events.emit("vmm", "starting")
+        if api_opt is not None:
+            from pych.api.http import ApiServer
+            try:
+                server = ApiServer(vmm.call, path=api_opt.path, fd=api_opt.fd)
+                server.start()
+            except (OSError, ValueError, RuntimeError) as e:
+                print(f"pych: error: --api-socket: {e}", file=sys.stderr)
+                return 1
+        if config is not None:
+            try:
+                vmm.vm_create(config)
+                vmm.vm_boot()
+            except ConfigError as e:
+                print(f"pych: error: {e}", file=sys.stderr)
+                return 2
+            except ApiError as e:
+                print(f"pych: error: {': '.join(e.messages[1:] or e.messages)}", file=sys.stderr)
+                return 1
+        elif server is None:
+            print("pych: error: nothing to do: give --kernel or --api-socket", file=sys.stderr)
+            return 2
+        return vmm.run_loop()
+    finally:
+        if server is not None:
+            server.close()
+        vmm.close()

@@ -1,0 +1,258 @@
+"""Round trips through ACPICA's iasl, the reference AML toolchain.
+
+Our DSDT must disassemble without complaint, its disassembly must recompile without errors
+into the namespace we meant, and (compiled with optimisations off) the recompiled AML must be
+byte-for-byte what we emitted. The data tables must disassemble with correct checksums.
+
+iasl is required: these tests fail, not skip, without it (CI installs acpica-tools).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path as FsPath
+
+import pytest
+
+from pych.acpi import tables
+from pych.acpi.aml import (
+    Acquire, Add, AddressSpace, And, Arg, Buffer, Cacheability, Concat, CreateDWordField,
+    CreateField, CreateQWordField, Decrement, DeRefOf, Device, EISAName, Else, Equal,
+    ExtendedInterrupt, Field, FieldAccess, FieldUpdate, GreaterEqual, GreaterThan, If,
+    Increment, Index, IO, LAnd, LessEqual, LessThan, Local, LNot, LOr, Memory32Fixed, Method,
+    MethodCall, Mod, Multiply, Mutex, Name, Named, Nand, Nor, Notify, NotEqual, ObjectType,
+    Offset, ONES, OpRegion, Or, Package, Path, RegionSpace, Release, Reserved,
+    ResourceTemplate, Return, Scope, ShiftLeft, ShiftRight, SizeOf, Sleep, Store, String,
+    Subtract, ToBuffer, ToInteger, Uuid, While, Xor,
+)
+from pych.arch.x86_64 import layout
+from pych.devices.acpi import (
+    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, cpu_hotplug_stub_aml,
+    memory_hotplug_stub_aml, pci_ecam_reservation_aml, pci_hotplug_stub_aml, pci_segment_aml,
+    power_button_aml, s5_aml,
+)
+from pych.devices.interrupt import RecordingIrq
+
+IASL_MISSING = ("iasl (ACPICA) is not installed: install acpica-tools "
+                "(Debian/Ubuntu: apt-get install acpica-tools) to run the ACPI round-trip tests")
+
+
+def iasl(*args: str, cwd: FsPath) -> str:
+    """Run iasl; fail the test (never skip) if it is missing or exits non-zero."""
+    exe = shutil.which("iasl")
+    if exe is None:
+        pytest.fail(IASL_MISSING, pytrace=False)
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"iasl {' '.join(args)} exited {proc.returncode}:\n{output}"
+    return output
+
+
+def disassemble(table: bytes, name: str, workdir: FsPath) -> str:
+    """``iasl -d`` of ``table``; asserts a clean run and returns the .dsl text."""
+    (workdir / f"{name}.dat").write_bytes(table)
+    output = iasl("-d", f"{name}.dat", cwd=workdir)
+    problems = [line for line in output.splitlines()
+                if re.search(r"error|warning|failure|AE_", line, re.IGNORECASE)]
+    assert not problems, f"iasl -d {name}.dat reported:\n{output}"
+    return (workdir / f"{name}.dsl").read_text()
+
+
+def compile_asl(source: str, workdir: FsPath, *flags: str) -> str:
+    """Compile ``source`` (a .dsl in ``workdir``) to ``<prefix>.aml``; asserts zero errors."""
+    output = iasl(*flags, source, cwd=workdir)
+    match = re.search(r"(\d+) Errors", output)
+    assert match and match.group(1) == "0", f"iasl {source} reported errors:\n{output}"
+    return output
+
+
+def namespace(nsp: str) -> dict[str, str]:
+    """Full path -> object type, from an iasl namespace listing (``-ln``)."""
+    objects, stack = {}, []
+    for depth, name, kind in re.findall(r"^\s*\d+\s+\[(\d+)\]\s+(\S{4}) - (\w+)", nsp, re.M):
+        stack[int(depth) - 1:] = [name]
+        objects["\\" + ".".join(stack)] = kind
+    return objects
+
+
+def asl_spelling(path: str) -> str:
+    """How iasl prints a path: padding underscores dropped (``\\_SB_.GED_`` -> ``\\_SB.GED``)."""
+    return ".".join(seg.rstrip("_") if seg.strip("\\_") else seg for seg in path.split("."))
+
+
+def platform_dsdt() -> bytes:
+    """The DSDT pych boots with today: the reference's fixed devices plus the hot plug stubs."""
+    mmio32 = MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
+    mmio64 = MmioWindow(0x1_0000_0000_00, 0x10_0000_0000)
+    ged = AcpiGedDevice(RecordingIrq(), layout.ACPI_GED_ADDR)
+    body = build_dsdt_body(
+        pci_hotplug_stub_aml(),
+        pci_segment_aml(0, mmio32, mmio64,
+                        lambda slot: layout.PCI_INTX_IRQ_BASE + slot % layout.PCI_INTX_IRQ_COUNT),
+        pci_ecam_reservation_aml(),
+        com1_aml(),
+        s5_aml(),
+        power_button_aml(),
+        ged,
+        cpu_hotplug_stub_aml(),
+        memory_hotplug_stub_aml(),
+    )
+    return tables.dsdt(body)
+
+
+EXPECTED_OBJECTS = {
+    "\\_SB_.PHPR": "Device", "\\_SB_.PHPR.PSCN": "Method",
+    "\\_SB_.PC00": "Device", "\\_SB_.PC00._SEG": "Integer", "\\_SB_.PC00._UID": "Integer",
+    "\\_SB_.PC00._CRS": "Buffer", "\\_SB_.PC00._PRT": "Package",
+    "\\_SB_.MBRD": "Device", "\\_SB_.MBRD._CRS": "Buffer",
+    "\\_SB_.COM1": "Device", "\\_SB_.COM1._CRS": "Buffer",
+    "\\_S5_": "Package",
+    "\\_SB_.PWRB": "Device",
+    "\\_SB_.GEC_": "Device", "\\_SB_.GEC_.GDST": "Region", "\\_SB_.GEC_.GDAT": "RegionField",
+    "\\_SB_.GEC_.ESCN": "Method",
+    "\\_SB_.GED_": "Device", "\\_SB_.GED_._HID": "String", "\\_SB_.GED_._CRS": "Buffer",
+    "\\_SB_.GED_._EVT": "Method",
+    "\\_SB_.CPUS": "Device", "\\_SB_.CPUS.CSCN": "Method",
+    "\\_SB_.MHPC": "Device", "\\_SB_.MHPC.MSCN": "Method",
+}
+
+
+def test_platform_dsdt_disassembles_cleanly(tmp_path):
+    dsl = disassemble(platform_dsdt(), "dsdt", tmp_path)
+    assert "External (" not in dsl, "every referenced name must be defined in the DSDT"
+    for device in ("\\_SB_.PHPR", "\\_SB_.PC00", "\\_SB_.MBRD", "\\_SB_.COM1", "\\_SB_.PWRB",
+                   "\\_SB_.GEC_", "\\_SB_.GED_", "\\_SB_.CPUS", "\\_SB_.MHPC"):
+        assert f"Device ({asl_spelling(device)})" in dsl
+    for text in ("Method (ESCN, 0, Serialized)", "Method (_EVT, 1, Serialized)",
+                 "\\_SB.GEC.ESCN ()", "\\_SB.CPUS.CSCN ()", "\\_SB.MHPC.MSCN ()",
+                 "\\_SB.PHPR.PSCN ()", "Notify (\\_SB.PWRB, 0x80)",
+                 'Name (_HID, "ACPI0013"', "Name (_S5, Package (0x04)",
+                 "OperationRegion (GDST, SystemMemory, 0xFEB00000, One)",
+                 "Field (GDST, ByteAcc, NoLock, WriteAsZeros)",
+                 "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+                 "0x0000000D,", 'EisaId ("PNP0A08")', 'EisaId ("PNP0C0C")'):
+        assert text in dsl, text
+
+
+def test_platform_dsdt_recompiles_to_the_intended_namespace(tmp_path):
+    disassemble(platform_dsdt(), "dsdt", tmp_path)
+    compile_asl("dsdt.dsl", tmp_path, "-ln", "-p", "recompiled")
+    objects = namespace((tmp_path / "recompiled.nsp").read_text())
+    assert {path: objects.get(path) for path in EXPECTED_OBJECTS} == EXPECTED_OBJECTS
+
+
+def test_platform_dsdt_recompiles_byte_for_byte(tmp_path):
+    dsdt = platform_dsdt()
+    disassemble(dsdt, "dsdt", tmp_path)
+    compile_asl("dsdt.dsl", tmp_path, "-oa", "-p", "recompiled")
+    assert (tmp_path / "recompiled.aml").read_bytes()[36:] == dsdt[36:]
+
+
+def every_construct() -> Scope:
+    """A namespace that uses every construct of the encoder at least once."""
+    return Scope(
+        "\\_SB_",
+        Device(
+            "TST0",
+            Name("_HID", EISAName("PNP0C02")),
+            Name("_UID", String("Encoder coverage")),
+            Name("BUF0", Buffer(bytes(range(16)))),
+            Name("PKG0", Package(1, 0x1234, 0x1234_5678, 1 << 40, ONES, String("x"), Package(3))),
+            Name("UUID", Uuid("E5C937D0-3553-4D7A-9117-EA4D19C3434D")),
+            Name("_CRS", ResourceTemplate(
+                Memory32Fixed(0xFEB0_1000, 0x1000, read_write=False),
+                AddressSpace.memory(1 << 32, (1 << 33) - 1,
+                                    cacheability=Cacheability.PREFETCHABLE),
+                AddressSpace.memory(0xC000_0000, 0xC0FF_FFFF, width=32, read_write=False),
+                AddressSpace.io(0x1000, 0x10FF, width=32),
+                AddressSpace.bus_number(0, 0xFF),
+                IO(0x600, 0x600, 1, 8),
+                ExtendedInterrupt(9, edge=False, active_low=True, shared=True),
+            )),
+            Mutex("MTX0", 3),
+            OpRegion("REG0", RegionSpace.SYSTEM_MEMORY, 0xFEB0_1000, 0x10),
+            Field("REG0", Named("RSEL", 32), Reserved(32), Named("RDAT", 32),
+                  access=FieldAccess.DWORD, lock=True),
+            Field("REG0", Offset(12), Named("RST0", 1), Named("RST1", 1), Reserved(6),
+                  Named("RCMD", 8), access=FieldAccess.BYTE, update=FieldUpdate.WRITE_AS_ONES),
+            OpRegion("REG1", RegionSpace.SYSTEM_IO, 0x600, 1),
+            Field("REG1", Named("PORT", 8), access=FieldAccess.BYTE,
+                  update=FieldUpdate.WRITE_AS_ZEROS),
+            OpRegion("REG2", RegionSpace.PCI_CONFIG, 0, 0x100),
+            Field("REG2", Named("VEND", 16), Named("DEVI", 16)),
+            Method(
+                "TST1", 2,
+                Acquire("MTX0", 0xFFFF),
+                Store(Arg(0), "RSEL"),
+                Store(0, Local(0)),
+                Store(0, Local(1)),
+                Store(0, Local(2)),
+                While(LessThan(Local(0), Arg(1)),
+                      If(LAnd(Equal(Local(0), 3), LNot(Equal(Local(1), 4))),
+                         Notify("\\_SB_.TST0", 1)),
+                      If(NotEqual(Local(0), 5), Increment(Local(0))),
+                      Else(Add(Local(0), 2, Local(0)), Decrement(Local(2)))),
+                ShiftLeft(1, Arg(0), Local(1)),
+                ShiftRight(Local(1), 1, Local(1)),
+                Subtract(Local(1), 1, Local(1)),
+                Or(Local(1), 2, Local(1)),
+                And(Local(1), 0xFF, Local(1)),
+                Multiply(Local(1), 3, Local(1)),
+                Xor(Local(1), 0x55, Local(1)),
+                Mod(Local(1), 7, Local(1)),
+                Nand(Local(1), 1, Local(3)),
+                Nor(Local(1), 1, Local(3)),
+                Concat(String("a"), String("b"), Local(2)),
+                Store(SizeOf("PKG0"), Local(3)),
+                Store(DeRefOf(Index(Path("PKG0"), 1)), Local(4)),
+                Store(ObjectType(Local(4)), Local(5)),
+                Store(ToInteger(Local(4)), Local(6)),
+                ToBuffer(Local(6), Local(7)),
+                CreateDWordField(Path("BUF0"), 0, "DW00"),
+                CreateQWordField(Path("BUF0"), 4, "QW00"),
+                CreateField(Path("BUF0"), 96, 8, "FD00"),
+                Store(0x1234, "DW00"),
+                Store(Path("^RDAT"), Local(0)),
+                If(GreaterThan(Local(0), 1), Sleep(1)),
+                If(LOr(LessEqual(Local(0), 2), GreaterEqual(Local(0), 9)), Store(1, "RST0")),
+                Release("MTX0"),
+                Return(ONES),
+                serialized=True,
+            ),
+            Method("TST2", 0, Return(MethodCall("TST1", 1, 2))),
+        ),
+    )
+
+
+def test_every_construct_recompiles_byte_for_byte(tmp_path):
+    dsdt = tables.dsdt(every_construct().to_aml())
+    disassemble(dsdt, "dsdt", tmp_path)
+    compile_asl("dsdt.dsl", tmp_path, "-oa", "-p", "recompiled")
+    assert (tmp_path / "recompiled.aml").read_bytes()[36:] == dsdt[36:]
+
+
+def test_fadt_disassembles_with_the_intended_fields(tmp_path):
+    dsl = disassemble(tables.fadt(0xA0024), "facp", tmp_path)
+    assert "Incorrect checksum" not in dsl
+    for field in (r"Hardware Reduced \(V5\) : 1", r"Reset Register Supported \(V2\) : 1",
+                  r"32-bit PM Timer \(V1\) : 1", r"FADT Minor Revision : 03",
+                  r"DSDT Address : 00000000000A0024", r"Value to cause reset : 01"):
+        assert re.search(field, dsl), field
+
+
+def test_madt_disassembles_with_one_x2apic_per_possible_cpu(tmp_path):
+    dsl = disassemble(tables.madt(boot_vcpus=2, max_vcpus=4), "apic", tmp_path)
+    assert "Incorrect checksum" not in dsl
+    assert len(re.findall(r"Subtable Type : 09 \[Processor Local x2APIC\]", dsl)) == 4
+    assert re.findall(r"Processor Enabled : (\d)", dsl) == ["1", "1", "0", "0"]
+    assert "Subtable Type : 01 [I/O APIC]" in dsl
+    assert "Subtable Type : 02 [Interrupt Source Override]" in dsl
+
+
+@pytest.mark.parametrize("name", ["mcfg", "xsdt"])
+def test_other_tables_disassemble_cleanly(tmp_path, name):
+    table = tables.mcfg() if name == "mcfg" else tables.xsdt([0xA1000, 0xA2000])
+    dsl = disassemble(table, name, tmp_path)
+    assert "Incorrect checksum" not in dsl
