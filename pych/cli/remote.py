@@ -1,0 +1,291 @@
+"""``pych-remote``: drive a running VMM over its API socket, like ``ch-remote``.
+
+Same subcommands, arguments and output as Cloud Hypervisor's ``ch-remote``:
+device configurations use the CLI's ``key=value,...`` grammar and are turned
+into JSON here, on the client side; tap or VFIO fds named in them
+(``add-net fd=[3,4]``, ``add-device fd=5``) are open fds of this process, passed
+to the VMM with SCM_RIGHTS.  On success the response body, if any, goes to
+stdout and the exit status is 0; otherwise the error chain goes to stderr, in
+``ch-remote``'s format, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TextIO
+
+from pych.api.client import ApiClient
+from pych.option_parser import parse_byte_size
+
+PROG = "pych-remote"
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    endpoint: str
+    body: Any = None
+    fds: tuple[int, ...] = ()
+
+
+class _UsageError(Exception):
+    """The command line cannot be turned into a request; the args are the chain."""
+
+
+# Subcommands without arguments: name -> (HTTP method, endpoint, description).
+_SIMPLE_COMMANDS = {
+    "boot": ("PUT", "vm.boot", "Boot a created VM"),
+    "counters": ("GET", "vm.counters", "Counters from the VM"),
+    "delete": ("PUT", "vm.delete", "Delete a VM"),
+    "info": ("GET", "vm.info", "Info on the VM"),
+    "nmi": ("PUT", "vm.nmi", "Trigger NMI"),
+    "pause": ("PUT", "vm.pause", "Pause the VM"),
+    "ping": ("GET", "vmm.ping", "Ping the VMM to check for API server availability"),
+    "power-button": ("PUT", "vm.power-button", "Trigger a power button in the VM"),
+    "reboot": ("PUT", "vm.reboot", "Reboot the VM"),
+    "resume": ("PUT", "vm.resume", "Resume the VM"),
+    "shutdown": ("PUT", "vm.shutdown", "Shutdown the VM"),
+    "shutdown-vmm": ("PUT", "vmm.shutdown", "Shutdown the VMM"),
+}
+
+# Subcommands taking one configuration in the CLI grammar:
+# name -> (endpoint, pych.config model, what the error chain calls it, description).
+_CONFIG_COMMANDS = {
+    "add-device": ("vm.add-device", "DeviceConfig", "device", "Add VFIO device"),
+    "add-disk": ("vm.add-disk", "DiskConfig", "disk", "Add block device"),
+    "add-fs": ("vm.add-fs", "FsConfig", "filesystem", "Add virtio-fs backed fs device"),
+    "add-generic-vhost-user": (
+        "vm.add-generic-vhost-user",
+        "GenericVhostUserConfig",
+        "generic vhost-user",
+        "Add generic vhost-user device",
+    ),
+    "add-net": ("vm.add-net", "NetConfig", "network", "Add network device"),
+    "add-pmem": ("vm.add-pmem", "PmemConfig", "persistent memory", "Add persistent memory device"),
+    "add-user-device": (
+        "vm.add-user-device",
+        "UserDeviceConfig",
+        "user device",
+        "Add userspace device",
+    ),
+    "add-vdpa": ("vm.add-vdpa", "VdpaConfig", "vDPA device", "Add vDPA device"),
+    "add-vsock": ("vm.add-vsock", "VsockConfig", "vsock", "Add vsock device"),
+    "receive-migration": (
+        "vm.receive-migration",
+        "ReceiveMigrationData",
+        "receive migration",
+        "Receive a VM migration",
+    ),
+    "restore": ("vm.restore", "RestoreConfig", "restore", "Restore VM from a snapshot"),
+    "send-migration": (
+        "vm.send-migration",
+        "SendMigrationData",
+        "send migration",
+        "Initiate a VM migration",
+    ),
+}
+
+# Subcommands taking one URL: name -> (endpoint, description).
+_URL_COMMANDS = {
+    "coredump": ("vm.coredump", "Create a coredump from VM"),
+    "snapshot": ("vm.snapshot", "Create a snapshot from VM"),
+}
+
+
+def _model(name: str) -> Any:
+    # Imported on demand: ping, info and friends need no config models.
+    return getattr(importlib.import_module("pych.config"), name)
+
+
+def _size(text: str, what: str) -> int:
+    try:
+        return parse_byte_size(text)
+    except ValueError as error:
+        raise _UsageError(f"Error parsing {what} size", str(error)) from None
+
+
+def _resize(args: argparse.Namespace) -> _Request:
+    try:
+        resize = _model("VmResize").from_remote_args(args.cpus, args.memory, args.balloon)
+    except ValueError as error:
+        raise _UsageError("Error parsing resize arguments", str(error)) from None
+    return _Request("PUT", "vm.resize", resize.model_dump_json(exclude_none=True))
+
+
+def _resize_zone(args: argparse.Namespace) -> _Request:
+    body = {"id": args.id, "desired_ram": _size(args.size, "memory")}
+    return _Request("PUT", "vm.resize-zone", body)
+
+
+def _resize_disk(args: argparse.Namespace) -> _Request:
+    body = {"id": args.disk, "desired_size": _size(args.size, "disk")}
+    return _Request("PUT", "vm.resize-disk", body)
+
+
+def _remove_device(args: argparse.Namespace) -> _Request:
+    return _Request("PUT", "vm.remove-device", {"id": args.id})
+
+
+def _create(args: argparse.Namespace) -> _Request:
+    try:
+        if args.path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.path, "rb") as file:
+                data = file.read()
+    except OSError as error:
+        raise _UsageError("Error reading from file", str(error)) from None
+    return _Request("PUT", "vm.create", data)  # sent as is: the VMM validates it
+
+
+def _configured(
+    endpoint: str, model_name: str, what: str
+) -> Callable[[argparse.Namespace], _Request]:
+    """A builder parsing the argument with ``pych.config.<model_name>.parse``."""
+
+    def build(args: argparse.Namespace) -> _Request:
+        parse = getattr(_model(model_name), "parse", None)
+        if parse is None:
+            raise _UsageError(f"Error parsing {what} syntax", f"{model_name}.parse() is missing")
+        try:
+            config = parse(args.config)
+        except ValueError as error:
+            raise _UsageError(f"Error parsing {what} syntax", str(error)) from None
+        # Fds are only meaningful in this process: they travel with SCM_RIGHTS.
+        fields = type(config).model_fields
+        fds: list[int] = []
+        if "fds" in fields and config.fds:
+            fds = list(config.fds)
+        elif "fd" in fields and config.fd is not None:
+            fds = [config.fd]
+        body = config.model_dump_json(exclude_none=True, exclude={"fds", "fd"})
+        return _Request("PUT", endpoint, body, tuple(fds))
+
+    return build
+
+
+def _bodyless(method: str, endpoint: str) -> Callable[[argparse.Namespace], _Request]:
+    return lambda args: _Request(method, endpoint)
+
+
+def _url(endpoint: str) -> Callable[[argparse.Namespace], _Request]:
+    return lambda args: _Request("PUT", endpoint, {"destination_url": args.url})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Remotely control a pych (or cloud-hypervisor) VMM."
+    )
+    parser.add_argument("--api-socket", help="HTTP API socket path (UNIX domain socket).")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    def command(name: str, about: str, build: Callable[[argparse.Namespace], _Request]) -> Any:
+        sub = commands.add_parser(name, help=about, description=about)
+        sub.set_defaults(build=build)
+        return sub
+
+    for name, (method, endpoint, about) in _SIMPLE_COMMANDS.items():
+        command(name, about, _bodyless(method, endpoint))
+    for name, (endpoint, model, what, about) in _CONFIG_COMMANDS.items():
+        sub = command(name, about, _configured(endpoint, model, what))
+        sub.add_argument("config", metavar=f"<{model}>", help=f"{what} options: key=value,...")
+    for name, (endpoint, about) in _URL_COMMANDS.items():
+        command(name, about, _url(endpoint)).add_argument("url", metavar="<destination_url>")
+
+    command("create", "Create VM from a JSON configuration", _create).add_argument(
+        "path", nargs="?", default="-", help="JSON VmConfig file, or - for stdin (default)"
+    )
+    resize = command("resize", "Resize the VM", _resize)
+    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
+    resize.add_argument("--cpus", help="New vCPUs count")
+    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    zone = command("resize-zone", "Resize a memory zone", _resize_zone)
+    zone.add_argument("--id", required=True, help="Memory zone identifier")
+    zone.add_argument(
+        "--size", required=True, help="New memory zone size in bytes (supports K/M/G suffix)"
+    )
+    disk = command("resize-disk", "Resize an attached disk", _resize_disk)
+    disk.add_argument("--disk", required=True, help="Disk identifier")
+    disk.add_argument("--size", required=True, help="New disk size")
+    command("remove-device", "Remove VFIO and PCI device", _remove_device).add_argument(
+        "id", metavar="<device_id>"
+    )
+    return parser
+
+
+def _print_chain(lines: Sequence[str], stderr: TextIO) -> None:
+    print(f"Error: {PROG} exited with the following chain of errors:", file=stderr)
+    for level, line in enumerate(lines):
+        print(f"  {level}: {line}", file=stderr)
+
+
+def _server_error_chain(status: int, body: bytes) -> list[str]:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    chain = ["http client error", f"Server responded with {status} {reason}"]
+    text = body.decode(errors="replace")
+    try:
+        messages = json.loads(text) if text else []
+    except ValueError:
+        messages = None
+    if isinstance(messages, list) and all(isinstance(line, str) for line in messages):
+        chain.extend(messages)
+    else:
+        chain.append(f"X: Can't get remote's error messages from JSON response: body={text!r}")
+    return chain
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has reported
+        return stop.code if isinstance(stop.code, int) else 1
+    if args.api_socket is None:
+        print(f"Error: {PROG}: please provide the --api-socket option", file=sys.stderr)
+        return 1
+    try:
+        request = args.build(args)
+    except _UsageError as error:
+        _print_chain(error.args, sys.stderr)
+        return 1
+
+    with ApiClient(args.api_socket) as client:
+        try:
+            client.connect()
+        except OSError as error:
+            print(
+                f"Error: {PROG}: cannot open HTTP socket {args.api_socket}: "
+                f"{error.strerror or error}",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            status, body = client.request(
+                request.method, request.endpoint, request.body, request.fds
+            )
+        except (OSError, http.client.HTTPException) as error:
+            _print_chain(
+                ["http client error", f"Error writing to or reading from HTTP socket: {error}"],
+                sys.stderr,
+            )
+            return 1
+
+    if 200 <= status < 300:
+        if body:
+            sys.stdout.write(body.decode(errors="replace") + "\n")
+        return 0
+    _print_chain(_server_error_chain(status, body), sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
