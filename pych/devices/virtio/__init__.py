@@ -1,0 +1,23 @@
+"""virtio 1.x: split virtqueues, the device model, the modern PCI transport and devices.
+
+* :mod:`.queue`: :class:`Virtqueue` and the guest-error taxonomy :class:`QueueError`;
+* :mod:`.device`: :class:`VirtioDevice` (worker thread, lifecycle), feature and status bits;
+* :mod:`.pci_transport`: :class:`VirtioPciDevice`;
+* :mod:`.block`, :mod:`.rng`, :mod:`.console`: the devices;
+* :mod:`.testing`: a driver-side mock queue and a device harness for tests.
+"""
+
+from .block import DiskError, DiskLockError, VirtioBlock
+from .console import VirtioConsole
+from .device import (ActivationError, ActiveQueue, DeviceStatus, VirtioDevice, VirtioDeviceType,
+                     VirtioInterrupt)
+from .pci_transport import VirtioPciDevice
+from .queue import DescriptorChain, QueueError, Virtqueue, VirtqueueError
+from .rng import VirtioRng
+
+__all__ = [
+    "ActivationError", "ActiveQueue", "DescriptorChain", "DeviceStatus", "DiskError",
+    "DiskLockError", "QueueError", "VirtioBlock", "VirtioConsole", "VirtioDevice",
+    "VirtioDeviceType", "VirtioInterrupt", "VirtioPciDevice", "VirtioRng", "Virtqueue",
+    "VirtqueueError",
+]

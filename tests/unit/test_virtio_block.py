@@ -1,0 +1,176 @@
+import os
+import struct
+
+import pytest
+
+from pych.devices.virtio.block import (VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+                                       VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+                                       BlockStatus, DiskLockError, RequestType, VirtioBlock,
+                                       default_serial)
+from pych.devices.virtio.device import VIRTIO_F_VERSION_1
+from pych.devices.virtio.testing import DeviceHarness
+
+SECTORS = 128
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    data = bytes(i % 251 for i in range(SECTORS * 512))
+    path.write_bytes(data)
+    return path, data
+
+
+def header(request: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", request, 0, sector)
+
+
+def submit(h: DeviceHarness, request: int, sector: int = 0, data=(), read_sizes=(), queue=0):
+    """Run one request; returns (used length, data read, status byte)."""
+    mq = h.queue(queue)
+    head = mq.add_chain([header(request, sector), *data], [*read_sizes, 1])
+    buffers = mq.writable_buffers(head)
+    h.kick(queue)
+    [used] = h.wait_used(queue)
+    assert used.id == head
+    out = mq.read_writable(buffers)
+    return used.length, out[:-1], out[-1]
+
+
+def config(disk: VirtioBlock):
+    return struct.unpack_from("<QII4xI", disk.config_bytes())
+
+
+def test_features_and_config(image):
+    path, _ = image
+    disk = VirtioBlock(path, size_max=1 << 20)
+    try:
+        for feature in (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_SEG_MAX,
+                        VIRTIO_BLK_F_SIZE_MAX, VIRTIO_F_VERSION_1):
+            assert disk.avail_features & feature
+        assert not disk.avail_features & (VIRTIO_BLK_F_RO | VIRTIO_BLK_F_MQ)
+        assert config(disk) == (SECTORS, 1 << 20, 126, 512)
+        assert disk.read_config(0, 8) == SECTORS
+        assert disk.read_config(34, 2) == 1                  # num_queues
+        assert len(disk.config_bytes()) == 60
+    finally:
+        disk.shutdown()
+
+
+def test_read_scatters_into_guest_buffers(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        used, got, status = submit(h, RequestType.IN, sector=2, read_sizes=[512, 1024])
+        assert status == BlockStatus.OK
+        assert got == data[1024:1024 + 1536]
+        assert used == 1536 + 1
+        assert h.interrupt.queue_notifications[0] >= 1
+
+
+def test_write_then_read_back(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        payload = [b"A" * 512, b"B" * 1024]
+        used, _, status = submit(h, RequestType.OUT, sector=4, data=payload)
+        assert (used, status) == (1, BlockStatus.OK)
+        with open(path, "rb") as f:
+            content = f.read()
+        assert content[2048:2048 + 1536] == b"A" * 512 + b"B" * 1024
+        assert content[:2048] == data[:2048]
+        _, got, status = submit(h, RequestType.IN, sector=5, read_sizes=[512])
+        assert (got, status) == (b"B" * 512, BlockStatus.OK)
+
+
+def test_flush_and_get_id(image):
+    path, _ = image
+    with DeviceHarness(VirtioBlock(path, serial="pych-serial")) as h:
+        assert submit(h, RequestType.FLUSH)[2] == BlockStatus.OK
+        used, got, status = submit(h, RequestType.GET_ID, read_sizes=[20])
+        assert status == BlockStatus.OK
+        assert got == b"pych-serial".ljust(20, b"\0")
+
+
+def test_default_serial_is_the_reference_device_id(image):
+    path, _ = image
+    st = os.stat(path)
+    assert default_serial(str(path)) == f"{st.st_dev}{st.st_rdev}{st.st_ino}".encode()[:20]
+    disk = VirtioBlock(path)
+    assert disk.serial[:len(default_serial(str(path)))] == default_serial(str(path))
+    disk.shutdown()
+
+
+def test_bad_requests_get_error_statuses(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        assert submit(h, RequestType.IN, sector=SECTORS - 1, read_sizes=[1024])[2] == BlockStatus.IOERR
+        assert submit(h, RequestType.IN, sector=0, read_sizes=[100])[2] == BlockStatus.IOERR
+        assert submit(h, RequestType.OUT, sector=SECTORS, data=[b"x" * 512])[2] == BlockStatus.IOERR
+        assert submit(h, RequestType.DISCARD)[2] == BlockStatus.UNSUPP
+        assert submit(h, 0xDEAD)[2] == BlockStatus.UNSUPP
+        with open(path, "rb") as f:
+            assert f.read() == data
+
+
+def test_malformed_request_is_skipped_and_the_device_keeps_going(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        mq = h.queue(0)
+        head = mq.add_chain([header(RequestType.IN)])          # no status byte at all
+        h.kick(0)
+        assert h.wait_used(0) == [(head, 0)]
+        assert h.device.malformed_requests == 1
+        assert submit(h, RequestType.IN, read_sizes=[512])[1] == data[:512]
+        assert not h.interrupt.reset_requested
+
+
+def test_readonly_disk(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path, readonly=True)) as h:
+        assert h.device.avail_features & VIRTIO_BLK_F_RO
+        used, _, status = submit(h, RequestType.OUT, sector=0, data=[b"\xff" * 512])
+        assert status == BlockStatus.IOERR
+        assert submit(h, RequestType.IN, read_sizes=[512])[1] == data[:512]
+        assert submit(h, RequestType.FLUSH)[2] == BlockStatus.OK
+    with open(path, "rb") as f:
+        assert f.read() == data
+
+
+def test_image_locking(image):
+    path, _ = image
+    first = VirtioBlock(path)
+    try:
+        with pytest.raises(DiskLockError, match="locked"):
+            VirtioBlock(path)
+        with pytest.raises(DiskLockError):
+            VirtioBlock(path, readonly=True)
+    finally:
+        first.shutdown()
+    readers = [VirtioBlock(path, readonly=True), VirtioBlock(path, readonly=True)]
+    with pytest.raises(DiskLockError):
+        VirtioBlock(path)
+    readers[0].image.unlock()                       # released early (remove-device time)
+    readers[1].shutdown()
+    VirtioBlock(path).shutdown()
+    readers[0].shutdown()
+
+
+def test_multiqueue(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path, num_queues=2)) as h:
+        assert h.device.avail_features & VIRTIO_BLK_F_MQ
+        assert h.device.read_config(34, 2) == 2
+        assert submit(h, RequestType.IN, sector=1, read_sizes=[512], queue=1)[1] == data[512:1024]
+        assert submit(h, RequestType.IN, sector=3, read_sizes=[512], queue=0)[1] == data[1536:2048]
+
+
+def test_event_idx_and_indirect(image):
+    path, data = image
+    with DeviceHarness(VirtioBlock(path), event_idx=True) as h:
+        mq = h.queue(0)
+        heads = [mq.add_chain([header(RequestType.IN, s)], [512, 1], indirect=True) for s in range(4)]
+        buffers = [mq.writable_buffers(head) for head in heads]
+        h.kick(0)
+        assert sorted(u.id for u in h.wait_used(0, 4)) == sorted(heads)
+        for sector, bufs in enumerate(buffers):
+            assert mq.read_writable(bufs) == data[512 * sector:512 * (sector + 1)] + b"\0"
+        assert mq.avail_event == 4                  # re-armed for the next request
