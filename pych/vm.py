@@ -15,6 +15,7 @@ from pych.acpi import tables as acpi_tables
 from pych.arch.x86_64 import boot, layout, loader
 from pych.arch.x86_64.cpuid import Topology
 from pych.cpu import CpuManager
+from pych.device_manager import DeviceManager
 from pych.devices import acpi as acpi_devices
 from pych.devices.bus import Bus
 from pych.devices.legacy.cmos import Cmos
@@ -22,6 +23,7 @@ from pych.devices.legacy.debug_port import DebugPort
 from pych.devices.legacy.i8042 import I8042
 from pych.devices.legacy.serial import Serial
 from pych.hypervisor.kvm import Kvm
+from pych.hypervisor.kvm.interrupts import KvmMsiInterruptManager
 from pych.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Vm:
         self.vm = None
         self.mem: GuestMemory | None = None
         self.cpus: CpuManager | None = None
+        self.devices: DeviceManager | None = None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
 
@@ -90,6 +93,11 @@ class Vm:
             self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),
                                                   layout.ACPI_GED_ADDR)
             self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
+            self.mmio64 = layout.mmio64_window(self.mem.end)
+            self.devices = DeviceManager(
+                cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
+                ioevents=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi), mmio64=self.mmio64)
+            self.devices.create_boot_devices()
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
                 self.kvm, self.vm, self.pio, self.mmio,
@@ -151,7 +159,7 @@ class Vm:
 
     def _dsdt_body(self) -> bytes:
         mmio32 = acpi_devices.MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
-        mmio64 = acpi_devices.MmioWindow(*layout.mmio64_window(self.mem.end))
+        mmio64 = acpi_devices.MmioWindow(*self.mmio64)
         pieces = [acpi_devices.pci_hotplug_stub_aml(),
                   acpi_devices.pci_segment_aml(0, mmio32, mmio64, layout.pci_intx_irq),
                   acpi_devices.pci_ecam_reservation_aml(1)]
@@ -182,6 +190,9 @@ class Vm:
         if self.cpus is not None:
             self.cpus.close()
             self.cpus = None
+        if self.devices is not None:
+            self.devices.close()
+            self.devices = None
         if self.serial_port is not None:
             self.serial_port.detach()
         if self.vm is not None:

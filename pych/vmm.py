@@ -290,7 +290,7 @@ class Vmm(RequestHandler):
             "config": config.model_dump(mode="json", exclude_none=True),
             "state": self.state if self.state != "NotCreated" else "Created",
             "memory_actual_size": self.vm.memory_actual_size if self.vm else config.memory.size,
-            "device_tree": {},
+            "device_tree": self.vm.devices.device_tree() if self.vm and self.vm.devices else {},
         }
 
     def vm_counters(self) -> dict:

@@ -1,0 +1,103 @@
+"""MSI routes for PCI devices on KVM: one GSI route plus one irqfd per vector.
+
+Implements the protocols of ``pych.devices.pci.interrupts``: a device worker raises an
+interrupt with a single eventfd write, which KVM turns into the MSI the guest programmed,
+without calling into Python VM code or waking a vCPU thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .kvm import Vm
+
+FIRST_MSI_GSI = 24          # 0..23 are the IOAPIC pins
+
+
+class GsiAllocator:
+    def __init__(self, first: int = FIRST_MSI_GSI, limit: int = 4096):
+        self._free: list[int] = []
+        self._next = first
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._next >= self._limit:
+                raise RuntimeError("out of GSIs for MSI routes")
+            self._next += 1
+            return self._next - 1
+
+    def free(self, gsi: int) -> None:
+        with self._lock:
+            self._free.append(gsi)
+
+    @property
+    def in_use(self) -> int:
+        return self._next - FIRST_MSI_GSI - len(self._free)
+
+
+class KvmMsiVector:
+    def __init__(self, vm: Vm, gsi: int):
+        self._vm = vm
+        self.gsi = gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._routed = False
+        self._irqfd = False
+
+    def update(self, address: int, data: int, masked: bool) -> None:
+        if masked:
+            return          # the device does not trigger while masked; keep the old route
+        self._vm.set_msi_route(self.gsi, address, data)
+        self._routed = True
+        if not self._irqfd:
+            self._vm.register_irqfd(self.fd, self.gsi)
+            self._irqfd = True
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def release(self) -> None:
+        if self._irqfd:
+            self._vm.unregister_irqfd(self.fd, self.gsi)
+            self._irqfd = False
+        if self._routed:
+            self._vm.remove_route(self.gsi)
+            self._routed = False
+        os.close(self.fd)
+
+
+class KvmMsiVectorGroup:
+    def __init__(self, manager: "KvmMsiInterruptManager", vectors: list[KvmMsiVector]):
+        self._manager = manager
+        self.vectors = vectors
+        self._released = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        for v in self.vectors:
+            v.release()
+            self._manager.gsis.free(v.gsi)
+
+
+class KvmMsiInterruptManager:
+    def __init__(self, vm: Vm):
+        self.vm = vm
+        self.gsis = GsiAllocator()
+
+    def create_msix_group(self, count: int) -> KvmMsiVectorGroup:
+        vectors: list[KvmMsiVector] = []
+        try:
+            for _ in range(count):
+                vectors.append(KvmMsiVector(self.vm, self.gsis.allocate()))
+        except Exception:
+            for v in vectors:
+                v.release()
+                self.gsis.free(v.gsi)
+            raise
+        return KvmMsiVectorGroup(self, vectors)
