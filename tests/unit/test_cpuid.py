@@ -8,8 +8,8 @@ def _supported():
         entry(1, eax=0x806F8, ebx=0x0000_0800, ecx=cpuid.ECX_CX16 | cpuid.ECX_X2APIC, edx=0),
         entry(4, 0, eax=0x1C00_4121),
         entry(7, 0, edx=cpuid.EDX7_ARCH_CAPABILITIES | 1),
-        entry(0xB, 0), entry(0xB, 1), entry(0xB, 2),
-        entry(0x1F, 0), entry(0x1F, 1), entry(0x1F, 2),
+        entry(0xB, 0, edx=1, flags=1),            # KVM gives subleaf 0 only
+        entry(0x1F, 0, edx=1, flags=1),
         entry(0x4000_0000, eax=0x4000_0001, ebx=0x4B4D564B),
     ]
 
@@ -26,7 +26,9 @@ def test_cx16_hidden_hypervisor_bit_set_and_apic_id_per_vcpu():
         assert (leaf1.ebx >> 16) & 0xFF == 8
         assert find(table, 0xB, 0).edx == cpu
         assert find(table, 0xB, 1).ebx == 8
-        assert find(table, 0xB, 2).ecx == 2
+        assert find(table, 0xB, 2).ecx == 2 and find(table, 0xB, 2).ebx == 0   # terminator
+        assert find(table, 0x1F, 1).ebx == 8 and find(table, 0x1F, 1).edx == cpu
+        assert len([e for e in table if e.function == 0xB]) == 3
         assert not find(table, 7).edx & cpuid.EDX7_ARCH_CAPABILITIES
         assert find(table, 7).edx & 1
         assert find(table, 4).eax >> 26 == 7

@@ -19,6 +19,7 @@ EDX_HTT = 1 << 28
 # leaf 7 subleaf 0
 EDX7_ARCH_CAPABILITIES = 1 << 29   # MSR 0x10a is not usable here (QEMU needs -arch-capabilities)
 
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 LEAF_TOPOLOGY = 0x0B
 LEAF_EXT_TOPOLOGY = 0x1F
 LEVEL_TYPE_SMT = 1
@@ -68,6 +69,10 @@ def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topolo
     threads_per_package = topology.threads_per_core * topology.cores_per_die * topology.dies_per_package
     out: list[kvm_cpuid_entry2] = []
     for src in supported:
+        if src.function in (LEAF_TOPOLOGY, LEAF_EXT_TOPOLOGY):
+            if src.index == 0:    # KVM reports subleaf 0 only: pych writes the whole leaf
+                out += [_topology_leaf(_copy(src), i, apic_id, topology) for i in range(3)]
+            continue
         e = _copy(src)
         if e.function == 1:
             e.ecx &= ~ECX_CX16
@@ -80,13 +85,14 @@ def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topolo
             e.eax = (e.eax & 0x03FF_FFFF) | ((min(cores, 64) - 1) << 26)
         elif e.function == 7 and e.index == 0:
             e.edx &= ~EDX7_ARCH_CAPABILITIES
-        elif e.function in (LEAF_TOPOLOGY, LEAF_EXT_TOPOLOGY):
-            e = _topology_leaf(e, apic_id, topology)
         out.append(e)
     return out
 
 
-def _topology_leaf(e: kvm_cpuid_entry2, apic_id: int, topo: Topology) -> kvm_cpuid_entry2:
+def _topology_leaf(e: kvm_cpuid_entry2, index: int, apic_id: int, topo: Topology) -> kvm_cpuid_entry2:
+    """Subleaf ``index`` of leaf 0xB/0x1F: SMT level, core level, then the terminator."""
+    e.index = index
+    e.flags |= KVM_CPUID_FLAG_SIGNIFCANT_INDEX
     e.edx = apic_id
     if e.index == 0:
         e.eax, e.ebx, e.ecx = topo.thread_bits, topo.threads_per_core, (LEVEL_TYPE_SMT << 8)
