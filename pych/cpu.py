@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from pych.acpi.aml import Aml
 from pych.arch.x86_64 import boot
 from pych.arch.x86_64.cpuid import Topology, shape_cpuid
 from pych.arch.x86_64.loader import LoadedKernel
+from pych.devices import acpi as acpi_devices
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
 from pych.vcpu import VcpuThread
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 class CpuManager:
     def __init__(self, kvm: Kvm, vm: Vm, pio: Bus, mmio: Bus, *, boot_vcpus: int, max_vcpus: int,
-                 topology: Topology | None, on_exit: Callable[[str, str], None]):
+                 topology: Topology | None, on_exit: Callable[[str, str], None],
+                 notify: Callable[[int], None]):
         if not 1 <= boot_vcpus <= max_vcpus:
             raise ValueError(f"boot vCPUs ({boot_vcpus}) must be between 1 and max ({max_vcpus})")
         if max_vcpus > kvm.max_vcpus:
@@ -34,6 +37,7 @@ class CpuManager:
         self.max_vcpus = max_vcpus
         self.topology = topology or Topology.flat(max_vcpus)
         self.on_exit = on_exit
+        self.notify = notify                    # GED notification (AcpiNotification.CPU)
         self._supported_cpuid = kvm.supported_cpuid()
         self.vcpus: list[Vcpu] = []             # every vCPU ever created, index == id
         self.threads: dict[int, VcpuThread] = {}
@@ -59,6 +63,12 @@ class CpuManager:
             if cpu_id == 0:
                 vcpu.set_sregs(boot.boot_sregs(vcpu.get_sregs(), kernel.protocol))
                 vcpu.set_regs(boot.boot_regs(kernel))
+
+    def aml(self) -> Aml:
+        return acpi_devices.cpu_hotplug_stub_aml()
+
+    def resize(self, desired: int) -> bool:
+        raise NotImplementedError("CPU hot plug is not implemented yet")
 
     def start(self) -> None:
         for vcpu in self.vcpus[:self.boot_vcpus]:

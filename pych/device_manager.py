@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pych.acpi.aml import Aml, Sequence
 from pych.arch.x86_64 import layout
+from pych.devices import acpi as acpi_devices
 from pych.devices.bus import Bus
 from pych.devices.pci.allocator import AddressAllocator
 from pych.devices.pci.bus import PciBus, bdf
@@ -49,12 +51,14 @@ class DeviceNode:
 
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
-                 irq_line, mmio64: tuple[int, int]):
+                 irq_line, mmio64: tuple[int, int], notify):
         self.config = config
         self.mem = mem
         self.msi = msi
         self.ioevents = ioevents
         self.irq_line = irq_line          # gsi -> IrqLine
+        self.notify = notify              # GED notification (AcpiNotification.PCI)
+        self.mmio64 = mmio64
         self.pci = PciBus(0, mmio_bus=mmio,
                           mem32=AddressAllocator(layout.MEM_32BIT_DEVICES_START,
                                                  layout.MEM_32BIT_DEVICES_SIZE, "mmio32"),
@@ -112,6 +116,15 @@ class DeviceManager:
                                                         children=[dev_id])
         log.info("%s at %s", dev_id, address)
         return address
+
+    def aml(self) -> Aml:
+        """The PCI hot plug controller, the segment's host bridge and the ECAM reservation."""
+        mmio32 = acpi_devices.MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
+        return Sequence(
+            acpi_devices.pci_hotplug_stub_aml(),
+            acpi_devices.pci_segment_aml(0, mmio32, acpi_devices.MmioWindow(*self.mmio64),
+                                         layout.pci_intx_irq),
+            acpi_devices.pci_ecam_reservation_aml(1))
 
     def device_tree(self) -> dict:
         return {k: v.to_json() for k, v in self.tree.items()}

@@ -25,6 +25,7 @@ from pych.devices.legacy.serial import Serial
 from pych.hypervisor.kvm import Kvm
 from pych.hypervisor.kvm.interrupts import KvmMsiInterruptManager
 from pych.memory import GuestMemory
+from pych.memory_manager import MemoryManager
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Vm:
         self.state = "Created"
         self.vm = None
         self.mem: GuestMemory | None = None
+        self.memory: MemoryManager | None = None
         self.cpus: CpuManager | None = None
         self.devices: DeviceManager | None = None
         self.pio = Bus("pio")
@@ -88,15 +90,17 @@ class Vm:
             self.vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
             self.vm.create_irqchip()
             self.vm.create_pit2()
-            self._create_memory(cfg.memory.size)
-            self._create_legacy_devices()
             self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),
                                                   layout.ACPI_GED_ADDR)
             self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
-            self.mmio64 = layout.mmio64_window(self.mem.end)
+            self.memory = MemoryManager(cfg.memory, self.vm, notify=self.ged.notify)
+            self.mem = self.memory.create_boot_memory()
+            self._create_legacy_devices()
+            self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
             self.devices = DeviceManager(
                 cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
-                ioevents=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi), mmio64=self.mmio64)
+                ioevents=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi), mmio64=self.mmio64,
+                notify=self.ged.notify)
             self.devices.create_boot_devices()
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
@@ -104,7 +108,7 @@ class Vm:
                 boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
                 topology=Topology(topo.threads_per_core, topo.cores_per_die,
                                   topo.dies_per_package, topo.packages) if topo else None,
-                on_exit=self._guest_exit)
+                on_exit=self._guest_exit, notify=self.ged.notify)
             kernel = self._load_payload()
             self.cpus.create_boot_vcpus(kernel)
             self.cpus.start()
@@ -112,12 +116,6 @@ class Vm:
         except Exception:
             self.close()
             raise
-
-    def _create_memory(self, size: int) -> None:
-        self.mem = GuestMemory()
-        for i, (gpa, length) in enumerate(layout.ram_regions(size)):
-            region = self.mem.add_region(gpa, length, name=f"ram{i}")
-            region.slot = self.vm.add_memory(gpa, length, region.host_addr)
 
     def _create_legacy_devices(self) -> None:
         irq4 = KvmIrqLine(self.vm, layout.SERIAL_IRQ)
@@ -158,16 +156,24 @@ class Vm:
         return kernel
 
     def _dsdt_body(self) -> bytes:
-        mmio32 = acpi_devices.MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
-        mmio64 = acpi_devices.MmioWindow(*self.mmio64)
-        pieces = [acpi_devices.pci_hotplug_stub_aml(),
-                  acpi_devices.pci_segment_aml(0, mmio32, mmio64, layout.pci_intx_irq),
-                  acpi_devices.pci_ecam_reservation_aml(1)]
+        """The DSDT in the reference's order: device manager (PCI hot plug controller, host
+        bridge, ECAM reservation), COM1, S5, power button, GED, then the CPU and memory
+        managers' AML."""
+        pieces = [self.devices.aml()]
         if self.serial is not None:
             pieces.append(acpi_devices.com1_aml())
         pieces += [acpi_devices.s5_aml(), acpi_devices.power_button_aml(), self.ged,
-                   acpi_devices.cpu_hotplug_stub_aml(), acpi_devices.memory_hotplug_stub_aml()]
+                   self.cpus.aml(), self.memory.aml()]
         return acpi_devices.build_dsdt_body(*pieces)
+
+    # --- hot plug (VMM thread) ------------------------------------------------------------------
+    def resize_vcpus(self, desired: int) -> bool:
+        """Hot plug or unplug vCPUs; returns whether anything changed (see CpuManager)."""
+        return self.cpus.resize(desired)
+
+    def resize_memory(self, desired: int) -> bool:
+        """Hot plug memory up to ``desired`` bytes of RAM (see MemoryManager)."""
+        return self.memory.resize(desired)
 
     # --- control (VMM thread) -------------------------------------------------------------------
     def pause(self) -> None:
@@ -183,7 +189,7 @@ class Vm:
 
     @property
     def memory_actual_size(self) -> int:
-        return self.mem.total_size if self.mem else self.config.memory.size
+        return self.memory.actual_size if self.memory else self.config.memory.size
 
     def close(self) -> None:
         """Stop the vCPUs and release every resource of this boot."""
@@ -198,7 +204,8 @@ class Vm:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
-        if self.mem is not None:
-            self.mem.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
             self.mem = None
         self.state = "Shutdown"

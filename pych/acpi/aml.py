@@ -153,6 +153,16 @@ def name_seg(segment: str) -> bytes:
 
 
 # --- data objects -------------------------------------------------------------------------
+class Sequence:
+    """Several top-level objects emitted one after another (a manager's DSDT contribution)."""
+
+    def __init__(self, *items: Aml) -> None:
+        self.items = items
+
+    def to_aml(self) -> bytes:
+        return b"".join(item.to_aml() for item in self.items)
+
+
 class Integer:
     """An integer constant in its smallest encoding: Zero/One/Ones or Byte/Word/DWord/QWord."""
 
