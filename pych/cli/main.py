@@ -67,6 +67,8 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset(
         "cmdline",
         "cpus",
         "memory",
+        "disk",
+        "rng",
         "serial",
         "console",
         "api-socket",
