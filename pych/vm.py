@@ -93,14 +93,14 @@ class Vm:
             self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),
                                                   layout.ACPI_GED_ADDR)
             self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
-            self.memory = MemoryManager(cfg.memory, self.vm, notify=self.ged.notify)
+            self.memory = MemoryManager(cfg.memory, self.vm, self.mmio, notify=self.ged.notify)
             self.mem = self.memory.create_boot_memory()
             self._create_legacy_devices()
             self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
             self.devices = DeviceManager(
                 cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
-                ioevents=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi), mmio64=self.mmio64,
-                notify=self.ged.notify)
+                ioevents=self.vm, memslots=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi),
+                mmio64=self.mmio64, notify=self.ged.notify)
             self.devices.create_boot_devices()
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
@@ -172,15 +172,24 @@ class Vm:
         return self.cpus.resize(desired)
 
     def resize_memory(self, desired: int) -> bool:
-        """Hot plug memory up to ``desired`` bytes of RAM (see MemoryManager)."""
+        """Hot plug RAM up to ``desired`` bytes as one ACPI DIMM; False when ``desired`` is not
+        above the current RAM (see MemoryManager.resize for the errors)."""
         return self.memory.resize(desired)
 
     # --- control (VMM thread) -------------------------------------------------------------------
     def pause(self) -> None:
+        """Park every vCPU and freeze guest time: kvmclock and each vCPU's TSC are saved
+        here and written back on resume, so the guest's clocks do not jump."""
         self.cpus.pause()
+        self._paused_clock = self.vm.get_clock()
+        self._paused_tsc = {i: self.cpus.vcpus[i].get_msrs([boot.MSR_IA32_TSC])[boot.MSR_IA32_TSC]
+                            for i in self.cpus.threads}
         self.state = "Paused"
 
     def resume(self) -> None:
+        self.vm.set_clock(self._paused_clock)
+        for i, tsc in self._paused_tsc.items():
+            self.cpus.vcpus[i].set_msrs({boot.MSR_IA32_TSC: tsc})
         self.cpus.resume()
         self.state = "Running"
 

@@ -20,6 +20,10 @@ EDX_HTT = 1 << 28
 EDX7_ARCH_CAPABILITIES = 1 << 29   # MSR 0x10a is not usable here (QEMU needs -arch-capabilities)
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+# leaf 0x80000007
+EDX_INVARIANT_TSC = 1 << 8   # hidden: this host ignores guest TSC writes, so only kvmclock
+                             # (KVM_SET_CLOCK) can be frozen across a pause
+
 LEAF_TOPOLOGY = 0x0B
 LEAF_EXT_TOPOLOGY = 0x1F
 LEVEL_TYPE_SMT = 1
@@ -85,6 +89,8 @@ def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topolo
             e.eax = (e.eax & 0x03FF_FFFF) | ((min(cores, 64) - 1) << 26)
         elif e.function == 7 and e.index == 0:
             e.edx &= ~EDX7_ARCH_CAPABILITIES
+        elif e.function == 0x8000_0007:
+            e.edx &= ~EDX_INVARIANT_TSC
         out.append(e)
     return out
 

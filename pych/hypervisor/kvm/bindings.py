@@ -194,6 +194,11 @@ class kvm_vcpu_events(Struct):
                 ("exception_payload", c_uint64)]
 
 
+class kvm_clock_data(Struct):
+    _fields_ = [("clock", c_uint64), ("flags", c_uint32), ("pad0", c_uint32),
+                ("realtime", c_uint64), ("host_tsc", c_uint64), ("pad", c_uint32 * 4)]
+
+
 class kvm_signal_mask(Struct):
     _fields_ = [("len", c_uint32)]
 
@@ -216,6 +221,8 @@ KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 
@@ -249,6 +256,7 @@ SIZED_IOCTLS = {
     "KVM_CREATE_PIT2": (KVM_CREATE_PIT2, kvm_pit_config, 64),
     "KVM_IOEVENTFD": (KVM_IOEVENTFD, kvm_ioeventfd, 64),
     "KVM_ENABLE_CAP": (KVM_ENABLE_CAP, kvm_enable_cap, 104),
+    "KVM_GET_CLOCK": (KVM_GET_CLOCK, kvm_clock_data, 48),
     "KVM_SIGNAL_MSI": (KVM_SIGNAL_MSI, kvm_msi, 32),
     "KVM_GET_REGS": (KVM_GET_REGS, kvm_regs, 144),
     "KVM_GET_SREGS": (KVM_GET_SREGS, kvm_sregs, 312),

@@ -167,6 +167,15 @@ class Vm:
     def create_pit2(self) -> None:
         _ioctl(self.fd, b.KVM_CREATE_PIT2, b.kvm_pit_config(flags=b.KVM_PIT_SPEAKER_DUMMY))
 
+    def get_clock(self) -> int:
+        """The kvmclock value (ns) all vCPUs see."""
+        c = b.kvm_clock_data()
+        _ioctl(self.fd, b.KVM_GET_CLOCK, c)
+        return c.clock
+
+    def set_clock(self, clock: int) -> None:
+        _ioctl(self.fd, b.KVM_SET_CLOCK, b.kvm_clock_data(clock=clock))
+
     def irq_line(self, gsi: int, level: bool) -> None:
         _ioctl(self.fd, b.KVM_IRQ_LINE, b.kvm_irq_level(irq=gsi, level=int(level)))
 
