@@ -34,6 +34,7 @@ demo: deps venv guest
 	@$(PY) scripts/demo.py
 
 bench: deps venv guest
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/boot.py
 
 clean:
