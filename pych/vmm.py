@@ -23,10 +23,15 @@ from typing import Any, Callable, TypeVar
 
 import pych
 from pych.api.handler import ApiError, RequestHandler
-from pych.config import ApiSocket, ConfigError, EventMonitor as EventMonitorOption, VmConfig
+from pych.config import (ApiSocket, ConfigError, EventMonitor as EventMonitorOption,
+                          PciDeviceInfo, VmConfig)
+from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
+                                 HotPlugged, UnknownDeviceId)
+from pych.cpu import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
+from pych.memory_manager import InvalidMemoryResize, MemoryResizeError
 from pych.vcpu import install_kick_handler
 from pych.vm import Vm
 
@@ -291,7 +296,24 @@ class Vmm(RequestHandler):
             "state": self.state if self.state != "NotCreated" else "Created",
             "memory_actual_size": self.vm.memory_actual_size if self.vm else config.memory.size,
             "device_tree": self.vm.devices.device_tree() if self.vm and self.vm.devices else {},
+            **self._memory_hotplug_info(),
+            **self._vcpu_hotplug_info(),
+            **self._pci_hotplug_info(),
         }
+
+    def _vcpu_hotplug_info(self) -> dict:
+        """Beyond the reference: ``cpus``, the live state of each possible vCPU of the running
+        VM (``[{"id": 0, "state": "present"}, ...]``, states as pych.cpu.VcpuState)."""
+        if self.vm is None or self.vm.cpus is None:
+            return {}
+        return {"cpus": [{"id": cpu, "state": state.value}
+                         for cpu, state in enumerate(self.vm.cpus.states())]}
+
+    def _memory_hotplug_info(self) -> dict:
+        """Beyond the reference: ``memory_hotplug``, the hot plug window and each plugged DIMM
+        of the running VM (see MemoryManager.hotplug_info); absent without ACPI hot plug."""
+        info = self.vm.memory.hotplug_info() if self.vm and self.vm.memory else None
+        return {"memory_hotplug": info} if info is not None else {}
 
     def vm_resize(self, resize) -> None:
         """CPU first, then memory, then balloon, as the reference; each part updates the
@@ -306,17 +328,151 @@ class Vmm(RequestHandler):
         self.events.emit("vm", "resized")
 
     def _resize_vcpus(self, desired: int) -> None:
-        raise ApiError(500, ["CPU hot plug is not supported by pych yet"])
+        """``desired_vcpus``: on a running VM, hot plug vCPUs or ask the guest to eject the
+        highest ones (CpuManager.resize); either way ``cpus.boot_vcpus`` becomes ``desired``,
+        so a reboot boots with that many. The same count is a no-op.
+
+        Errors: outside 1..max_vcpus -> 400; a removal the guest has not completed yet
+        -> 429 (retry later).
+        """
+        cpus = self.config.cpus
+        if not 1 <= desired <= cpus.max_vcpus:
+            raise ApiError(400, ["Error resizing VM vCPUs",
+                                 f"desired_vcpus {desired} is not between 1 and max_vcpus "
+                                 f"({cpus.max_vcpus})"])
+        if self.vm is not None and self.vm.cpus is not None:
+            try:
+                self.vm.resize_vcpus(desired)
+            except VcpuRemovalPending as e:
+                raise ApiError(429, ["Error resizing VM vCPUs", str(e)]) from None
+        cpus.boot_vcpus = desired
 
     def _resize_memory(self, desired: int) -> None:
-        raise ApiError(500, ["memory hot plug is not supported by pych yet"])
+        """``desired_ram``: on a running VM an increase is hot plugged now as one ACPI DIMM
+        (MemoryManager.resize); a reduction, as in the reference, waits for the next boot.
+        Either way ``memory.size`` becomes ``desired``, so a reboot boots with that much RAM.
+
+        Errors: a size that cannot be boot RAM, an increase that is not a multiple of
+        128 MiB or does not fit the hot plug window -> 400; user-defined memory zones
+        (use vm.resize-zone) or no hot plug slot left -> 500.
+        """
+        memory = self.config.memory
+        if desired <= 0 or desired % os.sysconf("SC_PAGE_SIZE"):
+            raise ApiError(400, ["Error resizing VM memory",
+                                 f"desired_ram {desired} is not a positive multiple of the "
+                                 f"page size"])
+        if memory.zones:
+            raise ApiError(500, ["Error resizing VM memory",
+                                 "Not allowed to resize guest memory when backed with user "
+                                 "defined memory zones: use vm.resize-zone"])
+        if self.vm is not None and self.vm.memory is not None:
+            try:
+                self.vm.resize_memory(desired)
+            except InvalidMemoryResize as e:
+                raise ApiError(400, ["Error resizing VM memory", str(e)]) from None
+            except MemoryResizeError as e:
+                raise ApiError(500, ["Error resizing VM memory", str(e)]) from None
+        memory.size = desired
 
     def _resize_balloon(self, desired: int) -> None:
-        raise ApiError(500, ["the balloon is not supported by pych yet"])
+        """``desired_balloon``: on a running VM the balloon is asked to become ``desired``
+        bytes (the guest inflates or deflates it in its own time; see VirtioBalloon); either
+        way ``balloon.size`` becomes ``desired``, so a reboot starts with that target.
+
+        Errors: no ``--balloon`` configured, or more than the guest's RAM -> 500.
+        """
+        balloon = self.config.balloon
+        if balloon is None:
+            raise ApiError(500, ["Error resizing VM balloon", "No balloon device configured"])
+        ram = self.vm.memory_actual_size if self.vm is not None else self.config.memory.size
+        if not 0 <= desired <= ram:
+            raise ApiError(500, ["Error resizing VM balloon",
+                                 f"desired_balloon {desired} is larger than the guest RAM ({ram})"])
+        device = self.vm.devices.balloon if self.vm is not None and self.vm.devices else None
+        if device is not None:
+            device.resize(desired)
+        balloon.size = desired
 
     def vm_counters(self) -> dict:
         self._require_running("Running", "Paused")
         return {}
+
+    # --- PCI device hot plug ----------------------------------------------------------------------
+    def vm_add_disk(self, config) -> PciDeviceInfo | None:
+        return self._add_pci_device(config, "disks", DeviceManager.add_disk)
+
+    def vm_add_net(self, config, fds: list[int]) -> PciDeviceInfo | None:
+        if fds:
+            for fd in fds:
+                os.close(fd)
+            raise ApiError(400, ["Error adding device to the VM", "tap fds passed with "
+                                 "SCM_RIGHTS are not supported by pych; give tap=<name>"])
+        return self._add_pci_device(config, "net", DeviceManager.add_net)
+
+    def vm_add_fs(self, config) -> PciDeviceInfo | None:
+        return self._add_pci_device(config, "fs", DeviceManager.add_fs)
+
+    def vm_add_pmem(self, config) -> PciDeviceInfo | None:
+        return self._add_pci_device(config, "pmem", DeviceManager.add_pmem)
+
+    def vm_add_vsock(self, config) -> PciDeviceInfo | None:
+        if self._require_vm().vsock is not None:
+            raise ApiError(500, ["Error adding device to the VM",
+                                 "Too many vsock devices: a VM has at most one"])
+        return self._add_pci_device(config, "vsock", DeviceManager.add_vsock)
+
+    def _add_pci_device(self, device, field: str,
+                        hotplug: Callable[..., HotPlugged]) -> PciDeviceInfo | None:
+        """The add-* flow: validate the configuration with ``device`` added to ``field``
+        (409 duplicate id or path, 400 otherwise), then either only record it (VM created but
+        not running: 204) or hot plug it with ``hotplug(device_manager, device)`` and record
+        the configuration it was built from (with its id), so a reboot re-creates it
+        (200 ``{"id", "bdf"}``)."""
+        config = self._require_vm()
+        candidate = config.model_copy(deep=True)
+        _append_device(candidate, field, device.model_copy())
+        candidate.validate()
+        if self.vm is None:
+            _append_device(config, field, device)
+            return None
+        try:
+            added = hotplug(self.vm.devices, device)
+        except DeviceBackendError as e:
+            raise ApiError(400, ["Error adding device to the VM", str(e)]) from None
+        except DeviceManagerError as e:
+            raise ApiError(500, ["Error adding device to the VM", str(e)]) from None
+        _append_device(config, field, added.config)
+        return PciDeviceInfo(id=added.id, bdf=added.bdf)
+
+    def vm_remove_device(self, request) -> None:
+        """Drop the device from the configuration now and ask the guest to eject it; the
+        ``device-removed`` event follows when the guest has ejected it (see
+        DeviceManager.remove_device). 404 for an unknown id, 500 for a device that cannot be
+        removed (rng, console, balloon, virtio-mem)."""
+        config = self._require_vm()
+        if self.vm is None:
+            if not _remove_device_config(config, request.id):
+                raise ApiError(404, [f"No device with id {request.id} to remove"])
+            return None
+        try:
+            dev_id = self.vm.devices.remove_device(request.id, on_ejected=self._device_ejected)
+        except UnknownDeviceId as e:
+            raise ApiError(404, ["Error removing device from the VM", str(e)]) from None
+        except DeviceManagerError as e:
+            raise ApiError(500, ["Error removing device from the VM", str(e)]) from None
+        _remove_device_config(config, dev_id)
+        return None
+
+    def _device_ejected(self, dev_id: str, address: str) -> None:
+        """Called on the vCPU thread that ejected the device (the monitor is thread-safe)."""
+        self.events.emit("vm", "device-removed", {"id": dev_id, "bdf": address})
+
+    def _pci_hotplug_info(self) -> dict:
+        """Beyond the reference: ``devices_pending_removal``, the ids the guest was asked to
+        eject and has not ejected yet (they stay in ``device_tree`` until then)."""
+        if self.vm is None or self.vm.devices is None:
+            return {}
+        return {"devices_pending_removal": self.vm.devices.pending_removal()}
 
     # --- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -328,6 +484,32 @@ class Vmm(RequestHandler):
         if self._kvm is not None:
             self._kvm.close()
             self._kvm = None
+
+
+# The VmConfig fields holding hot-pluggable PCI devices (lists, except the single vsock).
+_PCI_DEVICE_FIELDS = ("disks", "net", "fs", "pmem", "devices", "user_devices", "vdpa",
+                      "generic_vhost_user", "vsock")
+
+
+def _append_device(config: VmConfig, field: str, device) -> None:
+    if field == "vsock":
+        config.vsock = device
+    else:
+        setattr(config, field, [*(getattr(config, field) or []), device])
+
+
+def _remove_device_config(config: VmConfig, dev_id: str) -> bool:
+    """Remove the device ``dev_id`` from the configuration; returns whether it was there."""
+    for field in _PCI_DEVICE_FIELDS:
+        value = getattr(config, field)
+        if field == "vsock":
+            if value is not None and value.id == dev_id:
+                config.vsock = None
+                return True
+        elif any(device.id == dev_id for device in value or ()):
+            setattr(config, field, [device for device in value if device.id != dev_id] or None)
+            return True
+    return False
 
 
 def _setup_logging(args) -> None:

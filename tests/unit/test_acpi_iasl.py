@@ -29,10 +29,11 @@ from pych.acpi.aml import (
 )
 from pych.arch.x86_64 import layout
 from pych.devices.acpi import (
-    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, cpu_hotplug_stub_aml,
-    memory_hotplug_stub_aml, pci_ecam_reservation_aml, pci_hotplug_stub_aml, pci_segment_aml,
-    power_button_aml, s5_aml,
+    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, memory_hotplug_stub_aml, pci_ecam_reservation_aml, pci_segment_aml, power_button_aml, s5_aml,
 )
+from pych.device_manager import PciHotplugController
+from pych.cpu import CpuHotplugController
+from pych.memory_manager import HOTPLUG_SLOTS, MemoryHotplugController
 from pych.devices.interrupt import RecordingIrq
 
 IASL_MISSING = ("iasl (ACPICA) is not installed: install acpica-tools "
@@ -83,27 +84,37 @@ def asl_spelling(path: str) -> str:
 
 
 def platform_dsdt() -> bytes:
-    """The DSDT pych boots with today: the reference's fixed devices plus the hot plug stubs."""
+    """The DSDT pych boots with today: the reference's fixed devices, the PCI hot plug
+    controller with its slots, the CPU hot plug stub and the memory hot plug controller."""
     mmio32 = MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
     mmio64 = MmioWindow(0x1_0000_0000_00, 0x10_0000_0000)
     ged = AcpiGedDevice(RecordingIrq(), layout.ACPI_GED_ADDR)
+    phpr = PciHotplugController(layout.ACPI_PCI_HOTPLUG_ADDR, on_eject=lambda seg, slot: None)
     body = build_dsdt_body(
-        pci_hotplug_stub_aml(),
+        phpr,
         pci_segment_aml(0, mmio32, mmio64,
-                        lambda slot: layout.PCI_INTX_IRQ_BASE + slot % layout.PCI_INTX_IRQ_COUNT),
+                        lambda slot: layout.PCI_INTX_IRQ_BASE + slot % layout.PCI_INTX_IRQ_COUNT,
+                        *phpr.segment_aml()),
         pci_ecam_reservation_aml(),
         com1_aml(),
         s5_aml(),
         power_button_aml(),
         ged,
-        cpu_hotplug_stub_aml(),
-        memory_hotplug_stub_aml(),
+        CpuHotplugController(layout.ACPI_CPU_HOTPLUG_ADDR, 4, 2, is_active=lambda cpu: True,
+                             eject=lambda cpu: True).aml(lambda cpu: cpu),
+        MemoryHotplugController().to_aml(layout.ACPI_MEM_HOTPLUG_ADDR),
     )
     return tables.dsdt(body)
 
 
 EXPECTED_OBJECTS = {
-    "\\_SB_.PHPR": "Device", "\\_SB_.PHPR.PSCN": "Method",
+    "\\_SB_.PHPR": "Device", "\\_SB_.PHPR.PSCN": "Method", "\\_SB_.PHPR.PCEJ": "Method",
+    "\\_SB_.PHPR.BLCK": "Mutex", "\\_SB_.PHPR.PCST": "Region",
+    **{f"\\_SB_.PHPR.{f}": "RegionField" for f in ("PCIU", "PCID", "B0EJ", "PSEG")},
+    "\\_SB_.PC00.DVNT": "Method", "\\_SB_.PC00.PCNT": "Method",
+    **{f"\\_SB_.PC00.S{slot:03d}": "Device" for slot in (0, 2, 31)},
+    **{f"\\_SB_.PC00.S002.{n}": kind for n, kind in
+       (("_SUN", "Integer"), ("_ADR", "Integer"), ("_EJ0", "Method"))},
     "\\_SB_.PC00": "Device", "\\_SB_.PC00._SEG": "Integer", "\\_SB_.PC00._UID": "Integer",
     "\\_SB_.PC00._CRS": "Buffer", "\\_SB_.PC00._PRT": "Package",
     "\\_SB_.MBRD": "Device", "\\_SB_.MBRD._CRS": "Buffer",
@@ -114,8 +125,23 @@ EXPECTED_OBJECTS = {
     "\\_SB_.GEC_.ESCN": "Method",
     "\\_SB_.GED_": "Device", "\\_SB_.GED_._HID": "String", "\\_SB_.GED_._CRS": "Buffer",
     "\\_SB_.GED_._EVT": "Method",
-    "\\_SB_.CPUS": "Device", "\\_SB_.CPUS.CSCN": "Method",
-    "\\_SB_.MHPC": "Device", "\\_SB_.MHPC.MSCN": "Method",
+    "\\_SB_.PRES": "Device", "\\_SB_.PRES.CPLK": "Mutex", "\\_SB_.PRES.PRST": "Region",
+    **{f"\\_SB_.PRES.{f}": "RegionField"
+       for f in ("CPEN", "CINS", "CRMV", "CEJ0", "CCMD", "CSEL", "CDAT")},
+    "\\_SB_.CPUS": "Device", "\\_SB_.CPUS._HID": "String", "\\_SB_.CPUS._CID": "Integer",
+    **{f"\\_SB_.CPUS.{m}": "Method" for m in ("CSTA", "CTFY", "CEJ0", "CSCN")},
+    **{f"\\_SB_.CPUS.C00{cpu}": "Device" for cpu in range(4)},
+    **{f"\\_SB_.CPUS.C003.{n}": kind for n, kind in
+       (("_HID", "String"), ("_UID", "Integer"), ("_STA", "Method"), ("_PXM", "Method"),
+        ("_MAT", "Buffer"), ("_EJ0", "Method"))},
+    "\\_SB_.MHPC": "Device", "\\_SB_.MHPC.MLCK": "Mutex", "\\_SB_.MHPC.MHPR": "Region",
+    **{f"\\_SB_.MHPC.{f}": "RegionField" for f in (
+        "MHBL", "MHBH", "MHLL", "MHLH", "MHPX", "MEN_", "MINS", "MRMV", "MEJ0", "MSEL", "MOEV",
+        "MOSC")},
+    **{f"\\_SB_.MHPC.{m}": "Method" for m in ("MSCN", "MTFY", "MSTA", "MCRS")},
+    **{f"\\_SB_.MHPC.M{slot:03d}": "Device" for slot in (0, 9, HOTPLUG_SLOTS - 1)},
+    **{f"\\_SB_.MHPC.M009.{n}": kind for n, kind in
+       (("_HID", "Integer"), ("_UID", "Integer"), ("_STA", "Method"), ("_CRS", "Method"))},
 }
 
 
@@ -134,6 +160,74 @@ def test_platform_dsdt_disassembles_cleanly(tmp_path):
                  "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
                  "0x0000000D,", 'EisaId ("PNP0A08")', 'EisaId ("PNP0C0C")'):
         assert text in dsl, text
+
+
+def test_pci_hotplug_aml_reads_as_the_reference_flow(tmp_path):
+    """PSCN -> PCNT: select the segment, notify PCIU slots with 1 and PCID slots with 3;
+    each slot's _EJ0 -> PCEJ writes the slot's bit to B0EJ; no _OSC (so acpiphp drives it)."""
+    dsl = disassemble(platform_dsdt(), "dsdt", tmp_path)
+    for text in ("OperationRegion (PCST, SystemMemory, 0xFEB03000, 0x10)",
+                 "Field (PCST, DWordAcc, NoLock, WriteAsZeros)",
+                 "Method (PCEJ, 2, Serialized)", "PSEG = Arg1", "B0EJ = (One << Arg0)",
+                 "\\_SB.PC00.PCNT ()", "\\_SB.PHPR.PSEG = _SEG",
+                 "DVNT (\\_SB.PHPR.PCIU, One)", "DVNT (\\_SB.PHPR.PCID, 0x03)",
+                 "Name (_SUN, 0x1F)", "Name (_ADR, 0x001F0000)", "Notify (S031, Arg1)",
+                 "If ((Local0 == 0x80000000))"):
+        assert text in dsl, text
+    assert dsl.count("\\_SB.PHPR.PCEJ (_SUN, _SEG)") == 32
+    assert "_OSC" not in dsl
+
+
+def test_cpu_hotplug_aml_reads_as_the_reference_flow(tmp_path):
+    """CSCN selects each CPU, notifies CINS ones with 1 and CRMV ones with 3 and acks; CSTA
+    reports 0xF while CPEN is set; each Cxxx's _EJ0 -> CEJ0 writes the eject bit; _MAT is an
+    enabled x2APIC entry (reference §3.1-3.2)."""
+    dsl = disassemble(platform_dsdt(), "dsdt", tmp_path)
+    for text in ("OperationRegion (PRST, SystemMemory, 0xFEB01000, 0x0C)",
+                 "Field (PRST, ByteAcc, NoLock, WriteAsZeros)",
+                 "Field (PRST, DWordAcc, NoLock, Preserve)",
+                 'Name (_UID, "CPU Hotplug Controller")', 'Name (_HID, "ACPI0010"',
+                 'EisaId ("PNP0A05")', "Method (CSTA, 1, Serialized)",
+                 "If ((\\_SB.PRES.CPEN == One))", "Local0 = 0x0F",
+                 "Method (CTFY, 2, Serialized)", "Notify (C003, Arg1)",
+                 "Method (CEJ0, 1, Serialized)", "\\_SB.PRES.CEJ0 = One",
+                 "Method (CSCN, 0, Serialized)", "While ((Local0 < 0x04))",
+                 "\\_SB.PRES.CSEL = Local0", "CTFY (Local0, One)", "\\_SB.PRES.CINS = One",
+                 "CTFY (Local0, 0x03)", "\\_SB.PRES.CRMV = One",
+                 "Return (CSTA (0x03))", "CEJ0 (0x03)",
+                 "0x09, 0x10, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00",
+                 "0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00"):
+        assert text in dsl, text
+    assert dsl.count('Name (_HID, "ACPI0007"') == 4
+    assert dsl.count("Acquire (\\_SB.PRES.CPLK, 0xFFFF)") == 3
+
+
+def test_memory_hotplug_aml_reads_as_the_reference_flow(tmp_path):
+    """MSCN selects each slot, notifies MINS ones with 1 and MRMV ones with 3 and acks; MSTA
+    reports 0xF while MEN_ is set; MCRS returns the selected DIMM as a cacheable QWordMemory
+    range; one PNP0C80 Mnnn per slot (reference §4.1)."""
+    dsl = disassemble(platform_dsdt(), "dsdt", tmp_path)
+    for text in ('Name (_UID, "Memory Hotplug Controller")', "Mutex (MLCK, 0x00)",
+                 "OperationRegion (MHPR, SystemMemory, 0xFEB02000, 0x18)",
+                 "Field (MHPR, ByteAcc, NoLock, WriteAsZeros)", "Offset (0x14),",
+                 "Method (MSCN, 0, Serialized)", f"While ((Local0 < 0x{HOTPLUG_SLOTS:02X}))",
+                 "MSEL = Local0", "MTFY (Local0, One)", "MINS = One", "MTFY (Local0, 0x03)",
+                 "MRMV = One", "Method (MSTA, 1, Serialized)", "If ((MEN == One))",
+                 "Local0 = 0x0F", "Method (MCRS, 1, Serialized)", "MINL = MHBL", "MINH = MHBH",
+                 "LENL = MHLL", "LENH = MHLH", "MAXL = (MINL + LENL)", "MAXL -= One",
+                 "Return (MR64)", "Notify (M031, Arg1)", "Return (MSTA (0x1F))",
+                 "Return (MCRS (0x1F))"):
+        assert text in dsl, text
+    assert dsl.count('EisaId ("PNP0C80")') == HOTPLUG_SLOTS
+    assert dsl.count("Acquire (MLCK, 0xFFFF)") == dsl.count("Release (MLCK)") == 3
+
+
+def test_memory_hotplug_stub_recompiles_byte_for_byte(tmp_path):
+    """Without ACPI memory hot plug the DSDT carries the reference's MHPC stub instead."""
+    dsdt = tables.dsdt(build_dsdt_body(memory_hotplug_stub_aml()))
+    disassemble(dsdt, "dsdt", tmp_path)
+    compile_asl("dsdt.dsl", tmp_path, "-oa", "-p", "recompiled")
+    assert (tmp_path / "recompiled.aml").read_bytes()[36:] == dsdt[36:]
 
 
 def test_platform_dsdt_recompiles_to_the_intended_namespace(tmp_path):
