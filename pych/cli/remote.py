@@ -12,10 +12,12 @@ stdout and the exit status is 0; otherwise the error chain goes to stderr, in
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -33,6 +35,8 @@ class _Request:
     endpoint: str
     body: Any = None
     fds: tuple[int, ...] = ()
+    # Run after a successful response with the API socket path; returns the exit status.
+    follow_up: Callable[[str], int] | None = None
 
 
 class _UsageError(Exception):
@@ -111,12 +115,68 @@ def _size(text: str, what: str) -> int:
         raise _UsageError(f"Error parsing {what} size", str(error)) from None
 
 
+DEFAULT_VCPU_WAIT_SECONDS = 120.0
+SETTLED_VCPU_STATES = {"absent", "ejected"}   # what vm.info calls a vCPU that is not plugged
+
+
 def _resize(args: argparse.Namespace) -> _Request:
     try:
         resize = _model("VmResize").from_remote_args(args.cpus, args.memory, args.balloon)
     except ValueError as error:
         raise _UsageError("Error parsing resize arguments", str(error)) from None
-    return _Request("PUT", "vm.resize", resize.model_dump_json(exclude_none=True))
+    follow_up = None
+    if args.wait is not None:
+        if resize.desired_vcpus is None:
+            raise _UsageError("Error parsing resize arguments", "--wait needs --cpus")
+        if args.wait <= 0:
+            raise _UsageError("Error parsing resize arguments", "--wait needs a positive timeout")
+        follow_up = functools.partial(_wait_for_vcpus_command, desired=resize.desired_vcpus,
+                                      timeout=args.wait)
+    return _Request("PUT", "vm.resize", resize.model_dump_json(exclude_none=True),
+                    follow_up=follow_up)
+
+
+def wait_for_vcpus(client: ApiClient, desired: int, timeout: float = DEFAULT_VCPU_WAIT_SECONDS,
+                   *, interval: float = 0.25) -> None:
+    """Poll ``vm.info`` until the guest has caught up with a ``vm.resize`` to ``desired``
+    vCPUs: vCPUs 0..desired-1 are ``present`` (running, and the guest evaluated their
+    ``_STA``) and every other one is ``absent`` or ``ejected``.
+
+    Returns at once if the VM is not running (a resize then only edits the configuration).
+    Raises ``TimeoutError`` naming the vCPUs still behind after ``timeout`` seconds, and
+    ``RuntimeError`` if ``vm.info`` fails or (not being pych) has no per-vCPU ``cpus`` list.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = client.get("vm.info")
+        if status != 200:
+            raise RuntimeError(f"vm.info answered {status}: {body.decode(errors='replace')}")
+        info = json.loads(body)
+        if info.get("state") not in ("Running", "Paused"):
+            return
+        cpus = info.get("cpus")
+        if cpus is None:
+            raise RuntimeError("vm.info reports no per-vCPU states: the VMM is not pych")
+        behind = [f"vCPU {cpu['id']} is {cpu['state']}" for cpu in cpus
+                  if cpu["state"] != "present" and cpu["id"] < desired
+                  or cpu["state"] not in SETTLED_VCPU_STATES and cpu["id"] >= desired]
+        if not behind:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for the guest to reach "
+                               f"{desired} vCPUs: {', '.join(behind)}")
+        time.sleep(interval)
+
+
+def _wait_for_vcpus_command(socket_path: str, desired: int, timeout: float) -> int:
+    with ApiClient(socket_path) as client:
+        try:
+            wait_for_vcpus(client, desired, timeout)
+        except (OSError, RuntimeError, http.client.HTTPException) as error:
+            # TimeoutError is an OSError: its message says what is still pending.
+            _print_chain(["Error waiting for the vCPU resize", str(error)], sys.stderr)
+            return 1
+    return 0
 
 
 def _resize_zone(args: argparse.Namespace) -> _Request:
@@ -129,8 +189,56 @@ def _resize_disk(args: argparse.Namespace) -> _Request:
     return _Request("PUT", "vm.resize-disk", body)
 
 
+DEFAULT_REMOVAL_WAIT_SECONDS = 120.0
+
+
 def _remove_device(args: argparse.Namespace) -> _Request:
-    return _Request("PUT", "vm.remove-device", {"id": args.id})
+    follow_up = None
+    if args.wait is not None:
+        if args.wait <= 0:
+            raise _UsageError("Error parsing remove-device arguments",
+                              "--wait needs a positive timeout")
+        follow_up = functools.partial(_wait_for_removal_command, dev_id=args.id,
+                                      timeout=args.wait)
+    return _Request("PUT", "vm.remove-device", {"id": args.id}, follow_up=follow_up)
+
+
+def wait_for_device_removal(client: ApiClient, dev_id: str,
+                            timeout: float = DEFAULT_REMOVAL_WAIT_SECONDS, *,
+                            interval: float = 0.25) -> None:
+    """Poll ``vm.info`` until the guest has ejected device ``dev_id``: neither it nor its
+    ``_virtio-pci-`` node is left in ``device_tree`` (which keeps a device until the eject).
+
+    Returns at once if the VM is not running (a removal then only edits the configuration).
+    Raises ``TimeoutError`` after ``timeout`` seconds and ``RuntimeError`` if ``vm.info``
+    fails.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = client.get("vm.info")
+        if status != 200:
+            raise RuntimeError(f"vm.info answered {status}: {body.decode(errors='replace')}")
+        info = json.loads(body)
+        if info.get("state") not in ("Running", "Paused"):
+            return
+        tree = info.get("device_tree") or {}
+        if dev_id not in tree and f"_virtio-pci-{dev_id}" not in tree:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for the guest to eject "
+                               f"device {dev_id}")
+        time.sleep(interval)
+
+
+def _wait_for_removal_command(socket_path: str, dev_id: str, timeout: float) -> int:
+    with ApiClient(socket_path) as client:
+        try:
+            wait_for_device_removal(client, dev_id, timeout)
+        except (OSError, RuntimeError, http.client.HTTPException) as error:
+            # TimeoutError is an OSError: its message says what is still pending.
+            _print_chain(["Error waiting for the device removal", str(error)], sys.stderr)
+            return 1
+    return 0
 
 
 def _create(args: argparse.Namespace) -> _Request:
@@ -206,6 +314,10 @@ def _parser() -> argparse.ArgumentParser:
     resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     resize.add_argument("--cpus", help="New vCPUs count")
     resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    resize.add_argument(
+        "--wait", nargs="?", type=float, const=DEFAULT_VCPU_WAIT_SECONDS, metavar="SECONDS",
+        help="With --cpus: return once the guest has seen every added vCPU or ejected every "
+        f"removed one; fail after SECONDS (default {DEFAULT_VCPU_WAIT_SECONDS:g})")
     zone = command("resize-zone", "Resize a memory zone", _resize_zone)
     zone.add_argument("--id", required=True, help="Memory zone identifier")
     zone.add_argument(
@@ -214,9 +326,12 @@ def _parser() -> argparse.ArgumentParser:
     disk = command("resize-disk", "Resize an attached disk", _resize_disk)
     disk.add_argument("--disk", required=True, help="Disk identifier")
     disk.add_argument("--size", required=True, help="New disk size")
-    command("remove-device", "Remove VFIO and PCI device", _remove_device).add_argument(
-        "id", metavar="<device_id>"
-    )
+    remove = command("remove-device", "Remove VFIO and PCI device", _remove_device)
+    remove.add_argument("id", metavar="<device_id>")
+    remove.add_argument(
+        "--wait", nargs="?", type=float, const=DEFAULT_REMOVAL_WAIT_SECONDS, metavar="SECONDS",
+        help="Return once the guest has ejected the device; fail after SECONDS "
+        f"(default {DEFAULT_REMOVAL_WAIT_SECONDS:g})")
     return parser
 
 
@@ -282,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if 200 <= status < 300:
         if body:
             sys.stdout.write(body.decode(errors="replace") + "\n")
-        return 0
+        return request.follow_up(args.api_socket) if request.follow_up else 0
     _print_chain(_server_error_chain(status, body), sys.stderr)
     return 1
 

@@ -195,17 +195,6 @@ def memory_hotplug_stub_aml() -> Aml:
     )
 
 
-def pci_hotplug_stub_aml() -> Aml:
-    """``\\_SB_.PHPR`` with an empty ``PSCN``."""
-    return Device(
-        "\\_SB_.PHPR",
-        Name("_HID", EISAName("PNP0A06")),
-        Name("_STA", 0x0B),
-        Name("_UID", String("PCI Hotplug Controller")),
-        Method("PSCN", 0, serialized=True),
-    )
-
-
 # --- fixed DSDT pieces ----------------------------------------------------------------------
 def com1_aml() -> Aml:
     """``\\_SB_.COM1``: the 16550 at ``COM1_PORT`` (8 ports) on ``SERIAL_IRQ`` (edge, high)."""
@@ -252,12 +241,13 @@ def ecam_base(segment: int) -> int:
 
 
 def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
-                    prt_irq: Callable[[int], int]) -> Device:
+                    prt_irq: Callable[[int], int], *children: Aml) -> Device:
     """``\\_SB_.PCxx``, the host bridge of PCI segment ``segment`` (bus 0 only).
 
     ``_CRS`` lists bus 0, on segment 0 the legacy config ports and I/O windows, the segment's
     ECAM window, and the 32- and 64-bit MMIO windows; ``_PRT`` routes INTA..INTD of slot ``s``
     to GSI ``prt_irq(s)``. There is no ``_OSC``, so Linux leaves hot plug to acpiphp.
+    ``children`` (the hot plug slot objects and methods) follow inside the device.
     """
     resources: list[Aml] = [AddressSpace.bus_number(0, 0)]
     if segment == 0:
@@ -281,6 +271,7 @@ def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
         Name("_UID", segment),
         Name("_CRS", ResourceTemplate(*resources)),
         Name("_PRT", prt),
+        *children,
     )
 
 

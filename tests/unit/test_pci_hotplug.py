@@ -1,0 +1,385 @@
+"""PCI device hot plug without KVM: the PHPR register block, the device manager's add /
+remove / eject flows (reference §5), and the VMM's add-disk / remove-device endpoints.
+
+The guest side is played through the MMIO bus exactly as the AML does it: ``PCNT`` reads
+PCIU and PCID, ``PCEJ`` writes PSEG then B0EJ.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from types import SimpleNamespace
+
+import pytest
+
+from pych.api import ApiServer
+from pych.api.handler import ApiError, RequestHandler
+from pych.cli.remote import main as remote_main
+from pych.arch.x86_64 import layout
+from pych.config import (ConfigConflict, DiskConfig, NetConfig, VmConfig, VmRemoveDevice,
+                         VsockConfig)
+from pych.device_manager import (
+    DeviceBackendError, DeviceManager, DeviceManagerError, PciHotplugController,
+    RemovalNotAllowed, UnknownDeviceId,
+)
+from pych.devices.acpi import AcpiNotification
+from pych.devices.bus import Bus
+from pych.devices.interrupt import RecordingIrq
+from pych.devices.pci.config import COMMAND, Command
+from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
+from pych.memory import GuestMemory
+from pych.vmm import Vmm
+
+MiB = 1 << 20
+PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
+PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
+MMIO64 = (1 << 40, 1 << 32)
+_FLOCK = struct.Struct("=hh4xqqi4x")
+
+
+# --- the register block --------------------------------------------------------------------
+@pytest.fixture
+def phpr():
+    ejected = []
+    controller = PciHotplugController(PHPR, num_segments=2,
+                                      on_eject=lambda seg, slot: ejected.append((seg, slot)))
+    controller.ejected = ejected
+    return controller
+
+
+def test_pciu_and_pcid_are_per_segment_and_cleared_by_reading(phpr):
+    phpr.device_added(0, 2)
+    phpr.device_added(0, 5)
+    phpr.removal_requested(0, 3)
+    phpr.device_added(1, 7)
+    assert phpr.read(0x0, 4) == 1 << 2 | 1 << 5
+    assert phpr.read(0x0, 4) == 0
+    assert phpr.read(0x4, 4) == 1 << 3
+    assert phpr.read(0x4, 4) == 0
+    phpr.write(0xC, 4, 1)
+    assert phpr.read(0xC, 4) == 1
+    assert phpr.read(0x0, 4) == 1 << 7
+
+
+def test_b0ej_ejects_every_set_slot_of_the_selected_segment(phpr):
+    phpr.write(0xC, 4, 1)
+    phpr.write(0x8, 4, 1 << 4 | 1 << 31)
+    assert phpr.ejected == [(1, 4), (1, 31)]
+    assert phpr.read(0x8, 4) == 0
+
+
+def test_out_of_range_segment_and_narrow_accesses_are_ignored(phpr):
+    phpr.device_added(0, 2)
+    phpr.write(0xC, 4, 2)                      # only segments 0 and 1 exist
+    assert phpr.read(0xC, 4) == 0
+    assert phpr.read(0x0, 1) == 0              # not a 4-byte access: not even cleared
+    phpr.write(0x8, 2, 1 << 2)
+    assert phpr.ejected == []
+    assert phpr.read(0x0, 4) == 1 << 2
+
+
+# --- the device manager ----------------------------------------------------------------------
+class Machine:
+    """A DeviceManager on fake KVM objects, with the guest's view of the PHPR registers."""
+
+    def __init__(self, config: VmConfig):
+        self.mem = GuestMemory.from_ranges([(0, 8 * MiB)])
+        self.mmio, self.pio = Bus("mmio"), Bus("pio")
+        self.msi = FakeMsiInterruptManager()
+        self.ioevents = RecordingIoEvents()
+        self.notified: list[AcpiNotification] = []
+        self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
+                                ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
+                                mmio64=MMIO64, notify=self.notified.append)
+        self.dm.create_boot_devices()
+
+    def scan(self) -> tuple[int, int]:
+        """What the guest's PCNT reads: (PCIU, PCID)."""
+        self.mmio.write(PSEG, 4, 0)
+        return self.mmio.read(PCIU, 4), self.mmio.read(PCID, 4)
+
+    def enable_decoding(self, slot: int) -> None:
+        """The guest driver turns memory decoding on: BARs map, ioeventfds register."""
+        self.dm.pci.config_write(slot, 0, COMMAND, 2, Command.MEMORY_SPACE)
+
+    def eject(self, slot: int) -> None:
+        """The guest's _EJ0 -> PCEJ(slot, 0)."""
+        self.mmio.write(PSEG, 4, 0)
+        self.mmio.write(B0EJ, 4, 1 << slot)
+
+    def close(self):
+        self.dm.close()
+        self.mem.close()
+
+
+def vm_config(**kw) -> VmConfig:
+    """Like the test guest: --console off, so the rng holds slot 1."""
+    return VmConfig.model_validate({"payload": {"kernel": "/nonexistent/vmlinux"},
+                                    "console": {"mode": "Off"}, **kw})
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(range(256)) * 4096)                 # 1 MiB
+    return str(path)
+
+
+@pytest.fixture
+def machine():
+    m = Machine(vm_config())
+    yield m
+    m.close()
+
+
+def lock_is_free(path: str) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_add_disk_builds_the_device_then_announces_it(machine, image):
+    config = DiskConfig(path=image)
+    added = machine.dm.add_disk(config)
+    assert (added.id, added.bdf) == ("_disk0", "0000:00:02.0")   # rng holds slot 1
+    assert added.config.path == image and config.id is None       # the request is untouched
+    device = machine.dm.pci.device(2)
+    assert device.config_read(0, 4) == 0x1042_1AF4             # virtio-blk, modern
+    assert machine.notified == [AcpiNotification.PCI]
+    assert machine.scan() == (1 << 2, 0)
+    assert machine.scan() == (0, 0)
+    tree = machine.dm.device_tree()
+    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:02.0"
+    assert tree["_disk0"]["parent"] == "_virtio-pci-_disk0"
+    assert not lock_is_free(image)
+    assert device.config.bars[0].is_64bit                         # hot-plugged: 64-bit BAR
+    assert MMIO64[0] <= device.config.bar_address(0) < sum(MMIO64)
+
+
+def test_a_failed_add_leaves_nothing_behind(machine, image, tmp_path):
+    fds = open_fds()
+    with pytest.raises(DeviceBackendError, match="No such file"):
+        machine.dm.add_disk(DiskConfig(path=str(tmp_path / "missing.raw")))
+    with pytest.raises(DeviceManagerError, match="already used: 1"):
+        machine.dm.add_disk(DiskConfig(path=image, pci_device_id=1))    # the rng's slot
+    assert open_fds() == fds
+    assert lock_is_free(image)
+    assert all(group.released for group in machine.msi.groups[1:])       # [0] is the rng
+    assert machine.notified == []
+    assert machine.scan() == (0, 0)
+    added = machine.dm.add_disk(DiskConfig(path=image))
+    assert (added.id, added.bdf) == ("_disk0", "0000:00:02.0")
+
+
+def test_remove_marks_pcid_and_the_guest_eject_tears_everything_down(machine, image):
+    fds = open_fds()
+    machine.dm.add_disk(DiskConfig(path=image))
+    machine.enable_decoding(2)
+    assert machine.ioevents.registered
+    machine.scan()
+    ejected = []
+    assert machine.dm.remove_device("_disk0", on_ejected=lambda *a: ejected.append(a)) == "_disk0"
+    assert machine.scan() == (0, 1 << 2)
+    assert machine.dm.pending_removal() == ["_disk0"]
+    assert "_disk0" in machine.dm.device_tree()                          # until the guest ejects
+    machine.dm.remove_device("_disk0", on_ejected=lambda *a: ejected.append(a))
+    assert machine.scan() == (0, 1 << 2)                                 # re-signalled
+    assert machine.notified == [AcpiNotification.PCI] * 3
+    assert ejected == []
+
+    machine.eject(2)
+    assert ejected == [("_disk0", "0000:00:02.0")]
+    assert machine.dm.pci.device(2) is None
+    assert machine.dm.pending_removal() == []
+    assert set(machine.dm.device_tree()) == {"__rng", "_virtio-pci-__rng"}
+    assert machine.ioevents.registered == {}
+    assert machine.msi.groups[-1].released
+    assert machine.mmio.find(machine.dm.pci.mapped_bar(2, 0) or MMIO64[0]) is None
+    assert lock_is_free(image)
+    assert open_fds() == fds
+    # slot and id are free again
+    again = machine.dm.add_disk(DiskConfig(path=image, id="_disk0"))
+    assert (again.id, again.bdf) == ("_disk0", "0000:00:02.0")
+
+
+def test_remove_refuses_unknown_and_machine_devices(machine, image):
+    with pytest.raises(UnknownDeviceId):
+        machine.dm.remove_device("_disk7")
+    with pytest.raises(RemovalNotAllowed, match="rng"):
+        machine.dm.remove_device("__rng")
+    assert machine.notified == []
+
+
+def test_the_pci_node_id_removes_its_device(machine, image):
+    machine.dm.add_disk(DiskConfig(path=image))
+    assert machine.dm.remove_device("_virtio-pci-_disk0") == "_disk0"
+
+
+def test_an_id_pending_removal_is_not_reusable_yet(machine, image, tmp_path):
+    machine.dm.add_disk(DiskConfig(path=image))
+    machine.dm.remove_device("_disk0")
+    other = tmp_path / "other.raw"
+    other.write_bytes(bytes(4096))
+    with pytest.raises(DeviceManagerError, match="removal is pending"):
+        machine.dm.add_disk(DiskConfig(path=str(other), id="_disk0"))
+    assert lock_is_free(str(other))
+
+
+def test_the_guest_cannot_eject_a_device_not_pending_removal(machine, image):
+    machine.dm.add_disk(DiskConfig(path=image))
+    machine.eject(2)
+    machine.eject(1)
+    assert machine.dm.pci.device(2) is not None and machine.dm.pci.device(1) is not None
+
+
+# --- the VMM endpoints -------------------------------------------------------------------------
+class RecordingEvents:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, source, event, properties=None):
+        self.events.append((source, event, properties))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def vmm():
+    vmm = Vmm(event_monitor=RecordingEvents())
+    vmm.vm_create(vm_config())
+    yield vmm
+    if vmm.vm is not None:
+        vmm.vm.devices.close()
+        vmm.vm.mem.close()
+
+
+def boot_fake(vmm):
+    """Stand a DeviceManager on fake KVM objects in for a booted VM."""
+    m = Machine(vmm.config)
+    vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
+                             memory_actual_size=vmm.config.memory.size)
+    vmm.state = "Running"
+    return m
+
+
+def test_cold_add_and_remove_only_edit_the_config(vmm, image):
+    assert vmm.vm_add_disk(DiskConfig(path=image)) is None
+    assert [d.path for d in vmm.config.disks] == [image]
+    with pytest.raises(ApiError) as e:
+        vmm.vm_remove_device(VmRemoveDevice(id="_disk0"))             # ids come at boot
+    assert e.value.status == 404
+    vmm.vm_add_disk(DiskConfig(path=image + ".2", id="mine"))
+    assert vmm.vm_remove_device(VmRemoveDevice(id="mine")) is None
+    assert [d.path for d in vmm.config.disks] == [image]
+
+
+def test_hot_add_answers_id_and_bdf_and_the_config_follows(vmm, image):
+    m = boot_fake(vmm)
+    info = vmm.vm_add_disk(DiskConfig(path=image))
+    assert info.model_dump() == {"id": "_disk0", "bdf": "0000:00:02.0"}
+    assert [(d.id, d.path) for d in vmm.config.disks] == [("_disk0", image)]
+    with pytest.raises(ConfigConflict):                                # 409: same id again
+        vmm.vm_add_disk(DiskConfig(path=image + ".2", id="_disk0"))
+
+    assert vmm.vm_remove_device(VmRemoveDevice(id="_disk0")) is None
+    assert vmm.config.disks is None                                    # at request time
+    assert vmm.vm_info()["devices_pending_removal"] == ["_disk0"]
+    assert vmm.events.events == []
+    m.eject(2)
+    assert vmm.events.events == [("vm", "device-removed", {"id": "_disk0", "bdf": "0000:00:02.0"})]
+    assert vmm.vm_info()["devices_pending_removal"] == []
+
+
+def test_hot_add_errors_map_to_status_codes_and_leave_the_config(vmm, image, tmp_path):
+    boot_fake(vmm)
+    with pytest.raises(ApiError) as e:
+        vmm.vm_add_disk(DiskConfig(path=str(tmp_path / "missing.raw")))
+    assert e.value.status == 400 and "missing.raw" in e.value.messages[-1]
+    with pytest.raises(ApiError) as e:
+        vmm.vm_add_disk(DiskConfig(path=image, pci_device_id=1))
+    assert e.value.status == 500 and "already used: 1" in e.value.messages[-1]
+    for dev_id, status in (("nope", 404), ("__rng", 500)):
+        with pytest.raises(ApiError) as e:
+            vmm.vm_remove_device(VmRemoveDevice(id=dev_id))
+        assert e.value.status == status
+    assert vmm.config.disks is None
+
+
+# --- pych-remote remove-device --wait ----------------------------------------------------------
+class EjectingHandler(RequestHandler):
+    """A running VM whose guest ejects the removed device after ``polls`` vm.info calls
+    (never, if None)."""
+
+    def __init__(self, polls: int | None):
+        self.polls = polls
+        self.removed: list[str] = []
+
+    def vm_remove_device(self, request):
+        self.removed.append(request.id)
+
+    def vm_info(self):
+        tree = {"_disk0": {"id": "_disk0"}, "_virtio-pci-_disk0": {"id": "_virtio-pci-_disk0"}}
+        if self.polls is not None:
+            if self.polls <= 0:
+                tree = {}
+            self.polls -= 1
+        return {"config": {}, "state": "Running", "device_tree": tree}
+
+
+@pytest.fixture
+def api(tmp_path):
+    def serve(handler):
+        server = ApiServer(lambda fn: fn(handler), path=tmp_path / "api.sock")
+        server.start()
+        servers.append(server)
+        return str(tmp_path / "api.sock")
+    servers = []
+    yield serve
+    for server in servers:
+        server.close()
+
+
+def test_remove_device_wait_returns_once_the_guest_ejected(api, capsys):
+    handler = EjectingHandler(polls=2)
+    assert remote_main(["--api-socket", api(handler), "remove-device", "_disk0", "--wait=30"]) == 0
+    assert handler.removed == ["_disk0"] and handler.polls < 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_remove_device_wait_times_out_with_one_clear_error(api, capsys):
+    handler = EjectingHandler(polls=None)
+    assert remote_main(["--api-socket", api(handler), "remove-device", "_disk0",
+                        "--wait=0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "timed out after 0.3 s waiting for the guest to eject device _disk0" in err
+
+
+def test_add_net_refuses_tap_fds_and_closes_them(vmm):
+    boot_fake(vmm)
+    r, w = os.pipe()
+    with pytest.raises(ApiError) as e:
+        vmm.vm_add_net(NetConfig(tap="chtap0"), [r, w])
+    assert e.value.status == 400 and "tap=<name>" in e.value.messages[-1]
+    for fd in (r, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_second_vsock_is_refused(vmm, tmp_path):
+    vmm.vm_add_vsock(VsockConfig(cid=3, socket=str(tmp_path / "v.sock")))   # cold add
+    with pytest.raises(ApiError) as e:
+        vmm.vm_add_vsock(VsockConfig(cid=4, socket=str(tmp_path / "w.sock")))
+    assert e.value.status == 500 and "Too many vsock devices" in e.value.messages[-1]
+    assert vmm.config.vsock.cid == 3
