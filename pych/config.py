@@ -246,7 +246,8 @@ class ApiModel(BaseModel):
 
     # Unknown JSON fields are ignored, as serde does without deny_unknown_fields
     # (the reference's choice for every config struct but RateLimiterConfig).
-    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    # defer_build: validators are built on first use, which keeps `pych` start-up fast.
+    model_config = ConfigDict(extra="ignore", validate_assignment=True, defer_build=True)
 
     # Optional fields that serde writes as ``null`` instead of omitting them
     # (structs without ``skip_serializing_none``).
@@ -415,7 +416,7 @@ class RateLimiterConfig(ApiModel):
     """Independent bytes/s (``bandwidth``) and ops/s (``ops``) limits."""
 
     # The reference declares this struct with deny_unknown_fields.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     _serde_nullable: ClassVar[frozenset[str]] = frozenset({"bandwidth", "ops"})
 
     bandwidth: TokenBucket | None = None
