@@ -40,11 +40,14 @@ from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.console import VirtioConsole
+from pych.devices.virtio.mem import VirtioMem
 from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.devices.virtio.pmem import VirtioPmem
 from pych.devices.virtio.rng import VirtioRng
 from pych.devices.virtio.vsock import VirtioVsock
+from pych.devices.vfio import (HostVfioKernel, VfioContainer, VfioError, VfioKernel,
+                               VfioPciDevice, VfioUnavailable)
 from pych.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -268,7 +271,7 @@ class DeviceNode:
 
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
-                 irq_line, mmio64: tuple[int, int], notify, memslots=None):
+                 irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=None):
         self.config = config
         self.mem = mem
         self.msi = msi
@@ -276,6 +279,7 @@ class DeviceManager:
         self.irq_line = irq_line          # gsi -> IrqLine
         self.notify = notify              # GED notification (AcpiNotification.PCI)
         self.memslots = memslots          # add_memory/remove_memory (KVM): device memory (pmem)
+        self.virtio_mem = virtio_mem      # the memory manager's VirtioMemZone, if any
         self.mmio64 = mmio64
         self.mem64 = AddressAllocator(*mmio64, "mmio64")   # 64-bit BARs and device memory
         self.pci = PciBus(0, mmio_bus=mmio,
@@ -286,6 +290,9 @@ class DeviceManager:
         mmio.insert(layout.PCI_MMCONFIG_START, layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT, PciEcam(self.pci))
         self.tree: dict[str, DeviceNode] = {}
         self.devices: dict[str, VirtioPciDevice] = {}
+        self.vfio_devices: dict[str, VfioPciDevice] = {}
+        self.vfio_kernel: VfioKernel = HostVfioKernel()    # the ioctl boundary (tests: a fake)
+        self._vfio_container: VfioContainer | None = None
         self._id_counter = 0
         self.balloon: VirtioBalloon | None = None       # for vm.resize's desired_balloon
         # Hot plug: the tree, ``devices`` and the pending removals change on the VMM thread
@@ -311,7 +318,7 @@ class DeviceManager:
     # --- boot devices -------------------------------------------------------------------------------
     def create_boot_devices(self) -> None:
         """Create the configured devices in the reference's order (console, disks, nets, rng,
-        fs, pmem, vsock, balloon), so slots and default ids come out as Cloud Hypervisor's;
+        fs, pmem, vsock, virtio-mem, balloon), so slots and default ids come out as Cloud Hypervisor's;
         generated ids (and a net's generated MAC) are written back into the configuration."""
         cfg = self.config
         if cfg.console is not None and cfg.console.mode != "Off":
@@ -328,9 +335,16 @@ class DeviceManager:
             self._add_boot_device("_pmem", pmem, self._make_pmem)
         if cfg.vsock is not None:
             self._add_boot_device("_vsock", cfg.vsock, self._make_vsock)
+        if self.virtio_mem is not None:
+            self.virtio_mem.device = self._make_virtio_mem(self.virtio_mem)
+            self.add_virtio(self.virtio_mem.id, self.virtio_mem.device)
         if cfg.balloon is not None:
             self.balloon = self._make_balloon(cfg.balloon)
             self.add_virtio(BALLOON_ID, self.balloon, cfg.balloon.pci_device_id)
+        for device in cfg.devices or []:
+            if device.id is None:
+                device.id = self.next_device_name("_vfio")
+            self._add_vfio_device(device)
 
     def _add_boot_device(self, prefix: str, cfg, factory, *, use_64bit_bar: bool = True) -> None:
         if cfg.id is None:
@@ -395,6 +409,11 @@ class DeviceManager:
     def _make_fs(self, fs) -> VirtioDevice:
         raise ValueError(f"{fs.id}: virtio-fs is not supported by pych yet")
 
+    def _make_virtio_mem(self, zone) -> VirtioMem:
+        """The memory manager's virtio-mem region (a ``VirtioMemZone``) as a device, id the
+        zone's (``mem0``), asking at boot for the zone's ``hotplugged_size``."""
+        return VirtioMem(zone.region, requested_size=zone.initial_size, name=zone.id)
+
     def _make_balloon(self, balloon) -> VirtioBalloon:
         return VirtioBalloon(balloon.size, deflate_on_oom=balloon.deflate_on_oom,
                              free_page_reporting=balloon.free_page_reporting, name=BALLOON_ID)
@@ -449,6 +468,65 @@ class DeviceManager:
     def add_vsock(self, vsock) -> HotPlugged:
         return self.hotplug_virtio("_vsock", vsock, self._make_vsock)
 
+    def add_vfio(self, device) -> HotPlugged:
+        """Hot add the host PCI device ``device.path`` with VFIO (a ``DeviceConfig``, left
+        untouched; the returned copy has its id, ``_vfioN`` by default). As for virtio
+        devices the device is complete (DMA map, BARs, MSI-X routes, tree node) before its
+        PCIU bit is set, and a failure leaves nothing behind: :class:`DeviceBackendError`
+        when the path or the host cannot do VFIO, :class:`DeviceManagerError` otherwise."""
+        with self._lock:
+            if device.id is not None and device.id in self.tree:
+                raise DeviceManagerError(f"Identifier {device.id} is not unique")
+            counter = self._id_counter
+            device = device.model_copy(update={"id": device.id or self.next_device_name("_vfio")})
+            try:
+                address = self._add_vfio_device(device)
+            except BaseException:
+                self._id_counter = counter
+                raise
+            self.hotplug.device_added(self.pci.segment,
+                                      self.pci.slot_of(self.vfio_devices[device.id]))
+        self.notify(AcpiNotification.PCI)
+        return HotPlugged(device, address)
+
+    def _add_vfio_device(self, device) -> str:
+        """Open, reset and place the VFIO device of ``device`` (its id set); returns its BDF.
+        The device is its own PCI node in the device tree (reference §5.4)."""
+        if device.fd is not None:
+            raise DeviceBackendError(f"{device.id}: fd= (a VFIO cdev with iommufd) is not "
+                                     "supported by pych; give path=")
+        if self._vfio_container is None:
+            self._vfio_container = VfioContainer(self.vfio_kernel, self.mem)
+        try:
+            pci_dev = VfioPciDevice(device.path, self._vfio_container, msi=self.msi,
+                                    memslots=self.memslots, name=device.id,
+                                    exclude_mmap_bars=device.x_exclude_mmap_bars)
+        except VfioUnavailable as e:
+            raise DeviceBackendError(str(e)) from None
+        except VfioError as e:
+            raise DeviceManagerError(str(e)) from None
+        try:
+            slot = self.pci.add_device(pci_dev, device.pci_device_id)
+        except BaseException as e:
+            pci_dev.shutdown()
+            if isinstance(e, PciBusError):
+                raise DeviceManagerError(str(e)) from e
+            raise
+        address = bdf(self.pci.segment, slot)
+        self.vfio_devices[device.id] = pci_dev
+        self.tree[device.id] = DeviceNode(device.id, pci_bdf=address)
+        log.info("%s (VFIO %s) at %s", device.id, device.path, address)
+        return address
+
+    def memory_region_added(self, region) -> None:
+        """Guest RAM grew (a hot plugged DIMM): VFIO devices must be able to DMA to it (a
+        MemoryManager region listener: logs a failure rather than raising it)."""
+        if self._vfio_container is not None:
+            try:
+                self._vfio_container.region_added(region)
+            except VfioError as e:
+                log.error("%s: VFIO devices cannot DMA to this memory", e)
+
     def hotplug_virtio(self, prefix: str, cfg: Any,
                        factory: Callable[[Any], VirtioDevice]) -> HotPlugged:
         """Hot add the virtio device ``factory(cfg)``.
@@ -499,10 +577,13 @@ class DeviceManager:
         :class:`RemovalNotAllowed`.
         """
         with self._lock:
-            dev_id = self._virtio_id(dev_id)
-            pci_dev = self.devices[dev_id]
-            if pci_dev.device.device_type not in REMOVABLE_TYPES:
-                raise RemovalNotAllowed(dev_id, pci_dev.device.device_type.name.lower())
+            if dev_id in self.vfio_devices:
+                pci_dev = self.vfio_devices[dev_id]
+            else:
+                dev_id = self._virtio_id(dev_id)
+                pci_dev = self.devices[dev_id]
+                if pci_dev.device.device_type not in REMOVABLE_TYPES:
+                    raise RemovalNotAllowed(dev_id, pci_dev.device.device_type.name.lower())
             self._pending_removal[dev_id] = on_ejected
             self.hotplug.removal_requested(self.pci.segment, self.pci.slot_of(pci_dev))
         self.notify(AcpiNotification.PCI)
@@ -527,7 +608,8 @@ class DeviceManager:
         device, so tearing it down would make the VM and its configuration disagree."""
         with self._lock:
             pci_dev = self.pci.device(slot) if segment == self.pci.segment else None
-            dev_id = next((i for i, d in self.devices.items() if d is pci_dev), None)
+            dev_id = next((i for i, d in (*self.devices.items(), *self.vfio_devices.items())
+                           if d is pci_dev), None)
             if dev_id is None or dev_id not in self._pending_removal:
                 log.warning("guest ejected PCI %s, which is not pending removal: ignored",
                             bdf(segment, slot))
@@ -535,8 +617,11 @@ class DeviceManager:
             on_ejected = self._pending_removal.pop(dev_id)
             address = bdf(segment, slot)
             self.pci.remove_device(slot)
-            del self.devices[dev_id]
-            del self.tree[dev_id], self.tree[f"_virtio-pci-{dev_id}"]
+            if self.devices.pop(dev_id, None) is not None:
+                del self.tree[f"_virtio-pci-{dev_id}"]
+            else:
+                del self.vfio_devices[dev_id]
+            del self.tree[dev_id]
             pci_dev.shutdown()
         log.info("%s at %s ejected by the guest and removed", dev_id, address)
         if on_ejected is not None:
@@ -552,9 +637,13 @@ class DeviceManager:
             return {k: v.to_json() for k, v in self.tree.items()}
 
     def close(self) -> None:
-        for dev_id, dev in list(self.devices.items()):
+        for dev_id, dev in [*self.devices.items(), *self.vfio_devices.items()]:
             try:
                 dev.shutdown()
             except Exception:  # noqa: BLE001 - keep tearing down the rest
                 log.exception("shutting down %s", dev_id)
         self.devices.clear()
+        self.vfio_devices.clear()
+        if self._vfio_container is not None:
+            self._vfio_container.close()
+            self._vfio_container = None

@@ -100,8 +100,9 @@ class Vm:
             self.devices = DeviceManager(
                 cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
                 ioevents=self.vm, memslots=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi),
-                mmio64=self.mmio64, notify=self.ged.notify)
+                mmio64=self.mmio64, notify=self.ged.notify, virtio_mem=self.memory.virtio_mem)
             self.devices.create_boot_devices()
+            self.memory.add_region_listener(self.devices.memory_region_added)
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
                 self.kvm, self.vm, self.pio, self.mmio,
@@ -135,8 +136,9 @@ class Vm:
         self.pio.insert(layout.ACPI_PM_TIMER_PORT, 4, acpi_devices.AcpiPmTimer())
 
     def _memory_split(self) -> tuple[int, int]:
-        below = sum(r.size for r in self.mem.regions if r.end <= layout.MEM_32BIT_RESERVED_START)
-        return below, self.mem.total_size - below
+        ram = [r for r in self.mem.regions if r.name.startswith("ram")]    # boot RAM only
+        below = sum(r.size for r in ram if r.end <= layout.MEM_32BIT_RESERVED_START)
+        return below, sum(r.size for r in ram) - below
 
     def _load_payload(self) -> loader.LoadedKernel:
         payload = self.config.payload
@@ -172,8 +174,8 @@ class Vm:
         return self.cpus.resize(desired)
 
     def resize_memory(self, desired: int) -> bool:
-        """Hot plug RAM up to ``desired`` bytes as one ACPI DIMM; False when ``desired`` is not
-        above the current RAM (see MemoryManager.resize for the errors)."""
+        """Ask for ``desired`` bytes of RAM: one more ACPI DIMM, or a new virtio-mem requested
+        size; False when nothing changes (see MemoryManager.resize for the errors)."""
         return self.memory.resize(desired)
 
     # --- control (VMM thread) -------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pych.cpu import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
-from pych.memory_manager import InvalidMemoryResize, MemoryResizeError
+from pych.memory_manager import InvalidMemoryResize, MemoryResizeError, virtio_mem_request
 from pych.vcpu import install_kick_handler
 from pych.vm import Vm
 
@@ -311,7 +311,8 @@ class Vmm(RequestHandler):
 
     def _memory_hotplug_info(self) -> dict:
         """Beyond the reference: ``memory_hotplug``, the hot plug window and each plugged DIMM
-        of the running VM (see MemoryManager.hotplug_info); absent without ACPI hot plug."""
+        or virtio-mem device of the running VM (see MemoryManager.hotplug_info); absent
+        without memory hot plug."""
         info = self.vm.memory.hotplug_info() if self.vm and self.vm.memory else None
         return {"memory_hotplug": info} if info is not None else {}
 
@@ -349,12 +350,19 @@ class Vmm(RequestHandler):
 
     def _resize_memory(self, desired: int) -> None:
         """``desired_ram``: on a running VM an increase is hot plugged now as one ACPI DIMM
-        (MemoryManager.resize); a reduction, as in the reference, waits for the next boot.
-        Either way ``memory.size`` becomes ``desired``, so a reboot boots with that much RAM.
+        (MemoryManager.resize); a reduction, as in the reference, is for the next boot, and
+        beyond it the guest is asked to eject the newest DIMMs that fit live (vm.info's
+        ``memory_hotplug`` shows which went and which the guest kept). Either way
+        ``memory.size`` becomes ``desired``, so a reboot boots with that much RAM.
+
+        With virtio-mem the device is asked for ``desired`` minus boot RAM, growing or
+        shrinking live, and ``memory.hotplugged_size`` becomes that amount (None for 0), so a
+        reboot plugs as much again; ``memory.size`` stays the boot RAM.
 
         Errors: a size that cannot be boot RAM, an increase that is not a multiple of
-        128 MiB or does not fit the hot plug window -> 400; user-defined memory zones
-        (use vm.resize-zone) or no hot plug slot left -> 500.
+        128 MiB or does not fit the hot plug window, with virtio-mem a size below boot RAM
+        or not a multiple of 2 MiB above it -> 400; user-defined memory zones (use
+        vm.resize-zone) or no hot plug slot left -> 500.
         """
         memory = self.config.memory
         if desired <= 0 or desired % os.sysconf("SC_PAGE_SIZE"):
@@ -365,6 +373,11 @@ class Vmm(RequestHandler):
             raise ApiError(500, ["Error resizing VM memory",
                                  "Not allowed to resize guest memory when backed with user "
                                  "defined memory zones: use vm.resize-zone"])
+        if memory.hotplug_method == "VirtioMem":
+            try:
+                requested = virtio_mem_request(memory, desired)
+            except InvalidMemoryResize as e:
+                raise ApiError(400, ["Error resizing VM memory", str(e)]) from None
         if self.vm is not None and self.vm.memory is not None:
             try:
                 self.vm.resize_memory(desired)
@@ -372,7 +385,10 @@ class Vmm(RequestHandler):
                 raise ApiError(400, ["Error resizing VM memory", str(e)]) from None
             except MemoryResizeError as e:
                 raise ApiError(500, ["Error resizing VM memory", str(e)]) from None
-        memory.size = desired
+        if memory.hotplug_method == "VirtioMem":
+            memory.hotplugged_size = requested or None
+        else:
+            memory.size = desired
 
     def _resize_balloon(self, desired: int) -> None:
         """``desired_balloon``: on a running VM the balloon is asked to become ``desired``
@@ -420,6 +436,17 @@ class Vmm(RequestHandler):
             raise ApiError(500, ["Error adding device to the VM",
                                  "Too many vsock devices: a VM has at most one"])
         return self._add_pci_device(config, "vsock", DeviceManager.add_vsock)
+
+    def vm_add_device(self, config, fds: list[int]) -> PciDeviceInfo | None:
+        """VFIO passthrough of the host PCI device ``config.path`` (docs/vfio.md). A path
+        that is not a vfio-pci bound device, or a host without VFIO, answers 400 with one
+        line saying what to fix. A VFIO cdev passed with SCM_RIGHTS (iommufd) is refused."""
+        if fds:
+            for fd in fds:
+                os.close(fd)
+            raise ApiError(400, ["Error adding device to the VM", "VFIO cdev fds passed with "
+                                 "SCM_RIGHTS (iommufd) are not supported by pych; give path="])
+        return self._add_pci_device(config, "devices", DeviceManager.add_vfio)
 
     def _add_pci_device(self, device, field: str,
                         hotplug: Callable[..., HotPlugged]) -> PciDeviceInfo | None:

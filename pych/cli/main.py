@@ -68,7 +68,12 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset(
         "cpus",
         "memory",
         "disk",
+        "net",
+        "device",
         "rng",
+        "pmem",
+        "vsock",
+        "balloon",
         "serial",
         "console",
         "api-socket",
@@ -81,7 +86,7 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset(
 
 # The --console modes (JSON spelling) pych implements.  While "Tty" is not
 # among them, an omitted --console means "off" instead of the reference's tty.
-SUPPORTED_CONSOLE_MODES: frozenset[str] = frozenset({"Off"})
+SUPPORTED_CONSOLE_MODES: frozenset[str] = frozenset({"Off", "Tty", "Pty", "File", "Socket", "Null"})
 
 # Options that configure the VM and so need a payload (the reference's
 # "vm-config" clap group, which requires "vm-payload").

@@ -1,0 +1,191 @@
+"""PCI hot plug under repetition, in one real guest started the way a ch-remote user would:
+pych with only --api-socket, the VM created over the API, a disk cold-added before boot
+(204), then booted.
+
+Then 20 add/remove cycles of a second disk: each waits (one guest command polling in a
+shell loop) until the guest sees /sys/block/vdb, removes it, and waits for the
+``device-removed`` event and for the guest to lose it. pych's open fds (/proc/PID/fd) and
+threads (/proc/PID/task) are sampled after every cycle: from the first cycle on both must
+stay exactly constant (bound: 0 growth over 19 cycles). Last, the refusals: a duplicate id
+(409), removing ``__rng`` (500, not removable) and a second vsock (500, at most one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pych.api.client import ApiClient
+from pych.testing.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
+
+CYCLES = 20
+DISK_SIZE = 1 << 20
+
+
+class ColdStartedGuest:
+    """pych started with only --api-socket; the VM is created, given a disk and booted
+    over the API."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.api_path = str(workdir / "api.sock")
+        self.serial_path = str(workdir / "serial.sock")
+        self.events_path = workdir / "events.json"
+        self._log = open(workdir / "pych.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pych", "--api-socket", self.api_path,
+             "--event-monitor", f"path={self.events_path}"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.api_path):
+            assert self.proc.poll() is None, (workdir / "pych.log").read_text()
+            assert time.monotonic() < deadline, "the API socket never appeared"
+            time.sleep(0.05)
+        self.api = ApiClient(self.api_path)
+        self.console: Console | None = None
+        self.shell: Shell | None = None
+
+    def put(self, endpoint: str, body: dict | None = None) -> tuple[int, str]:
+        status, data = self.api.put(endpoint, body)
+        return status, data.decode()
+
+    def info(self) -> dict:
+        return json.loads(self.api.get("vm.info")[1])
+
+    def boot(self) -> None:
+        status, body = self.put("vm.boot")
+        assert status == 204, body
+        self.console = Console.connect_unix(self.serial_path, 30, self.workdir / "console.log")
+        self.console.expect(READY, 300)
+        self.shell = Shell(self.console)
+        self.shell.prepare()
+
+    def run(self, cmd: str, timeout: float = 120) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout)
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in map(json.loads, self.events_path.read_text().splitlines())
+                if e["event"] == name]
+
+    def wait_for_events(self, name: str, count: int, limit: float = 300) -> list[dict]:
+        deadline = time.monotonic() + limit
+        while len(found := self.events(name)) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    def resources(self) -> tuple[int, int]:
+        """(open fds, threads) of the pych process, once two reads 0.2 s apart agree (an
+        API connection thread may still be finishing)."""
+        def sample():
+            return (len(os.listdir(f"/proc/{self.proc.pid}/fd")),
+                    len(os.listdir(f"/proc/{self.proc.pid}/task")))
+        last = sample()
+        for _ in range(50):
+            time.sleep(0.2)
+            now = sample()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.console is not None:
+            self.console.close()
+        self._log.close()
+
+
+def wait_in_guest(guest, condition: str, limit: int = 300) -> tuple[int, str]:
+    """One guest command: poll ``condition`` every 0.5 s, up to ``limit`` s."""
+    return guest.run(f"i=0; until {condition}; do [ $i -ge {2 * limit} ] && break; "
+                     f"sleep 0.5; i=$((i+1)); done; {condition}", timeout=limit + 120)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pci-hotplug-stress")
+
+
+@pytest.fixture(scope="module")
+def disks(workdir) -> tuple[Path, Path]:
+    paths = workdir / "cold.raw", workdir / "cycled.raw"
+    for i, path in enumerate(paths):
+        path.write_bytes(bytes([i + 1]) * DISK_SIZE)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def guest(workdir, disks):
+    g = ColdStartedGuest(workdir)
+    try:
+        art = guest_artifacts()
+        status, body = g.put("vm.create", {
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+            "memory": {"size": 256 << 20},
+            "payload": {"kernel": str(art["vmlinux"]), "initramfs": str(art["initramfs.cpio"]),
+                        "cmdline": guest_cmdline()},
+            "serial": {"mode": "Socket", "socket": g.serial_path},
+            "console": {"mode": "Off"},
+        })
+        assert status == 204, body
+        g.cold_add = g.put("vm.add-disk", {"path": str(disks[0]), "id": "cold"})
+        g.boot()
+        yield g
+    finally:
+        g.stop()
+
+
+def test_a_disk_cold_added_before_boot_is_there_after_boot(guest, disks):
+    assert guest.cold_add == (204, "")
+    info = guest.info()
+    assert [d["id"] for d in info["config"]["disks"]] == ["cold"]
+    assert info["device_tree"]["_virtio-pci-cold"]["pci_bdf"] == "0000:00:01.0"
+    rc, out = guest.run("dd if=/dev/vda bs=4k count=1 2>/dev/null | od -An -tx1 | head -1")
+    assert rc == 0 and out.split()[:4] == ["01"] * 4, out
+
+
+def test_twenty_add_remove_cycles_keep_fds_and_threads_constant(guest, disks):
+    samples = []
+    for cycle in range(CYCLES):
+        status, body = guest.put("vm.add-disk", {"path": str(disks[1])})
+        assert status == 200, f"cycle {cycle}: {body}"
+        dev_id = json.loads(body)["id"]
+        rc, _ = wait_in_guest(guest, "[ -e /sys/block/vdb ]")
+        assert rc == 0, f"cycle {cycle}: the guest never saw the added disk"
+        status, body = guest.put("vm.remove-device", {"id": dev_id})
+        assert (status, body) == (204, ""), f"cycle {cycle}"
+        removed = guest.wait_for_events("device-removed", cycle + 1)
+        assert len(removed) == cycle + 1, f"cycle {cycle}: no device-removed for {dev_id}"
+        assert removed[-1]["properties"]["id"] == dev_id
+        rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vdb ]")
+        assert rc == 0, f"cycle {cycle}: the guest kept the removed disk"
+        samples.append(guest.resources())
+    assert samples[1:] == samples[:1] * (CYCLES - 1), \
+        f"fds/threads per cycle (fds, threads): {samples}"
+    info = guest.info()
+    assert [d["id"] for d in info["config"]["disks"]] == ["cold"]
+    assert info["devices_pending_removal"] == []
+
+
+def test_refusals_duplicate_id_rng_removal_second_vsock(guest, disks, workdir):
+    status, body = guest.put("vm.add-disk", {"path": str(disks[1]), "id": "cold"})
+    assert status == 409, body
+    status, body = guest.put("vm.remove-device", {"id": "__rng"})
+    assert status == 500 and "not allowed" in body, body
+    status, body = guest.put("vm.add-vsock", {"cid": 3, "socket": str(workdir / "vsock1")})
+    assert status == 200, body
+    status, body = guest.put("vm.add-vsock", {"cid": 4, "socket": str(workdir / "vsock2")})
+    assert status == 500 and "vsock" in body, body
+    assert set(guest.info()["device_tree"]) >= {"cold", "__rng"}
