@@ -60,7 +60,10 @@ class VcpuThread:
         return self.vcpu.index
 
     # --- control (any thread) --------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the thread; with ``paused`` it parks before its first KVM_RUN until
+        :meth:`resume` (a vCPU hot plugged while the VM is paused)."""
+        self._paused = paused
         self.thread = threading.Thread(target=self._run, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
@@ -85,7 +88,9 @@ class VcpuThread:
             self._paused = False
             self._cond.notify_all()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread and wait for it to end; returns whether it did within ``timeout``.
+        Must not be called from the thread itself."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -97,6 +102,8 @@ class VcpuThread:
             waited += deadline_step
         if self._alive():
             log.warning("vCPU %d did not stop within %.1f s", self.index, timeout)
+            return False
+        return True
 
     def _alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()

@@ -138,10 +138,11 @@ EXPECTED_OBJECTS = {
     **{f"\\_SB_.MHPC.{f}": "RegionField" for f in (
         "MHBL", "MHBH", "MHLL", "MHLH", "MHPX", "MEN_", "MINS", "MRMV", "MEJ0", "MSEL", "MOEV",
         "MOSC")},
-    **{f"\\_SB_.MHPC.{m}": "Method" for m in ("MSCN", "MTFY", "MSTA", "MCRS")},
+    **{f"\\_SB_.MHPC.{m}": "Method" for m in ("MSCN", "MTFY", "MSTA", "MCRS", "MEJC", "MOST")},
     **{f"\\_SB_.MHPC.M{slot:03d}": "Device" for slot in (0, 9, HOTPLUG_SLOTS - 1)},
     **{f"\\_SB_.MHPC.M009.{n}": kind for n, kind in
-       (("_HID", "Integer"), ("_UID", "Integer"), ("_STA", "Method"), ("_CRS", "Method"))},
+       (("_HID", "Integer"), ("_UID", "Integer"), ("_STA", "Method"), ("_CRS", "Method"),
+        ("_EJ0", "Method"), ("_OST", "Method"))},
 }
 
 
@@ -205,7 +206,8 @@ def test_cpu_hotplug_aml_reads_as_the_reference_flow(tmp_path):
 def test_memory_hotplug_aml_reads_as_the_reference_flow(tmp_path):
     """MSCN selects each slot, notifies MINS ones with 1 and MRMV ones with 3 and acks; MSTA
     reports 0xF while MEN_ is set; MCRS returns the selected DIMM as a cacheable QWordMemory
-    range; one PNP0C80 Mnnn per slot (reference §4.1)."""
+    range; one PNP0C80 Mnnn per slot (reference §4.1); beyond the reference, each slot's _EJ0
+    writes MEJ0 and its _OST writes MOEV and MOSC for the slot (live DIMM removal)."""
     dsl = disassemble(platform_dsdt(), "dsdt", tmp_path)
     for text in ('Name (_UID, "Memory Hotplug Controller")', "Mutex (MLCK, 0x00)",
                  "OperationRegion (MHPR, SystemMemory, 0xFEB02000, 0x18)",
@@ -216,10 +218,12 @@ def test_memory_hotplug_aml_reads_as_the_reference_flow(tmp_path):
                  "Local0 = 0x0F", "Method (MCRS, 1, Serialized)", "MINL = MHBL", "MINH = MHBH",
                  "LENL = MHLL", "LENH = MHLH", "MAXL = (MINL + LENL)", "MAXL -= One",
                  "Return (MR64)", "Notify (M031, Arg1)", "Return (MSTA (0x1F))",
-                 "Return (MCRS (0x1F))"):
+                 "Return (MCRS (0x1F))", "Method (MEJC, 1, Serialized)", "MEJ0 = One",
+                 "Method (MOST, 3, Serialized)", "MOEV = Arg1", "MOSC = Arg2",
+                 "MEJC (0x1F)", "MOST (0x1F, Arg0, Arg1)"):
         assert text in dsl, text
     assert dsl.count('EisaId ("PNP0C80")') == HOTPLUG_SLOTS
-    assert dsl.count("Acquire (MLCK, 0xFFFF)") == dsl.count("Release (MLCK)") == 3
+    assert dsl.count("Acquire (MLCK, 0xFFFF)") == dsl.count("Release (MLCK)") == 5
 
 
 def test_memory_hotplug_stub_recompiles_byte_for_byte(tmp_path):
