@@ -175,16 +175,6 @@ class AcpiPmTimer:
 
 
 # --- stub hot plug controllers ---------------------------------------------------------------
-def cpu_hotplug_stub_aml() -> Aml:
-    """``\\_SB_.CPUS`` (processor container) with an empty ``CSCN``."""
-    return Device(
-        "\\_SB_.CPUS",
-        Name("_HID", String("ACPI0010")),
-        Name("_CID", EISAName("PNP0A05")),
-        Method("CSCN", 0, serialized=True),
-    )
-
-
 def memory_hotplug_stub_aml() -> Aml:
     """``\\_SB_.MHPC`` with an empty ``MSCN`` (what the reference emits without ACPI hot plug)."""
     return Device(

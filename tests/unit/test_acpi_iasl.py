@@ -29,7 +29,8 @@ from pych.acpi.aml import (
 )
 from pych.arch.x86_64 import layout
 from pych.devices.acpi import (
-    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, memory_hotplug_stub_aml, pci_ecam_reservation_aml, pci_segment_aml, power_button_aml, s5_aml,
+    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, memory_hotplug_stub_aml,
+    pci_ecam_reservation_aml, pci_segment_aml, power_button_aml, s5_aml,
 )
 from pych.device_manager import PciHotplugController
 from pych.cpu import CpuHotplugController
