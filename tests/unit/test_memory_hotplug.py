@@ -12,9 +12,10 @@ from pych.arch.x86_64 import boot, layout
 from pych.config import VmConfig, VmResize
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
+from pych.devices.virtio.mem import Request, Response, VirtioMem
 from pych.memory_manager import (
     HOTPLUG_ALIGNMENT, HOTPLUG_SLOTS, InvalidMemoryResize, MemoryHotplugController,
-    MemoryManager, MemoryResizeError, hotplug_region_start,
+    MemoryManager, MemoryResizeError, hotplug_region_start, virtio_mem_request,
 )
 from pych.vmm import Vmm
 
@@ -28,9 +29,12 @@ class FakeKvmVm:
         self.memslots: dict[int, tuple[int, int]] = {}
 
     def add_memory(self, gpa: int, size: int, host_addr: int) -> int:
-        slot = len(self.memslots)
+        slot = max(self.memslots, default=-1) + 1
         self.memslots[slot] = (gpa, size)
         return slot
+
+    def remove_memory(self, slot: int, gpa: int) -> None:
+        assert self.memslots.pop(slot)[0] == gpa
 
 
 def memory_config(**fields):
@@ -192,8 +196,8 @@ def test_the_window_can_be_filled_exactly_and_no_further(manager):
 def test_without_a_window_there_is_nothing_to_plug_into(manager):
     with pytest.raises(InvalidMemoryResize, match="hotplug_size"):
         manager().resize(512 * MiB)
-    with pytest.raises(MemoryResizeError, match="virtio-mem"):
-        manager(hotplug_size=1 * GiB, hotplug_method="VirtioMem").resize(512 * MiB)
+    with pytest.raises(InvalidMemoryResize, match="virtio-mem region"):
+        manager(hotplug_method="VirtioMem").resize(512 * MiB)
 
 
 def test_slots_run_out_after_the_last_one(manager):
@@ -203,6 +207,133 @@ def test_slots_run_out_after_the_last_one(manager):
     with pytest.raises(MemoryResizeError, match=f"all {HOTPLUG_SLOTS} slots"):
         mm.resize(256 * MiB + (HOTPLUG_SLOTS + 1) * 128 * MiB)
     assert mm.actual_size == 256 * MiB + HOTPLUG_SLOTS * 128 * MiB
+
+
+# --- live DIMM removal (beyond the reference) -----------------------------------------------
+EJECT_REQUEST, IN_PROGRESS, NOT_SUPPORTED = 3, 0x84, 0x80
+
+
+def guest_ost(controller, slot, status):
+    """What the guest's ``Mnnn._OST(3, status)`` does through MOST."""
+    controller.write(0x00, 4, slot)
+    controller.write(0x04, 4, EJECT_REQUEST)
+    controller.write(0x08, 4, status)
+
+
+def guest_eject(controller, slot):
+    """What the guest's ``Mnnn._EJ0`` does through MEJC."""
+    controller.write(0x00, 4, slot)
+    controller.write(0x14, 1, MemoryHotplugController.EJECT)
+
+
+def test_only_slots_asked_for_are_ejected():
+    ejected = []
+    c = MemoryHotplugController(on_eject=ejected.append)
+    c.insert(0, 4 * GiB, 128 * MiB)
+    c.insert(1, 4 * GiB + 128 * MiB, 128 * MiB)
+    guest_eject(c, 0)
+    c.request_removal(1)
+    c.write(0x00, 4, 1)
+    assert c.read(0x14, 1) == 0b111                     # enabled, inserting, removing
+    c.write(0x14, 1, MemoryHotplugController.REMOVING)  # MSCN's ack: the removal stays asked
+    guest_eject(c, 1)
+    guest_eject(c, 1)                                   # once only
+    assert ejected == [1]
+
+
+def test_ost_failure_ends_the_removal_and_is_kept():
+    ejected = []
+    c = MemoryHotplugController(on_eject=ejected.append)
+    c.insert(0, 4 * GiB, 128 * MiB)
+    c.request_removal(0)
+    guest_ost(c, 0, IN_PROGRESS)
+    assert c.slots[0].pending_removal and c.slots[0].ost_status == IN_PROGRESS
+    guest_ost(c, 0, NOT_SUPPORTED)
+    assert not c.slots[0].pending_removal and c.slots[0].ost_status == NOT_SUPPORTED
+    guest_eject(c, 0)
+    assert ejected == [] and c.slots[0].enabled
+
+
+def test_reductions_eject_the_newest_dimms_that_fit(manager):
+    mm = manager(hotplug_size=1 * GiB)
+    for size in (512, 640, 768):                        # DIMMs of 256, 128, 128 MiB
+        mm.resize(size * MiB)
+    mm.events.clear()
+    assert mm.resize(400 * MiB)                         # 768 -> 512: dimm2 and dimm1 can go
+    assert mm.events == [AcpiNotification.MEMORY]
+    assert [d["state"] for d in mm.hotplug_info()["dimms"]] == ["announced", "removing",
+                                                                 "removing"]
+    assert not mm.resize(400 * MiB)                     # nothing more fits: no new request
+    assert mm.actual_size == 768 * MiB
+    guest_eject(mm.controller, 2)
+    guest_ost(mm.controller, 1, NOT_SUPPORTED)          # the guest keeps dimm1
+    assert mm.actual_size == 640 * MiB
+    assert list(mm.vm.memslots.values()) == [(0, 256 * MiB), (4 * GiB, 256 * MiB),
+                                             (4 * GiB + 256 * MiB, 128 * MiB)]
+    assert [r.name for r in mm.mem.regions] == ["ram0", "dimm0", "dimm1"]
+    assert mm.hotplug_info()["dimms"][1:] == [
+        {"id": "dimm1", "slot": 1, "address": 4 * GiB + 256 * MiB, "size": 128 * MiB,
+         "state": "kept", "ost_status": NOT_SUPPORTED}]
+    assert mm.resize(768 * MiB)                         # the freed space is plugged again
+    assert mm.hotplug_info()["dimms"][-1]["address"] == 4 * GiB + 384 * MiB
+
+
+# --- virtio-mem ------------------------------------------------------------------------------
+def with_device(mm):
+    """What the device manager does at boot: the virtio-mem device for the zone."""
+    zone = mm.virtio_mem
+    zone.device = VirtioMem(zone.region, requested_size=zone.initial_size, name=zone.id)
+    return mm
+
+
+def test_virtio_mem_region_is_mapped_at_boot_after_ram(manager):
+    mm = manager(size=3 * GiB + 100 * MiB, hotplug_size=1 * GiB, hotplug_method="VirtioMem",
+                 hotplugged_size=256 * MiB)
+    assert mm.controller is None and mm.mmio.find(layout.ACPI_MEM_HOTPLUG_ADDR) is None
+    zone = mm.virtio_mem
+    assert (zone.id, zone.region.gpa, zone.region.size, zone.initial_size) == (
+        "mem0", 4 * GiB + 128 * MiB, 1 * GiB, 256 * MiB)
+    assert list(mm.vm.memslots.values())[-1] == (4 * GiB + 128 * MiB, 1 * GiB)
+    assert mm.hotplug_window == (4 * GiB + 128 * MiB, 1 * GiB)
+    assert layout.mmio64_window(*mm.hotplug_window)[0] == 6 * GiB
+    # the region reaches the guest through the device only, never through the e820 map
+    assert all(e.addr + e.size <= 4 * GiB + 100 * MiB
+               for e in boot.e820_map(mm.mem) if e.type == boot.E820_RAM)
+    assert mm.actual_size == 3 * GiB + 100 * MiB           # nothing plugged yet
+
+
+def test_virtio_mem_regions_are_whole_memory_blocks(manager):
+    with pytest.raises(ValueError, match="multiple of 128 MiB"):
+        manager(hotplug_size=200 * MiB, hotplug_method="VirtioMem")
+
+
+def test_virtio_mem_resize_sets_the_requested_size(manager):
+    mm = with_device(manager(hotplug_size=1 * GiB, hotplug_method="VirtioMem"))
+    device = mm.virtio_mem.device
+    assert mm.resize(768 * MiB) and device.requested_size == 512 * MiB
+    assert not mm.resize(768 * MiB)
+    assert mm.resize(256 * MiB) and device.requested_size == 0
+    assert device.request(Request.PLUG, mm.virtio_mem.region.gpa, 4)[0] == Response.NACK
+    mm.resize(512 * MiB)
+    device.request(Request.PLUG, mm.virtio_mem.region.gpa, 4)          # the guest plugs 8 MiB
+    assert mm.actual_size == 264 * MiB
+    assert mm.hotplug_info() == {
+        "method": "VirtioMem", "window": {"start": 4 * GiB, "size": 1 * GiB},
+        "virtio_mem": [{"id": "mem0", "address": 4 * GiB, "size": 1 * GiB,
+                        "block_size": 2 * MiB, "requested_size": 256 * MiB,
+                        "plugged_size": 8 * MiB}]}
+    assert mm.events == []                                  # no GED: the device interrupts
+
+
+@pytest.mark.parametrize("desired, message", [
+    (128 * MiB, "below the boot RAM"),
+    (256 * MiB + 1 * GiB + 2 * MiB, "not enough hot plug space"),
+    (256 * MiB + 1 * MiB, "multiple of the virtio-mem block size"),
+])
+def test_virtio_mem_request_errors(desired, message):
+    with pytest.raises(InvalidMemoryResize, match=message):
+        virtio_mem_request(memory_config(size=256 * MiB, hotplug_size=1 * GiB,
+                                         hotplug_method="VirtioMem"), desired)
 
 
 # --- vm.resize and vm.info in the VMM ------------------------------------------------------
@@ -225,15 +356,22 @@ class BootedVm:
         self.memory.close()
 
 
+def booted_vmm(**memory) -> Vmm:
+    """A VMM running a VM with ``memory`` (no vCPUs, no devices but virtio-mem's)."""
+    vmm = Vmm()
+    config = VmConfig.model_validate({"payload": {"kernel": "/k"}, "memory": memory})
+    vmm.vm_create(config)
+    manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    manager.create_boot_memory()
+    if manager.virtio_mem is not None:
+        with_device(manager)
+    vmm.vm, vmm.state = BootedVm(manager), "Running"
+    return vmm
+
+
 @pytest.fixture
 def vmm():
-    vmm = Vmm()
-    config = VmConfig.model_validate({"payload": {"kernel": "/k"},
-                                      "memory": {"size": 256 * MiB, "hotplug_size": 1 * GiB}})
-    vmm.vm_create(config)
-    memory = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
-    memory.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(memory), "Running"
+    vmm = booted_vmm(size=256 * MiB, hotplug_size=1 * GiB)
     yield vmm
     vmm.close()
 
@@ -281,5 +419,36 @@ def test_vm_resize_of_a_created_vm_edits_its_configuration():
         resize(vmm, 1 * GiB)
         info = vmm.vm_info()
         assert info["config"]["memory"]["size"] == 1 * GiB and "memory_hotplug" not in info
+    finally:
+        vmm.close()
+
+
+def test_vm_resize_with_virtio_mem_grows_and_shrinks_live_and_keeps_it_for_reboot():
+    vmm = booted_vmm(size=256 * MiB, hotplug_size=1 * GiB, hotplug_method="VirtioMem")
+    try:
+        device = vmm.vm.memory.virtio_mem.device
+        resize(vmm, 768 * MiB)
+        assert device.requested_size == 512 * MiB
+        memory = vmm.vm_info()["config"]["memory"]
+        assert (memory["size"], memory["hotplugged_size"]) == (256 * MiB, 512 * MiB)
+        assert vmm.vm_info()["memory_actual_size"] == 256 * MiB        # nothing plugged yet
+        resize(vmm, 256 * MiB)
+        assert device.requested_size == 0
+        assert "hotplugged_size" not in vmm.vm_info()["config"]["memory"]
+        with pytest.raises(ApiError) as e:
+            resize(vmm, 128 * MiB)
+        assert e.value.status == 400 and "below the boot RAM" in e.value.messages[-1]
+    finally:
+        vmm.close()
+
+
+def test_vm_resize_with_virtio_mem_of_a_created_vm_edits_hotplugged_size():
+    vmm = Vmm()
+    try:
+        vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": "/k"}, "memory": {
+            "size": 256 * MiB, "hotplug_size": 1 * GiB, "hotplug_method": "VirtioMem"}}))
+        resize(vmm, 512 * MiB)
+        assert vmm.config.memory.hotplugged_size == 256 * MiB
+        assert vmm.config.memory.size == 256 * MiB
     finally:
         vmm.close()

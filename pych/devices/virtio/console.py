@@ -42,10 +42,11 @@ class VirtioConsole(VirtioDevice):
 
     def __init__(self, sink: ConsoleSink | None = None, *, cols: int = 0, rows: int = 0,
                  queue_size: int = DEFAULT_QUEUE_SIZE, input_limit: int = DEFAULT_INPUT_LIMIT,
-                 name: str = "console") -> None:
+                 owns_sink: bool = False, name: str = "console") -> None:
         features = VIRTIO_CONSOLE_F_EMERG_WRITE | (VIRTIO_CONSOLE_F_SIZE if cols and rows else 0)
         super().__init__(name=name, queue_sizes=[queue_size, queue_size], features=features)
         self.sink = sink
+        self.owns_sink = owns_sink
         self.cols, self.rows = cols, rows
         self.input_limit = input_limit
         self.dropped_input = 0
@@ -126,3 +127,6 @@ class VirtioConsole(VirtioDevice):
         if self._input_fd >= 0:
             os.close(self._input_fd)
             self._input_fd = -1
+        if self.owns_sink and self.sink is not None:
+            self.sink.close()
+            self.sink = None
