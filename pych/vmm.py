@@ -228,7 +228,9 @@ class Vmm(RequestHandler):
     def _require_running(self, *states: str) -> Vm:
         self._require_vm()
         if self.vm is None or self.state not in (states or ("Running",)):
-            raise ApiError(500, [f"VM is not running (state: {self.state})"])
+            # The spec's 405 ("not booted" / wrong state); the reference answers 500, but a
+            # request that does not fit the VM's state is the client's error, not ours.
+            raise ApiError(405, [f"VM is not in a state for this request (state: {self.state})"])
         return self.vm
 
     # --- RequestHandler -----------------------------------------------------------------------
@@ -242,15 +244,16 @@ class Vmm(RequestHandler):
 
     def vm_create(self, config: VmConfig) -> None:
         if self.config is not None:
-            raise ApiError(500, ["VM is already created"])
+            raise ApiError(409, ["VM is already created"])
         config.validate()
+        _check_payload_files(config)
         self.config = config
         self.state = "Created"
 
     def vm_boot(self) -> None:
         self._require_vm()
         if self.vm is not None:
-            raise ApiError(500, ["VM is already booted"])
+            raise ApiError(409, ["VM is already booted"])
         try:
             self._start_vm()
         except Exception as e:  # noqa: BLE001 - any boot failure is the caller's one clear error
@@ -399,10 +402,10 @@ class Vmm(RequestHandler):
         """
         balloon = self.config.balloon
         if balloon is None:
-            raise ApiError(500, ["Error resizing VM balloon", "No balloon device configured"])
+            raise ApiError(400, ["Error resizing VM balloon", "No balloon device configured"])
         ram = self.vm.memory_actual_size if self.vm is not None else self.config.memory.size
         if not 0 <= desired <= ram:
-            raise ApiError(500, ["Error resizing VM balloon",
+            raise ApiError(400, ["Error resizing VM balloon",
                                  f"desired_balloon {desired} is larger than the guest RAM ({ram})"])
         device = self.vm.devices.balloon if self.vm is not None and self.vm.devices else None
         if device is not None:
@@ -537,6 +540,17 @@ def _remove_device_config(config: VmConfig, dev_id: str) -> bool:
             setattr(config, field, [device for device in value if device.id != dev_id] or None)
             return True
     return False
+
+
+def _check_payload_files(config: VmConfig) -> None:
+    """A kernel, firmware or initramfs that cannot be read is the caller's error (400),
+    reported when the VM is created rather than as a failed boot."""
+    payload = config.payload
+    for what in ("kernel", "firmware", "initramfs"):
+        path = getattr(payload, what, None) if payload is not None else None
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"cannot read the {what} {path}: "
+                              f"{'no such file' if not os.path.exists(path) else 'permission denied'}")
 
 
 def _setup_logging(args) -> None:

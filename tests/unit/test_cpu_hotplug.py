@@ -290,7 +290,7 @@ def test_vcpus_hot_plugged_while_paused_start_paused(manager):
 def created_vmm(boot: int = 2, max_vcpus: int = 4) -> Vmm:
     vmm = Vmm()
     vmm.vm_create(VmConfig.model_validate({
-        "payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": boot, "max_vcpus": max_vcpus}}))
+        "payload": {"kernel": __file__}, "cpus": {"boot_vcpus": boot, "max_vcpus": max_vcpus}}))
     return vmm
 
 

@@ -359,7 +359,7 @@ class BootedVm:
 def booted_vmm(**memory) -> Vmm:
     """A VMM running a VM with ``memory`` (no vCPUs, no devices but virtio-mem's)."""
     vmm = Vmm()
-    config = VmConfig.model_validate({"payload": {"kernel": "/k"}, "memory": memory})
+    config = VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": memory})
     vmm.vm_create(config)
     manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     manager.create_boot_memory()
@@ -414,7 +414,7 @@ def test_vm_resize_errors_leave_the_configuration_alone(vmm, desired, status, me
 def test_vm_resize_of_a_created_vm_edits_its_configuration():
     vmm = Vmm()
     try:
-        vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": "/k"},
+        vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": __file__},
                                                "memory": {"size": 256 * MiB}}))
         resize(vmm, 1 * GiB)
         info = vmm.vm_info()
@@ -445,7 +445,7 @@ def test_vm_resize_with_virtio_mem_grows_and_shrinks_live_and_keeps_it_for_reboo
 def test_vm_resize_with_virtio_mem_of_a_created_vm_edits_hotplugged_size():
     vmm = Vmm()
     try:
-        vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": "/k"}, "memory": {
+        vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
             "size": 256 * MiB, "hotplug_size": 1 * GiB, "hotplug_method": "VirtioMem"}}))
         resize(vmm, 512 * MiB)
         assert vmm.config.memory.hotplugged_size == 256 * MiB

@@ -308,7 +308,7 @@ class Machine:
 
 
 def vm_config(**kw) -> VmConfig:
-    return VmConfig.model_validate({"payload": {"kernel": "/nonexistent/vmlinux"},
+    return VmConfig.model_validate({"payload": {"kernel": __file__},
                                     "console": {"mode": "Off"}, **kw})
 
 
