@@ -203,8 +203,7 @@ def plot(rows: list[tuple[str, float, float]], path: Path) -> None:
     names = [r[0] for r in rows]
     fig, (vmm_ax, guest_ax) = plt.subplots(1, 2, figsize=(10, 4))
     vmm_ax.barh(names, [r[1] * 1000 for r in rows])
-    vmm_ax.set_xscale("log")
-    vmm_ax.set_xlabel("VMM-side time (ms, log)")
+    vmm_ax.set_xlabel("VMM-side time (ms)")
     guest_ax.barh(names, [r[2] for r in rows])
     guest_ax.set_xlabel("until the guest's MemTotal shows it (s)")
     guest_ax.set_yticks([])

@@ -116,7 +116,7 @@ class Machine:
 
 def vm_config(**kw) -> VmConfig:
     """Like the test guest: --console off, so the rng holds slot 1."""
-    return VmConfig.model_validate({"payload": {"kernel": "/nonexistent/vmlinux"},
+    return VmConfig.model_validate({"payload": {"kernel": __file__},
                                     "console": {"mode": "Off"}, **kw})
 
 
