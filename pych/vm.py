@@ -30,6 +30,7 @@ from pych.memory_manager import MemoryManager
 log = logging.getLogger(__name__)
 
 TSS_ADDRESS = 0xFFFB_D000
+MSI_DELIVERY_NMI = 0b100 << 8
 IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 
@@ -194,6 +195,13 @@ class Vm:
             self.cpus.vcpus[i].set_msrs({boot.MSR_IA32_TSC: tsc})
         self.cpus.resume()
         self.state = "Running"
+
+    def nmi(self) -> None:
+        """An NMI to every running vCPU, sent as an MSI with NMI delivery mode through the
+        in-kernel LAPICs (a vCPU ioctl would wait for a halted vCPU to leave KVM_RUN)."""
+        for cpu_id in self.cpus.threads:
+            self.vm.signal_msi(layout.APIC_START | (self.cpus.apic_id(cpu_id) << 12),
+                               MSI_DELIVERY_NMI)
 
     def power_button(self) -> None:
         self.ged.notify(acpi_devices.AcpiNotification.POWER_BUTTON)

@@ -289,6 +289,9 @@ class Vmm(RequestHandler):
         self.state = "Running"
         self.events.emit("vm", "resumed")
 
+    def vm_nmi(self) -> None:
+        self._require_running("Running").nmi()
+
     def vm_power_button(self) -> None:
         self._require_running("Running").power_button()
 

@@ -177,7 +177,7 @@ class PychGuest:
         self.shell = Shell(self.console)
         return self
 
-    def wait_ready(self, timeout: float = 300, start: int = 0) -> float:
+    def wait_ready(self, timeout: float = 600, start: int = 0) -> float:
         """Wait for GUEST-READY (after ``start`` in the output); returns seconds since start."""
         try:
             self.console.expect(READY, timeout, start)
