@@ -34,6 +34,8 @@ JOBS=${JOBS:-$(nproc)}
 #   pvmsafe    hides the CPU features the PVM host cannot emulate in guest ring 0
 #              (guest/patches/0004; replaces "noxsave clearcpuid=popcnt,cx16,...")
 #   rodata=off skips the read-only remapping passes (~5 s of boot here)
+#   rootfstype=ramfs  unpack the initramfs into ramfs, not tmpfs (7.7 s instead of
+#              11.9 s for 4.7 MiB here); /tmp and /run are still tmpfs
 #   panic=-1   reboot at once on a panic
 CMDLINE='console=ttyS0 panic=-1 quiet rodata=off rootfstype=ramfs pvmsafe'
 
@@ -70,8 +72,8 @@ input_hash() {
 			printf '%s %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "${f#"$GDIR"/}"
 		done
 		dpkg-query -W -f='${Package}=${Version}\n' "${CONTENT_PKGS[@]}"
-		gcc --version | head -n1
-		ld --version | head -n1
+		gcc --version | sed -n 1p
+		ld --version | sed -n 1p
 	} | sha256sum | cut -c1-16
 }
 
@@ -181,9 +183,12 @@ build_kernel() {
 	say "building the kernel: make -j$JOBS vmlinux bzImage (full build ~5-10 min on 2 cores)"
 	(cd "$KSRC" && make -j"$JOBS" KBUILD_BUILD_USER=pych KBUILD_BUILD_HOST=pych vmlinux bzImage) \
 		|| die "kernel build failed"
-	readelf -h "$KSRC/vmlinux" | grep -q 'Class:[[:space:]]*ELF64' || die "vmlinux is not ELF64"
+	local hdr notes
+	hdr=$(readelf -h "$KSRC/vmlinux")
+	[[ $hdr =~ Class:[[:space:]]*ELF64 ]] || die "vmlinux is not ELF64"
 	# XEN_ELFNOTE_PHYS32_ENTRY (type 18) in a "Xen" note = the PVH entry point.
-	readelf -n "$KSRC/vmlinux" | grep -E '^[[:space:]]*Xen[[:space:]]' | grep -qiE '0x00000012|PHYS32_ENTRY' \
+	notes=$(readelf -n "$KSRC/vmlinux")
+	grep -E '^[[:space:]]*Xen[[:space:]]' <<<"$notes" | grep -iE '0x00000012|PHYS32_ENTRY' >/dev/null \
 		|| die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
 }
 
@@ -237,7 +242,7 @@ build_initramfs() {  # $1 = output file
 	local queue=() bin so p path interp a
 
 	say "assembling the initramfs"
-	if readelf -l /bin/busybox | grep -q 'program interpreter'; then
+	if [[ $(readelf -l /bin/busybox) == *"program interpreter"* ]]; then
 		die "/bin/busybox is dynamically linked: the busybox-static package is needed"
 	fi
 	build_stubs

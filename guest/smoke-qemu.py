@@ -12,7 +12,10 @@ Exit status 0 when every check passed.
 """
 import argparse
 import bisect
+import json
 import os
+import socket
+import tempfile
 import re
 import subprocess
 import sys
@@ -147,10 +150,27 @@ def qemu_argv(a):
     if a.append:
         cmdline += " " + a.append
     machine = "microvm,acpi=on" if a.machine == "microvm" else a.machine
-    return ["qemu-system-x86_64", "-M", machine, "-enable-kvm",
+    qmp = ["-qmp", "unix:%s,server=on,wait=off" % a.qmp_path] if a.qmp_path else []
+    return ["qemu-system-x86_64"] + qmp + [ "-M", machine, "-enable-kvm",
             "-cpu", "host,-arch-capabilities,-cx16", "-m", a.mem, "-smp", a.smp,
             "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-kernel", a.kernel, "-initrd", a.initrd, "-append", cmdline] + a.qemu_extra
+
+
+def qmp_command(path, command):
+    """Run one QMP command (e.g. system_powerdown = the ACPI power button)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        f = s.makefile("rw")
+        f.readline()  # greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        return reply
 
 
 def one_run(a, log):
@@ -187,9 +207,14 @@ def one_run(a, log):
                                 "cat /sys/devices/system/cpu/online")
             print("=== cpu1 online (exit %d, %.1f s)\n%s" % (rc, dt, out.rstrip()), flush=True)
         t = time.monotonic()
-        g.send("poweroff -f\n")
-        rc = g.proc.wait(timeout=60)
-        print("poweroff -f: QEMU exited with %d after %.1f s" % (rc, time.monotonic() - t),
+        if a.power_button:
+            qmp_command(a.qmp_path, "system_powerdown")
+            how = "ACPI power button (QMP system_powerdown)"
+        else:
+            g.send("poweroff -f\n")
+            how = "poweroff -f"
+        rc = g.proc.wait(timeout=120)
+        print("%s: QEMU exited with %d after %.1f s" % (how, rc, time.monotonic() - t),
               flush=True)
         ok &= rc == 0
         return ok, result
@@ -221,10 +246,15 @@ def main():
     p.add_argument("--cpu-online", action="store_true",
                    help="also run: echo 1 | tee /sys/devices/system/cpu/cpu1/online")
     p.add_argument("--boot-only", action="store_true")
+    p.add_argument("--power-button", action="store_true",
+                   help="end with the ACPI power button instead of poweroff -f")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--log", help="write the raw console output here")
     p.add_argument("qemu_extra", nargs="*", help="extra QEMU arguments (after --)")
     a = p.parse_args()
+    a.qmp_path = None
+    if a.power_button:
+        a.qmp_path = os.path.join(tempfile.mkdtemp(prefix="pych-smoke-"), "qmp.sock")
     log = open(a.log, "ab") if a.log else None
     results, all_ok = [], True
     for _ in range(a.runs):
