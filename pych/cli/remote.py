@@ -130,21 +130,21 @@ def _resize(args: argparse.Namespace) -> _Request:
             raise _UsageError("Error parsing resize arguments", "--wait needs --cpus")
         if args.wait <= 0:
             raise _UsageError("Error parsing resize arguments", "--wait needs a positive timeout")
-        follow_up = functools.partial(_wait_for_vcpus_command, desired=resize.desired_vcpus,
-                                      timeout=args.wait)
+        desired, timeout = resize.desired_vcpus, args.wait
+        follow_up = functools.partial(
+            _wait_command, wait=lambda client: wait_for_vcpus(client, desired, timeout),
+            what="the vCPU resize")
     return _Request("PUT", "vm.resize", resize.model_dump_json(exclude_none=True),
                     follow_up=follow_up)
 
 
-def wait_for_vcpus(client: ApiClient, desired: int, timeout: float = DEFAULT_VCPU_WAIT_SECONDS,
-                   *, interval: float = 0.25) -> None:
-    """Poll ``vm.info`` until the guest has caught up with a ``vm.resize`` to ``desired``
-    vCPUs: vCPUs 0..desired-1 are ``present`` (running, and the guest evaluated their
-    ``_STA``) and every other one is ``absent`` or ``ejected``.
+def _poll_vm_info(client: ApiClient, behind: Callable[[dict], str | None], timeout: float,
+                  interval: float, waiting_for: str) -> None:
+    """Poll ``vm.info`` until ``behind(info)`` returns None (the guest has caught up).
 
-    Returns at once if the VM is not running (a resize then only edits the configuration).
-    Raises ``TimeoutError`` naming the vCPUs still behind after ``timeout`` seconds, and
-    ``RuntimeError`` if ``vm.info`` fails or (not being pych) has no per-vCPU ``cpus`` list.
+    Returns at once if the VM is not running (the request then only edited the
+    configuration). Raises ``TimeoutError`` with ``behind``'s last answer after ``timeout``
+    seconds, and ``RuntimeError`` if ``vm.info`` fails.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -154,29 +154,43 @@ def wait_for_vcpus(client: ApiClient, desired: int, timeout: float = DEFAULT_VCP
         info = json.loads(body)
         if info.get("state") not in ("Running", "Paused"):
             return
-        cpus = info.get("cpus")
-        if cpus is None:
-            raise RuntimeError("vm.info reports no per-vCPU states: the VMM is not pych")
-        behind = [f"vCPU {cpu['id']} is {cpu['state']}" for cpu in cpus
-                  if cpu["state"] != "present" and cpu["id"] < desired
-                  or cpu["state"] not in SETTLED_VCPU_STATES and cpu["id"] >= desired]
-        if not behind:
+        pending = behind(info)
+        if pending is None:
             return
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for the guest to reach "
-                               f"{desired} vCPUs: {', '.join(behind)}")
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {waiting_for}: {pending}")
         time.sleep(interval)
 
 
-def _wait_for_vcpus_command(socket_path: str, desired: int, timeout: float) -> int:
+def _wait_command(socket_path: str, wait: Callable[[ApiClient], None], what: str) -> int:
+    """Run a ``--wait`` poller after a successful request; 1 with an error chain on failure."""
     with ApiClient(socket_path) as client:
         try:
-            wait_for_vcpus(client, desired, timeout)
+            wait(client)
         except (OSError, RuntimeError, http.client.HTTPException) as error:
             # TimeoutError is an OSError: its message says what is still pending.
-            _print_chain(["Error waiting for the vCPU resize", str(error)], sys.stderr)
+            _print_chain([f"Error waiting for {what}", str(error)], sys.stderr)
             return 1
     return 0
+
+
+def wait_for_vcpus(client: ApiClient, desired: int, timeout: float = DEFAULT_VCPU_WAIT_SECONDS,
+                   *, interval: float = 0.25) -> None:
+    """Wait until the guest has caught up with a ``vm.resize`` to ``desired`` vCPUs:
+    vCPUs 0..desired-1 are ``present`` (running, and the guest evaluated their ``_STA``)
+    and every other one is ``absent`` or ``ejected``. Raises as :func:`_poll_vm_info`, and
+    ``RuntimeError`` if ``vm.info`` has no per-vCPU ``cpus`` list (the VMM is not pych)."""
+
+    def behind(info: dict) -> str | None:
+        cpus = info.get("cpus")
+        if cpus is None:
+            raise RuntimeError("vm.info reports no per-vCPU states: the VMM is not pych")
+        late = [f"vCPU {cpu['id']} is {cpu['state']}" for cpu in cpus
+                if cpu["state"] != "present" and cpu["id"] < desired
+                or cpu["state"] not in SETTLED_VCPU_STATES and cpu["id"] >= desired]
+        return ", ".join(late) or None
+
+    _poll_vm_info(client, behind, timeout, interval, f"the guest to reach {desired} vCPUs")
 
 
 def _resize_zone(args: argparse.Namespace) -> _Request:
@@ -198,47 +212,25 @@ def _remove_device(args: argparse.Namespace) -> _Request:
         if args.wait <= 0:
             raise _UsageError("Error parsing remove-device arguments",
                               "--wait needs a positive timeout")
-        follow_up = functools.partial(_wait_for_removal_command, dev_id=args.id,
-                                      timeout=args.wait)
+        dev_id, timeout = args.id, args.wait
+        follow_up = functools.partial(
+            _wait_command, wait=lambda client: wait_for_device_removal(client, dev_id, timeout),
+            what="the device removal")
     return _Request("PUT", "vm.remove-device", {"id": args.id}, follow_up=follow_up)
 
 
 def wait_for_device_removal(client: ApiClient, dev_id: str,
                             timeout: float = DEFAULT_REMOVAL_WAIT_SECONDS, *,
                             interval: float = 0.25) -> None:
-    """Poll ``vm.info`` until the guest has ejected device ``dev_id``: neither it nor its
-    ``_virtio-pci-`` node is left in ``device_tree`` (which keeps a device until the eject).
+    """Wait until the guest has ejected device ``dev_id``: neither it nor its
+    ``_virtio-pci-`` node is left in ``device_tree`` (which keeps a device until the
+    eject). Raises as :func:`_poll_vm_info`."""
 
-    Returns at once if the VM is not running (a removal then only edits the configuration).
-    Raises ``TimeoutError`` after ``timeout`` seconds and ``RuntimeError`` if ``vm.info``
-    fails.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = client.get("vm.info")
-        if status != 200:
-            raise RuntimeError(f"vm.info answered {status}: {body.decode(errors='replace')}")
-        info = json.loads(body)
-        if info.get("state") not in ("Running", "Paused"):
-            return
+    def behind(info: dict) -> str | None:
         tree = info.get("device_tree") or {}
-        if dev_id not in tree and f"_virtio-pci-{dev_id}" not in tree:
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for the guest to eject "
-                               f"device {dev_id}")
-        time.sleep(interval)
+        return "still present" if dev_id in tree or f"_virtio-pci-{dev_id}" in tree else None
 
-
-def _wait_for_removal_command(socket_path: str, dev_id: str, timeout: float) -> int:
-    with ApiClient(socket_path) as client:
-        try:
-            wait_for_device_removal(client, dev_id, timeout)
-        except (OSError, RuntimeError, http.client.HTTPException) as error:
-            # TimeoutError is an OSError: its message says what is still pending.
-            _print_chain(["Error waiting for the device removal", str(error)], sys.stderr)
-            return 1
-    return 0
+    _poll_vm_info(client, behind, timeout, interval, f"the guest to eject device {dev_id}")
 
 
 def _create(args: argparse.Namespace) -> _Request:
