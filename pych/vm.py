@@ -89,6 +89,7 @@ class Vm:
             self.vm = self.kvm.create_vm()
             self.vm.set_tss_address(TSS_ADDRESS)
             self.vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            self.vm.disable_halt_polling()
             self.vm.create_irqchip()
             self.vm.create_pit2()
             self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),

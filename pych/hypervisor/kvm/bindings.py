@@ -295,6 +295,7 @@ KVM_CAP_IOEVENTFD = 36
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_HALT_POLL = 182
 
 # --- constants ------------------------------------------------------------------------------
 KVM_API_VERSION = 12
