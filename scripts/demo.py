@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from pych.api.client import ApiClient  # noqa: E402
 from pych.testing.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
 
-CPUS = "boot=2,max=4"
+CPUS = "boot=1,max=2"   # more online vCPUs than host cores stalls guests on this host
 MEMORY = "size=256M,hotplug_size=1G"
 
 
@@ -36,7 +36,7 @@ def interactive() -> int:
             "--api-socket", "/tmp/pych-demo.sock"]
     print("Booting the test guest under pych (about a minute on this host's nested KVM).")
     print("API socket: /tmp/pych-demo.sock   e.g. in another terminal:")
-    print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock resize --cpus 4")
+    print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock resize --cpus 2")
     print("Leave with `poweroff -f` in the guest.\n", flush=True)
     os.execv(args[0], args)
 
@@ -75,13 +75,13 @@ def scripted() -> int:
         step("the guest")
         show(guest, "uname -a; nproc; grep MemTotal /proc/meminfo")
         show(guest, "lscpu | grep -E '^CPU\\(s\\)|list'")
-        step("CPU hot plug: resize to 4 vCPUs, then online them in the guest")
-        api(guest, "vm.resize", {"desired_vcpus": 4})
+        step("CPU hot plug: resize to 2 vCPUs, then online the new one in the guest")
+        api(guest, "vm.resize", {"desired_vcpus": 2})
         time.sleep(5)
         show(guest, "lscpu | grep -E 'list'")
-        show(guest, "echo 1 | tee /sys/devices/system/cpu/cpu[2,3]/online >/dev/null; nproc")
-        step("CPU hot unplug: resize to 2 (the guest offlines them itself)")
-        api(guest, "vm.resize", {"desired_vcpus": 2})
+        show(guest, "echo 1 | tee /sys/devices/system/cpu/cpu[1]/online >/dev/null; sleep 2; nproc")
+        step("CPU hot unplug: resize to 1 (the guest offlines it itself)")
+        api(guest, "vm.resize", {"desired_vcpus": 1})
         time.sleep(10)
         show(guest, "cat /sys/devices/system/cpu/online")
         step("memory hot plug: 256 MiB -> 512 MiB")

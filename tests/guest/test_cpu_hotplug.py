@@ -1,6 +1,7 @@
 """CPU hot plug in a real guest: the user's acceptance flow (shared/spec/hotplug.md, "CPU Hot
-Plug") with curl against the API socket, scaled from boot=4,max=8 to boot=2,max=4 for this
-2-core host; then down, up again on the same ids, removal under CPU-bound load, refused
+Plug") with curl against the API socket, scaled from boot=4,max=8 to boot=1,max=2: on this
+2-core host, whose KVM emulates guest kernel code, more online vCPUs than host cores starve
+each other into RCU stalls while a CPU comes online (seen with 4 online vCPUs); then down, up again on the same ids, removal under CPU-bound load, refused
 requests, and the last requested count surviving a guest reboot.
 
 One guest is shared by the module and the tests run in order; the reboot comes last, so the
@@ -22,12 +23,12 @@ from pych.cli.remote import wait_for_vcpus
 GUEST_WAIT = 180          # seconds for the guest to see or eject vCPUs (slow host, shared cores)
 ONLINE_WAIT = 600         # onlining a CPU takes seconds idle, minutes when the host is loaded
 # nproc counts the shell's affinity, which the guest widens asynchronously after an online.
-NPROC_4 = "for i in $(seq 120); do [ $(nproc) = 4 ] && break; sleep 1; done; nproc"
+NPROC_2 = "for i in $(seq 120); do [ $(nproc) = 2 ] && break; sleep 1; done; nproc"
 
 
 @pytest.fixture(scope="module")
 def guest(guest_factory):
-    return guest_factory(cpus="boot=2,max=4", memory="size=256M")
+    return guest_factory(cpus="boot=1,max=2", memory="size=256M")
 
 
 def curl_resize(guest, desired: int) -> tuple[int, str]:
@@ -72,53 +73,53 @@ def online_after_removal(guest, expected: str) -> str:
 
 
 def test_seed_flow_add_cpus_then_online_them(guest):
-    assert curl_resize(guest, 4) == (204, "")
-    assert vm_info(guest)["config"]["cpus"]["boot_vcpus"] == 4
-    wait_vcpus(guest, 4)          # vCPUs 2-3 run and the guest has evaluated their _STA
-    rc, out = guest.run("lscpu | grep list:; echo 1 | tee /sys/devices/system/cpu/cpu[2,3]/online;"
-                        f" lscpu | grep list:; {NPROC_4}", timeout=ONLINE_WAIT)
+    assert curl_resize(guest, 2) == (204, "")
+    assert vm_info(guest)["config"]["cpus"]["boot_vcpus"] == 2
+    wait_vcpus(guest, 2)          # vCPU 1 runs and the guest has evaluated its _STA
+    rc, out = guest.run("lscpu | grep list:; echo 1 | tee /sys/devices/system/cpu/cpu[1]/online;"
+                        f" lscpu | grep list:; {NPROC_2}", timeout=ONLINE_WAIT)
     assert rc == 0, out
     before, after = out.split("\n1\n")        # tee echoes the "1" it wrote
-    assert re.fullmatch(r"On-line CPU\(s\) list:\s+0[,-]1\nOff-line CPU\(s\) list:\s+2[,-]3",
-                        before), out
-    assert re.fullmatch(r"On-line CPU\(s\) list:\s+0-3\n4", after), out
-    assert vcpu_states(guest) == ["present"] * 4
+    assert re.fullmatch(r"On-line CPU\(s\) list:\s+0\nOff-line CPU\(s\) list:\s+1", before), out
+    assert re.fullmatch(r"On-line CPU\(s\) list:\s+0[,-]1\n2", after), out
+    assert vcpu_states(guest) == ["present"] * 2
 
 
 def test_seed_flow_remove_cpus_the_guest_offlines_them_and_429_meanwhile(guest):
-    assert curl_resize(guest, 2) == (204, "")
+    assert curl_resize(guest, 1) == (204, "")
     # The guest needs seconds to offline and eject a CPU: a resize right now finds the
     # removal pending.
-    status, body = curl_resize(guest, 3)
+    status, body = curl_resize(guest, 2)
     assert status == 429, body
     messages = json.loads(body)
     assert isinstance(messages, list) and any("pending" in m for m in messages), messages
-    assert online_after_removal(guest, "0-1") == "0-1"
-    wait_vcpus(guest, 2)
-    assert vcpu_states(guest) == ["present", "present", "ejected", "ejected"]
+    assert online_after_removal(guest, "0") == "0"
+    wait_vcpus(guest, 1)
+    assert vcpu_states(guest) == ["present", "ejected"]
     rc, out = guest.run("nproc")
-    assert (rc, out) == (0, "2")
+    assert (rc, out) == (0, "1")
 
 
 def test_add_again_reuses_the_ids_and_remove_under_cpu_bound_load(guest):
-    r = remote(guest, "resize", "--cpus", "4", f"--wait={GUEST_WAIT}")
-    assert r.returncode == 0, r.stderr
-    assert vcpu_states(guest) == ["present"] * 4
-    rc, out = guest.run("echo 1 | tee /sys/devices/system/cpu/cpu[2,3]/online >/dev/null; "
-                        f"for i in 1 2 3 4; do (while :; do :; done) & done; {NPROC_4}",
-                        timeout=ONLINE_WAIT)
-    assert (rc, out.splitlines()[-1]) == (0, "4"), out
     r = remote(guest, "resize", "--cpus", "2", f"--wait={GUEST_WAIT}")
     assert r.returncode == 0, r.stderr
-    assert vcpu_states(guest) == ["present", "present", "ejected", "ejected"]
+    assert vcpu_states(guest) == ["present"] * 2
+    rc, out = guest.run("echo 1 | tee /sys/devices/system/cpu/cpu[1]/online >/dev/null; "
+                        f"for i in 1 2; do (while :; do :; done) & done; {NPROC_2}",
+                        timeout=ONLINE_WAIT)
+    assert (rc, out.splitlines()[-1]) == (0, "2"), out
+    r = remote(guest, "resize", "--cpus", "1", f"--wait={GUEST_WAIT}")
+    assert r.returncode == 0, r.stderr
+    assert vcpu_states(guest) == ["present", "ejected"]
     rc, out = guest.run("cat /sys/devices/system/cpu/online; kill $(jobs -p); wait; nproc",
                         timeout=GUEST_WAIT)
-    assert rc == 0 and out.splitlines()[0] == "0-1" and out.splitlines()[-1] == "2", out
+    lines = [ln for ln in out.splitlines() if not ln.startswith("[")]   # not the jobs' notices
+    assert rc == 0 and lines[0] == "0" and lines[-1] == "1", out
 
 
 def test_invalid_counts_are_400_with_a_message(guest):
     before = vm_info(guest)["config"]["cpus"]["boot_vcpus"]
-    for bad in (0, 5):
+    for bad in (0, 3):
         status, body = curl_resize(guest, bad)
         assert status == 400, body
         messages = json.loads(body)
@@ -128,13 +129,13 @@ def test_invalid_counts_are_400_with_a_message(guest):
 
 
 def test_last_requested_count_survives_a_guest_reboot(guest):
-    r = remote(guest, "resize", "--cpus", "3", f"--wait={GUEST_WAIT}")
+    r = remote(guest, "resize", "--cpus", "2", f"--wait={GUEST_WAIT}")
     assert r.returncode == 0, r.stderr
     start = len(guest.console.buf)
     guest.console.send("reboot -f\n")
     guest.wait_ready(start=start)
     rc, out = guest.run("nproc; cat /sys/devices/system/cpu/present")
-    assert (rc, out) == (0, "3\n0-2")
+    assert (rc, out) == (0, "2\n0-1")
     info = vm_info(guest)
-    assert info["config"]["cpus"]["boot_vcpus"] == 3
-    assert [cpu["state"] for cpu in info["cpus"]] == ["present", "present", "present", "absent"]
+    assert info["config"]["cpus"]["boot_vcpus"] == 2
+    assert [cpu["state"] for cpu in info["cpus"]] == ["present", "present"]
