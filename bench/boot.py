@@ -49,7 +49,7 @@ def plot(results: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(results)
-    ax.boxplot([results[n] for n in names], labels=names)
+    ax.boxplot([results[n] for n in names], tick_labels=names)
     ax.set_ylabel("seconds to GUEST-READY")
     ax.set_title("Boot time, same guest (this host's nested KVM)")
     fig.tight_layout()
