@@ -86,7 +86,7 @@ def main() -> int:
         finally:
             p.terminate()
             p.wait()
-    print(f"\n| guest | request | p50 (ms) | p99 (ms) |\n|---|---|---|---|")
+    print("\n| guest | request | p50 (ms) | p99 (ms) |\n|---|---|---|---|")
     for label, path, p50, p99 in rows:
         print(f"| {label} | {path} | {p50:.2f} | {p99:.2f} |")
     print("\ngoal: p50 < 1 ms, p99 < 5 ms")

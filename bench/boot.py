@@ -68,7 +68,7 @@ def main() -> int:
             t = fn(args.memory, args.cpus)
             results[name].append(t)
             print(f"run {i + 1}: {name:13s} {t:6.1f} s", flush=True)
-    print(f"\n| VMM | runs | median (s) | min (s) | max (s) |\n|---|---|---|---|---|")
+    print("\n| VMM | runs | median (s) | min (s) | max (s) |\n|---|---|---|---|---|")
     for name, ts in results.items():
         print(f"| {name} | {len(ts)} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
     ratio = statistics.median(results["pych"]) / statistics.median(results["qemu microvm"])

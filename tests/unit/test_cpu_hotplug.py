@@ -3,7 +3,6 @@ VMM's vm.resize/vm.info for vCPUs, and ``pych-remote resize --wait``."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_uint32, c_uint64
 from dataclasses import dataclass
 
 from pych.hypervisor.kvm import bindings as kb

@@ -46,18 +46,18 @@ which is the price of never stalling the guest.
 from __future__ import annotations
 
 import atexit
-import errno
 import logging
 import os
 import select
 import socket
-import stat
 import termios
 import threading
 import time
 import tty
 from collections.abc import Callable, Iterable
 from typing import Protocol
+
+from pych.unix_socket import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class SocketBackend(_IoThreadBackend):
     def __init__(self, path: str):
         super().__init__(history=HISTORY_SIZE, reader=False)
         try:
-            self._listener = _listen_unix(path)
+            self._listener = listen_unix(path)
             st = os.stat(path)
         except BaseException:
             os.close(self._wake)
@@ -580,43 +580,6 @@ class SocketBackend(_IoThreadBackend):
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def _listen_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        try:
-            sock.bind(path)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE or not _is_stale_socket(path):
-                raise
-            os.unlink(path)
-            sock.bind(path)
-        sock.listen(1)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _is_stale_socket(path: str) -> bool:
-    """Whether ``path`` is a socket file that nothing listens on any more."""
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return False
 
 
 def open_serial_backend(mode: str, path: str | None = None) -> SerialBackend:

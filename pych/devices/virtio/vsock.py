@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import collections
 import enum
-import errno
 import itertools
 import logging
 import os
 import select
 import socket
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from pych.unix_socket import listen_unix
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
@@ -475,27 +475,10 @@ def _fill(views: list[memoryview], data: bytes) -> None:
 def _listen(path: str) -> socket.socket:
     """A non-blocking listening Unix socket at ``path``; a stale socket file (nothing
     listening) is replaced, anything else there is an error."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        try:
-            sock.bind(path)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE or not _is_stale(path):
-                raise VsockError(f"cannot listen on vsock socket {path}: {e.strerror}") from e
-            os.unlink(path)
-            sock.bind(path)
-        sock.listen(16)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _is_stale(path: str) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return False
+        return listen_unix(path, backlog=16)
+    except OSError as e:
+        raise VsockError(f"cannot listen on vsock socket {path}: {e.strerror}") from e
     except FileNotFoundError:
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
