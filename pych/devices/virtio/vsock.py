@@ -479,18 +479,6 @@ def _listen(path: str) -> socket.socket:
         return listen_unix(path, backlog=16)
     except OSError as e:
         raise VsockError(f"cannot listen on vsock socket {path}: {e.strerror}") from e
-    except FileNotFoundError:
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return False
 
 
 def _unlink_socket(path: str) -> None:
