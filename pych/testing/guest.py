@@ -7,6 +7,7 @@ benchmarks compare both on equal terms.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -233,3 +234,19 @@ def qemu_command(art: dict[str, Path], *, machine: str = "microvm,acpi=on", memo
 
 __all__ = ["Console", "GuestError", "PychGuest", "Shell", "guest_artifacts", "guest_cmdline",
            "qemu_command"]
+
+
+def mem_total_kib(guest: PychGuest) -> int:
+    """The guest's MemTotal in KiB, read from /proc/meminfo."""
+    rc, out = guest.run("grep MemTotal /proc/meminfo")
+    assert rc == 0, out
+    return int(re.search(r"MemTotal:\s+(\d+) kB", out).group(1))
+
+
+def vm_info(guest: PychGuest) -> dict:
+    """``vm.info`` of the guest's pych, as JSON."""
+    from pych.api.client import ApiClient
+
+    status, body = ApiClient(guest.api_path).get("vm.info")
+    assert status == 200, body
+    return json.loads(body)

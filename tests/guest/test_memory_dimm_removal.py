@@ -7,13 +7,12 @@ refuses (ACPI memory eject switched off in its sysfs: _OST reports "not supporte
 same reduction accepted (dimm1 ejected, its memslot and memfd gone).
 """
 
-import json
-import re
 import time
 
 import pytest
 
 from pych.api.client import ApiClient
+from pych.testing.guest import mem_total_kib, vm_info
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024
@@ -26,18 +25,6 @@ def guest(guest_factory):
                       cmdline_extra="memhp_default_state=online_movable")
     g.base_kib = mem_total_kib(g)
     return g
-
-
-def mem_total_kib(guest) -> int:
-    rc, out = guest.run("grep MemTotal /proc/meminfo")
-    assert rc == 0, out
-    return int(re.search(r"MemTotal:\s+(\d+) kB", out).group(1))
-
-
-def vm_info(guest) -> dict:
-    status, body = ApiClient(guest.api_path).get("vm.info")
-    assert status == 200, body
-    return json.loads(body)
 
 
 def resize(guest, desired: int) -> None:

@@ -6,13 +6,13 @@ plugged memory onlined movable so the guest can always unplug it) is shared by t
 the tests run in order: 128 -> 384 MiB plugged, -> 0 (host RSS drops), -> 256 MiB, reboot.
 """
 
-import json
 import re
 import time
 
 import pytest
 
 from pych.api.client import ApiClient
+from pych.testing.guest import mem_total_kib, vm_info
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024
@@ -25,18 +25,6 @@ def guest(guest_factory):
     return guest_factory(memory="size=256M,hotplug_method=virtio-mem,hotplug_size=512M,"
                                 "hotplugged_size=128M",
                          cmdline_extra="memhp_default_state=online_movable")
-
-
-def mem_total_kib(guest) -> int:
-    rc, out = guest.run("grep MemTotal /proc/meminfo")
-    assert rc == 0, out
-    return int(re.search(r"MemTotal:\s+(\d+) kB", out).group(1))
-
-
-def vm_info(guest) -> dict:
-    status, body = ApiClient(guest.api_path).get("vm.info")
-    assert status == 200, body
-    return json.loads(body)
 
 
 def resize(guest, desired: int) -> None:
