@@ -8,6 +8,8 @@ PACKAGES=(
   busybox-static util-linux pciutils
   # checks and peers: iasl for the AML tests, QEMU as the reference/benchmark peer
   acpica-tools qemu-system-x86
+  # virtiofsd (/usr/lib/qemu/virtiofsd), the vhost-user back-end of the virtio-fs tests
+  qemu-system-common
   # host networking for tap devices, and e2fsprogs for disk images
   iproute2 e2fsprogs
   python3-venv

@@ -205,6 +205,11 @@ class VirtioDevice:
     def close_backend(self) -> None:
         """Release host resources for good (files, locks, sockets)."""
 
+    def interrupt_routes_changed(self) -> None:
+        """While the device is active, the driver switched MSI-X on or off or mapped a queue
+        to another vector. Only a device that handed a queue's interrupt eventfd to a
+        back-end outside pych (vhost-user) has anything to do."""
+
     def event_sources(self) -> list[tuple[int, Callable[[], None]]]:
         """Extra (fd, handler) pairs the worker polls besides the queue kicks; each handler
         runs on the worker thread when its fd is readable and must consume the event."""

@@ -216,8 +216,11 @@ class VirtioPciDevice(PciDevice):
                 bar_offset, length = window
                 self.bar_write(BAR_INDEX, bar_offset, length, value & ((1 << (8 * length)) - 1))
             return
+        msix_was_enabled = self.msix.enabled
         self.config.write(offset, size, value)
         self.msix.config_written(self.config, offset, size)
+        if self.msix.enabled != msix_was_enabled and self._status & DeviceStatus.DRIVER_OK:
+            self.device.interrupt_routes_changed()
 
     def _pci_cfg_window(self) -> tuple[int, int] | None:
         cap = self._pci_cfg_cap
@@ -325,6 +328,8 @@ class VirtioPciDevice(PciDevice):
                 q.size = value
             case CommonCfg.QUEUE_MSIX_VECTOR, 2 if q:
                 q.msix_vector = self._valid_vector(value)
+                if self._status & DeviceStatus.DRIVER_OK:
+                    self.device.interrupt_routes_changed()
             case CommonCfg.QUEUE_ENABLE, 2 if q:
                 if value == 1 and not self._status & DeviceStatus.DRIVER_OK:
                     q.enabled = True
@@ -432,6 +437,18 @@ class VirtioPciDevice(PciDevice):
     def needs_reset(self) -> None:
         self._needs_reset = True
         self.notify_config()
+
+    def queue_irqfd(self, index: int) -> int | None:
+        """An eventfd whose every write interrupts the driver for queue ``index`` with no
+        pych code involved: the KVM irqfd of the MSI-X vector the queue is mapped to. None
+        while MSI-X is off or the queue has no vector (or the vector no irqfd): interrupts
+        then need :meth:`notify_queue`. For a back-end outside pych serving the queue
+        (vhost-user); as with the reference, the vector's mask bit does not hold its writes
+        back. The device hears of changes through ``interrupt_routes_changed``."""
+        vector = self._queues[index].msix_vector
+        if not self.msix.enabled or vector == VIRTIO_MSI_NO_VECTOR:
+            return None
+        return getattr(self._msi_group.vectors[vector], "fd", None)
 
     def _signal(self, isr_bit: int, vector: int) -> None:
         if self.msix.enabled:

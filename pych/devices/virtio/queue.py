@@ -234,6 +234,8 @@ class Virtqueue:
             raise VirtqueueError(QueueError.RING_OUT_OF_MEMORY, str(e)) from None
         self.mem = mem
         self.size = size
+        # The driver's layout, for a back-end outside pych that serves the ring (vhost-user).
+        self.desc_table, self.avail_ring, self.used_ring = desc_table, avail_ring, used_ring
         self.name = name
         self.event_idx = event_idx
         self.indirect_desc = indirect_desc
