@@ -1,9 +1,12 @@
 """The memory manager: boot RAM, and (with ``hotplug_size``) memory hot plug: ACPI DIMMs (the
 hot plug window, the DIMM slots' register block and their AML, ``\\_SB_.MHPC``) or virtio-mem.
 
-It owns the guest's RAM layout: the boot regions split around the 32-bit hole, each a memfd
-mapping registered as a KVM memslot, and after them the hot plug window, which is only guest
-physical address space: nothing is allocated for it until RAM is plugged into it.
+It owns the guest's RAM layout. Boot RAM is made of zones: the user's ``--memory-zone`` options
+(with ``--memory size=0``), else one default zone ``mem0`` of ``--memory size``. Each zone is
+one memfd (or its ``file``); :func:`boot_ram_layout` lays the zones out one after the other
+over the RAM ranges around the 32-bit hole, and each piece is a mapping of the zone's memory
+registered as a KVM memslot. After boot RAM comes the hot plug space, which is only guest
+physical address space until RAM is plugged into it.
 
 ACPI hot plug (shared/notes/ch-hotplug-reference.md §4.1), end to end:
 
@@ -27,19 +30,29 @@ and a guest that can offline the DIMM's blocks (they were onlined movable) evalu
 thread. A guest that cannot offline them reports the failure through ``_OST`` (``MOEV``,
 ``MOSC``): the DIMM is kept and ``vm.info`` says so; the reduction waits for the next boot.
 
-virtio-mem (``hotplug_method=virtio-mem``, reference §4.2): the window is one memfd region
-(:class:`VirtioMemZone`, zone ``mem0``) mapped and registered as a single memslot at boot;
-the device manager puts the virtio-mem device for it on the PCI bus. A resize sets the
-device's requested size to ``desired - boot RAM``; the guest's driver plugs or unplugs 2 MiB
-blocks, and unplugged blocks are discarded from the host (see ``pych.devices.virtio.mem``).
+virtio-mem (``hotplug_method=virtio-mem``, reference §4.2): each zone with a
+``hotplug_size`` (``mem0`` when there are no user zones) gets a region placed by
+:func:`virtio_mem_layout`, one memfd mapped and registered as a single memslot at boot, and
+its :class:`~pych.devices.virtio.mem.VirtioMem` device (id: the zone's), which the device
+manager puts on the PCI bus. ``vm.resize`` (no user zones) and ``vm.resize-zone`` (user
+zones: :meth:`MemoryManager.resize_zone`) set the device's requested size to the desired
+size minus the zone's boot RAM; the guest's driver plugs or unplugs 2 MiB blocks, and
+unplugged blocks are discarded from the host (see ``pych.devices.virtio.mem``).
+
+VFIO: region listeners (:meth:`MemoryManager.add_region_listener`) hear of each DIMM when
+it is plugged and before it is freed on eject; block listeners (``add_block_listener``) of
+each virtio-mem block when the guest plugs it and before its memory is discarded on unplug.
+:meth:`MemoryManager.dma_ranges` is what may be DMA-mapped at any moment.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from pych.acpi.aml import (
     Acquire, Add, AddressSpace, Aml, Arg, Cacheability, CreateDWordField, CreateQWordField,
@@ -64,12 +77,25 @@ HOTPLUG_SLOTS = 32
 """DIMM slots per boot (the reference has 8). Slots are never reused within one boot."""
 
 
+DEFAULT_MEMORY_ZONE = "mem0"
+"""The zone (and virtio-mem device id) of ``--memory`` RAM without user-defined zones."""
+
+RESIZE_WITH_ZONES = ("Not allowed to resize guest memory when backed with user defined memory "
+                     "zones: resize each zone with vm.resize-zone")
+RESIZE_ZONE_WITHOUT_ZONES = ("Not allowed to resize guest memory zone when no zone is defined "
+                             "(--memory size=0 with --memory-zone): use vm.resize")
+
+
 class MemoryResizeError(Exception):
     """A memory resize the memory manager cannot carry out; the message says why."""
 
 
 class InvalidMemoryResize(MemoryResizeError):
     """The request itself is wrong for this VM (size, window): the client should change it."""
+
+
+class UnknownMemoryZone(InvalidMemoryResize):
+    """vm.resize-zone named a zone this VM does not have."""
 
 
 def hotplug_region_start(ram_end: int) -> int:
@@ -81,43 +107,227 @@ def hotplug_region_start(ram_end: int) -> int:
     return -(-end // HOTPLUG_ALIGNMENT) * HOTPLUG_ALIGNMENT
 
 
-def virtio_mem_request(config, desired: int) -> int:
-    """The virtio-mem requested size for ``desired`` bytes of RAM with memory configuration
-    ``config`` (``hotplug_method=virtio-mem``): ``desired`` minus the boot RAM.
+def virtio_mem_request(memory, desired: int) -> int:
+    """The virtio-mem requested size for ``desired`` bytes of RAM: ``desired`` minus the boot
+    RAM. ``memory`` is the ``MemoryConfig`` (``hotplug_method=virtio-mem``, for vm.resize)
+    or a ``MemoryZoneConfig`` (for vm.resize-zone): both have ``size`` (the boot RAM, which
+    virtio-mem cannot take away) and ``hotplug_size`` (the region).
 
     Raises :class:`InvalidMemoryResize` without a ``hotplug_size``, below the boot RAM, past
     the region, or when the difference is not a multiple of the 2 MiB block size."""
-    if not config.hotplug_size:
-        raise InvalidMemoryResize("memory hot plug needs a virtio-mem region: boot with "
-                                  "--memory hotplug_method=virtio-mem,hotplug_size=<size>")
-    if desired < config.size:
-        raise InvalidMemoryResize(f"desired_ram {desired} is below the boot RAM "
-                                  f"({config.size} bytes): virtio-mem cannot shrink it")
-    requested = desired - config.size
-    if requested > config.hotplug_size:
+    zone = getattr(memory, "id", None)
+    if not memory.hotplug_size:
+        raise InvalidMemoryResize(
+            "memory hot plug needs a virtio-mem region: boot with --memory "
+            "hotplug_method=virtio-mem,hotplug_size=<size>" if zone is None else
+            f"memory zone {zone} has no virtio-mem region to resize: give it a hotplug_size "
+            "(--memory hotplug_method=virtio-mem --memory-zone id=...,hotplug_size=<size>)")
+    what = "the boot RAM" if zone is None else f"the boot RAM of memory zone {zone}"
+    if desired < memory.size:
+        raise InvalidMemoryResize(f"desired_ram {desired} is below {what} ({memory.size} "
+                                  f"bytes): virtio-mem cannot shrink it")
+    requested = desired - memory.size
+    if requested > memory.hotplug_size:
         raise InvalidMemoryResize(f"not enough hot plug space: {requested} bytes requested, "
-                                  f"hotplug_size is {config.hotplug_size}")
+                                  f"hotplug_size is {memory.hotplug_size}")
     if requested % VIRTIO_MEM_BLOCK_SIZE:
-        raise InvalidMemoryResize(f"the memory above boot RAM ({requested} bytes) must be a "
+        raise InvalidMemoryResize(f"the memory above {what} ({requested} bytes) must be a "
                                   f"multiple of the virtio-mem block size "
                                   f"({VIRTIO_MEM_BLOCK_SIZE} bytes)")
     return requested
 
 
+def find_zone(memory, zone_id: str):
+    """The user-defined zone ``zone_id`` of the ``MemoryConfig`` ``memory``. Raises
+    :class:`InvalidMemoryResize` without user-defined zones, :class:`UnknownMemoryZone`
+    if none has that id (the reference's rules for vm.resize-zone)."""
+    if not memory.zones:
+        raise InvalidMemoryResize(RESIZE_ZONE_WITHOUT_ZONES)
+    for zone in memory.zones:
+        if zone.id == zone_id:
+            return zone
+    raise UnknownMemoryZone(f"Could not find the memory zone {zone_id} for the resize "
+                            f"(zones: {', '.join(z.id for z in memory.zones)})")
+
+
+# --- layout -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RamPiece:
+    """``size`` bytes of boot RAM at guest address ``gpa``, backed by zone ``zone``'s memory
+    from ``offset`` on."""
+
+    zone: str
+    gpa: int
+    size: int
+    offset: int
+
+
+def boot_ram_layout(zones: Sequence[tuple[str, int]]) -> list[RamPiece]:
+    """Where the boot RAM of ``zones`` (``(id, size)`` in order) goes, as the reference lays
+    zones out: one after the other over the guest's RAM ranges (from 0 up to the 32-bit hole
+    at 3 GiB, then from 4 GiB on), a zone that reaches the hole continuing at 4 GiB in a
+    second piece. A zone of size 0 has no boot RAM. Without zones this is ``--memory``'s
+    RAM as one zone: :func:`pych.arch.x86_64.layout.ram_regions`."""
+    pieces: list[RamPiece] = []
+    todo = [(zone, size) for zone, size in zones if size]
+    offset = 0                                  # into the current zone (todo[0])
+    for gpa, length in layout.ram_regions(sum(size for _, size in todo)) if todo else []:
+        end = gpa + length
+        while gpa < end:
+            zone, size = todo[0]
+            take = min(size - offset, end - gpa)
+            pieces.append(RamPiece(zone, gpa, take, offset))
+            gpa += take
+            offset += take
+            if offset == size:
+                todo.pop(0)
+                offset = 0
+    return pieces
+
+
+def virtio_mem_layout(ram_end: int, regions: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """``(zone, gpa, size)`` of each zone's virtio-mem region (``regions``: ``(zone,
+    hotplug_size)`` in zone order), as the reference places them: after the RAM ending at
+    ``ram_end`` (at 4 GiB when RAM ends below the 32-bit hole), each at the first 128 MiB
+    boundary at or after the end of the previous one."""
+    placed = []
+    cursor = max(ram_end, layout.RAM_64BIT_START)
+    for zone, size in regions:
+        start = -(-cursor // REGION_ALIGNMENT) * REGION_ALIGNMENT
+        placed.append((zone, start, size))
+        cursor = start + size
+    return placed
+
+
+# --- zones --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ZoneSpec:
+    """One memory zone as the memory manager builds it: a ``--memory-zone``, or the default
+    zone ``mem0`` made of ``--memory`` (the reference's single default zone)."""
+
+    id: str
+    size: int
+    hotplug_size: int | None = None       # virtio-mem only (ACPI DIMMs are not zone RAM)
+    hotplugged_size: int | None = None
+    file: str | None = None
+    shared: bool = False
+    hugepages: bool = False
+    host_numa_node: int | None = None
+    prefault: bool = False
+    option: str = "--memory"            # what the user wrote, for error messages
+
+
+def zone_specs(memory) -> list[ZoneSpec]:
+    """The zones of the ``MemoryConfig`` ``memory``, in order."""
+    if memory.zones:
+        return [ZoneSpec(z.id, z.size, z.hotplug_size, z.hotplugged_size, z.file, z.shared,
+                         z.hugepages, z.host_numa_node, z.prefault, f"--memory-zone {z.id}")
+                for z in memory.zones]
+    virtio_mem = memory.hotplug_method == "VirtioMem"
+    return [ZoneSpec(DEFAULT_MEMORY_ZONE, memory.size,
+                     memory.hotplug_size if virtio_mem else None,
+                     memory.hotplugged_size if virtio_mem else None,
+                     shared=memory.shared, hugepages=memory.hugepages, prefault=memory.prefault)]
+
+
 @dataclass
 class VirtioMemZone:
-    """A virtio-mem region: guest RAM mapped at boot, of which the device plugs blocks.
-    ``initial_size`` is what the device asks for at boot (``hotplugged_size``); ``device``
-    is set by the device manager when it creates the device."""
+    """A zone's virtio-mem region: guest RAM mapped at boot, of which ``device`` plugs
+    blocks (the device manager puts it on the PCI bus). ``initial_size`` is what the device
+    asks for at boot (the zone's ``hotplugged_size``)."""
 
     id: str
     region: MemoryRegion
     initial_size: int
-    device: VirtioMem | None = None
+    device: VirtioMem
 
 
-OST_EJECT_REQUEST = 3
-"""The ``_OST`` source event of an eject request (ACPI 6.5 §6.3.5)."""
+@dataclass(frozen=True)
+class RamRange:
+    """A piece of guest RAM that is not a whole region: a plugged virtio-mem block."""
+
+    gpa: int
+    size: int
+    host_addr: int
+    name: str
+
+
+RegionListener = Callable[[MemoryRegion | RamRange], None]
+
+
+class MemoryZone:
+    """A zone's memory in one boot: the memfd (or ``file``) behind its boot RAM, the pieces
+    of boot RAM mapped from it, and its virtio-mem region, if any. Raises ValueError when
+    the zone asks for a backing pych cannot give."""
+
+    def __init__(self, spec: ZoneSpec):
+        self.spec = spec
+        self.id = spec.id
+        self.regions: list[MemoryRegion] = []
+        self.virtio_mem: VirtioMemZone | None = None
+        what = spec.option
+        if spec.hugepages:
+            raise ValueError(f"{what}: huge pages (hugepages=on) are not supported by pych yet")
+        if spec.host_numa_node is not None:
+            raise ValueError(f"{what}: host_numa_node is not supported by pych yet")
+        self.shared_mapping = True          # a memfd is always mapped shared
+        self.fd = -1
+        if spec.file is not None:
+            self.fd = _open_backing_file(what, spec.file, spec.size, spec.shared)
+            self.shared_mapping = spec.shared
+        elif spec.size:
+            self.fd = os.memfd_create(f"pych-{spec.id}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, spec.size)
+            except OSError:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_backing_file(what: str, path: str, size: int, shared: bool) -> int:
+    """``path`` opened to back ``size`` bytes (read-write when ``shared``: guest writes go
+    to the file; else read-only, mapped private)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: the backing file {path} is a directory (give a file)")
+    try:
+        fd = os.open(path, (os.O_RDWR if shared else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot open the backing file {path}: {e.strerror}") from None
+    length = os.fstat(fd).st_size
+    if length < size:
+        os.close(fd)
+        raise ValueError(f"{what}: the backing file {path} has {length} bytes, fewer than the "
+                         f"{size} bytes of memory it backs")
+    return fd
+
+
+MADV_POPULATE_WRITE = 23        # Linux 5.14; not in Python 3.11's mmap module
+
+
+def _prefault(region: MemoryRegion, what: str) -> None:
+    """``prefault=on``: fault in every page of ``region`` now."""
+    try:
+        region.mmap.madvise(MADV_POPULATE_WRITE)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot prefault {region.size} bytes: {e.strerror}") from None
+
+
+def _blocks(region: MemoryRegion, gpa: int, size: int) -> list[RamRange]:
+    """``[gpa, gpa + size)`` of the virtio-mem ``region`` as one :class:`RamRange` per block
+    (VFIO maps virtio-mem memory block by block, so any block can be unmapped alone)."""
+    return [RamRange(block, VIRTIO_MEM_BLOCK_SIZE, region.host_addr + block - region.gpa,
+                     f"{region.name}+{block - region.gpa:#x}")
+            for block in range(gpa, gpa + size, VIRTIO_MEM_BLOCK_SIZE)]
+
+
+OST_DEVICE_CHECK, OST_EJECT_REQUEST = 1, 3
+"""``_OST`` source events (ACPI 6.5 §6.3.5): the insertion (the guest handled our
+``Notify(Mnnn, 1)``) and an eject request (``Notify(Mnnn, 3)``)."""
 
 OST_SUCCESS, OST_EJECT_IN_PROGRESS = 0x00, 0x84
 """``_OST`` status codes that are not failures."""
@@ -134,7 +344,9 @@ class DimmSlot:
     inserting: bool = False     # MINS: plugged, not yet acknowledged by the guest's MSCN
     removing: bool = False      # MRMV: the VMM asks the guest to eject it (the guest acks it)
     pending_removal: bool = False   # VMM-private: an eject of this slot is expected
-    ost_status: int | None = None   # the guest's last _OST status for an eject request
+    removal_refused: bool = False   # the guest's _OST said it cannot eject it
+    ost_event: int | None = None    # the guest's last _OST for this DIMM: the event ...
+    ost_status: int | None = None   # ... and its status
 
 
 class MemoryHotplugController:
@@ -186,7 +398,7 @@ class MemoryHotplugController:
         with self._lock:
             slot = self.slots[index]
             slot.removing = slot.pending_removal = True
-            slot.ost_status = None
+            slot.removal_refused = False
 
     def clear(self, index: int) -> None:
         """Empty slot ``index``: its DIMM is gone (``_STA`` now reads 0)."""
@@ -249,15 +461,23 @@ class MemoryHotplugController:
             self._on_eject(eject)
 
     def _ost(self, status: int) -> None:
-        """The guest's ``_OST(event, status)`` for the selected slot (lock held)."""
+        """The guest's ``_OST(event, status)`` for the selected slot (lock held): recorded
+        for vm.info; a failed eject request ends the slot's pending removal. Reports on an
+        empty slot (the ``_OST`` that follows a completed eject) are dropped."""
         slot = self._slot()
-        if slot is None or self._event != OST_EJECT_REQUEST or not slot.pending_removal:
+        if slot is None or not slot.enabled:
             return
-        slot.ost_status = status
-        if status not in (OST_SUCCESS, OST_EJECT_IN_PROGRESS):
+        slot.ost_event, slot.ost_status = self._event, status
+        if status in (OST_SUCCESS, OST_EJECT_IN_PROGRESS):
+            return
+        if self._event == OST_EJECT_REQUEST and slot.pending_removal:
             log.warning("MHPC: the guest could not eject slot %d (_OST status %#x): the DIMM "
                         "stays until the next boot", self._selected, status)
             slot.pending_removal = False
+            slot.removal_refused = True
+        elif self._event == OST_DEVICE_CHECK:
+            log.warning("MHPC: the guest could not add the DIMM in slot %d (_OST status %#x)",
+                        self._selected, status)
 
     def to_aml(self, base: int) -> Aml:
         """``\\_SB_.MHPC`` driving this block at guest address ``base``: its fields, the
@@ -348,7 +568,7 @@ class MemoryHotplugController:
 def _dimm_state(slot: DimmSlot) -> str:
     if slot.pending_removal:
         return "removing"
-    if slot.ost_status not in (None, OST_SUCCESS, OST_EJECT_IN_PROGRESS):
+    if slot.removal_refused:
         return "kept"
     return "announced" if slot.inserting else "acknowledged"
 
@@ -360,69 +580,130 @@ def _dimm_name(slot: int) -> str:
 class MemoryManager:
     """Guest RAM of one boot. ``notify`` raises GED events (``AcpiNotification.MEMORY``);
     with ACPI hot plug the register block is put on ``mmio`` at ``ACPI_MEM_HOTPLUG_ADDR``;
-    with virtio-mem, :attr:`virtio_mem` is the region the device manager makes a device for."""
+    with virtio-mem, :attr:`virtio_mem_zones` are the regions (and their devices) the device
+    manager puts on the PCI bus."""
 
     def __init__(self, config, vm: Vm, mmio: Bus, *,
                  notify: Callable[[acpi_devices.AcpiNotification], None]):
-        self.config = config            # MemoryConfig; the VMM edits its size for the next boot
+        self.config = config            # MemoryConfig; the VMM edits it for the next boot
         self.vm = vm
         self.mmio = mmio
         self.notify = notify
         self.mem = GuestMemory()
         self.controller: MemoryHotplugController | None = None
-        self.virtio_mem: VirtioMemZone | None = None
+        self.zones: dict[str, MemoryZone] = {}
         self._window = (layout.RAM_64BIT_START, 0)
         self._dimms = 0                 # slots used so far (never reused within a boot)
-        self._region_listeners: list[Callable[[MemoryRegion], None]] = []
+        self._region_listeners: list[tuple[RegionListener, RegionListener | None]] = []
+        self._block_listeners: list[tuple[RegionListener, RegionListener]] = []
         self._dimm_regions: dict[int, MemoryRegion] = {}     # slot -> its plugged DIMM
 
-    def add_region_listener(self, listener: Callable[[MemoryRegion], None]) -> None:
-        """Call ``listener(region)`` for each DIMM plugged from now on, once it is guest RAM
-        (VFIO devices DMA-map it). Listeners report their own failures; they do not raise."""
-        self._region_listeners.append(listener)
+    def add_region_listener(self, added: RegionListener,
+                            removed: RegionListener | None = None) -> None:
+        """Call ``added(region)`` for each DIMM plugged from now on, once it is guest RAM,
+        and ``removed(region)`` for each DIMM the guest ejects, before its memory goes
+        (VFIO devices DMA-map and unmap it, vhost-user back-ends map it). Listeners report
+        their own failures; they do not raise."""
+        self._region_listeners.append((added, removed))
 
+    def add_block_listener(self, plugged: RegionListener, unplugged: RegionListener) -> None:
+        """Call ``plugged(block)`` for each 2 MiB virtio-mem block the guest plugs, before
+        the guest may use it, and ``unplugged(block)`` for each it unplugs, before the host
+        memory is discarded (a :class:`RamRange` each; the region itself is in the memory
+        map from boot on, so only DMA mappings follow its blocks). Called on the device's
+        worker thread; listeners report their own failures."""
+        self._block_listeners.append((plugged, unplugged))
+
+    # --- boot RAM ------------------------------------------------------------------------------
     def create_boot_memory(self) -> GuestMemory:
-        """Map boot RAM and, with ``hotplug_size``, reserve the hot plug window after it (ACPI:
-        address space only; virtio-mem: the whole region, mapped but not populated).
+        """Map boot RAM, zone by zone as :func:`boot_ram_layout` places it (one memfd, or the
+        zone's ``file``, per zone), and the hot plug space after it: with ACPI an address
+        window only; with virtio-mem one region per zone with a ``hotplug_size``, placed by
+        :func:`virtio_mem_layout`, mapped but not populated, with its device.
 
-        Raises ValueError when a virtio-mem ``hotplug_size`` is not a multiple of 128 MiB."""
-        for i, (gpa, length) in enumerate(layout.ram_regions(self.config.size)):
-            region = self.mem.add_region(gpa, length, name=f"ram{i}")
-            region.slot = self.vm.add_memory(gpa, length, region.host_addr)
+        Raises ValueError for what pych cannot back (huge pages, a host NUMA node, a
+        missing or short ``file``) and for a virtio-mem ``hotplug_size`` that is not a
+        multiple of 128 MiB."""
+        specs = zone_specs(self.config)
+        for spec in specs:
+            self.zones[spec.id] = MemoryZone(spec)
+        for i, piece in enumerate(boot_ram_layout([(s.id, s.size) for s in specs])):
+            zone = self.zones[piece.zone]
+            region = self.mem.add_region(piece.gpa, piece.size, fd=zone.fd,
+                                         fd_offset=piece.offset, name=f"ram{i}",
+                                         shared=zone.shared_mapping)
+            zone.regions.append(region)
+            region.slot = self.vm.add_memory(piece.gpa, piece.size, region.host_addr)
+            if zone.spec.prefault:
+                _prefault(region, zone.spec.option)
         size = self.config.hotplug_size
         if size and self.config.hotplug_method == "Acpi":
             self._window = (hotplug_region_start(self.mem.end), size)
             self.controller = MemoryHotplugController(on_eject=self._eject)
             self.mmio.insert(layout.ACPI_MEM_HOTPLUG_ADDR, MemoryHotplugController.SIZE,
                              self.controller)
-        elif size:
+            return self.mem
+        hotplug = [(s.id, s.hotplug_size) for s in specs if s.hotplug_size]
+        for zone_id, size in hotplug:
             if size % REGION_ALIGNMENT:
-                raise ValueError(f"virtio-mem hotplug_size {size} is not a multiple of "
-                                 f"{REGION_ALIGNMENT >> 20} MiB")
-            self._window = (hotplug_region_start(self.mem.end), size)
-            region = self.mem.add_region(self._window[0], size, name="virtio-mem0")
-            region.slot = self.vm.add_memory(region.gpa, size, region.host_addr)
-            self.virtio_mem = VirtioMemZone("mem0", region, self.config.hotplugged_size or 0)
+                raise ValueError(f"virtio-mem hotplug_size {size} of memory zone {zone_id} is "
+                                 f"not a multiple of {REGION_ALIGNMENT >> 20} MiB")
+        regions = virtio_mem_layout(self.mem.end, hotplug)
+        for zone_id, gpa, size in regions:
+            zone = self.zones[zone_id]
+            region = self.mem.add_region(gpa, size, name=f"virtio-mem-{zone_id}")
+            region.slot = self.vm.add_memory(gpa, size, region.host_addr)
+            device = VirtioMem(region, requested_size=zone.spec.hotplugged_size or 0,
+                               name=zone_id)
+            device.add_plug_listener(functools.partial(self._blocks_changed, region, 0),
+                                     functools.partial(self._blocks_changed, region, 1))
+            zone.virtio_mem = VirtioMemZone(zone_id, region, zone.spec.hotplugged_size or 0,
+                                            device)
+        if regions:
+            start = regions[0][1]
+            self._window = (start, regions[-1][1] + regions[-1][2] - start)
         else:
             self._window = (max(layout.RAM_64BIT_START, self.mem.end), 0)
         return self.mem
 
     @property
+    def virtio_mem_zones(self) -> list[VirtioMemZone]:
+        """The virtio-mem regions, in zone order (the order their devices go on the bus)."""
+        return [z.virtio_mem for z in self.zones.values() if z.virtio_mem is not None]
+
+    @property
     def hotplug_window(self) -> tuple[int, int]:
-        """``(start, size)`` of the hot plug window (ACPI DIMMs or the virtio-mem region);
-        ``size`` is 0 without one, and then ``start`` is where RAM ends (at least 4 GiB).
-        Fixed for the boot: the 64-bit PCI window is placed after it."""
+        """``(start, size)`` of the hot plug space (the ACPI DIMM window, or from the first
+        virtio-mem region to the end of the last); ``size`` is 0 without one, and then
+        ``start`` is where RAM ends (at least 4 GiB). Fixed for the boot: the 64-bit PCI
+        window is placed after it."""
         return self._window
 
     @property
     def actual_size(self) -> int:
         """RAM the guest has now: boot RAM plus every plugged DIMM and virtio-mem block."""
-        zone = self.virtio_mem
-        if zone is None:
-            return self.mem.total_size
-        plugged = zone.device.plugged_size if zone.device is not None else 0
-        return self.mem.total_size - zone.region.size + plugged
+        size = self.mem.total_size
+        for zone in self.virtio_mem_zones:
+            size += zone.device.plugged_size - zone.region.size
+        return size
 
+    def dma_ranges(self) -> list:
+        """What devices may DMA to now: boot RAM, every DIMM, and each plugged virtio-mem
+        block (a :class:`RamRange` each; an unplugged block has no host memory to map)."""
+        sparse = {id(z.region) for z in self.virtio_mem_zones}
+        ranges = [r for r in self.mem.regions if id(r) not in sparse]
+        for zone in self.virtio_mem_zones:
+            for gpa, size in zone.device.plugged_ranges():
+                ranges += _blocks(zone.region, gpa, size)
+        return ranges
+
+    def _blocks_changed(self, region: MemoryRegion, which: int, gpa: int, size: int) -> None:
+        """virtio-mem's plug listener for ``region``: ``which`` 0 plugged, 1 unplugged."""
+        for block in _blocks(region, gpa, size):
+            for listeners in self._block_listeners:
+                listeners[which](block)
+
+    # --- vm.resize -------------------------------------------------------------------------------
     def resize(self, desired: int) -> bool:
         """Make the guest's RAM ``desired`` bytes; returns whether the guest was asked to
         change anything.
@@ -437,12 +718,16 @@ class MemoryManager:
         can go without going below ``desired`` (the caller keeps the whole reduction for the
         next boot); the DIMMs go when the guest ejects them (:meth:`_eject`).
 
-        Raises :class:`InvalidMemoryResize` when there is no hot plug window, the size does
-        not fit the method's granularity (ACPI: 128 MiB increases) or the window, and
+        Raises :class:`InvalidMemoryResize` with user-defined memory zones (they are resized
+        one by one: :meth:`resize_zone`), when there is no hot plug window, or when the size
+        does not fit the method's granularity (ACPI: 128 MiB increases) or the window, and
         :class:`MemoryResizeError` when every ACPI slot of this boot has been used.
         """
+        if self.config.zones:
+            raise InvalidMemoryResize(RESIZE_WITH_ZONES)
         if self.config.hotplug_method == "VirtioMem":
-            return self._resize_virtio_mem(desired)
+            return self._resize_virtio_mem(DEFAULT_MEMORY_ZONE, virtio_mem_request(
+                self.config, desired))
         slots = self.controller.snapshot() if self.controller is not None else []
         current = self.actual_size - sum(s.length for s in slots if s.pending_removal)
         if desired < current:
@@ -478,8 +763,8 @@ class MemoryManager:
             raise
         self._dimms += 1
         self._dimm_regions[index] = region
-        for listener in self._region_listeners:
-            listener(region)
+        for added, _ in self._region_listeners:
+            added(region)
         self.controller.insert(index, gpa, increase)
         log.info("memory: DIMM %d at %#x, %d MiB", index, gpa, increase // layout.MiB)
         self.notify(acpi_devices.AcpiNotification.MEMORY)
@@ -505,40 +790,75 @@ class MemoryManager:
         return asked
 
     def _eject(self, index: int) -> None:
-        """The guest ejected DIMM ``index`` (on its vCPU thread): take the memslot away, free
-        the memory and empty the slot."""
+        """The guest ejected DIMM ``index`` (on its vCPU thread): stop DMA to it, take the
+        memslot away, free the memory and empty the slot."""
         region = self._dimm_regions.pop(index)
+        for _, removed in self._region_listeners:
+            if removed is not None:
+                removed(region)
         self.vm.remove_memory(region.slot, region.gpa)
         self.mem.remove_region(region)
         self.controller.clear(index)
         log.info("memory: DIMM %d at %#x ejected by the guest and freed", index, region.gpa)
 
-    def _resize_virtio_mem(self, desired: int) -> bool:
-        requested = virtio_mem_request(self.config, desired)
-        zone = self.virtio_mem
-        if zone is None or zone.device is None:
-            raise MemoryResizeError("this VM has no virtio-mem device")
+    # --- vm.resize-zone ----------------------------------------------------------------------------
+    def resize_zone(self, zone_id: str, desired: int) -> bool:
+        """Make the user-defined memory zone ``zone_id`` ``desired`` bytes: its virtio-mem
+        device is asked for ``desired`` minus the zone's boot size (the reference's
+        ``resize_zone``); returns False, changing nothing, when that is already requested.
+
+        Raises :class:`InvalidMemoryResize` without user-defined zones or for a size the
+        zone cannot take (:func:`virtio_mem_request`), :class:`UnknownMemoryZone` for an id
+        that is not one of them."""
+        zone_config = find_zone(self.config, zone_id)
+        return self._resize_virtio_mem(zone_id, virtio_mem_request(zone_config, desired))
+
+    def _resize_virtio_mem(self, zone_id: str, requested: int) -> bool:
+        zone = self.zones[zone_id].virtio_mem
+        if zone is None:
+            raise MemoryResizeError(f"memory zone {zone_id} has no virtio-mem device")
         try:
             return zone.device.resize(requested)
         except VirtioMemResizeError as e:
             raise InvalidMemoryResize(str(e)) from None
 
+    # --- vm.info -------------------------------------------------------------------------------------
     def hotplug_info(self) -> dict | None:
-        """What ``vm.info`` reports beyond the reference: the hot plug window and, with ACPI,
-        each plugged DIMM (``"state"``: ``"announced"`` until the guest's scan acknowledged
-        it, then ``"acknowledged"``; ``"removing"`` while the guest is asked to eject it;
-        ``"kept"``, with the guest's ``"ost_status"``, when it could not), with virtio-mem
-        each device's requested and plugged sizes; None without memory hot plug."""
+        """What ``vm.info`` reports beyond the reference (``memory_hotplug``); None without
+        memory hot plug. Everything here is what the VMM itself knows or what the guest
+        told it; whether the guest has *onlined* the memory is not visible to a VMM (it is
+        the guest kernel's policy, e.g. ``auto_online_blocks``) and is not reported.
+
+        ``{"method": "Acpi", "window": {"start", "size"}, "dimms": [...]}``, one entry per
+        plugged DIMM: ``id`` (``dimm<slot>``), ``slot``, ``address``, ``size`` and
+        ``state``: ``"announced"`` until the guest's scan (``MSCN``) acknowledged it, then
+        ``"acknowledged"``; ``"removing"`` while the guest is asked to eject it; ``"kept"``
+        when the guest refused the eject. ``ost_event`` and ``ost_status``, once the guest
+        has reported on the DIMM through ``_OST``: its last report, the event it handled
+        (1: the insertion, 3: an eject request) and its status (0: success, i.e. the guest
+        added the DIMM or ejects it; 0x80 and up: it failed, e.g. 0x80 for an eject the
+        guest does not support).
+
+        ``{"method": "VirtioMem", "window": ..., "virtio_mem": [...]}``, one entry per
+        virtio-mem device (the default ``mem0``, or each user-defined zone with a
+        ``hotplug_size``): ``id`` (the zone's), ``address`` and ``size`` of its region,
+        ``block_size``, ``requested_size`` (what the VMM asks for), ``plugged_size`` (what
+        the guest's driver has plugged: the blocks it asked for and got, i.e. the guest's
+        own account) and ``driver_active`` (whether the guest's driver has the device
+        running: without it the requested size is not acted on).
+        """
         start, size = self._window
-        zone = self.virtio_mem
-        if zone is not None and zone.device is not None:
+        zones = self.virtio_mem_zones
+        if zones:
             return {
                 "method": "VirtioMem",
                 "window": {"start": start, "size": size},
-                "virtio_mem": [{"id": zone.id, "address": zone.region.gpa,
-                                "size": zone.region.size, "block_size": VIRTIO_MEM_BLOCK_SIZE,
-                                "requested_size": zone.device.requested_size,
-                                "plugged_size": zone.device.plugged_size}],
+                "virtio_mem": [{"id": z.id, "address": z.region.gpa, "size": z.region.size,
+                                "block_size": VIRTIO_MEM_BLOCK_SIZE,
+                                "requested_size": z.device.requested_size,
+                                "plugged_size": z.device.plugged_size,
+                                "driver_active": z.device.active}
+                               for z in zones],
             }
         if self.controller is None:
             return None
@@ -548,8 +868,8 @@ class MemoryManager:
                 continue
             dimm = {"id": f"dimm{i}", "slot": i, "address": s.base, "size": s.length,
                     "state": _dimm_state(s)}
-            if dimm["state"] == "kept":
-                dimm["ost_status"] = s.ost_status
+            if s.ost_event is not None:
+                dimm["ost_event"], dimm["ost_status"] = s.ost_event, s.ost_status
             dimms.append(dimm)
         return {"method": "Acpi", "window": {"start": start, "size": size}, "dimms": dimms}
 
@@ -561,3 +881,5 @@ class MemoryManager:
 
     def close(self) -> None:
         self.mem.close()
+        for zone in self.zones.values():
+            zone.close()

@@ -33,7 +33,7 @@ schema = schemathesis.openapi.from_path(SPEC)
 
 NOT_IMPLEMENTED = {"/vm.snapshot", "/vm.restore", "/vm.coredump", "/vm.send-migration",
                    "/vm.receive-migration", "/vm.add-vdpa", "/vm.add-user-device",
-                   "/vm.add-generic-vhost-user", "/vm.add-fs", "/vm.resize-zone", "/vm.resize-disk"}
+                   "/vm.add-generic-vhost-user", "/vm.add-fs", "/vm.resize-disk"}
 DISRUPTIVE = {"/vmm.shutdown", "/vm.shutdown", "/vm.delete"}
 HOST_SIDE_EFFECTS = {"/vm.add-net", "/vm.add-pmem", "/vm.add-vsock"}
 EXCLUDED = NOT_IMPLEMENTED | DISRUPTIVE | HOST_SIDE_EFFECTS

@@ -70,9 +70,16 @@ def test_resize_up_shows_in_free(guest):
     info = vm_info(guest)
     assert info["memory_actual_size"] == 512 * MiB
     assert info["config"]["memory"]["size"] == 512 * MiB
-    assert info["memory_hotplug"]["dimms"] == [
-        {"id": "dimm0", "slot": 0, "address": 4 << 30, "size": 256 * MiB,
-         "state": "acknowledged"}]
+    (dimm,) = info["memory_hotplug"]["dimms"]
+    assert {key: dimm[key] for key in ("id", "slot", "address", "size", "state")} == {
+        "id": "dimm0", "slot": 0, "address": 4 << 30, "size": 256 * MiB,
+        "state": "acknowledged"}
+    # the guest reports through _OST that it added the DIMM: event 1 (insertion), status 0
+    deadline = time.monotonic() + 120
+    while "ost_event" not in dimm and time.monotonic() < deadline:
+        time.sleep(2)
+        (dimm,) = vm_info(guest)["memory_hotplug"]["dimms"]
+    assert (dimm.get("ost_event"), dimm.get("ost_status")) == (1, 0), dimm
     guest.mem_total_kib += 256 * KIB_PER_MIB
 
 

@@ -12,7 +12,7 @@ from pych.arch.x86_64 import boot, layout
 from pych.config import VmConfig, VmResize
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
-from pych.devices.virtio.mem import Request, Response, VirtioMem
+from pych.devices.virtio.mem import Request, Response
 from pych.memory_manager import (
     HOTPLUG_ALIGNMENT, HOTPLUG_SLOTS, InvalidMemoryResize, MemoryHotplugController,
     MemoryManager, MemoryResizeError, hotplug_region_start, virtio_mem_request,
@@ -273,26 +273,20 @@ def test_reductions_eject_the_newest_dimms_that_fit(manager):
     assert [r.name for r in mm.mem.regions] == ["ram0", "dimm0", "dimm1"]
     assert mm.hotplug_info()["dimms"][1:] == [
         {"id": "dimm1", "slot": 1, "address": 4 * GiB + 256 * MiB, "size": 128 * MiB,
-         "state": "kept", "ost_status": NOT_SUPPORTED}]
+         "state": "kept", "ost_event": EJECT_REQUEST, "ost_status": NOT_SUPPORTED}]
     assert mm.resize(768 * MiB)                         # the freed space is plugged again
     assert mm.hotplug_info()["dimms"][-1]["address"] == 4 * GiB + 384 * MiB
 
 
 # --- virtio-mem ------------------------------------------------------------------------------
-def with_device(mm):
-    """What the device manager does at boot: the virtio-mem device for the zone."""
-    zone = mm.virtio_mem
-    zone.device = VirtioMem(zone.region, requested_size=zone.initial_size, name=zone.id)
-    return mm
-
-
 def test_virtio_mem_region_is_mapped_at_boot_after_ram(manager):
     mm = manager(size=3 * GiB + 100 * MiB, hotplug_size=1 * GiB, hotplug_method="VirtioMem",
                  hotplugged_size=256 * MiB)
     assert mm.controller is None and mm.mmio.find(layout.ACPI_MEM_HOTPLUG_ADDR) is None
-    zone = mm.virtio_mem
+    (zone,) = mm.virtio_mem_zones
     assert (zone.id, zone.region.gpa, zone.region.size, zone.initial_size) == (
         "mem0", 4 * GiB + 128 * MiB, 1 * GiB, 256 * MiB)
+    assert (zone.device.name, zone.device.requested_size) == ("mem0", 256 * MiB)
     assert list(mm.vm.memslots.values())[-1] == (4 * GiB + 128 * MiB, 1 * GiB)
     assert mm.hotplug_window == (4 * GiB + 128 * MiB, 1 * GiB)
     assert layout.mmio64_window(*mm.hotplug_window)[0] == 6 * GiB
@@ -308,20 +302,21 @@ def test_virtio_mem_regions_are_whole_memory_blocks(manager):
 
 
 def test_virtio_mem_resize_sets_the_requested_size(manager):
-    mm = with_device(manager(hotplug_size=1 * GiB, hotplug_method="VirtioMem"))
-    device = mm.virtio_mem.device
+    mm = manager(hotplug_size=1 * GiB, hotplug_method="VirtioMem")
+    (zone,) = mm.virtio_mem_zones
+    device = zone.device
     assert mm.resize(768 * MiB) and device.requested_size == 512 * MiB
     assert not mm.resize(768 * MiB)
     assert mm.resize(256 * MiB) and device.requested_size == 0
-    assert device.request(Request.PLUG, mm.virtio_mem.region.gpa, 4)[0] == Response.NACK
+    assert device.request(Request.PLUG, zone.region.gpa, 4)[0] == Response.NACK
     mm.resize(512 * MiB)
-    device.request(Request.PLUG, mm.virtio_mem.region.gpa, 4)          # the guest plugs 8 MiB
+    device.request(Request.PLUG, zone.region.gpa, 4)                   # the guest plugs 8 MiB
     assert mm.actual_size == 264 * MiB
     assert mm.hotplug_info() == {
         "method": "VirtioMem", "window": {"start": 4 * GiB, "size": 1 * GiB},
         "virtio_mem": [{"id": "mem0", "address": 4 * GiB, "size": 1 * GiB,
                         "block_size": 2 * MiB, "requested_size": 256 * MiB,
-                        "plugged_size": 8 * MiB}]}
+                        "plugged_size": 8 * MiB, "driver_active": False}]}
     assert mm.events == []                                  # no GED: the device interrupts
 
 
@@ -340,13 +335,16 @@ def test_virtio_mem_request_errors(desired, message):
 class BootedVm:
     """The part of a booted ``Vm`` the VMM uses for memory, around a real MemoryManager."""
 
-    cpus = devices = None
+    cpus = devices = vm = None          # no KVM VM, vCPUs or devices
 
     def __init__(self, memory: MemoryManager):
         self.memory = memory
 
     def resize_memory(self, desired: int) -> bool:
         return self.memory.resize(desired)
+
+    def resize_memory_zone(self, zone_id: str, desired: int) -> bool:
+        return self.memory.resize_zone(zone_id, desired)
 
     @property
     def memory_actual_size(self) -> int:
@@ -363,8 +361,6 @@ def booted_vmm(**memory) -> Vmm:
     vmm.vm_create(config)
     manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     manager.create_boot_memory()
-    if manager.virtio_mem is not None:
-        with_device(manager)
     vmm.vm, vmm.state = BootedVm(manager), "Running"
     return vmm
 
@@ -426,7 +422,7 @@ def test_vm_resize_of_a_created_vm_edits_its_configuration():
 def test_vm_resize_with_virtio_mem_grows_and_shrinks_live_and_keeps_it_for_reboot():
     vmm = booted_vmm(size=256 * MiB, hotplug_size=1 * GiB, hotplug_method="VirtioMem")
     try:
-        device = vmm.vm.memory.virtio_mem.device
+        device = vmm.vm.memory.virtio_mem_zones[0].device
         resize(vmm, 768 * MiB)
         assert device.requested_size == 512 * MiB
         memory = vmm.vm_info()["config"]["memory"]

@@ -26,10 +26,12 @@ from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import BAR0, COMMAND, Command
 from pych.devices.pci.interrupts import RecordingIoEvents
 from pych.devices.vfio import bindings as b
+from pych.devices.virtio.mem import Request, Response
 from pych.memory import GuestMemory
+from pych.memory_manager import MemoryHotplugController, MemoryManager
 from pych.vmm import Vmm
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
 PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
 MMIO64 = (1 << 40, 1 << 32)
@@ -522,3 +524,126 @@ def test_vm_add_device_refuses_cdev_fds_and_closes_them(vmm):
     for fd in (r, w):
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+# --- guest RAM that goes away: DIMM ejects and virtio-mem unplugs unmap it first --------------------
+class MemoryMachine:
+    """A MemoryManager and a DeviceManager wired as ``pych.vm.Vm`` wires them (virtio-mem
+    devices on the bus, DMA ranges, region and block listeners), with the fake VFIO kernel."""
+
+    def __init__(self, kernel: FakeVfioKernel, memory: dict):
+        self.kernel = kernel
+        config = vm_config(memory=memory)
+        self.mmio = Bus("mmio")
+        self.memslots = FakeMemslots()
+        self.memory = MemoryManager(config.memory, self.memslots, self.mmio,
+                                    notify=lambda event: None)
+        self.mem = self.memory.create_boot_memory()
+        self.dm = DeviceManager(config, self.mem, self.mmio, Bus("pio"), msi=EventfdMsi(),
+                                ioevents=RecordingIoEvents(), irq_line=lambda gsi: RecordingIrq(),
+                                mmio64=layout.mmio64_window(*self.memory.hotplug_window),
+                                notify=lambda event: None, memslots=self.memslots,
+                                virtio_mem=self.memory.virtio_mem_zones,
+                                dma_ranges=self.memory.dma_ranges)
+        self.dm.vfio_kernel = kernel
+        self.dm.create_boot_devices()
+        self.memory.add_region_listener(self.dm.memory_region_added,
+                                        self.dm.memory_region_removed)
+        self.memory.add_block_listener(self.dm.dma_map, self.dm.dma_unmap)
+
+    def close(self):
+        self.dm.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def memory_machine(kernel):
+    made = []
+
+    def make(**memory):
+        m = MemoryMachine(kernel, memory)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def test_an_ejected_dimm_is_unmapped_from_the_container_before_it_is_freed(memory_machine,
+                                                                          kernel, path):
+    m = memory_machine(size=256 * MiB, hotplug_size=1 * GiB)
+    m.dm.add_vfio(DeviceConfig(path=path))
+    for size in (384, 512):                                     # two 128 MiB DIMMs
+        m.memory.resize(size * MiB)
+    dimm1 = 4 * GiB + 128 * MiB
+    assert sorted(kernel.dma) == [0, 4 * GiB, dimm1]
+    host_addr = kernel.dma[dimm1][0]
+    unmapped_first = []
+    remove_memory = m.memslots.remove_memory
+
+    def remove_memory_after_unmap(slot, gpa):
+        unmapped_first.append(gpa not in kernel.dma)           # the IOMMU let go first
+        remove_memory(slot, gpa)
+
+    m.memslots.remove_memory = remove_memory_after_unmap
+    m.memory.resize(384 * MiB)                                  # the guest is asked for dimm1
+    m.mmio.write(layout.ACPI_MEM_HOTPLUG_ADDR, 4, 1)            # and ejects it (MEJC)
+    m.mmio.write(layout.ACPI_MEM_HOTPLUG_ADDR + 0x14, 1, MemoryHotplugController.EJECT)
+    assert unmapped_first == [True]
+    assert sorted(kernel.dma) == [0, 4 * GiB]                   # the rest stays mapped
+    assert all(addr != host_addr for addr, _ in kernel.dma.values())
+    m.memory.resize(512 * MiB)                                  # plugged again: mapped again
+    assert sorted(kernel.dma) == [0, 4 * GiB, dimm1]
+
+
+def test_virtio_mem_blocks_are_mapped_as_plugged_and_unmapped_before_the_discard(
+        memory_machine, kernel, path):
+    m = memory_machine(size=256 * MiB, hotplug_method="VirtioMem", hotplug_size=512 * MiB,
+                       hotplugged_size=16 * MiB)
+    (zone,) = m.memory.virtio_mem_zones
+    base, block = zone.region.gpa, 2 * MiB
+    assert zone.device.request(Request.PLUG, base, 2)[0] == Response.ACK   # before VFIO
+    m.dm.add_vfio(DeviceConfig(path=path))
+    # boot RAM and the plugged blocks, block by block; not the rest of the region
+    assert kernel.dma == {0: (m.mem.regions[0].host_addr, 256 * MiB),
+                          base: (zone.region.host_addr, block),
+                          base + block: (zone.region.host_addr + block, block)}
+    assert zone.device.request(Request.PLUG, base + 8 * block, 3)[0] == Response.ACK
+    assert sorted(kernel.dma)[3:] == [base + 8 * block, base + 9 * block, base + 10 * block]
+    assert kernel.dma[base + 9 * block] == (zone.region.host_addr + 9 * block, block)
+
+    zone.region.mmap[9 * block:9 * block + 4] = b"data"
+    seen = []
+    discard = zone.device._discard
+
+    def discard_after_unmap(mask):
+        seen.append(sorted(kernel.dma))
+        discard(mask)
+
+    zone.device._discard = discard_after_unmap
+    assert zone.device.request(Request.UNPLUG, base + 8 * block, 2)[0] == Response.ACK
+    assert seen == [[0, base, base + block, base + 10 * block]]     # unmapped, then discarded
+    assert zone.region.mmap[9 * block:9 * block + 4] == bytes(4)
+    assert zone.device.request(Request.UNPLUG_ALL)[0] == Response.ACK
+    assert sorted(kernel.dma) == [0]
+
+
+def test_mapping_twice_or_unmapping_what_is_not_mapped_does_nothing(machine, kernel, path):
+    """A virtio-mem block can be plugged while the first group attaches (the attach maps it
+    from ``dma_ranges``, then the plug listener maps it again): the container absorbs it."""
+    machine.dm.add_vfio(DeviceConfig(path=path))
+    dimm = machine.mem.add_region(1 << 33, 128 * MiB, name="dimm0")
+    machine.dm.memory_region_added(dimm)
+    machine.dm.dma_map(dimm)
+    assert kernel.dma[1 << 33] == (dimm.host_addr, 128 * MiB)
+    machine.dm.memory_region_removed(dimm)
+    machine.dm.dma_unmap(dimm)
+    assert 1 << 33 not in kernel.dma and len(kernel.dma) == 2
+
+
+def test_unmapping_part_of_a_mapping_is_refused_and_logged(machine, kernel, path, caplog):
+    machine.dm.add_vfio(DeviceConfig(path=path))
+    half = SimpleNamespace(gpa=0, size=4 * MiB, host_addr=0, name="half of ram0")
+    machine.dm.dma_unmap(half)
+    assert 0 in kernel.dma and "covers only part of the DMA mapping" in caplog.text

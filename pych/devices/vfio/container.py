@@ -4,10 +4,13 @@ A host PCI device bound to ``vfio-pci`` belongs to an IOMMU group, ``/dev/vfio/<
 The group is attached to a container (``/dev/vfio/vfio``); the first attached group lets
 the container select the type1 (v2) IOMMU, and from then on the container's DMA map is
 the device's view of memory: pych maps all guest RAM at its guest physical addresses
-(IOVA = GPA), and every DIMM plugged later. One container serves every VFIO device of a
-VM; a group is attached once however many of its devices are used and detached with the
-last of them. When the last group leaves, the kernel drops the IOMMU and its mappings:
-the container starts over with the next group.
+(IOVA = GPA), every DIMM plugged later and each virtio-mem block the guest plugs, and
+unmaps a DIMM before it is freed and a virtio-mem block before its memory is discarded
+(the type1 IOMMU pins what is mapped: memory given back to the host must be unmapped
+first). One container serves every VFIO device of a VM; a group is attached once however
+many of its devices are used and detached with the last of them. When the last group
+leaves, the kernel drops the IOMMU and its mappings: the container starts over with the
+next group.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pych.memory import GuestMemory, MemoryRegion
+from pych.memory import GuestMemory
 
 from . import bindings as b
 from .kernel import VfioKernel
@@ -82,15 +87,27 @@ class VfioGroup:
 
 class VfioContainer:
     """``/dev/vfio/vfio`` with the type1 IOMMU: the groups in use and the DMA map of guest
-    memory. Opened on first use; the device manager closes it with the VM."""
+    memory. Opened on first use; the device manager closes it with the VM.
 
-    def __init__(self, kernel: VfioKernel, mem: GuestMemory, dev_vfio: str = DEV_VFIO) -> None:
+    ``ram`` says what guest memory may be DMA-mapped at any moment (ranges with ``gpa``,
+    ``size``, ``host_addr`` and ``name``); it defaults to every region of ``mem``. The memory
+    manager's answer leaves out the unplugged parts of virtio-mem regions. Changes arrive
+    through :meth:`region_added` and :meth:`region_removed`, from the VMM thread, vCPU
+    threads (a DIMM ejected) and virtio-mem's worker (blocks plugged and unplugged): one
+    lock serialises them with attaching and releasing groups, and mapping what is mapped
+    already, or unmapping what is not, does nothing (a change may race the first mapping).
+    """
+
+    def __init__(self, kernel: VfioKernel, mem: GuestMemory, dev_vfio: str = DEV_VFIO, *,
+                 ram: Callable[[], Iterable] | None = None) -> None:
         self.kernel = kernel
         self.mem = mem
         self.dev_vfio = dev_vfio
         self.fd: int | None = None
+        self._ram = ram or (lambda: mem.regions)
         self._groups: dict[int, VfioGroup] = {}
         self._mapped: dict[int, int] = {}          # iova -> size
+        self._lock = threading.RLock()
 
     @property
     def dma_mappings(self) -> dict[int, int]:
@@ -126,11 +143,12 @@ class VfioContainer:
     def attach_group(self, group_id: int) -> VfioGroup:
         """The group, attached (the first group also sets the IOMMU and maps guest RAM);
         each call must be matched by :meth:`release_group`."""
-        group = self._groups.get(group_id)
-        if group is None:
-            group = self._attach(group_id)
-        group.users += 1
-        return group
+        with self._lock:
+            group = self._groups.get(group_id)
+            if group is None:
+                group = self._attach(group_id)
+            group.users += 1
+            return group
 
     def _attach(self, group_id: int) -> VfioGroup:
         path = f"{self.dev_vfio}/{group_id}"
@@ -152,7 +170,7 @@ class VfioContainer:
             if not self._groups:
                 try:
                     self.kernel.ioctl(self.fd, b.VFIO_SET_IOMMU, b.VFIO_TYPE1v2_IOMMU)
-                    for region in self.mem.regions:
+                    for region in self._ram():
                         self.map_region(region)
                 except BaseException:
                     self._unmap_all()
@@ -169,50 +187,77 @@ class VfioContainer:
         return group
 
     def release_group(self, group: VfioGroup) -> None:
-        group.users -= 1
-        if group.users:
-            return
-        del self._groups[group.id]
-        if not self._groups:
-            self._unmap_all()
-        try:
-            self.kernel.ioctl(group.fd, b.VFIO_GROUP_UNSET_CONTAINER)
-        except OSError as e:
-            log.warning("VFIO group %d: unset container: %s", group.id, os.strerror(e.errno))
-        self.kernel.close(group.fd)
+        with self._lock:
+            group.users -= 1
+            if group.users:
+                return
+            del self._groups[group.id]
+            if not self._groups:
+                self._unmap_all()
+            try:
+                self.kernel.ioctl(group.fd, b.VFIO_GROUP_UNSET_CONTAINER)
+            except OSError as e:
+                log.warning("VFIO group %d: unset container: %s", group.id,
+                            os.strerror(e.errno))
+            self.kernel.close(group.fd)
         log.info("VFIO group %d released", group.id)
 
     # --- DMA --------------------------------------------------------------------------------
-    def map_region(self, region: MemoryRegion) -> None:
-        """Let devices DMA to ``region`` at its guest physical address."""
-        dma_map = b.vfio_iommu_type1_dma_map.new(
-            flags=b.VFIO_DMA_MAP_FLAG_READ | b.VFIO_DMA_MAP_FLAG_WRITE,
-            vaddr=region.host_addr, iova=region.gpa, size=region.size)
-        self.kernel.ioctl(self.fd, b.VFIO_IOMMU_MAP_DMA, bytearray(dma_map))
-        self._mapped[region.gpa] = region.size
+    def map_region(self, region) -> None:
+        """Let devices DMA to ``region`` at its guest physical address (nothing to do if it
+        is mapped already). Raises ``OSError`` as the kernel answered."""
+        with self._lock:
+            if self._mapped.get(region.gpa) == region.size:
+                return
+            dma_map = b.vfio_iommu_type1_dma_map.new(
+                flags=b.VFIO_DMA_MAP_FLAG_READ | b.VFIO_DMA_MAP_FLAG_WRITE,
+                vaddr=region.host_addr, iova=region.gpa, size=region.size)
+            self.kernel.ioctl(self.fd, b.VFIO_IOMMU_MAP_DMA, bytearray(dma_map))
+            self._mapped[region.gpa] = region.size
 
-    def region_added(self, region: MemoryRegion) -> None:
-        """Guest RAM grew (a DIMM): map it while any device can DMA."""
-        if self._groups:
+    def region_added(self, region) -> None:
+        """Guest RAM grew (a DIMM, a virtio-mem block): map it while any device can DMA."""
+        with self._lock:
+            if not self._groups:
+                return
             try:
                 self.map_region(region)
             except OSError as e:
                 raise VfioError(f"VFIO: cannot DMA-map {region.name} at {region.gpa:#x}: "
                                 f"{os.strerror(e.errno)}") from None
 
+    def region_removed(self, region) -> None:
+        """Guest RAM is about to go (a DIMM ejected, a virtio-mem block unplugged): unmap
+        every mapping inside ``[gpa, gpa + size)``, so the IOMMU no longer pins it. A
+        mapping only partly inside is left alone (and reported): the type1 IOMMU cannot
+        unmap part of a mapping, and pych never maps across what can go alone."""
+        start, end = region.gpa, region.gpa + region.size
+        with self._lock:
+            for iova, size in sorted(self._mapped.items()):
+                if iova >= end or iova + size <= start:
+                    continue
+                if iova < start or iova + size > end:
+                    raise VfioError(f"VFIO: {region.name} ({start:#x}-{end:#x}) covers only "
+                                    f"part of the DMA mapping {iova:#x}+{size:#x}")
+                self._unmap(iova, size)
+
+    def _unmap(self, iova: int, size: int) -> None:
+        unmap = b.vfio_iommu_type1_dma_unmap.new(iova=iova, size=size)
+        try:
+            self.kernel.ioctl(self.fd, b.VFIO_IOMMU_UNMAP_DMA, bytearray(unmap))
+        except OSError as e:
+            log.warning("VFIO: unmap %#x+%#x: %s", iova, size, os.strerror(e.errno))
+        del self._mapped[iova]
+
     def _unmap_all(self) -> None:
         for iova, size in list(self._mapped.items()):
-            unmap = b.vfio_iommu_type1_dma_unmap.new(iova=iova, size=size)
-            try:
-                self.kernel.ioctl(self.fd, b.VFIO_IOMMU_UNMAP_DMA, bytearray(unmap))
-            except OSError as e:
-                log.warning("VFIO: unmap %#x+%#x: %s", iova, size, os.strerror(e.errno))
-            del self._mapped[iova]
+            self._unmap(iova, size)
 
     def close(self) -> None:
-        for group in list(self._groups.values()):
-            group.users = 1
-            self.release_group(group)
-        if self.fd is not None:
-            self.kernel.close(self.fd)
-            self.fd = None
+        with self._lock:
+            for group in list(self._groups.values()):
+                group.users = 1
+                self.release_group(group)
+            if self.fd is not None:
+                self.kernel.close(self.fd)
+                self.fd = None

@@ -18,6 +18,11 @@ STATE          PLUGGED / UNPLUGGED / MIXED for a range (ERROR if the range is in
 A range is valid when ``addr`` is block aligned, ``nb_blocks`` > 0 and every block lies
 in the usable region (here the whole region). The plugged state survives a device reset,
 as the specification requires: a re-probing driver finds ``plugged_size`` and unplugs all.
+
+Plug listeners (:meth:`VirtioMem.add_plug_listener`) learn of every change on the device's
+worker thread: blocks just plugged before the driver's request is acknowledged (so a VFIO
+container can DMA-map them before the guest uses them), blocks just unplugged before their
+host memory is discarded (so the DMA mapping goes first).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import mmap
 import struct
 import threading
+from typing import Callable
 
 from pych.memory import MemoryRegion
 
@@ -71,6 +77,10 @@ _REQUEST = struct.Struct("<H6xQH6x")        # type, padding, addr, nb_blocks, pa
 _RESPONSE = struct.Struct("<H6xH")          # type, padding, state (STATE requests only)
 
 
+PlugListener = Callable[[int, int], None]
+"""``listener(gpa, size)``: a run of blocks changed state (see VirtioMem.add_plug_listener)."""
+
+
 class VirtioMemResizeError(ValueError):
     """A requested size the device cannot take; the message says why."""
 
@@ -93,7 +103,15 @@ class VirtioMem(VirtioDevice):
         self._plugged = 0                 # bit i: block i is plugged
         self._plugged_blocks = 0
         self._requested = 0
+        self._listeners: list[tuple[PlugListener, PlugListener]] = []
         self.resize(requested_size)
+
+    def add_plug_listener(self, plugged: PlugListener, unplugged: PlugListener) -> None:
+        """Call ``plugged(gpa, size)`` for each run of blocks the driver plugs, before its
+        request is acknowledged, and ``unplugged(gpa, size)`` for each run it unplugs, before
+        their host memory is discarded. Both run on the device's worker thread, outside the
+        device's lock; an exception is logged and does not fail the request."""
+        self._listeners.append((plugged, unplugged))
 
     @property
     def block_count(self) -> int:
@@ -159,33 +177,50 @@ class VirtioMem(VirtioDevice):
             return Response.ERROR, 0
         with self._lock:
             if kind == Request.UNPLUG_ALL:
-                self._discard(self._plugged)
+                unplugged = self._plugged
                 self._plugged, self._plugged_blocks = 0, 0
-                return Response.ACK, 0
-            mask = self._mask(addr, nb_blocks)
-            if mask is None:
-                log.warning("%s: %s of %d blocks at %#x: not in the region or not aligned",
-                            self.name, kind.name, nb_blocks, addr)
-                return Response.ERROR, 0
-            plugged = self._plugged & mask
-            if kind == Request.STATE:
-                state = (BlockState.PLUGGED if plugged == mask else
-                         BlockState.UNPLUGGED if not plugged else BlockState.MIXED)
-                return Response.ACK, state
-            if kind == Request.PLUG:
-                if (self._plugged_blocks + nb_blocks) * BLOCK_SIZE > self._requested:
-                    return Response.NACK, 0
-                if plugged:
+                response = Response.ACK, 0
+            else:
+                mask = self._mask(addr, nb_blocks)
+                if mask is None:
+                    log.warning("%s: %s of %d blocks at %#x: not in the region or not aligned",
+                                self.name, kind.name, nb_blocks, addr)
                     return Response.ERROR, 0
-                self._plugged |= mask
-                self._plugged_blocks += nb_blocks
-                return Response.ACK, 0
-            if plugged != mask:                             # UNPLUG
-                return Response.ERROR, 0
-            self._discard(mask)
-            self._plugged &= ~mask
-            self._plugged_blocks -= nb_blocks
-            return Response.ACK, 0
+                plugged = self._plugged & mask
+                if kind == Request.STATE:
+                    state = (BlockState.PLUGGED if plugged == mask else
+                             BlockState.UNPLUGGED if not plugged else BlockState.MIXED)
+                    return Response.ACK, state
+                if kind == Request.PLUG:
+                    if (self._plugged_blocks + nb_blocks) * BLOCK_SIZE > self._requested:
+                        return Response.NACK, 0
+                    if plugged:
+                        return Response.ERROR, 0
+                    self._plugged |= mask
+                    self._plugged_blocks += nb_blocks
+                else:                                           # UNPLUG
+                    if plugged != mask:
+                        return Response.ERROR, 0
+                    self._plugged &= ~mask
+                    self._plugged_blocks -= nb_blocks
+                response = Response.ACK, 0
+                unplugged = mask if kind == Request.UNPLUG else 0
+        # Requests come one at a time from the worker thread, so the blocks cannot change
+        # again before the listeners have run and the memory is discarded.
+        if kind == Request.PLUG:
+            self._tell_listeners(0, mask)
+        elif unplugged:
+            self._tell_listeners(1, unplugged)
+            self._discard(unplugged)
+        return response
+
+    def _tell_listeners(self, which: int, mask: int) -> None:
+        for listeners in self._listeners:
+            for block, count in _runs(mask):
+                try:
+                    listeners[which](self.region.gpa + block * BLOCK_SIZE, count * BLOCK_SIZE)
+                except Exception:  # noqa: BLE001 - a listener's failure is its own
+                    log.exception("%s: plug listener failed", self.name)
 
     def _mask(self, addr: int, nb_blocks: int) -> int | None:
         """The bitmap of blocks ``[addr, addr + nb_blocks blocks)``, None if not valid."""
