@@ -9,6 +9,13 @@ non-blocking.
 A tap created here (no name, or a name that does not exist) is not persistent: it
 disappears when its last fd is closed, so a failed or finished VM leaves nothing behind.
 An existing (persistent) tap is opened as it is and outlives us.
+
+A tap can also come as an open fd from whoever set it up (``--net fd=[3]``, or
+``vm.add-net`` with the fd passed by SCM_RIGHTS, as Kata Containers does):
+:meth:`Tap.from_fd` checks with ``TUNGETIFF`` that the fd is a tap queue opened the way
+virtio-net needs (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``) and works on a duplicate of it,
+so the caller's fd stays open for the next VM incarnation (a reboot) and is closed by
+whoever received it (the VMM, when the device is removed or the VM deleted).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
 import struct
 
 log = logging.getLogger(__name__)
@@ -27,6 +35,7 @@ TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -48,6 +57,58 @@ class TapError(OSError):
     """The tap cannot be opened or configured; the message says which and why."""
 
 
+def _check_name(name: str) -> None:
+    """The kernel's rules for an interface name (``dev_valid_name``), checked before asking
+    it, so a bad name gets a message that says what is wrong with it."""
+    if len(name.encode()) >= IFNAMSIZ:
+        raise TapError(f"tap name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        raise TapError(f"tap name {name!r} is not a valid interface name "
+                       "(no '/', ':' or white space; not '.' or '..')")
+
+
+def _why(name: str, error: OSError) -> str:
+    """Why TUNSETIFF refused ``name``, in words."""
+    if error.errno == errno.EPERM:
+        return f"{error.strerror} (needs CAP_NET_ADMIN)"
+    if error.errno == errno.EBUSY:
+        return f"{error.strerror} (the tap is already in use)"
+    if error.errno == errno.EINVAL:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            return error.strerror
+        return "an interface of that name exists and is not a tap"
+    return error.strerror
+
+
+def tap_fd_name(fd: int) -> str:
+    """The name of the tap interface whose queue ``fd`` is; raises :class:`TapError`
+    saying why ``fd`` cannot be a virtio-net backend: not open, not a ``/dev/net/tun``
+    fd, not attached to an interface, a tun rather than a tap, or opened without
+    ``IFF_VNET_HDR`` (frames would lack the virtio-net header, and the flag cannot be
+    set on an attached fd). ``IFF_NO_PI`` is not checked: the kernel's ``TUNGETIFF``
+    reports it whether or not it was asked for (measured on 6.18)."""
+    try:
+        answer = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            why = "is not an open file descriptor"
+        elif e.errno == errno.EBADFD:
+            why = "is a /dev/net/tun fd not attached to any interface (no TUNSETIFF)"
+        else:
+            why = f"is not a tap (TUNGETIFF: {e.strerror})"
+        raise TapError(f"fd {fd} {why}") from e
+    raw_name, flags = _IFREQ.unpack(answer)
+    name = raw_name.rstrip(b"\0").decode()
+    if not flags & IFF_TAP:
+        raise TapError(f"fd {fd} is a queue of {name}, which is a tun (IFF_TUN), not a tap")
+    if not flags & IFF_VNET_HDR:
+        raise TapError(f"fd {fd}: tap {name} was opened without IFF_VNET_HDR "
+                       "(virtio-net needs IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)")
+    return name
+
+
 class Tap:
     """One open tap interface (a single queue)."""
 
@@ -55,8 +116,7 @@ class Tap:
         """Open tap ``name``, creating it if it does not exist (``None``/empty: a new
         ``vmtapN``).  Raises :class:`TapError`."""
         wanted = name or DEFAULT_NAME_PATTERN
-        if len(wanted.encode()) >= IFNAMSIZ:
-            raise TapError(f"tap name {wanted!r} is longer than {IFNAMSIZ - 1} bytes")
+        _check_name(wanted)
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -66,8 +126,7 @@ class Tap:
             try:
                 answer = fcntl.ioctl(self.fd, TUNSETIFF, request)
             except OSError as e:
-                hint = " (needs CAP_NET_ADMIN)" if e.errno == errno.EPERM else ""
-                raise TapError(f"cannot open or create tap {wanted!r}: {e.strerror}{hint}") from e
+                raise TapError(f"cannot open or create tap {wanted!r}: {_why(wanted, e)}") from e
             self.name = _IFREQ.unpack(answer)[0].rstrip(b"\0").decode()
             try:
                 fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
@@ -76,6 +135,28 @@ class Tap:
         except BaseException:
             os.close(self.fd)
             raise
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Tap:
+        """The tap queue ``fd`` (checked by :func:`tap_fd_name`), on a duplicate of ``fd``
+        that this object owns: ``fd`` itself stays open and is the caller's to close. The
+        interface is taken as it is (no address, MAC or state change); the shared file
+        description is made non-blocking. Raises :class:`TapError`."""
+        name = tap_fd_name(fd)
+        tap = cls.__new__(cls)
+        tap.name = name
+        try:
+            tap.fd = os.dup(fd)                # close-on-exec, as every fd pych opens
+        except OSError as e:
+            raise TapError(f"fd {fd} (tap {name}): cannot duplicate it: {e.strerror}") from e
+        try:
+            flags = fcntl.fcntl(tap.fd, fcntl.F_GETFL)
+            fcntl.fcntl(tap.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            fcntl.ioctl(tap.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        except OSError as e:
+            tap.close()
+            raise TapError(f"fd {fd} (tap {name}): cannot configure it: {e.strerror}") from e
+        return tap
 
     def __repr__(self) -> str:
         return f"<Tap {self.name}>"
@@ -89,9 +170,10 @@ class Tap:
             raise TapError(f"tap {self.name}: cannot set offloads {flags:#x}: {e.strerror}") from e
 
     def configure_host(self, *, ip: str | None = None, mask: str | None = None,
-                       mac: str | None = None, mtu: int | None = None) -> None:
-        """Give the host side an address, a MAC and an MTU, and bring it up.
-        Raises :class:`TapError`."""
+                       mac: str | None = None, mtu: int | None = None,
+                       up: bool = True) -> None:
+        """Give the host side an address, a MAC and an MTU, and bring it up (unless not
+        ``up``: the link state is then left as it is). Raises :class:`TapError`."""
         from pyroute2 import IPRoute          # netlink: imported only when a tap is set up
 
         try:
@@ -100,12 +182,13 @@ class Tap:
                 if ip is not None:
                     network = ipaddress.ip_network(f"{ip}/{mask or '255.255.255.0'}", strict=False)
                     ipr.addr("replace", index=index, address=ip, prefixlen=network.prefixlen)
-                link = {"state": "up"}
+                link = {"state": "up"} if up else {}
                 if mac is not None:
                     link["address"] = mac
                 if mtu is not None:
                     link["mtu"] = mtu
-                ipr.link("set", index=index, **link)
+                if link:
+                    ipr.link("set", index=index, **link)
         except Exception as e:                 # pyroute2's NetlinkError, ValueError, ...
             raise TapError(f"tap {self.name}: cannot configure the host side: {e}") from e
 
