@@ -111,7 +111,16 @@ class DiskImage:
             self._lock(fcntl.F_UNLCK)
 
     def close(self) -> None:
+        """Flush a writable image to stable storage, then close it (and so drop its lock):
+        whatever ends the disk (remove-device, VM shutdown, SIGTERM) leaves the guest's
+        writes on the host's disk, not only in its page cache."""
         if self.fd >= 0:
+            if not self.readonly:
+                try:
+                    os.fsync(self.fd)
+                except OSError as e:
+                    log.warning("flushing disk image %s on close failed: %s", self.path,
+                                e.strerror)
             os.close(self.fd)                 # also releases the OFD lock
             self.fd = -1
 

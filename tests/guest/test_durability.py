@@ -1,0 +1,159 @@
+"""Durability (issue: reliability): what the guest wrote to a disk and synced is in the host
+file afterwards, whichever way the disk or the VM goes away.
+
+Two pych processes, three guest boots, in order (each test leaves the state the next needs):
+
+* pych 1, boot 1: a hot-added disk is written and synced, then ``vm.remove-device``d; once
+  the guest has ejected it the file holds the data and pych no longer holds the image. The
+  boot disk is written and synced, then ``vm.shutdown``: the file holds it.
+* pych 1, boot 2 (``vm.boot`` after ``vm.shutdown``, as the reference allows): the new boot
+  reads back what the last one wrote; the guest writes (synced, and not synced: busybox's
+  ``poweroff`` syncs first) and powers off; pych exits 0 and the file holds both.
+* pych 2: the guest writes and syncs, pych gets SIGTERM, shuts the VM down and exits 0; the
+  file holds the data.
+
+Each write is a distinct text pattern at its own offset of a zeroed image, so stale data
+cannot pass for new. 64 KiB per write: data through this host's guest kernel is slow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from pych.api.client import ApiClient
+
+IMAGE_SIZE = 1 << 20
+BLOCK = 4096
+SIZE = 64 << 10                       # bytes per write
+_FLOCK = struct.Struct("=hh4xqqi4x")
+
+
+def pattern(tag: str) -> bytes:
+    """What ``yes TAG | head -c SIZE`` writes."""
+    line = f"{tag}\n".encode()
+    return (line * (SIZE // len(line) + 1))[:SIZE]
+
+
+def guest_write(device: str, tag: str, block: int, sync: bool = True) -> str:
+    """The shell command that writes ``pattern(tag)`` at 4 KiB block ``block`` of ``device``
+    (conv=fsync: the data reaches the disk, with a flush, before dd exits)."""
+    return (f"yes {tag} | head -c {SIZE} | dd of={device} bs={BLOCK} seek={block} "
+            f"conv=notrunc{',fsync' if sync else ''} 2>/dev/null")
+
+
+def run_ok(guest, cmd: str, timeout: float = 300) -> str:
+    rc, out = guest.run(cmd, timeout=timeout)
+    assert rc == 0, f"{cmd!r} failed ({rc}): {out}"
+    return out
+
+
+def holds(image: Path, tag: str, block: int) -> bool:
+    with open(image, "rb") as f:
+        f.seek(block * BLOCK)
+        return f.read(SIZE) == pattern(tag)
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether nobody (pych) holds the image's OFD lock any more."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def put(guest, endpoint: str, body=None) -> tuple[int, bytes]:
+    return ApiClient(guest.api_path, timeout=120).put(endpoint, body)
+
+
+def state(guest) -> str:
+    return json.loads(ApiClient(guest.api_path).get("vm.info")[1])["state"]
+
+
+def wait_for_event(events: Path, name: str, limit: float = 300) -> dict | None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if events.exists():
+            for line in events.read_text().splitlines():
+                if line.strip() and json.loads(line)["event"] == name:
+                    return json.loads(line)
+        time.sleep(0.5)
+    return None
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("durability")
+    paths = {name: d / f"{name}.raw" for name in ("boot", "hot", "term")}
+    for path in paths.values():
+        path.write_bytes(bytes(IMAGE_SIZE))
+    paths["events"] = d / "events.json"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def guest(guest_factory, images):
+    return guest_factory("durable", memory="size=128M",
+                         extra_args=["--disk", f"path={images['boot']}",
+                                     "--event-monitor", f"path={images['events']}"])
+
+
+def test_synced_writes_to_a_hot_removed_disk_are_in_its_file(guest, images):
+    status, body = put(guest, "vm.add-disk", {"path": str(images["hot"]), "id": "hot"})
+    assert status == 200, body
+    run_ok(guest, "i=0; until [ -e /sys/block/vdb ]; do [ $i -ge 300 ] && break; sleep 1; "
+                  "i=$((i+1)); done; [ -e /sys/block/vdb ]", timeout=420)
+    run_ok(guest, guest_write("/dev/vdb", "written-before-remove-device", 16))
+
+    assert put(guest, "vm.remove-device", {"id": "hot"}) == (204, b"")
+    removed = wait_for_event(images["events"], "device-removed")
+    assert removed is not None and removed["properties"]["id"] == "hot", \
+        "the guest never ejected the disk"
+    assert lock_is_free(images["hot"]), "pych still holds the removed disk's image"
+    assert holds(images["hot"], "written-before-remove-device", 16)
+
+
+def test_synced_writes_survive_vm_shutdown(guest, images):
+    run_ok(guest, guest_write("/dev/vda", "written-before-vm-shutdown", 32))
+    assert put(guest, "vm.shutdown") == (204, b"")
+    assert state(guest) == "Shutdown"
+    assert lock_is_free(images["boot"]), "pych still holds the boot disk of a shut-down VM"
+    assert holds(images["boot"], "written-before-vm-shutdown", 32)
+
+
+def test_a_new_boot_reads_it_back_and_a_guest_poweroff_keeps_what_it_wrote(guest, images):
+    mark = len(guest.console.buf)
+    assert put(guest, "vm.boot") == (204, b"")
+    guest.wait_ready(start=mark)
+    out = run_ok(guest, f"dd if=/dev/vda bs={BLOCK} skip=32 count={SIZE // BLOCK} 2>/dev/null "
+                        "| head -c 40")
+    assert out.startswith("written-before-vm-shutdown\n"), out
+    run_ok(guest, guest_write("/dev/vda", "written-before-poweroff", 48) + "; "
+           + guest_write("/dev/vda", "written-unsynced-before-poweroff", 64, sync=False))
+    guest.console.send("poweroff -f\n")           # busybox: sync(), then power off
+    assert guest.wait_exit(180) == 0
+    assert holds(images["boot"], "written-before-vm-shutdown", 32)
+    assert holds(images["boot"], "written-before-poweroff", 48)
+    assert holds(images["boot"], "written-unsynced-before-poweroff", 64)
+
+
+def test_synced_writes_survive_sigterm_and_pych_exits_zero(guest_factory, images):
+    g = guest_factory("sigterm", memory="size=128M",
+                      extra_args=["--disk", f"path={images['term']}"])
+    run_ok(g, guest_write("/dev/vda", "written-before-sigterm", 16))
+    g.proc.send_signal(signal.SIGTERM)
+    assert g.wait_exit(60) == 0, g.pych_log()
+    assert "signal 15" in g.pych_log()
+    assert holds(images["term"], "written-before-sigterm", 16)
+    assert lock_is_free(images["term"])
