@@ -12,6 +12,7 @@ stdout and the exit status is 0; otherwise the error chain goes to stderr, in
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import http.client
 import importlib
@@ -327,28 +328,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Unnumbered(str):
+    """A line of an error chain printed without its level (ch-remote's ``X: ...`` line)."""
+
+
 def _print_chain(lines: Sequence[str], stderr: TextIO) -> None:
+    """ch-remote's error chain: one line per level, outermost first."""
     print(f"Error: {PROG} exited with the following chain of errors:", file=stderr)
     for level, line in enumerate(lines):
-        print(f"  {level}: {line}", file=stderr)
+        print(f"  {line}" if isinstance(line, _Unnumbered) else f"  {level}: {line}", file=stderr)
+
+
+# ch-remote's names for the statuses it knows (its api_client StatusCode, printed with
+# Debug); it calls every other status ``Unknown``, where pych adds the number and phrase.
+_STATUS_NAMES = {
+    100: "Continue", 200: "Ok", 204: "NoContent", 400: "BadRequest", 404: "NotFound",
+    429: "TooManyRequests", 500: "InternalServerError", 501: "NotImplemented",
+}
+
+
+def _status_name(status: int) -> str:
+    if status in _STATUS_NAMES:
+        return _STATUS_NAMES[status]
+    try:
+        return f"Unknown ({status} {HTTPStatus(status).phrase})"
+    except ValueError:
+        return f"Unknown ({status})"
 
 
 def _server_error_chain(status: int, body: bytes) -> list[str]:
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Unknown"
-    chain = ["http client error", f"Server responded with {status} {reason}"]
+    """The chain ch-remote prints for an error response: the status, then the error body's
+    lines (a JSON array of strings); a body that is not one replaces both with an ``X``
+    line quoting it, as ch-remote does."""
     text = body.decode(errors="replace")
     try:
-        messages = json.loads(text) if text else []
-    except ValueError:
-        messages = None
-    if isinstance(messages, list) and all(isinstance(line, str) for line in messages):
-        chain.extend(messages)
-    else:
-        chain.append(f"X: Can't get remote's error messages from JSON response: body={text!r}")
-    return chain
+        messages = json.loads(text)
+        if not (isinstance(messages, list) and all(isinstance(m, str) for m in messages)):
+            raise ValueError("not a JSON array of strings")
+    except ValueError as error:
+        return ["http client error", _Unnumbered(
+            f"X: Can't get remote's error messages from JSON response: {error}: body='{text}'")]
+    return ["http client error", f"Server responded with {_status_name(status)}", *messages]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,15 +395,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        for fd in request.fds:
+            try:
+                fcntl.fcntl(fd, fcntl.F_GETFD)
+            except OSError as error:  # ch-remote fails the same way, at sendmsg()
+                _print_chain(["http client error", "Error sending file descriptors",
+                              f"{error.strerror} (os error {error.errno})"], sys.stderr)
+                return 1
         try:
             status, body = client.request(
                 request.method, request.endpoint, request.body, request.fds
             )
         except (OSError, http.client.HTTPException) as error:
-            _print_chain(
-                ["http client error", f"Error writing to or reading from HTTP socket: {error}"],
-                sys.stderr,
-            )
+            _print_chain(["http client error", "Error writing to or reading from HTTP socket",
+                          str(error)], sys.stderr)
             return 1
 
     if 200 <= status < 300:

@@ -6,13 +6,16 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from pych.api import ApiError, ApiServer, RequestHandler
+from pych.cli import remote as remote_cli
 from pych.cli.remote import main
 from pych.config import ConfigConflict, PciDeviceInfo
 
@@ -52,6 +55,27 @@ class Handler(RequestHandler):
 
     def vm_add_net(self, config, fds):
         self.calls.append(("vm_add_net", (config, fds)))
+        if fds:
+            return None                         # as a created, not running VM: 204
+        return PciDeviceInfo(id=config.id or "_net1", bdf="0000:00:07.0")
+
+    def vm_add_pmem(self, config):
+        if config.file == "/missing":
+            raise ApiError(400, ["Error adding device to the VM", "No such file: /missing"])
+        self.calls.append(("vm_add_pmem", (config,)))
+        return PciDeviceInfo(id=config.id or "_pmem2", bdf="0000:00:08.0")
+
+    def vm_add_vsock(self, config):
+        self.calls.append(("vm_add_vsock", (config,)))
+        return PciDeviceInfo(id=config.id or "_vsock3", bdf="0000:00:09.0")
+
+    def vm_add_fs(self, config):
+        self.calls.append(("vm_add_fs", (config,)))
+        return PciDeviceInfo(id=config.id or "_fs4", bdf="0000:00:0a.0")
+
+    def vm_add_device(self, config, fds):
+        self.calls.append(("vm_add_device", (config, fds)))
+        return PciDeviceInfo(id=config.id or "_vfio5", bdf="0000:00:0b.0")
 
     def vm_remove_device(self, request):
         self.calls.append(("vm_remove_device", (request,)))
@@ -96,7 +120,7 @@ def test_a_server_error_prints_the_chain_and_exits_1(vmm, capsys):
     assert err.splitlines() == [
         "Error: pych-remote exited with the following chain of errors:",
         "  0: http client error",
-        "  1: Server responded with 404 Not Found",
+        "  1: Server responded with NotFound",
         "  2: Error from API",
         "  3: VM is not created",
     ]
@@ -106,7 +130,7 @@ def test_an_unimplemented_endpoint_exits_1(vmm, capsys):
     _, path = vmm
     assert remote(path, "nmi") == 1
     err = capsys.readouterr().err
-    assert "Server responded with 500 Internal Server Error" in err
+    assert "  1: Server responded with InternalServerError\n" in err
     assert "vm.nmi is not supported by pych yet" in err
 
 
@@ -122,7 +146,7 @@ def test_a_conflict_is_reported_as_409(vmm, capsys):
     _, path = vmm
     assert remote(path, "add-disk", "path=/img/x.raw,id=taken") == 1
     err = capsys.readouterr().err
-    assert "Server responded with 409 Conflict" in err
+    assert "  1: Server responded with Unknown (409 Conflict)\n" in err
     assert "Identifier taken is not unique" in err
 
 
@@ -179,6 +203,12 @@ def test_create_from_a_file_and_from_stdin(vmm, tmp_path, monkeypatch):
         (["resize", "--cpus", "many"], "Error parsing resize arguments"),
         (["resize", "--memory", "3T"], "Error parsing resize arguments"),
         (["resize-zone", "--id", "z", "--size", "big"], "Error parsing memory size"),
+        (["add-net", "tap=t0,bogus=1"], "Error parsing network syntax"),
+        (["add-net", "fd=[x]"], "Error parsing network syntax"),
+        (["add-pmem", "file=/p,size=big"], "Error parsing persistent memory syntax"),
+        (["add-vsock", "cid=three,socket=/v"], "Error parsing vsock syntax"),
+        (["add-fs", "tag=t,sock=/s"], "Error parsing filesystem syntax"),
+        (["add-device", "path=/sys/x,bogus=1"], "Error parsing device syntax"),
     ],
 )
 def test_bad_arguments_exit_1_before_any_request(vmm, capsys, args, heading):
@@ -202,3 +232,148 @@ def test_usage_errors(capsys):
     assert "--api-socket" in capsys.readouterr().err
     assert main(["--api-socket", "/x"]) == 2  # no subcommand
     assert main(["--api-socket", "/x", "frobnicate"]) == 2
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    """The (method, endpoint, JSON body, fd count) of every request pych-remote sends."""
+    sent = []
+    request = remote_cli.ApiClient.request
+
+    def record(self, method, path, body=None, fds=()):
+        if isinstance(body, (str, bytes)):
+            body = json.loads(body)
+        sent.append((method, path, body, len(fds)))
+        return request(self, method, path, body, fds)
+
+    monkeypatch.setattr(remote_cli.ApiClient, "request", record)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("args", "endpoint", "body", "reply"),
+    [
+        (["add-net", "tap=chtap0,mac=12:34:56:78:9a:bc,ip=192.168.10.1,mask=255.255.255.0"],
+         "vm.add-net",
+         {"tap": "chtap0", "mac": "12:34:56:78:9a:bc", "ip": "192.168.10.1",
+          "mask": "255.255.255.0"},
+         {"id": "_net1", "bdf": "0000:00:07.0"}),
+        (["add-pmem", "file=/img/pmem.raw,size=4M,discard_writes=on,id=pm"], "vm.add-pmem",
+         {"file": "/img/pmem.raw", "size": 4 << 20, "discard_writes": True, "id": "pm"},
+         {"id": "pm", "bdf": "0000:00:08.0"}),
+        (["add-vsock", "cid=3,socket=/run/vsock.sock"], "vm.add-vsock",
+         {"cid": 3, "socket": "/run/vsock.sock"}, {"id": "_vsock3", "bdf": "0000:00:09.0"}),
+        (["add-fs", "tag=myfs,socket=/run/virtiofs.sock"], "vm.add-fs",
+         {"tag": "myfs", "socket": "/run/virtiofs.sock"}, {"id": "_fs4", "bdf": "0000:00:0a.0"}),
+        (["add-device", "path=/sys/bus/pci/devices/0000:01:00.0/"], "vm.add-device",
+         {"path": "/sys/bus/pci/devices/0000:01:00.0/"}, {"id": "_vfio5", "bdf": "0000:00:0b.0"}),
+    ],
+)
+def test_add_commands_take_one_positional_config_and_print_the_reply(
+        vmm, wire, capsys, args, endpoint, body, reply):
+    """ch-remote's grammar: ``add-<kind> <key=value,...>``; the config goes out as JSON
+    with unset options left out, and the reply body is printed with a newline."""
+    _, path = vmm
+    assert remote(path, *args) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.endswith("\n") and json.loads(out) == reply
+    method, sent_endpoint, sent, fds = wire[0]
+    assert (method, sent_endpoint, fds) == ("PUT", endpoint, 0)
+    for key, value in body.items():
+        assert sent[key] == value, (key, sent)
+    assert not [k for k, v in sent.items() if v is None]
+
+
+def test_add_net_fd_sends_one_fd_and_no_fds_field(vmm, wire, capsys):
+    handler, path = vmm
+    read_end, write_end = os.pipe()
+    try:
+        assert remote(path, "add-net", f"fd=[{write_end}],mac=12:34:56:78:9a:bc") == 0
+        assert capsys.readouterr() == ("", "")          # 204: nothing printed
+        ((_, endpoint, body, fds),) = wire
+        assert (endpoint, fds) == ("vm.add-net", 1)
+        assert "fds" not in body and "fd" not in body and body["mac"] == "12:34:56:78:9a:bc"
+        ((_, (config, received)),) = handler.calls
+        os.write(received[0], b"?")
+        assert os.read(read_end, 1) == b"?"
+        os.close(received[0])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_add_net_with_a_closed_fd_fails_before_sending(vmm, capsys):
+    handler, path = vmm
+    closed = next(fd for fd in range(900, 1000) if not _is_open(fd))
+    assert remote(path, "add-net", f"fd=[{closed}]") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        "Error: pych-remote exited with the following chain of errors:",
+        "  0: http client error",
+        "  1: Error sending file descriptors",
+        "  2: Bad file descriptor (os error 9)",
+    ]
+    assert handler.calls == []
+
+
+def test_a_400_is_a_bad_request(vmm, capsys):
+    _, path = vmm
+    assert remote(path, "add-pmem", "file=/missing") == 1
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  0: http client error",
+        "  1: Server responded with BadRequest",
+        "  2: Error from API",
+        "  3: Error adding device to the VM",
+        "  4: No such file: /missing",
+    ]
+
+
+def test_remove_device_takes_the_id_as_its_positional_argument(vmm, wire, capsys):
+    handler, path = vmm
+    assert remote(path, "remove-device", "_pmem2") == 0
+    assert capsys.readouterr() == ("", "")
+    assert wire == [("PUT", "vm.remove-device", {"id": "_pmem2"}, 0)]
+    assert main(["--api-socket", path, "remove-device"]) == 2          # the id is required
+
+
+@pytest.mark.parametrize(("response", "lines"), [
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+     ["  0: http client error",
+      "  X: Can't get remote's error messages from JSON response: "
+      "Expecting value: line 1 column 1 (char 0): body='oops'"]),
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\n\r\n[\"busy\"]",
+     ["  0: http client error",
+      "  1: Server responded with Unknown (503 Service Unavailable)",
+      "  2: busy"]),
+])
+def test_error_replies_of_another_server(tmp_path, capsys, response, lines):
+    """What ch-remote prints for an error status whose body is not an error chain (an X
+    line quoting the body) and for a status it has no name for."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.fspath(tmp_path / "api.sock"))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(response)
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert remote(os.fspath(tmp_path / "api.sock"), "info") == 1
+    finally:
+        thread.join(10)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[1:] == lines
