@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv guest test test-unit test-guest demo bench clean
+.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz clean
 
 all: test
 
@@ -36,6 +36,26 @@ demo: deps venv guest
 bench: deps venv guest
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/boot.py
+
+# scripts/soak.py: N hot plug cycles on a real guest, checking pych for fd, thread, memslot
+# and heap growth (hours here; CI runs a few cycles in tests/guest/test_soak.py)
+SOAK_CYCLES ?= 200
+soak: deps venv guest
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) scripts/soak.py --cycles $(SOAK_CYCLES)
+
+soak-long: deps venv guest
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) scripts/soak.py --cycles 500
+
+# scripts/fuzz.py: generated API requests, raw HTTP abuse and the deliberate lifecycle against
+# a booted guest; then pych, vmm.ping and a guest shell must still answer (CI runs a short
+# variant in tests/guest/test_fuzz.py). FUZZ_ARGS, e.g. "--seed 7 --quick".
+FUZZ_REQUESTS ?= 10000
+FUZZ_MINUTES ?= 20
+FUZZ_ARGS ?=
+fuzz: deps venv guest
+	$(PY) scripts/fuzz.py --requests $(FUZZ_REQUESTS) --minutes $(FUZZ_MINUTES) $(FUZZ_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -753,6 +753,17 @@ class MemoryConfig(ApiModel):
                     "when the memory size is 0"
                 )
             for zone in self.zones:
+                if zone.size == 0 and zone.hotplug_size is None:
+                    raise ConfigError(
+                        f"Memory configuration is not valid: memory zone {zone.id!r} has "
+                        "neither a size nor a hotplug_size"
+                    )
+            if not any(zone.size for zone in self.zones):
+                raise ConfigError(
+                    "Memory configuration is not valid: the memory zones give the guest no "
+                    "boot RAM (every zone has size 0)"
+                )
+            for zone in self.zones:
                 if zone.shared and zone.file is not None and zone.host_numa_node is not None:
                     raise ConfigError(
                         "Memory configuration is not valid: host NUMA policy cannot be set for "
@@ -1105,6 +1116,11 @@ class NetConfig(PciDeviceConfig):
                 f"Number of queues ({self.num_queues}) to virtio_net should be higher than 2"
             )
         if self.fds is not None:
+            if self.tap is not None:
+                # The reference would open the tap by name and leave the fds unused.
+                raise ConfigError(
+                    "A net is either a tap by name or tap fds: give tap= or fd=, not both"
+                )
             if len(self.fds) * 2 != self.num_queues:
                 raise ConfigError(
                     f"Number of queues ({self.num_queues}) to virtio_net does not match the "
@@ -1790,6 +1806,13 @@ class VmConfig(ApiModel):
             return all(zone.shared or zone.hugepages for zone in self.memory.zones)
         return False
 
+    def ram_shareable(self) -> bool:
+        """Whether a vhost-user back-end (virtiofsd) can map all of pych's guest RAM. pych
+        backs RAM with memfds mapped shared, which always are, so unlike the reference
+        (whose default RAM is private) ``--fs`` needs no ``shared=on``; only a memory zone
+        backed by a ``file`` without ``shared=on`` is mapped private."""
+        return all(zone.shared or zone.file is None for zone in self.memory.zones or ())
+
     def validate(self) -> frozenset[str]:
         """Check the configuration as the reference's ``VmConfig::validate``.
 
@@ -1846,7 +1869,7 @@ class VmConfig(ApiModel):
             net._validate(self)
             iommu |= net.iommu
             claim(net.id)
-        if self.fs and not self.backed_by_shared_memory():
+        if self.fs and not self.ram_shareable():
             raise ConfigError("Using vhost-user requires using shared memory or huge pages")
         for fs in self.fs or ():
             fs._validate(self)

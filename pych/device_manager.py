@@ -40,7 +40,8 @@ from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.console import VirtioConsole
-from pych.devices.virtio.mem import VirtioMem
+from pych.devices.vhost_user import VhostUserConnections
+from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.devices.virtio.pmem import VirtioPmem
@@ -72,6 +73,41 @@ class DeviceManagerError(Exception):
 
 class DeviceBackendError(DeviceManagerError):
     """The device's backend could not be opened or used (HTTP 400)."""
+
+
+def _build(factory: Callable[[Any], VirtioDevice], cfg: Any) -> VirtioDevice:
+    """``factory(cfg)``, a refused backend reported as :class:`DeviceBackendError`."""
+    try:
+        return factory(cfg)
+    except BACKEND_ERRORS as e:
+        raise DeviceBackendError(str(e)) from e
+
+
+def _open_tap(net) -> Tap:
+    """The tap of the net configuration ``net``, host side configured (see _make_net)."""
+    if not net.fds:
+        tap = Tap(net.tap)
+        try:
+            tap.configure_host(ip=net.ip, mask=net.mask, mac=net.host_mac, mtu=net.mtu)
+        except BaseException:
+            tap.close()
+            raise
+        return tap
+    if len(net.fds) != 1:
+        raise ValueError(f"{net.id}: {len(net.fds)} tap fds: pych supports one queue pair "
+                         "(one fd)")
+    tap = Tap.from_fd(net.fds[0])
+    try:
+        ignored = [key for key in ("ip", "mask", "host_mac") if getattr(net, key) is not None]
+        if ignored:
+            log.warning("%s: tap %s comes as an fd and is not configured: %s ignored",
+                        net.id, tap.name, ", ".join(ignored))
+        if net.mtu is not None:
+            tap.configure_host(mtu=net.mtu, up=False)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
 
 
 class UnknownDeviceId(DeviceManagerError):
@@ -271,7 +307,8 @@ class DeviceNode:
 
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
-                 irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=None):
+                 irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
+                 dma_ranges=None, vhost_user: VhostUserConnections | None = None):
         self.config = config
         self.mem = mem
         self.msi = msi
@@ -279,7 +316,9 @@ class DeviceManager:
         self.irq_line = irq_line          # gsi -> IrqLine
         self.notify = notify              # GED notification (AcpiNotification.PCI)
         self.memslots = memslots          # add_memory/remove_memory (KVM): device memory (pmem)
-        self.virtio_mem = virtio_mem      # the memory manager's VirtioMemZone, if any
+        self.virtio_mem = list(virtio_mem)  # the memory manager's VirtioMemZones (with devices)
+        self.dma_ranges = dma_ranges      # the memory manager's: guest RAM VFIO may map now
+        self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
         self.mmio64 = mmio64
         self.mem64 = AddressAllocator(*mmio64, "mmio64")   # 64-bit BARs and device memory
         self.pci = PciBus(0, mmio_bus=mmio,
@@ -319,27 +358,56 @@ class DeviceManager:
     def create_boot_devices(self) -> None:
         """Create the configured devices in the reference's order (console, disks, nets, rng,
         fs, pmem, vsock, virtio-mem, balloon), so slots and default ids come out as Cloud Hypervisor's;
-        generated ids (and a net's generated MAC) are written back into the configuration."""
+        generated ids (and a net's generated MAC) are written back into the configuration.
+
+        Slots asked for with ``pci_device_id`` are reserved before any device is placed, so
+        a device placed earlier never takes them (the reference's rule); a slot asked for
+        twice is refused. A backend that cannot be used raises :class:`DeviceBackendError`.
+        On failure the ids generated here are taken out of the configuration again (the
+        caller closes the devices already made)."""
+        configs = self._boot_pci_configs()
+        unnamed = [c for c in configs if c.id is None]
+        try:
+            for c in configs:
+                if c.pci_device_id is not None:
+                    self.pci.reserve_slot(c.pci_device_id)
+            self._create_boot_devices()
+        except BaseException:
+            for c in unnamed:
+                c.id = None
+            raise
+
+    def _boot_pci_configs(self) -> list:
+        """The configurations of the boot devices that go on the PCI bus."""
+        cfg = self.config
+        single = [cfg.console if cfg.console is not None and cfg.console.mode != "Off" else None,
+                  cfg.rng, cfg.vsock, cfg.balloon]
+        return [c for c in single if c is not None] + [
+            *(cfg.disks or []), *(cfg.net or []), *(cfg.fs or []), *(cfg.pmem or []),
+            *(cfg.devices or [])]
+
+    def _create_boot_devices(self) -> None:
         cfg = self.config
         if cfg.console is not None and cfg.console.mode != "Off":
-            self.add_virtio(CONSOLE_ID, self._make_console(cfg.console), cfg.console.pci_device_id)
+            self.add_virtio(CONSOLE_ID, _build(self._make_console, cfg.console),
+                            cfg.console.pci_device_id)
         for disk in cfg.disks or []:
             self._add_boot_device("_disk", disk, self._make_disk, use_64bit_bar=False)
         for net in cfg.net or []:
             self._add_boot_device("_net", net, self._make_net)
         if cfg.rng is not None:
-            self.add_virtio(RNG_ID, VirtioRng(cfg.rng.src), cfg.rng.pci_device_id)
+            self.add_virtio(RNG_ID, _build(lambda rng: VirtioRng(rng.src), cfg.rng),
+                            cfg.rng.pci_device_id)
         for fs in cfg.fs or []:
             self._add_boot_device("_fs", fs, self._make_fs)
         for pmem in cfg.pmem or []:
             self._add_boot_device("_pmem", pmem, self._make_pmem)
         if cfg.vsock is not None:
             self._add_boot_device("_vsock", cfg.vsock, self._make_vsock)
-        if self.virtio_mem is not None:
-            self.virtio_mem.device = self._make_virtio_mem(self.virtio_mem)
-            self.add_virtio(self.virtio_mem.id, self.virtio_mem.device)
+        for zone in self.virtio_mem:
+            self.add_virtio(zone.id, zone.device)
         if cfg.balloon is not None:
-            self.balloon = self._make_balloon(cfg.balloon)
+            self.balloon = _build(self._make_balloon, cfg.balloon)
             self.add_virtio(BALLOON_ID, self.balloon, cfg.balloon.pci_device_id)
         for device in cfg.devices or []:
             if device.id is None:
@@ -349,7 +417,8 @@ class DeviceManager:
     def _add_boot_device(self, prefix: str, cfg, factory, *, use_64bit_bar: bool = True) -> None:
         if cfg.id is None:
             cfg.id = self.next_device_name(prefix)
-        self.add_virtio(cfg.id, factory(cfg), cfg.pci_device_id, use_64bit_bar=use_64bit_bar)
+        self.add_virtio(cfg.id, _build(factory, cfg), cfg.pci_device_id,
+                        use_64bit_bar=use_64bit_bar)
 
     # Factories: each builds a complete device from one configuration object (with its id
     # set) and raises, holding nothing, when the backend cannot be used.  Boot and
@@ -373,19 +442,21 @@ class DeviceManager:
                            num_queues=disk.num_queues, queue_size=disk.queue_size, name=disk.id)
 
     def _make_net(self, net) -> VirtioNet:
-        """A tap (opened or created, host side configured) behind virtio-net; a generated
-        MAC is written back into ``net`` so a reboot keeps it."""
+        """virtio-net on a tap: opened or created by name with its host side configured,
+        or, with ``fds`` (``--net fd=[N]``, SCM_RIGHTS with ``vm.add-net``), the tap queue
+        someone else set up, on a duplicate of the fd (the configuration keeps the
+        original, so every boot of the VM gets its own copy; the VMM closes the original
+        when the device is removed or the VM deleted). Such a tap is not configured: only
+        ``mtu`` is applied, as in the reference; ``ip``, ``mask`` and ``host_mac`` are
+        ignored. A generated MAC is written back into ``net`` so a reboot keeps it."""
         if net.vhost_user:
             raise ValueError(f"{net.id}: vhost-user net is not supported by pych")
         if net.num_queues != 2:
             raise ValueError(f"{net.id}: num_queues={net.num_queues}: pych supports one "
-                             "queue pair (num_queues=2)")
-        if net.fds:
-            raise ValueError(f"{net.id}: tap fds are not supported by pych; give tap=<name>")
+                             "queue pair (num_queues=2, one tap fd)")
         mac = parse_mac(net.mac) if net.mac else random_mac()
-        tap = Tap(net.tap)
+        tap = _open_tap(net)
         try:
-            tap.configure_host(ip=net.ip, mask=net.mask, mac=net.host_mac, mtu=net.mtu)
             device = VirtioNet(tap, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
                                offload_csum=net.offload_csum, offload_tso=net.offload_tso,
                                offload_ufo=net.offload_ufo, name=net.id)
@@ -406,13 +477,15 @@ class DeviceManager:
     def _make_vsock(self, vsock) -> VirtioVsock:
         return VirtioVsock(vsock.cid, vsock.socket, name=vsock.id)
 
-    def _make_fs(self, fs) -> VirtioDevice:
-        raise ValueError(f"{fs.id}: virtio-fs is not supported by pych yet")
-
-    def _make_virtio_mem(self, zone) -> VirtioMem:
-        """The memory manager's virtio-mem region (a ``VirtioMemZone``) as a device, id the
-        zone's (``mem0``), asking at boot for the zone's ``hotplugged_size``."""
-        return VirtioMem(zone.region, requested_size=zone.initial_size, name=zone.id)
+    def _make_fs(self, fs) -> VirtioFs:
+        """virtio-fs served by the vhost-user back-end (virtiofsd) listening at ``fs.socket``:
+        connected and negotiated now, so a missing or unsuitable back-end fails the boot or
+        the add (400). After a reboot the device takes back the connection its predecessor
+        of the same id and socket parked (:meth:`close` with ``keep_connections``). Removal
+        stops its rings and hangs up (``VirtioFs.shutdown``)."""
+        parked = self.vhost_user.take(fs.id, fs.socket) if self.vhost_user is not None else None
+        return VirtioFs(fs.tag, fs.socket, num_request_queues=fs.num_queues,
+                        queue_size=fs.queue_size, name=fs.id, connection=parked)
 
     def _make_balloon(self, balloon) -> VirtioBalloon:
         return VirtioBalloon(balloon.size, deflate_on_oom=balloon.deflate_on_oom,
@@ -496,7 +569,7 @@ class DeviceManager:
             raise DeviceBackendError(f"{device.id}: fd= (a VFIO cdev with iommufd) is not "
                                      "supported by pych; give path=")
         if self._vfio_container is None:
-            self._vfio_container = VfioContainer(self.vfio_kernel, self.mem)
+            self._vfio_container = VfioContainer(self.vfio_kernel, self.mem, ram=self.dma_ranges)
         try:
             pci_dev = VfioPciDevice(device.path, self._vfio_container, msi=self.msi,
                                     memslots=self.memslots, name=device.id,
@@ -519,13 +592,55 @@ class DeviceManager:
         return address
 
     def memory_region_added(self, region) -> None:
-        """Guest RAM grew (a hot plugged DIMM): VFIO devices must be able to DMA to it (a
-        MemoryManager region listener: logs a failure rather than raising it)."""
+        """Guest RAM grew (a hot plugged DIMM): VFIO devices must be able to DMA to it and
+        vhost-user back-ends (virtio-fs) must map it (a MemoryManager region listener: logs a
+        failure rather than raising it)."""
         if self._vfio_container is not None:
             try:
                 self._vfio_container.region_added(region)
             except VfioError as e:
                 log.error("%s: VFIO devices cannot DMA to this memory", e)
+        for device in self._vhost_user_devices():   # they map guest RAM too
+            device.memory_changed()
+
+    def memory_region_removed(self, region) -> None:
+        """Guest RAM is going (a DIMM the guest ejected, before it is freed): VFIO devices
+        stop DMA to it and vhost-user back-ends unmap it (a MemoryManager region listener:
+        logs a failure)."""
+        self.dma_unmap(region)
+        for device in self._vhost_user_devices():
+            device.memory_changed(going=region)
+
+    def _park_vhost_user(self) -> None:
+        with self._lock:
+            kept = [(dev_id, d.device) for dev_id, d in self.devices.items()
+                    if isinstance(d.device, VirtioFs) and dev_id not in self._pending_removal]
+        for dev_id, device in kept:
+            try:
+                self.vhost_user.park(dev_id, device.socket_path, device.detach_backend())
+            except Exception:  # noqa: BLE001 - the device then hangs up with the rest
+                log.exception("%s: cannot keep its vhost-user connection", dev_id)
+
+    def _vhost_user_devices(self) -> list[VirtioFs]:
+        with self._lock:
+            return [d.device for d in self.devices.values() if isinstance(d.device, VirtioFs)]
+
+    def dma_map(self, ram) -> None:
+        """Let VFIO devices DMA to ``ram`` (a virtio-mem block the guest plugged; a
+        MemoryManager block listener: logs a failure)."""
+        if self._vfio_container is not None:
+            try:
+                self._vfio_container.region_added(ram)
+            except VfioError as e:
+                log.error("%s: VFIO devices cannot DMA to this memory", e)
+
+    def dma_unmap(self, ram) -> None:
+        """VFIO devices stop DMA to ``ram`` (RAM about to be freed or discarded)."""
+        if self._vfio_container is not None:
+            try:
+                self._vfio_container.region_removed(ram)
+            except VfioError as e:
+                log.error("%s", e)
 
     def hotplug_virtio(self, prefix: str, cfg: Any,
                        factory: Callable[[Any], VirtioDevice]) -> HotPlugged:
@@ -636,7 +751,13 @@ class DeviceManager:
         with self._lock:
             return {k: v.to_json() for k, v in self.tree.items()}
 
-    def close(self) -> None:
+    def close(self, *, keep_connections: bool = False) -> None:
+        """Shut every device down and release its backend. With ``keep_connections`` (the VM
+        is rebuilt for a reboot) each vhost-user device still in the configuration stops
+        its rings and parks its connection in ``vhost_user`` for the next boot instead of
+        hanging up (see ``pych/devices/virtio/fs.py``, "Reboot")."""
+        if keep_connections and self.vhost_user is not None:
+            self._park_vhost_user()
         for dev_id, dev in [*self.devices.items(), *self.vfio_devices.items()]:
             try:
                 dev.shutdown()

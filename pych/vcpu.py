@@ -13,6 +13,7 @@ import signal
 import threading
 from typing import Callable
 
+from pych import seccomp
 from pych.arch.x86_64 import emulate as emu
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import KvmError, Vcpu
@@ -110,6 +111,11 @@ class VcpuThread:
 
     # --- the vCPU thread ------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            seccomp.apply_vcpu_filter()         # --seccomp: before the first KVM_RUN
+        except seccomp.SeccompError as e:
+            self.on_exit("error", f"vCPU {self.index}: {e}")
+            return
         try:
             self._loop()
         except VcpuExit as e:

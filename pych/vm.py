@@ -18,6 +18,7 @@ from pych.cpu import CpuManager
 from pych.device_manager import DeviceManager
 from pych.devices import acpi as acpi_devices
 from pych.devices.bus import Bus
+from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.legacy.cmos import Cmos
 from pych.devices.legacy.debug_port import DebugPort
 from pych.devices.legacy.i8042 import I8042
@@ -58,11 +59,12 @@ class Vm:
     thread when the guest powers off ("poweroff"), resets ("reset") or fails ("error")."""
 
     def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
-                 serial_port=None):
+                 serial_port=None, vhost_user: VhostUserConnections | None = None):
         self.config = config
         self.kvm = kvm
         self.on_exit = on_exit
         self.serial_port = serial_port      # host side of --serial, outlives reboots
+        self.vhost_user = vhost_user        # vhost-user connections, outlive reboots
         self._exit_once = threading.Lock()
         self._exited = False
         self.state = "Created"
@@ -102,9 +104,13 @@ class Vm:
             self.devices = DeviceManager(
                 cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
                 ioevents=self.vm, memslots=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi),
-                mmio64=self.mmio64, notify=self.ged.notify, virtio_mem=self.memory.virtio_mem)
+                mmio64=self.mmio64, notify=self.ged.notify,
+                virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
+                vhost_user=self.vhost_user)
             self.devices.create_boot_devices()
-            self.memory.add_region_listener(self.devices.memory_region_added)
+            self.memory.add_region_listener(self.devices.memory_region_added,
+                                            self.devices.memory_region_removed)
+            self.memory.add_block_listener(self.devices.dma_map, self.devices.dma_unmap)
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
                 self.kvm, self.vm, self.pio, self.mmio,
@@ -180,6 +186,12 @@ class Vm:
         size; False when nothing changes (see MemoryManager.resize for the errors)."""
         return self.memory.resize(desired)
 
+    def resize_memory_zone(self, zone_id: str, desired: int) -> bool:
+        """Ask for ``desired`` bytes of RAM in the user-defined zone ``zone_id`` (its
+        virtio-mem device's requested size); False when nothing changes (see
+        MemoryManager.resize_zone for the errors)."""
+        return self.memory.resize_zone(zone_id, desired)
+
     # --- control (VMM thread) -------------------------------------------------------------------
     def pause(self) -> None:
         """Park every vCPU and freeze guest time: kvmclock and each vCPU's TSC are saved
@@ -211,13 +223,15 @@ class Vm:
     def memory_actual_size(self) -> int:
         return self.memory.actual_size if self.memory else self.config.memory.size
 
-    def close(self) -> None:
-        """Stop the vCPUs and release every resource of this boot."""
+    def close(self, *, keep_connections: bool = False) -> None:
+        """Stop the vCPUs and release every resource of this boot. ``keep_connections``: the
+        VM is being rebuilt (a reboot), so vhost-user devices park their back-end
+        connections in ``vhost_user`` for the next boot instead of hanging up."""
         if self.cpus is not None:
             self.cpus.close()
             self.cpus = None
         if self.devices is not None:
-            self.devices.close()
+            self.devices.close(keep_connections=keep_connections)
             self.devices = None
         if self.serial_port is not None:
             self.serial_port.detach()

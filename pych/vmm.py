@@ -22,16 +22,20 @@ from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 import pych
+from pych import seccomp
 from pych.api.handler import ApiError, RequestHandler
 from pych.config import (ApiSocket, ConfigError, EventMonitor as EventMonitorOption,
-                          PciDeviceInfo, VmConfig)
+                          NetConfig, PciDeviceInfo, VmConfig)
 from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
                                  HotPlugged, UnknownDeviceId)
 from pych.cpu import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
+from pych.devices.net.tap import TapError, tap_fd_name
+from pych.devices.vhost_user import VhostUserConnections
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
-from pych.memory_manager import InvalidMemoryResize, MemoryResizeError, virtio_mem_request
+from pych.memory_manager import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
+                                 UnknownMemoryZone, find_zone, virtio_mem_request)
 from pych.vcpu import install_kick_handler
 from pych.vm import Vm
 
@@ -78,6 +82,8 @@ class Vmm(RequestHandler):
         self._kvm: Kvm | None = None
         self._serial: SerialPort | None = None
         self._serial_spec: tuple | None = None
+        # vhost-user back-end connections (virtio-fs) handed from one boot to the next
+        self._vhost_user = VhostUserConnections()
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._loop_thread: threading.Thread | None = None
@@ -194,6 +200,7 @@ class Vmm(RequestHandler):
         assert self.config is not None
         vm_box: list[Vm] = []
         vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
+                vhost_user=self._vhost_user,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
         vm_box.append(vm)
         self.events.emit("vm", "booting")
@@ -202,22 +209,29 @@ class Vmm(RequestHandler):
         self.state = "Running"
         self.events.emit("vm", "booted")
 
-    def _stop_vm(self) -> None:
+    def _stop_vm(self, *, keep_connections: bool = False) -> None:
+        """Tear the VM down; ``keep_connections`` (a reboot): vhost-user devices park their
+        back-end connections for the next boot (see pych/devices/virtio/fs.py, "Reboot")."""
         if self.vm is not None:
-            self.vm.close()
+            if keep_connections:
+                self.vm.close(keep_connections=True)
+            else:
+                self.vm.close()
             self.vm = None
         if self.config is not None:
             self.state = "Shutdown"
 
     def _reboot(self) -> None:
         self.events.emit("vm", "rebooting")
-        self._stop_vm()
+        self._stop_vm(keep_connections=True)
         try:
             self._start_vm()
         except Exception as e:
             print(f"pych: error: reboot failed: {e}", file=sys.stderr, flush=True)
             self.request_exit(1)
             raise
+        finally:
+            self._vhost_user.close()        # the connections the new VM did not take back
         self.events.emit("vm", "rebooted")
 
     def _require_vm(self) -> VmConfig:
@@ -245,6 +259,11 @@ class Vmm(RequestHandler):
     def vm_create(self, config: VmConfig) -> None:
         if self.config is not None:
             raise ApiError(409, ["VM is already created"])
+        for net in config.net or ():
+            if net.fds and all(fd == -1 for fd in net.fds):
+                # Numbers from JSON (made -1 when parsed): vm.create takes no fds, and the
+                # reference drops them, so the net gets a tap of its own.
+                net.fds = None
         config.validate()
         _check_payload_files(config)
         self.config = config
@@ -256,6 +275,8 @@ class Vmm(RequestHandler):
             raise ApiError(409, ["VM is already booted"])
         try:
             self._start_vm()
+        except DeviceBackendError as e:     # a device the configuration names cannot be used
+            raise ApiError(400, ["Error booting VM", str(e)]) from None
         except Exception as e:  # noqa: BLE001 - any boot failure is the caller's one clear error
             log.debug("boot failed", exc_info=True)
             raise ApiError(500, ["Error booting VM", str(e)]) from None
@@ -269,6 +290,7 @@ class Vmm(RequestHandler):
         if self.config is None:
             return None
         self._stop_vm()
+        _close_net_fds(self.config.net)
         self.config = None
         self.state = "NotCreated"
         self.events.emit("vm", "deleted")
@@ -300,11 +322,13 @@ class Vmm(RequestHandler):
         return {
             "config": config.model_dump(mode="json", exclude_none=True),
             "state": self.state if self.state != "NotCreated" else "Created",
-            "memory_actual_size": self.vm.memory_actual_size if self.vm else config.memory.size,
+            "memory_actual_size": (self.vm.memory_actual_size if self.vm
+                                   else _boot_ram_size(config.memory)),
             "device_tree": self.vm.devices.device_tree() if self.vm and self.vm.devices else {},
             **self._memory_hotplug_info(),
             **self._vcpu_hotplug_info(),
             **self._pci_hotplug_info(),
+            **self._memslot_info(),
         }
 
     def _vcpu_hotplug_info(self) -> dict:
@@ -367,18 +391,14 @@ class Vmm(RequestHandler):
 
         Errors: a size that cannot be boot RAM, an increase that is not a multiple of
         128 MiB or does not fit the hot plug window, with virtio-mem a size below boot RAM
-        or not a multiple of 2 MiB above it -> 400; user-defined memory zones (use
-        vm.resize-zone) or no hot plug slot left -> 500.
+        or not a multiple of 2 MiB above it, user-defined memory zones (use vm.resize-zone;
+        the reference answers 500, and before boot it writes ``memory.size``, which the
+        zones forbid: pych refuses in both cases) -> 400; no hot plug slot left -> 500.
         """
         memory = self.config.memory
-        if desired <= 0 or desired % os.sysconf("SC_PAGE_SIZE"):
-            raise ApiError(400, ["Error resizing VM memory",
-                                 f"desired_ram {desired} is not a positive multiple of the "
-                                 f"page size"])
+        _check_ram_size(desired, "Error resizing VM memory")
         if memory.zones:
-            raise ApiError(500, ["Error resizing VM memory",
-                                 "Not allowed to resize guest memory when backed with user "
-                                 "defined memory zones: use vm.resize-zone"])
+            raise ApiError(400, ["Error resizing VM memory", RESIZE_WITH_ZONES])
         if memory.hotplug_method == "VirtioMem":
             try:
                 requested = virtio_mem_request(memory, desired)
@@ -396,6 +416,47 @@ class Vmm(RequestHandler):
         else:
             memory.size = desired
 
+    def vm_resize_zone(self, request) -> None:
+        """``vm.resize-zone {id, desired_ram}``: make the user-defined memory zone ``id``
+        ``desired_ram`` bytes, the reference's rules: only with user-defined zones
+        (``--memory size=0`` and ``--memory-zone``), only a zone with a virtio-mem region
+        (``hotplug_size``, so ``hotplug_method=virtio-mem``), from the zone's ``size`` (its
+        boot RAM, which stays) up to ``size + hotplug_size``, in 2 MiB steps. On a running
+        VM the zone's virtio-mem device is asked for ``desired_ram - size`` and the guest
+        plugs or unplugs blocks in its own time; either way the zone's ``hotplugged_size``
+        becomes that amount (None for 0), so a reboot plugs as much again.
+
+        Before boot the configuration is edited as a live resize would leave it. Only a
+        zone without a ``hotplug_size`` gets the reference's cold resize: its ``size``
+        becomes ``desired_ram``.
+
+        Errors: VM not created, or no zone with that id -> 404; no user-defined zones, a
+        zone without a virtio-mem region, or a size out of range or not a multiple of
+        2 MiB -> 400 (the reference answers 500 for all of these; pych's status says
+        whose mistake it is, and its messages keep the reference's words); the device
+        failing -> 500. Asking for the size already requested is a no-op (the reference
+        fails it).
+        """
+        memory = self._require_vm().memory
+        what = "The memory zone could not be resized"
+        try:
+            zone = find_zone(memory, request.id)
+            if self.vm is None and zone.hotplug_size is None:
+                _check_ram_size(request.desired_ram, what)
+                zone.size = request.desired_ram
+                return None
+            requested = virtio_mem_request(zone, request.desired_ram)
+            if self.vm is not None and self.vm.memory is not None:
+                self.vm.resize_memory_zone(zone.id, request.desired_ram)
+        except UnknownMemoryZone as e:
+            raise ApiError(404, [what, str(e)]) from None
+        except InvalidMemoryResize as e:
+            raise ApiError(400, [what, str(e)]) from None
+        except MemoryResizeError as e:
+            raise ApiError(500, [what, str(e)]) from None
+        zone.hotplugged_size = requested or None
+        return None
+
     def _resize_balloon(self, desired: int) -> None:
         """``desired_balloon``: on a running VM the balloon is asked to become ``desired``
         bytes (the guest inflates or deflates it in its own time; see VirtioBalloon); either
@@ -406,7 +467,8 @@ class Vmm(RequestHandler):
         balloon = self.config.balloon
         if balloon is None:
             raise ApiError(400, ["Error resizing VM balloon", "No balloon device configured"])
-        ram = self.vm.memory_actual_size if self.vm is not None else self.config.memory.size
+        ram = (self.vm.memory_actual_size if self.vm is not None
+               else _boot_ram_size(self.config.memory))
         if not 0 <= desired <= ram:
             raise ApiError(400, ["Error resizing VM balloon",
                                  f"desired_balloon {desired} is larger than the guest RAM ({ram})"])
@@ -424,12 +486,29 @@ class Vmm(RequestHandler):
         return self._add_pci_device(config, "disks", DeviceManager.add_disk)
 
     def vm_add_net(self, config, fds: list[int]) -> PciDeviceInfo | None:
-        if fds:
+        """``vm.add-net``; tap fds come with the request by SCM_RIGHTS (``pych-remote
+        add-net fd=[N]``, Kata Containers) and, as in the reference, replace whatever fd
+        numbers the JSON held (none of which mean anything here): one fd per queue pair,
+        so one. Each must be a tap queue opened with ``IFF_TAP | IFF_NO_PI |
+        IFF_VNET_HDR`` (checked now, also for a VM not booted: 400 otherwise).
+
+        The configuration keeps the received fds (``vm.info`` shows their numbers in this
+        process, as the reference's does); the device works on a duplicate, so a reboot
+        re-creates it on a fresh one. They are closed when the device is removed or the
+        VM deleted, and at once if the add fails."""
+        config.fds = list(fds) or None
+        try:
+            self._require_vm()
             for fd in fds:
-                os.close(fd)
-            raise ApiError(400, ["Error adding device to the VM", "tap fds passed with "
-                                 "SCM_RIGHTS are not supported by pych; give tap=<name>"])
-        return self._add_pci_device(config, "net", DeviceManager.add_net)
+                try:
+                    tap_fd_name(fd)
+                except TapError as e:
+                    raise ApiError(400, ["Error adding device to the VM", str(e)]) from None
+            return self._add_pci_device(config, "net", DeviceManager.add_net)
+        except BaseException:
+            config.fds = None
+            _close_fds(fds)
+            raise
 
     def vm_add_fs(self, config) -> PciDeviceInfo | None:
         return self._add_pci_device(config, "fs", DeviceManager.add_fs)
@@ -484,8 +563,10 @@ class Vmm(RequestHandler):
         removed (rng, console, balloon, virtio-mem)."""
         config = self._require_vm()
         if self.vm is None:
-            if not _remove_device_config(config, request.id):
+            removed = _remove_device_config(config, request.id)
+            if removed is None:
                 raise ApiError(404, [f"No device with id {request.id} to remove"])
+            _close_net_fds([removed])
             return None
         try:
             dev_id = self.vm.devices.remove_device(request.id, on_ejected=self._device_ejected)
@@ -493,12 +574,23 @@ class Vmm(RequestHandler):
             raise ApiError(404, ["Error removing device from the VM", str(e)]) from None
         except DeviceManagerError as e:
             raise ApiError(500, ["Error removing device from the VM", str(e)]) from None
-        _remove_device_config(config, dev_id)
+        # A net's tap fds go now, as in the reference: the device keeps working on its own
+        # duplicate until the guest ejects it. Asking again finds no configuration: no
+        # fd is closed twice.
+        _close_net_fds([_remove_device_config(config, dev_id)])
         return None
 
     def _device_ejected(self, dev_id: str, address: str) -> None:
         """Called on the vCPU thread that ejected the device (the monitor is thread-safe)."""
         self.events.emit("vm", "device-removed", {"id": dev_id, "bdf": address})
+
+    def _memslot_info(self) -> dict:
+        """Beyond the reference: ``memslots``, how many KVM memory slots the running VM has
+        registered (boot RAM, DIMMs, virtio-mem, pmem and VFIO BARs), as pych counts its
+        KVM_SET_USER_MEMORY_REGION additions and removals; ``scripts/soak.py`` checks it
+        does not grow."""
+        kvm_vm = getattr(self.vm, "vm", None)
+        return {"memslots": kvm_vm.memslots_in_use} if kvm_vm is not None else {}
 
     def _pci_hotplug_info(self) -> dict:
         """Beyond the reference: ``devices_pending_removal``, the ids the guest was asked to
@@ -510,6 +602,9 @@ class Vmm(RequestHandler):
     # --- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:
         self._stop_vm()
+        if self.config is not None:
+            _close_net_fds(self.config.net)
+        self._vhost_user.close()
         if self._serial is not None:
             self._serial.close()
             self._serial = None
@@ -531,18 +626,53 @@ def _append_device(config: VmConfig, field: str, device) -> None:
         setattr(config, field, [*(getattr(config, field) or []), device])
 
 
-def _remove_device_config(config: VmConfig, dev_id: str) -> bool:
-    """Remove the device ``dev_id`` from the configuration; returns whether it was there."""
+def _remove_device_config(config: VmConfig, dev_id: str):
+    """Remove the device ``dev_id`` from the configuration; returns its configuration, or
+    None if it was not there."""
     for field in _PCI_DEVICE_FIELDS:
         value = getattr(config, field)
         if field == "vsock":
             if value is not None and value.id == dev_id:
                 config.vsock = None
-                return True
-        elif any(device.id == dev_id for device in value or ()):
-            setattr(config, field, [device for device in value if device.id != dev_id] or None)
-            return True
-    return False
+                return value
+        else:
+            removed = next((device for device in value or () if device.id == dev_id), None)
+            if removed is not None:
+                setattr(config, field, [device for device in value if device is not removed]
+                        or None)
+                return removed
+    return None
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_net_fds(devices) -> None:
+    """Close the tap fds of the net configurations among ``devices`` (received with
+    ``vm.add-net`` or inherited for ``--net fd=``): the VMM owns them from the moment it
+    took them until the device leaves the configuration."""
+    for device in devices or ():
+        if isinstance(device, NetConfig) and device.fds:
+            fds, device.fds = device.fds, None
+            _close_fds(fd for fd in fds if fd >= 0)
+
+
+def _check_ram_size(desired: int, what: str) -> None:
+    """A RAM size must be a positive multiple of the page size (400 otherwise)."""
+    if desired <= 0 or desired % os.sysconf("SC_PAGE_SIZE"):
+        raise ApiError(400, [what, f"desired_ram {desired} is not a positive multiple of the "
+                                   f"page size"])
+
+
+def _boot_ram_size(memory) -> int:
+    """The RAM a VM boots with before anything is plugged: ``size``, or its zones' sizes
+    (the reference's memory_actual_size of a VM not booted)."""
+    return memory.size + sum(zone.size for zone in memory.zones or ())
 
 
 def _check_payload_files(config: VmConfig) -> None:
@@ -593,6 +723,13 @@ def run(config: VmConfig | None, args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def on_seccomp_violation(_message):
+        # already reported on stderr, one line naming the call (pych.seccomp)
+        vmm.post(lambda v: (v._stop_vm(), v.request_exit(1)))
+
+    seccomp.configure(getattr(args, "seccomp", None) or seccomp.DEFAULT_MODE,
+                      on_violation=on_seccomp_violation)        # vCPU threads install it
     try:
         vmm.events.emit("vmm", "starting")
         if api_opt is not None:

@@ -8,7 +8,7 @@ arguments, then hands it to :func:`pych.vmm.run`.  Without ``--kernel`` (or
 
 Every option of the reference is *recognized*, so that its syntax is checked
 and its help shown, but only those in :data:`SUPPORTED_OPTIONS` are accepted;
-the others fail with ``pych: error: --fs is not supported yet``.
+the others fail with ``pych: error: --tpm is not supported yet``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any, NoReturn
 
+from pych import seccomp
 from pych.config import (
     BalloonConfig,
     ConfigError,
@@ -67,10 +68,12 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset(
         "cmdline",
         "cpus",
         "memory",
+        "memory-zone",
         "disk",
         "net",
         "device",
         "rng",
+        "fs",
         "pmem",
         "vsock",
         "balloon",
@@ -81,6 +84,7 @@ SUPPORTED_OPTIONS: frozenset[str] = frozenset(
         "log-file",
         "v",
         "version",
+        "seccomp",
     }
 )
 
@@ -257,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         const="",
     )
     single("rtc", "iommu=on|off,id=<id>,...", nargs="?", const="")
-    single("seccomp", "Seccomp filtering (default true)", choices=("true", "false", "log", "errno"))
+    single(
+        "seccomp",
+        "Seccomp filter on vCPU threads: true (a forbidden system call stops the VM), false, "
+        f"or log (allowed, logged by the kernel's audit) (default {seccomp.DEFAULT_MODE})",
+        choices=("true", "false", "log"),
+    )
     single("serial", "off|null|pty|tty|file=<path>|socket=<path> (default null)")
     single("tpm", "socket=<swtpm socket>")
     multiple("user-device", "socket=<path>,id=<id>,pci_segment=<n>,pci_device_id=<n>")

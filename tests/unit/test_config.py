@@ -544,11 +544,16 @@ def test_fs() -> None:
         FsConfig.parse("tag=t,socket=/s,iommu=on")
 
 
-def test_fs_needs_shared_memory() -> None:
-    config = vm(fs=[{"tag": "t", "socket": "/s"}])
-    with pytest.raises(ConfigError, match="shared memory"):
-        config.validate()
+def test_fs_needs_shareable_memory() -> None:
+    # pych's RAM is memfd-backed and mapped shared: unlike the reference, no shared=on needed
+    vm(fs=[{"tag": "t", "socket": "/s"}]).validate()
     vm(fs=[{"tag": "t", "socket": "/s"}], memory={"size": GIB, "shared": True}).validate()
+    zone = {"id": "z", "size": GIB, "file": "/ram"}
+    config = vm(fs=[{"tag": "t", "socket": "/s"}], memory={"size": 0, "zones": [zone]})
+    with pytest.raises(ConfigError, match="shared memory"):       # a private file mapping
+        config.validate()
+    vm(fs=[{"tag": "t", "socket": "/s"}],
+       memory={"size": 0, "zones": [{**zone, "shared": True}]}).validate()
 
 
 def test_pmem() -> None:
