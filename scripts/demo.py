@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from pych.api.client import ApiClient  # noqa: E402
 from pych.testing.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
 
-CPUS = "boot=1,max=2"   # more online vCPUs than host cores stalls guests on this host
+CPUS = "boot=1,max=2"   # small, so the emulated guest kernel onlines it quickly on 2 host cores
 MEMORY = "size=256M,hotplug_size=1G"
 
 

@@ -1,8 +1,8 @@
 """The soak: a real guest under pych through many hot plug cycles, watching pych for leaks.
 
 Used by ``scripts/soak.py`` (``make soak``, ``make soak-long``) and, in a short variant, by
-``tests/guest/test_soak.py``. One pych process boots the test guest (``--cpus boot=1,max=2``:
-this 2-core host stalls with more online vCPUs) inside a network namespace the soak creates
+``tests/guest/test_soak.py``. One pych process boots the test guest (``--cpus boot=1,max=2``,
+which keeps each cycle short on this 2-core host's emulated guest kernel) inside a network namespace the soak creates
 and deletes, so the taps pych creates stay there. Each cycle does one operation, in turn:
 
 * ``disk``: ``vm.add-disk`` (always id ``soakdisk``), the guest sees ``/dev/vda`` and reads

@@ -316,7 +316,7 @@ class FakeBootedVm:
 
     def __init__(self, manager: CpuManager):
         self.cpus = manager
-        self.devices = self.memory = None
+        self.devices = self.memory = self.vm = None     # no KVM VM handle (no memslots)
         self.memory_actual_size = 0
 
     def resize_vcpus(self, desired: int) -> bool:

@@ -24,6 +24,14 @@ KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 EDX_INVARIANT_TSC = 1 << 8   # hidden: this host ignores guest TSC writes, so only kvmclock
                              # (KVM_SET_CLOCK) can be frozen across a pause
 
+# leaf 0x40000001: KVM paravirtual features (EAX)
+LEAF_KVM_FEATURES = 0x4000_0001
+KVM_FEATURE_PV_SEND_IPI = 1 << 11   # hidden: on this host a KVM_HC_SEND_IPI hypercall can spin in
+                                    # the host forever (measured: the sender stuck on its vmcall,
+                                    # RIP unchanged for minutes, its host thread at 100 %, while
+                                    # IPI-ing hot-added vCPUs); without it the guest writes the
+                                    # x2APIC ICR, which KVM handles in-kernel as well
+
 LEAF_TOPOLOGY = 0x0B
 LEAF_EXT_TOPOLOGY = 0x1F
 LEVEL_TYPE_SMT = 1
@@ -91,6 +99,8 @@ def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topolo
             e.edx &= ~EDX7_ARCH_CAPABILITIES
         elif e.function == 0x8000_0007:
             e.edx &= ~EDX_INVARIANT_TSC
+        elif e.function == LEAF_KVM_FEATURES:
+            e.eax &= ~KVM_FEATURE_PV_SEND_IPI
         out.append(e)
     return out
 
