@@ -14,7 +14,22 @@ shell loop of builtins already spinning in the guest). Also, without a guest, py
 manager alone on a real KVM VM: the ACPI add's VMM-side cost without HTTP (goal < 5 ms).
 Prints a table and saves a plot to docs/bench-hotplug.png.
 
+``--kind disk``: PCI hot plug of a 4 MiB raw virtio-blk disk into the same guest (256 MiB,
+no disk at boot), then its removal, per run under pych (``PUT vm.add-disk`` /
+``vm.remove-device``), QEMU q35 (QMP ``blockdev-add`` + ``device_add virtio-blk-pci`` into a
+``pcie-root-port`` / ``device_del``) and QEMU pc (the same on bus 0). VMM-side time as above;
+guest-visible: until /sys/block/vda appears (or is gone), seen by a spinning shell loop.
+
+``--kind cpu``: a vCPU hot plug into the same guest booted with 1 of 2 vCPUs, per run under
+pych (``PUT vm.resize {"desired_vcpus": 2}``) and QEMU q35 ``-smp 1,maxcpus=2`` (QMP
+``device_add`` with the ids from ``query-hotpluggable-cpus``). VMM-side time as above;
+guest-visible: until /sys/devices/system/cpu/cpu1 appears, then how long the user's
+``echo 1 > .../cpu1/online`` takes. Also pych's ``vm_resize`` alone on a real KVM VM (paused
+guest, no HTTP): request to GED interrupt (goal < 5 ms).
+
     .venv/bin/python bench/hotplug.py [--size 1G] [--runs 5]
+    .venv/bin/python bench/hotplug.py --kind disk [--runs 3]
+    .venv/bin/python bench/hotplug.py --kind cpu [--runs 3]
 """
 
 from __future__ import annotations
@@ -34,7 +49,6 @@ from pathlib import Path
 from pych.api.client import ApiClient
 from pych.config import VmConfig
 from pych.devices.bus import Bus
-from pych.devices.virtio.mem import VirtioMem
 from pych.hypervisor.kvm import Kvm
 from pych.memory_manager import MemoryManager
 from pych.testing.guest import (READY, REPO, Console, PychGuest, Shell, guest_artifacts,
@@ -108,10 +122,7 @@ def pych_manager_resize(size: int, method: str, runs: int) -> list[float]:
             vm = kvm.create_vm()
             manager = MemoryManager(config.memory, vm, Bus("mmio"), notify=lambda event: None)
             try:
-                manager.create_boot_memory()
-                if manager.virtio_mem is not None:
-                    zone = manager.virtio_mem
-                    zone.device = VirtioMem(zone.region, name=zone.id)
+                manager.create_boot_memory()        # with virtio-mem, its device too
                 t0 = time.perf_counter()
                 manager.resize(BOOT + size)
                 times.append(time.perf_counter() - t0)
@@ -195,6 +206,246 @@ def bench_qemu(size: int) -> dict[str, tuple[float, float]]:
             p.wait()
 
 
+# --- PCI disk hot plug (--kind disk) ----------------------------------------------------------
+DISK_SIZE = 4 * MiB
+GUEST_DISK = "/sys/block/vda"           # the guests boot without a disk: the added one is vda
+
+
+def timed_until(shell: Shell, condition: str, request) -> tuple[float, float]:
+    """Start a guest loop of builtins spinning until the shell test ``condition`` holds, then
+    time ``request()`` (the VMM-side time) and the wait for the loop's end (guest-visible)."""
+    tag = uuid.uuid4().hex[:12]
+    console = shell.console
+    start = len(console.buf)
+    console.send(f"until {condition}; do :; done; printf '%s-%s\\n' {tag} seen\n")
+    t0 = time.perf_counter()
+    request()
+    vmm_side = time.perf_counter() - t0
+    console.expect(f"{tag}-seen".encode(), TIMEOUT, start)
+    return vmm_side, time.perf_counter() - t0
+
+
+def add_and_remove_disk(shell: Shell, add, remove) -> dict[str, tuple[float, float]]:
+    """Time ``add()`` until the guest has /sys/block/vda, then ``remove()`` until it is gone."""
+    return {"add": timed_until(shell, f"[ -e {GUEST_DISK} ]", add),
+            "remove": timed_until(shell, f"[ ! -e {GUEST_DISK} ]", remove)}
+
+
+def bench_pych_disk(image: Path) -> dict[str, tuple[float, float]]:
+    """pych: ``PUT vm.add-disk`` (the guest's acpiphp finds it in slot 2 of bus 0), then
+    ``PUT vm.remove-device``."""
+    with tempfile.TemporaryDirectory() as d:
+        g = PychGuest(Path(d), memory=f"size={BOOT // MiB}M")
+        try:
+            g.start()
+            g.wait_ready(TIMEOUT)
+            client = ApiClient(g.api_path)
+
+            def put(endpoint, body, expected):
+                status, reply = client.put(endpoint, body)
+                if status != expected:
+                    raise RuntimeError(f"{endpoint}: {status} {reply!r}")
+
+            return add_and_remove_disk(
+                g.shell, lambda: put("vm.add-disk", {"path": str(image), "id": "bench"}, 200),
+                lambda: put("vm.remove-device", {"id": "bench"}, 204))
+        finally:
+            g.stop()
+
+
+def bench_qemu_disk(image: Path, machine: str) -> dict[str, tuple[float, float]]:
+    """QEMU: QMP ``blockdev-add`` + ``device_add virtio-blk-pci``, then ``device_del``.
+
+    ``q35``: the disk goes into an empty ``pcie-root-port`` (q35's root bus takes no hot
+    plug); QEMU 7.2 drives hot plug on root ports with ACPI by default, so the guest's
+    acpiphp handles it as it does pych's, one bridge further down. ``pc``: ACPI hot plug
+    on bus 0, pych's own layout."""
+    with tempfile.TemporaryDirectory() as d:
+        qmp_path = str(Path(d) / "qmp.sock")
+        cmd = qemu_command(guest_artifacts(), machine=machine, memory=f"{BOOT // MiB}M")
+        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        device = {"driver": "virtio-blk-pci", "id": "vd1", "drive": "disk1"}
+        if machine == "q35":
+            cmd += ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"]
+            device["bus"] = "rp1"
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+        try:
+            console = Console(p.stdout.fileno(), p.stdin.fileno())
+            console.expect(READY, TIMEOUT)
+            shell = Shell(console)
+            shell.prepare()
+            qmp = Qmp(qmp_path)
+            try:
+                def add():
+                    qmp.execute("blockdev-add", **{"driver": "raw", "node-name": "disk1",
+                                                   "file": {"driver": "file",
+                                                            "filename": str(image)}})
+                    qmp.execute("device_add", **device)
+
+                return add_and_remove_disk(shell, add, lambda: qmp.execute("device_del", id="vd1"))
+            finally:
+                qmp.close()
+        finally:
+            p.kill()
+            p.wait()
+
+
+def main_disk(runs: int) -> int:
+    """Each run boots the guest under pych, QEMU q35 and QEMU pc in turn."""
+    vmms = {"pych": bench_pych_disk,
+            "QEMU q35 (pcie-root-port)": lambda image: bench_qemu_disk(image, "q35"),
+            "QEMU pc (bus 0)": lambda image: bench_qemu_disk(image, "pc")}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        image = Path(d) / "disk.raw"
+        image.write_bytes(bytes(DISK_SIZE))
+        for run in range(runs):
+            for name, bench in vmms.items():
+                for op, times in bench(image).items():
+                    results.setdefault((name, op), []).append(times)
+                    print(f"run {run + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
+                          f"guest-visible {times[1]:.1f} s", flush=True)
+    print(f"\nvirtio-blk hot plug into a {BOOT // MiB} MiB guest, {runs} runs (median, min-max)\n")
+    print("| VMM | operation | VMM-side (ms) | guest-visible (s) |\n|---|---|---|---|")
+    for (name, op), times in results.items():
+        vmm_side = [t[0] * 1000 for t in times]
+        guest = [t[1] for t in times]
+        print(f"| {name} | {op} | {statistics.median(vmm_side):.2f} "
+              f"({min(vmm_side):.2f}-{max(vmm_side):.2f}) | {statistics.median(guest):.1f} "
+              f"({min(guest):.1f}-{max(guest):.1f}) |")
+    return 0
+
+
+# --- CPU hot plug (--kind cpu) -----------------------------------------------------------------
+NEW_CPU = "/sys/devices/system/cpu/cpu1"    # the guests boot with 1 of 2 vCPUs: the added one
+
+
+def add_and_online_cpu(shell: Shell, add) -> dict[str, tuple[float, float]]:
+    """Time ``add()`` until the guest has cpu1 in sysfs, then the user's ``echo 1 > online``
+    (no VMM part: its VMM-side time is 0)."""
+    times = {"add": timed_until(shell, f"[ -e {NEW_CPU} ]", add)}
+    t0 = time.perf_counter()
+    rc, out = shell.run(f"echo 1 > {NEW_CPU}/online", timeout=TIMEOUT)
+    if rc:
+        raise RuntimeError(f"guest: onlining cpu1 failed: {out}")
+    times["online"] = (0.0, time.perf_counter() - t0)
+    return times
+
+
+def bench_pych_cpu() -> dict[str, tuple[float, float]]:
+    """pych: ``PUT vm.resize {"desired_vcpus": 2}`` (boot=1,max=2); VMM-side: its round trip."""
+    with tempfile.TemporaryDirectory() as d:
+        g = PychGuest(Path(d), cpus="boot=1,max=2", memory=f"size={BOOT // MiB}M")
+        try:
+            g.start()
+            g.wait_ready(TIMEOUT)
+            client = ApiClient(g.api_path)
+
+            def resize():
+                status, body = client.put("vm.resize", {"desired_vcpus": 2})
+                if status != 204:
+                    raise RuntimeError(f"vm.resize: {status} {body!r}")
+
+            return add_and_online_cpu(g.shell, resize)
+        finally:
+            g.stop()
+
+
+def bench_qemu_cpu() -> dict[str, tuple[float, float]]:
+    """QEMU q35 ``-smp 1,maxcpus=2``: QMP ``device_add`` of the CPU that
+    ``query-hotpluggable-cpus`` lists as free, with its socket/core/thread ids."""
+    with tempfile.TemporaryDirectory() as d:
+        qmp_path = str(Path(d) / "qmp.sock")
+        cmd = qemu_command(guest_artifacts(), machine="q35", memory=f"{BOOT // MiB}M",
+                           smp="1,maxcpus=2")
+        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+        try:
+            console = Console(p.stdout.fileno(), p.stdin.fileno())
+            console.expect(READY, TIMEOUT)
+            shell = Shell(console)
+            shell.prepare()
+            qmp = Qmp(qmp_path)
+            try:
+                free = [c for c in qmp.execute("query-hotpluggable-cpus") if "qom-path" not in c]
+                return add_and_online_cpu(shell, lambda: qmp.execute(
+                    "device_add", driver=free[0]["type"], id="cpu1", **free[0]["props"]))
+            finally:
+                qmp.close()
+        finally:
+            p.kill()
+            p.wait()
+
+
+def pych_vm_cpu_resize(runs: int) -> list[tuple[float, float]]:
+    """pych's resize path alone, in process, on a real KVM VM without HTTP: the test guest's
+    VM (boot=1,max=2) is booted and paused at once (the guest does not run), then
+    ``Vmm.vm_resize(desired_vcpus=2)``: creating and configuring vCPU 1, starting its thread,
+    the GED interrupt, the configuration update. Returns (until the GED interrupt was raised,
+    until vm_resize returned) per run, in seconds."""
+    from pych.cli.main import build_parser, config_from_args
+    from pych.config import VmResize
+    from pych.vcpu import install_kick_handler
+    from pych.vmm import Vmm
+
+    install_kick_handler()
+    art = guest_artifacts()
+    args = build_parser().parse_args([
+        "--kernel", str(art["vmlinux"]), "--initramfs", str(art["initramfs.cpio"]),
+        "--cmdline", guest_cmdline(), "--cpus", "boot=1,max=2",
+        "--memory", f"size={BOOT // MiB}M", "--serial", "off", "--console", "off"])
+    times = []
+    for _ in range(runs):
+        vmm = Vmm()
+        try:
+            vmm.vm_create(config_from_args(args))
+            vmm.vm_boot()
+            vmm.vm_pause()
+            cpus = vmm.vm.cpus
+            raised: list[float] = []
+            notify = cpus.notify
+            cpus.notify = lambda event: (notify(event), raised.append(time.perf_counter()))
+            t0 = time.perf_counter()
+            vmm.vm_resize(VmResize(desired_vcpus=2))
+            done = time.perf_counter()
+            times.append((raised[0] - t0, done - t0))
+        finally:
+            vmm.close()
+    return times
+
+
+def main_cpu(runs: int) -> int:
+    """The guest-less measurement ``runs`` times, then each run boots the guest under pych
+    and QEMU q35 in turn."""
+    alone = pych_vm_cpu_resize(runs)
+    vmms = {"pych": bench_pych_cpu, "QEMU q35": bench_qemu_cpu}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for run in range(runs):
+        for name, bench in vmms.items():
+            for op, times in bench().items():
+                results.setdefault((name, op), []).append(times)
+                print(f"run {run + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
+                      f"guest-visible {times[1]:.1f} s", flush=True)
+    print(f"\nvCPU hot plug 1 -> 2 into a {BOOT // MiB} MiB guest, {runs} runs (median, "
+          f"min-max)\n")
+    print("| VMM | operation | VMM-side (ms) | guest-visible (s) |\n|---|---|---|---|")
+    for (name, op), times in results.items():
+        vmm_side = [t[0] * 1000 for t in times]
+        guest = [t[1] for t in times]
+        print(f"| {name} | {op} | {statistics.median(vmm_side):.2f} "
+              f"({min(vmm_side):.2f}-{max(vmm_side):.2f}) | {statistics.median(guest):.1f} "
+              f"({min(guest):.1f}-{max(guest):.1f}) |")
+    ged = [t[0] * 1000 for t in alone]
+    whole = [t[1] * 1000 for t in alone]
+    print(f"\npych's Vmm.vm_resize alone, real KVM VM, paused guest ({runs} runs): request -> "
+          f"GED interrupt median {statistics.median(ged):.2f} ms ({min(ged):.2f}-{max(ged):.2f}, "
+          f"goal < 5 ms); whole call {statistics.median(whole):.2f} ms "
+          f"({min(whole):.2f}-{max(whole):.2f})")
+    return 0
+
+
 # --- report ---------------------------------------------------------------------------------
 def plot(rows: list[tuple[str, float, float]], path: Path) -> None:
     import matplotlib
@@ -215,8 +466,16 @@ def plot(rows: list[tuple[str, float, float]], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="memory to add (K/M/G)")
-    ap.add_argument("--runs", type=int, default=5, help="runs of the guest-less measurement")
+    ap.add_argument("--runs", type=int, default=5,
+                    help="memory: runs of the guest-less measurement; disk, cpu: guest runs "
+                         "per VMM")
+    ap.add_argument("--kind", choices=("memory", "disk", "cpu"), default="memory",
+                    help="what to hot plug: memory (default), a PCI disk (virtio-blk) or a vCPU")
     args = ap.parse_args()
+    if args.kind == "disk":
+        return main_disk(args.runs)
+    if args.kind == "cpu":
+        return main_cpu(args.runs)
     size = args.size
     if size % (128 * MiB):
         ap.error("--size must be a multiple of 128M")
