@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from pych.testing.guest import PychGuest
+from pych.testing.netns import network_namespace
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +30,11 @@ def guest_factory(request):
     yield boot
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def netns(request):
+    """A network namespace named by the module's ``NETNS`` (taps and packets stay in it);
+    deleted when the module ends."""
+    with network_namespace(request.module.NETNS) as name:
+        yield name

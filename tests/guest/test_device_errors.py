@@ -29,13 +29,6 @@ NOT_A_TAP = "lo"
 
 
 @pytest.fixture(scope="module")
-def netns():
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    yield NETNS
-    subprocess.run(["ip", "netns", "del", NETNS], check=False)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("device-errors")
     kernel = d / "idle.elf"

@@ -15,12 +15,12 @@ import json
 import os
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from pych.testing.guest import REPO
+from pych.testing.guest import REPO, vm_info
+from pych.testing.hotplug import wait_for_events, wait_in_guest
 
 DISK_SIZE = 4 << 20
 BLOCK = 4096
@@ -62,33 +62,6 @@ def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
         capture_output=True, text=True, timeout=120, check=True).stdout
     text, _, status = out.rpartition("\n")
     return int(status), text
-
-
-def vm_info(guest) -> dict:
-    out = subprocess.run(["curl", "-s", "--unix-socket", guest.api_path,
-                          "http://localhost/api/v1/vm.info"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
-
-
-def wait_in_guest(guest, condition: str, limit: int = 300) -> tuple[int, str]:
-    """Poll ``condition`` (a shell test) once a second in the guest, up to ``limit`` s;
-    rc 0 when it became true."""
-    return guest.run(f"i=0; until {condition}; do [ $i -ge {limit} ] && break; sleep 1; "
-                     f"i=$((i+1)); done; {condition}", timeout=limit + 120)
-
-
-def events(guest) -> list[dict]:
-    return [json.loads(line) for line in guest.events_path.read_text().splitlines() if line]
-
-
-def wait_for_event(guest, name: str, count: int, limit: float = 120) -> list[dict]:
-    deadline = time.monotonic() + limit
-    while True:
-        found = [e for e in events(guest) if e["event"] == name]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 def lock_is_free(path: Path) -> bool:
@@ -135,7 +108,7 @@ def test_removed_disk_leaves_the_guest_and_releases_everything(guest, disk):
 
     rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vda ]")
     assert rc == 0, "the guest never let go of the removed disk"
-    removed = wait_for_event(guest, "device-removed", 1)
+    removed = wait_for_events(guest, "device-removed", 1)
     assert [e["properties"] for e in removed] == [{"id": "_disk0", "bdf": "0000:00:02.0"}]
     rc, out = guest.run("lspci -n")
     assert "00:02.0" not in out
@@ -158,7 +131,7 @@ def test_slot_and_id_are_reusable_and_remove_wait_returns_after_the_eject(guest,
          "remove-device", "_disk0", "--wait=300"], capture_output=True, text=True, timeout=400)
     assert remote.returncode == 0, remote.stderr
     assert "_disk0" not in vm_info(guest)["device_tree"]
-    assert len(wait_for_event(guest, "device-removed", 2)) == 2
+    assert len(wait_for_events(guest, "device-removed", 2)) == 2
     rc, _ = guest.run("[ ! -e /sys/block/vda ]")
     assert rc == 0
 

@@ -21,7 +21,6 @@ in order and share the guest; nothing is timed.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -37,7 +36,10 @@ from pathlib import Path
 import pytest
 
 from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
-from pych.testing.guest import REPO, PychGuest
+from pych.testing.guest import REPO, PychGuest, vm_info
+from pych.testing.hotplug import wait_for_events, wait_in_guest
+from pych.testing.netns import in_netns
+from pych.testing.vsock import build_vsockcat_disk, vsock_to_guest
 
 NETNS = f"pych-hotplug-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.249.1", "192.168.249.2"
@@ -47,7 +49,6 @@ FD_HOST_IP, FD_GUEST_IP = "192.168.250.1", "192.168.250.2"
 CID = 3
 MiB = 1 << 20
 PMEM_MARKER = "pmem-hot-added-and-written-by-the-guest"
-CLONE_NEWNET = 0x40000000
 # virtio-pci vendor:device of each hot-added device
 PCI_IDS = {"net": "1af4:1041", "pmem": "1af4:105b", "vsock": "1af4:1053", "fdnet": "1af4:1041"}
 # What the guest shows once each device's driver is bound (shell tests, builtins only).
@@ -60,32 +61,6 @@ IF_UP = ('up() { for d in /sys/class/net/eth*; do read a < $d/address; '
 
 
 # --- host side ----------------------------------------------------------------------------------
-def in_netns(fn):
-    """Run ``fn()`` on a thread that has joined the module's network namespace; returns
-    its result (or raises its exception)."""
-    box = {}
-
-    def run():
-        try:
-            fd = os.open(f"/run/netns/{NETNS}", os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET):
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "host-side helper did not finish"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def open_tap_queue(name: str) -> int:
     """What a manager such as Kata does before handing a tap to the VMM: open
     /dev/net/tun and attach it to (creating) interface ``name``; returns the fd. Call it
@@ -124,31 +99,6 @@ def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
     return int(head.split()[1]), text
 
 
-def vm_info(guest) -> dict:
-    out = subprocess.run(["curl", "-s", "--unix-socket", guest.api_path,
-                          "http://localhost/api/v1/vm.info"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
-
-
-def wait_in_guest(guest, condition: str, limit: int = 300) -> tuple[int, str]:
-    """One guest command: poll ``condition`` every 0.5 s, up to ``limit`` s; rc 0 once true."""
-    return guest.run(f"i=0; until {condition}; do [ $i -ge {2 * limit} ] && break; "
-                     f"sleep 0.5; i=$((i+1)); done; {condition}", timeout=limit + 120)
-
-
-def events(guest, name: str) -> list[dict]:
-    return [e for e in map(json.loads, guest.events_path.read_text().splitlines())
-            if e["event"] == name]
-
-
-def wait_for_events(guest, name: str, count: int, limit: float = 120) -> list[dict]:
-    deadline = time.monotonic() + limit
-    while len(found := events(guest, name)) < count and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return found
-
-
 def resources(pid: int) -> tuple[int, int]:
     """(open fds, threads) of process ``pid``, once two reads 0.2 s apart agree (an API
     connection thread may still be finishing)."""
@@ -175,45 +125,13 @@ def holds(pid: int, path: Path) -> bool:
     return str(path) in fds or str(path) in Path(f"/proc/{pid}/maps").read_text()
 
 
-def vsock_to_guest(path: str, port: int, data: bytes, deadline: float) -> bytes:
-    """The hybrid vsock's host-initiated stream: CONNECT <port>, OK, then the data."""
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(60)
-        s.connect(path)
-        s.sendall(f"CONNECT {port}\n".encode())
-        if s.makefile("rb").readline().startswith(b"OK "):
-            break
-        s.close()                       # the guest was not listening yet: it reset us
-        assert time.monotonic() < deadline, "the guest never accepted the vsock stream"
-        time.sleep(1)
-    with s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
-    return reply
-
-
 # --- the guest --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def netns():
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    yield NETNS
-    subprocess.run(["ip", "netns", "del", NETNS], check=False)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("hotplug-devices")
-    tool = d / "vsockcat"
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(tool),
-                    str(REPO / "tests" / "guest" / "data" / "vsockcat.c")], check=True)
-    data = tool.read_bytes()
-    (d / "tool.img").write_bytes(data + bytes(-len(data) % 512))
+    tool_disk, tool_size = build_vsockcat_disk(d)
     (d / "pmem.img").write_bytes(bytes(2 * MiB))
-    return {"dir": d, "tool_disk": d / "tool.img", "tool_size": len(data),
+    return {"dir": d, "tool_disk": tool_disk, "tool_size": tool_size,
             "pmem": d / "pmem.img", "vsock": str(d / "vsock.sock")}
 
 
@@ -246,7 +164,7 @@ def test_nets_pmem_and_vsock_added_back_to_back_show_in_lspci(guest, files):
         assert status == 200, f"{endpoint}: {status} {text}"
         guest.added[kind] = json.loads(text)
     # The fourth: a tap set up here, its fd sent with SCM_RIGHTS (not in the JSON).
-    fd = in_netns(lambda: open_tap_queue(FD_TAP))
+    fd = in_netns(NETNS, lambda: open_tap_queue(FD_TAP))(60)
     try:
         remote = pych_remote(guest, "add-net", f"fd=[{fd}],mac={FD_MAC}", pass_fds=(fd,))
     finally:
@@ -268,7 +186,7 @@ def test_nets_pmem_and_vsock_added_back_to_back_show_in_lspci(guest, files):
     assert config["vsock"]["id"] == "_vsock3"
     assert {TAP, FD_TAP} <= links()
 
-    rc, out = wait_in_guest(guest, READY_IN_GUEST)
+    rc, out = wait_in_guest(guest, READY_IN_GUEST, interval=0.5)
     assert rc == 0, f"the guest never bound all four: {guest.run('lspci -n; dmesg | tail -20')}"
     rc, out = guest.run("lspci -n")
     assert rc == 0, out
@@ -356,7 +274,8 @@ def test_removing_all_four_leaves_nothing_behind(guest, files):
         assert (status, text) == (204, ""), info
     gone = " && ".join(f"[ ! -e /sys/bus/pci/devices/{info['bdf']} ]" for info in added.values())
     rc, _ = wait_in_guest(guest, f"{gone} && [ ! -e /sys/class/net/eth0 ] && "
-                                 "[ ! -e /sys/class/net/eth1 ] && [ ! -e /dev/pmem0 ]")
+                                 "[ ! -e /sys/class/net/eth1 ] && [ ! -e /dev/pmem0 ]",
+                          interval=0.5)
     assert rc == 0, f"the guest kept a removed device: {guest.run('lspci -n')}"
     removed = wait_for_events(guest, "device-removed", 4)
     assert sorted((e["properties"]["id"], e["properties"]["bdf"]) for e in removed) == \

@@ -23,6 +23,7 @@ import pytest
 
 from pych.api.client import ApiClient
 from pych.testing.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
+from pych.testing.hotplug import wait_in_guest
 
 CYCLES = 20
 DISK_SIZE = 1 << 20
@@ -107,12 +108,6 @@ class ColdStartedGuest:
         self._log.close()
 
 
-def wait_in_guest(guest, condition: str, limit: int = 300) -> tuple[int, str]:
-    """One guest command: poll ``condition`` every 0.5 s, up to ``limit`` s."""
-    return guest.run(f"i=0; until {condition}; do [ $i -ge {2 * limit} ] && break; "
-                     f"sleep 0.5; i=$((i+1)); done; {condition}", timeout=limit + 120)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pci-hotplug-stress")
@@ -162,14 +157,14 @@ def test_twenty_add_remove_cycles_keep_fds_and_threads_constant(guest, disks):
         status, body = guest.put("vm.add-disk", {"path": str(disks[1])})
         assert status == 200, f"cycle {cycle}: {body}"
         dev_id = json.loads(body)["id"]
-        rc, _ = wait_in_guest(guest, "[ -e /sys/block/vdb ]")
+        rc, _ = wait_in_guest(guest, "[ -e /sys/block/vdb ]", interval=0.5)
         assert rc == 0, f"cycle {cycle}: the guest never saw the added disk"
         status, body = guest.put("vm.remove-device", {"id": dev_id})
         assert (status, body) == (204, ""), f"cycle {cycle}"
         removed = guest.wait_for_events("device-removed", cycle + 1)
         assert len(removed) == cycle + 1, f"cycle {cycle}: no device-removed for {dev_id}"
         assert removed[-1]["properties"]["id"] == dev_id
-        rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vdb ]")
+        rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vdb ]", interval=0.5)
         assert rc == 0, f"cycle {cycle}: the guest kept the removed disk"
         samples.append(guest.resources())
     assert samples[1:] == samples[:1] * (CYCLES - 1), \

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from pych.testing.guest import vm_info
+from pych.testing.hotplug import events, wait_in_guest
+
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 HOST_FILE_SIZE = 256 * 1024
 
@@ -107,30 +110,8 @@ def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
     return int(status), text
 
 
-def vm_info(guest) -> dict:
-    out = subprocess.run(["curl", "-s", "--unix-socket", guest.api_path,
-                          "http://localhost/api/v1/vm.info"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
-
-
-def wait_in_guest(guest, condition: str, limit: int = 300) -> tuple[int, str]:
-    return guest.run(f"i=0; until {condition}; do [ $i -ge {limit} ] && break; sleep 1; "
-                     f"i=$((i+1)); done; {condition}", timeout=limit + 120)
-
-
 def pych_fds(guest) -> int:
     return len(os.listdir(f"/proc/{guest.proc.pid}/fd"))
-
-
-def events(guest, name: str) -> list[dict]:
-    found = []
-    for line in guest.events_path.read_text().splitlines():
-        if line:
-            event = json.loads(line)
-            if event["event"] == name:
-                found.append(event)
-    return found
 
 
 def wait_until(predicate, limit: float) -> bool:

@@ -1,0 +1,39 @@
+"""Waiting for hot plug to show in a real guest and in pych's event monitor.
+
+``wait_in_guest`` polls a shell condition inside the guest in one command (acpiphp takes
+tens of seconds on this host to probe or release a device); ``events`` and
+``wait_for_events`` read the JSON lines of the file the guest's ``--event-monitor
+path=...`` writes, which tests keep as ``guest.events_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def wait_in_guest(guest, condition: str, limit: int = 300,
+                  interval: float = 1) -> tuple[int, str]:
+    """One guest command: poll ``condition`` (a shell test) every ``interval`` s, up to
+    ``limit`` s; returns (rc, output) of its last evaluation, rc 0 once it became true."""
+    steps = round(limit / interval)
+    return guest.run(f"i=0; until {condition}; do [ $i -ge {steps} ] && break; "
+                     f"sleep {interval}; i=$((i+1)); done; {condition}", timeout=limit + 120)
+
+
+def events(guest, name: str) -> list[dict]:
+    """The events called ``name`` pych has written to ``guest.events_path`` so far."""
+    found = []
+    for line in guest.events_path.read_text().splitlines():
+        if line and (event := json.loads(line))["event"] == name:
+            found.append(event)
+    return found
+
+
+def wait_for_events(guest, name: str, count: int, limit: float = 120) -> list[dict]:
+    """The events called ``name`` once there are ``count`` of them, or all there are after
+    ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while len(found := events(guest, name)) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found

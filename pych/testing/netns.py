@@ -1,0 +1,59 @@
+"""Network namespaces for tests that make taps: everything pych creates stays inside one.
+
+``network_namespace(name)`` creates a named namespace (``ip netns add``) and deletes it on
+exit; ``in_netns(name, fn)`` runs ``fn`` on a thread that has joined it, for host-side
+sockets and tap fds that must live in the guest's network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def network_namespace(name: str) -> Iterator[str]:
+    """Create the network namespace ``name`` (needs root); delete it on exit."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> Callable[..., T]:
+    """Run ``fn()`` on a new thread that has joined network namespace ``name``; returns a
+    ``wait(timeout=180)`` that gives back fn's result (or raises its exception)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET):
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to wait()
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait(timeout: float = 180) -> T:
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"host-side helper in {name} did not finish in {timeout} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return wait
