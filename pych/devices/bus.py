@@ -14,7 +14,10 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from pych.guest_log import GuestLog
+
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)
 
 
 class BusDevice(Protocol):
@@ -82,19 +85,38 @@ class Bus:
         return None
 
     def read(self, addr: int, size: int) -> int:
+        """The device's answer, cut to ``size`` bytes.  Whatever the guest asks, a read
+        answers: a device that fails is logged (rate-limited) and reads as all ones, like
+        an open bus, so no guest access can raise into the vCPU loop."""
+        mask = (1 << (8 * size)) - 1
         hit = self.find(addr)
         if hit is None:
-            return (1 << (8 * size)) - 1        # open bus reads as all ones
+            return mask                         # open bus reads as all ones
         base, dev = hit
-        return dev.read(addr - base, size)
+        try:
+            return dev.read(addr - base, size) & mask
+        except Exception as e:  # noqa: BLE001 - the guest must not crash the VMM
+            self._device_failed(dev, "read", addr, size, e)
+            return mask
 
     def write(self, addr: int, size: int, value: int) -> bool:
+        """Hand the write to the device; False if nothing is mapped at ``addr``.  A device
+        that fails is logged (rate-limited) and the write is dropped."""
         hit = self.find(addr)
         if hit is None:
             return False
         base, dev = hit
-        dev.write(addr - base, size, value)
+        try:
+            dev.write(addr - base, size, value)
+        except Exception as e:  # noqa: BLE001 - the guest must not crash the VMM
+            self._device_failed(dev, "write", addr, size, e)
         return True
+
+    def _device_failed(self, dev: BusDevice, what: str, addr: int, size: int,
+                       error: Exception) -> None:
+        _guest_log.warning((self.name, type(dev).__name__, what),
+                           "%s: %d-byte %s at %#x failed in %s: %s: %s", self.name, size, what,
+                           addr, type(dev).__name__, type(error).__name__, error)
 
     def __iter__(self):
         return iter((r.base, r.length, r.device) for r in self._ranges)

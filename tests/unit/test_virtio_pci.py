@@ -403,3 +403,20 @@ def test_console_config_change_interrupt(machine):
     assert driver.common_read(CommonCfg.CONFIG_GENERATION, 1) == generation + 1
     assert driver.read(VirtioPciCapType.DEVICE_CFG, 0, 4) == 30 << 16 | 100
     assert machine.msi.groups[0].vectors[0].wait_for_triggers(1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_pci_cfg_data_reads_are_as_wide_as_the_access(machine, size):
+    """A read of pci_cfg_data returns ``size`` bytes of the window, whatever its length."""
+    transport, slot = machine.plug(VirtioRng())
+    driver = LinuxDriver(machine, slot)
+    driver.probe()
+    cap = driver.caps[VirtioPciCapType.PCI_CFG][3]
+    driver.cfg_write(cap + 4, 1, 0)
+    driver.cfg_write(cap + 8, 4, CommonCfg.DEVICE_FEATURE)
+    driver.cfg_write(cap + 12, 4, 4)
+    for offset in range(0, 5 - size):
+        value = driver.cfg_read(cap + 16 + offset, size)
+        assert 0 <= value < 1 << (8 * size)
+    driver.cfg_write(cap + 16 + 1, 1, 0xFF)       # a partial write does not reach the BAR
+    assert driver.status() == 0

@@ -28,6 +28,7 @@ RECEIVEQ = 0
 TRANSMITQ = 1
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_INPUT_LIMIT = 1 << 20
+OUTPUT_CHUNK = 64 << 10                   # bytes handed to the sink at a time
 
 _CONFIG = struct.Struct("<HHII")            # cols, rows, max_nr_ports, emerg_wr
 _EMERG_WR = 8
@@ -91,7 +92,11 @@ class VirtioConsole(VirtioDevice):
             super().process_queue(index)
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
-        self._output(chain.reader().read(chain.readable_len))
+        # Piece by piece: a chain may name the same large buffer many times over, and
+        # joining it would cost pych many times the guest's memory.
+        for view in chain.readable_views():
+            for start in range(0, len(view), OUTPUT_CHUNK):
+                self._output(bytes(view[start:start + OUTPUT_CHUNK]))
         return 0
 
     def _input_ready(self) -> None:

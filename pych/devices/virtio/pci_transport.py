@@ -201,8 +201,11 @@ class VirtioPciDevice(PciDevice):
 
     def config_read(self, offset: int, size: int) -> int:
         if self._in_pci_cfg_data(offset, size):
+            # pci_cfg_data holds the window's bytes; the access may read any part of it.
             window = self._pci_cfg_window()
-            return self.bar_read(BAR_INDEX, *window) if window else 0
+            value = self.bar_read(BAR_INDEX, *window) if window else 0
+            shift = 8 * (offset - self._pci_cfg_cap - 16)
+            return (value >> shift) & ((1 << (8 * size)) - 1)
         value = self.config.read(offset, size)
         if self._intx_asserted and offset <= STATUS < offset + size:
             # Computed here rather than stored, so worker threads never write config space.
@@ -212,7 +215,8 @@ class VirtioPciDevice(PciDevice):
     def config_write(self, offset: int, size: int, value: int) -> None:
         if self._in_pci_cfg_data(offset, size):
             window = self._pci_cfg_window()
-            if window:
+            # A write reaches the BAR only when it covers the window from its first byte.
+            if window and offset == self._pci_cfg_cap + 16 and size >= window[1]:
                 bar_offset, length = window
                 self.bar_write(BAR_INDEX, bar_offset, length, value & ((1 << (8 * length)) - 1))
             return

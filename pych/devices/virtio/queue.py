@@ -266,7 +266,10 @@ class Virtqueue:
         return self._avail[1]
 
     def has_available(self) -> bool:
-        return self._avail[1] != self._next_avail
+        """Whether :meth:`pop` has a chain to look at: ``avail.idx`` is ahead, by no more
+        than the queue size (beyond that the index is garbage until the driver repairs it
+        or resets the device, and there is nothing to consume)."""
+        return 0 < (self._avail[1] - self._next_avail) & 0xFFFF <= self.size
 
     # --- consuming --------------------------------------------------------------------------
     def pop(self) -> DescriptorChain | None:
@@ -344,6 +347,12 @@ class Virtqueue:
             raise VirtqueueError(QueueError.INDIRECT_WITH_NEXT)
         if length == 0 or length % DESCRIPTOR_SIZE:
             raise VirtqueueError(QueueError.INDIRECT_TABLE_INVALID, f"length {length}")
+        if length > desc_table_size(MAX_QUEUE_SIZE):
+            # Bounds the work and memory one request can cost: no chain has more entries
+            # than the largest queue has descriptors.
+            raise VirtqueueError(QueueError.INDIRECT_TABLE_INVALID,
+                                 f"{length // DESCRIPTOR_SIZE} entries, more than "
+                                 f"{MAX_QUEUE_SIZE}")
         try:
             return self.mem.view(addr, length), length // DESCRIPTOR_SIZE
         except GuestMemoryError as e:
@@ -393,13 +402,15 @@ class Virtqueue:
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick on its next buffer.  Returns True if buffers arrived
-        in the meantime: the caller must process them (or it would wait forever)."""
+        in the meantime: the caller must process them (or it would wait forever).  An
+        index moved ahead by more than the queue size is no buffer: answering True for it
+        would make every drain loop spin."""
         if self.event_idx:
             self._used[self._avail_event] = self._next_avail
         else:
             self._used[0] = 0
         memory_fence()
-        return self._avail[1] != self._next_avail
+        return self.has_available()
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was used since the last call."""

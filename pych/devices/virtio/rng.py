@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
@@ -27,7 +29,7 @@ class VirtioRng(VirtioDevice):
         filled = 0
         while views:
             try:
-                n = os.readv(self._fd, views)
+                n = os.readv(self._fd, views[:IOV_MAX])
             except InterruptedError:
                 continue
             if n == 0:                        # a finite source ran dry: return what we have
