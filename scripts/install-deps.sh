@@ -8,6 +8,8 @@ PACKAGES=(
   busybox-static util-linux pciutils
   # checks and peers: iasl for the AML tests, QEMU as the reference/benchmark peer
   acpica-tools qemu-system-x86
+  # qemu-img (disk images in other formats, for the format checks)
+  qemu-utils
   # virtiofsd (/usr/lib/qemu/virtiofsd), the vhost-user back-end of the virtio-fs tests
   qemu-system-common
   # host networking for tap devices, and e2fsprogs for disk images

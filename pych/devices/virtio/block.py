@@ -17,6 +17,8 @@ import logging
 import os
 import struct
 
+from pych.devices.disk_format import UNKNOWN, check_image
+
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import ChainReader, ChainWriter, DescriptorChain
 
@@ -175,11 +177,15 @@ class VirtioBlock(VirtioDevice):
                  serial: str | bytes | None = None, num_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, logical_block_size: int = SECTOR_SIZE,
                  size_max: int | None = None, seg_max: int | None = None, lock: bool = True,
-                 name: str = "disk") -> None:
+                 image_type: str = UNKNOWN, name: str = "disk") -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, not {num_queues}")
         if logical_block_size < SECTOR_SIZE or logical_block_size & (logical_block_size - 1):
             raise ValueError(f"logical block size {logical_block_size} is not a power of two >= 512")
+        try:
+            check_image(path, image_type)      # before anything opens it for writing
+        except OSError as e:
+            raise DiskError(f"cannot open disk image {os.fspath(path)}: {e.strerror}") from e
         self.image = DiskImage(path, readonly=readonly, lock=lock)
         self.readonly = readonly
         self.logical_block_size = logical_block_size
