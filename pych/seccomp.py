@@ -185,6 +185,7 @@ IOCTL_TYPES = {
 }
 CLONE_THREAD = 0x00010000
 AF_UNIX = 1
+PR_SET_NAME = 15                         # prctl: a device worker names itself (pych.threads)
 #: openat flags that would write, create or truncate: any of them is refused.
 OPENAT_WRITE_FLAGS = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                       | getattr(os, "O_TMPFILE", 0x410000))
@@ -259,7 +260,7 @@ class _Assembler:
 
 def build_vcpu_filter(default_action: int, *, allowed: Iterable[str] = VCPU_SYSCALLS) -> bytes:
     """The vCPU threads' filter as ``struct sock_filter`` bytes: :data:`VCPU_SYSCALLS`,
-    ioctl/clone/clone3/socket/openat with their argument checks, and ``default_action``
+    ioctl/clone/clone3/socket/openat/prctl with their argument checks, and ``default_action``
     for any other x86_64 call."""
     a = _Assembler()
     a.load(DATA_ARCH)
@@ -268,7 +269,7 @@ def build_vcpu_filter(default_action: int, *, allowed: Iterable[str] = VCPU_SYSC
     a.jump(BPF_JGE_K, X32_SYSCALL_BIT, "kill", None)
     # the hottest call first: every guest exit is one KVM_RUN ioctl
     checked = {"ioctl": "ioctl", "clone": "clone", "clone3": "clone3", "socket": "socket",
-               "openat": "openat"}
+               "openat": "openat", "prctl": "prctl"}
     for name, target in checked.items():
         a.jump(BPF_JEQ_K, SYSCALL_NUMBERS[name], target, None)
     for name in allowed:
@@ -295,6 +296,9 @@ def build_vcpu_filter(default_action: int, *, allowed: Iterable[str] = VCPU_SYSC
     a.label("openat")                    # read-only
     a.load(data_arg_low(2))
     a.jump(BPF_JSET_K, OPENAT_WRITE_FLAGS, "deny", "allow")
+    a.label("prctl")                     # naming the thread, nothing else
+    a.load(data_arg_low(0))
+    a.jump(BPF_JEQ_K, PR_SET_NAME, "allow", "deny")
 
     a.label("deny")
     a.ret(default_action)

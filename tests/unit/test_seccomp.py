@@ -93,6 +93,12 @@ def test_sockets_only_unix_and_files_only_read_only(trap):
         assert run_filter(trap, NR["openat"], (-100, 0, flags)) == SECCOMP_RET_TRAP, flags
 
 
+def test_prctl_only_to_name_a_thread(trap):
+    assert run_filter(trap, NR["prctl"], (15, 0)) == SECCOMP_RET_ALLOW              # PR_SET_NAME
+    for option in (22, 38, 4, 1):    # PR_SET_SECCOMP, NO_NEW_PRIVS, SET_DUMPABLE, PDEATHSIG
+        assert run_filter(trap, NR["prctl"], (option, 0)) == SECCOMP_RET_TRAP, option
+
+
 def test_other_abis_kill_the_process(trap):
     assert run_filter(trap, NR["read"], arch=0x40000003) == SECCOMP_RET_KILL_PROCESS     # i386
     assert run_filter(trap, 0x40000000 | NR["read"]) == SECCOMP_RET_KILL_PROCESS         # x32

@@ -57,6 +57,7 @@ import tty
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from pych.threads import NamedThread
 from pych.unix_socket import listen_unix
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,8 @@ class _IoThreadBackend(SerialBackend):
             if self._thread is not None or self._closed:
                 raise RuntimeError(f"serial {self.mode} backend already started or closed")
             self._uart = uart
-            self._thread = threading.Thread(target=self._run, name=f"serial-{self.mode}",
-                                            daemon=True)
+            self._thread = NamedThread(target=self._run, name=f"serial-{self.mode}",
+                                       daemon=True)
         self._thread.start()
         return self.write
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple, Protocol
 
 from pych.memory import GuestMemory
+from pych.threads import NamedThread
 
 from .queue import DescriptorChain, Virtqueue
 
@@ -171,7 +172,7 @@ class VirtioDevice:
             self.queues = {q.index: q for q in queues}
             self.interrupt = interrupt
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._worker = threading.Thread(target=self._run, name=f"virtio-{self.name}", daemon=True)
+            self._worker = NamedThread(target=self._run, name=self.name, daemon=True)
             self._worker.start()
 
     def reset(self) -> None:

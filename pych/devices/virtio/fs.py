@@ -86,6 +86,7 @@ from pych.devices.vhost_user import (MEM_TABLE_MAX_REGIONS, VHOST_USER_F_PROTOCO
                                      MemoryRegionInfo, ProtocolFeature, VhostUserError,
                                      VhostUserFrontend)
 from pych.memory import GuestMemory, MemoryRegion
+from pych.threads import NamedThread
 
 from .device import (RING_FEATURES, VIRTIO_F_VERSION_1, ActivationError, ActiveQueue,
                      VirtioDevice, VirtioDeviceType, VirtioInterrupt, drain_eventfd)
@@ -243,8 +244,8 @@ class VirtioFs(VirtioDevice):
                     raise ActivationError(f"{self.name}: {e}") from None
                 raise
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._monitor = threading.Thread(
-                target=self._watch, name=f"virtio-{self.name}", daemon=True,
+            self._monitor = NamedThread(
+                target=self._watch, name=self.name, daemon=True,
                 args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), interrupt))
             self._monitor.start()
         log.info("%s: the vhost-user backend at %s serves queues %s", self.name,
