@@ -174,3 +174,23 @@ def test_event_idx_and_indirect(image):
         for sector, bufs in enumerate(buffers):
             assert mq.read_writable(bufs) == data[512 * sector:512 * (sector + 1)] + b"\0"
         assert mq.avail_event == 4                  # re-armed for the next request
+
+
+def test_counters_count_what_the_device_did(image):
+    path, _ = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        zero = h.device.counters()
+        assert zero == {"read_bytes": 0, "read_ops": 0, "read_latency_min": 0,
+                        "read_latency_max": 0, "read_latency_avg": 0, "write_bytes": 0,
+                        "write_ops": 0, "write_latency_min": 0, "write_latency_max": 0,
+                        "write_latency_avg": 0}
+        submit(h, RequestType.IN, sector=0, read_sizes=[512, 1024])
+        submit(h, RequestType.IN, sector=8, read_sizes=[512])
+        submit(h, RequestType.OUT, sector=4, data=[b"A" * 1024])
+        submit(h, RequestType.FLUSH)
+        submit(h, RequestType.IN, sector=SECTORS, read_sizes=[512])      # past the end: IOERR
+        c = h.device.counters()
+        assert (c["read_bytes"], c["read_ops"], c["write_bytes"], c["write_ops"]) == \
+            (2048, 2, 1024, 1)
+        assert c["read_latency_min"] <= c["read_latency_avg"] <= c["read_latency_max"]
+        assert c["write_latency_min"] == c["write_latency_avg"] == c["write_latency_max"]

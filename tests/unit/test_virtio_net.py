@@ -105,3 +105,18 @@ def test_macs():
     with pytest.raises(ValueError):
         parse_mac("52:54:00:12:34")
 
+
+
+def test_counters_count_frames_and_bytes_without_the_header(tap):
+    with DeviceHarness(VirtioNet(tap, mac=MAC)) as h:
+        assert h.device.counters() == {"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0,
+                                       "tx_frames": 0}
+        head = h.queue(TRANSMITQ).add_chain([HEADER, b"x" * 60])
+        h.kick(TRANSMITQ)
+        assert h.wait_used(TRANSMITQ) == [(head, 0)]
+        tap.host.send(HEADER + b"y" * 42)
+        h.queue(RECEIVEQ).add_chain(writable=[1526])
+        h.kick(RECEIVEQ)
+        h.wait_used(RECEIVEQ)
+        assert h.device.counters() == {"rx_bytes": 42, "rx_frames": 1, "tx_bytes": 60,
+                                       "tx_frames": 1}

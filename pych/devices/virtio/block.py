@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 
 from pych.devices.disk_format import UNKNOWN, check_image
 
@@ -149,6 +150,30 @@ class DiskImage:
         os.fsync(self.fd)
 
 
+class _OpStats:
+    """One direction's totals; updated by the device's worker, read by the VMM (each field
+    is one Python int store, atomic under the GIL)."""
+
+    def __init__(self) -> None:
+        self.bytes = self.ops = 0
+        self.latency_min = self.latency_max = self.latency_total = 0      # ns
+
+    def add(self, length: int, latency_ns: int) -> None:
+        if not self.ops or latency_ns < self.latency_min:
+            self.latency_min = latency_ns
+        self.latency_max = max(self.latency_max, latency_ns)
+        self.latency_total += latency_ns
+        self.bytes += length
+        self.ops += 1
+
+    def counters(self, what: str) -> dict[str, int]:
+        ops = self.ops
+        return {f"{what}_bytes": self.bytes, f"{what}_ops": ops,
+                f"{what}_latency_min": self.latency_min // 1000,
+                f"{what}_latency_max": self.latency_max // 1000,
+                f"{what}_latency_avg": self.latency_total // ops // 1000 if ops else 0}
+
+
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     """Drop the first ``n`` bytes of a scatter list."""
     i = 0
@@ -206,6 +231,7 @@ class VirtioBlock(VirtioDevice):
         self.serial = serial[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.io_errors = 0
         self.malformed_requests = 0
+        self.stats = {"read": _OpStats(), "write": _OpStats()}
 
     @property
     def capacity(self) -> int:
@@ -223,6 +249,15 @@ class VirtioBlock(VirtioDevice):
 
     def close_backend(self) -> None:
         self.image.close()
+
+    def counters(self) -> dict[str, int]:
+        """The reference's block counters: bytes and requests read and written, and each
+        direction's latency in microseconds (0 until the first request; the reference
+        shows 2^64-1 there)."""
+        out = {}
+        for what, stats in self.stats.items():
+            out.update(stats.counters(what))
+        return out
 
     # --- requests ---------------------------------------------------------------------------
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
@@ -252,18 +287,24 @@ class VirtioBlock(VirtioDevice):
         match request:
             case RequestType.IN:
                 views = data.take(data.remaining)
-                offset = self._range(sector, sum(len(v) for v in views))
+                length = sum(len(v) for v in views)
+                offset = self._range(sector, length)
                 if offset is None:
                     return BlockStatus.IOERR
+                start = time.monotonic_ns()
                 self.image.read_into(views, offset)
+                self.stats["read"].add(length, time.monotonic_ns() - start)
             case RequestType.OUT:
                 if self.readonly:
                     return BlockStatus.IOERR
                 views = reader.take(reader.remaining)
-                offset = self._range(sector, sum(len(v) for v in views))
+                length = sum(len(v) for v in views)
+                offset = self._range(sector, length)
                 if offset is None:
                     return BlockStatus.IOERR
+                start = time.monotonic_ns()
                 self.image.write_from(views, offset)
+                self.stats["write"].add(length, time.monotonic_ns() - start)
             case RequestType.FLUSH:
                 self.image.flush()
             case RequestType.GET_ID:

@@ -206,6 +206,11 @@ class VirtioDevice:
     def close_backend(self) -> None:
         """Release host resources for good (files, locks, sockets)."""
 
+    def counters(self) -> dict[str, int] | None:
+        """What ``vm.counters`` shows for this device (the reference's keys), or None for a
+        device that keeps no counters."""
+        return None
+
     def interrupt_routes_changed(self) -> None:
         """While the device is active, the driver switched MSI-X on or off or mapped a queue
         to another vector. Only a device that handed a queue's interrupt eventfd to a

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 
 from pych.devices.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
-                                  Tap, TapError)
+                                  VNET_HDR_SIZE, Tap, TapError)
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
@@ -119,6 +119,7 @@ class VirtioNet(VirtioDevice):
         self.mac = mac
         self.mtu = mtu
         self.rx_frames = self.tx_frames = 0
+        self.rx_bytes = self.tx_bytes = 0       # frame bytes, the virtio-net header not counted
         self.tx_dropped = 0
         self._rx_chain: DescriptorChain | None = None     # popped, waiting for a frame
         self._tap_events = select.epoll(1)
@@ -162,11 +163,17 @@ class VirtioNet(VirtioDevice):
         else:
             super().process_queue(index)
 
+    def counters(self) -> dict[str, int]:
+        """The reference's net counters."""
+        return {"rx_bytes": self.rx_bytes, "rx_frames": self.rx_frames,
+                "tx_bytes": self.tx_bytes, "tx_frames": self.tx_frames}
+
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         """Transmit one frame (header included) to the tap."""
         try:
-            os.writev(self.tap.fd, chain.readable_views())
+            sent = os.writev(self.tap.fd, chain.readable_views())
             self.tx_frames += 1
+            self.tx_bytes += max(0, sent - VNET_HDR_SIZE)
         except OSError as e:                   # a full tap queue or a malformed frame
             self.tx_dropped += 1
             if self.tx_dropped == 1:
@@ -195,6 +202,7 @@ class VirtioNet(VirtioDevice):
             self._rx_chain = None
             queue.add_used(chain.head, n)
             self.rx_frames += 1
+            self.rx_bytes += max(0, n - VNET_HDR_SIZE)
             filled += 1
             if filled % RX_BATCH == 0:
                 self.signal_used(RECEIVEQ)
