@@ -9,13 +9,13 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import Field, RootModel, Strict, ValidationError, field_validator
 
 from pych.config.base import (
+    I32,
+    I64,
     INTEGER,
     TEXT,
     TOGGLE,
     U32,
     U64,
-    I32,
-    I64,
     ApiModel,
     Bool,
     Cli,
@@ -30,7 +30,13 @@ from pych.config.base import (
     one_of,
     pairs,
 )
-from pych.config.grammar import dequote, parse_byte_size, parse_integer, parse_tuple_list, parse_integer_list
+from pych.config.grammar import (
+    dequote,
+    parse_byte_size,
+    parse_integer,
+    parse_integer_list,
+    parse_tuple_list,
+)
 from pych.config.vm import VmConfig
 
 __all__ = [
@@ -205,9 +211,7 @@ class SendMigrationData(CliModel):
     timeout_strategy: Annotated[
         TimeoutStrategy, Cli(one_of({"cancel": "Cancel", "ignore": "Ignore"}))
     ] = "Cancel"
-    connections: Annotated[
-        int, Strict(), Field(ge=1, le=MAX_MIGRATION_CONNECTIONS), INTEGER
-    ] = 1
+    connections: Annotated[int, Strict(), Field(ge=1, le=MAX_MIGRATION_CONNECTIONS), INTEGER] = 1
     tls_dir: Annotated[Str | None, TEXT] = None
     memory_mode: Annotated[MigrationMode, Cli(_MIGRATION_MODES)] = "Precopy"
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 from pydantic import Field, field_validator
 
 from pych.config.base import (
+    I32,
     INTEGER,
     INTEGER_LIST,
     TEXT,
@@ -16,7 +17,6 @@ from pych.config.base import (
     U16,
     U32,
     U64,
-    I32,
     Bool,
     Cli,
     CliModel,
@@ -133,9 +133,7 @@ class GenericVhostUserConfig(PciDeviceConfig):
     iommu: Bool = False
     socket: Annotated[Str, Cli(required=True)]
     queue_sizes: Annotated[list[U16], Cli(parse_integer_list, required="queue size missing")]
-    device_type: Annotated[
-        U32, Cli(_virtio_device_type, required=True, deprecated="virtio_id")
-    ]
+    device_type: Annotated[U32, Cli(_virtio_device_type, required=True, deprecated="virtio_id")]
 
     def _validate(self, config: VmConfig) -> None:
         check_no_iommu(self)

@@ -332,7 +332,10 @@ class CliModel(ApiModel):
         for name, cli in grammar.keys:
             if cli.deprecated is not None and cli.deprecated in opts:
                 log.warning(
-                    "%r in %s is deprecated; use %r.", cli.deprecated, cls.CLI_OPTION, cli.key or name
+                    "%r in %s is deprecated; use %r.",
+                    cli.deprecated,
+                    cls.CLI_OPTION,
+                    cli.key or name,
                 )
         required = [(name, cli) for name, cli in grammar.keys if cli.required]
         for name, cli in required:

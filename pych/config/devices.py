@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from pych.config.base import (
-    BYTE_SIZE,
     INTEGER,
     TEXT,
     TOGGLE,
@@ -280,8 +279,7 @@ def _io_port(raw: str) -> int:
     text = dequote(raw)
     if not text.startswith("0x") or not re.fullmatch(r"[0-9A-Fa-f]+", text[2:]):
         raise Rejected(
-            "The IO port was not properly provided in hex or a `0x` prefix "
-            f"is missing: {text}"
+            f"The IO port was not properly provided in hex or a `0x` prefix is missing: {text}"
         )
     return int(text[2:], 16)
 

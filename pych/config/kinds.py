@@ -1,11 +1,15 @@
-"""The device-kind registry: every kind of device a VM configuration can hold, in one table.
+"""The device-kind registry: every kind of device pych creates from a VM configuration.
 
 A :class:`DeviceKind` says, for one kind, which configuration model describes it, which
 :class:`~pych.config.VmConfig` field holds it, how its default ids are spelled, whether the
 guest may be asked to eject it, and which ``vm.add-*`` endpoint hot plugs it.  Boot order,
-id generation, validation, hot plug, removal and ``pych-remote`` all read this table, so a
-new kind is added here and in the device that implements it (its factory in the device
-manager), nowhere else.
+id generation (with :meth:`~pych.config.VmConfig.identifiers`), hot plug, removal and
+``pych-remote`` read this table.  A new kind is its model (with its CLI keys), its
+``VmConfig`` field and its checks in ``VmConfig.validate`` (which keeps the reference's
+order of checks), an entry here, and the device with its factory in the device manager.
+
+The virtio RTC (``VmConfig.rtc``) is configuration only: pych creates no such device, so it
+is not a kind.
 
 The order of :data:`DEVICE_KINDS` is the order in which the reference creates boot
 devices (console, disks, nets, rng, fs, pmem, vsock, balloon, VFIO ...), which fixes PCI

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AliasChoices, Field, field_validator
 
 from pych.config.base import (
+    I32,
     INTEGER,
     INTEGER_LIST,
     STRING_LIST,
@@ -18,7 +19,6 @@ from pych.config.base import (
     U8,
     U16,
     U32,
-    I32,
     ApiModel,
     Bool,
     Cli,
@@ -221,9 +221,9 @@ class PlatformConfig(CliModel):
 
     num_pci_segments: Annotated[U16, INTEGER] = 1
     iommu_segments: Annotated[list[U16] | None, INTEGER_LIST] = None
-    iommu_address_width_bits: Annotated[
-        U8, Cli(parse_integer, key="iommu_address_width")
-    ] = MAX_IOMMU_ADDRESS_WIDTH_BITS
+    iommu_address_width_bits: Annotated[U8, Cli(parse_integer, key="iommu_address_width")] = (
+        MAX_IOMMU_ADDRESS_WIDTH_BITS
+    )
     system_serial_number: Annotated[Str | None, Cli(deprecated="serial_number")] = Field(
         default=None, validation_alias=AliasChoices("system_serial_number", "serial_number")
     )

@@ -8,8 +8,6 @@ import os
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field
-
 from pych.config.base import (
     BYTE_SIZE,
     INTEGER,

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 from pydantic import field_validator
 
 from pych.config.base import (
+    I32,
     INTEGER,
     TEXT,
     TOGGLE,
     U16,
-    I32,
     Bool,
     Cli,
     CliGroup,
@@ -62,9 +62,9 @@ class NetConfig(PciDeviceConfig):
     queue_size: Annotated[U16, INTEGER] = 256
     vhost_user: Annotated[Bool, TOGGLE] = False
     vhost_socket: Annotated[Str | None, Cli(key="socket")] = None
-    vhost_mode: Annotated[
-        VhostMode, Cli(one_of({"client": "Client", "server": "Server"}))
-    ] = "Client"
+    vhost_mode: Annotated[VhostMode, Cli(one_of({"client": "Client", "server": "Server"}))] = (
+        "Client"
+    )
     # Tap file descriptors: from the CLI's fd=[...] or SCM_RIGHTS, never JSON.
     fds: Annotated[list[I32] | None, Cli(parse_integer_list, key="fd")] = None
     # From the bw_*/ops_* keys (RATE_LIMITER_KEYS).

@@ -6,7 +6,6 @@ from typing import Any
 
 from pych.config import VmConfig
 
-
 GIB = 1 << 30
 MIB = 1 << 20
 

@@ -32,7 +32,6 @@ from pych.config.grammar import OptionParserError
 
 from .helpers import dump, vm
 
-
 # --------------------------------------------------------------------------
 # JSON input rules
 

@@ -24,7 +24,6 @@ from pych.config import (
 
 from .helpers import MIB, dump, vm
 
-
 # --------------------------------------------------------------------------
 # Rate limiting
 

@@ -92,10 +92,12 @@ def test_append_replaces_a_single_device(kind: kinds.DeviceKind) -> None:
 
 
 def test_devices_in_boot_order() -> None:
-    config = vm(**{
-        kind.field: [SAMPLES[kind.name]] if kind.many else SAMPLES[kind.name]
-        for kind in kinds.DEVICE_KINDS
-    })
+    config = vm(
+        **{
+            kind.field: [SAMPLES[kind.name]] if kind.many else SAMPLES[kind.name]
+            for kind in kinds.DEVICE_KINDS
+        }
+    )
     assert [kind for kind, _ in kinds.devices(config)] == list(kinds.DEVICE_KINDS)
 
 
@@ -116,4 +118,3 @@ def test_fixed_devices_are_not_removable() -> None:
     assert kinds.remove_device(config, "r") is None
     assert kinds.remove_device(config, "c") is None
     assert config.rng.id == "r" and config.console.id == "c"
-

@@ -21,7 +21,6 @@ from pych.config import (
 from .helpers import dump, vm
 from .roundtrip import EXAMPLES, cpus_cli, cpus_configs
 
-
 # --------------------------------------------------------------------------
 # --cpus
 

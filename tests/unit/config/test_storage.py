@@ -10,7 +10,6 @@ from pych.config import ConfigError, DiskConfig, FsConfig, OptionError, Platform
 from .helpers import GIB, MIB, dump, vm
 from .roundtrip import EXAMPLES, disk_cli, disks
 
-
 # --------------------------------------------------------------------------
 # --disk
 
@@ -189,7 +188,8 @@ def test_fs_needs_shareable_memory() -> None:
     vm(fs=[{"tag": "t", "socket": "/s"}], memory={"size": GIB, "shared": True}).validate()
     zone = {"id": "z", "size": GIB, "file": "/ram"}
     config = vm(fs=[{"tag": "t", "socket": "/s"}], memory={"size": 0, "zones": [zone]})
-    with pytest.raises(ConfigError, match="shared memory"):       # a private file mapping
+    with pytest.raises(ConfigError, match="shared memory"):  # a private file mapping
         config.validate()
-    vm(fs=[{"tag": "t", "socket": "/s"}],
-       memory={"size": 0, "zones": [{**zone, "shared": True}]}).validate()
+    vm(
+        fs=[{"tag": "t", "socket": "/s"}], memory={"size": 0, "zones": [{**zone, "shared": True}]}
+    ).validate()
