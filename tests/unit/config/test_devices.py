@@ -113,3 +113,11 @@ def test_console_errors(cls: type, text: str, message: str) -> None:
 def test_json_console_in_file_mode_needs_a_file() -> None:
     with pytest.raises(ConfigError, match="Path missing when using file console mode"):
         vm(serial={"mode": "File"}).validate()
+
+
+def test_an_incomplete_bucket_is_ignored_without_reading_its_burst() -> None:
+    # As in the reference: without both size and refill time the bucket is left out, and
+    # its one_time_burst is never converted.
+    assert DiskConfig.parse("path=a,bw_one_time_burst=x").rate_limiter_config is None
+    with pytest.raises(OptionError, match="invalid value 'x' for 'bw_one_time_burst'"):
+        DiskConfig.parse("path=a,bw_size=1,bw_refill_time=1,bw_one_time_burst=x")

@@ -200,3 +200,16 @@ def test_pci_segment_option() -> None:
 
 def test_landlock_option() -> None:
     assert LandlockConfig.parse("path=/tmp,access=rw") == LandlockConfig(path="/tmp", access="rw")
+
+
+def test_deprecated_platform_keys_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        platform = PlatformConfig.parse("serial_number=S,uuid=U")
+    assert (platform.system_serial_number, platform.system_uuid) == ("S", "U")
+    assert [record.getMessage() for record in caplog.records] == [
+        "'serial_number' in --platform is deprecated; use 'system_serial_number'.",
+        "'uuid' in --platform is deprecated; use 'system_uuid'.",
+    ]
+    assert (
+        PlatformConfig.parse("serial_number=S,system_serial_number=T").system_serial_number == "T"
+    )
