@@ -24,8 +24,8 @@ from typing import Any, Callable, TypeVar
 import pych
 from pych import seccomp
 from pych.api.handler import ApiError, RequestHandler
-from pych.config import (ApiSocket, ConfigError, EventMonitor as EventMonitorOption,
-                          NetConfig, PciDeviceInfo, VmConfig)
+from pych.cli.options import ApiSocketOption, EventMonitorOption
+from pych.config import ConfigError, NetConfig, PciDeviceInfo, VmConfig
 from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
                                  HotPlugged, UnknownDeviceId)
 from pych.cpu import VcpuRemovalPending
@@ -708,7 +708,7 @@ def run(config: VmConfig | None, args) -> int:
     _setup_logging(args)
     install_kick_handler()
     monitor_opt = _option(getattr(args, "event_monitor", None), EventMonitorOption)
-    api_opt = _option(getattr(args, "api_socket", None), ApiSocket)
+    api_opt = _option(getattr(args, "api_socket", None), ApiSocketOption)
     try:
         monitor = EventMonitor(monitor_opt.path, monitor_opt.fd) if monitor_opt else None
     except OSError as e:

@@ -48,7 +48,7 @@ from pych.config import (
     VmConfig,
     VsockConfig,
 )
-from pych.option_parser import OptionParserError
+from pych.config.grammar import OptionParserError
 
 __all__ = [
     "SUPPORTED_CONSOLE_MODES",

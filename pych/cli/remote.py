@@ -25,7 +25,7 @@ from http import HTTPStatus
 from typing import Any, TextIO
 
 from pych.api.client import ApiClient
-from pych.option_parser import parse_byte_size
+from pych.config.grammar import parse_byte_size
 
 PROG = "pych-remote"
 

@@ -1,11 +1,15 @@
-"""The device-kind registry: every kind of device a VM configuration can hold, in one table.
+"""The device-kind registry: every kind of device pych creates from a VM configuration.
 
 A :class:`DeviceKind` says, for one kind, which configuration model describes it, which
 :class:`~pych.config.VmConfig` field holds it, how its default ids are spelled, whether the
 guest may be asked to eject it, and which ``vm.add-*`` endpoint hot plugs it.  Boot order,
-id generation, validation, hot plug, removal and ``pych-remote`` all read this table, so a
-new kind is added here and in the device that implements it (its factory in the device
-manager), nowhere else.
+id generation (with :meth:`~pych.config.VmConfig.identifiers`), hot plug, removal and
+``pych-remote`` read this table.  A new kind is its model (with its CLI keys), its
+``VmConfig`` field and its checks in ``VmConfig.validate`` (which keeps the reference's
+order of checks), an entry here, and the device with its factory in the device manager.
+
+The virtio RTC (``VmConfig.rtc``) is configuration only: pych creates no such device, so it
+is not a kind.
 
 The order of :data:`DEVICE_KINDS` is the order in which the reference creates boot
 devices (console, disks, nets, rng, fs, pmem, vsock, balloon, VFIO ...), which fixes PCI
@@ -18,8 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pych.config.backends import (
+    DeviceConfig,
+    GenericVhostUserConfig,
+    UserDeviceConfig,
+    VdpaConfig,
+)
+from pych.config.devices import BalloonConfig, ConsoleConfig, PciDeviceConfig, RngConfig
+from pych.config.net import NetConfig, VsockConfig
+from pych.config.storage import DiskConfig, FsConfig, PmemConfig
+
 if TYPE_CHECKING:
-    from pych.config import PciDeviceConfig, VmConfig
+    from pych.config.vm import VmConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,37 +87,28 @@ class DeviceKind:
         return found
 
 
-def _kinds() -> tuple[DeviceKind, ...]:
-    from pych import config as c
-
-    return (
-        DeviceKind("console", c.ConsoleConfig, "console", "", many=False,
-                   fixed_id="__console"),
-        DeviceKind("disk", c.DiskConfig, "disks", "_disk", add_endpoint="vm.add-disk",
-                   removable=True),
-        DeviceKind("net", c.NetConfig, "net", "_net", add_endpoint="vm.add-net",
-                   removable=True),
-        DeviceKind("rng", c.RngConfig, "rng", "", many=False, fixed_id="__rng"),
-        DeviceKind("fs", c.FsConfig, "fs", "_fs", add_endpoint="vm.add-fs", removable=True),
-        DeviceKind("pmem", c.PmemConfig, "pmem", "_pmem", add_endpoint="vm.add-pmem",
-                   removable=True),
-        DeviceKind("vsock", c.VsockConfig, "vsock", "_vsock", many=False,
-                   add_endpoint="vm.add-vsock", removable=True),
-        DeviceKind("balloon", c.BalloonConfig, "balloon", "", many=False,
-                   fixed_id="__balloon"),
-        DeviceKind("vfio", c.DeviceConfig, "devices", "_vfio", add_endpoint="vm.add-device",
-                   removable=True),
-        DeviceKind("vfio-user", c.UserDeviceConfig, "user_devices", "_user_device",
-                   add_endpoint="vm.add-user-device", removable=True),
-        DeviceKind("vdpa", c.VdpaConfig, "vdpa", "_vdpa", add_endpoint="vm.add-vdpa",
-                   removable=True),
-        DeviceKind("generic-vhost-user", c.GenericVhostUserConfig, "generic_vhost_user",
-                   "_generic_vhost_user", add_endpoint="vm.add-generic-vhost-user",
-                   removable=True),
-    )
-
-
-DEVICE_KINDS: tuple[DeviceKind, ...] = _kinds()
+DEVICE_KINDS: tuple[DeviceKind, ...] = (
+    DeviceKind("console", ConsoleConfig, "console", "", many=False, fixed_id="__console"),
+    DeviceKind("disk", DiskConfig, "disks", "_disk", add_endpoint="vm.add-disk",
+               removable=True),
+    DeviceKind("net", NetConfig, "net", "_net", add_endpoint="vm.add-net", removable=True),
+    DeviceKind("rng", RngConfig, "rng", "", many=False, fixed_id="__rng"),
+    DeviceKind("fs", FsConfig, "fs", "_fs", add_endpoint="vm.add-fs", removable=True),
+    DeviceKind("pmem", PmemConfig, "pmem", "_pmem", add_endpoint="vm.add-pmem",
+               removable=True),
+    DeviceKind("vsock", VsockConfig, "vsock", "_vsock", many=False,
+               add_endpoint="vm.add-vsock", removable=True),
+    DeviceKind("balloon", BalloonConfig, "balloon", "", many=False, fixed_id="__balloon"),
+    DeviceKind("vfio", DeviceConfig, "devices", "_vfio", add_endpoint="vm.add-device",
+               removable=True),
+    DeviceKind("vfio-user", UserDeviceConfig, "user_devices", "_user_device",
+               add_endpoint="vm.add-user-device", removable=True),
+    DeviceKind("vdpa", VdpaConfig, "vdpa", "_vdpa", add_endpoint="vm.add-vdpa",
+               removable=True),
+    DeviceKind("generic-vhost-user", GenericVhostUserConfig, "generic_vhost_user",
+               "_generic_vhost_user", add_endpoint="vm.add-generic-vhost-user",
+               removable=True),
+)  # fmt: skip
 BY_NAME: dict[str, DeviceKind] = {kind.name: kind for kind in DEVICE_KINDS}
 
 

@@ -1,10 +1,10 @@
-"""The ``key=value,...`` grammar of pych.option_parser."""
+"""The ``key=value,...`` grammar of pych.config.grammar."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pych.option_parser import (
+from pych.config.grammar import (
     OptionParser,
     OptionParserError,
     dequote,
