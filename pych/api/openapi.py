@@ -21,8 +21,7 @@ from collections import defaultdict
 from http import HTTPStatus
 from typing import Any
 
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 import pych
 from pych.api.errors import STATUS
@@ -45,7 +44,7 @@ def _error_description() -> str:
             "or over 4 MiB; any other failure is 500.")
 
 
-def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+def _operation(route: Route, refs: dict[tuple[Any, JsonSchemaMode], Any]) -> dict[str, Any]:
     operation: dict[str, Any] = {"operationId": route.endpoint, "summary": route.remote.help}
     notes = []
     if not route.implemented:
