@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz clean
+.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz openapi clean
 
 all: test
 
@@ -56,6 +56,12 @@ FUZZ_MINUTES ?= 20
 FUZZ_ARGS ?=
 fuzz: deps venv guest
 	$(PY) scripts/fuzz.py --requests $(FUZZ_REQUESTS) --minutes $(FUZZ_MINUTES) $(FUZZ_ARGS)
+
+# docs/openapi.json: pych's API as its route table and models describe it (a unit test
+# fails when the committed file is not what this generates)
+openapi: venv
+	$(PY) -m pych.api.openapi > docs/openapi.json.tmp
+	mv docs/openapi.json.tmp docs/openapi.json
 
 clean:
 	rm -rf build .pytest_cache

@@ -23,7 +23,7 @@ from typing import Any, Callable, TypeVar
 
 import pych
 from pych import seccomp
-from pych.api.handler import ApiError, RequestHandler
+from pych.api.handler import RequestHandler
 from pych.cli.options import ApiSocketOption, EventMonitorOption
 from pych.config import ConfigError, NetConfig, PciDeviceInfo, VmConfig
 from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
@@ -32,6 +32,8 @@ from pych.cpu import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
 from pych.devices.net.tap import TapError, tap_fd_name
 from pych.devices.vhost_user import VhostUserConnections
+from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState, NotFound,
+                         RetryLater, VmAlreadyCreated, VmmError, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
 from pych.memory_manager import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
@@ -236,7 +238,7 @@ class Vmm(RequestHandler):
 
     def _require_vm(self) -> VmConfig:
         if self.config is None:
-            raise ApiError(404, ["VM is not created"])
+            raise VmNotCreated("VM is not created")
         return self.config
 
     def _require_running(self, *states: str) -> Vm:
@@ -244,7 +246,7 @@ class Vmm(RequestHandler):
         if self.vm is None or self.state not in (states or ("Running",)):
             # The spec's 405 ("not booted" / wrong state); the reference answers 500, but a
             # request that does not fit the VM's state is the client's error, not ours.
-            raise ApiError(405, [f"VM is not in a state for this request (state: {self.state})"])
+            raise InvalidState(f"VM is not in a state for this request (state: {self.state})")
         return self.vm
 
     # --- RequestHandler -----------------------------------------------------------------------
@@ -258,7 +260,7 @@ class Vmm(RequestHandler):
 
     def vm_create(self, config: VmConfig) -> None:
         if self.config is not None:
-            raise ApiError(409, ["VM is already created"])
+            raise VmAlreadyCreated("VM is already created")
         for net in config.net or ():
             if net.fds and all(fd == -1 for fd in net.fds):
                 # Numbers from JSON (made -1 when parsed): vm.create takes no fds, and the
@@ -272,14 +274,14 @@ class Vmm(RequestHandler):
     def vm_boot(self) -> None:
         self._require_vm()
         if self.vm is not None:
-            raise ApiError(409, ["VM is already booted"])
+            raise VmAlreadyCreated("VM is already booted")
         try:
             self._start_vm()
         except DeviceBackendError as e:     # a device the configuration names cannot be used
-            raise ApiError(400, ["Error booting VM", str(e)]) from None
+            raise BackendError("Error booting VM", str(e)) from None
         except Exception as e:  # noqa: BLE001 - any boot failure is the caller's one clear error
             log.debug("boot failed", exc_info=True)
-            raise ApiError(500, ["Error booting VM", str(e)]) from None
+            raise InternalError("Error booting VM", str(e)) from None
 
     def vm_shutdown(self) -> None:
         self._require_running("Running", "Paused")
@@ -368,14 +370,14 @@ class Vmm(RequestHandler):
         """
         cpus = self.config.cpus
         if not 1 <= desired <= cpus.max_vcpus:
-            raise ApiError(400, ["Error resizing VM vCPUs",
+            raise InvalidRequest("Error resizing VM vCPUs",
                                  f"desired_vcpus {desired} is not between 1 and max_vcpus "
-                                 f"({cpus.max_vcpus})"])
+                                 f"({cpus.max_vcpus})")
         if self.vm is not None and self.vm.cpus is not None:
             try:
                 self.vm.resize_vcpus(desired)
             except VcpuRemovalPending as e:
-                raise ApiError(429, ["Error resizing VM vCPUs", str(e)]) from None
+                raise RetryLater("Error resizing VM vCPUs", str(e)) from None
         cpus.boot_vcpus = desired
 
     def _resize_memory(self, desired: int) -> None:
@@ -398,19 +400,19 @@ class Vmm(RequestHandler):
         memory = self.config.memory
         _check_ram_size(desired, "Error resizing VM memory")
         if memory.zones:
-            raise ApiError(400, ["Error resizing VM memory", RESIZE_WITH_ZONES])
+            raise InvalidRequest("Error resizing VM memory", RESIZE_WITH_ZONES)
         if memory.hotplug_method == "VirtioMem":
             try:
                 requested = virtio_mem_request(memory, desired)
             except InvalidMemoryResize as e:
-                raise ApiError(400, ["Error resizing VM memory", str(e)]) from None
+                raise InvalidRequest("Error resizing VM memory", str(e)) from None
         if self.vm is not None and self.vm.memory is not None:
             try:
                 self.vm.resize_memory(desired)
             except InvalidMemoryResize as e:
-                raise ApiError(400, ["Error resizing VM memory", str(e)]) from None
+                raise InvalidRequest("Error resizing VM memory", str(e)) from None
             except MemoryResizeError as e:
-                raise ApiError(500, ["Error resizing VM memory", str(e)]) from None
+                raise InternalError("Error resizing VM memory", str(e)) from None
         if memory.hotplug_method == "VirtioMem":
             memory.hotplugged_size = requested or None
         else:
@@ -449,11 +451,11 @@ class Vmm(RequestHandler):
             if self.vm is not None and self.vm.memory is not None:
                 self.vm.resize_memory_zone(zone.id, request.desired_ram)
         except UnknownMemoryZone as e:
-            raise ApiError(404, [what, str(e)]) from None
+            raise NotFound(what, str(e)) from None
         except InvalidMemoryResize as e:
-            raise ApiError(400, [what, str(e)]) from None
+            raise InvalidRequest(what, str(e)) from None
         except MemoryResizeError as e:
-            raise ApiError(500, [what, str(e)]) from None
+            raise InternalError(what, str(e)) from None
         zone.hotplugged_size = requested or None
         return None
 
@@ -466,12 +468,12 @@ class Vmm(RequestHandler):
         """
         balloon = self.config.balloon
         if balloon is None:
-            raise ApiError(400, ["Error resizing VM balloon", "No balloon device configured"])
+            raise InvalidRequest("Error resizing VM balloon", "No balloon device configured")
         ram = (self.vm.memory_actual_size if self.vm is not None
                else _boot_ram_size(self.config.memory))
         if not 0 <= desired <= ram:
-            raise ApiError(400, ["Error resizing VM balloon",
-                                 f"desired_balloon {desired} is larger than the guest RAM ({ram})"])
+            raise InvalidRequest("Error resizing VM balloon",
+                                 f"desired_balloon {desired} is larger than the guest RAM ({ram})")
         device = self.vm.devices.balloon if self.vm is not None and self.vm.devices else None
         if device is not None:
             device.resize(desired)
@@ -503,7 +505,7 @@ class Vmm(RequestHandler):
                 try:
                     tap_fd_name(fd)
                 except TapError as e:
-                    raise ApiError(400, ["Error adding device to the VM", str(e)]) from None
+                    raise BackendError("Error adding device to the VM", str(e)) from None
             return self._add_pci_device(config, "net", DeviceManager.add_net)
         except BaseException:
             config.fds = None
@@ -518,8 +520,8 @@ class Vmm(RequestHandler):
 
     def vm_add_vsock(self, config) -> PciDeviceInfo | None:
         if self._require_vm().vsock is not None:
-            raise ApiError(500, ["Error adding device to the VM",
-                                 "Too many vsock devices: a VM has at most one"])
+            raise InternalError("Error adding device to the VM",
+                                "Too many vsock devices: a VM has at most one")
         return self._add_pci_device(config, "vsock", DeviceManager.add_vsock)
 
     def vm_add_device(self, config, fds: list[int]) -> PciDeviceInfo | None:
@@ -529,8 +531,8 @@ class Vmm(RequestHandler):
         if fds:
             for fd in fds:
                 os.close(fd)
-            raise ApiError(400, ["Error adding device to the VM", "VFIO cdev fds passed with "
-                                 "SCM_RIGHTS (iommufd) are not supported by pych; give path="])
+            raise InvalidRequest("Error adding device to the VM", "VFIO cdev fds passed with "
+                                 "SCM_RIGHTS (iommufd) are not supported by pych; give path=")
         return self._add_pci_device(config, "devices", DeviceManager.add_vfio)
 
     def _add_pci_device(self, device, field: str,
@@ -550,9 +552,9 @@ class Vmm(RequestHandler):
         try:
             added = hotplug(self.vm.devices, device)
         except DeviceBackendError as e:
-            raise ApiError(400, ["Error adding device to the VM", str(e)]) from None
+            raise BackendError("Error adding device to the VM", str(e)) from None
         except DeviceManagerError as e:
-            raise ApiError(500, ["Error adding device to the VM", str(e)]) from None
+            raise InternalError("Error adding device to the VM", str(e)) from None
         _append_device(config, field, added.config)
         return PciDeviceInfo(id=added.id, bdf=added.bdf)
 
@@ -565,15 +567,15 @@ class Vmm(RequestHandler):
         if self.vm is None:
             removed = _remove_device_config(config, request.id)
             if removed is None:
-                raise ApiError(404, [f"No device with id {request.id} to remove"])
+                raise NotFound(f"No device with id {request.id} to remove")
             _close_net_fds([removed])
             return None
         try:
             dev_id = self.vm.devices.remove_device(request.id, on_ejected=self._device_ejected)
         except UnknownDeviceId as e:
-            raise ApiError(404, ["Error removing device from the VM", str(e)]) from None
+            raise NotFound("Error removing device from the VM", str(e)) from None
         except DeviceManagerError as e:
-            raise ApiError(500, ["Error removing device from the VM", str(e)]) from None
+            raise InternalError("Error removing device from the VM", str(e)) from None
         # A net's tap fds go now, as in the reference: the device keeps working on its own
         # duplicate until the guest ejects it. Asking again finds no configuration: no
         # fd is closed twice.
@@ -665,8 +667,8 @@ def _close_net_fds(devices) -> None:
 def _check_ram_size(desired: int, what: str) -> None:
     """A RAM size must be a positive multiple of the page size (400 otherwise)."""
     if desired <= 0 or desired % os.sysconf("SC_PAGE_SIZE"):
-        raise ApiError(400, [what, f"desired_ram {desired} is not a positive multiple of the "
-                                   f"page size"])
+        raise InvalidRequest(what, f"desired_ram {desired} is not a positive multiple of the "
+                                  f"page size")
 
 
 def _boot_ram_size(memory) -> int:
@@ -747,7 +749,7 @@ def run(config: VmConfig | None, args) -> int:
             except ConfigError as e:
                 print(f"pych: error: {e}", file=sys.stderr)
                 return 2
-            except ApiError as e:
+            except VmmError as e:
                 print(f"pych: error: {': '.join(e.messages[1:] or e.messages)}", file=sys.stderr)
                 return 1
         elif server is None:

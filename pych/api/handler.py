@@ -1,113 +1,76 @@
-"""The VMM's internal API: one method per HTTP endpoint.
+"""The VMM's side of the API: :class:`RequestHandler`, one method per endpoint pych serves.
 
-:class:`RequestHandler` is the single seam between every front end (the HTTP
-server in :mod:`pych.api.http`, tests, and later perhaps a CLI or D-Bus) and the
-VMM.  Front ends parse and validate requests into the config models of
-:mod:`pych.config`, then call exactly one method here; the VMM subclasses
-:class:`RequestHandler` and overrides the endpoints it supports.
+This is the one seam between the front ends (the HTTP server, ``pych-remote`` through it,
+tests) and the VMM.  The route table (:mod:`pych.api.routes`) validates each request body
+into its :mod:`pych.config` model and calls exactly one method here; the VMM implements
+them.  Endpoints pych does not implement (snapshot, restore, migration, ...) have no method:
+their routes answer ``Unsupported`` without reaching the VMM.
 
-Return values follow Cloud Hypervisor's HTTP semantics: a method that returns
-a JSON-serialisable value (a ``dict`` or a pydantic model) answers ``200 OK``
-with that body; a method that returns ``None`` answers ``204 No Content``.
+Return values follow Cloud Hypervisor's HTTP semantics: a pydantic model or a
+JSON-serialisable ``dict`` answers ``200 OK`` with that body; ``None`` answers the route's
+empty status (``204 No Content``, or ``200`` for ``vmm.shutdown``).
 
-Failures are reported by raising:
-
-* :class:`ApiError` with an explicit HTTP status and error chain
-  (e.g. ``ApiError(404, ["VM is not created"])``, or 429 while a vCPU removal
-  is still pending);
-* ``pych.config.ConfigError`` (400) or ``pych.config.ConfigConflict`` (409) for
-  configuration validation failures;
-* anything else becomes ``500 Internal Server Error``.
-
-In every case the HTTP body is a JSON array of strings, the error chain
-outermost first; ``raise ... from cause`` appends ``str(cause)`` (and its own
-causes) to the chain.
+Failures are raised: the domain errors of :mod:`pych.errors`, ``ConfigError`` /
+``ConfigConflict`` from configuration validation; :mod:`pych.api.errors` maps them to
+statuses.  Anything else is a bug and answers ``500``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pych.api.errors import not_supported
+from pych.errors import Unsupported
 
 if TYPE_CHECKING:
     from pych.config import (
         DeviceConfig,
         DiskConfig,
         FsConfig,
-        GenericVhostUserConfig,
         NetConfig,
+        PciDeviceInfo,
         PmemConfig,
-        ReceiveMigrationData,
-        RestoreConfig,
-        SendMigrationData,
-        UserDeviceConfig,
-        VdpaConfig,
         VmConfig,
-        VmCoredumpData,
         VmRemoveDevice,
         VmResize,
-        VmResizeDisk,
         VmResizeZone,
-        VmSnapshotConfig,
         VsockConfig,
     )
 
-# What an endpoint may return: a pydantic model or a JSON-serialisable dict
-# (200 OK with that body), or None (204 No Content).
 Body = Any
+"""What an endpoint that answers with a body returns: a pydantic model or a
+JSON-serialisable ``dict``."""
 
 
-class ApiError(Exception):
-    """An API failure with the HTTP status to report and its error chain.
-
-    ``messages`` is the chain outermost first, exactly as it appears in the
-    JSON array of the response body (Cloud Hypervisor's error format).
-    """
-
-    def __init__(self, status: int, messages: str | Sequence[str]) -> None:
-        if not 400 <= status <= 599:
-            raise ValueError(f"ApiError status must be a 4xx or 5xx code, not {status}")
-        if isinstance(messages, str):
-            messages = [messages]
-        self.status = status
-        self.messages: list[str] = list(messages)
-        super().__init__("; ".join(self.messages))
-
-
-class NotImplementedApiError(ApiError):
-    """The endpoint exists in the API but pych does not implement it (yet).
-
-    Reported as ``500 Internal Server Error``: Cloud Hypervisor answers every
-    action it cannot perform with 500 (its only other "missing feature"
-    behaviour, a compiled-out route answering 404, would be indistinguishable
-    from its 404 for "VM not created").  The error chain names the endpoint, and
-    this subclass lets callers tell "unsupported" from "failed".
-    """
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        super().__init__(500, [f"{endpoint} is not supported by pych yet"])
-
-
-def _unsupported(endpoint: str, fds: Iterable[int] = ()) -> NotImplementedApiError:
-    # An endpoint that receives file descriptors owns them, even when refusing.
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds received with a request that nobody will keep (errors ignored: an fd
+    already closed has nothing left to release)."""
     for fd in fds:
-        os.close(fd)
-    return NotImplementedApiError(endpoint)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
-class RequestHandler:
-    """The VMM's API surface, one method per endpoint of ``/api/v1``.
+def _unsupported(endpoint: str, fds: Iterable[int] = ()) -> Unsupported:
+    close_fds(fds)  # a method that receives fds owns them, even when refusing
+    return not_supported(endpoint)
 
-    Every method defaults to raising :class:`NotImplementedApiError`; the VMM
-    overrides what it supports.  Methods run on the VMM's control thread (the
-    HTTP server hands them over through its ``handler_call``), so they may
-    touch VMM state without locking.
 
-    File descriptors (``fds``) arrive over the API socket with SCM_RIGHTS.  The
-    method called owns them from the moment it is entered: it must keep them
-    or close them, on success and on failure alike.
+class RequestHandler(Protocol):
+    """The VMM's API surface: one method per endpoint of ``/api/v1`` that pych serves.
+
+    Methods run on the VMM's control thread (the HTTP server hands them over through its
+    ``handler_call``), so they may touch VMM state without locking.
+
+    File descriptors (``fds``) arrive over the API socket with SCM_RIGHTS.  The method
+    called owns them from the moment it is entered: it must keep them or close them, on
+    success and on failure alike.
+
+    Any object with these methods is a handler.  A class that subclasses this protocol
+    explicitly inherits, for each method it does not define, a default that answers
+    ``Unsupported`` (500 "<endpoint> is not supported by pych yet"), closing any fds.
     """
 
     # -- VMM ------------------------------------------------------------------
@@ -178,72 +141,34 @@ class RequestHandler:
         """``PUT /vm.resize-zone``."""
         raise _unsupported("vm.resize-zone")
 
-    def vm_resize_disk(self, resize: VmResizeDisk) -> None:
-        """``PUT /vm.resize-disk``."""
-        raise _unsupported("vm.resize-disk")
-
     # -- Device hot plug ------------------------------------------------------
     # On a running VM these return PciDeviceInfo {id, bdf} (200); on a VM that is
     # created but not booted they only edit the config and return None (204).
 
-    def vm_add_disk(self, config: DiskConfig) -> Body:
+    def vm_add_disk(self, config: DiskConfig) -> PciDeviceInfo | None:
         """``PUT /vm.add-disk``."""
         raise _unsupported("vm.add-disk")
 
-    def vm_add_net(self, config: NetConfig, fds: list[int]) -> Body:
+    def vm_add_net(self, config: NetConfig, fds: list[int]) -> PciDeviceInfo | None:
         """``PUT /vm.add-net``; ``fds`` are tap queue fds (any ``fds`` in the JSON are ignored)."""
         raise _unsupported("vm.add-net", fds)
 
-    def vm_add_fs(self, config: FsConfig) -> Body:
+    def vm_add_fs(self, config: FsConfig) -> PciDeviceInfo | None:
         """``PUT /vm.add-fs``."""
         raise _unsupported("vm.add-fs")
 
-    def vm_add_pmem(self, config: PmemConfig) -> Body:
+    def vm_add_pmem(self, config: PmemConfig) -> PciDeviceInfo | None:
         """``PUT /vm.add-pmem``."""
         raise _unsupported("vm.add-pmem")
 
-    def vm_add_vsock(self, config: VsockConfig) -> Body:
+    def vm_add_vsock(self, config: VsockConfig) -> PciDeviceInfo | None:
         """``PUT /vm.add-vsock``."""
         raise _unsupported("vm.add-vsock")
 
-    def vm_add_device(self, config: DeviceConfig, fds: list[int]) -> Body:
+    def vm_add_device(self, config: DeviceConfig, fds: list[int]) -> PciDeviceInfo | None:
         """``PUT /vm.add-device`` (VFIO); ``fds`` holds at most one VFIO cdev fd."""
         raise _unsupported("vm.add-device", fds)
-
-    def vm_add_vdpa(self, config: VdpaConfig) -> Body:
-        """``PUT /vm.add-vdpa``."""
-        raise _unsupported("vm.add-vdpa")
-
-    def vm_add_user_device(self, config: UserDeviceConfig) -> Body:
-        """``PUT /vm.add-user-device`` (vfio-user)."""
-        raise _unsupported("vm.add-user-device")
-
-    def vm_add_generic_vhost_user(self, config: GenericVhostUserConfig) -> Body:
-        """``PUT /vm.add-generic-vhost-user``."""
-        raise _unsupported("vm.add-generic-vhost-user")
 
     def vm_remove_device(self, request: VmRemoveDevice) -> None:
         """``PUT /vm.remove-device``: ask the guest to eject; 204 once requested."""
         raise _unsupported("vm.remove-device")
-
-    # -- Snapshot, dump, migration -------------------------------------------
-
-    def vm_snapshot(self, config: VmSnapshotConfig) -> None:
-        """``PUT /vm.snapshot``."""
-        raise _unsupported("vm.snapshot")
-
-    def vm_restore(self, config: RestoreConfig, fds: list[int]) -> None:
-        """``PUT /vm.restore``; ``fds``: memory fds, then net fds, in config order."""
-        raise _unsupported("vm.restore", fds)
-
-    def vm_coredump(self, data: VmCoredumpData) -> None:
-        """``PUT /vm.coredump``."""
-        raise _unsupported("vm.coredump")
-
-    def vm_send_migration(self, data: SendMigrationData) -> None:
-        """``PUT /vm.send-migration``."""
-        raise _unsupported("vm.send-migration")
-
-    def vm_receive_migration(self, data: ReceiveMigrationData, fds: list[int]) -> None:
-        """``PUT /vm.receive-migration``; ``fds``: VFIO fds, then the iommufd fd."""
-        raise _unsupported("vm.receive-migration", fds)

@@ -2,11 +2,9 @@
 
 Three layers, each ignorant of the others' concerns:
 
-* :data:`ROUTES` and :class:`_Router`: path -> (HTTP method, body model,
-  :class:`~pych.api.handler.RequestHandler` method).  The router validates the
-  body into a :mod:`pych.config` model, runs the handler method through the
-  injected ``handler_call`` and maps the outcome onto a status code and a JSON
-  body.  It never touches a socket.
+* :class:`~pych.api.dispatch.Dispatcher` (its own module): from method, path, body and
+  fds to a response, through the route table (:mod:`pych.api.routes`) and the status
+  table (:mod:`pych.api.errors`).  It never touches a socket.
 * :class:`_Connection`: HTTP/1.1 framing on one keep-alive connection, built on
   :class:`http.server.BaseHTTPRequestHandler`, reading through
   :class:`_ScmRightsReader` so that file descriptors passed with SCM_RIGHTS are
@@ -18,25 +16,18 @@ Server threads only parse and route: every handler method runs inside
 ``handler_call``, which the VMM implements by queueing the call onto its control
 loop and waiting for the result.
 
-Status codes follow Cloud Hypervisor (see ``ch-hotplug-reference.md`` §6.3):
-200 with a body, 204 without one (``vmm.shutdown``: 200 with an empty body, as
-the reference does); 400 for malformed or invalid bodies, a body sent to an
-endpoint that takes none or none sent to one that needs it; 404 for unknown
-paths; 409 for ``ConfigConflict``; 500 for everything else.  Deliberate
-departures: a wrong method is 405 with an ``Allow`` header (the reference says
-400), a body over 4 MiB is 413 (refused from its ``Content-Length`` before a
-byte of it is read), ``Transfer-Encoding`` is 411.  Error bodies are always a
-JSON array of strings, the error chain outermost first.  Responses carry
-``Server: pych API``; every response but 204 carries ``Content-Length`` (RFC
-9110 forbids it on 204, and the reference omits it there too).
+Framing answers of its own, before the dispatcher sees a request: a body over 4 MiB is
+413 (refused from its ``Content-Length`` before a byte of it is read),
+``Transfer-Encoding`` is 411, an unparsable request 400.  Error bodies are always a JSON
+array of strings, the error chain outermost first.  Responses carry ``Server: pych API``;
+every response but 204 carries ``Content-Length`` (RFC 9110 forbids it on 204, and the
+reference omits it there too).
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import importlib
-import json
 import logging
 import os
 import socket
@@ -44,262 +35,21 @@ import socketserver
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
-import pydantic
-from pydantic_core import PydanticSerializationError
-
-from pych.api.handler import ApiError, RequestHandler
+from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
+from pych.api.handler import close_fds
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-HandlerCall = Callable[[Callable[[RequestHandler], T]], T]
-
-API_ROOT = "/api/v1"
 SERVER_NAME = "pych API"
 MAX_BODY_SIZE = 4 << 20  # bytes; the reference's limit
 MAX_FDS_PER_REQUEST = 64
 _MAX_REQUEST_LINE = 64 * 1024
 _SOCKET_MODE = 0o600
 _CLOSE_GRACE = 1.0  # seconds close() lets requests in flight finish
-
-
-# --------------------------------------------------------------------------
-# Route table
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    """One endpoint: how it is called and which handler method serves it."""
-
-    method: str
-    handler: str
-    """Name of the :class:`RequestHandler` method."""
-    body: str | None = None
-    """Name of the :mod:`pych.config` model the (required) body must validate as;
-    ``None``: the endpoint takes no body."""
-    fds: bool = False
-    """The handler method also receives the request's SCM_RIGHTS fds."""
-    empty_status: int = HTTPStatus.NO_CONTENT
-    """Status when the handler returns ``None``."""
-
-
-ROUTES: Mapping[str, Route] = {
-    f"{API_ROOT}/{name}": route
-    for name, route in {
-        "vmm.ping": Route("GET", "vmm_ping"),
-        "vmm.shutdown": Route("PUT", "vmm_shutdown", empty_status=HTTPStatus.OK),
-        "vm.create": Route("PUT", "vm_create", "VmConfig"),
-        "vm.boot": Route("PUT", "vm_boot"),
-        "vm.delete": Route("PUT", "vm_delete"),
-        "vm.shutdown": Route("PUT", "vm_shutdown"),
-        "vm.reboot": Route("PUT", "vm_reboot"),
-        "vm.pause": Route("PUT", "vm_pause"),
-        "vm.resume": Route("PUT", "vm_resume"),
-        "vm.power-button": Route("PUT", "vm_power_button"),
-        "vm.nmi": Route("PUT", "vm_nmi"),
-        "vm.info": Route("GET", "vm_info"),
-        "vm.counters": Route("GET", "vm_counters"),
-        "vm.resize": Route("PUT", "vm_resize", "VmResize"),
-        "vm.resize-zone": Route("PUT", "vm_resize_zone", "VmResizeZone"),
-        "vm.resize-disk": Route("PUT", "vm_resize_disk", "VmResizeDisk"),
-        "vm.add-disk": Route("PUT", "vm_add_disk", "DiskConfig"),
-        "vm.add-net": Route("PUT", "vm_add_net", "NetConfig", fds=True),
-        "vm.add-fs": Route("PUT", "vm_add_fs", "FsConfig"),
-        "vm.add-pmem": Route("PUT", "vm_add_pmem", "PmemConfig"),
-        "vm.add-vsock": Route("PUT", "vm_add_vsock", "VsockConfig"),
-        "vm.add-device": Route("PUT", "vm_add_device", "DeviceConfig", fds=True),
-        "vm.add-vdpa": Route("PUT", "vm_add_vdpa", "VdpaConfig"),
-        "vm.add-user-device": Route("PUT", "vm_add_user_device", "UserDeviceConfig"),
-        "vm.add-generic-vhost-user": Route(
-            "PUT", "vm_add_generic_vhost_user", "GenericVhostUserConfig"
-        ),
-        "vm.remove-device": Route("PUT", "vm_remove_device", "VmRemoveDevice"),
-        "vm.snapshot": Route("PUT", "vm_snapshot", "VmSnapshotConfig"),
-        "vm.restore": Route("PUT", "vm_restore", "RestoreConfig", fds=True),
-        "vm.coredump": Route("PUT", "vm_coredump", "VmCoredumpData"),
-        "vm.send-migration": Route("PUT", "vm_send_migration", "SendMigrationData"),
-        "vm.receive-migration": Route(
-            "PUT", "vm_receive_migration", "ReceiveMigrationData", fds=True
-        ),
-    }.items()
-}
-
-
-# --------------------------------------------------------------------------
-# Routing and status mapping (no sockets here)
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def _compact_json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()  # as serde_json writes it
-
-
-def error_response(
-    status: int, messages: Iterable[str], headers: tuple[tuple[str, str], ...] = ()
-) -> Response:
-    """A response whose body is the error chain as a JSON array of strings."""
-    return Response(status, _compact_json(list(messages)), headers)
-
-
-class _Rejection(Exception):
-    """A request refused before any handler runs; carries the error response."""
-
-    def __init__(
-        self, status: int, messages: Iterable[str], headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        self.response = error_response(status, messages, headers)
-        super().__init__(self.response.status)
-
-
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _cause_chain(exc: BaseException) -> list[str]:
-    """``str()`` of every explicit ``__cause__`` below ``exc``, outermost first."""
-    chain, seen = [], {id(exc)}
-    cause = exc.__cause__
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        chain.append(str(cause) or type(cause).__name__)
-        cause = cause.__cause__
-    return chain
-
-
-def _validation_messages(error: pydantic.ValidationError) -> list[str]:
-    """One readable line per pydantic error: ``desired_vcpus: Input should be ...``."""
-    lines = []
-    for detail in error.errors(include_url=False):
-        location = ".".join(str(part) for part in detail["loc"])
-        lines.append(f"{location}: {detail['msg']}" if location else detail["msg"])
-    return lines
-
-
-class _Router:
-    """Turns (method, path, body, fds) into a :class:`Response`.
-
-    Models and the config error types come from :mod:`pych.config`; they are
-    resolved once, at construction, so a route naming a missing model fails
-    when the server is built rather than on the first request.
-    """
-
-    def __init__(self, handler_call: HandlerCall) -> None:
-        config = importlib.import_module("pych.config")
-        self._handler_call = handler_call
-        self._models: dict[str, type[pydantic.BaseModel]] = {
-            route.body: getattr(config, route.body) for route in ROUTES.values() if route.body
-        }
-        self._config_error: type[Exception] = config.ConfigError
-        self._config_conflict: type[Exception] = config.ConfigConflict
-
-    def respond(self, method: str, target: str, body: bytes | None, fds: list[int]) -> Response:
-        """Serve one request.  Always answers, and always disposes of ``fds``:
-        they go to the handler method if it takes them, or are closed."""
-        try:
-            route, args = self._prepare(method, target, body)
-        except _Rejection as rejection:
-            _close_fds(fds)
-            return rejection.response
-        if route.fds:
-            return self._invoke(route, [*args, fds], fds)
-        if fds:
-            logger.debug("closing %d fds sent to %s, which takes none", len(fds), route.handler)
-            _close_fds(fds)
-        return self._invoke(route, args, ())
-
-    def _prepare(self, method: str, target: str, body: bytes | None) -> tuple[Route, list[Any]]:
-        """The route and the handler's arguments decoded from the body."""
-        path = urlsplit(target).path
-        route = ROUTES.get(path)
-        if route is None:
-            raise _Rejection(HTTPStatus.NOT_FOUND, ["Not Found", f"No endpoint {path}"])
-        if method != route.method:
-            raise _Rejection(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                ["Method Not Allowed", f"{path} only accepts {route.method}"],
-                headers=(("Allow", route.method),),
-            )
-        if route.body is None:
-            if body is not None:
-                raise _Rejection(HTTPStatus.BAD_REQUEST, ["Bad Request", f"{path} takes no body"])
-            return route, []
-        if body is None:
-            raise _Rejection(
-                HTTPStatus.BAD_REQUEST,
-                ["Bad Request", f"{path} requires a JSON body ({route.body})"],
-            )
-        try:
-            return route, [self._models[route.body].model_validate_json(body)]
-        except pydantic.ValidationError as error:
-            status, messages = HTTPStatus.BAD_REQUEST, _validation_messages(error)
-        except self._config_conflict as error:
-            status, messages = HTTPStatus.CONFLICT, [str(error), *_cause_chain(error)]
-        except self._config_error as error:
-            status, messages = HTTPStatus.BAD_REQUEST, [str(error), *_cause_chain(error)]
-        raise _Rejection(status, ["Failed to deserialize JSON", *messages])
-
-    def _invoke(self, route: Route, args: list[Any], fds: Iterable[int]) -> Response:
-        entered = False
-
-        def call(handler: RequestHandler) -> Any:
-            nonlocal entered
-            entered = True  # from here on the handler method owns the fds
-            return getattr(handler, route.handler)(*args)
-
-        try:
-            result = self._handler_call(call)
-        except Exception as error:  # every failure becomes a response
-            return self._failure(route, error)
-        finally:
-            if not entered:
-                _close_fds(fds)
-
-        if result is None:
-            return Response(route.empty_status)
-        try:
-            if isinstance(result, pydantic.BaseModel):
-                payload = result.model_dump_json(exclude_none=True).encode()
-            else:
-                payload = _compact_json(result)
-        except (TypeError, ValueError, PydanticSerializationError) as error:
-            logger.exception("%s returned a value that is not JSON-serialisable", route.handler)
-            return error_response(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                ["Error from API", f"{route.handler} returned an unserialisable result: {error}"],
-            )
-        return Response(HTTPStatus.OK, payload)
-
-    def _failure(self, route: Route, error: Exception) -> Response:
-        if isinstance(error, ApiError):
-            status, messages = error.status, error.messages
-        elif isinstance(error, self._config_conflict):
-            status, messages = HTTPStatus.CONFLICT, [str(error)]
-        elif isinstance(error, self._config_error):
-            status, messages = HTTPStatus.BAD_REQUEST, [str(error)]
-        elif isinstance(error, pydantic.ValidationError):
-            status, messages = HTTPStatus.BAD_REQUEST, _validation_messages(error)
-        else:
-            logger.exception("unexpected error in %s", route.handler)
-            status = HTTPStatus.INTERNAL_SERVER_ERROR
-            messages = [f"{type(error).__name__}: {error}" if str(error) else type(error).__name__]
-        return error_response(status, ["Error from API", *messages, *_cause_chain(error)])
 
 
 # --------------------------------------------------------------------------
@@ -371,7 +121,7 @@ class _ScmRightsReader:
     def close(self) -> None:
         """Close the fds nobody claimed; the socket belongs to the server."""
         for entry in self._received:
-            _close_fds(entry.fds)
+            close_fds(entry.fds)
         self._received.clear()
 
     def _take(self, size: int) -> bytes:
@@ -393,7 +143,7 @@ class _ScmRightsReader:
         truncated = bool(flags & socket.MSG_CTRUNC)
         if not data:
             self._eof = True
-            _close_fds(fds)
+            close_fds(fds)
             return False
         self._buffer += data
         if fds or truncated:
@@ -448,22 +198,22 @@ class _Connection(BaseHTTPRequestHandler):
     def _serve(self) -> Response:
         try:
             body = self._read_body()
-        except _Rejection as error:
+        except Rejection as error:
             self.close_connection = True
             return error.response
         fds, truncated = self.rfile.take_fds()
         if truncated:
-            _close_fds(fds)
+            close_fds(fds)
             return error_response(
                 HTTPStatus.BAD_REQUEST,
                 ["Bad Request", f"More than {MAX_FDS_PER_REQUEST} file descriptors were sent"],
             )
-        return self.server.router.respond(self.command, self.path, body, fds)
+        return self.server.dispatcher.respond(self.command, self.path, body, fds)
 
     def _read_body(self) -> bytes | None:
         """The request body, or None if there is none (no or zero Content-Length)."""
         if "Transfer-Encoding" in self.headers:
-            raise _Rejection(
+            raise Rejection(
                 HTTPStatus.LENGTH_REQUIRED,
                 ["Length Required", "Transfer-Encoding is not supported; send Content-Length"],
             )
@@ -483,12 +233,12 @@ class _Connection(BaseHTTPRequestHandler):
             return None
         value = values.pop()
         if values or not (value.isascii() and value.isdigit()):
-            raise _Rejection(HTTPStatus.BAD_REQUEST, ["Bad Request", "Invalid Content-Length"])
+            raise Rejection(HTTPStatus.BAD_REQUEST, ["Bad Request", "Invalid Content-Length"])
         return int(value)
 
     @staticmethod
-    def _too_large(size: int) -> _Rejection:
-        return _Rejection(
+    def _too_large(size: int) -> Rejection:
+        return Rejection(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             ["Payload Too Large", f"Request body of {size} bytes exceeds {MAX_BODY_SIZE} bytes"],
         )
@@ -499,7 +249,7 @@ class _Connection(BaseHTTPRequestHandler):
         # buffered wfile (the base class leaves it in the buffer).
         try:
             size = self._content_length()
-        except _Rejection as error:
+        except Rejection as error:
             self.close_connection = True
             self._send(error.response)
             return False
@@ -549,11 +299,11 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
 
-    def __init__(self, listener: socket.socket, router: _Router) -> None:
+    def __init__(self, listener: socket.socket, dispatcher: Dispatcher) -> None:
         # TCPServer.__init__ would create and bind a socket of its own.
         socketserver.BaseServer.__init__(self, listener.getsockname(), _Connection)
         self.socket = listener
-        self.router = router
+        self.dispatcher = dispatcher
         self.closing = False
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -684,7 +434,7 @@ class ApiServer:
     ) -> None:
         if (path is None) == (fd is None):
             raise ValueError("ApiServer needs exactly one of path= or fd=")
-        self._router = _Router(handler_call)
+        self._dispatcher = Dispatcher(handler_call)
         self._path = None if path is None else os.fspath(path)
         self._fd = fd
         self._server: _Server | None = None
@@ -710,7 +460,7 @@ class ApiServer:
         else:
             assert self._fd is not None  # one of the two, checked by __init__
             listener = _adopt_listening_fd(self._fd)
-        server = _Server(listener, self._router)
+        server = _Server(listener, self._dispatcher)
         thread = threading.Thread(
             target=self._accept_loop, args=(server,), name="api-http", daemon=True
         )

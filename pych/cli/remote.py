@@ -7,6 +7,11 @@ into JSON here, on the client side; tap or VFIO fds named in them
 to the VMM with SCM_RIGHTS.  On success the response body, if any, goes to
 stdout and the exit status is 0; otherwise the error chain goes to stderr, in
 ``ch-remote``'s format, and the exit status is 1.
+
+The subcommands come from the API's route table (:data:`pych.api.routes.ROUTES`): each
+route names its subcommand and help; one that takes no body, one configuration in the CLI
+grammar or one URL is built from that alone, the others (``create``, ``resize``, ...) by
+:data:`SPECIAL_COMMANDS`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import argparse
 import fcntl
 import functools
 import http.client
-import importlib
 import json
 import sys
 import time
@@ -25,6 +29,8 @@ from http import HTTPStatus
 from typing import Any, TextIO
 
 from pych.api.client import ApiClient
+from pych.api.routes import ROUTES, Route
+from pych.config import VmResize
 from pych.config.grammar import parse_byte_size
 
 PROG = "pych-remote"
@@ -32,8 +38,7 @@ PROG = "pych-remote"
 
 @dataclass(frozen=True)
 class _Request:
-    method: str
-    endpoint: str
+    route: Route
     body: Any = None
     fds: tuple[int, ...] = ()
     # Run after a successful response with the API socket path; returns the exit status.
@@ -44,69 +49,8 @@ class _UsageError(Exception):
     """The command line cannot be turned into a request; the args are the chain."""
 
 
-# Subcommands without arguments: name -> (HTTP method, endpoint, description).
-_SIMPLE_COMMANDS = {
-    "boot": ("PUT", "vm.boot", "Boot a created VM"),
-    "counters": ("GET", "vm.counters", "Counters from the VM"),
-    "delete": ("PUT", "vm.delete", "Delete a VM"),
-    "info": ("GET", "vm.info", "Info on the VM"),
-    "nmi": ("PUT", "vm.nmi", "Trigger NMI"),
-    "pause": ("PUT", "vm.pause", "Pause the VM"),
-    "ping": ("GET", "vmm.ping", "Ping the VMM to check for API server availability"),
-    "power-button": ("PUT", "vm.power-button", "Trigger a power button in the VM"),
-    "reboot": ("PUT", "vm.reboot", "Reboot the VM"),
-    "resume": ("PUT", "vm.resume", "Resume the VM"),
-    "shutdown": ("PUT", "vm.shutdown", "Shutdown the VM"),
-    "shutdown-vmm": ("PUT", "vmm.shutdown", "Shutdown the VMM"),
-}
-
-# Subcommands taking one configuration in the CLI grammar:
-# name -> (endpoint, pych.config model, what the error chain calls it, description).
-_CONFIG_COMMANDS = {
-    "add-device": ("vm.add-device", "DeviceConfig", "device", "Add VFIO device"),
-    "add-disk": ("vm.add-disk", "DiskConfig", "disk", "Add block device"),
-    "add-fs": ("vm.add-fs", "FsConfig", "filesystem", "Add virtio-fs backed fs device"),
-    "add-generic-vhost-user": (
-        "vm.add-generic-vhost-user",
-        "GenericVhostUserConfig",
-        "generic vhost-user",
-        "Add generic vhost-user device",
-    ),
-    "add-net": ("vm.add-net", "NetConfig", "network", "Add network device"),
-    "add-pmem": ("vm.add-pmem", "PmemConfig", "persistent memory", "Add persistent memory device"),
-    "add-user-device": (
-        "vm.add-user-device",
-        "UserDeviceConfig",
-        "user device",
-        "Add userspace device",
-    ),
-    "add-vdpa": ("vm.add-vdpa", "VdpaConfig", "vDPA device", "Add vDPA device"),
-    "add-vsock": ("vm.add-vsock", "VsockConfig", "vsock", "Add vsock device"),
-    "receive-migration": (
-        "vm.receive-migration",
-        "ReceiveMigrationData",
-        "receive migration",
-        "Receive a VM migration",
-    ),
-    "restore": ("vm.restore", "RestoreConfig", "restore", "Restore VM from a snapshot"),
-    "send-migration": (
-        "vm.send-migration",
-        "SendMigrationData",
-        "send migration",
-        "Initiate a VM migration",
-    ),
-}
-
-# Subcommands taking one URL: name -> (endpoint, description).
-_URL_COMMANDS = {
-    "coredump": ("vm.coredump", "Create a coredump from VM"),
-    "snapshot": ("vm.snapshot", "Create a snapshot from VM"),
-}
-
-
-def _model(name: str) -> Any:
-    # Imported on demand: ping, info and friends need no config models.
-    return getattr(importlib.import_module("pych.config"), name)
+Builder = Callable[[argparse.Namespace], _Request]
+"""Turns a subcommand's parsed arguments into its request."""
 
 
 def _size(text: str, what: str) -> int:
@@ -116,27 +60,98 @@ def _size(text: str, what: str) -> int:
         raise _UsageError(f"Error parsing {what} size", str(error)) from None
 
 
+# --------------------------------------------------------------------------
+# Subcommands built from the route table: no argument, one configuration, one URL
+
+
+def _bodyless(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    return lambda args: _Request(route)
+
+
+def _configured(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    """One positional argument in the CLI grammar, parsed with the body model's ``parse``."""
+    assert route.body is not None and route.remote.syntax is not None
+    model, what = route.body, route.remote.syntax
+    sub.add_argument("config", metavar=f"<{model.__name__}>",
+                     help=f"{what} options: key=value,...")
+
+    def build(args: argparse.Namespace) -> _Request:
+        try:
+            config = model.parse(args.config)  # type: ignore[attr-defined]
+        except ValueError as error:
+            raise _UsageError(f"Error parsing {what} syntax", str(error)) from None
+        # Fds are only meaningful in this process: they travel with SCM_RIGHTS.
+        fields = type(config).model_fields
+        fds: list[int] = []
+        if "fds" in fields and config.fds:
+            fds = list(config.fds)
+        elif "fd" in fields and config.fd is not None:
+            fds = [config.fd]
+        body = config.model_dump_json(exclude_none=True, exclude={"fds", "fd"})
+        return _Request(route, body, tuple(fds))
+
+    return build
+
+
+def _url(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("url", metavar="<destination_url>")
+    return lambda args: _Request(route, {"destination_url": args.url})
+
+
+# --------------------------------------------------------------------------
+# Subcommands with arguments of their own
+
+
+def _create(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("path", nargs="?", default="-",
+                     help="JSON VmConfig file, or - for stdin (default)")
+
+    def build(args: argparse.Namespace) -> _Request:
+        try:
+            if args.path == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.path, "rb") as file:
+                    data = file.read()
+        except OSError as error:
+            raise _UsageError("Error reading from file", str(error)) from None
+        return _Request(route, data)  # sent as is: the VMM validates it
+
+    return build
+
+
 DEFAULT_VCPU_WAIT_SECONDS = 120.0
 SETTLED_VCPU_STATES = {"absent", "ejected"}   # what vm.info calls a vCPU that is not plugged
 
 
-def _resize(args: argparse.Namespace) -> _Request:
-    try:
-        resize = _model("VmResize").from_remote_args(args.cpus, args.memory, args.balloon)
-    except ValueError as error:
-        raise _UsageError("Error parsing resize arguments", str(error)) from None
-    follow_up = None
-    if args.wait is not None:
-        if resize.desired_vcpus is None:
-            raise _UsageError("Error parsing resize arguments", "--wait needs --cpus")
-        if args.wait <= 0:
-            raise _UsageError("Error parsing resize arguments", "--wait needs a positive timeout")
-        desired, timeout = resize.desired_vcpus, args.wait
-        follow_up = functools.partial(
-            _wait_command, wait=lambda client: wait_for_vcpus(client, desired, timeout),
-            what="the vCPU resize")
-    return _Request("PUT", "vm.resize", resize.model_dump_json(exclude_none=True),
-                    follow_up=follow_up)
+def _resize(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
+    sub.add_argument("--cpus", help="New vCPUs count")
+    sub.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    sub.add_argument(
+        "--wait", nargs="?", type=float, const=DEFAULT_VCPU_WAIT_SECONDS, metavar="SECONDS",
+        help="With --cpus: return once the guest has seen every added vCPU or ejected every "
+        f"removed one; fail after SECONDS (default {DEFAULT_VCPU_WAIT_SECONDS:g})")
+
+    def build(args: argparse.Namespace) -> _Request:
+        try:
+            resize = VmResize.from_remote_args(args.cpus, args.memory, args.balloon)
+        except ValueError as error:
+            raise _UsageError("Error parsing resize arguments", str(error)) from None
+        follow_up = None
+        if args.wait is not None:
+            if resize.desired_vcpus is None:
+                raise _UsageError("Error parsing resize arguments", "--wait needs --cpus")
+            if args.wait <= 0:
+                raise _UsageError("Error parsing resize arguments",
+                                  "--wait needs a positive timeout")
+            desired, timeout = resize.desired_vcpus, args.wait
+            follow_up = functools.partial(
+                _wait_command, wait=lambda client: wait_for_vcpus(client, desired, timeout),
+                what="the vCPU resize")
+        return _Request(route, resize.model_dump_json(exclude_none=True), follow_up=follow_up)
+
+    return build
 
 
 def _poll_vm_info(client: ApiClient, behind: Callable[[dict], str | None], timeout: float,
@@ -194,30 +209,45 @@ def wait_for_vcpus(client: ApiClient, desired: int, timeout: float = DEFAULT_VCP
     _poll_vm_info(client, behind, timeout, interval, f"the guest to reach {desired} vCPUs")
 
 
-def _resize_zone(args: argparse.Namespace) -> _Request:
-    body = {"id": args.id, "desired_ram": _size(args.size, "memory")}
-    return _Request("PUT", "vm.resize-zone", body)
+def _resize_zone(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("--id", required=True, help="Memory zone identifier")
+    sub.add_argument("--size", required=True,
+                     help="New memory zone size in bytes (supports K/M/G suffix)")
+    return lambda args: _Request(
+        route, {"id": args.id, "desired_ram": _size(args.size, "memory")})
 
 
-def _resize_disk(args: argparse.Namespace) -> _Request:
-    body = {"id": args.disk, "desired_size": _size(args.size, "disk")}
-    return _Request("PUT", "vm.resize-disk", body)
+def _resize_disk(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("--disk", required=True, help="Disk identifier")
+    sub.add_argument("--size", required=True, help="New disk size")
+    return lambda args: _Request(
+        route, {"id": args.disk, "desired_size": _size(args.size, "disk")})
 
 
 DEFAULT_REMOVAL_WAIT_SECONDS = 120.0
 
 
-def _remove_device(args: argparse.Namespace) -> _Request:
-    follow_up = None
-    if args.wait is not None:
-        if args.wait <= 0:
-            raise _UsageError("Error parsing remove-device arguments",
-                              "--wait needs a positive timeout")
-        dev_id, timeout = args.id, args.wait
-        follow_up = functools.partial(
-            _wait_command, wait=lambda client: wait_for_device_removal(client, dev_id, timeout),
-            what="the device removal")
-    return _Request("PUT", "vm.remove-device", {"id": args.id}, follow_up=follow_up)
+def _remove_device(route: Route, sub: argparse.ArgumentParser) -> Builder:
+    sub.add_argument("id", metavar="<device_id>")
+    sub.add_argument(
+        "--wait", nargs="?", type=float, const=DEFAULT_REMOVAL_WAIT_SECONDS, metavar="SECONDS",
+        help="Return once the guest has ejected the device; fail after SECONDS "
+        f"(default {DEFAULT_REMOVAL_WAIT_SECONDS:g})")
+
+    def build(args: argparse.Namespace) -> _Request:
+        follow_up = None
+        if args.wait is not None:
+            if args.wait <= 0:
+                raise _UsageError("Error parsing remove-device arguments",
+                                  "--wait needs a positive timeout")
+            dev_id, timeout = args.id, args.wait
+            follow_up = functools.partial(
+                _wait_command,
+                wait=lambda client: wait_for_device_removal(client, dev_id, timeout),
+                what="the device removal")
+        return _Request(route, {"id": args.id}, follow_up=follow_up)
+
+    return build
 
 
 def wait_for_device_removal(client: ApiClient, dev_id: str,
@@ -234,50 +264,27 @@ def wait_for_device_removal(client: ApiClient, dev_id: str,
     _poll_vm_info(client, behind, timeout, interval, f"the guest to eject device {dev_id}")
 
 
-def _create(args: argparse.Namespace) -> _Request:
-    try:
-        if args.path == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(args.path, "rb") as file:
-                data = file.read()
-    except OSError as error:
-        raise _UsageError("Error reading from file", str(error)) from None
-    return _Request("PUT", "vm.create", data)  # sent as is: the VMM validates it
+# Subcommands whose arguments are their own (not one configuration or URL), by name.
+SPECIAL_COMMANDS: dict[str, Callable[[Route, argparse.ArgumentParser], Builder]] = {
+    "create": _create,
+    "resize": _resize,
+    "resize-zone": _resize_zone,
+    "resize-disk": _resize_disk,
+    "remove-device": _remove_device,
+}
 
 
-def _configured(
-    endpoint: str, model_name: str, what: str
-) -> Callable[[argparse.Namespace], _Request]:
-    """A builder parsing the argument with ``pych.config.<model_name>.parse``."""
-
-    def build(args: argparse.Namespace) -> _Request:
-        parse = getattr(_model(model_name), "parse", None)
-        if parse is None:
-            raise _UsageError(f"Error parsing {what} syntax", f"{model_name}.parse() is missing")
-        try:
-            config = parse(args.config)
-        except ValueError as error:
-            raise _UsageError(f"Error parsing {what} syntax", str(error)) from None
-        # Fds are only meaningful in this process: they travel with SCM_RIGHTS.
-        fields = type(config).model_fields
-        fds: list[int] = []
-        if "fds" in fields and config.fds:
-            fds = list(config.fds)
-        elif "fd" in fields and config.fd is not None:
-            fds = [config.fd]
-        body = config.model_dump_json(exclude_none=True, exclude={"fds", "fd"})
-        return _Request("PUT", endpoint, body, tuple(fds))
-
-    return build
-
-
-def _bodyless(method: str, endpoint: str) -> Callable[[argparse.Namespace], _Request]:
-    return lambda args: _Request(method, endpoint)
-
-
-def _url(endpoint: str) -> Callable[[argparse.Namespace], _Request]:
-    return lambda args: _Request("PUT", endpoint, {"destination_url": args.url})
+def _arguments(route: Route) -> Callable[[Route, argparse.ArgumentParser], Builder]:
+    """How the subcommand of ``route`` takes its arguments."""
+    if route.remote.name in SPECIAL_COMMANDS:
+        return SPECIAL_COMMANDS[route.remote.name]
+    if route.remote.syntax is not None:
+        return _configured
+    if route.remote.url:
+        return _url
+    if route.body is None:
+        return _bodyless
+    raise ValueError(f"{route.endpoint} takes a body but pych-remote has no way to build it")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -286,45 +293,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--api-socket", help="HTTP API socket path (UNIX domain socket).")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-
-    def command(name: str, about: str, build: Callable[[argparse.Namespace], _Request]) -> Any:
-        sub = commands.add_parser(name, help=about, description=about)
-        sub.set_defaults(build=build)
-        return sub
-
-    for name, (method, endpoint, about) in _SIMPLE_COMMANDS.items():
-        command(name, about, _bodyless(method, endpoint))
-    for name, (endpoint, model, what, about) in _CONFIG_COMMANDS.items():
-        sub = command(name, about, _configured(endpoint, model, what))
-        sub.add_argument("config", metavar=f"<{model}>", help=f"{what} options: key=value,...")
-    for name, (endpoint, about) in _URL_COMMANDS.items():
-        command(name, about, _url(endpoint)).add_argument("url", metavar="<destination_url>")
-
-    command("create", "Create VM from a JSON configuration", _create).add_argument(
-        "path", nargs="?", default="-", help="JSON VmConfig file, or - for stdin (default)"
-    )
-    resize = command("resize", "Resize the VM", _resize)
-    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
-    resize.add_argument("--cpus", help="New vCPUs count")
-    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
-    resize.add_argument(
-        "--wait", nargs="?", type=float, const=DEFAULT_VCPU_WAIT_SECONDS, metavar="SECONDS",
-        help="With --cpus: return once the guest has seen every added vCPU or ejected every "
-        f"removed one; fail after SECONDS (default {DEFAULT_VCPU_WAIT_SECONDS:g})")
-    zone = command("resize-zone", "Resize a memory zone", _resize_zone)
-    zone.add_argument("--id", required=True, help="Memory zone identifier")
-    zone.add_argument(
-        "--size", required=True, help="New memory zone size in bytes (supports K/M/G suffix)"
-    )
-    disk = command("resize-disk", "Resize an attached disk", _resize_disk)
-    disk.add_argument("--disk", required=True, help="Disk identifier")
-    disk.add_argument("--size", required=True, help="New disk size")
-    remove = command("remove-device", "Remove VFIO and PCI device", _remove_device)
-    remove.add_argument("id", metavar="<device_id>")
-    remove.add_argument(
-        "--wait", nargs="?", type=float, const=DEFAULT_REMOVAL_WAIT_SECONDS, metavar="SECONDS",
-        help="Return once the guest has ejected the device; fail after SECONDS "
-        f"(default {DEFAULT_REMOVAL_WAIT_SECONDS:g})")
+    for route in sorted(ROUTES, key=lambda route: route.remote.name):
+        about = route.remote.help
+        sub = commands.add_parser(route.remote.name, help=about, description=about)
+        sub.set_defaults(build=_arguments(route)(route, sub))
     return parser
 
 
@@ -404,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         try:
             status, body = client.request(
-                request.method, request.endpoint, request.body, request.fds
+                request.route.method, request.route.endpoint, request.body, request.fds
             )
         except (OSError, http.client.HTTPException) as error:
             _print_chain(["http client error", "Error writing to or reading from HTTP socket",

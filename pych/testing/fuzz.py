@@ -66,7 +66,6 @@ from typing import Any
 import requests
 
 from pych.api.client import ApiClient
-from pych.api.handler import RequestHandler
 from pych.testing.guest import REPO, PychGuest
 from pych.testing.uds_requests import unix_session
 
@@ -185,12 +184,10 @@ def error_body_problem(body: bytes) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 def implemented_paths() -> set[str]:
-    """Paths whose RequestHandler method pych's Vmm overrides (the others answer 500)."""
-    from pych.api.http import API_ROOT, ROUTES
-    from pych.vmm import Vmm
+    """Paths of the routes pych implements (the others answer 500)."""
+    from pych.api.routes import ROUTES
 
-    return {path[len(API_ROOT):] for path, route in ROUTES.items()
-            if getattr(Vmm, route.handler) is not getattr(RequestHandler, route.handler)}
+    return {f"/{route.endpoint}" for route in ROUTES if route.implemented}
 
 
 class Generator:

@@ -13,15 +13,20 @@ import stat
 import tempfile
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pych.api import ApiClient, ApiError, ApiServer, ApiSocketError, RequestHandler
-from pych.api.http import MAX_BODY_SIZE, MAX_FDS_PER_REQUEST, ROUTES
+from pych import errors
+from pych.api import ApiClient, ApiServer, ApiSocketError, RequestHandler
+from pych.api.errors import STATUS
+from pych.api.http import MAX_BODY_SIZE, MAX_FDS_PER_REQUEST
+from pych.api.routes import ROUTES, Route
 
 config = pytest.importorskip("pych.config")
 
@@ -53,8 +58,35 @@ VALID_BODIES = {
 }
 
 
-class FakeHandler(RequestHandler):
-    """Records every call; ``outcomes[name]`` is returned, or raised if an exception.
+PROTOCOL_METHODS = {
+    name for name, member in vars(RequestHandler).items()
+    if inspect.isfunction(member) and not name.startswith("_")
+}
+IMPLEMENTED = [route for route in ROUTES if route.implemented]
+NOT_IMPLEMENTED = [route for route in ROUTES if not route.implemented]
+
+
+class _Probe:
+    """Records the methods called on it, whatever their name."""
+
+    def __init__(self) -> None:
+        self.called: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args: self.called.append((name, args))
+
+
+def called_method(route: Route, body: object = None, fds: object = None) -> tuple[str, tuple]:
+    """The RequestHandler method ``route``'s handler calls, and its arguments."""
+    probe = _Probe()
+    route.call(probe, body, fds)  # type: ignore[arg-type]
+    ((name, args),) = probe.called
+    return name, args
+
+
+class FakeHandler:
+    """Implements every RequestHandler method by recording the call; ``outcomes[name]`` is
+    returned, or raised if an exception.
 
     Endpoints taking fds close them unless ``keep_fds`` (then the test owns them)."""
 
@@ -80,12 +112,12 @@ class FakeHandler(RequestHandler):
         return [args for called, args in self.calls if called == name][-1]
 
 
-for _route in ROUTES.values():
-    setattr(
-        FakeHandler,
-        _route.handler,
-        lambda self, *args, _name=_route.handler: self._record(_name, args),
-    )
+for _name in PROTOCOL_METHODS:
+    setattr(FakeHandler, _name, lambda self, *args, _name=_name: self._record(_name, args))
+
+
+class BareHandler(RequestHandler):
+    """Subclasses the protocol and defines nothing: every endpoint is unsupported."""
 
 
 def _short_tmpdir() -> Path:
@@ -151,41 +183,91 @@ def assert_error_body(body: bytes) -> list[str]:
 
 
 def test_every_route_names_a_handler_method_and_every_endpoint_has_a_route():
-    endpoints = {
-        name
-        for name, member in inspect.getmembers(RequestHandler, inspect.isfunction)
-        if not name.startswith("_")
-    }
-    assert {route.handler for route in ROUTES.values()} == endpoints
+    """The route table and the RequestHandler protocol list the same endpoints: each
+    implemented route calls one protocol method with its body model (and fds if it takes
+    them), each protocol method has exactly one route, each body is a model with a valid
+    example here."""
     assert len(ROUTES) == 31
-    for route in ROUTES.values():
-        parameters = list(inspect.signature(getattr(RequestHandler, route.handler)).parameters)
+    assert len({route.path for route in ROUTES}) == len(ROUTES)
+    assert len({route.remote.name for route in ROUTES}) == len(ROUTES)
+    called = []
+    for route in ROUTES:
+        assert route.method in ("GET", "PUT")
+        if route.body is not None:
+            assert issubclass(route.body, pydantic.BaseModel), route.endpoint
+            assert route.body.__name__ in VALID_BODIES, route.endpoint
+            assert getattr(config, route.body.__name__) is route.body  # a public config model
+        else:
+            assert not route.fds, route.endpoint
+        if not route.implemented:
+            continue
+        body, fds = object(), []
+        name, args = called_method(route, body, fds)
+        assert name in PROTOCOL_METHODS, f"{route.endpoint} calls {name}, not in the protocol"
+        expected = (() if route.body is None else (body, fds) if route.fds else (body,))
+        assert args == expected and all(a is b for a, b in zip(args, expected)), route.endpoint
+        method = getattr(RequestHandler, name)
+        parameters = list(inspect.signature(method).parameters)[1:]
+        assert len(parameters) == len(args), route.endpoint
         assert parameters[-1:] == ["fds"] if route.fds else "fds" not in parameters
-        if route.body:
-            assert route.body in VALID_BODIES
+        if route.body is not None:
+            hints = typing.get_type_hints(method, localns=vars(config))
+            assert hints[parameters[0]] is route.body, route.endpoint
+        called.append(name)
+    assert sorted(called) == sorted(PROTOCOL_METHODS)  # each method has exactly one route
 
 
-@pytest.mark.parametrize("path", sorted(ROUTES))
-def test_each_route_succeeds_with_its_method(api, client, path):
+def test_the_unimplemented_routes_are_the_ones_pych_does_not_support_yet():
+    assert {route.endpoint for route in NOT_IMPLEMENTED} == {
+        "vm.resize-disk", "vm.add-vdpa", "vm.add-user-device", "vm.add-generic-vhost-user",
+        "vm.snapshot", "vm.restore", "vm.coredump", "vm.send-migration",
+        "vm.receive-migration"}
+
+
+def test_the_add_routes_match_the_device_kind_registry():
+    """Each hot-pluggable kind's add endpoint is a route taking the kind's model."""
+    from pych.config.kinds import DEVICE_KINDS
+
+    by_endpoint = {route.endpoint: route for route in ROUTES}
+    adds = {route.endpoint for route in ROUTES if route.endpoint.startswith("vm.add-")}
+    assert adds == {kind.add_endpoint for kind in DEVICE_KINDS if kind.hotpluggable}
+    for kind in DEVICE_KINDS:
+        if kind.hotpluggable:
+            assert by_endpoint[kind.add_endpoint].body is kind.model, kind.name
+
+
+@pytest.mark.parametrize("route", IMPLEMENTED, ids=lambda route: route.endpoint)
+def test_each_route_succeeds_with_its_method(api, client, route):
     handler, _ = api
-    route = ROUTES[path]
-    body = VALID_BODIES[route.body] if route.body else None
-    status, _ = client.request(route.method, path, body)
-    expected = 200 if route.handler in ("vmm_ping", "vmm_shutdown") else 204
-    assert (status, handler.calls[-1][0]) == (expected, route.handler)
+    name, _ = called_method(route, object(), [])
+    body = VALID_BODIES[route.body.__name__] if route.body else None
+    status, _ = client.request(route.method, route.path, body)
+    expected = 200 if name in ("vmm_ping", "vmm_shutdown") else 204
+    assert (status, handler.calls[-1][0]) == (expected, name)
     if route.body:
-        (model, *fds) = handler.last(route.handler)
-        assert isinstance(model, getattr(config, route.body))
+        (model, *fds) = handler.last(name)
+        assert isinstance(model, route.body)
         assert fds == ([[]] if route.fds else [])
 
 
-@pytest.mark.parametrize("path", sorted(ROUTES))
-def test_each_route_refuses_other_methods_with_405_and_allow(client, path):
-    route = ROUTES[path]
+@pytest.mark.parametrize("route", NOT_IMPLEMENTED, ids=lambda route: route.endpoint)
+def test_each_unimplemented_route_answers_500_naming_itself(api, client, route):
+    handler, _ = api
+    status, payload = client.request(route.method, route.path, VALID_BODIES[route.body.__name__])
+    assert status == 500
+    assert json.loads(payload) == ["Error from API",
+                                   f"{route.endpoint} is not supported by pych yet"]
+    assert not handler.calls
+    # the body is still validated first
+    assert client.request(route.method, route.path, b"{")[0] == 400
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda route: route.endpoint)
+def test_each_route_refuses_other_methods_with_405_and_allow(client, route):
     other = "PUT" if route.method == "GET" else "GET"
     for method in (other, "POST", "DELETE"):
         connection = client._connection
-        connection.request(method, path)
+        connection.request(method, route.path)
         response = connection.getresponse()
         body = response.read()
         assert response.status == 405
@@ -297,8 +379,8 @@ def test_a_missing_body_where_one_is_required_is_400(api, client):
 @pytest.mark.parametrize(
     ("outcome", "status"),
     [
-        (ApiError(404, ["VM is not created"]), 404),
-        (ApiError(429, ["vCPU removal still pending"]), 429),
+        (errors.VmNotCreated("VM is not created"), 404),
+        (errors.RetryLater("vCPU removal still pending"), 429),
         (None, 204),
     ],
 )
@@ -307,8 +389,34 @@ def test_api_errors_keep_their_status(api, client, outcome, status):
     handler.outcomes["vm_resize"] = outcome
     code, payload = client.put("vm.resize", VALID_BODIES["VmResize"])
     assert code == status
-    if isinstance(outcome, ApiError):
+    if isinstance(outcome, errors.VmmError):
         assert json.loads(payload) == ["Error from API", *outcome.messages]
+
+
+DOMAIN_ERRORS = sorted(
+    (cls for cls in vars(errors).values()
+     if isinstance(cls, type) and issubclass(cls, errors.VmmError) and cls is not errors.VmmError),
+    key=lambda cls: cls.__name__)
+
+
+def test_every_domain_error_has_a_status():
+    assert DOMAIN_ERRORS and all(cls in STATUS for cls in DOMAIN_ERRORS)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(errors.VmNotCreated, 404), (errors.VmAlreadyCreated, 409), (errors.InvalidState, 405),
+     (errors.InvalidRequest, 400), (errors.NotFound, 404), (errors.Conflict, 409),
+     (errors.RetryLater, 429), (errors.BackendError, 400), (errors.Unsupported, 500),
+     (errors.InternalError, 500)],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_each_domain_error_answers_its_status_and_chain(api, client, error, status):
+    handler, _ = api
+    handler.outcomes["vm_add_disk"] = error("Error adding device to the VM", "the reason")
+    code, payload = client.put("vm.add-disk", VALID_BODIES["DiskConfig"])
+    assert (code, json.loads(payload)) == (
+        status, ["Error from API", "Error adding device to the VM", "the reason"])
 
 
 def test_config_conflict_is_409_and_config_error_400(api, client):
@@ -329,8 +437,8 @@ def test_the_cause_chain_is_reported_outermost_first(api, client):
         try:
             raise FileNotFoundError(2, "No such file or directory")
         except OSError as error:
-            raise ApiError(500, ["The disk could not be added"]) from error
-    except ApiError as error:
+            raise errors.InternalError("The disk could not be added") from error
+    except errors.InternalError as error:
         handler.outcomes["vm_add_disk"] = error
     status, payload = client.put("vm.add-disk", VALID_BODIES["DiskConfig"])
     assert status == 500
@@ -358,7 +466,7 @@ def test_an_unserialisable_result_is_500(api, client):
 
 
 def test_unimplemented_endpoints_answer_500_naming_the_endpoint(sockdir):
-    server = _serve(RequestHandler(), sockdir / "api.sock")
+    server = _serve(BareHandler(), sockdir / "api.sock")
     try:
         with ApiClient(sockdir / "api.sock", timeout=5) as client:
             status, payload = client.put("vm.resize", VALID_BODIES["VmResize"])
@@ -627,14 +735,22 @@ def test_fds_sent_where_none_are_taken_are_closed(api, request_line):
             os.close(write_end)
 
 
-def test_fds_refused_by_an_unimplemented_endpoint_are_closed(sockdir):
-    server = _serve(RequestHandler(), sockdir / "api.sock")
+@pytest.mark.parametrize(
+    ("endpoint", "model"),
+    [("vm.add-net", "NetConfig"),            # a protocol method the handler does not define
+     ("vm.restore", "RestoreConfig"),        # routes without a handler
+     ("vm.receive-migration", "ReceiveMigrationData"),
+     ("vm.snapshot", "VmSnapshotConfig")],
+)
+def test_fds_refused_by_an_unimplemented_endpoint_are_closed(sockdir, endpoint, model):
+    server = _serve(BareHandler(), sockdir / "api.sock")
     read_end, write_end = os.pipe()
-    body = json.dumps(VALID_BODIES["NetConfig"]).encode()
+    body = json.dumps(VALID_BODIES[model]).encode()
     try:
         response = _send_with_fds(
             sockdir / "api.sock",
-            b"PUT /api/v1/vm.add-net HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            b"PUT /api/v1/%s HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (endpoint.encode(), len(body), body),
             [write_end],
         )
         assert response.startswith(b"HTTP/1.1 500 ")

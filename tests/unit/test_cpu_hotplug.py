@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pych import cpu as cpu_module
-from pych.api import ApiError, ApiServer, RequestHandler
+from pych.api import ApiServer, RequestHandler
+from pych.api.errors import status_of
+from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
 from pych.config import VmConfig, VmResize
 from pych.cpu import CpuHotplugController, CpuManager, VcpuRemovalPending, VcpuState
@@ -303,9 +305,9 @@ def test_resize_before_boot_only_edits_the_configuration():
 
 def test_resize_beyond_max_is_400_with_a_message():
     vmm = created_vmm()
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_resize(VmResize(desired_vcpus=5))
-    assert e.value.status == 400
+    assert status_of(e.value) == 400
     assert e.value.messages == ["Error resizing VM vCPUs",
                                 "desired_vcpus 5 is not between 1 and max_vcpus (4)"]
     assert vmm.config.cpus.boot_vcpus == 2
@@ -333,9 +335,9 @@ def test_running_vm_resize_updates_config_reports_states_and_429s_while_removing
     assert info["config"]["cpus"]["boot_vcpus"] == 3
     assert info["cpus"] == [{"id": 0, "state": "present"}, {"id": 1, "state": "present"},
                             {"id": 2, "state": "inserting"}, {"id": 3, "state": "removing"}]
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_resize(VmResize(desired_vcpus=2))
-    assert e.value.status == 429 and "pending" in e.value.messages[1]
+    assert status_of(e.value) == 429 and "pending" in e.value.messages[1]
     assert vmm.config.cpus.boot_vcpus == 3
     guest_ejects(mmio, 3)
     vmm.vm_resize(VmResize(desired_vcpus=2))

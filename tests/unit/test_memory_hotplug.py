@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pych.api.handler import ApiError
+from pych.api.errors import status_of
+from pych.errors import VmmError
 from pych.arch.x86_64 import boot, layout
 from pych.config import VmConfig, VmResize
 from pych.devices.acpi import AcpiNotification
@@ -401,9 +402,9 @@ def test_vm_resize_reduction_changes_only_the_configuration(vmm):
     (0, 400, "page size"),
 ])
 def test_vm_resize_errors_leave_the_configuration_alone(vmm, desired, status, message):
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         resize(vmm, desired)
-    assert e.value.status == status and message in e.value.messages[-1]
+    assert status_of(e.value) == status and message in e.value.messages[-1]
     assert vmm.config.memory.size == 256 * MiB
 
 
@@ -431,9 +432,9 @@ def test_vm_resize_with_virtio_mem_grows_and_shrinks_live_and_keeps_it_for_reboo
         resize(vmm, 256 * MiB)
         assert device.requested_size == 0
         assert "hotplugged_size" not in vmm.vm_info()["config"]["memory"]
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             resize(vmm, 128 * MiB)
-        assert e.value.status == 400 and "below the boot RAM" in e.value.messages[-1]
+        assert status_of(e.value) == 400 and "below the boot RAM" in e.value.messages[-1]
     finally:
         vmm.close()
 

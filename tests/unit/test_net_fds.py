@@ -29,7 +29,8 @@ from pyroute2 import IPRoute
 
 from pych.api import ApiServer
 from pych.api.client import ApiClient
-from pych.api.handler import ApiError
+from pych.api.errors import status_of
+from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
 from pych.config import ConfigError, NetConfig, VmConfig
 from pych.devices.net.tap import (IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUNSETIFF, Tap,
@@ -389,9 +390,9 @@ def test_no_vm_is_404_and_vmm_teardown_closes_configured_fds():
     def scenario():
         vmm = Vmm(event_monitor=hotplug.RecordingEvents())
         fd = open_queue("pychfd8")
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_add_net(NetConfig(), [os.dup(fd)])
-        seen = {"no_vm": e.value.status, "tun_fds": tun_fds()}
+        seen = {"no_vm": status_of(e.value), "tun_fds": tun_fds()}
         vmm.vm_create(hotplug.vm_config())
         vmm.vm_add_net(NetConfig(), [os.dup(fd)])          # cold: recorded
         os.close(fd)

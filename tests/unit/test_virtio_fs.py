@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pych.api.handler import ApiError
+from pych.api.errors import status_of
+from pych.errors import VmmError
 from pych.config import DiskConfig, FsConfig, VmRemoveDevice
 from pych.device_manager import DeviceBackendError, DeviceManager
 from pych.devices.bus import Bus
@@ -413,9 +414,9 @@ def test_vm_add_fs_answers_400_for_a_missing_backend_and_200_otherwise(tmp_path)
     m = boot_fake(vmm)
     backend = FakeBackend(tmp_path / "virtiofsd.sock")
     try:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_add_fs(FsConfig(tag="t", socket=str(tmp_path / "nope.sock")))
-        assert e.value.status == 400
+        assert status_of(e.value) == 400
         assert e.value.messages == [
             "Error adding device to the VM",
             f"virtio-fs _fs0: cannot connect to the vhost-user backend at {tmp_path / 'nope.sock'}:"

@@ -1,0 +1,224 @@
+"""Every endpoint of ``/api/v1``, in one table: :data:`ROUTES`.
+
+A :class:`Route` says how an endpoint is called (method, body model, whether it takes
+SCM_RIGHTS fds), which :class:`~pych.api.handler.RequestHandler` method serves it, what it
+answers, and which ``pych-remote`` subcommand drives it.  Everything that lists endpoints
+reads this table: the HTTP server (:mod:`pych.api.dispatch`), ``pych-remote``
+(:mod:`pych.cli.remote`), the OpenAPI document (:mod:`pych.api.openapi`,
+``docs/openapi.json``) and the contract test.
+
+To follow a request: find its endpoint below; ``handler`` names the ``RequestHandler``
+method it calls (the VMM's method of the same name does the work) and ``body`` the
+:mod:`pych.config` model its JSON body is validated into first.  An endpoint pych does not
+implement has ``handler=None`` and answers 500 "<endpoint> is not supported by pych yet".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from pych.config import (
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    GenericVhostUserConfig,
+    NetConfig,
+    PciDeviceInfo,
+    PmemConfig,
+    ReceiveMigrationData,
+    RestoreConfig,
+    SendMigrationData,
+    UserDeviceConfig,
+    VdpaConfig,
+    VmConfig,
+    VmCoredumpData,
+    VmCounters,
+    VmInfo,
+    VmmPingResponse,
+    VmRemoveDevice,
+    VmResize,
+    VmResizeDisk,
+    VmResizeZone,
+    VmSnapshotConfig,
+    VsockConfig,
+)
+
+if TYPE_CHECKING:
+    from pych.api.handler import Body, RequestHandler
+
+API_ROOT = "/api/v1"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class RemoteCommand:
+    """The ``pych-remote`` subcommand of an endpoint (ch-remote's name for it)."""
+
+    name: str
+    help: str
+    """One line saying what the endpoint does: the subcommand's help, the OpenAPI summary."""
+    syntax: str | None = None
+    """A config command (``add-disk path=...``): its one argument is parsed with the body
+    model's ``parse``, and this is what ch-remote's "Error parsing <syntax> syntax" calls it."""
+    url: bool = False
+    """A URL command (``snapshot <destination_url>``): the body is ``{destination_url}``."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint (see the module docstring); build it with the typed helpers below."""
+
+    method: Literal["GET", "PUT"]
+    endpoint: str
+    """``vm.add-disk``; the path is ``/api/v1/vm.add-disk``."""
+    body: type[BaseModel] | None
+    """The model the (required) JSON body must validate as; None: the endpoint takes none."""
+    handler: Callable[..., Any] | None
+    """Calls the :class:`RequestHandler` method: ``(handler)``, ``(handler, body)`` or
+    ``(handler, body, fds)``; None: pych does not implement the endpoint."""
+    remote: RemoteCommand
+    fds: bool = False
+    """The handler also receives the request's SCM_RIGHTS fds (else they are closed)."""
+    response: type[BaseModel] | None = None
+    """The model of a ``200`` body."""
+    empty_status: HTTPStatus = HTTPStatus.NO_CONTENT
+    """The status when the handler returns None."""
+    always_body: bool = False
+    """The endpoint always answers with ``response`` (the OpenAPI document lists no empty
+    answer for it)."""
+
+    @property
+    def path(self) -> str:
+        return f"{API_ROOT}/{self.endpoint}"
+
+    @property
+    def implemented(self) -> bool:
+        return self.handler is not None
+
+    def call(self, handler: RequestHandler, body: BaseModel | None, fds: list[int]) -> Body:
+        """Run the endpoint's handler method with the validated body (and fds, if taken)."""
+        if self.handler is None:
+            raise TypeError(f"{self.endpoint} has no handler")
+        if self.body is None:
+            return self.handler(handler)
+        if self.fds:
+            return self.handler(handler, body, fds)
+        return self.handler(handler, body)
+
+
+# Typed constructors: the checker sees each handler lambda with its argument types, so a
+# lambda calling a method the RequestHandler protocol lacks, or passing the wrong model, is
+# a type error.
+
+
+def _get(endpoint: str, handler: Callable[[RequestHandler], Body], response: type[BaseModel],
+         remote: RemoteCommand) -> Route:
+    return Route("GET", endpoint, None, handler, remote, response=response, always_body=True)
+
+
+def _action(endpoint: str, handler: Callable[[RequestHandler], None], remote: RemoteCommand,
+            empty_status: HTTPStatus = HTTPStatus.NO_CONTENT) -> Route:
+    return Route("PUT", endpoint, None, handler, remote, empty_status=empty_status)
+
+
+def _put(endpoint: str, body: type[M], handler: Callable[[RequestHandler, M], Body] | None,
+         remote: RemoteCommand, response: type[BaseModel] | None = None) -> Route:
+    return Route("PUT", endpoint, body, handler, remote, response=response)
+
+
+def _put_fds(endpoint: str, body: type[M],
+             handler: Callable[[RequestHandler, M, list[int]], Body] | None,
+             remote: RemoteCommand, response: type[BaseModel] | None = None) -> Route:
+    return Route("PUT", endpoint, body, handler, remote, fds=True, response=response)
+
+
+ROUTES: tuple[Route, ...] = (
+    # -- the VMM
+    _get("vmm.ping", lambda h: h.vmm_ping(), VmmPingResponse,
+         RemoteCommand("ping", "Ping the VMM to check for API server availability")),
+    _action("vmm.shutdown", lambda h: h.vmm_shutdown(),
+            RemoteCommand("shutdown-vmm", "Shutdown the VMM"),
+            empty_status=HTTPStatus.OK),  # the reference's 200 with an empty body
+    # -- VM life cycle
+    _put("vm.create", VmConfig, lambda h, config: h.vm_create(config),
+         RemoteCommand("create", "Create VM from a JSON configuration")),
+    _action("vm.boot", lambda h: h.vm_boot(),
+            RemoteCommand("boot", "Boot a created VM")),
+    _action("vm.delete", lambda h: h.vm_delete(),
+            RemoteCommand("delete", "Delete a VM")),
+    _action("vm.shutdown", lambda h: h.vm_shutdown(),
+            RemoteCommand("shutdown", "Shutdown the VM")),
+    _action("vm.reboot", lambda h: h.vm_reboot(),
+            RemoteCommand("reboot", "Reboot the VM")),
+    _action("vm.pause", lambda h: h.vm_pause(),
+            RemoteCommand("pause", "Pause the VM")),
+    _action("vm.resume", lambda h: h.vm_resume(),
+            RemoteCommand("resume", "Resume the VM")),
+    _action("vm.power-button", lambda h: h.vm_power_button(),
+            RemoteCommand("power-button", "Trigger a power button in the VM")),
+    _action("vm.nmi", lambda h: h.vm_nmi(),
+            RemoteCommand("nmi", "Trigger NMI")),
+    # -- inspection
+    _get("vm.info", lambda h: h.vm_info(), VmInfo,
+         RemoteCommand("info", "Info on the VM")),
+    _get("vm.counters", lambda h: h.vm_counters(), VmCounters,
+         RemoteCommand("counters", "Counters from the VM")),
+    # -- resizing
+    _put("vm.resize", VmResize, lambda h, resize: h.vm_resize(resize),
+         RemoteCommand("resize", "Resize the VM")),
+    _put("vm.resize-zone", VmResizeZone, lambda h, resize: h.vm_resize_zone(resize),
+         RemoteCommand("resize-zone", "Resize a memory zone")),
+    _put("vm.resize-disk", VmResizeDisk, None,
+         RemoteCommand("resize-disk", "Resize an attached disk")),
+    # -- devices: 200 PciDeviceInfo when hot plugged, 204 when only added to the configuration
+    _put("vm.add-disk", DiskConfig, lambda h, disk: h.vm_add_disk(disk),
+         RemoteCommand("add-disk", "Add block device", syntax="disk"),
+         response=PciDeviceInfo),
+    _put_fds("vm.add-net", NetConfig, lambda h, net, fds: h.vm_add_net(net, fds),
+             RemoteCommand("add-net", "Add network device", syntax="network"),
+             response=PciDeviceInfo),
+    _put("vm.add-fs", FsConfig, lambda h, fs: h.vm_add_fs(fs),
+         RemoteCommand("add-fs", "Add virtio-fs backed fs device", syntax="filesystem"),
+         response=PciDeviceInfo),
+    _put("vm.add-pmem", PmemConfig, lambda h, pmem: h.vm_add_pmem(pmem),
+         RemoteCommand("add-pmem", "Add persistent memory device", syntax="persistent memory"),
+         response=PciDeviceInfo),
+    _put("vm.add-vsock", VsockConfig, lambda h, vsock: h.vm_add_vsock(vsock),
+         RemoteCommand("add-vsock", "Add vsock device", syntax="vsock"),
+         response=PciDeviceInfo),
+    _put_fds("vm.add-device", DeviceConfig, lambda h, device, fds: h.vm_add_device(device, fds),
+             RemoteCommand("add-device", "Add VFIO device", syntax="device"),
+             response=PciDeviceInfo),
+    _put("vm.add-vdpa", VdpaConfig, None,
+         RemoteCommand("add-vdpa", "Add vDPA device", syntax="vDPA device"),
+         response=PciDeviceInfo),
+    _put("vm.add-user-device", UserDeviceConfig, None,
+         RemoteCommand("add-user-device", "Add userspace device", syntax="user device"),
+         response=PciDeviceInfo),
+    _put("vm.add-generic-vhost-user", GenericVhostUserConfig, None,
+         RemoteCommand("add-generic-vhost-user", "Add generic vhost-user device",
+                       syntax="generic vhost-user"),
+         response=PciDeviceInfo),
+    _put("vm.remove-device", VmRemoveDevice, lambda h, request: h.vm_remove_device(request),
+         RemoteCommand("remove-device", "Remove VFIO and PCI device")),
+    # -- snapshot, dump, migration
+    _put("vm.snapshot", VmSnapshotConfig, None,
+         RemoteCommand("snapshot", "Create a snapshot from VM", url=True)),
+    _put_fds("vm.restore", RestoreConfig, None,  # fds: memory fds, then net fds
+             RemoteCommand("restore", "Restore VM from a snapshot", syntax="restore")),
+    _put("vm.coredump", VmCoredumpData, None,
+         RemoteCommand("coredump", "Create a coredump from VM", url=True)),
+    _put("vm.send-migration", SendMigrationData, None,
+         RemoteCommand("send-migration", "Initiate a VM migration", syntax="send migration")),
+    _put_fds("vm.receive-migration", ReceiveMigrationData, None,  # fds: VFIO, then iommufd
+             RemoteCommand("receive-migration", "Receive a VM migration",
+                           syntax="receive migration")),
+)
+
+BY_PATH: Mapping[str, Route] = {route.path: route for route in ROUTES}
