@@ -26,17 +26,17 @@ from pych import seccomp
 from pych.api.handler import ApiError, RequestHandler
 from pych.config import (ApiSocket, ConfigError, EventMonitor as EventMonitorOption,
                           NetConfig, PciDeviceInfo, VmConfig)
-from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
-                                 HotPlugged, UnknownDeviceId)
-from pych.cpu import VcpuRemovalPending
+from pych.device_manager.manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
+                                         HotPlugged, UnknownDeviceId)
+from pych.cpu.manager import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
 from pych.devices.net.tap import TapError, tap_fd_name
 from pych.devices.vhost_user import VhostUserConnections
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
-from pych.memory_manager import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
-                                 UnknownMemoryZone, find_zone, virtio_mem_request)
-from pych.vcpu import install_kick_handler
+from pych.memory.resize import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
+                                UnknownMemoryZone, find_zone, virtio_mem_request)
+from pych.cpu.vcpu import install_kick_handler
 from pych.vm import Vm
 
 log = logging.getLogger(__name__)
