@@ -134,7 +134,8 @@ class Vm:
             raise VmError("no kernel to boot (give --kernel, or a payload in vm.create)")
         mem = self.guest_memory
         kernel = loader.load_kernel(mem, payload.kernel)
-        initramfs = loader.load_initramfs(mem, payload.initramfs, kernel) if payload.initramfs else None
+        initramfs = (loader.load_initramfs(mem, payload.initramfs, kernel) if payload.initramfs
+                     else None)
         rsdp = acpi_tables.create_acpi_tables(
             mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
             max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id)

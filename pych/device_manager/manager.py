@@ -136,7 +136,7 @@ class DeviceManager:
             if name not in used:
                 return name
 
-    # --- boot devices -------------------------------------------------------------------------------
+    # --- boot devices ---------------------------------------------------------------------------
     def create_boot_devices(self) -> None:
         """Create the configured devices in the registry's order (console, disks, nets, rng,
         fs, pmem, vsock, then the memory manager's virtio-mem devices, balloon, VFIO), so
@@ -191,7 +191,7 @@ class DeviceManager:
         except BACKEND_ERRORS as e:
             raise DeviceBackendError(str(e)) from e
 
-    # --- PCI ---------------------------------------------------------------------------------------
+    # --- PCI ------------------------------------------------------------------------------------
     def _place_virtio(self, dev_id: str, device: VirtioDevice, slot: int | None = None, *,
                       kind: DeviceKind | None = None, use_64bit_bar: bool = True) -> str:
         """Put ``device`` (of ``kind``; None for the machine's virtio-mem devices) on the PCI

@@ -59,7 +59,8 @@ def boot_ram_layout(zones: Sequence[tuple[str, int]]) -> list[RamPiece]:
     return pieces
 
 
-def virtio_mem_layout(ram_end: int, regions: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+def virtio_mem_layout(ram_end: int,
+                      regions: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
     """``(zone, gpa, size)`` of each zone's virtio-mem region (``regions``: ``(zone,
     hotplug_size)`` in zone order), as the reference places them: after the RAM ending at
     ``ram_end`` (at 4 GiB when RAM ends below the 32-bit hole), each at the first 128 MiB

@@ -7,8 +7,8 @@ It owns the guest's RAM (:class:`~pych.memory.guest_memory.GuestMemory`), laid o
 ``--memory-zone`` options (with ``--memory size=0``), else one default zone ``mem0`` of
 ``--memory size``. Each zone is one memfd (or its ``file``); :func:`boot_ram_layout` lays the
 zones out one after the other over the RAM ranges around the 32-bit hole, and each piece is a
-mapping of the zone's memory registered as a KVM memslot. After boot RAM comes the hot plug space, which is only guest
-physical address space until RAM is plugged into it.
+mapping of the zone's memory registered as a KVM memslot. After boot RAM comes the hot plug
+space, which is only guest physical address space until RAM is plugged into it.
 
 ACPI hot plug (shared/notes/ch-hotplug-reference.md §4.1), end to end:
 

@@ -96,7 +96,8 @@ def test_increases_become_dimms_announced_through_the_ged(manager):
         (4 * GiB, 256 * MiB, True, True), (4 * GiB + 256 * MiB, 128 * MiB, True, True),
         (0, 0, False, False)]
     # hot plugged RAM reaches the guest through ACPI only, never through the boot e820 map
-    assert [(e.addr, e.size) for e in boot.e820_map(mm.guest_memory) if e.type == boot.E820_RAM] == [
+    e820 = boot.e820_map(mm.guest_memory)
+    assert [(e.addr, e.size) for e in e820 if e.type == boot.E820_RAM] == [
         (0, layout.EBDA_START), (layout.HIGH_RAM_START, 255 * MiB)]
 
 
@@ -171,7 +172,7 @@ def test_reductions_eject_the_newest_dimms_that_fit(manager):
     guest_ost(mm.hotplug_controller, 1, NOT_SUPPORTED)          # the guest keeps dimm1
     assert mm.actual_size == 640 * MiB
     assert list(mm.kvm_vm.memslots.values()) == [(0, 256 * MiB), (4 * GiB, 256 * MiB),
-                                             (4 * GiB + 256 * MiB, 128 * MiB)]
+                                                 (4 * GiB + 256 * MiB, 128 * MiB)]
     assert [r.name for r in mm.guest_memory.regions] == ["ram0", "dimm0", "dimm1"]
     assert mm.hotplug_info()["dimms"][1:] == [
         {"id": "dimm1", "slot": 1, "address": 4 * GiB + 256 * MiB, "size": 128 * MiB,

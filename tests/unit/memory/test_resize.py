@@ -19,35 +19,12 @@ from pych.memory.resize import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryRe
 from pych.memory.zones import DEFAULT_MEMORY_ZONE
 from pych.vmm import Vmm
 
-from .test_manager import FakeKvmVm, manager, memory_config  # noqa: F401 - the fixture
+from .test_manager import FakeKvmVm, manager, memory_config  # noqa: F401 - fixtures
+from .test_zones import zones_manager, zones_memory  # noqa: F401
 
 MiB, GiB = layout.MiB, layout.GiB
 ZONES = [{"id": "mem0", "size": 256 * MiB},
          {"id": "mem1", "size": 128 * MiB, "hotplug_size": 512 * MiB}]
-
-
-def zones_memory(zones, **fields):
-    """A validated MemoryConfig with ``zones`` (dicts) and ``size=0``."""
-    fields.setdefault("hotplug_method", "VirtioMem")
-    return VmConfig.model_validate({"payload": {"kernel": __file__},
-                                    "memory": {"size": 0, "zones": zones, **fields}}).memory
-
-
-@pytest.fixture
-def zones_manager():
-    """A booted memory manager factory (``zones`` as dicts); closed after the test."""
-    made = []
-
-    def make(zones, **fields):
-        mm = MemoryManager(zones_memory(zones, **fields), FakeKvmVm(), Bus("mmio"),
-                           notify=lambda event: None)
-        made.append(mm)
-        mm.create_boot_memory()
-        return mm
-
-    yield make
-    for mm in made:
-        mm.close()
 
 
 def request(mm: MemoryManager, desired: int) -> bool:

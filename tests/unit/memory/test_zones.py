@@ -18,7 +18,7 @@ from .test_manager import FakeKvmVm
 MiB, GiB = layout.MiB, layout.GiB
 
 
-def memory(zones, **fields):
+def zones_memory(zones, **fields):
     """A validated MemoryConfig with ``zones`` (dicts) and ``size=0``."""
     fields.setdefault("hotplug_method", "VirtioMem")
     return VmConfig.model_validate({"payload": {"kernel": __file__},
@@ -26,12 +26,12 @@ def memory(zones, **fields):
 
 
 @pytest.fixture
-def manager():
+def zones_manager():
     """A booted memory manager factory (``zones`` as dicts); closed after the test."""
     made = []
 
     def make(zones, **fields):
-        mm = MemoryManager(memory(zones, **fields), FakeKvmVm(), Bus("mmio"),
+        mm = MemoryManager(zones_memory(zones, **fields), FakeKvmVm(), Bus("mmio"),
                            notify=lambda event: None)
         made.append(mm)
         mm.create_boot_memory()
@@ -42,10 +42,10 @@ def manager():
         mm.close()
 
 
-def test_each_zone_is_its_own_memfd_mapped_as_the_layout_says(manager):
-    mm = manager([{"id": "mem0", "size": 2 * GiB}, {"id": "mem1", "size": 2 * GiB},
-                  {"id": "mem2", "size": 0, "hotplug_size": 512 * MiB,
-                   "hotplugged_size": 128 * MiB}])
+def test_each_zone_is_its_own_memfd_mapped_as_the_layout_says(zones_manager):
+    mm = zones_manager([{"id": "mem0", "size": 2 * GiB}, {"id": "mem1", "size": 2 * GiB},
+                        {"id": "mem2", "size": 0, "hotplug_size": 512 * MiB,
+                         "hotplugged_size": 128 * MiB}])
     assert [(r.name, r.gpa, r.size) for r in mm.guest_memory.regions] == [
         ("ram0", 0, 2 * GiB), ("ram1", 2 * GiB, 1 * GiB), ("ram2", 4 * GiB, 1 * GiB),
         ("virtio-mem-mem2", 5 * GiB, 512 * MiB)]
@@ -56,7 +56,8 @@ def test_each_zone_is_its_own_memfd_mapped_as_the_layout_says(manager):
     assert os.pread(mm.zones["mem1"].fd, 4, 1 * GiB) == b"zone"
     assert mm.zones["mem0"].fd != mm.zones["mem1"].fd and mm.zones["mem2"].fd == -1
     # boot RAM is in the e820 map, the virtio-mem region is not
-    assert [(e.addr, e.size) for e in boot.e820_map(mm.guest_memory) if e.type == boot.E820_RAM][-2:] == [
+    e820 = boot.e820_map(mm.guest_memory)
+    assert [(e.addr, e.size) for e in e820 if e.type == boot.E820_RAM][-2:] == [
         (2 * GiB, 1 * GiB), (4 * GiB, 1 * GiB)]
     (zone,) = mm.virtio_mem_zones
     assert (zone.id, zone.device.name, zone.device.requested_size) == ("mem2", "mem2", 128 * MiB)
@@ -65,10 +66,10 @@ def test_each_zone_is_its_own_memfd_mapped_as_the_layout_says(manager):
     assert layout.mmio64_window(*mm.hotplug_window)[0] == 6 * GiB
 
 
-def test_several_virtio_mem_zones_and_zones_without_hotplug(manager):
-    mm = manager([{"id": "a", "size": 256 * MiB, "hotplug_size": 256 * MiB},
-                  {"id": "b", "size": 100 * MiB},
-                  {"id": "c", "size": 0, "hotplug_size": 1 * GiB}])
+def test_several_virtio_mem_zones_and_zones_without_hotplug(zones_manager):
+    mm = zones_manager([{"id": "a", "size": 256 * MiB, "hotplug_size": 256 * MiB},
+                        {"id": "b", "size": 100 * MiB},
+                        {"id": "c", "size": 0, "hotplug_size": 1 * GiB}])
     assert [(z.id, z.region.gpa, z.region.size) for z in mm.virtio_mem_zones] == [
         ("a", 4 * GiB, 256 * MiB), ("c", 4 * GiB + 256 * MiB, 1 * GiB)]
     assert mm.zones["b"].virtio_mem is None
@@ -78,18 +79,18 @@ def test_several_virtio_mem_zones_and_zones_without_hotplug(manager):
         "requested_size": 0, "plugged_size": 0, "driver_active": False}
 
 
-def test_zones_without_hotplug_have_no_hotplug_space(manager):
-    mm = manager([{"id": "a", "size": 256 * MiB}], hotplug_method="Acpi")
+def test_zones_without_hotplug_have_no_hotplug_space(zones_manager):
+    mm = zones_manager([{"id": "a", "size": 256 * MiB}], hotplug_method="Acpi")
     assert mm.hotplug_window == (4 * GiB, 0) and mm.hotplug_info() is None
     assert mm.hotplug_controller is None
 
 
-def test_a_zone_can_be_backed_by_a_file_shared_or_private(manager, tmp_path):
+def test_a_zone_can_be_backed_by_a_file_shared_or_private(zones_manager, tmp_path):
     shared, private = tmp_path / "shared", tmp_path / "private"
     for f in (shared, private):
         f.write_bytes(bytes(64 * MiB))
-    mm = manager([{"id": "s", "size": 64 * MiB, "file": str(shared), "shared": True},
-                  {"id": "p", "size": 64 * MiB, "file": str(private)}])
+    mm = zones_manager([{"id": "s", "size": 64 * MiB, "file": str(shared), "shared": True},
+                        {"id": "p", "size": 64 * MiB, "file": str(private)}])
     mm.guest_memory.write(0, b"to the file")
     mm.guest_memory.write(64 * MiB, b"to a private copy")
     mm.zones["s"].regions[0].mmap.flush()
@@ -103,15 +104,15 @@ def test_a_zone_can_be_backed_by_a_file_shared_or_private(manager, tmp_path):
     ({"file": "/nonexistent/pych"}, "cannot open the backing file"),
     ({"file": "/"}, "is a directory"),
 ])
-def test_backings_pych_cannot_give_are_refused_with_one_line(manager, zone, message):
+def test_backings_pych_cannot_give_are_refused_with_one_line(zones_manager, zone, message):
     with pytest.raises(ValueError, match=message):
-        manager([{"id": "z", "size": 64 * MiB, **zone}])
+        zones_manager([{"id": "z", "size": 64 * MiB, **zone}])
 
 
-def test_a_file_shorter_than_its_zone_is_refused(manager, tmp_path):
+def test_a_file_shorter_than_its_zone_is_refused(zones_manager, tmp_path):
     (tmp_path / "f").write_bytes(bytes(MiB))
     with pytest.raises(ValueError, match="has 1048576 bytes, fewer than"):
-        manager([{"id": "z", "size": 64 * MiB, "file": str(tmp_path / "f")}])
+        zones_manager([{"id": "z", "size": 64 * MiB, "file": str(tmp_path / "f")}])
 
 
 def test_memory_hugepages_are_refused_not_ignored():
@@ -147,8 +148,8 @@ def test_the_command_line_takes_memory_zones():
         ("mem0", 256 * MiB, None, None), ("mem1", 0, 512 * MiB, 128 * MiB)]
 
 
-def test_prefault_populates_the_zone_at_boot(manager):
-    mm = manager([{"id": "lazy", "size": 8 * MiB}, {"id": "eager", "size": 8 * MiB,
-                                                     "prefault": True}])
+def test_prefault_populates_the_zone_at_boot(zones_manager):
+    mm = zones_manager([{"id": "lazy", "size": 8 * MiB},
+                        {"id": "eager", "size": 8 * MiB, "prefault": True}])
     assert os.fstat(mm.zones["lazy"].fd).st_blocks == 0
     assert os.fstat(mm.zones["eager"].fd).st_blocks * 512 >= 8 * MiB
