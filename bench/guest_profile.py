@@ -16,7 +16,7 @@ import threading
 import time
 
 from pych.cli.main import build_parser, config_from_args
-from pych.vcpu import install_kick_handler
+from pych.cpu.vcpu import install_kick_handler
 from pych.vmm import Vmm
 
 

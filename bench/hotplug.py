@@ -50,7 +50,8 @@ from pych.api.client import ApiClient
 from pych.config import VmConfig
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm
-from pych.memory_manager import MemoryManager
+from pych.memory.manager import MemoryManager
+from pych.memory.resize import resize_ram
 from pych.testing.guest import (READY, REPO, Console, PychGuest, Shell, guest_artifacts,
                                 guest_cmdline, qemu_command)
 
@@ -124,7 +125,7 @@ def pych_manager_resize(size: int, method: str, runs: int) -> list[float]:
             try:
                 manager.create_boot_memory()        # with virtio-mem, its device too
                 t0 = time.perf_counter()
-                manager.resize(BOOT + size)
+                resize_ram(config.memory, BOOT + size, manager)
                 times.append(time.perf_counter() - t0)
             finally:
                 vm.close()
@@ -387,7 +388,7 @@ def pych_vm_cpu_resize(runs: int) -> list[tuple[float, float]]:
     until vm_resize returned) per run, in seconds."""
     from pych.cli.main import build_parser, config_from_args
     from pych.config import VmResize
-    from pych.vcpu import install_kick_handler
+    from pych.cpu.vcpu import install_kick_handler
     from pych.vmm import Vmm
 
     install_kick_handler()

@@ -14,44 +14,27 @@ from typing import Callable
 from pych.acpi import tables as acpi_tables
 from pych.arch.x86_64 import boot, layout, loader
 from pych.arch.x86_64.cpuid import Topology
-from pych.cpu import CpuManager
-from pych.device_manager import DeviceManager
+from pych.cpu.manager import CpuManager
+from pych.device_manager.manager import DeviceManager
 from pych.devices import acpi as acpi_devices
 from pych.devices.bus import Bus
-from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.legacy.cmos import Cmos
 from pych.devices.legacy.debug_port import DebugPort
 from pych.devices.legacy.i8042 import I8042
 from pych.devices.legacy.serial import Serial
+from pych.devices.vhost_user import VhostUserConnections
 from pych.hypervisor.kvm import Kvm
-from pych.hypervisor.kvm.interrupts import KvmMsiInterruptManager
-from pych.memory import GuestMemory
-from pych.memory_manager import MemoryManager
+from pych.hypervisor.kvm import Vm as KvmVm
+from pych.hypervisor.kvm.interrupts import KvmIrqLine, KvmMsiInterruptManager
+from pych.memory.guest_memory import GuestMemory
+from pych.memory.manager import MemoryManager
+from pych.memory.resize import resize_ram, resize_zone
 
 log = logging.getLogger(__name__)
-
-TSS_ADDRESS = 0xFFFB_D000
-MSI_DELIVERY_NMI = 0b100 << 8
-IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 
 class VmError(Exception):
     pass
-
-
-class KvmIrqLine:
-    """An IOAPIC pin of the in-kernel irqchip."""
-
-    def __init__(self, vm, gsi: int):
-        self._vm = vm
-        self.gsi = gsi
-
-    def set_level(self, level: bool) -> None:
-        self._vm.irq_line(self.gsi, level)
-
-    def pulse(self) -> None:
-        self._vm.irq_line(self.gsi, True)
-        self._vm.irq_line(self.gsi, False)
 
 
 class Vm:
@@ -67,9 +50,7 @@ class Vm:
         self.vhost_user = vhost_user        # vhost-user connections, outlive reboots
         self._exit_once = threading.Lock()
         self._exited = False
-        self.state = "Created"
-        self.vm = None
-        self.mem: GuestMemory | None = None
+        self.kvm_vm: KvmVm | None = None        # the KVM VM fd of this boot
         self.memory: MemoryManager | None = None
         self.cpus: CpuManager | None = None
         self.devices: DeviceManager | None = None
@@ -88,22 +69,22 @@ class Vm:
     def boot(self) -> None:
         cfg = self.config
         try:
-            self.vm = self.kvm.create_vm()
-            self.vm.set_tss_address(TSS_ADDRESS)
-            self.vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            self.vm.disable_halt_polling()
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
-            self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(self.vm, layout.GED_IRQ),
+            kvm_vm = self.kvm_vm = self.kvm.create_vm()
+            kvm_vm.set_tss_address(layout.TSS_ADDRESS)
+            kvm_vm.set_identity_map_address(layout.IDENTITY_MAP_ADDRESS)
+            kvm_vm.disable_halt_polling()
+            kvm_vm.create_irqchip()
+            kvm_vm.create_pit2()
+            self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(kvm_vm, layout.GED_IRQ),
                                                   layout.ACPI_GED_ADDR)
             self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
-            self.memory = MemoryManager(cfg.memory, self.vm, self.mmio, notify=self.ged.notify)
-            self.mem = self.memory.create_boot_memory()
+            self.memory = MemoryManager(cfg.memory, kvm_vm, self.mmio, notify=self.ged.notify)
+            self.memory.create_boot_memory()
             self._create_legacy_devices()
             self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
             self.devices = DeviceManager(
-                cfg, self.mem, self.mmio, self.pio, msi=KvmMsiInterruptManager(self.vm),
-                ioevents=self.vm, memslots=self.vm, irq_line=lambda gsi: KvmIrqLine(self.vm, gsi),
+                cfg, self.guest_memory, self.mmio, self.pio, msi=KvmMsiInterruptManager(kvm_vm),
+                ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
                 mmio64=self.mmio64, notify=self.ged.notify,
                 virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
                 vhost_user=self.vhost_user)
@@ -113,7 +94,7 @@ class Vm:
             self.memory.add_block_listener(self.devices.dma_map, self.devices.dma_unmap)
             topo = cfg.cpus.topology
             self.cpus = CpuManager(
-                self.kvm, self.vm, self.pio, self.mmio,
+                self.kvm, kvm_vm, self.pio, self.mmio,
                 boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
                 topology=Topology(topo.threads_per_core, topo.cores_per_die,
                                   topo.dies_per_package, topo.packages) if topo else None,
@@ -121,13 +102,12 @@ class Vm:
             kernel = self._load_payload()
             self.cpus.create_boot_vcpus(kernel)
             self.cpus.start()
-            self.state = "Running"
         except Exception:
             self.close()
             raise
 
     def _create_legacy_devices(self) -> None:
-        irq4 = KvmIrqLine(self.vm, layout.SERIAL_IRQ)
+        irq4 = KvmIrqLine(self.kvm_vm, layout.SERIAL_IRQ)
         if self.serial_port is not None:
             self.serial = Serial(irq4, self.serial_port.write)
             self.serial_port.attach(self.serial)
@@ -144,7 +124,7 @@ class Vm:
         self.pio.insert(layout.ACPI_PM_TIMER_PORT, 4, acpi_devices.AcpiPmTimer())
 
     def _memory_split(self) -> tuple[int, int]:
-        ram = [r for r in self.mem.regions if r.name.startswith("ram")]    # boot RAM only
+        ram = [r for r in self.guest_memory.regions if r.name.startswith("ram")]   # boot RAM
         below = sum(r.size for r in ram if r.end <= layout.MEM_32BIT_RESERVED_START)
         return below, sum(r.size for r in ram) - below
 
@@ -152,28 +132,30 @@ class Vm:
         payload = self.config.payload
         if payload is None or not payload.kernel:
             raise VmError("no kernel to boot (give --kernel, or a payload in vm.create)")
-        kernel = loader.load_kernel(self.mem, payload.kernel)
-        initramfs = loader.load_initramfs(self.mem, payload.initramfs, kernel) if payload.initramfs else None
+        mem = self.guest_memory
+        kernel = loader.load_kernel(mem, payload.kernel)
+        initramfs = (loader.load_initramfs(mem, payload.initramfs, kernel) if payload.initramfs
+                     else None)
         rsdp = acpi_tables.create_acpi_tables(
-            self.mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
+            mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
             max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id)
-        boot.write_boot_info(self.mem, kernel, payload.cmdline or "", initramfs, rsdp)
+        boot.write_boot_info(mem, kernel, payload.cmdline or "", initramfs, rsdp)
         if kernel.protocol == "linux64":
-            boot.write_identity_page_tables(self.mem)
-            boot.write_gdt(self.mem, boot.GDT_64)
+            boot.write_identity_page_tables(mem)
+            boot.write_gdt(mem, boot.GDT_64)
         else:
-            boot.write_gdt(self.mem, boot.GDT_PVH)
+            boot.write_gdt(mem, boot.GDT_PVH)
         return kernel
 
     def _dsdt_body(self) -> bytes:
         """The DSDT in the reference's order: device manager (PCI hot plug controller, host
         bridge, ECAM reservation), COM1, S5, power button, GED, then the CPU and memory
-        managers' AML."""
-        pieces = [self.devices.aml()]
+        managers' AML. Every piece is an :class:`~pych.acpi.aml.Aml`."""
+        pieces = [self.devices]
         if self.serial is not None:
             pieces.append(acpi_devices.com1_aml())
         pieces += [acpi_devices.s5_aml(), acpi_devices.power_button_aml(), self.ged,
-                   self.cpus.aml(), self.memory.aml()]
+                   self.cpus, self.memory]
         return acpi_devices.build_dsdt_body(*pieces)
 
     # --- hot plug (VMM thread) ------------------------------------------------------------------
@@ -181,47 +163,54 @@ class Vm:
         """Hot plug or unplug vCPUs; returns whether anything changed (see CpuManager)."""
         return self.cpus.resize(desired)
 
-    def resize_memory(self, desired: int) -> bool:
-        """Ask for ``desired`` bytes of RAM: one more ACPI DIMM, or a new virtio-mem requested
-        size; False when nothing changes (see MemoryManager.resize for the errors)."""
-        return self.memory.resize(desired)
+    # lead: delete these two at merge: the VMM calls pych.memory.resize.resize_ram and
+    # resize_zone with ``self.vm.memory`` itself.
+    def resize_memory(self, desired: int) -> None:
+        resize_ram(self.config.memory, desired, self.memory)
 
-    def resize_memory_zone(self, zone_id: str, desired: int) -> bool:
-        """Ask for ``desired`` bytes of RAM in the user-defined zone ``zone_id`` (its
-        virtio-mem device's requested size); False when nothing changes (see
-        MemoryManager.resize_zone for the errors)."""
-        return self.memory.resize_zone(zone_id, desired)
+    def resize_memory_zone(self, zone_id: str, desired: int) -> None:
+        resize_zone(self.config.memory, zone_id, desired, self.memory)
 
     # --- control (VMM thread) -------------------------------------------------------------------
     def pause(self) -> None:
         """Park every vCPU and freeze guest time: kvmclock and each vCPU's TSC are saved
         here and written back on resume, so the guest's clocks do not jump."""
         self.cpus.pause()
-        self._paused_clock = self.vm.get_clock()
+        self._paused_clock = self.kvm_vm.get_clock()
         self._paused_tsc = {i: self.cpus.vcpus[i].get_msrs([boot.MSR_IA32_TSC])[boot.MSR_IA32_TSC]
                             for i in self.cpus.threads}
-        self.state = "Paused"
 
     def resume(self) -> None:
-        self.vm.set_clock(self._paused_clock)
+        self.kvm_vm.set_clock(self._paused_clock)
         for i, tsc in self._paused_tsc.items():
             self.cpus.vcpus[i].set_msrs({boot.MSR_IA32_TSC: tsc})
         self.cpus.resume()
-        self.state = "Running"
 
     def nmi(self) -> None:
         """An NMI to every running vCPU, sent as an MSI with NMI delivery mode through the
         in-kernel LAPICs (a vCPU ioctl would wait for a halted vCPU to leave KVM_RUN)."""
         for cpu_id in self.cpus.threads:
-            self.vm.signal_msi(layout.APIC_START | (self.cpus.apic_id(cpu_id) << 12),
-                               MSI_DELIVERY_NMI)
+            self.kvm_vm.signal_msi(layout.APIC_START | (self.cpus.apic_id(cpu_id) << 12),
+                                   layout.MSI_DELIVERY_NMI)
 
     def power_button(self) -> None:
         self.ged.notify(acpi_devices.AcpiNotification.POWER_BUTTON)
 
     @property
+    def guest_memory(self) -> GuestMemory | None:
+        """Guest RAM of this boot (the memory manager's), None before boot or after close."""
+        return self.memory.guest_memory if self.memory is not None else None
+
+    @property
     def memory_actual_size(self) -> int:
         return self.memory.actual_size if self.memory else self.config.memory.size
+
+    @property
+    def memslots_in_use(self) -> int | None:
+        """KVM memory slots this boot has registered (boot RAM, DIMMs, virtio-mem, pmem, VFIO
+        BARs), as counted by the KVM VM; None when there is no KVM VM (before boot, after
+        close)."""
+        return self.kvm_vm.memslots_in_use if self.kvm_vm is not None else None
 
     def close(self, *, keep_connections: bool = False) -> None:
         """Stop the vCPUs and release every resource of this boot. ``keep_connections``: the
@@ -235,11 +224,9 @@ class Vm:
             self.devices = None
         if self.serial_port is not None:
             self.serial_port.detach()
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+        if self.kvm_vm is not None:
+            self.kvm_vm.close()
+            self.kvm_vm = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-            self.mem = None
-        self.state = "Shutdown"

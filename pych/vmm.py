@@ -26,9 +26,9 @@ from pych import seccomp
 from pych.api.handler import RequestHandler
 from pych.cli.options import ApiSocketOption, EventMonitorOption
 from pych.config import ConfigError, NetConfig, PciDeviceInfo, VmConfig
-from pych.device_manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
-                                 HotPlugged, UnknownDeviceId)
-from pych.cpu import VcpuRemovalPending
+from pych.device_manager.manager import (DeviceBackendError, DeviceManager, DeviceManagerError,
+                                         HotPlugged, UnknownDeviceId)
+from pych.cpu.manager import VcpuRemovalPending
 from pych.devices.legacy.serial_backend import SerialBackend, open_serial_backend
 from pych.devices.net.tap import TapError, tap_fd_name
 from pych.devices.vhost_user import VhostUserConnections
@@ -36,9 +36,9 @@ from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidSta
                          RetryLater, VmAlreadyCreated, VmmError, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.hypervisor.kvm import Kvm
-from pych.memory_manager import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
-                                 UnknownMemoryZone, find_zone, virtio_mem_request)
-from pych.vcpu import install_kick_handler
+from pych.memory.resize import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryResizeError,
+                                UnknownMemoryZone, find_zone, virtio_mem_request)
+from pych.cpu.vcpu import install_kick_handler
 from pych.vm import Vm
 
 log = logging.getLogger(__name__)

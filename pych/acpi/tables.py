@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 
 from pych.arch.x86_64 import layout
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 OEM_ID = b"CLOUDH"
 OEM_REVISION = 1
@@ -162,10 +162,7 @@ def madt(boot_vcpus: int, max_vcpus: int, apic_id: Callable[[int], int] = _ident
 
 def mcfg(pci_segments: int = 1) -> bytes:
     """The MCFG: one ECAM window (bus 0 only) per PCI segment, 1 MiB apart."""
-    entries = [struct.pack("<QHBB4x",
-                           layout.PCI_MMCONFIG_START
-                           + segment * layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT,
-                           segment, 0, 0)
+    entries = [struct.pack("<QHBB4x", layout.ecam_base(segment), segment, 0, 0)
                for segment in range(pci_segments)]
     return sdt(b"MCFG", 1, bytes(8) + b"".join(entries), oem_table_id=b"CHMCFG  ")
 

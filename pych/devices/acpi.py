@@ -3,9 +3,10 @@
 Each device is a :class:`~pych.devices.bus.BusDevice`; the ones the guest finds through the
 DSDT also produce their AML with ``to_aml()``, so the register block and the AML that drives
 it stay side by side. The free functions return the rest of the DSDT that the reference emits
-(shared/notes/ch-hotplug-reference.md §1.3, §2, §5.2), including the stub hot plug controllers
-that ``\\_SB_.GEC_.ESCN`` calls by absolute path and that the CPU, memory and PCI managers
-replace with their real AML.
+(shared/notes/ch-hotplug-reference.md §1.3, §2, §5.2): COM1, ``_S5_``, the power button, a PCI
+segment's host bridge and the ECAM reservation. The hot plug controllers ``\\_SB_.GEC_.ESCN``
+calls are the managers' (``pych.cpu.hotplug``, ``pych.memory.hotplug``,
+``pych.device_manager.hotplug``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pych.acpi.aml import (
 )
 from pych.arch.x86_64 import layout
 from pych.devices.interrupt import IrqLine
+from pych.devices.pci.bus import NUM_DEVICE_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +176,6 @@ class AcpiPmTimer:
         log.warning("PM timer: ignoring %d-byte write at offset %d", size, offset)
 
 
-# --- stub hot plug controllers ---------------------------------------------------------------
-def memory_hotplug_stub_aml() -> Aml:
-    """``\\_SB_.MHPC`` with an empty ``MSCN`` (what the reference emits without ACPI hot plug)."""
-    return Device(
-        "\\_SB_.MHPC",
-        Name("_HID", EISAName("PNP0A06")),
-        Name("_UID", String("Memory Hotplug Controller")),
-        Method("MSCN", 0, serialized=True),
-    )
-
-
 # --- fixed DSDT pieces ----------------------------------------------------------------------
 def com1_aml() -> Aml:
     """``\\_SB_.COM1``: the 16550 at ``COM1_PORT`` (8 ports) on ``SERIAL_IRQ`` (edge, high)."""
@@ -222,21 +213,14 @@ class MmioWindow(NamedTuple):
         return self.base + self.size - 1
 
 
-PCI_SLOTS = 32
-
-
-def ecam_base(segment: int) -> int:
-    """Guest address of a PCI segment's ECAM window (one bus, 1 MiB)."""
-    return layout.PCI_MMCONFIG_START + segment * layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
-
-
 def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
-                    prt_irq: Callable[[int], int], *children: Aml) -> Device:
+                    *children: Aml) -> Device:
     """``\\_SB_.PCxx``, the host bridge of PCI segment ``segment`` (bus 0 only).
 
     ``_CRS`` lists bus 0, on segment 0 the legacy config ports and I/O windows, the segment's
     ECAM window, and the 32- and 64-bit MMIO windows; ``_PRT`` routes INTA..INTD of slot ``s``
-    to GSI ``prt_irq(s)``. There is no ``_OSC``, so Linux leaves hot plug to acpiphp.
+    to GSI :func:`~pych.arch.x86_64.layout.pci_intx_irq` ``(s)``, as the device manager wires
+    them. There is no ``_OSC``, so Linux leaves hot plug to acpiphp.
     ``children`` (the hot plug slot objects and methods) follow inside the device.
     """
     resources: list[Aml] = [AddressSpace.bus_number(0, 0)]
@@ -244,15 +228,15 @@ def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
         resources.append(IO(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_PORT, 1,
                             layout.PCI_CONFIG_IO_PORT_SIZE))
     resources += [
-        Memory32Fixed(ecam_base(segment), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT),
+        Memory32Fixed(layout.ecam_base(segment), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT),
         AddressSpace.memory(mmio32.base, mmio32.last, width=32),
         AddressSpace.memory(mmio64.base, mmio64.last, width=64),
     ]
     if segment == 0:
         resources += [AddressSpace.io(0, layout.PCI_CONFIG_IO_PORT - 1),
                       AddressSpace.io(0x0D00, 0xFFFF)]
-    prt = Package(*(Package(slot << 16 | 0xFFFF, 0, 0, prt_irq(slot))
-                    for slot in range(PCI_SLOTS)))
+    prt = Package(*(Package(slot << 16 | 0xFFFF, 0, 0, layout.pci_intx_irq(slot))
+                    for slot in range(NUM_DEVICE_SLOTS)))
     return Device(
         f"\\_SB_.PC{segment:02X}",
         Name("_HID", EISAName("PNP0A08")),
@@ -272,7 +256,7 @@ def pci_ecam_reservation_aml(pci_segments: int = 1) -> Aml:
         Name("_HID", EISAName("PNP0C02")),
         Name("_UID", 0),
         Name("_CRS", ResourceTemplate(*(
-            Memory32Fixed(ecam_base(s), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT)
+            Memory32Fixed(layout.ecam_base(s), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT)
             for s in range(pci_segments)))),
     )
 

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from pych.memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from pych.memory.guest_memory import PAGE_SIZE, GuestMemory, MemoryRegion
 
 log = logging.getLogger(__name__)
 

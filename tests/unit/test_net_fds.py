@@ -8,8 +8,8 @@ MAC still applies; the device works on a duplicate, so a reboot re-creates it fr
 fd the configuration keeps; ``remove-device`` and ``vm.delete`` close that fd.
 
 Real taps are made in a private network namespace (a thread that unshared it, as in
-test_tap.py); the VM is a DeviceManager on fake KVM objects (test_pci_hotplug.Machine),
-so no KVM is needed. Needs root and /dev/net/tun, as pych itself does for taps.
+test_tap.py); the VM is a DeviceManager on fake KVM objects (the Machine of
+device_manager/test_manager.py), so no KVM is needed. Needs root and /dev/net/tun, as pych itself does for taps.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pych.devices.net.tap import (IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUN
 from pych.devices.virtio.net import VirtioNet
 from pych.vmm import Vmm
 
-from tests.unit import test_pci_hotplug as hotplug
+from tests.unit.device_manager import test_manager as hotplug
 from tests.unit.test_tap import in_new_netns, links
 
 pytestmark = pytest.mark.skipif(
@@ -203,8 +203,9 @@ class Served:
         self.machine = None
         if booted:
             m = self.machine = hotplug.Machine(self.vmm.config)
-            self.vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
-                                          vm=None, memory_actual_size=256 << 20,
+            self.vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None,
+                                          cpus=None, kvm_vm=None, memslots_in_use=None,
+                                          memory_actual_size=256 << 20,
                                           close=lambda **_: m.close())
             self.vmm.state = "Running"
         self.server = ApiServer(lambda fn: fn(self.vmm), path=self.socket)

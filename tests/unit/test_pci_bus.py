@@ -4,8 +4,7 @@ from pych.arch.x86_64 import layout
 from pych.devices.bus import Bus
 from pych.devices.pci import (AddressAllocator, BarAllocationError, NoPciSlotAvailable, PciBus,
                               PciConfigIo, PciConfiguration, PciDevice, PciDeviceIdInUse,
-                              PciDeviceIdOutOfRange, PciDeviceIdReserved, PciEcam, bdf,
-                              ecam_base)
+                              PciDeviceIdOutOfRange, PciDeviceIdReserved, PciEcam, bdf)
 from pych.devices.pci.config import BAR0, COMMAND, Command
 
 MEM64_BASE = 1 << 40
@@ -151,8 +150,8 @@ def test_config_mechanism_one(bus):
 def test_ecam(bus, mmio):
     dev = FakeDevice(device_id=0x1044)
     slot = bus.add_device(dev)
-    base = ecam_base(0)
-    assert base == layout.PCI_MMCONFIG_START and ecam_base(2) == base + (2 << 20)
+    base = layout.ecam_base(0)
+    assert base == layout.PCI_MMCONFIG_START and layout.ecam_base(2) == base + (2 << 20)
     mmio.insert(base, 1 << 20, PciEcam(bus))
     assert mmio.read(base + (slot << 15), 4) == 0x1044_1AF4
     assert mmio.read(base + (slot << 15) + 0x100, 4) == 0      # no extended capabilities

@@ -20,7 +20,8 @@ from pych.api.errors import status_of
 from pych.errors import VmmError
 from pych.arch.x86_64 import layout
 from pych.config import DeviceConfig, VmConfig, VmRemoveDevice
-from pych.device_manager import DeviceBackendError, DeviceManager, DeviceManagerError
+from pych.config.kinds import BY_NAME
+from pych.device_manager.manager import DeviceBackendError, DeviceManager, DeviceManagerError
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.devices.interrupt import RecordingIrq
@@ -28,12 +29,14 @@ from pych.devices.pci.config import BAR0, COMMAND, Command
 from pych.devices.pci.interrupts import RecordingIoEvents
 from pych.devices.vfio import bindings as b
 from pych.devices.virtio.mem import Request, Response
-from pych.memory import GuestMemory
-from pych.memory_manager import MemoryHotplugController, MemoryManager
+from pych.memory.guest_memory import GuestMemory
+from pych.memory.hotplug import MemoryHotplugController
+from pych.memory.manager import MemoryManager
 from pych.vmm import Vmm
 
 MiB, GiB = 1 << 20, 1 << 30
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
+VFIO = BY_NAME["vfio"]
 PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
 MMIO64 = (1 << 40, 1 << 32)
 BDF = "0000:01:00.0"
@@ -334,7 +337,7 @@ def path(tmp_path):
 
 # --- the device manager on the fake kernel ---------------------------------------------------------
 def test_fake_vfio_kernel_add_sets_up_container_group_dma_and_a_reset_device(machine, kernel, path):
-    added = machine.dm.add_vfio(DeviceConfig(path=path))
+    added = machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     assert (added.id, added.bdf) == ("_vfio0", "0000:00:02.0")
     assert sorted(kernel.fds.values()) == ["container", "device", "group"]
     assert kernel.iommu == b.VFIO_TYPE1v2_IOMMU
@@ -349,7 +352,7 @@ def test_fake_vfio_kernel_add_sets_up_container_group_dma_and_a_reset_device(mac
 
 def test_fake_vfio_kernel_config_space_passes_through_with_emulated_bars_and_chain(
         machine, kernel, path):
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     slot = 2
     assert machine.cfg_read(slot, 0x00) == 0x10D3_8086
     assert machine.cfg_read(slot, 0x2C) == 0xA01F_8086
@@ -385,7 +388,7 @@ def test_fake_vfio_kernel_config_space_passes_through_with_emulated_bars_and_cha
 
 
 def test_fake_vfio_kernel_msix_enable_hands_the_vector_eventfds_to_vfio(machine, kernel, path):
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     slot, msix = 2, 0x70
     machine.cfg_write(slot, COMMAND, 2, Command.MEMORY_SPACE)
     bar0 = machine.cfg_read(slot, BAR0) & ~0xF | machine.cfg_read(slot, BAR0 + 4) << 32
@@ -408,7 +411,7 @@ def test_fake_vfio_kernel_msix_enable_hands_the_vector_eventfds_to_vfio(machine,
 
 def test_fake_vfio_kernel_eject_releases_the_device_and_the_container_drops_dma(
         machine, kernel, path):
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     machine.cfg_write(2, COMMAND, 2, Command.MEMORY_SPACE)
     machine.cfg_write(2, 0x72, 2, 1 << 15)
     machine.scan()
@@ -423,14 +426,14 @@ def test_fake_vfio_kernel_eject_releases_the_device_and_the_container_drops_dma(
     assert list(kernel.fds.values()) == ["container"] and kernel.container_of == {}
     assert machine.msi.groups[-1].released
     # the slot and id are free again; the group re-attaches and RAM is mapped again
-    assert machine.dm.add_vfio(DeviceConfig(path=path, id="_vfio0")).bdf == "0000:00:02.0"
+    assert machine.dm.hotplug(VFIO, DeviceConfig(path=path, id="_vfio0")).bdf == "0000:00:02.0"
     assert len(kernel.dma) == len(machine.mem.regions)
     machine.dm.close()
     assert kernel.fds == {}
 
 
 def test_fake_vfio_kernel_memory_hot_added_later_is_dma_mapped(machine, kernel, path):
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     dimm = machine.mem.add_region(1 << 33, 128 * MiB, name="dimm0")
     machine.dm.memory_region_added(dimm)
     assert kernel.dma[1 << 33] == (dimm.host_addr, 128 * MiB)
@@ -440,12 +443,12 @@ def test_fake_vfio_kernel_failed_add_leaves_nothing_behind(machine, kernel, path
     kernel.fail[b.VFIO_DEVICE_GET_IRQ_INFO] = errno.EIO
     groups = len(machine.msi.groups)
     with pytest.raises(DeviceManagerError, match="_vfio0: VFIO MSI-X IRQ info failed: "):
-        machine.dm.add_vfio(DeviceConfig(path=path))
+        machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     assert list(kernel.fds.values()) == ["container"] and kernel.dma == {}
     assert kernel.mmaps == [] and len(machine.msi.groups) == groups
     assert "_vfio0" not in machine.dm.device_tree() and machine.notified == []
     del kernel.fail[b.VFIO_DEVICE_GET_IRQ_INFO]
-    assert machine.dm.add_vfio(DeviceConfig(path=path)).id == "_vfio0"     # id not consumed
+    assert machine.dm.hotplug(VFIO, DeviceConfig(path=path)).id == "_vfio0"     # id not consumed
 
 
 def test_fake_vfio_kernel_boot_device_comes_after_the_virtio_devices(kernel, path):
@@ -468,7 +471,7 @@ def test_fake_vfio_kernel_boot_device_comes_after_the_virtio_devices(kernel, pat
 def test_a_path_that_is_not_a_vfio_device_is_refused_with_one_line(machine, kernel, tmp_path,
                                                                    setup, message):
     with pytest.raises(DeviceBackendError, match=message) as e:
-        machine.dm.add_vfio(DeviceConfig(path=setup(tmp_path)))
+        machine.dm.hotplug(VFIO, DeviceConfig(path=setup(tmp_path)))
     assert "\n" not in str(e.value)
     assert "_vfio0" not in machine.dm.device_tree() and set(kernel.fds.values()) <= {"container"}
 
@@ -477,7 +480,7 @@ def test_a_host_without_dev_vfio_is_one_clear_line(tmp_path, path):
     m = Machine(FakeVfioKernel(has_vfio=False))
     try:
         with pytest.raises(DeviceBackendError) as e:
-            m.dm.add_vfio(DeviceConfig(path=path))
+            m.dm.hotplug(VFIO, DeviceConfig(path=path))
         assert str(e.value) == ("VFIO is not available on this host: /dev/vfio/vfio does not "
                                 "exist (it needs an IOMMU and the vfio-pci module)")
     finally:
@@ -491,13 +494,13 @@ def vmm():
     yield vmm
     if vmm.vm is not None:
         vmm.vm.devices.close()
-        vmm.vm.mem.close()
+        vmm.vm.guest_memory.close()
 
 
 def boot_fake(vmm, kernel):
     m = Machine(kernel, vmm.config)
-    vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
-                             memory_actual_size=vmm.config.memory.size)
+    vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
+                             memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
     vmm.state = "Running"
     return m
 
@@ -574,7 +577,7 @@ def memory_machine(kernel):
 def test_an_ejected_dimm_is_unmapped_from_the_container_before_it_is_freed(memory_machine,
                                                                           kernel, path):
     m = memory_machine(size=256 * MiB, hotplug_size=1 * GiB)
-    m.dm.add_vfio(DeviceConfig(path=path))
+    m.dm.hotplug(VFIO, DeviceConfig(path=path))
     for size in (384, 512):                                     # two 128 MiB DIMMs
         m.memory.resize(size * MiB)
     dimm1 = 4 * GiB + 128 * MiB
@@ -605,7 +608,7 @@ def test_virtio_mem_blocks_are_mapped_as_plugged_and_unmapped_before_the_discard
     (zone,) = m.memory.virtio_mem_zones
     base, block = zone.region.gpa, 2 * MiB
     assert zone.device.request(Request.PLUG, base, 2)[0] == Response.ACK   # before VFIO
-    m.dm.add_vfio(DeviceConfig(path=path))
+    m.dm.hotplug(VFIO, DeviceConfig(path=path))
     # boot RAM and the plugged blocks, block by block; not the rest of the region
     assert kernel.dma == {0: (m.mem.regions[0].host_addr, 256 * MiB),
                           base: (zone.region.host_addr, block),
@@ -633,7 +636,7 @@ def test_virtio_mem_blocks_are_mapped_as_plugged_and_unmapped_before_the_discard
 def test_mapping_twice_or_unmapping_what_is_not_mapped_does_nothing(machine, kernel, path):
     """A virtio-mem block can be plugged while the first group attaches (the attach maps it
     from ``dma_ranges``, then the plug listener maps it again): the container absorbs it."""
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     dimm = machine.mem.add_region(1 << 33, 128 * MiB, name="dimm0")
     machine.dm.memory_region_added(dimm)
     machine.dm.dma_map(dimm)
@@ -644,7 +647,7 @@ def test_mapping_twice_or_unmapping_what_is_not_mapped_does_nothing(machine, ker
 
 
 def test_unmapping_part_of_a_mapping_is_refused_and_logged(machine, kernel, path, caplog):
-    machine.dm.add_vfio(DeviceConfig(path=path))
+    machine.dm.hotplug(VFIO, DeviceConfig(path=path))
     half = SimpleNamespace(gpa=0, size=4 * MiB, host_addr=0, name="half of ram0")
     machine.dm.dma_unmap(half)
     assert 0 in kernel.dma and "covers only part of the DMA mapping" in caplog.text

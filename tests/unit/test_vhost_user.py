@@ -25,7 +25,7 @@ from pych.devices.vhost_user import (FLAG_NEED_REPLY, FLAG_REPLY, HEADER, MEM_RE
                                      VHOST_USER_F_PROTOCOL_FEATURES, VRING_ADDR, VRING_NOFD,
                                      VRING_STATE, MemoryRegionInfo, ProtocolFeature, Request,
                                      VhostUserConnections, VhostUserError, VhostUserFrontend)
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 MiB = 1 << 20
 VERSION_1 = 1 << 32

@@ -21,7 +21,8 @@ import pytest
 from pych.api.errors import status_of
 from pych.errors import VmmError
 from pych.config import DiskConfig, FsConfig, VmRemoveDevice
-from pych.device_manager import DeviceBackendError, DeviceManager
+from pych.config.kinds import BY_NAME
+from pych.device_manager.manager import DeviceBackendError, DeviceManager
 from pych.devices.bus import Bus
 from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.interrupts import (FakeMsiInterruptManager, RecordingIoEvents,
@@ -37,9 +38,9 @@ from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import CommonCfg, VirtioPciCapType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pych.devices.virtio.testing import DeviceHarness, wait_until
-from pych.memory import GuestMemory
-from tests.unit.test_pci_hotplug import MMIO64, boot_fake, vm_config
-from tests.unit.test_pci_hotplug import Machine as HotplugMachine
+from pych.memory.guest_memory import GuestMemory
+from tests.unit.device_manager.test_manager import MMIO64, boot_fake, vm_config
+from tests.unit.device_manager.test_manager import Machine as HotplugMachine
 from tests.unit.test_vhost_user import FakeBackend, fd_identity
 from tests.unit.test_virtio_pci import LinuxDriver, Machine, bring_up
 
@@ -381,14 +382,14 @@ def test_add_fs_and_remove_it_leave_nothing_behind(hotplug, tmp_path):
     missing = tmp_path / "missing.sock"
     with pytest.raises(DeviceBackendError, match=f"virtio-fs _fs0: cannot connect to the "
                                                  f"vhost-user backend at {missing}"):
-        hotplug.dm.add_fs(FsConfig(tag="share", socket=str(missing)))
+        hotplug.dm.hotplug(BY_NAME["fs"], FsConfig(tag="share", socket=str(missing)))
     assert open_fds() == fds
     assert hotplug.scan() == (0, 0) and set(hotplug.dm.device_tree()) == {"__rng", "_virtio-pci-__rng"}
 
     backend = FakeBackend(tmp_path / "virtiofsd.sock")
     try:
         fds = open_fds()
-        added = hotplug.dm.add_fs(FsConfig(tag="share", socket=backend.path))
+        added = hotplug.dm.hotplug(BY_NAME["fs"], FsConfig(tag="share", socket=backend.path))
         assert (added.id, added.bdf) == ("_fs0", "0000:00:02.0")      # the failure used no id
         assert hotplug.dm.pci.device(2).config_read(0, 4) == 0x105A_1AF4  # 1af4:1040+26
         assert hotplug.scan() == (1 << 2, 0)
@@ -407,7 +408,7 @@ def test_add_fs_and_remove_it_leave_nothing_behind(hotplug, tmp_path):
 
 def test_vm_add_fs_answers_400_for_a_missing_backend_and_200_otherwise(tmp_path):
     from pych.vmm import Vmm
-    from tests.unit.test_pci_hotplug import RecordingEvents
+    from tests.unit.device_manager.test_manager import RecordingEvents
 
     vmm = Vmm(event_monitor=RecordingEvents())
     vmm.vm_create(vm_config())
@@ -438,7 +439,7 @@ def test_vm_add_fs_answers_400_for_a_missing_backend_and_200_otherwise(tmp_path)
 def test_guest_memory_hot_plug_reaches_the_fs_devices(hotplug, tmp_path):
     backend = FakeBackend(tmp_path / "virtiofsd.sock")
     try:
-        hotplug.dm.add_fs(FsConfig(tag="share", socket=backend.path))
+        hotplug.dm.hotplug(BY_NAME["fs"], FsConfig(tag="share", socket=backend.path))
         fs = hotplug.dm.devices["_fs0"].device
         seen = []
         fs.memory_changed = lambda going=None: seen.append(going)
@@ -570,7 +571,7 @@ def activate(machine, slot: int) -> None:
 @pytest.fixture
 def rebootable_vmm(monkeypatch):
     from pych.vmm import Vmm
-    from tests.unit.test_pci_hotplug import RecordingEvents
+    from tests.unit.device_manager.test_manager import RecordingEvents
 
     monkeypatch.setattr("pych.vmm.Vm", FakeVm)
     vmm = Vmm(event_monitor=RecordingEvents())

@@ -9,7 +9,7 @@ import pytest
 from pych.arch.x86_64 import layout
 from pych.devices.bus import Bus
 from pych.devices.interrupt import RecordingIrq
-from pych.devices.pci import AddressAllocator, PciBus, PciEcam, ecam_base
+from pych.devices.pci import AddressAllocator, PciBus, PciEcam
 from pych.devices.pci.config import BAR0, CAPABILITIES_POINTER, COMMAND, Command
 from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK
@@ -21,7 +21,7 @@ from pych.devices.virtio.pci_transport import (VIRTIO_MSI_NO_VECTOR, CommonCfg, 
                                                VirtioPciDevice)
 from pych.devices.virtio.rng import VirtioRng
 from pych.devices.virtio.testing import MockQueue, wait_until
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 MiB = 1 << 20
 MEM64 = 1 << 40
@@ -39,7 +39,7 @@ class Machine:
         self.pci = PciBus(0, mmio_bus=self.mmio,
                           mem32=AddressAllocator(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE),
                           mem64=AddressAllocator(MEM64, 1 << 32))
-        self.mmio.insert(ecam_base(0), 1 << 20, PciEcam(self.pci))
+        self.mmio.insert(layout.ecam_base(0), 1 << 20, PciEcam(self.pci))
 
     def plug(self, device, **kw) -> tuple[VirtioPciDevice, int]:
         transport = VirtioPciDevice(device, self.mem, self.msi, self.ioevents, **kw)
@@ -57,7 +57,7 @@ class LinuxDriver:
 
     def __init__(self, machine: Machine, slot: int):
         self.m = machine
-        self.ecam = ecam_base(0) + (slot << 15)
+        self.ecam = layout.ecam_base(0) + (slot << 15)
         self.caps = {}
         self.bar = None
 

@@ -7,7 +7,7 @@ from pych.devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_
                                        VIRTQ_USED_F_NO_NOTIFY, Buffer, QueueError, UsedElement,
                                        Virtqueue, VirtqueueError)
 from pych.devices.virtio.testing import MockQueue
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 MEM_SIZE = 1 << 20
 OUTSIDE = MEM_SIZE + 0x1000                  # not guest RAM

@@ -14,7 +14,7 @@ from ctypes import c_uint32, c_uint64
 from dataclasses import dataclass
 
 from pych.hypervisor.kvm import bindings as kb
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 from . import layout
 from .loader import LoadedKernel

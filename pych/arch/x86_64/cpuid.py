@@ -1,4 +1,5 @@
-"""CPUID shaping: KVM's supported CPUID, made per-vCPU and safe for this kind of host.
+"""CPUID shaping: KVM's supported CPUID, made per-vCPU, with the few features hidden that
+break guests on some hosts (each constant below says which and why).
 
 Pure functions over lists of ``kvm_cpuid_entry2`` so they are unit tested without KVM.
 """
@@ -11,23 +12,24 @@ from dataclasses import dataclass
 from pych.hypervisor.kvm.bindings import kvm_cpuid_entry2
 
 # leaf 1
-ECX_CX16 = 1 << 13          # cmpxchg16b: not emulated by the nested KVM here (pvm-host.md)
+ECX_CX16 = 1 << 13          # hidden: a nested KVM (kvm_pvm) cannot emulate cmpxchg16b (pvm-host.md)
 ECX_X2APIC = 1 << 21
 ECX_TSC_DEADLINE = 1 << 24
 ECX_HYPERVISOR = 1 << 31
 EDX_HTT = 1 << 28
 # leaf 7 subleaf 0
-EDX7_ARCH_CAPABILITIES = 1 << 29   # MSR 0x10a is not usable here (QEMU needs -arch-capabilities)
+EDX7_ARCH_CAPABILITIES = 1 << 29   # hidden: its MSR 0x10a is not usable under kvm_pvm
+                                   # (QEMU needs -arch-capabilities there)
 
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1
 # leaf 0x80000007
-EDX_INVARIANT_TSC = 1 << 8   # hidden: this host ignores guest TSC writes, so only kvmclock
+EDX_INVARIANT_TSC = 1 << 8   # hidden: kvm_pvm ignores guest TSC writes, so only kvmclock
                              # (KVM_SET_CLOCK) can be frozen across a pause
 
 # leaf 0x40000001: KVM paravirtual features (EAX)
 LEAF_KVM_FEATURES = 0x4000_0001
-KVM_FEATURE_PV_SEND_IPI = 1 << 11   # hidden: on this host a KVM_HC_SEND_IPI hypercall can spin in
-                                    # the host forever (measured: the sender stuck on its vmcall,
+KVM_FEATURE_PV_SEND_IPI = 1 << 11   # hidden: under kvm_pvm a KVM_HC_SEND_IPI hypercall can spin
+                                    # in the host forever (measured: the sender stuck on its vmcall,
                                     # RIP unchanged for minutes, its host thread at 100 %, while
                                     # IPI-ing hot-added vCPUs); without it the guest writes the
                                     # x2APIC ICR, which KVM handles in-kernel as well
@@ -108,7 +110,7 @@ def shape_cpuid(supported: list[kvm_cpuid_entry2], cpu_id: int, topology: Topolo
 def _topology_leaf(e: kvm_cpuid_entry2, index: int, apic_id: int, topo: Topology) -> kvm_cpuid_entry2:
     """Subleaf ``index`` of leaf 0xB/0x1F: SMT level, core level, then the terminator."""
     e.index = index
-    e.flags |= KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    e.flags |= KVM_CPUID_FLAG_SIGNIFICANT_INDEX
     e.edx = apic_id
     if e.index == 0:
         e.eax, e.ebx, e.ecx = topo.thread_bits, topo.threads_per_core, (LEVEL_TYPE_SMT << 8)

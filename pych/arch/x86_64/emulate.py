@@ -1,4 +1,4 @@
-"""Instructions the nested KVM on this kind of host cannot emulate, done in the VMM.
+"""Instructions a nested KVM (as on PVM hosts) leaves to userspace, emulated in the VMM.
 
 On ``KVM_EXIT_INTERNAL_ERROR`` with suberror 1 the exit carries the instruction bytes
 (shared/notes/pvm-host.md). :func:`emulate` decodes the few instructions a Linux guest

@@ -49,7 +49,12 @@ PLATFORM_DEVICE_AREA_SIZE = 1 * MiB
 
 IOAPIC_START = 0xFEC0_0000
 IOAPIC_SIZE = 0x20
-APIC_START = 0xFEE0_0000
+APIC_START = 0xFEE0_0000           # also the MSI address window (destination in bits 12-19)
+
+# KVM's own pages for real-mode guests on VMX: the TSS (3 pages) and the EPT identity map
+# (1 page), just below the firmware ROM area at the top of the 4 GiB space.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 
 # --- Fixed legacy I/O ports -----------------------------------------------------------
 ACPI_SHUTDOWN_PORT = 0x600      # sleep control/status and reset register (1 byte)
@@ -67,6 +72,7 @@ PCI_INTX_IRQ_BASE = 5           # slot i -> 5 + (i % 8)
 PCI_INTX_IRQ_COUNT = 8
 GED_IRQ = 13
 IOAPIC_NUM_PINS = 24
+MSI_DELIVERY_NMI = 0b100 << 8   # MSI data: delivery mode NMI
 
 
 def ram_regions(size: int) -> list[tuple[int, int]]:
@@ -78,8 +84,15 @@ def ram_regions(size: int) -> list[tuple[int, int]]:
 
 
 def pci_intx_irq(slot: int) -> int:
-    """The GSI a PCI slot's INTx pins are routed to (the DSDT's _PRT says the same)."""
+    """The GSI a PCI slot's INTx pins are routed to: the one rule behind the DSDT's ``_PRT``,
+    the devices' interrupt line register and the IOAPIC pin the device manager drives."""
     return PCI_INTX_IRQ_BASE + slot % PCI_INTX_IRQ_COUNT
+
+
+def ecam_base(segment: int) -> int:
+    """Guest address of PCI segment ``segment``'s ECAM window (one bus, 1 MiB): where the
+    device manager maps it and what the MCFG and the host bridge's ``_CRS`` advertise."""
+    return PCI_MMCONFIG_START + segment * PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
 
 
 MMIO64_WINDOW_SIZE = 64 * GiB

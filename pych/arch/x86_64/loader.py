@@ -10,7 +10,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 from . import layout
 

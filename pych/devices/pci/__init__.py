@@ -5,11 +5,11 @@ The hypervisor-facing protocols (MSI routes, ioeventfds) are in :mod:`.interrupt
 
 from .allocator import AddressAllocator, AllocationError
 from .bus import (BarAllocationError, BarMove, NoPciSlotAvailable, PciBus, PciBusError,
-                  PciDeviceIdInUse, PciDeviceIdOutOfRange, PciDeviceIdReserved, bdf, intx_irq)
+                  PciDeviceIdInUse, PciDeviceIdOutOfRange, PciDeviceIdReserved, bdf)
 from .config import Bar, CapabilityId, Command, PciConfiguration, Status
 from .config_io import PciConfigIo
 from .device import BarRegion, PciDevice, PciHostBridge
-from .ecam import ECAM_SIZE, PciEcam, ecam_base
+from .ecam import ECAM_SIZE, PciEcam
 from .interrupts import IoEventRegistrar, MsiInterruptManager, MsiVector, MsiVectorGroup
 from .msix import MsixController
 
@@ -19,5 +19,5 @@ __all__ = [
     "MsiVector", "MsiVectorGroup", "MsixController", "NoPciSlotAvailable", "PciBus",
     "PciBusError", "PciConfigIo", "PciConfiguration", "PciDevice", "PciDeviceIdInUse",
     "PciDeviceIdOutOfRange", "PciDeviceIdReserved", "PciEcam", "PciHostBridge", "Status",
-    "bdf", "ecam_base", "intx_irq",
+    "bdf",
 ]

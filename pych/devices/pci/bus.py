@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pych.arch.x86_64.layout import PCI_INTX_IRQ_BASE, PCI_INTX_IRQ_COUNT
+from pych.arch.x86_64.layout import pci_intx_irq
 from pych.devices.bus import Bus, BusError
 
 from .allocator import AddressAllocator, AllocationError
@@ -67,11 +67,6 @@ class BarAllocationError(PciBusError):
 def bdf(segment: int, slot: int, function: int = 0) -> str:
     """The reference's BDF string, e.g. ``0000:00:06.0``."""
     return f"{segment:04x}:00:{slot:02x}.{function:x}"
-
-
-def intx_irq(slot: int) -> int:
-    """The GSI a slot's INTA# is routed to (the ``_PRT`` the AML publishes)."""
-    return PCI_INTX_IRQ_BASE + slot % PCI_INTX_IRQ_COUNT
 
 
 @dataclass(frozen=True)
@@ -137,10 +132,6 @@ class PciBus:
             self._check_explicit_slot(slot)
             self._reserved.add(slot)
 
-    def unreserve_slot(self, slot: int) -> None:
-        with self._lock:
-            self._reserved.discard(slot)
-
     def add_device(self, device: PciDevice, slot: int | None = None) -> int:
         """Place the device's BARs and publish it at ``slot`` (lowest free if None)."""
         with self._lock:
@@ -159,7 +150,7 @@ class PciBus:
                     self._free_bar(state)
                 raise BarAllocationError(f"cannot place the BARs of {bdf(self.segment, slot)}: {e}") from e
             if device.config.interrupt_pin:
-                device.config.set_interrupt_line(intx_irq(slot))
+                device.config.set_interrupt_line(pci_intx_irq(slot))
             self._bar_states[slot] = states
             self._publish(slot, device)
         return slot

@@ -1,22 +1,18 @@
 """PCI Express enhanced configuration access (ECAM / MMCONFIG).
 
 Each segment has one bus, so its ECAM window is 1 MiB: ``slot << 15 | function << 12 |
-register``.  Segment ``s`` lives at ``PCI_MMCONFIG_START + s * 1 MiB`` (what the MCFG
-table and the ``_CRS`` of ``\\_SB_.PCxx`` advertise); insert one :class:`PciEcam` per
-segment on the MMIO bus at :func:`ecam_base`.
+register``.  Segment ``s`` lives at :func:`pych.arch.x86_64.layout.ecam_base` (what the
+MCFG table and the ``_CRS`` of ``\\_SB_.PCxx`` advertise); insert one :class:`PciEcam` per
+segment on the MMIO bus there.
 """
 
 from __future__ import annotations
 
-from pych.arch.x86_64.layout import PCI_MMCONFIG_START, PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
+from pych.arch.x86_64.layout import PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
 
 from .bus import PciBus
 
 ECAM_SIZE = PCI_MMIO_CONFIG_SIZE_PER_SEGMENT
-
-
-def ecam_base(segment: int) -> int:
-    return PCI_MMCONFIG_START + segment * ECAM_SIZE
 
 
 class PciEcam:

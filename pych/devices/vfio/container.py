@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 from . import bindings as b
 from .kernel import VfioKernel

@@ -19,7 +19,7 @@ import logging
 import mmap
 import struct
 
-from pych.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from pych.memory.guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple, Protocol
 
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 from pych.threads import NamedThread
 
 from .queue import DescriptorChain, Virtqueue

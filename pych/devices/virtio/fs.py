@@ -85,7 +85,7 @@ from collections.abc import Callable, Sequence
 from pych.devices.vhost_user import (MEM_TABLE_MAX_REGIONS, VHOST_USER_F_PROTOCOL_FEATURES,
                                      MemoryRegionInfo, ProtocolFeature, VhostUserError,
                                      VhostUserFrontend)
-from pych.memory import GuestMemory, MemoryRegion
+from pych.memory.guest_memory import GuestMemory, MemoryRegion
 from pych.threads import NamedThread
 
 from .device import (RING_FEATURES, VIRTIO_F_VERSION_1, ActivationError, ActiveQueue,

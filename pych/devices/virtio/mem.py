@@ -34,7 +34,7 @@ import struct
 import threading
 from typing import Callable
 
-from pych.memory import MemoryRegion
+from pych.memory.guest_memory import MemoryRegion
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain

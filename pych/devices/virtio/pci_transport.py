@@ -37,7 +37,7 @@ from pych.devices.pci.config import STATUS, CapabilityId, Command, PciConfigurat
 from pych.devices.pci.device import PciDevice
 from pych.devices.pci.interrupts import IoEventRegistrar, MsiInterruptManager
 from pych.devices.pci.msix import MsixController
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 from .device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      ActivationError, ActiveQueue, DeviceStatus, VirtioDevice, VirtioDeviceType,

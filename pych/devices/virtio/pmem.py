@@ -20,7 +20,7 @@ import stat
 import struct
 from typing import Protocol
 
-from pych.memory import _host_address
+from pych.memory.guest_memory import _host_address
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain

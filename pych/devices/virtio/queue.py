@@ -1,4 +1,4 @@
-"""Split virtqueues (virtio 1.x §2.7) over :class:`~pych.memory.GuestMemory`.
+"""Split virtqueues (virtio 1.x §2.7) over :class:`~pych.memory.guest_memory.GuestMemory`.
 
 The device side of one queue: :meth:`Virtqueue.pop` walks the next available descriptor
 chain (direct or indirect) into a :class:`DescriptorChain` of guest buffers,
@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from pych.memory import GuestMemory, GuestMemoryError
+from pych.memory.guest_memory import GuestMemory, GuestMemoryError
 
 if sys.byteorder != "little":           # pragma: no cover - the rings are little-endian
     raise ImportError("pych.devices.virtio.queue assumes a little-endian host")

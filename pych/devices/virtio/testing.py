@@ -1,6 +1,6 @@
 """Test doubles for virtio devices: the driver side of a queue in fake guest memory.
 
-:class:`MockQueue` lays out a split virtqueue in a :class:`~pych.memory.GuestMemory` the
+:class:`MockQueue` lays out a split virtqueue in a :class:`~pych.memory.guest_memory.GuestMemory` the
 way a driver does, pushes descriptor chains (direct, indirect, or raw malformed ones)
 and reads back used elements.  :class:`DeviceHarness` activates a device on mock
 queues with kick eventfds and a :class:`RecordingInterrupt`, so device tests run
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 from .device import ActiveQueue, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 from .queue import (DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,

@@ -1,8 +1,9 @@
-"""MSI routes for PCI devices on KVM: one GSI route plus one irqfd per vector.
-
-Implements the protocols of ``pych.devices.pci.interrupts``: a device worker raises an
-interrupt with a single eventfd write, which KVM turns into the MSI the guest programmed,
-without calling into Python VM code or waking a vCPU thread.
+"""Interrupts on KVM: IOAPIC pins of the in-kernel irqchip (:class:`KvmIrqLine`, the
+``pych.devices.interrupt.IrqLine`` protocol) and MSI routes for PCI devices, one GSI route
+plus one irqfd per vector (:class:`KvmMsiInterruptManager`, the protocols of
+``pych.devices.pci.interrupts``): a device worker raises an MSI with a single eventfd write,
+which KVM turns into the MSI the guest programmed, without calling into Python VM code or
+waking a vCPU thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ import threading
 from .kvm import Vm
 
 FIRST_MSI_GSI = 24          # 0..23 are the IOAPIC pins
+
+
+class KvmIrqLine:
+    """An IOAPIC pin of the in-kernel irqchip."""
+
+    def __init__(self, vm: Vm, gsi: int):
+        self._vm = vm
+        self.gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self._vm.irq_line(self.gsi, level)
+
+    def pulse(self) -> None:
+        self._vm.irq_line(self.gsi, True)
+        self._vm.irq_line(self.gsi, False)
 
 
 class GsiAllocator:

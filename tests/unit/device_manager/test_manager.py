@@ -1,5 +1,6 @@
-"""PCI device hot plug without KVM: the PHPR register block, the device manager's add /
-remove / eject flows (reference §5), and the VMM's add-disk / remove-device endpoints.
+"""PCI device hot plug without KVM: the device manager's add / remove / eject flows
+(reference §5; the PHPR register block itself: test_hotplug.py), and the VMM's add-disk /
+remove-device endpoints.
 
 The guest side is played through the MMIO bus exactly as the AML does it: ``PCNT`` reads
 PCIU and PCID, ``PCEJ`` writes PSEG then B0EJ.
@@ -22,64 +23,24 @@ from pych.cli.remote import main as remote_main
 from pych.arch.x86_64 import layout
 from pych.config import (ConfigConflict, DiskConfig, NetConfig, VmConfig, VmRemoveDevice,
                          VsockConfig)
-from pych.device_manager import (
-    DeviceBackendError, DeviceManager, DeviceManagerError, PciHotplugController,
-    RemovalNotAllowed, UnknownDeviceId,
+from pych.config.kinds import BY_NAME
+from pych.device_manager.manager import (
+    DeviceBackendError, DeviceManager, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
 )
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import COMMAND, Command
 from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 from pych.vmm import Vmm
 
 MiB = 1 << 20
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
 PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
 MMIO64 = (1 << 40, 1 << 32)
+DISK = BY_NAME["disk"]
 _FLOCK = struct.Struct("=hh4xqqi4x")
-
-
-# --- the register block --------------------------------------------------------------------
-@pytest.fixture
-def phpr():
-    ejected = []
-    controller = PciHotplugController(PHPR, num_segments=2,
-                                      on_eject=lambda seg, slot: ejected.append((seg, slot)))
-    controller.ejected = ejected
-    return controller
-
-
-def test_pciu_and_pcid_are_per_segment_and_cleared_by_reading(phpr):
-    phpr.device_added(0, 2)
-    phpr.device_added(0, 5)
-    phpr.removal_requested(0, 3)
-    phpr.device_added(1, 7)
-    assert phpr.read(0x0, 4) == 1 << 2 | 1 << 5
-    assert phpr.read(0x0, 4) == 0
-    assert phpr.read(0x4, 4) == 1 << 3
-    assert phpr.read(0x4, 4) == 0
-    phpr.write(0xC, 4, 1)
-    assert phpr.read(0xC, 4) == 1
-    assert phpr.read(0x0, 4) == 1 << 7
-
-
-def test_b0ej_ejects_every_set_slot_of_the_selected_segment(phpr):
-    phpr.write(0xC, 4, 1)
-    phpr.write(0x8, 4, 1 << 4 | 1 << 31)
-    assert phpr.ejected == [(1, 4), (1, 31)]
-    assert phpr.read(0x8, 4) == 0
-
-
-def test_out_of_range_segment_and_narrow_accesses_are_ignored(phpr):
-    phpr.device_added(0, 2)
-    phpr.write(0xC, 4, 2)                      # only segments 0 and 1 exist
-    assert phpr.read(0xC, 4) == 0
-    assert phpr.read(0x0, 1) == 0              # not a 4-byte access: not even cleared
-    phpr.write(0x8, 2, 1 << 2)
-    assert phpr.ejected == []
-    assert phpr.read(0x0, 4) == 1 << 2
 
 
 # --- the device manager ----------------------------------------------------------------------
@@ -153,7 +114,7 @@ def open_fds() -> set[str]:
 
 def test_add_disk_builds_the_device_then_announces_it(machine, image):
     config = DiskConfig(path=image)
-    added = machine.dm.add_disk(config)
+    added = machine.dm.hotplug(DISK, config)
     assert (added.id, added.bdf) == ("_disk0", "0000:00:02.0")   # rng holds slot 1
     assert added.config.path == image and config.id is None       # the request is untouched
     device = machine.dm.pci.device(2)
@@ -172,21 +133,21 @@ def test_add_disk_builds_the_device_then_announces_it(machine, image):
 def test_a_failed_add_leaves_nothing_behind(machine, image, tmp_path):
     fds = open_fds()
     with pytest.raises(DeviceBackendError, match="No such file"):
-        machine.dm.add_disk(DiskConfig(path=str(tmp_path / "missing.raw")))
+        machine.dm.hotplug(DISK, DiskConfig(path=str(tmp_path / "missing.raw")))
     with pytest.raises(DeviceManagerError, match="already used: 1"):
-        machine.dm.add_disk(DiskConfig(path=image, pci_device_id=1))    # the rng's slot
+        machine.dm.hotplug(DISK, DiskConfig(path=image, pci_device_id=1))    # the rng's slot
     assert open_fds() == fds
     assert lock_is_free(image)
     assert all(group.released for group in machine.msi.groups[1:])       # [0] is the rng
     assert machine.notified == []
     assert machine.scan() == (0, 0)
-    added = machine.dm.add_disk(DiskConfig(path=image))
+    added = machine.dm.hotplug(DISK, DiskConfig(path=image))
     assert (added.id, added.bdf) == ("_disk0", "0000:00:02.0")
 
 
 def test_remove_marks_pcid_and_the_guest_eject_tears_everything_down(machine, image):
     fds = open_fds()
-    machine.dm.add_disk(DiskConfig(path=image))
+    machine.dm.hotplug(DISK, DiskConfig(path=image))
     machine.enable_decoding(2)
     assert machine.ioevents.registered
     machine.scan()
@@ -211,7 +172,7 @@ def test_remove_marks_pcid_and_the_guest_eject_tears_everything_down(machine, im
     assert lock_is_free(image)
     assert open_fds() == fds
     # slot and id are free again
-    again = machine.dm.add_disk(DiskConfig(path=image, id="_disk0"))
+    again = machine.dm.hotplug(DISK, DiskConfig(path=image, id="_disk0"))
     assert (again.id, again.bdf) == ("_disk0", "0000:00:02.0")
 
 
@@ -224,22 +185,22 @@ def test_remove_refuses_unknown_and_machine_devices(machine, image):
 
 
 def test_the_pci_node_id_removes_its_device(machine, image):
-    machine.dm.add_disk(DiskConfig(path=image))
+    machine.dm.hotplug(DISK, DiskConfig(path=image))
     assert machine.dm.remove_device("_virtio-pci-_disk0") == "_disk0"
 
 
 def test_an_id_pending_removal_is_not_reusable_yet(machine, image, tmp_path):
-    machine.dm.add_disk(DiskConfig(path=image))
+    machine.dm.hotplug(DISK, DiskConfig(path=image))
     machine.dm.remove_device("_disk0")
     other = tmp_path / "other.raw"
     other.write_bytes(bytes(4096))
     with pytest.raises(DeviceManagerError, match="removal is pending"):
-        machine.dm.add_disk(DiskConfig(path=str(other), id="_disk0"))
+        machine.dm.hotplug(DISK, DiskConfig(path=str(other), id="_disk0"))
     assert lock_is_free(str(other))
 
 
 def test_the_guest_cannot_eject_a_device_not_pending_removal(machine, image):
-    machine.dm.add_disk(DiskConfig(path=image))
+    machine.dm.hotplug(DISK, DiskConfig(path=image))
     machine.eject(2)
     machine.eject(1)
     assert machine.dm.pci.device(2) is not None and machine.dm.pci.device(1) is not None
@@ -264,14 +225,14 @@ def vmm():
     yield vmm
     if vmm.vm is not None:
         vmm.vm.devices.close()
-        vmm.vm.mem.close()
+        vmm.vm.guest_memory.close()
 
 
 def boot_fake(vmm):
     """Stand a DeviceManager on fake KVM objects in for a booted VM."""
     m = Machine(vmm.config)
-    vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
-                             memory_actual_size=vmm.config.memory.size)
+    vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
+                             memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
     vmm.state = "Running"
     return m
 

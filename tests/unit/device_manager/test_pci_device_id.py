@@ -19,13 +19,13 @@ from pych.api import ApiServer
 from pych.api.client import ApiClient
 from pych.api.errors import status_of
 from pych.errors import VmmError
-from pych.config import ConfigError, DiskConfig
-from pych.device_manager import DeviceBackendError
+from pych.config import ConfigError
+from pych.device_manager.manager import DeviceBackendError
 from pych.devices.pci.bus import PciDeviceIdInUse
 from pych.vmm import Vmm
 
-from tests.unit.test_pci_hotplug import (Machine, RecordingEvents, boot_fake, lock_is_free,
-                                         vm_config)
+from tests.unit.device_manager.test_manager import (Machine, RecordingEvents, boot_fake,
+                                                   lock_is_free, vm_config)
 
 MiB = 1 << 20
 

@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from pych.arch.x86_64 import boot, layout, loader
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 
 def test_pvh_structure_layouts():

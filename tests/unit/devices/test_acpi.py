@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from pych.arch.x86_64 import layout
 from pych.devices.acpi import (
     AcpiGedDevice, AcpiNotification, AcpiPmTimer, AcpiShutdownDevice, MmioWindow,
     pci_segment_aml,
@@ -166,9 +167,10 @@ def test_pm_timer_narrow_reads_return_the_addressed_bytes():
     assert timer.read(2, 4) == 0                                  # past the register
 
 
-def test_pci_segment_aml_prt_uses_the_irq_function():
-    aml = pci_segment_aml(0, MmioWindow(0xC000_0000, 640 << 20), MmioWindow(1 << 40, 1 << 30),
-                          lambda slot: 5 + slot % 8).to_aml()
+def test_pci_segment_aml_prt_routes_each_slot_by_the_layout_rule():
+    aml = pci_segment_aml(0, MmioWindow(0xC000_0000, 640 << 20),
+                          MmioWindow(1 << 40, 1 << 30)).to_aml()
+    assert layout.pci_intx_irq(3) == 5 + 3 % 8
     # Package (4) {0x0003FFFF, Zero, Zero, 8}
     assert bytes.fromhex("12 0b 04 0c ff ff 03 00 00 00 0a 08") in aml
     assert b"_SB_PC00" in aml

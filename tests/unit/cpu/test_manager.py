@@ -1,5 +1,5 @@
-"""CPU hot plug without KVM: the PRES register block, CpuManager.resize over fake vCPUs, the
-VMM's vm.resize/vm.info for vCPUs, and ``pych-remote resize --wait``."""
+"""CPU hot plug without KVM: CpuManager.resize over fake vCPUs, the VMM's vm.resize/vm.info
+for vCPUs, and ``pych-remote resize --wait`` (the register block: test_hotplug.py)."""
 
 from __future__ import annotations
 
@@ -10,156 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from pych import cpu as cpu_module
 from pych.api import ApiServer, RequestHandler
 from pych.api.errors import status_of
 from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
 from pych.config import VmConfig, VmResize
-from pych.cpu import CpuHotplugController, CpuManager, VcpuRemovalPending, VcpuState
+from pych.cpu import manager as cpu_manager
+from pych.cpu.hotplug import CpuHotplugController
+from pych.cpu.manager import CpuManager, VcpuRemovalPending
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import bindings as kb
 from pych.vmm import Vmm
 
 C = CpuHotplugController
-
-
-# --- the register block ----------------------------------------------------------------------
-class Block:
-    """A controller over 4 CPUs whose threads are ``self.active``; eject stops them."""
-
-    def __init__(self, boot_vcpus: int = 2, *, eject_succeeds: bool = True):
-        self.active = set(range(boot_vcpus))
-        self.ejected: list[int] = []
-        self.eject_succeeds = eject_succeeds
-        self.c = C(0x1000, 4, boot_vcpus, is_active=lambda cpu: cpu in self.active,
-                   eject=self._eject)
-
-    def _eject(self, cpu: int) -> bool:
-        self.ejected.append(cpu)
-        if self.eject_succeeds:
-            self.active.discard(cpu)
-        return self.eject_succeeds
-
-    def select(self, cpu: int) -> None:
-        self.c.write(C.CSEL, 4, cpu)
-
-    def status(self, cpu: int) -> int:
-        self.select(cpu)
-        return self.c.read(C.STATUS, 1)
-
-    def command(self, cpu: int, bits: int) -> None:
-        self.select(cpu)
-        self.c.write(C.STATUS, 1, bits)
-
-    def scan(self) -> list[tuple[int, int]]:
-        """What CSCN does: select each CPU, notify and ack CINS, then CRMV."""
-        notifies = []
-        for cpu in range(4):
-            self.select(cpu)
-            if self.c.read(C.STATUS, 1) & C.CINS:
-                notifies.append((cpu, 1))
-                self.c.write(C.STATUS, 1, C.CINS)
-            if self.c.read(C.STATUS, 1) & C.CRMV:
-                notifies.append((cpu, 3))
-                self.c.write(C.STATUS, 1, C.CRMV)
-        return notifies
-
-    def sta(self, cpu: int) -> int:
-        """What CSTA does: select, read CPEN."""
-        return 0x0F if self.status(cpu) & C.CPEN else 0
-
-    def states(self) -> list[str]:
-        return [self.c.state(cpu).value for cpu in range(4)]
-
-
-def test_selector_is_a_4_byte_register_and_other_widths_are_ignored():
-    b = Block()
-    b.select(3)
-    assert b.c.read(C.CSEL, 4) == 3
-    b.c.write(C.CSEL, 1, 1)
-    assert b.c.read(C.CSEL, 4) == 3
-    assert b.c.read(C.CSEL, 2) == 0
-    assert b.c.read(C.STATUS, 4) == 0
-    assert b.c.read(0x05, 1) == 0 and b.c.read(0x08, 4) == 0     # CCMD, CDAT: unused
-
-
-def test_status_shows_boot_cpus_enabled_and_out_of_range_cpus_as_zero():
-    b = Block()
-    assert [b.status(cpu) for cpu in range(4)] == [C.CPEN, C.CPEN, 0, 0]
-    assert b.status(4) == 0 and b.status(0xFFFF_FFFF) == 0
-    assert b.states() == ["present", "present", "absent", "absent"]
-
-
-def test_insertion_is_seen_by_the_scan_acked_and_present_only_after_sta():
-    b = Block()
-    b.active |= {2, 3}
-    b.c.insert([2, 3])
-    assert b.status(2) == C.CPEN | C.CINS
-    assert b.states() == ["present", "present", "inserting", "inserting"]
-    assert b.scan() == [(2, 1), (3, 1)]
-    assert b.status(2) == C.CPEN            # acked: CINS reads 0 now
-    assert b.scan() == []
-    # The scan's own reads (under the selection made before the ack) do not count as _STA;
-    # the status read above for CPU 2 did (a fresh selection after the ack).
-    assert b.states() == ["present", "present", "present", "present"]
-
-
-def test_scan_alone_does_not_report_the_cpu_present():
-    b = Block()
-    b.active.add(2)
-    b.c.insert([2])
-    assert b.scan() == [(2, 1)]
-    assert b.c.state(2) is VcpuState.INSERTING
-    assert b.sta(2) == 0x0F
-    assert b.c.state(2) is VcpuState.PRESENT
-
-
-def test_removal_is_notified_acked_and_ejected_on_the_private_flag():
-    b = Block(boot_vcpus=4)
-    b.c.remove([2, 3])
-    assert b.c.removal_pending()
-    assert b.status(3) == C.CPEN | C.CRMV
-    assert b.scan() == [(2, 3), (3, 3)]
-    assert b.status(3) == C.CPEN            # CRMV acked by the scan ...
-    assert b.states()[2:] == ["removing", "removing"]
-    b.command(3, C.CEJ0)                    # ... yet the eject is honoured (reference §3.4)
-    assert b.ejected == [3] and b.status(3) == 0
-    assert b.states() == ["present", "present", "removing", "ejected"]
-    assert b.c.removal_pending()
-    b.command(2, C.CEJ0)
-    assert not b.c.removal_pending()
-    assert b.states() == ["present", "present", "ejected", "ejected"]
-
-
-def test_eject_is_refused_for_cpu_0_and_cpus_not_being_removed():
-    b = Block(boot_vcpus=4)
-    b.command(1, C.CEJ0)
-    b.command(0, C.CEJ0)
-    b.c.remove([0])                          # even if the VMM asked (it never does)
-    b.command(0, C.CEJ0)
-    b.command(7, C.CEJ0)                     # out of range
-    assert b.ejected == []
-    assert b.c.read(C.STATUS, 1) == 0 and b.status(1) == C.CPEN
-
-
-def test_a_cpu_that_cannot_be_stopped_stays_pending_removal():
-    b = Block(boot_vcpus=3, eject_succeeds=False)
-    b.c.remove([2])
-    b.command(2, C.CEJ0)
-    assert b.ejected == [2]
-    assert b.c.removal_pending() and b.c.state(2) is VcpuState.REMOVING
-
-
-def test_reinserting_an_ejected_cpu_starts_afresh():
-    b = Block(boot_vcpus=3)
-    b.c.remove([2])
-    b.command(2, C.CEJ0)
-    b.active.add(2)
-    b.c.insert([2])
-    assert b.c.state(2) is VcpuState.INSERTING and not b.c.removal_pending()
-    assert b.status(2) == C.CPEN | C.CINS
 
 
 # --- CpuManager.resize over fake vCPUs --------------------------------------------------------
@@ -201,7 +65,6 @@ class FakeThread:
         self.vcpu, self.index = vcpu, vcpu.index
         self.thread = None
         self.paused = self.stopped = False
-        self.exits = 0
 
     def start(self, *, paused=False):
         self.paused = paused
@@ -219,7 +82,7 @@ class FakeThread:
 
 @pytest.fixture
 def manager(monkeypatch):
-    monkeypatch.setattr(cpu_module, "VcpuThread", FakeThread)
+    monkeypatch.setattr(cpu_manager, "VcpuThread", FakeThread)
     notified: list[int] = []
     mmio = Bus("mmio")
     m = CpuManager(FakeKvm(), FakeVm(), Bus("pio"), mmio, boot_vcpus=2, max_vcpus=4,
@@ -232,7 +95,7 @@ def manager(monkeypatch):
 
 def guest_ejects(mmio: Bus, cpu: int) -> None:
     """The guest's CEJ0 through the MMIO bus (PRES is on it at its layout address)."""
-    base = cpu_module.layout.ACPI_CPU_HOTPLUG_ADDR
+    base = cpu_manager.layout.ACPI_CPU_HOTPLUG_ADDR
     mmio.write(base + C.CSEL, 4, cpu)
     mmio.write(base + C.STATUS, 1, C.CEJ0)
 
@@ -240,7 +103,7 @@ def guest_ejects(mmio: Bus, cpu: int) -> None:
 def test_resize_up_creates_and_starts_vcpus_marks_them_inserting_and_notifies(manager):
     m, _, notified = manager
     assert m.resize(4) is True
-    assert m.vm.created == [0, 1, 2, 3]
+    assert m.kvm_vm.created == [0, 1, 2, 3]
     assert sorted(m.threads) == [0, 1, 2, 3]
     assert [s.value for s in m.states()] == ["present", "present", "inserting", "inserting"]
     assert notified == [AcpiNotification.CPU]
@@ -273,7 +136,7 @@ def test_resize_down_waits_for_the_guest_then_up_again_reuses_the_vcpus(manager)
     guest_ejects(mmio, 2)
     assert [s.value for s in m.states()] == ["present", "present", "ejected", "ejected"]
     assert m.resize(3) is True
-    assert m.vm.created == [0, 1, 2, 3]         # vCPU 2 reused, not created again
+    assert m.kvm_vm.created == [0, 1, 2, 3]         # vCPU 2 reused, not created again
     assert sorted(m.threads) == [0, 1, 2]
     assert [s.value for s in m.states()] == ["present", "present", "inserting", "ejected"]
 
@@ -318,7 +181,7 @@ class FakeBootedVm:
 
     def __init__(self, manager: CpuManager):
         self.cpus = manager
-        self.devices = self.memory = self.vm = None     # no KVM VM handle (no memslots)
+        self.devices = self.memory = self.kvm_vm = None     # no KVM VM handle (no memslots)
         self.memory_actual_size = 0
 
     def resize_vcpus(self, desired: int) -> bool:

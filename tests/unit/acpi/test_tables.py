@@ -9,7 +9,7 @@ import pytest
 from pych.acpi import tables
 from pych.acpi.tables import AcpiTablesError, create_acpi_tables, x2apic_madt_entry
 from pych.arch.x86_64 import layout
-from pych.memory import GuestMemory
+from pych.memory.guest_memory import GuestMemory
 
 
 def byte_sum(data: bytes) -> int:

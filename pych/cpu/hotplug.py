@@ -1,21 +1,7 @@
-"""The CPU manager: creates, configures and runs the vCPUs of one VM, and hot plugs them.
-
-It owns every vCPU of the VM and the CPU hot plug controller, ``\\_SB_.PRES``: a 12-byte
-MMIO register block plus the AML that drives it (shared/notes/ch-hotplug-reference.md §3).
-
-Hot plug, end to end:
-
-* ``vm.resize`` up (:meth:`CpuManager.resize`, VMM thread): create the missing vCPUs (or
-  reuse parked ones: KVM vCPU fds are never destroyed while the VM lives, re-creating one
-  fails with EEXIST), start their threads (the vCPU waits in the kernel for the guest's
-  INIT/SIPI), mark them *inserting* and raise the GED CPU event. The guest's ``CSCN`` sees
-  CINS, notifies ``Cxxx`` with 1 (device check) and acks; Linux then evaluates ``_STA``
-  (``CSTA``: CPEN set) and adds the CPU, offline.
-* ``vm.resize`` down: mark the highest CPUs *removing* (guest-visible, guest-ackable) and
-  *pending removal* (VMM-private), raise the event. ``CSCN`` notifies them with 3 (eject
-  request); Linux offlines each CPU itself and evaluates ``_EJ0`` (``CEJ0``), whose register
-  write stops that vCPU's thread, synchronously on the vCPU thread that wrote it. The eject
-  is gated on the private flag: ``CSCN`` acks CRMV before the guest can eject (§3.4).
+"""``\\_SB_.PRES``, the CPU hot plug controller: its 12-byte MMIO register block and the AML
+that drives it, ``\\_SB_.PRES`` plus the processor container ``\\_SB_.CPUS``
+(shared/notes/ch-hotplug-reference.md §3). :class:`~pych.cpu.manager.CpuManager` owns one and
+says which CPUs are being inserted or removed; the guest's AML reads and acks them here.
 """
 
 from __future__ import annotations
@@ -34,19 +20,8 @@ from pych.acpi.aml import (
     Path, RegionSpace, Release, Reserved, ResourceTemplate, Return, Sequence, Store, String,
     While,
 )
-from pych.arch.x86_64 import boot, layout
-from pych.arch.x86_64.cpuid import Topology, shape_cpuid
-from pych.arch.x86_64.loader import LoadedKernel
-from pych.devices.acpi import AcpiNotification
-from pych.devices.bus import Bus
-from pych.hypervisor.kvm import Kvm, Vcpu, Vm
-from pych.vcpu import VcpuThread
 
 log = logging.getLogger(__name__)
-
-
-class VcpuRemovalPending(Exception):
-    """A resize was asked while the guest has not yet ejected every CPU being removed."""
 
 
 class VcpuState(str, enum.Enum):
@@ -89,7 +64,9 @@ class CpuHotplugController:
     honoured only for a CPU the VMM marked pending removal, never for CPU 0, and the CPU stays
     pending removal if ``eject`` reports that its thread could not be stopped.
 
-    ``is_active(cpu_id)`` tells whether that CPU's vCPU thread runs (CPEN). The controller also
+    ``is_active(cpu_id)`` tells whether that CPU's vCPU thread runs (CPEN); ``apic_id(cpu_id)``
+    is its x2APIC id, for the ``_MAT`` of its processor object (default: the CPU id, as in the
+    flat topology). The controller also
     records when the guest has *evaluated* ``_STA`` of an inserted CPU: the reference's AML
     acks CINS in ``CSCN`` under the same selection as its CINS/CRMV reads, while ``CSTA``
     selects the CPU afresh and reads once, so the first status read under a selection made
@@ -105,9 +82,11 @@ class CpuHotplugController:
     CEJ0 = 1 << 3
 
     def __init__(self, mmio_base: int, max_vcpus: int, boot_vcpus: int, *,
-                 is_active: Callable[[int], bool], eject: Callable[[int], bool]):
+                 is_active: Callable[[int], bool], eject: Callable[[int], bool],
+                 apic_id: Callable[[int], int] = lambda cpu: cpu):
         self.mmio_base = mmio_base
         self.max_vcpus = max_vcpus
+        self._apic_id = apic_id
         self._is_active = is_active
         self._eject = eject
         self._lock = threading.Lock()
@@ -206,11 +185,11 @@ class CpuHotplugController:
         log.info("CPU %d ejected by the guest", cpu)
 
     # --- AML ------------------------------------------------------------------------------------
-    def aml(self, apic_id: Callable[[int], int]) -> Aml:
+    def to_aml(self) -> bytes:
         """``\\_SB_.PRES`` (this block), then ``\\_SB_.CPUS``: the processor container with
         ``CSTA``/``CTFY``/``CEJ0``/``CSCN`` and one ``Cxxx`` per possible CPU (reference §3.2).
         """
-        return Sequence(self._controller_aml(), self._container_aml(apic_id))
+        return Sequence(self._controller_aml(), self._container_aml()).to_aml()
 
     def _controller_aml(self) -> Aml:
         return Device(
@@ -228,7 +207,7 @@ class CpuHotplugController:
                   access=FieldAccess.DWORD),
         )
 
-    def _container_aml(self, apic_id: Callable[[int], int]) -> Aml:
+    def _container_aml(self) -> Aml:
         lock, select = "\\_SB_.PRES.CPLK", "\\_SB_.PRES.CSEL"
         csta = Method(
             "CSTA", 1,
@@ -271,7 +250,7 @@ class CpuHotplugController:
             Name("_HID", String("ACPI0010")),
             Name("_CID", EISAName("PNP0A05")),
             csta, ctfy, cej0, cscn,
-            *(self._cpu_aml(cpu, apic_id(cpu)) for cpu in range(self.max_vcpus)),
+            *(self._cpu_aml(cpu, self._apic_id(cpu)) for cpu in range(self.max_vcpus)),
         )
 
     @staticmethod
@@ -290,166 +269,3 @@ class CpuHotplugController:
 
 def _cpu_device_name(cpu: int) -> str:
     return f"C{cpu:03X}"
-
-
-class CpuManager:
-    """Every vCPU of one VM: boot vCPUs, hot plug (``resize``) and the ``PRES`` block.
-
-    Thread contract: ``resize``, ``start``, ``pause``, ``resume``, ``stop`` and ``close`` run
-    on the VMM thread; the guest's eject runs on a vCPU thread. ``self.threads`` (running vCPU
-    threads by id) is only changed under ``self._lock``.
-    """
-
-    def __init__(self, kvm: Kvm, vm: Vm, pio: Bus, mmio: Bus, *, boot_vcpus: int, max_vcpus: int,
-                 topology: Topology | None, on_exit: Callable[[str, str], None],
-                 notify: Callable[[int], None]):
-        if not 1 <= boot_vcpus <= max_vcpus:
-            raise ValueError(f"boot vCPUs ({boot_vcpus}) must be between 1 and max ({max_vcpus})")
-        if max_vcpus > kvm.max_vcpus:
-            raise ValueError(f"max vCPUs ({max_vcpus}) exceeds what KVM supports ({kvm.max_vcpus})")
-        self.kvm = kvm
-        self.vm = vm
-        self.pio = pio
-        self.mmio = mmio
-        self.boot_vcpus = boot_vcpus
-        self.max_vcpus = max_vcpus
-        self.topology = topology or Topology.flat(max_vcpus)
-        self.on_exit = on_exit
-        self.notify = notify                    # GED notification (AcpiNotification.CPU)
-        self._supported_cpuid = kvm.supported_cpuid()
-        self.vcpus: list[Vcpu] = []             # every vCPU ever created, index == id
-        self.threads: dict[int, VcpuThread] = {}
-        self._lock = threading.Lock()
-        self._paused = False
-        self.hotplug = CpuHotplugController(
-            layout.ACPI_CPU_HOTPLUG_ADDR, max_vcpus, boot_vcpus,
-            is_active=lambda cpu: cpu in self.threads, eject=self._stop_ejected_vcpu)
-        mmio.insert(layout.ACPI_CPU_HOTPLUG_ADDR, CpuHotplugController.SIZE, self.hotplug)
-
-    def apic_id(self, cpu_id: int) -> int:
-        return self.topology.apic_id(cpu_id)
-
-    def _create_vcpu(self, cpu_id: int) -> Vcpu:
-        """Create and configure vCPU ``cpu_id`` like a boot AP: it waits for INIT/SIPI."""
-        vcpu = self.vm.create_vcpu(cpu_id)
-        vcpu.set_cpuid(shape_cpuid(self._supported_cpuid, cpu_id, self.topology))
-        accepted = vcpu.set_msrs(boot.BOOT_MSRS)
-        if accepted != len(boot.BOOT_MSRS):
-            log.debug("vCPU %d: KVM accepted %d of %d boot MSRs", cpu_id, accepted, len(boot.BOOT_MSRS))
-        vcpu.set_fpu(boot.initial_fpu())
-        vcpu.set_lapic(boot.lapic_with_lints(vcpu.get_lapic()))
-        self.vcpus.append(vcpu)
-        return vcpu
-
-    def create_boot_vcpus(self, kernel: LoadedKernel) -> None:
-        """vCPU 0 starts at the kernel entry; the others wait for INIT/SIPI from the guest."""
-        for cpu_id in range(self.boot_vcpus):
-            vcpu = self._create_vcpu(cpu_id)
-            if cpu_id == 0:
-                vcpu.set_sregs(boot.boot_sregs(vcpu.get_sregs(), kernel.protocol))
-                vcpu.set_regs(boot.boot_regs(kernel))
-
-    def aml(self) -> Aml:
-        return self.hotplug.aml(self.apic_id)
-
-    # --- hot plug -------------------------------------------------------------------------------
-    @property
-    def requested_vcpus(self) -> int:
-        """How many vCPUs the VM has once pending removals complete: ids 0..n-1."""
-        with self._lock:
-            running = list(self.threads)
-        return sum(self.hotplug.state(cpu) is not VcpuState.REMOVING for cpu in running)
-
-    def states(self) -> list[VcpuState]:
-        """The live state of every possible vCPU, by id."""
-        return [self.hotplug.state(cpu) for cpu in range(self.max_vcpus)]
-
-    def resize(self, desired: int) -> bool:
-        """Hot plug vCPUs up to ``desired`` or ask the guest to eject the highest ones down to
-        it, and raise the GED CPU event. Returns False (and does nothing) when ``desired`` is
-        already the requested count. Raises ``ValueError`` for a count outside 1..max_vcpus and
-        :class:`VcpuRemovalPending` while the guest has not ejected every CPU being removed.
-        Hot-added vCPUs reuse parked KVM vCPUs; they run paused while the VM is paused.
-        """
-        if not 1 <= desired <= self.max_vcpus:
-            raise ValueError(f"desired vCPUs ({desired}) must be between 1 and max "
-                             f"({self.max_vcpus})")
-        current = self.requested_vcpus
-        if desired == current:
-            return False
-        if self.hotplug.removal_pending():
-            raise VcpuRemovalPending("a vCPU removal is still pending: the guest has not "
-                                     "ejected every vCPU being removed yet; retry later")
-        if desired > current:
-            added = range(current, desired)
-            for cpu in added:
-                if cpu >= len(self.vcpus):
-                    self._create_vcpu(cpu)
-                self._start_thread(cpu)
-            self.hotplug.insert(added)
-            log.info("vCPUs %d-%d hot plugged", added[0], added[-1])
-        else:
-            self.hotplug.remove(range(desired, current))
-            log.info("vCPUs %d-%d marked for removal", desired, current - 1)
-        self.notify(AcpiNotification.CPU)
-        return True
-
-    def _stop_ejected_vcpu(self, cpu_id: int) -> bool:
-        """The guest ejected ``cpu_id`` (it is offline there, halted in KVM_RUN): stop its
-        thread, keeping the KVM vCPU for reuse. Runs on the ejecting vCPU thread, which
-        must not be the target (a CPU cannot eject itself). Returns whether it stopped."""
-        with self._lock:
-            t = self.threads.get(cpu_id)
-        if t is None:
-            return True
-        if t.thread is threading.current_thread():
-            log.warning("vCPU %d tried to eject itself: refused", cpu_id)
-            return False
-        if not t.stop():
-            return False
-        with self._lock:
-            del self.threads[cpu_id]
-        return True
-
-    # --- threads -----------------------------------------------------------------------------------
-    def _start_thread(self, cpu_id: int) -> None:
-        t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit)
-        with self._lock:
-            self.threads[cpu_id] = t
-            t.start(paused=self._paused)
-
-    def start(self) -> None:
-        for cpu_id in range(self.boot_vcpus):
-            self._start_thread(cpu_id)
-
-    def _running(self) -> list[VcpuThread]:
-        with self._lock:
-            return list(self.threads.values())
-
-    def pause(self) -> None:
-        with self._lock:
-            self._paused = True
-        for t in self._running():
-            t.pause()
-
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-        for t in self._running():
-            t.resume()
-
-    def stop(self) -> None:
-        for t in self._running():
-            t.stop()
-        with self._lock:
-            self.threads.clear()
-
-    def close(self) -> None:
-        self.stop()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vcpus.clear()
-
-    @property
-    def exit_counts(self) -> dict[int, int]:
-        return {t.index: t.exits for t in self._running()}

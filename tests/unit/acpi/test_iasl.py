@@ -28,14 +28,14 @@ from pych.acpi.aml import (
     Subtract, ToBuffer, ToInteger, Uuid, While, Xor,
 )
 from pych.arch.x86_64 import layout
+from pych.cpu.hotplug import CpuHotplugController
+from pych.device_manager.hotplug import PciHotplugController, PciHotplugSlots
 from pych.devices.acpi import (
-    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, memory_hotplug_stub_aml,
-    pci_ecam_reservation_aml, pci_segment_aml, power_button_aml, s5_aml,
+    AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, pci_ecam_reservation_aml,
+    pci_segment_aml, power_button_aml, s5_aml,
 )
-from pych.device_manager import PciHotplugController
-from pych.cpu import CpuHotplugController
-from pych.memory_manager import HOTPLUG_SLOTS, MemoryHotplugController
 from pych.devices.interrupt import RecordingIrq
+from pych.memory.hotplug import HOTPLUG_SLOTS, MemoryHotplugController, memory_hotplug_stub_aml
 
 IASL_MISSING = ("iasl (ACPICA) is not installed: install acpica-tools "
                 "(Debian/Ubuntu: apt-get install acpica-tools) to run the ACPI round-trip tests")
@@ -85,25 +85,23 @@ def asl_spelling(path: str) -> str:
 
 
 def platform_dsdt() -> bytes:
-    """The DSDT pych boots with today: the reference's fixed devices, the PCI hot plug
-    controller with its slots, the CPU hot plug stub and the memory hot plug controller."""
+    """The DSDT pych boots with: the reference's fixed devices, the PCI hot plug controller
+    with its slots, and the CPU and memory hot plug controllers."""
     mmio32 = MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
     mmio64 = MmioWindow(0x1_0000_0000_00, 0x10_0000_0000)
     ged = AcpiGedDevice(RecordingIrq(), layout.ACPI_GED_ADDR)
     phpr = PciHotplugController(layout.ACPI_PCI_HOTPLUG_ADDR, on_eject=lambda seg, slot: None)
     body = build_dsdt_body(
         phpr,
-        pci_segment_aml(0, mmio32, mmio64,
-                        lambda slot: layout.PCI_INTX_IRQ_BASE + slot % layout.PCI_INTX_IRQ_COUNT,
-                        *phpr.segment_aml()),
+        pci_segment_aml(0, mmio32, mmio64, PciHotplugSlots()),
         pci_ecam_reservation_aml(),
         com1_aml(),
         s5_aml(),
         power_button_aml(),
         ged,
         CpuHotplugController(layout.ACPI_CPU_HOTPLUG_ADDR, 4, 2, is_active=lambda cpu: True,
-                             eject=lambda cpu: True).aml(lambda cpu: cpu),
-        MemoryHotplugController().to_aml(layout.ACPI_MEM_HOTPLUG_ADDR),
+                             eject=lambda cpu: True, apic_id=lambda cpu: cpu),
+        MemoryHotplugController(layout.ACPI_MEM_HOTPLUG_ADDR),
     )
     return tables.dsdt(body)
 

@@ -1,7 +1,8 @@
 """vCPU threads: one Python thread per vCPU around ``KVM_RUN``.
 
-The thread decodes each exit and dispatches port I/O and MMIO to the buses; the few
-instructions this host's KVM cannot emulate go to ``pych.arch.x86_64.emulate``.
+The thread decodes each exit and dispatches port I/O and MMIO to the buses; an instruction
+KVM reports it could not emulate (a nested KVM, as on PVM hosts, leaves a few to userspace)
+goes to ``pych.arch.x86_64.emulate``.
 Control (pause, stop) reaches a running vCPU by setting ``immediate_exit`` and sending
 it a signal, so ``KVM_RUN`` returns at once with EINTR.
 """
@@ -54,7 +55,6 @@ class VcpuThread:
         self._stop = False
         self.thread: threading.Thread | None = None
         self.emulated: dict[str, int] = {}
-        self.exits = 0
 
     @property
     def index(self) -> int:
@@ -143,7 +143,6 @@ class VcpuThread:
                 if not self._control():
                     return
             reason = vcpu.run()
-            self.exits += 1
             if reason == kb.KVM_EXIT_IO:
                 e = vcpu.io_exit()
                 off = e.data_offset

@@ -1,0 +1,206 @@
+"""Device factories: how each kind of device is built from its configuration, in one table
+keyed by the device-kind registry's names (:data:`pych.config.kinds.DEVICE_KINDS`).
+
+A factory builds a complete device from one configuration object and the device's id, and
+raises, holding nothing, when the backend cannot be used (one of :data:`BACKEND_ERRORS`).
+Boot and hot plug share them; the device manager puts what they build on the PCI bus. VFIO
+is not here: a host device is opened, not built (see ``DeviceManager``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pych.devices.legacy.serial_backend import open_serial_backend
+from pych.devices.net.tap import Tap
+from pych.devices.pci.allocator import AddressAllocator
+from pych.devices.vhost_user import VhostUserConnections
+from pych.devices.virtio.balloon import VirtioBalloon
+from pych.devices.virtio.block import DiskError, VirtioBlock
+from pych.devices.virtio.console import VirtioConsole
+from pych.devices.virtio.device import VirtioDevice
+from pych.devices.virtio.fs import VirtioFs
+from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
+from pych.devices.virtio.pmem import VirtioPmem
+from pych.devices.virtio.rng import VirtioRng
+from pych.devices.virtio.vsock import VirtioVsock
+
+log = logging.getLogger(__name__)
+
+#: What a factory raises when the configuration names an unusable backend (a missing or
+#: locked file, a bad size ...): the request was wrong, not the VMM.
+BACKEND_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, DiskError)
+
+
+@dataclass
+class FactoryContext:
+    """What factories need beyond the configuration: the 64-bit window and the KVM memslots
+    device memory (pmem) is mapped with (None: it cannot be), and the vhost-user
+    connections kept across reboots (virtio-fs)."""
+
+    mmio64: AddressAllocator
+    memslots: Any = None
+    vhost_user: VhostUserConnections | None = None
+
+
+Make = Callable[[Any, str, FactoryContext], VirtioDevice]
+
+
+@dataclass(frozen=True)
+class Factory:
+    """How one kind is built: ``make(config, device_id, context)``. ``wanted(config)``: whether
+    a configured device of the kind is created at all (a console that is off is not);
+    ``boot_64bit_bar``: whether its BAR goes in the 64-bit window at boot (hot-plugged
+    devices always use it)."""
+
+    make: Make
+    wanted: Callable[[Any], bool] = lambda config: True
+    boot_64bit_bar: bool = True
+
+
+def make_console(console, name: str, ctx: FactoryContext) -> VirtioConsole:
+    """``--console``: hvc0, its host end one of the serial backends (tty, pty, file,
+    socket, null), owned and closed by the device."""
+    backend = open_serial_backend(console.mode, console.file or console.socket)
+    try:
+        device = VirtioConsole(backend, owns_sink=True, name=name)
+    except BaseException:
+        backend.close()
+        raise
+    backend.start(device)
+    return device
+
+
+def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
+    if not disk.path:
+        raise ValueError("a disk needs a path")
+    return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                       num_queues=disk.num_queues, queue_size=disk.queue_size, name=name)
+
+
+def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
+    """virtio-net on a tap: opened or created by name with its host side configured,
+    or, with ``fds`` (``--net fd=[N]``, SCM_RIGHTS with ``vm.add-net``), the tap queue
+    someone else set up, on a duplicate of the fd (the configuration keeps the
+    original, so every boot of the VM gets its own copy; the VMM closes the original
+    when the device is removed or the VM deleted). Such a tap is not configured: only
+    ``mtu`` is applied, as in the reference; ``ip``, ``mask`` and ``host_mac`` are
+    ignored. A generated MAC is written back into ``net`` so a reboot keeps it."""
+    if net.vhost_user:
+        raise ValueError(f"{name}: vhost-user net is not supported by pych")
+    if net.num_queues != 2:
+        raise ValueError(f"{name}: num_queues={net.num_queues}: pych supports one "
+                         "queue pair (num_queues=2, one tap fd)")
+    mac = parse_mac(net.mac) if net.mac else random_mac()
+    tap = _open_tap(net, name)
+    try:
+        device = VirtioNet(tap, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
+                           offload_csum=net.offload_csum, offload_tso=net.offload_tso,
+                           offload_ufo=net.offload_ufo, name=name)
+    except BaseException:
+        tap.close()
+        raise
+    net.mac = format_mac(mac)
+    log.info("%s: tap %s, mac %s", name, tap.name, net.mac)
+    return device
+
+
+def _open_tap(net, name: str) -> Tap:
+    """The tap of the net configuration ``net``, host side configured (see make_net)."""
+    if not net.fds:
+        tap = Tap(net.tap)
+        try:
+            tap.configure_host(ip=net.ip, mask=net.mask, mac=net.host_mac, mtu=net.mtu)
+        except BaseException:
+            tap.close()
+            raise
+        return tap
+    if len(net.fds) != 1:
+        raise ValueError(f"{name}: {len(net.fds)} tap fds: pych supports one queue pair "
+                         "(one fd)")
+    tap = Tap.from_fd(net.fds[0])
+    try:
+        ignored = [key for key in ("ip", "mask", "host_mac") if getattr(net, key) is not None]
+        if ignored:
+            log.warning("%s: tap %s comes as an fd and is not configured: %s ignored",
+                        name, tap.name, ", ".join(ignored))
+        if net.mtu is not None:
+            tap.configure_host(mtu=net.mtu, up=False)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
+
+
+def make_rng(rng, name: str, ctx: FactoryContext) -> VirtioRng:
+    return VirtioRng(rng.src)
+
+
+def make_fs(fs, name: str, ctx: FactoryContext) -> VirtioFs:
+    """virtio-fs served by the vhost-user back-end (virtiofsd) listening at ``fs.socket``:
+    connected and negotiated now, so a missing or unsuitable back-end fails the boot or
+    the add (400). After a reboot the device takes back the connection its predecessor
+    of the same id and socket parked (``DeviceManager.close`` with ``keep_connections``).
+    Removal stops its rings and hangs up (``VirtioFs.shutdown``)."""
+    parked = ctx.vhost_user.take(name, fs.socket) if ctx.vhost_user is not None else None
+    return VirtioFs(fs.tag, fs.socket, num_request_queues=fs.num_queues,
+                    queue_size=fs.queue_size, name=name, connection=parked)
+
+
+def make_pmem(pmem, name: str, ctx: FactoryContext) -> VirtioPmem:
+    """The file mapped at a 2 MiB aligned address of the 64-bit window."""
+    if ctx.memslots is None:
+        raise ValueError(f"{name}: this device manager cannot map device memory")
+    return VirtioPmem(pmem.file, DeviceMemoryMapper(ctx.mmio64, ctx.memslots),
+                      size=pmem.size, discard_writes=pmem.discard_writes, name=name)
+
+
+def make_vsock(vsock, name: str, ctx: FactoryContext) -> VirtioVsock:
+    return VirtioVsock(vsock.cid, vsock.socket, name=name)
+
+
+def make_balloon(balloon, name: str, ctx: FactoryContext) -> VirtioBalloon:
+    return VirtioBalloon(balloon.size, deflate_on_oom=balloon.deflate_on_oom,
+                         free_page_reporting=balloon.free_page_reporting, name=name)
+
+
+FACTORIES: dict[str, Factory] = {
+    "console": Factory(make_console, wanted=lambda console: console.mode != "Off"),
+    # Boot disks get a 32-bit BAR, as in the reference; a hot-plugged disk a 64-bit one.
+    "disk": Factory(make_disk, boot_64bit_bar=False),
+    "net": Factory(make_net),
+    "rng": Factory(make_rng),
+    "fs": Factory(make_fs),
+    "pmem": Factory(make_pmem),
+    "vsock": Factory(make_vsock),
+    "balloon": Factory(make_balloon),
+}
+"""The virtio kinds pych builds, by :attr:`DeviceKind.name <pych.config.kinds.DeviceKind.name>`.
+A kind that is neither here nor VFIO (vfio-user, vDPA, generic vhost-user) is not created."""
+
+
+class DeviceMemoryMapper:
+    """Maps device memory (a pmem file) into the guest: an aligned range of the segment's
+    64-bit window, backed by a KVM memslot (pmem's
+    :class:`~pych.devices.virtio.pmem.GuestMapper`)."""
+
+    def __init__(self, window: AddressAllocator, memslots) -> None:
+        self._window = window
+        self._memslots = memslots
+        self._slots: dict[int, int] = {}
+
+    def map(self, host_addr: int, size: int, alignment: int) -> int:
+        gpa = self._window.allocate(size, alignment)
+        try:
+            self._slots[gpa] = self._memslots.add_memory(gpa, size, host_addr)
+        except BaseException:
+            self._window.free(gpa)
+            raise
+        return gpa
+
+    def unmap(self, gpa: int) -> None:
+        self._memslots.remove_memory(self._slots.pop(gpa), gpa)
+        self._window.free(gpa)

@@ -1,0 +1,122 @@
+"""Memory zones: the user's ``--memory-zone`` options, or the one default zone ``mem0`` made of
+``--memory``. Each zone's boot RAM is one memfd (or its ``file``) that the memory manager maps
+where :func:`~pych.memory.layout.boot_ram_layout` places it; a zone with a ``hotplug_size``
+under virtio-mem also gets a :class:`VirtioMemZone`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pych.devices.virtio.mem import VirtioMem
+from pych.memory.guest_memory import MemoryRegion
+
+DEFAULT_MEMORY_ZONE = "mem0"
+"""The zone (and virtio-mem device id) of ``--memory`` RAM without user-defined zones."""
+
+
+@dataclass(frozen=True)
+class ZoneSpec:
+    """One memory zone as the memory manager builds it: a ``--memory-zone``, or the default
+    zone ``mem0`` made of ``--memory`` (the reference's single default zone)."""
+
+    id: str
+    size: int
+    hotplug_size: int | None = None       # virtio-mem only (ACPI DIMMs are not zone RAM)
+    hotplugged_size: int | None = None
+    file: str | None = None
+    shared: bool = False
+    hugepages: bool = False
+    host_numa_node: int | None = None
+    prefault: bool = False
+    option: str = "--memory"            # what the user wrote, for error messages
+
+
+def zone_specs(memory) -> list[ZoneSpec]:
+    """The zones of the ``MemoryConfig`` ``memory``, in order."""
+    if memory.zones:
+        return [ZoneSpec(z.id, z.size, z.hotplug_size, z.hotplugged_size, z.file, z.shared,
+                         z.hugepages, z.host_numa_node, z.prefault, f"--memory-zone {z.id}")
+                for z in memory.zones]
+    virtio_mem = memory.hotplug_method == "VirtioMem"
+    return [ZoneSpec(DEFAULT_MEMORY_ZONE, memory.size,
+                     memory.hotplug_size if virtio_mem else None,
+                     memory.hotplugged_size if virtio_mem else None,
+                     shared=memory.shared, hugepages=memory.hugepages, prefault=memory.prefault)]
+
+
+@dataclass
+class VirtioMemZone:
+    """A zone's virtio-mem region: guest RAM mapped at boot, of which ``device`` plugs
+    blocks (the device manager puts it on the PCI bus). ``initial_size`` is what the device
+    asks for at boot (the zone's ``hotplugged_size``)."""
+
+    id: str
+    region: MemoryRegion
+    initial_size: int
+    device: VirtioMem
+
+
+
+class MemoryZone:
+    """A zone's memory in one boot: the memfd (or ``file``) behind its boot RAM, the pieces
+    of boot RAM mapped from it, and its virtio-mem region, if any. Raises ValueError when
+    the zone asks for a backing pych cannot give."""
+
+    def __init__(self, spec: ZoneSpec):
+        self.spec = spec
+        self.id = spec.id
+        self.regions: list[MemoryRegion] = []
+        self.virtio_mem: VirtioMemZone | None = None
+        what = spec.option
+        if spec.hugepages:
+            raise ValueError(f"{what}: huge pages (hugepages=on) are not supported by pych yet")
+        if spec.host_numa_node is not None:
+            raise ValueError(f"{what}: host_numa_node is not supported by pych yet")
+        self.shared_mapping = True          # a memfd is always mapped shared
+        self.fd = -1
+        if spec.file is not None:
+            self.fd = _open_backing_file(what, spec.file, spec.size, spec.shared)
+            self.shared_mapping = spec.shared
+        elif spec.size:
+            self.fd = os.memfd_create(f"pych-{spec.id}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, spec.size)
+            except OSError:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_backing_file(what: str, path: str, size: int, shared: bool) -> int:
+    """``path`` opened to back ``size`` bytes (read-write when ``shared``: guest writes go
+    to the file; else read-only, mapped private)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: the backing file {path} is a directory (give a file)")
+    try:
+        fd = os.open(path, (os.O_RDWR if shared else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot open the backing file {path}: {e.strerror}") from None
+    length = os.fstat(fd).st_size
+    if length < size:
+        os.close(fd)
+        raise ValueError(f"{what}: the backing file {path} has {length} bytes, fewer than the "
+                         f"{size} bytes of memory it backs")
+    return fd
+
+
+MADV_POPULATE_WRITE = 23        # Linux 5.14; not in Python 3.11's mmap module
+
+
+def prefault(region: MemoryRegion, what: str) -> None:
+    """``prefault=on``: fault in every page of ``region`` now."""
+    try:
+        region.mmap.madvise(MADV_POPULATE_WRITE)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot prefault {region.size} bytes: {e.strerror}") from None
+
