@@ -15,8 +15,9 @@ from collections.abc import Hashable
 
 
 class GuestLog:
-    """``warning(kind, message, *args)``: ``logger.warning`` at most once per ``interval``
-    seconds per ``kind`` (any hashable: a device name, a register offset ...)."""
+    """``warning(message, *args, kind=...)``: ``logger.warning`` at most once per
+    ``interval`` seconds per ``kind`` (any hashable; by default the message's format
+    string, so each distinct warning is limited on its own)."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0,
                  clock=time.monotonic) -> None:
@@ -26,7 +27,8 @@ class GuestLog:
         self._lock = threading.Lock()
         self._kinds: dict[Hashable, list] = {}      # kind -> [last logged at, suppressed]
 
-    def warning(self, kind: Hashable, message: str, *args: object) -> None:
+    def warning(self, message: str, *args: object, kind: Hashable = None) -> None:
+        kind = message if kind is None else kind
         now = self._clock()
         with self._lock:
             entry = self._kinds.get(kind)

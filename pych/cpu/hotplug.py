@@ -20,8 +20,10 @@ from pych.acpi.aml import (
     Path, RegionSpace, Release, Reserved, ResourceTemplate, Return, Sequence, Store, String,
     While,
 )
+from pych.guest_log import GuestLog
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 
 class VcpuState(str, enum.Enum):
@@ -128,14 +130,14 @@ class CpuHotplugController:
         if (offset, size) == (self.STATUS, 1):
             return self._status()
         if offset in (self.CSEL, self.STATUS):
-            log.warning("PRES: ignoring %d-byte read at offset %#x", size, offset)
+            _guest_log.warning("PRES: ignoring %d-byte read at offset %#x", size, offset)
         return 0
 
     def _status(self) -> int:
         with self._lock:
             cpu = self._selected
             if cpu >= self.max_vcpus:
-                log.warning("PRES: status read of CPU %d, but there are only %d", cpu,
+                _guest_log.warning("PRES: status read of CPU %d, but there are only %d", cpu,
                             self.max_vcpus)
                 return 0
             slot = self._slots[cpu]
@@ -156,13 +158,13 @@ class CpuHotplugController:
         elif (offset, size) == (self.STATUS, 1):
             self._command(value)
         elif offset in (self.CSEL, self.STATUS):
-            log.warning("PRES: ignoring %d-byte write at offset %#x", size, offset)
+            _guest_log.warning("PRES: ignoring %d-byte write at offset %#x", size, offset)
 
     def _command(self, value: int) -> None:
         with self._lock:
             cpu = self._selected
             if cpu >= self.max_vcpus:
-                log.warning("PRES: command %#x for CPU %d, but there are only %d", value, cpu,
+                _guest_log.warning("PRES: command %#x for CPU %d, but there are only %d", value, cpu,
                             self.max_vcpus)
                 return
             slot = self._slots[cpu]
@@ -173,7 +175,7 @@ class CpuHotplugController:
             if not value & self.CEJ0:
                 return
             if cpu == 0 or not slot.pending_removal:
-                log.warning("PRES: the guest ejected CPU %d, which is not being removed: ignored",
+                _guest_log.warning("PRES: the guest ejected CPU %d, which is not being removed: ignored",
                             cpu)
                 return
         # Stop the thread without holding the lock: the target vCPU may be reading PRES.

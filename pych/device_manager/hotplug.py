@@ -16,8 +16,10 @@ from pych.acpi.aml import (
     Release, ResourceTemplate, Return, ShiftLeft, Store, String,
 )
 from pych.devices.pci.bus import NUM_DEVICE_SLOTS
+from pych.guest_log import GuestLog
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 
 class PciHotplugController:
@@ -64,7 +66,7 @@ class PciHotplugController:
 
     def read(self, offset: int, size: int) -> int:
         if size != 4:
-            log.warning("PHPR: ignoring %d-byte read at offset %#x", size, offset)
+            _guest_log.warning("PHPR: ignoring %d-byte read at offset %#x", size, offset)
             return 0
         with self._lock:
             segment = self._segment
@@ -80,7 +82,7 @@ class PciHotplugController:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if size != 4:
-            log.warning("PHPR: ignoring %d-byte write at offset %#x", size, offset)
+            _guest_log.warning("PHPR: ignoring %d-byte write at offset %#x", size, offset)
         elif offset == self.B0EJ:
             with self._lock:
                 segment = self._segment
@@ -92,7 +94,7 @@ class PciHotplugController:
                 with self._lock:
                     self._segment = value
             else:
-                log.warning("PHPR: ignoring selection of PCI segment %d (there are %d)",
+                _guest_log.warning("PHPR: ignoring selection of PCI segment %d (there are %d)",
                             value, self.num_segments)
 
     def to_aml(self) -> bytes:

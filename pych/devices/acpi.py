@@ -26,8 +26,10 @@ from pych.acpi.aml import (
 from pych.arch.x86_64 import layout
 from pych.devices.interrupt import IrqLine
 from pych.devices.pci.bus import NUM_DEVICE_SLOTS
+from pych.guest_log import GuestLog
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 
 class AcpiNotification(enum.IntFlag):
@@ -67,14 +69,14 @@ class AcpiGedDevice:
 
     def read(self, offset: int, size: int) -> int:
         if offset != 0 or size != 1:
-            log.warning("GED: ignoring %d-byte read at offset %d", size, offset)
+            _guest_log.warning("GED: ignoring %d-byte read at offset %d", size, offset)
             return 0
         with self._lock:
             pending, self._pending = self._pending, AcpiNotification(0)
         return int(pending)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        log.warning("GED: ignoring %d-byte write of %#x at offset %d", size, value, offset)
+        _guest_log.warning("GED: ignoring %d-byte write of %#x at offset %d", size, value, offset)
 
     def to_aml(self) -> bytes:
         """``\\_SB_.GEC_`` (register block and ``ESCN``) and ``\\_SB_.GED_`` (ACPI0013)."""
@@ -137,7 +139,7 @@ class AcpiShutdownDevice:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset != 0 or size != 1:
-            log.warning("ACPI shutdown: ignoring %d-byte write at offset %d", size, offset)
+            _guest_log.warning("ACPI shutdown: ignoring %d-byte write at offset %d", size, offset)
         elif value == self.RESET_VALUE:
             log.info("ACPI reset requested by the guest")
             self._on_reset()
@@ -168,12 +170,12 @@ class AcpiPmTimer:
 
     def read(self, offset: int, size: int) -> int:
         if offset + size > self.SIZE:
-            log.warning("PM timer: ignoring %d-byte read at offset %d", size, offset)
+            _guest_log.warning("PM timer: ignoring %d-byte read at offset %d", size, offset)
             return 0
         return self.counter() >> 8 * offset & (1 << 8 * size) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
-        log.warning("PM timer: ignoring %d-byte write at offset %d", size, offset)
+        _guest_log.warning("PM timer: ignoring %d-byte write at offset %d", size, offset)
 
 
 # --- fixed DSDT pieces ----------------------------------------------------------------------

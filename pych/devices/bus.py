@@ -114,9 +114,9 @@ class Bus:
 
     def _device_failed(self, dev: BusDevice, what: str, addr: int, size: int,
                        error: Exception) -> None:
-        _guest_log.warning((self.name, type(dev).__name__, what),
-                           "%s: %d-byte %s at %#x failed in %s: %s: %s", self.name, size, what,
-                           addr, type(dev).__name__, type(error).__name__, error)
+        _guest_log.warning("%s: %d-byte %s at %#x failed in %s: %s: %s", self.name, size, what,
+                           addr, type(dev).__name__, type(error).__name__, error,
+                           kind=(self.name, type(dev).__name__, what))
 
     def __iter__(self):
         return iter((r.base, r.length, r.device) for r in self._ranges)

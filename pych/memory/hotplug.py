@@ -17,8 +17,10 @@ from pych.acpi.aml import (
     Method, MethodCall, Mutex, Name, Named, Notify, Offset, OpRegion, Path, RegionSpace, Release,
     ResourceTemplate, Return, Store, String, Subtract, While,
 )
+from pych.guest_log import GuestLog
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 HOTPLUG_SLOTS = 32
 """DIMM slots per boot (the reference has 8). Slots are never reused within one boot."""
@@ -126,7 +128,7 @@ class MemoryHotplugController:
     def _slot(self) -> DimmSlot | None:
         if self._selected < len(self.slots):
             return self.slots[self._selected]
-        log.warning("MHPC: slot %d selected, only %d exist", self._selected, len(self.slots))
+        _guest_log.warning("MHPC: slot %d selected, only %d exist", self._selected, len(self.slots))
         return None
 
     def read(self, offset: int, size: int) -> int:
@@ -141,7 +143,7 @@ class MemoryHotplugController:
                 value = slot.base if offset < 0x08 else slot.length
                 return value >> 32 if offset & 4 else value & 0xFFFF_FFFF
         if offset != 0x10:
-            log.warning("MHPC: ignoring %d-byte read at offset %#x", size, offset)
+            _guest_log.warning("MHPC: ignoring %d-byte read at offset %#x", size, offset)
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -166,10 +168,10 @@ class MemoryHotplugController:
                         slot.pending_removal = False
                         eject = self._selected
                     else:
-                        log.warning("MHPC: the guest ejected slot %d, which is not pending "
+                        _guest_log.warning("MHPC: the guest ejected slot %d, which is not pending "
                                     "removal: ignored", self._selected)
             else:
-                log.warning("MHPC: ignoring %d-byte write at offset %#x", size, offset)
+                _guest_log.warning("MHPC: ignoring %d-byte write at offset %#x", size, offset)
         if eject is not None:
             self._on_eject(eject)
 
@@ -184,12 +186,12 @@ class MemoryHotplugController:
         if status in (OST_SUCCESS, OST_EJECT_IN_PROGRESS):
             return
         if self._event == OST_EJECT_REQUEST and slot.pending_removal:
-            log.warning("MHPC: the guest could not eject slot %d (_OST status %#x): the DIMM "
+            _guest_log.warning("MHPC: the guest could not eject slot %d (_OST status %#x): the DIMM "
                         "stays until the next boot", self._selected, status)
             slot.pending_removal = False
             slot.removal_refused = True
         elif self._event == OST_DEVICE_CHECK:
-            log.warning("MHPC: the guest could not add the DIMM in slot %d (_OST status %#x)",
+            _guest_log.warning("MHPC: the guest could not add the DIMM in slot %d (_OST status %#x)",
                         self._selected, status)
 
     def to_aml(self) -> bytes:

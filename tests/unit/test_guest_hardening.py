@@ -144,9 +144,11 @@ def test_guest_log_is_rate_limited(caplog):
     log = GuestLog(logging.getLogger("pych.test"), interval=10.0, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="pych.test"):
         for _ in range(64000):
-            log.warning("kind", "guest did %s", "it")
+            log.warning("guest did %s", "it")
         now[0] = 11.0
-        log.warning("kind", "guest did %s", "it")
-        log.warning("other", "something else")
+        log.warning("guest did %s", "it")
+        log.warning("something else")
+        log.warning("guest did %s", "it", kind="another kind")
     assert [r.getMessage() for r in caplog.records] == [
-        "guest did it", "guest did it (63999 more like it suppressed)", "something else"]
+        "guest did it", "guest did it (63999 more like it suppressed)", "something else",
+        "guest did it"]
