@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic_core import PydanticSerializationError
 
+from pych import errors
 from pych.api.handler import ApiError, RequestHandler
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,29 @@ class _Rejection(Exception):
     ) -> None:
         self.response = error_response(status, messages, headers)
         super().__init__(self.response.status)
+
+
+# LEAD(merge): the API branch's one status table (pych/api/errors.py) replaces this.
+_DOMAIN_ERROR_STATUS: dict[type[errors.VmmError], int] = {
+    errors.VmNotCreated: HTTPStatus.NOT_FOUND,
+    errors.VmAlreadyCreated: HTTPStatus.CONFLICT,
+    errors.InvalidState: HTTPStatus.METHOD_NOT_ALLOWED,
+    errors.InvalidRequest: HTTPStatus.BAD_REQUEST,
+    errors.NotFound: HTTPStatus.NOT_FOUND,
+    errors.Conflict: HTTPStatus.CONFLICT,
+    errors.RetryLater: HTTPStatus.TOO_MANY_REQUESTS,
+    errors.BackendError: HTTPStatus.BAD_REQUEST,
+    errors.Unsupported: HTTPStatus.INTERNAL_SERVER_ERROR,
+    errors.InternalError: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+
+
+def domain_error_status(error: errors.VmmError) -> int:
+    """The HTTP status of a domain error (of its nearest class in the table)."""
+    for cls in type(error).__mro__:
+        if cls in _DOMAIN_ERROR_STATUS:
+            return _DOMAIN_ERROR_STATUS[cls]
+    return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 def _close_fds(fds: Iterable[int]) -> None:
@@ -289,6 +313,8 @@ class _Router:
     def _failure(self, route: Route, error: Exception) -> Response:
         if isinstance(error, ApiError):
             status, messages = error.status, error.messages
+        elif isinstance(error, errors.VmmError):
+            status, messages = domain_error_status(error), error.messages
         elif isinstance(error, self._config_conflict):
             status, messages = HTTPStatus.CONFLICT, [str(error)]
         elif isinstance(error, self._config_error):

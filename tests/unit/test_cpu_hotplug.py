@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 
 from pych import cpu as cpu_module
-from pych.api import ApiError, ApiServer, RequestHandler
+from pych.api import ApiServer, RequestHandler
 from pych.cli.remote import main as remote_main
 from pych.config import VmConfig, VmResize
 from pych.cpu import CpuHotplugController, CpuManager, VcpuRemovalPending, VcpuState
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import bindings as kb
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
+
+from tests.unit.api_status import api_status
 
 C = CpuHotplugController
 
@@ -303,9 +306,9 @@ def test_resize_before_boot_only_edits_the_configuration():
 
 def test_resize_beyond_max_is_400_with_a_message():
     vmm = created_vmm()
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_resize(VmResize(desired_vcpus=5))
-    assert e.value.status == 400
+    assert api_status(e.value) == 400
     assert e.value.messages == ["Error resizing VM vCPUs",
                                 "desired_vcpus 5 is not between 1 and max_vcpus (4)"]
     assert vmm.config.cpus.boot_vcpus == 2
@@ -326,16 +329,16 @@ class FakeBootedVm:
 def test_running_vm_resize_updates_config_reports_states_and_429s_while_removing(manager):
     m, mmio, _ = manager
     vmm = created_vmm()
-    vmm.vm, vmm.state = FakeBootedVm(m), "Running"
+    vmm.vm, vmm.state = FakeBootedVm(m), VmState.Running
     vmm.vm_resize(VmResize(desired_vcpus=4))
     vmm.vm_resize(VmResize(desired_vcpus=3))
     info = vmm.vm_info()
     assert info["config"]["cpus"]["boot_vcpus"] == 3
     assert info["cpus"] == [{"id": 0, "state": "present"}, {"id": 1, "state": "present"},
                             {"id": 2, "state": "inserting"}, {"id": 3, "state": "removing"}]
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_resize(VmResize(desired_vcpus=2))
-    assert e.value.status == 429 and "pending" in e.value.messages[1]
+    assert api_status(e.value) == 429 and "pending" in e.value.messages[1]
     assert vmm.config.cpus.boot_vcpus == 3
     guest_ejects(mmio, 3)
     vmm.vm_resize(VmResize(desired_vcpus=2))

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pych.api.handler import ApiError
 from pych.arch.x86_64 import boot, layout
 from pych.config import VmConfig, VmResize
 from pych.devices.acpi import AcpiNotification
@@ -17,7 +16,10 @@ from pych.memory_manager import (
     HOTPLUG_ALIGNMENT, HOTPLUG_SLOTS, InvalidMemoryResize, MemoryHotplugController,
     MemoryManager, MemoryResizeError, hotplug_region_start, virtio_mem_request,
 )
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
+
+from tests.unit.api_status import api_status
 
 MiB, GiB = layout.MiB, layout.GiB
 
@@ -361,7 +363,7 @@ def booted_vmm(**memory) -> Vmm:
     vmm.vm_create(config)
     manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     manager.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(manager), "Running"
+    vmm.vm, vmm.state = BootedVm(manager), VmState.Running
     return vmm
 
 
@@ -401,9 +403,9 @@ def test_vm_resize_reduction_changes_only_the_configuration(vmm):
     (0, 400, "page size"),
 ])
 def test_vm_resize_errors_leave_the_configuration_alone(vmm, desired, status, message):
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         resize(vmm, desired)
-    assert e.value.status == status and message in e.value.messages[-1]
+    assert api_status(e.value) == status and message in e.value.messages[-1]
     assert vmm.config.memory.size == 256 * MiB
 
 
@@ -431,9 +433,9 @@ def test_vm_resize_with_virtio_mem_grows_and_shrinks_live_and_keeps_it_for_reboo
         resize(vmm, 256 * MiB)
         assert device.requested_size == 0
         assert "hotplugged_size" not in vmm.vm_info()["config"]["memory"]
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             resize(vmm, 128 * MiB)
-        assert e.value.status == 400 and "below the boot RAM" in e.value.messages[-1]
+        assert api_status(e.value) == 400 and "below the boot RAM" in e.value.messages[-1]
     finally:
         vmm.close()
 

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pych.api.handler import ApiError
 from pych.arch.x86_64 import boot, layout
 from pych.config import ConfigError, VmConfig, VmResize, VmResizeZone
 from pych.devices.bus import Bus
@@ -20,8 +19,10 @@ from pych.memory_manager import (
     HOTPLUG_SLOTS, InvalidMemoryResize, MemoryHotplugController, MemoryManager,
     UnknownMemoryZone, boot_ram_layout, virtio_mem_layout,
 )
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
 
+from tests.unit.api_status import api_status
 from .test_memory_hotplug import BootedVm, FakeKvmVm
 
 MiB, GiB = layout.MiB, layout.GiB
@@ -258,7 +259,7 @@ def booted_vmm(zones) -> Vmm:
     vmm = created_vmm(zones)
     mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    vmm.vm, vmm.state = BootedVm(mm), VmState.Running
     return vmm
 
 
@@ -296,9 +297,9 @@ def test_vm_resize_zone_resizes_live_and_keeps_it_for_the_next_boot(vmm):
 ])
 def test_vm_resize_zone_errors_leave_the_configuration_alone(vmm, zone, desired, status,
                                                              message):
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         resize_zone(vmm, zone, desired)
-    assert e.value.status == status and message in e.value.messages[-1]
+    assert api_status(e.value) == status and message in e.value.messages[-1]
     assert e.value.messages[0] == "The memory zone could not be resized"
     assert [z.hotplugged_size for z in vmm.config.memory.zones] == [None, None]
     assert [z.size for z in vmm.config.memory.zones] == [256 * MiB, 128 * MiB]
@@ -307,23 +308,23 @@ def test_vm_resize_zone_errors_leave_the_configuration_alone(vmm, zone, desired,
 def test_vm_resize_zone_without_zones_or_vm():
     vmm = Vmm()
     try:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             resize_zone(vmm, "mem0", 512 * MiB)
-        assert e.value.status == 404                                  # no VM
+        assert api_status(e.value) == 404                                  # no VM
         vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": __file__},
                                                "memory": {"size": 256 * MiB}}))
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             resize_zone(vmm, "mem0", 512 * MiB)
-        assert e.value.status == 400 and "no zone is defined" in e.value.messages[-1]
+        assert api_status(e.value) == 400 and "no zone is defined" in e.value.messages[-1]
     finally:
         vmm.close()
 
 
 def test_vm_resize_refuses_user_defined_zones_booted_or_not(vmm):
     for machine in (vmm, created_vmm(ZONES)):
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             machine.vm_resize(VmResize(desired_ram=1 * GiB))
-        assert e.value.status == 400 and "vm.resize-zone" in e.value.messages[-1]
+        assert api_status(e.value) == 400 and "vm.resize-zone" in e.value.messages[-1]
         assert machine.config.memory.size == 0                # still a valid configuration
     machine.close()
 
@@ -337,12 +338,12 @@ def test_vm_resize_zone_before_boot_edits_the_configuration():
             (256 * MiB, None), (128 * MiB, 128 * MiB)]
         resize_zone(vmm, "mem0", 512 * MiB)                       # no virtio-mem: cold resize
         assert vmm.config.memory.zones[0].size == 512 * MiB
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             resize_zone(vmm, "mem1", 1 * GiB)
-        assert e.value.status == 400
-        with pytest.raises(ApiError) as e:
+        assert api_status(e.value) == 400
+        with pytest.raises(VmmError) as e:
             resize_zone(vmm, "mem0", 0)
-        assert e.value.status == 400 and "page size" in e.value.messages[-1]
+        assert api_status(e.value) == 400 and "page size" in e.value.messages[-1]
     finally:
         vmm.close()
 
@@ -395,13 +396,13 @@ def test_more_increases_than_slots_are_a_clear_500():
         "size": 128 * MiB, "hotplug_size": 64 * GiB}}))
     mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    vmm.vm, vmm.state = BootedVm(mm), VmState.Running
     try:
         for i in range(1, HOTPLUG_SLOTS + 1):
             vmm.vm_resize(VmResize(desired_ram=(i + 1) * 128 * MiB))
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_resize(VmResize(desired_ram=(HOTPLUG_SLOTS + 2) * 128 * MiB))
-        assert e.value.status == 500
+        assert api_status(e.value) == 500
         assert f"all {HOTPLUG_SLOTS} slots of this boot are used" in e.value.messages[-1]
         assert vmm.config.memory.size == (HOTPLUG_SLOTS + 1) * 128 * MiB   # the last that worked
     finally:

@@ -29,14 +29,15 @@ from pyroute2 import IPRoute
 
 from pych.api import ApiServer
 from pych.api.client import ApiClient
-from pych.api.handler import ApiError
 from pych.cli.remote import main as remote_main
 from pych.config import ConfigError, NetConfig, VmConfig
 from pych.devices.net.tap import (IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUNSETIFF, Tap,
                                   TapError, tap_fd_name)
 from pych.devices.virtio.net import VirtioNet
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
 
+from tests.unit.api_status import api_status
 from tests.unit import test_pci_hotplug as hotplug
 from tests.unit.test_tap import in_new_netns, links
 
@@ -205,7 +206,7 @@ class Served:
             self.vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
                                           vm=None, memory_actual_size=256 << 20,
                                           close=lambda **_: m.close())
-            self.vmm.state = "Running"
+            self.vmm.state = VmState.Running
         self.server = ApiServer(lambda fn: fn(self.vmm), path=self.socket)
         self.server.start()
 
@@ -389,9 +390,9 @@ def test_no_vm_is_404_and_vmm_teardown_closes_configured_fds():
     def scenario():
         vmm = Vmm(event_monitor=hotplug.RecordingEvents())
         fd = open_queue("pychfd8")
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_add_net(NetConfig(), [os.dup(fd)])
-        seen = {"no_vm": e.value.status, "tun_fds": tun_fds()}
+        seen = {"no_vm": api_status(e.value), "tun_fds": tun_fds()}
         vmm.vm_create(hotplug.vm_config())
         vmm.vm_add_net(NetConfig(), [os.dup(fd)])          # cold: recorded
         os.close(fd)

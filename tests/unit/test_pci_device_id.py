@@ -17,12 +17,13 @@ import pytest
 
 from pych.api import ApiServer
 from pych.api.client import ApiClient
-from pych.api.handler import ApiError
 from pych.config import ConfigError, DiskConfig
 from pych.device_manager import DeviceBackendError
 from pych.devices.pci.bus import PciDeviceIdInUse
+from pych.errors import VmmError
 from pych.vmm import Vmm
 
+from tests.unit.api_status import api_status
 from tests.unit.test_pci_hotplug import (Machine, RecordingEvents, boot_fake, lock_is_free,
                                          vm_config)
 
@@ -121,9 +122,9 @@ def test_vm_boot_answers_400_for_a_device_backend_error(monkeypatch):
         raise DeviceBackendError("cannot open or create tap 'lo': an interface of that name "
                                  "exists and is not a tap")
     monkeypatch.setattr(vmm, "_start_vm", fail)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_boot()
-    assert e.value.status == 400
+    assert api_status(e.value) == 400
     assert e.value.messages == ["Error booting VM", "cannot open or create tap 'lo': an interface "
                                 "of that name exists and is not a tap"]
     assert vmm.vm is None

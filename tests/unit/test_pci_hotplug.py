@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from pych.api import ApiServer
-from pych.api.handler import ApiError, RequestHandler
+from pych.api.handler import RequestHandler
 from pych.cli.remote import main as remote_main
 from pych.arch.x86_64 import layout
 from pych.config import (ConfigConflict, DiskConfig, NetConfig, VmConfig, VmRemoveDevice,
@@ -30,7 +30,10 @@ from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import COMMAND, Command
 from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
 from pych.memory import GuestMemory
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
+
+from tests.unit.api_status import api_status
 
 MiB = 1 << 20
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
@@ -270,16 +273,16 @@ def boot_fake(vmm):
     m = Machine(vmm.config)
     vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
                              memory_actual_size=vmm.config.memory.size)
-    vmm.state = "Running"
+    vmm.state = VmState.Running
     return m
 
 
 def test_cold_add_and_remove_only_edit_the_config(vmm, image):
     assert vmm.vm_add_disk(DiskConfig(path=image)) is None
     assert [d.path for d in vmm.config.disks] == [image]
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_remove_device(VmRemoveDevice(id="_disk0"))             # ids come at boot
-    assert e.value.status == 404
+    assert api_status(e.value) == 404
     vmm.vm_add_disk(DiskConfig(path=image + ".2", id="mine"))
     assert vmm.vm_remove_device(VmRemoveDevice(id="mine")) is None
     assert [d.path for d in vmm.config.disks] == [image]
@@ -304,16 +307,16 @@ def test_hot_add_answers_id_and_bdf_and_the_config_follows(vmm, image):
 
 def test_hot_add_errors_map_to_status_codes_and_leave_the_config(vmm, image, tmp_path):
     boot_fake(vmm)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_disk(DiskConfig(path=str(tmp_path / "missing.raw")))
-    assert e.value.status == 400 and "missing.raw" in e.value.messages[-1]
-    with pytest.raises(ApiError) as e:
+    assert api_status(e.value) == 400 and "missing.raw" in e.value.messages[-1]
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_disk(DiskConfig(path=image, pci_device_id=1))
-    assert e.value.status == 500 and "already used: 1" in e.value.messages[-1]
+    assert api_status(e.value) == 500 and "already used: 1" in e.value.messages[-1]
     for dev_id, status in (("nope", 404), ("__rng", 500)):
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_remove_device(VmRemoveDevice(id=dev_id))
-        assert e.value.status == status
+        assert api_status(e.value) == status
     assert vmm.config.disks is None
 
 
@@ -369,9 +372,9 @@ def test_remove_device_wait_times_out_with_one_clear_error(api, capsys):
 def test_add_net_refuses_fds_that_are_not_taps_and_closes_them(vmm):
     boot_fake(vmm)
     r, w = os.pipe()
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_net(NetConfig(), [r, w])
-    assert e.value.status == 400 and f"fd {r} is not a tap" in e.value.messages[-1]
+    assert api_status(e.value) == 400 and f"fd {r} is not a tap" in e.value.messages[-1]
     for fd in (r, w):
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -379,7 +382,7 @@ def test_add_net_refuses_fds_that_are_not_taps_and_closes_them(vmm):
 
 def test_a_second_vsock_is_refused(vmm, tmp_path):
     vmm.vm_add_vsock(VsockConfig(cid=3, socket=str(tmp_path / "v.sock")))   # cold add
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_vsock(VsockConfig(cid=4, socket=str(tmp_path / "w.sock")))
-    assert e.value.status == 500 and "Too many vsock devices" in e.value.messages[-1]
+    assert api_status(e.value) == 500 and "Too many vsock devices" in e.value.messages[-1]
     assert vmm.config.vsock.cid == 3

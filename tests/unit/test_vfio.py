@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from pych.api.handler import ApiError
 from pych.arch.x86_64 import layout
 from pych.config import DeviceConfig, VmConfig, VmRemoveDevice
 from pych.device_manager import DeviceBackendError, DeviceManager, DeviceManagerError
@@ -29,7 +28,10 @@ from pych.devices.vfio import bindings as b
 from pych.devices.virtio.mem import Request, Response
 from pych.memory import GuestMemory
 from pych.memory_manager import MemoryHotplugController, MemoryManager
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
+
+from tests.unit.api_status import api_status
 
 MiB, GiB = 1 << 20, 1 << 30
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
@@ -497,7 +499,7 @@ def boot_fake(vmm, kernel):
     m = Machine(kernel, vmm.config)
     vmm.vm = SimpleNamespace(devices=m.dm, mem=m.mem, memory=None, cpus=None,
                              memory_actual_size=vmm.config.memory.size)
-    vmm.state = "Running"
+    vmm.state = VmState.Running
     return m
 
 
@@ -506,9 +508,9 @@ def test_vm_add_device_answers_400_for_a_bad_path_and_200_with_the_bdf(vmm, kern
     assert [d.path for d in vmm.config.devices] == ["/cold/add"]
     vmm.vm_remove_device(VmRemoveDevice(id="cold"))
     boot_fake(vmm, kernel)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_device(DeviceConfig(path=str(tmp_path / "nothing")), [])
-    assert e.value.status == 400 and len(e.value.messages) == 2
+    assert api_status(e.value) == 400 and len(e.value.messages) == 2
     info = vmm.vm_add_device(DeviceConfig(path=sysfs_device(tmp_path)), [])
     assert info.model_dump() == {"id": "_vfio0", "bdf": "0000:00:02.0"}
     assert [d.id for d in vmm.config.devices] == ["_vfio0"]
@@ -518,9 +520,9 @@ def test_vm_add_device_answers_400_for_a_bad_path_and_200_with_the_bdf(vmm, kern
 
 def test_vm_add_device_refuses_cdev_fds_and_closes_them(vmm):
     r, w = os.pipe()
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(VmmError) as e:
         vmm.vm_add_device(DeviceConfig(path="/x"), [r, w])
-    assert e.value.status == 400 and "iommufd" in e.value.messages[1]
+    assert api_status(e.value) == 400 and "iommufd" in e.value.messages[1]
     for fd in (r, w):
         with pytest.raises(OSError):
             os.fstat(fd)

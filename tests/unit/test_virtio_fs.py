@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from pych.api.handler import ApiError
 from pych.config import DiskConfig, FsConfig, VmRemoveDevice
 from pych.device_manager import DeviceBackendError, DeviceManager
 from pych.devices.bus import Bus
@@ -36,7 +35,9 @@ from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import CommonCfg, VirtioPciCapType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pych.devices.virtio.testing import DeviceHarness, wait_until
+from pych.errors import VmmError
 from pych.memory import GuestMemory
+from tests.unit.api_status import api_status
 from tests.unit.test_pci_hotplug import MMIO64, boot_fake, vm_config
 from tests.unit.test_pci_hotplug import Machine as HotplugMachine
 from tests.unit.test_vhost_user import FakeBackend, fd_identity
@@ -413,9 +414,9 @@ def test_vm_add_fs_answers_400_for_a_missing_backend_and_200_otherwise(tmp_path)
     m = boot_fake(vmm)
     backend = FakeBackend(tmp_path / "virtiofsd.sock")
     try:
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(VmmError) as e:
             vmm.vm_add_fs(FsConfig(tag="t", socket=str(tmp_path / "nope.sock")))
-        assert e.value.status == 400
+        assert api_status(e.value) == 400
         assert e.value.messages == [
             "Error adding device to the VM",
             f"virtio-fs _fs0: cannot connect to the vhost-user backend at {tmp_path / 'nope.sock'}:"
@@ -571,7 +572,7 @@ def rebootable_vmm(monkeypatch):
     from pych.vmm import Vmm
     from tests.unit.test_pci_hotplug import RecordingEvents
 
-    monkeypatch.setattr("pych.vmm.Vm", FakeVm)
+    monkeypatch.setattr("pych.vmm.vmm.Vm", FakeVm)
     vmm = Vmm(event_monitor=RecordingEvents())
     vmm._kvm = SimpleNamespace(close=lambda: None)
     yield vmm
