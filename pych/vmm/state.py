@@ -22,19 +22,14 @@ class VmState(enum.Enum):
     Paused = "Paused"
     """Every vCPU parked and guest time frozen (``vm.pause``)."""
     Shutdown = "Shutdown"
-    """Booted once and stopped since (``vm.shutdown``, the guest powering off, a failed
-    reboot); ``vm.boot`` starts it again from its configuration."""
+    """Stopped (``vm.shutdown``, the guest powering off, a failed reboot; or torn down before
+    it ever ran); ``vm.boot`` starts it again from its configuration."""
 
     @property
     def reported(self) -> str:
         """The name ``vm.info`` shows: the value, except that ``NotCreated`` reads ``Created``
         (``vm.info`` answers only for a created VM, so that spelling is a safety net)."""
         return VmState.Created.value if self is VmState.NotCreated else self.value
-
-    @property
-    def has_vm(self) -> bool:
-        """Whether a running VM exists in this state (``Running`` or ``Paused``)."""
-        return self in (VmState.Running, VmState.Paused)
 
     def can_become(self, new: VmState) -> bool:
         return new in _NEXT[self]
