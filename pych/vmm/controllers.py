@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from pych.config import NetConfig, PciDeviceInfo, VmConfig, kinds
 from pych.config.kinds import DeviceKind
-from pych.device_manager import DeviceManager, HotPlugged
+from pych.device_manager import DeviceManager  # LEAD(merge): only for _ADD_BY_KIND, goes
 from pych.errors import InvalidRequest, NotFound
 from pych.fds import close_fds
 from pych.vmm.manager_errors import domain_errors
+# LEAD(merge): from pych.memory.resize (agreement 9); then delete pych/vmm/memory_resize.py
 from pych.vmm.memory_resize import resize_ram, resize_zone
 
 if TYPE_CHECKING:
+    from pych.device_manager import HotPlugged
     from pych.memory_manager import MemoryManager
     from pych.vm import Vm
 
@@ -241,9 +243,9 @@ class RuntimeController(VmController):
         """``memslots``: how many KVM memory slots the VM has registered (boot RAM, DIMMs,
         virtio-mem, pmem and VFIO BARs), as pych counts its KVM_SET_USER_MEMORY_REGION
         additions and removals; ``scripts/soak.py`` checks it does not grow."""
-        # LEAD(merge): `return {"memslots": self.vm.memslots_in_use}` once Vm has it
-        # (agreement 8), with the unit tests' fake VMs given a memslots_in_use. Until then the
-        # count is on today's KVM VM handle (Vm.vm), and the fakes have neither.
+        # LEAD(merge): once Vm.memslots_in_use exists (agreement 8; None without a KVM VM)
+        # the first line becomes `memslots = self.vm.memslots_in_use` and the Vm.vm fallback
+        # goes; the unit tests' fake VMs then need a `memslots_in_use = None`.
         memslots = getattr(self.vm, "memslots_in_use", None)
         if memslots is None:
             kvm_vm = getattr(self.vm, "vm", None)

@@ -48,17 +48,22 @@ class FakeDevices:
 
 
 class FakeMemory:
-    """The memory manager's resize surface."""
+    """The memory manager's resize surface: ``calls`` records ``("ram", desired)`` for an ACPI
+    resize and ``("virtio-mem", zone)`` for a virtio-mem one."""
 
     def __init__(self):
         self.calls = []
 
     def resize(self, desired):
-        self.calls.append(("resize", desired))
+        self.calls.append(("ram", desired))
         return True
 
     def resize_zone(self, zone_id, desired):
-        self.calls.append(("resize_zone", zone_id, desired))
+        self.calls.append(("virtio-mem", zone_id))
+        return True
+
+    def resize_virtio_mem(self, zone_id, requested):
+        self.calls.append(("virtio-mem", zone_id))
         return True
 
     def hotplug_info(self):

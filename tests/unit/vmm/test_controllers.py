@@ -66,7 +66,7 @@ def test_preboot_resize_edits_only_the_configuration(vmm):
 def test_runtime_resize_acts_on_the_vm_then_records(running):
     vm = running.vm
     running.vm_resize(VmResize(desired_vcpus=3, desired_ram=384 * MiB))
-    assert vm.calls[-1] == ("resize_vcpus", 3) and vm.memory.calls == [("resize", 384 * MiB)]
+    assert vm.calls[-1] == ("resize_vcpus", 3) and vm.memory.calls == [("ram", 384 * MiB)]
     assert running.config.cpus.boot_vcpus == 3 and running.config.memory.size == 384 * MiB
 
 
@@ -102,7 +102,7 @@ def test_resize_zone_goes_to_the_phase_too(vmm):
     assert vmm.config.memory.zones[0].hotplugged_size == 64 * MiB
     vmm.vm_boot()
     vmm.vm_resize_zone(VmResizeZone(id="z0", desired_ram=384 * MiB))
-    assert vmm.vm.memory.calls == [("resize_zone", "z0", 384 * MiB)]
+    assert vmm.vm.memory.calls == [("virtio-mem", "z0")]
     assert vmm.config.memory.zones[0].hotplugged_size == 128 * MiB
 
 
