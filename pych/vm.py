@@ -28,7 +28,6 @@ from pych.hypervisor.kvm import Vm as KvmVm
 from pych.hypervisor.kvm.interrupts import KvmIrqLine, KvmMsiInterruptManager
 from pych.memory.guest_memory import GuestMemory
 from pych.memory.manager import MemoryManager
-from pych.memory.resize import resize_ram, resize_zone
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +161,6 @@ class Vm:
     def resize_vcpus(self, desired: int) -> bool:
         """Hot plug or unplug vCPUs; returns whether anything changed (see CpuManager)."""
         return self.cpus.resize(desired)
-
-    # lead: delete these two at merge: the VMM calls pych.memory.resize.resize_ram and
-    # resize_zone with ``self.vm.memory`` itself.
-    def resize_memory(self, desired: int) -> None:
-        resize_ram(self.config.memory, desired, self.memory)
-
-    def resize_memory_zone(self, zone_id: str, desired: int) -> None:
-        resize_zone(self.config.memory, zone_id, desired, self.memory)
 
     # --- control (VMM thread) -------------------------------------------------------------------
     def pause(self) -> None:

@@ -3,8 +3,8 @@
 ``pych --kernel vmlinux --cmdline "console=ttyS0" --cpus boot=2,max=4
 --memory size=1G --api-socket /tmp/pych.sock`` builds the same
 :class:`~pych.config.VmConfig` that ``cloud-hypervisor`` would from the same
-arguments, then hands it to :func:`pych.vmm.run`.  Without ``--kernel`` (or
-``--firmware``) no VM is configured and the VMM waits for ``vm.create``.
+arguments, then hands it to :func:`pych.cli.process.run`.  Without ``--kernel``
+(or ``--firmware``) no VM is configured and the VMM waits for ``vm.create``.
 
 Every option of the reference is *recognized*, so that its syntax is checked
 and its help shown, but only those in :data:`SUPPORTED_OPTIONS` are accepted;
@@ -391,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = parser.parse_args(argv)
-        except SystemExit as stop:  # --help printed the help
-            return stop.code if isinstance(stop.code, int) else 0
+        except SystemExit:  # --help printed the help (errors raise CliError)
+            return 0
         if args.version:
             print(f"pych v{_version()}")
             return 0
@@ -403,10 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-    from pych import vmm
+    from pych.cli import process  # the VMM and KVM, not needed for --help
 
     try:
-        return vmm.run(config, args)
+        return process.run(config, args)
     except KeyboardInterrupt:
         return 130
 

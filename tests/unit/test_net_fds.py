@@ -36,7 +36,8 @@ from pych.config import ConfigError, NetConfig, VmConfig
 from pych.devices.net.tap import (IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUNSETIFF, Tap,
                                   TapError, tap_fd_name)
 from pych.devices.virtio.net import VirtioNet
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
 
 from tests.unit.device_manager import test_manager as hotplug
 from tests.unit.test_tap import in_new_netns, links
@@ -207,7 +208,7 @@ class Served:
                                           cpus=None, kvm_vm=None, memslots_in_use=None,
                                           memory_actual_size=256 << 20,
                                           close=lambda **_: m.close())
-            self.vmm.state = "Running"
+            self.vmm.state = VmState.Running
         self.server = ApiServer(lambda fn: fn(self.vmm), path=self.socket)
         self.server.start()
 

@@ -32,7 +32,7 @@ from pych.devices.virtio.mem import Request, Response
 from pych.memory.guest_memory import GuestMemory
 from pych.memory.hotplug import MemoryHotplugController
 from pych.memory.manager import MemoryManager
-from pych.vmm import Vmm
+from pych.vmm import Vmm, VmState
 
 MiB, GiB = 1 << 20, 1 << 30
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
@@ -501,7 +501,7 @@ def boot_fake(vmm, kernel):
     m = Machine(kernel, vmm.config)
     vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
                              memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
-    vmm.state = "Running"
+    vmm.state = VmState.Running
     return m
 
 

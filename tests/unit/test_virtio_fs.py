@@ -573,7 +573,7 @@ def rebootable_vmm(monkeypatch):
     from pych.vmm import Vmm
     from tests.unit.device_manager.test_manager import RecordingEvents
 
-    monkeypatch.setattr("pych.vmm.Vm", FakeVm)
+    monkeypatch.setattr("pych.vmm.vmm.Vm", FakeVm)
     vmm = Vmm(event_monitor=RecordingEvents())
     vmm._kvm = SimpleNamespace(close=lambda: None)
     yield vmm

@@ -25,7 +25,7 @@ registers) and hands everything on the data path to the back-end at ``socket``:
 If the back-end hangs up while the device runs, pych logs it once and sets
 DEVICE_NEEDS_RESET; requests already queued stay unanswered, as under the reference.
 
-Reboot. pych rebuilds the whole VM on a guest reboot or ``vm.reboot`` (``pych/vmm.py``),
+Reboot. pych rebuilds the whole VM on a guest reboot or ``vm.reboot`` (``pych/vmm/vmm.py``),
 but virtiofsd serves one front-end connection and exits when it closes, so the device must
 not hang up then. The VMM keeps a :class:`~pych.devices.vhost_user.VhostUserConnections`
 across boots. Tearing the old VM down for a reboot, each virtio-fs device still in the

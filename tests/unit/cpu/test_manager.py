@@ -21,7 +21,10 @@ from pych.cpu.manager import CpuManager, VcpuRemovalPending
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import bindings as kb
-from pych.vmm import Vmm
+from pych.errors import VmmError
+from pych.vmm import Vmm, VmState
+
+
 
 C = CpuHotplugController
 
@@ -181,7 +184,8 @@ class FakeBootedVm:
 
     def __init__(self, manager: CpuManager):
         self.cpus = manager
-        self.devices = self.memory = self.kvm_vm = None     # no KVM VM handle (no memslots)
+        self.devices = self.memory = self.kvm_vm = None     # no KVM VM handle
+        self.memslots_in_use = None                          # (so no memslots in vm.info)
         self.memory_actual_size = 0
 
     def resize_vcpus(self, desired: int) -> bool:
@@ -191,7 +195,7 @@ class FakeBootedVm:
 def test_running_vm_resize_updates_config_reports_states_and_429s_while_removing(manager):
     m, mmio, _ = manager
     vmm = created_vmm()
-    vmm.vm, vmm.state = FakeBootedVm(m), "Running"
+    vmm.vm, vmm.state = FakeBootedVm(m), VmState.Running
     vmm.vm_resize(VmResize(desired_vcpus=4))
     vmm.vm_resize(VmResize(desired_vcpus=3))
     info = vmm.vm_info()

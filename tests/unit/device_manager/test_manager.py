@@ -33,7 +33,7 @@ from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import COMMAND, Command
 from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
 from pych.memory.guest_memory import GuestMemory
-from pych.vmm import Vmm
+from pych.vmm import Vmm, VmState
 
 MiB = 1 << 20
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
@@ -233,7 +233,7 @@ def boot_fake(vmm):
     m = Machine(vmm.config)
     vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
                              memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
-    vmm.state = "Running"
+    vmm.state = VmState.Running
     return m
 
 

@@ -22,6 +22,7 @@ from pych.errors import VmmError
 from pych.config import ConfigError
 from pych.device_manager.manager import DeviceBackendError
 from pych.devices.pci.bus import PciDeviceIdInUse
+from pych.errors import VmmError
 from pych.vmm import Vmm
 
 from tests.unit.device_manager.test_manager import (Machine, RecordingEvents, boot_fake,

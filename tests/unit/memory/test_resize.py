@@ -18,7 +18,7 @@ from pych.memory.resize import (RESIZE_WITH_ZONES, InvalidMemoryResize, MemoryRe
                                 UnknownMemoryZone, find_zone, resize_ram, resize_zone,
                                 virtio_mem_request)
 from pych.memory.zones import DEFAULT_MEMORY_ZONE
-from pych.vmm import Vmm
+from pych.vmm import Vmm, VmState
 
 from .test_manager import FakeKvmVm, manager, memory_config  # noqa: F401 - fixtures
 from .test_zones import zones_manager, zones_memory  # noqa: F401
@@ -233,13 +233,6 @@ class BootedVm:
     def __init__(self, memory: MemoryManager):
         self.memory = memory
 
-    # lead: drop these two at merge: the VMM calls resize_ram / resize_zone itself.
-    def resize_memory(self, desired: int) -> None:
-        resize_ram(self.memory.config, desired, self.memory)
-
-    def resize_memory_zone(self, zone_id: str, desired: int) -> None:
-        resize_zone(self.memory.config, zone_id, desired, self.memory)
-
     @property
     def memory_actual_size(self) -> int:
         return self.memory.actual_size
@@ -255,7 +248,7 @@ def booted_vmm(**memory) -> Vmm:
     vmm.vm_create(config)
     manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     manager.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(manager), "Running"
+    vmm.vm, vmm.state = BootedVm(manager), VmState.Running
     return vmm
 
 
@@ -350,7 +343,7 @@ def test_more_increases_than_slots_are_a_clear_500():
         "size": 128 * MiB, "hotplug_size": 64 * GiB}}))
     mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    vmm.vm, vmm.state = BootedVm(mm), VmState.Running
     try:
         for i in range(1, HOTPLUG_SLOTS + 1):
             vmm.vm_resize(VmResize(desired_ram=(i + 1) * 128 * MiB))
@@ -375,7 +368,7 @@ def booted_zones_vmm(zones) -> Vmm:
     vmm = created_vmm(zones)
     mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    vmm.vm, vmm.state = BootedVm(mm), VmState.Running
     return vmm
 
 

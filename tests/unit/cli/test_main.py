@@ -311,19 +311,19 @@ def test_duplicate_ids_from_the_cli(kernel: str) -> None:
 
 @pytest.fixture
 def vmm(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, argparse.Namespace]]:
-    """A stand-in pych.vmm whose run() records its arguments."""
+    """A stand-in pych.cli.process whose run() records its arguments."""
     calls: list[tuple[Any, argparse.Namespace]] = []
-    module = types.ModuleType("pych.vmm")
+    module = types.ModuleType("pych.cli.process")
 
     def run(config: VmConfig | None, args: argparse.Namespace) -> int:
         calls.append((config, args))
         return 7
 
     module.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pych.vmm", module)
-    import pych
+    monkeypatch.setitem(sys.modules, "pych.cli.process", module)
+    import pych.cli
 
-    monkeypatch.setattr(pych, "vmm", module, raising=False)
+    monkeypatch.setattr(pych.cli, "process", module, raising=False)
     return calls
 
 
@@ -381,5 +381,5 @@ def test_main_handles_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch, vmm: l
     def interrupted(config: Any, args: Any) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["pych.vmm"], "run", interrupted)
+    monkeypatch.setattr(sys.modules["pych.cli.process"], "run", interrupted)
     assert main(["--api-socket", "/tmp/api.sock"]) == 130

@@ -1,0 +1,96 @@
+"""The ``pych`` process: logging, signals, seccomp, the API server and the VMM's control loop.
+
+:func:`pych.cli.main.main` parses the command line and hands the VM configuration (or None:
+wait for ``vm.create``) and the parsed arguments to :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from pych import seccomp
+from pych.cli.options import ApiSocketOption, EventMonitorOption
+from pych.config import ConfigError
+from pych.errors import VmmError
+from pych.event_monitor import EventMonitor
+from pych.cpu.vcpu import install_kick_handler
+from pych.vmm import Vmm
+
+log = logging.getLogger(__name__)
+
+
+def run(config, args: argparse.Namespace) -> int:
+    """``pych``'s main: boot ``config`` (if given), serve the API, return the exit code."""
+    _setup_logging(args)
+    install_kick_handler()
+    monitor_opt = _parse(getattr(args, "event_monitor", None), EventMonitorOption)
+    api_opt = _parse(getattr(args, "api_socket", None), ApiSocketOption)
+    try:
+        monitor = EventMonitor(monitor_opt.path, monitor_opt.fd) if monitor_opt else None
+    except OSError as e:
+        print(f"pych: error: --event-monitor: {e.strerror}: {monitor_opt.path}", file=sys.stderr)
+        return 1
+    vmm = Vmm(event_monitor=monitor)
+    server = None
+
+    def on_signal(signum, _frame):
+        log.warning("received signal %d: shutting down", signum)
+        vmm.post(lambda v: v.exit(0))
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def on_seccomp_violation(_message):
+        # already reported on stderr, one line naming the call (pych.seccomp)
+        vmm.post(lambda v: v.exit(1))
+
+    seccomp.configure(getattr(args, "seccomp", None) or seccomp.DEFAULT_MODE,
+                      on_violation=on_seccomp_violation)        # vCPU threads install it
+    try:
+        vmm.events.emit("vmm", "starting")
+        if api_opt is not None:
+            from pych.api.http import ApiServer
+            try:
+                server = ApiServer(vmm.call, path=api_opt.path, fd=api_opt.fd)
+                server.start()
+            except (OSError, ValueError, RuntimeError) as e:
+                print(f"pych: error: --api-socket: {e}", file=sys.stderr)
+                return 1
+        if config is not None:
+            try:
+                vmm.vm_create(config)
+                vmm.vm_boot()
+            except ConfigError as e:
+                print(f"pych: error: {e}", file=sys.stderr)
+                return 2
+            except VmmError as e:
+                print(f"pych: error: {': '.join(e.messages[1:] or e.messages)}", file=sys.stderr)
+                return 1
+        elif server is None:
+            print("pych: error: nothing to do: give --kernel or --api-socket", file=sys.stderr)
+            return 2
+        return vmm.run_loop()
+    finally:
+        if server is not None:
+            server.close()
+        vmm.close()
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """``-v`` (info), ``-vv`` (debug), to ``--log-file`` or standard error."""
+    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}.get(min(args.v or 0, 2))
+    handler: logging.Handler
+    if getattr(args, "log_file", None):
+        handler = logging.FileHandler(args.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pych: %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _parse(value: str | None, option):
+    """A process option's command-line text parsed with ``option.parse``; None if absent."""
+    return None if value is None else option.parse(value)

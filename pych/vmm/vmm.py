@@ -1,0 +1,361 @@
+"""The VMM: the control loop that owns the VM, its lifecycle and one method per API endpoint.
+
+``Vmm`` is the :class:`~pych.api.handler.RequestHandler`: the HTTP API is a thin route table
+over its endpoint methods, and tests drive them directly. Every method runs on the control
+loop (:class:`~pych.vmm.loop.ControlLoop`). Failures are the domain errors of
+:mod:`pych.errors`; the API gives them their HTTP statuses.
+
+The lifecycle (create, boot, pause, resume, reboot, shutdown, delete) moves :attr:`Vmm.state`
+along :class:`~pych.vmm.state.VmState`. Requests that change the VM (resize, add and remove
+devices) and ``vm.info`` go to the controller of the VM's phase (:meth:`Vmm._controller`):
+pre-boot they edit the configuration, at runtime they act on the VM and then record it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pych
+from pych.api.handler import RequestHandler
+from pych.config import ConfigError, PciDeviceInfo, VmConfig
+from pych.config.kinds import kind_of
+from pych.devices.legacy.serial_backend import open_serial_backend
+from pych.devices.net.tap import TapError, tap_fd_name
+from pych.devices.vhost_user import VhostUserConnections
+from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState,
+                         VmAlreadyCreated, VmNotCreated)
+from pych.event_monitor import EventMonitor, NullEventMonitor
+from pych.fds import close_fds
+from pych.hypervisor.kvm import Kvm
+from pych.vm import Vm
+from pych.vmm.controllers import (ADD_DEVICE, PrebootController, RuntimeController,
+                                  VmController, close_net_fds)
+from pych.vmm.loop import ControlLoop
+from pych.vmm.manager_errors import domain_errors
+from pych.vmm.serial_port import SerialPort
+from pych.vmm.state import VmState
+
+log = logging.getLogger(__name__)
+
+
+class Vmm(ControlLoop, RequestHandler):
+    """The VMM of one VM. ``event_monitor`` receives the lifecycle events;
+    ``exit_on_guest_poweroff``: the control loop ends (exit code 0) when the guest powers off.
+    """
+
+    def __init__(self, *, event_monitor: EventMonitor | NullEventMonitor | None = None,
+                 exit_on_guest_poweroff: bool = True):
+        super().__init__()
+        self.events = event_monitor or NullEventMonitor()
+        self.exit_on_guest_poweroff = exit_on_guest_poweroff
+        self.config: VmConfig | None = None
+        self.vm: Vm | None = None
+        self.state = VmState.NotCreated
+        self._kvm: Kvm | None = None
+        self._serial: SerialPort | None = None
+        self._serial_spec: tuple | None = None
+        # vhost-user back-end connections (virtio-fs) handed from one boot to the next
+        self._vhost_user = VhostUserConnections()
+
+    @property
+    def kvm(self) -> Kvm:
+        if self._kvm is None:
+            self._kvm = Kvm()
+        return self._kvm
+
+    def exit(self, code: int) -> None:
+        """Stop the VM, if any, and end the control loop with ``code`` (``vmm.shutdown``, a
+        signal, a seccomp violation)."""
+        self._stop_vm()
+        self.request_exit(code)
+
+    # --- guest-initiated events (posted from vCPU threads) ------------------------------------
+    def _on_guest_exit(self, vm: Vm, kind: str, detail: str) -> None:
+        self.post(lambda vmm: vmm._guest_exit(vm, kind, detail))
+
+    def _guest_exit(self, vm: Vm, kind: str, detail: str) -> None:
+        if vm is not self.vm:
+            return                         # a stale event from a VM already replaced
+        if kind == "reset":
+            log.info("guest reset: rebooting")
+            self._reboot()
+        elif kind == "poweroff":
+            log.info("guest powered off")
+            self._stop_vm()
+            self.events.emit("vm", "shutdown")
+            if self.exit_on_guest_poweroff:
+                self.request_exit(0)
+        else:
+            print(f"pych: error: {detail or kind}", file=sys.stderr, flush=True)
+            self.exit(1)
+
+    # --- VM lifecycle -------------------------------------------------------------------------
+    def _become(self, state: VmState) -> None:
+        self.state = self.state.become(state)
+
+    def _serial_port(self, config: VmConfig) -> SerialPort | None:
+        mode = config.serial.mode.lower()
+        spec = (mode, config.serial.file or config.serial.socket)
+        if spec != self._serial_spec and self._serial is not None:
+            self._serial.close()
+            self._serial = None
+        self._serial_spec = spec
+        if mode == "off":
+            return None
+        if self._serial is None:
+            path = config.serial.file if mode == "file" else config.serial.socket
+            self._serial = SerialPort(open_serial_backend(mode, path))
+        return self._serial
+
+    def _start_vm(self) -> None:
+        assert self.config is not None
+        vm_box: list[Vm] = []
+        vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
+                vhost_user=self._vhost_user,
+                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
+        vm_box.append(vm)
+        self.events.emit("vm", "booting")
+        vm.boot()
+        self.vm = vm
+        self._become(VmState.Running)
+        self.events.emit("vm", "booted")
+
+    def _stop_vm(self, *, keep_connections: bool = False) -> None:
+        """Tear the VM down; ``keep_connections`` (a reboot): vhost-user devices park their
+        back-end connections for the next boot (see pych/devices/virtio/fs.py, "Reboot")."""
+        if self.vm is not None:
+            if keep_connections:
+                self.vm.close(keep_connections=True)
+            else:
+                self.vm.close()
+            self.vm = None
+        if self.config is not None:
+            self._become(VmState.Shutdown)
+
+    def _reboot(self) -> None:
+        self.events.emit("vm", "rebooting")
+        self._stop_vm(keep_connections=True)
+        try:
+            self._start_vm()
+        except Exception as e:
+            print(f"pych: error: reboot failed: {e}", file=sys.stderr, flush=True)
+            self.request_exit(1)
+            raise
+        finally:
+            self._vhost_user.close()        # the connections the new VM did not take back
+        self.events.emit("vm", "rebooted")
+
+    def _created_config(self) -> VmConfig:
+        """The configuration of the created VM (VmNotCreated without one)."""
+        if self.config is None:
+            raise VmNotCreated("VM is not created")
+        return self.config
+
+    def _running_vm(self, *states: VmState) -> Vm:
+        """The running VM, if the VM is in one of ``states`` (default: Running)."""
+        self._created_config()
+        if self.vm is None or self.state not in (states or (VmState.Running,)):
+            # The spec's 405 ("not booted" / wrong state); the reference answers 500, but a
+            # request that does not fit the VM's state is the client's error, not ours.
+            raise InvalidState(
+                f"VM is not in a state for this request (state: {self.state.value})")
+        return self.vm
+
+    def _controller(self) -> VmController:
+        """The one place a request on a created VM is routed: no running VM, its configuration
+        is all there is (pre-boot); a running or paused VM is acted on (runtime).
+        VmNotCreated without a VM."""
+        config = self._created_config()
+        if self.vm is None:
+            return PrebootController(config)
+        return RuntimeController(config, self.vm, on_ejected=self._device_ejected)
+
+    def _device_ejected(self, dev_id: str, address: str) -> None:
+        """Called on the vCPU thread that ejected the device (the monitor is thread-safe)."""
+        self.events.emit("vm", "device-removed", {"id": dev_id, "bdf": address})
+
+    # --- RequestHandler: the VMM and the VM's lifecycle ---------------------------------------
+    def vmm_ping(self) -> dict:
+        return {"build_version": pych.__version__, "version": pych.__version__, "pid": os.getpid(),
+                "features": ["kvm"]}
+
+    def vmm_shutdown(self) -> None:
+        self.exit(0)
+
+    def vm_create(self, config: VmConfig) -> None:
+        if self.config is not None:
+            raise VmAlreadyCreated("VM is already created")
+        for net in config.net or ():
+            if net.fds and all(fd == -1 for fd in net.fds):
+                # Numbers from JSON (made -1 when parsed): vm.create takes no fds, and the
+                # reference drops them, so the net gets a tap of its own.
+                net.fds = None
+        config.validate()
+        _check_payload_files(config)
+        self.config = config
+        self._become(VmState.Created)
+
+    def vm_boot(self) -> None:
+        self._created_config()
+        if self.vm is not None:
+            raise VmAlreadyCreated("VM is already booted")
+        # A device the configuration names that cannot be used is BackendError; any other
+        # boot failure is the caller's one clear InternalError.
+        with domain_errors("Error booting VM", otherwise=InternalError):
+            self._start_vm()
+
+    def vm_shutdown(self) -> None:
+        self._running_vm(VmState.Running, VmState.Paused)
+        self._stop_vm()
+        self.events.emit("vm", "shutdown")
+
+    def vm_delete(self) -> None:
+        if self.config is None:
+            return None
+        self._stop_vm()
+        close_net_fds(self.config.net)
+        self.config = None
+        self._become(VmState.NotCreated)
+        self.events.emit("vm", "deleted")
+
+    def vm_reboot(self) -> None:
+        self._running_vm(VmState.Running, VmState.Paused)
+        self._reboot()
+
+    def vm_pause(self) -> None:
+        vm = self._running_vm(VmState.Running)
+        vm.pause()
+        self._become(VmState.Paused)
+        self.events.emit("vm", "paused")
+
+    def vm_resume(self) -> None:
+        vm = self._running_vm(VmState.Paused)
+        vm.resume()
+        self._become(VmState.Running)
+        self.events.emit("vm", "resumed")
+
+    def vm_nmi(self) -> None:
+        self._running_vm(VmState.Running).nmi()
+
+    def vm_power_button(self) -> None:
+        self._running_vm(VmState.Running).power_button()
+
+    def vm_counters(self) -> dict:
+        self._running_vm(VmState.Running, VmState.Paused)
+        return {}
+
+    def vm_info(self) -> dict:
+        """The configuration, the state and what the controller of the VM's phase adds
+        (``memory_actual_size``, ``device_tree``; at runtime pych's ``memory_hotplug``,
+        ``cpus``, ``devices_pending_removal`` and ``memslots``)."""
+        controller = self._controller()
+        return {
+            "config": controller.config.model_dump(mode="json", exclude_none=True),
+            "state": self.state.reported,
+            **controller.info(),
+        }
+
+    # --- RequestHandler: resizing -------------------------------------------------------------
+    def vm_resize(self, resize) -> None:
+        """CPU first, then memory, then balloon, as the reference; each part updates the
+        configuration, so a reboot comes back with the last requested shape."""
+        controller = self._controller()
+        if resize.desired_vcpus is not None:
+            controller.resize_vcpus(resize.desired_vcpus)
+        if resize.desired_ram is not None:
+            controller.resize_memory(resize.desired_ram)
+        if resize.desired_balloon is not None:
+            controller.resize_balloon(resize.desired_balloon)
+        self.events.emit("vm", "resized")
+
+    def vm_resize_zone(self, request) -> None:
+        """``vm.resize-zone {id, desired_ram}`` (see pych.vmm.memory_resize.resize_zone)."""
+        self._controller().resize_zone(request.id, request.desired_ram)
+
+    # --- RequestHandler: PCI device hot plug --------------------------------------------------
+    def vm_add_disk(self, config) -> PciDeviceInfo | None:
+        return self._add_device(config)
+
+    def vm_add_net(self, config, fds: list[int]) -> PciDeviceInfo | None:
+        """``vm.add-net``; tap fds come with the request by SCM_RIGHTS (``pych-remote
+        add-net fd=[N]``, Kata Containers) and, as in the reference, replace whatever fd
+        numbers the JSON held (none of which mean anything here): one fd per queue pair,
+        so one. Each must be a tap queue opened with ``IFF_TAP | IFF_NO_PI |
+        IFF_VNET_HDR`` (checked now, also for a VM not booted: BackendError otherwise).
+
+        The configuration keeps the received fds (``vm.info`` shows their numbers in this
+        process, as the reference's does); the device works on a duplicate, so a reboot
+        re-creates it on a fresh one. They are closed when the device is removed or the
+        VM deleted, and at once if the add fails."""
+        config.fds = list(fds) or None
+        try:
+            self._created_config()
+            for fd in fds:
+                try:
+                    tap_fd_name(fd)
+                except TapError as e:
+                    raise BackendError(ADD_DEVICE, str(e)) from None
+            return self._add_device(config)
+        except BaseException:
+            config.fds = None
+            close_fds(fds)
+            raise
+
+    def vm_add_fs(self, config) -> PciDeviceInfo | None:
+        return self._add_device(config)
+
+    def vm_add_pmem(self, config) -> PciDeviceInfo | None:
+        return self._add_device(config)
+
+    def vm_add_vsock(self, config) -> PciDeviceInfo | None:
+        if self._created_config().vsock is not None:
+            # the reference's 500: a second vsock is not a request it can serve
+            raise InternalError(ADD_DEVICE, "Too many vsock devices: a VM has at most one")
+        return self._add_device(config)
+
+    def vm_add_device(self, config, fds: list[int]) -> PciDeviceInfo | None:
+        """VFIO passthrough of the host PCI device ``config.path`` (docs/vfio.md). A path
+        that is not a vfio-pci bound device, or a host without VFIO, is a BackendError with
+        one line saying what to fix. A VFIO cdev passed with SCM_RIGHTS (iommufd) is refused."""
+        if fds:
+            close_fds(fds)
+            raise InvalidRequest(ADD_DEVICE, "VFIO cdev fds passed with SCM_RIGHTS (iommufd) "
+                                             "are not supported by pych; give path=")
+        return self._add_device(config)
+
+    def _add_device(self, device) -> PciDeviceInfo | None:
+        """Every ``vm.add-*``: the device's kind (the registry entry of its configuration
+        model) and the controller of the VM's phase (see VmController.add_device)."""
+        return self._controller().add_device(kind_of(type(device)), device)
+
+    def vm_remove_device(self, request) -> None:
+        """Drop the device from the configuration; at runtime also ask the guest to eject it
+        (see RuntimeController.remove_device)."""
+        self._controller().remove_device(request.id)
+
+    # --- teardown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop_vm()
+        if self.config is not None:
+            close_net_fds(self.config.net)
+        self._vhost_user.close()
+        if self._serial is not None:
+            self._serial.close()
+            self._serial = None
+        self.events.close()
+        if self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+
+
+def _check_payload_files(config: VmConfig) -> None:
+    """A kernel, firmware or initramfs that cannot be read is the caller's error (a
+    ConfigError), reported when the VM is created rather than as a failed boot."""
+    payload = config.payload
+    for what in ("kernel", "firmware", "initramfs"):
+        path = getattr(payload, what, None) if payload is not None else None
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"cannot read the {what} {path}: "
+                              f"{'no such file' if not os.path.exists(path) else 'permission denied'}")
