@@ -19,11 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+# Run as `python scripts/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pych.api.client import ApiClient  # noqa: E402
-from pych.testing.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
+
+from tests.support.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
 
 CPUS = "boot=1,max=2"   # small, so the emulated guest kernel onlines it quickly on 2 host cores
 MEMORY = "size=256M,hotplug_size=1G"

@@ -1,6 +1,6 @@
 """`make fuzz`: fuzz pych's API against a booted test guest and print what happened.
 
-Boots the test guest under pych with an API socket, then (pych/testing/fuzz.py has the
+Boots the test guest under pych with an API socket, then (tests/support/fuzz.py has the
 details): deliberate lifecycle requests, schemathesis/hypothesis-generated requests for every
 operation of shared/spec/cloud-hypervisor.yaml that pych implements, raw HTTP abuse of the
 socket, the survival checks (pych alive, vmm.ping, a shell command in the guest) and a
@@ -27,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as `python scripts/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pych.testing import fuzz  # noqa: E402
+from tests.support import fuzz  # noqa: E402
 
 
 def main() -> int:

@@ -35,7 +35,8 @@ from pych.devices.acpi import (
 from pych.device_manager import PciHotplugController
 from pych.cpu import CpuHotplugController
 from pych.memory_manager import HOTPLUG_SLOTS, MemoryHotplugController
-from pych.devices.interrupt import RecordingIrq
+
+from tests.support.fakes import RecordingIrq
 
 IASL_MISSING = ("iasl (ACPICA) is not installed: install acpica-tools "
                 "(Debian/Ubuntu: apt-get install acpica-tools) to run the ACPI round-trip tests")

@@ -23,8 +23,7 @@ from pych.device_manager import DeviceBackendError
 from pych.devices.pci.bus import PciDeviceIdInUse
 from pych.vmm import Vmm
 
-from tests.unit.test_pci_hotplug import (Machine, RecordingEvents, boot_fake, lock_is_free,
-                                         vm_config)
+from tests.unit.test_pci_hotplug import Machine, RecordingEvents, boot_fake, lock_is_free, vm_config
 
 MiB = 1 << 20
 

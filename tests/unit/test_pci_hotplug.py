@@ -26,11 +26,11 @@ from pych.device_manager import (
 )
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import COMMAND, Command
-from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
 from pych.memory import GuestMemory
 from pych.vmm import Vmm
+
+from tests.support.fakes import FakeMsiInterruptManager, RecordingIoEvents, RecordingIrq
 
 MiB = 1 << 20
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR

@@ -22,14 +22,14 @@ from pych.config import DeviceConfig, VmConfig, VmRemoveDevice
 from pych.device_manager import DeviceBackendError, DeviceManager, DeviceManagerError
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import BAR0, COMMAND, Command
-from pych.devices.pci.interrupts import RecordingIoEvents
 from pych.devices.vfio import bindings as b
 from pych.devices.virtio.mem import Request, Response
 from pych.memory import GuestMemory
 from pych.memory_manager import MemoryHotplugController, MemoryManager
 from pych.vmm import Vmm
+
+from tests.support.fakes import RecordingIoEvents, RecordingIrq
 
 MiB, GiB = 1 << 20, 1 << 30
 PHPR = layout.ACPI_PCI_HOTPLUG_ADDR

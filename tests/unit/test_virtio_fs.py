@@ -22,9 +22,6 @@ from pych.api.handler import ApiError
 from pych.config import DiskConfig, FsConfig, VmRemoveDevice
 from pych.device_manager import DeviceBackendError, DeviceManager
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
-from pych.devices.pci.interrupts import (FakeMsiInterruptManager, RecordingIoEvents,
-                                         RecordingMsiGroup, RecordingMsiVector)
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE
 from pych.devices.vhost_user import (FLAG_NEED_REPLY, SINGLE_MEM_REGION, VRING_ADDR,
                                      VHOST_USER_F_PROTOCOL_FEATURES, MEM_TABLE_HEADER,
@@ -35,10 +32,12 @@ from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import CommonCfg, VirtioPciCapType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pych.devices.virtio.testing import DeviceHarness, wait_until
 from pych.memory import GuestMemory
-from tests.unit.test_pci_hotplug import MMIO64, boot_fake, vm_config
-from tests.unit.test_pci_hotplug import Machine as HotplugMachine
+
+from tests.support.fakes import (FakeMsiInterruptManager, RecordingIoEvents, RecordingIrq,
+                                 RecordingMsiGroup, RecordingMsiVector)
+from tests.support.virtio import DeviceHarness, wait_until
+from tests.unit.test_pci_hotplug import MMIO64, Machine as HotplugMachine, boot_fake, vm_config
 from tests.unit.test_vhost_user import FakeBackend, fd_identity
 from tests.unit.test_virtio_pci import LinuxDriver, Machine, bring_up
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from pych.api.client import ApiClient
-from pych.testing.guest import PychGuest, mem_total_kib
+from tests.support.guest import PychGuest, mem_total_kib
 
 MiB = 1 << 20
 BOOT_RAM = 256 * MiB

@@ -67,8 +67,8 @@ import requests
 
 from pych.api.client import ApiClient
 from pych.api.handler import RequestHandler
-from pych.testing.guest import REPO, PychGuest
-from pych.testing.uds_requests import unix_session
+from tests.support.guest import REPO, PychGuest
+from tests.support.uds_requests import unix_session
 
 SPEC = REPO.parent / "shared" / "spec" / "cloud-hypervisor.yaml"
 if not SPEC.exists():
@@ -818,7 +818,7 @@ class _MicroPych:
     """pych with only --api-socket, then vm.create + vm.boot of a halting microguest."""
 
     def __init__(self, workdir: Path):
-        from pych.testing.microguest import build_elf
+        from tests.support.microguest import build_elf
 
         self.api_path = str(workdir / "api.sock")
         self.log_path = workdir / "pych.log"
