@@ -4,8 +4,8 @@ On a terminal, pych runs in the foreground with the serial console on your termi
 watch the boot and get the guest's root shell (`poweroff -f` ends it). Without a terminal
 (or with --scripted) a short scripted session runs instead: boot with visible progress,
 a few commands in the guest, then CPU, memory and PCI disk hot plug through the API,
-as shared/spec/hotplug.md does them with curl: a disk is added, read in the guest and
-removed again.
+as Cloud Hypervisor's hot plug guide (``../shared/spec/hotplug.md``, beside the repository)
+does them with curl: a disk is added, read in the guest and removed again.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def interactive() -> int:
             "--initramfs", str(art["initramfs.cpio"]), "--cmdline", guest_cmdline(),
             "--cpus", CPUS, "--memory", MEMORY, "--serial", "tty", "--console", "off",
             "--api-socket", "/tmp/pych-demo.sock"]
-    print("Booting the test guest under pych (about a minute on this host's nested KVM).")
+    print("Booting the test guest under pych (about a minute under nested KVM).")
     print("API socket: /tmp/pych-demo.sock   e.g. in another terminal:")
     print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock resize --cpus 2")
     print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock add-disk path=/path/to/disk.img")

@@ -92,8 +92,9 @@ class FakeMsiInterruptManager:
 
 
 class RecordingIoEvents:
-    """A :class:`~pych.devices.pci.interrupts.IoEventRegistrar` that enforces KVM's rules: registering the same
-    (addr, length, datamatch) twice and removing an unknown one are errors."""
+    """A :class:`~pych.devices.pci.interrupts.IoEventRegistrar` that enforces KVM's rules:
+    registering the same (addr, length, datamatch) twice and removing an unknown one are
+    errors."""
 
     def __init__(self) -> None:
         self.registered: dict[tuple[int, int, int | None], int] = {}
