@@ -19,22 +19,10 @@ from pych.memory_manager import (
 )
 from pych.vmm import Vmm
 
+from tests.support.fakes import RecordingMemslots
+from tests.support.machines import BootedVm, run_as_booted
+
 MiB, GiB = layout.MiB, layout.GiB
-
-
-class FakeKvmVm:
-    """Records KVM memslots instead of creating them."""
-
-    def __init__(self):
-        self.memslots: dict[int, tuple[int, int]] = {}
-
-    def add_memory(self, gpa: int, size: int, host_addr: int) -> int:
-        slot = max(self.memslots, default=-1) + 1
-        self.memslots[slot] = (gpa, size)
-        return slot
-
-    def remove_memory(self, slot: int, gpa: int) -> None:
-        assert self.memslots.pop(slot)[0] == gpa
 
 
 def memory_config(**fields):
@@ -48,7 +36,7 @@ def manager():
 
     def make(size=256 * MiB, **fields):
         events = []
-        mm = MemoryManager(memory_config(size=size, **fields), FakeKvmVm(), Bus("mmio"),
+        mm = MemoryManager(memory_config(size=size, **fields), RecordingMemslots(), Bus("mmio"),
                            notify=events.append)
         mm.events = events
         mm.create_boot_memory()
@@ -83,7 +71,7 @@ def test_a_huge_window_costs_nothing(manager):
     mm = manager(hotplug_size=1 << 40)
     assert mm.hotplug_window == (4 * GiB, 1 << 40)
     assert [r.name for r in mm.mem.regions] == ["ram0"]
-    assert list(mm.vm.memslots.values()) == [(0, 256 * MiB)]
+    assert mm.vm.ranges() == [(0, 256 * MiB)]
     assert mm.actual_size == 256 * MiB
 
 
@@ -141,7 +129,7 @@ def test_increases_become_dimms_announced_through_the_ged(manager):
     assert mm.actual_size == 640 * MiB
     dimms = [(r.name, r.gpa, r.size) for r in mm.mem.regions if r.name.startswith("dimm")]
     assert dimms == [("dimm0", 4 * GiB, 256 * MiB), ("dimm1", 4 * GiB + 256 * MiB, 128 * MiB)]
-    assert list(mm.vm.memslots.values())[1:] == [(g, s) for _, g, s in dimms]
+    assert mm.vm.ranges()[1:] == [(g, s) for _, g, s in dimms]
     assert mm.events == [AcpiNotification.MEMORY] * 2
     slots = mm.controller.snapshot()
     assert [(s.base, s.length, s.enabled, s.inserting) for s in slots[:3]] == [
@@ -183,7 +171,7 @@ def test_invalid_increases_are_refused_before_anything_is_plugged(manager, desir
     mm = manager(hotplug_size=1 * GiB)
     with pytest.raises(InvalidMemoryResize, match=message):
         mm.resize(desired)
-    assert mm.actual_size == 256 * MiB and len(mm.vm.memslots) == 1 and mm.events == []
+    assert mm.actual_size == 256 * MiB and len(mm.vm.slots) == 1 and mm.events == []
 
 
 def test_the_window_can_be_filled_exactly_and_no_further(manager):
@@ -268,7 +256,7 @@ def test_reductions_eject_the_newest_dimms_that_fit(manager):
     guest_eject(mm.controller, 2)
     guest_ost(mm.controller, 1, NOT_SUPPORTED)          # the guest keeps dimm1
     assert mm.actual_size == 640 * MiB
-    assert list(mm.vm.memslots.values()) == [(0, 256 * MiB), (4 * GiB, 256 * MiB),
+    assert mm.vm.ranges() == [(0, 256 * MiB), (4 * GiB, 256 * MiB),
                                              (4 * GiB + 256 * MiB, 128 * MiB)]
     assert [r.name for r in mm.mem.regions] == ["ram0", "dimm0", "dimm1"]
     assert mm.hotplug_info()["dimms"][1:] == [
@@ -287,7 +275,7 @@ def test_virtio_mem_region_is_mapped_at_boot_after_ram(manager):
     assert (zone.id, zone.region.gpa, zone.region.size, zone.initial_size) == (
         "mem0", 4 * GiB + 128 * MiB, 1 * GiB, 256 * MiB)
     assert (zone.device.name, zone.device.requested_size) == ("mem0", 256 * MiB)
-    assert list(mm.vm.memslots.values())[-1] == (4 * GiB + 128 * MiB, 1 * GiB)
+    assert mm.vm.ranges()[-1] == (4 * GiB + 128 * MiB, 1 * GiB)
     assert mm.hotplug_window == (4 * GiB + 128 * MiB, 1 * GiB)
     assert layout.mmio64_window(*mm.hotplug_window)[0] == 6 * GiB
     # the region reaches the guest through the device only, never through the e820 map
@@ -332,36 +320,14 @@ def test_virtio_mem_request_errors(desired, message):
 
 
 # --- vm.resize and vm.info in the VMM ------------------------------------------------------
-class BootedVm:
-    """The part of a booted ``Vm`` the VMM uses for memory, around a real MemoryManager."""
-
-    cpus = devices = vm = None          # no KVM VM, vCPUs or devices
-
-    def __init__(self, memory: MemoryManager):
-        self.memory = memory
-
-    def resize_memory(self, desired: int) -> bool:
-        return self.memory.resize(desired)
-
-    def resize_memory_zone(self, zone_id: str, desired: int) -> bool:
-        return self.memory.resize_zone(zone_id, desired)
-
-    @property
-    def memory_actual_size(self) -> int:
-        return self.memory.actual_size
-
-    def close(self) -> None:
-        self.memory.close()
-
-
 def booted_vmm(**memory) -> Vmm:
     """A VMM running a VM with ``memory`` (no vCPUs, no devices but virtio-mem's)."""
     vmm = Vmm()
     config = VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": memory})
     vmm.vm_create(config)
-    manager = MemoryManager(config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    manager = MemoryManager(config.memory, RecordingMemslots(), Bus("mmio"), notify=lambda e: None)
     manager.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(manager), "Running"
+    run_as_booted(vmm, BootedVm(memory=manager))
     return vmm
 
 

@@ -22,7 +22,8 @@ from pych.memory_manager import (
 )
 from pych.vmm import Vmm
 
-from .test_memory_hotplug import BootedVm, FakeKvmVm
+from tests.support.fakes import RecordingMemslots
+from tests.support.machines import BootedVm, run_as_booted
 
 MiB, GiB = layout.MiB, layout.GiB
 PAGE = 4096
@@ -42,7 +43,7 @@ def manager():
     made = []
 
     def make(zones, **fields):
-        mm = MemoryManager(memory(zones, **fields), FakeKvmVm(), Bus("mmio"),
+        mm = MemoryManager(memory(zones, **fields), RecordingMemslots(), Bus("mmio"),
                            notify=lambda event: None)
         made.append(mm)
         mm.create_boot_memory()
@@ -115,7 +116,7 @@ def test_each_zone_is_its_own_memfd_mapped_as_the_layout_says(manager):
     assert [(r.name, r.gpa, r.size) for r in mm.mem.regions] == [
         ("ram0", 0, 2 * GiB), ("ram1", 2 * GiB, 1 * GiB), ("ram2", 4 * GiB, 1 * GiB),
         ("virtio-mem-mem2", 5 * GiB, 512 * MiB)]
-    assert list(mm.vm.memslots.values()) == [(r.gpa, r.size) for r in mm.mem.regions]
+    assert mm.vm.ranges() == [(r.gpa, r.size) for r in mm.mem.regions]
     assert [r.name for r in mm.zones["mem1"].regions] == ["ram1", "ram2"]
     # mem1's two pieces are one memfd: what the guest writes at 4 GiB is at offset 1 GiB
     mm.mem.write(4 * GiB, b"zone")
@@ -182,7 +183,7 @@ def test_a_file_shorter_than_its_zone_is_refused(manager, tmp_path):
 
 def test_memory_hugepages_are_refused_not_ignored():
     mm = MemoryManager(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
-        "size": 64 * MiB, "hugepages": True}}).memory, FakeKvmVm(), Bus("mmio"),
+        "size": 64 * MiB, "hugepages": True}}).memory, RecordingMemslots(), Bus("mmio"),
         notify=lambda event: None)
     try:
         with pytest.raises(ValueError, match="--memory: huge pages"):
@@ -235,7 +236,7 @@ def test_resize_zone_errors_change_nothing(manager, zone, desired, error, messag
 def test_resize_zone_needs_zones_and_resize_refuses_them(manager):
     mm = MemoryManager(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
         "size": 256 * MiB, "hotplug_size": 256 * MiB, "hotplug_method": "VirtioMem"}}).memory,
-        FakeKvmVm(), Bus("mmio"), notify=lambda event: None)
+        RecordingMemslots(), Bus("mmio"), notify=lambda event: None)
     try:
         mm.create_boot_memory()
         with pytest.raises(InvalidMemoryResize, match="no zone is defined"):
@@ -256,9 +257,9 @@ def created_vmm(zones, **fields) -> Vmm:
 
 def booted_vmm(zones) -> Vmm:
     vmm = created_vmm(zones)
-    mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    mm = MemoryManager(vmm.config.memory, RecordingMemslots(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    run_as_booted(vmm, BootedVm(memory=mm))
     return vmm
 
 
@@ -350,7 +351,8 @@ def test_vm_resize_zone_before_boot_edits_the_configuration():
 def test_the_zones_hotplugged_size_is_plugged_again_at_the_next_boot(vmm):
     resize_zone(vmm, "mem1", 384 * MiB)
     vmm.vm.close()
-    reborn = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    reborn = MemoryManager(vmm.config.memory, RecordingMemslots(), Bus("mmio"),
+                           notify=lambda e: None)
     try:
         reborn.create_boot_memory()
         assert reborn.zones["mem1"].virtio_mem.device.requested_size == 256 * MiB
@@ -369,7 +371,7 @@ def guest_ost(controller, slot, event, status):
 
 def test_dimms_report_the_guests_ost_for_their_insertion():
     manager = MemoryManager(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
-        "size": 256 * MiB, "hotplug_size": 1 * GiB}}).memory, FakeKvmVm(), Bus("mmio"),
+        "size": 256 * MiB, "hotplug_size": 1 * GiB}}).memory, RecordingMemslots(), Bus("mmio"),
         notify=lambda event: None)
     try:
         manager.create_boot_memory()
@@ -393,9 +395,9 @@ def test_more_increases_than_slots_are_a_clear_500():
     vmm = Vmm()
     vmm.vm_create(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
         "size": 128 * MiB, "hotplug_size": 64 * GiB}}))
-    mm = MemoryManager(vmm.config.memory, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    mm = MemoryManager(vmm.config.memory, RecordingMemslots(), Bus("mmio"), notify=lambda e: None)
     mm.create_boot_memory()
-    vmm.vm, vmm.state = BootedVm(mm), "Running"
+    run_as_booted(vmm, BootedVm(memory=mm))
     try:
         for i in range(1, HOTPLUG_SLOTS + 1):
             vmm.vm_resize(VmResize(desired_ram=(i + 1) * 128 * MiB))
