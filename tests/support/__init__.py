@@ -8,8 +8,9 @@
   session over the API's Unix socket (for schemathesis);
 * :mod:`.fakes`: test doubles for what devices and managers are handed (interrupts, MSI-X,
   ioeventfds, KVM memory slots, the event monitor); :mod:`.virtio`: the driver side of a
-  virtqueue and a device harness; :mod:`.machines`: device, memory and CPU managers booted
-  on those fakes, standing in for a booted VM.
+  virtqueue and a device harness; :mod:`.machines`: a DeviceManager on those fakes and a
+  stand-in for a booted VM around the managers a test built; :mod:`.host`: host-side checks
+  (OFD locks).
 
 Also used by scripts/ and bench/, which put the repository root on ``sys.path``.
 """
