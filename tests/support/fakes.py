@@ -156,7 +156,8 @@ class RecordingInterrupt:
 class RecordingMemslots:
     """KVM's memory slots (``add_memory``/``remove_memory`` of ``pych.hypervisor.kvm.Vm``),
     recorded instead of registered: ``slots`` maps each slot in use to its
-    (gpa, size, host_addr). Removing a slot at another gpa than it was added at is an error."""
+    (gpa, size, host_addr). Removing a slot at another gpa than it was added at is an error.
+    Slot numbers are not reused (KVM's are; pych only hands them back)."""
 
     def __init__(self) -> None:
         self.slots: dict[int, tuple[int, int, int]] = {}
