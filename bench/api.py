@@ -1,7 +1,7 @@
 """API latency: process start to the first ``vmm.ping`` answer, and ``vmm.ping`` /
 ``vm.info`` latency (p50/p99 over N requests) with the guest idle and with the guest
 running a CPU-bound loop. The guests are few-instruction PVH guests
-(``pych.testing.microguest``), so the numbers are the VMM's own.
+(``tests.support.microguest``), so the numbers are the VMM's own.
 
     .venv/bin/python bench/api.py [--requests 2000]
 """
@@ -17,8 +17,13 @@ import time
 from pathlib import Path
 
 from pych.api.client import ApiClient
-from pych.testing.guest import REPO
-from pych.testing.microguest import build_elf
+
+# Run as `python bench/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.guest import REPO  # noqa: E402
+from tests.support.microguest import build_elf  # noqa: E402
 
 HALT_LOOP = b"\xfa\xf4\xeb\xfd"          # cli; hlt; jmp hlt   (an idle vCPU)
 BUSY_LOOP = b"\xeb\xfe"                  # jmp $               (a CPU-bound vCPU)

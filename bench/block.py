@@ -32,8 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pych.testing.guest import (READY, REPO, Console, PychGuest, Shell, guest_artifacts,
-                                qemu_command)
+# Run as `python bench/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.guest import (  # noqa: E402
+    READY, REPO, Console, PychGuest, Shell, guest_artifacts, qemu_command)
 
 MiB = 1 << 20
 DISK_MIB = 64

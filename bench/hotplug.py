@@ -52,8 +52,13 @@ from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm
 from pych.memory.manager import MemoryManager
 from pych.memory.resize import resize_ram
-from pych.testing.guest import (READY, REPO, Console, PychGuest, Shell, guest_artifacts,
-                                guest_cmdline, qemu_command)
+
+# Run as `python bench/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.guest import (  # noqa: E402
+    READY, REPO, Console, PychGuest, Shell, guest_artifacts, guest_cmdline, qemu_command)
 
 MiB = 1 << 20
 BOOT = 256 * MiB

@@ -4,8 +4,8 @@ On a terminal, pych runs in the foreground with the serial console on your termi
 watch the boot and get the guest's root shell (`poweroff -f` ends it). Without a terminal
 (or with --scripted) a short scripted session runs instead: boot with visible progress,
 a few commands in the guest, then CPU, memory and PCI disk hot plug through the API,
-as shared/spec/hotplug.md does them with curl: a disk is added, read in the guest and
-removed again.
+as Cloud Hypervisor's hot plug guide (``../shared/spec/hotplug.md``, beside the repository)
+does them with curl: a disk is added, read in the guest and removed again.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+# Run as `python scripts/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pych.api.client import ApiClient  # noqa: E402
-from pych.testing.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
+
+from tests.support.guest import PychGuest, guest_artifacts, guest_cmdline  # noqa: E402
 
 CPUS = "boot=1,max=2"   # small, so the emulated guest kernel onlines it quickly on 2 host cores
 MEMORY = "size=256M,hotplug_size=1G"
@@ -35,7 +38,7 @@ def interactive() -> int:
             "--initramfs", str(art["initramfs.cpio"]), "--cmdline", guest_cmdline(),
             "--cpus", CPUS, "--memory", MEMORY, "--serial", "tty", "--console", "off",
             "--api-socket", "/tmp/pych-demo.sock"]
-    print("Booting the test guest under pych (about a minute on this host's nested KVM).")
+    print("Booting the test guest under pych (about a minute under nested KVM).")
     print("API socket: /tmp/pych-demo.sock   e.g. in another terminal:")
     print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock resize --cpus 2")
     print("  .venv/bin/pych-remote --api-socket /tmp/pych-demo.sock add-disk path=/path/to/disk.img")

@@ -1,18 +1,18 @@
 """`make fuzz`: fuzz pych's API against a booted test guest and print what happened.
 
-Boots the test guest under pych with an API socket, then (pych/testing/fuzz.py has the
+Boots the test guest under pych with an API socket, then (tests/support/fuzz.py has the
 details): deliberate lifecycle requests, schemathesis/hypothesis-generated requests for every
-operation of shared/spec/cloud-hypervisor.yaml that pych implements, raw HTTP abuse of the
-socket, the survival checks (pych alive, vmm.ping, a shell command in the guest) and a
-deliberate teardown. Prints a table of requests per operation, status codes, raw scenarios
-and failures; exits 1 if anything failed.
+operation of Cloud Hypervisor's API spec (``../shared/spec/cloud-hypervisor.yaml``, beside the
+repository) that pych implements, raw HTTP abuse of the socket, the survival checks (pych
+alive, vmm.ping, a shell command in the guest) and a deliberate teardown. Prints a table of
+requests per operation, status codes, raw scenarios and failures; exits 1 if anything failed.
 
     .venv/bin/python scripts/fuzz.py                      # 10,000 requests or 20 minutes
     .venv/bin/python scripts/fuzz.py --requests 500 --minutes 2 --quick
     .venv/bin/python scripts/fuzz.py --microguest         # no Linux guest: fuzz pych alone
 
---minutes bounds the generated-request phases; booting (about a minute here), the lifecycle,
-the abuse and the teardown add a few minutes (more with the reboots of the full run).
+--minutes bounds the generated-request phases; booting (up to a minute under nested KVM), the
+lifecycle, the abuse and the teardown add a few minutes (more with the reboots of the full run).
 --quick skips the three extra guest boots (vm.reboot, recreate + vm.boot, power button) and
 ends with vmm.shutdown instead; tests/guest/test_fuzz.py runs that with a small bound in CI.
 """
@@ -27,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as `python scripts/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pych.testing import fuzz  # noqa: E402
+from tests.support import fuzz  # noqa: E402
 
 
 def main() -> int:

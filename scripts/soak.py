@@ -7,7 +7,7 @@ and runs N cycles, each one of: disk add + use + remove, NIC add + remove, CPU u
 cycles (``reboot -f`` in the guest, ``vm.reboot``, or a re-creation through the API that
 switches the memory hot plug method). After every cycle it samples pych's open fds,
 threads, RSS and KVM memory slots and checks what the guest sees (CPUs, PCI functions,
-MemTotal) against ``vm.info``; see ``pych/testing/soak.py`` for the details.
+MemTotal) against ``vm.info``; see ``tests/support/soak.py`` for the details.
 
 Pass: after a warm-up of K cycles, fds, threads and memslots equal their baseline exactly
 at every checkpoint (the baseline of the same VM shape), and pych's heap (``RssAnon``)
@@ -29,10 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as `python scripts/<name>.py`: the repository root goes on sys.path for the test
+# harness (tests.support), which is not part of the installed pych package.
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pych.testing.soak import Soak, save_plot  # noqa: E402
+from tests.support.soak import Soak, save_plot  # noqa: E402
 
 
 def main() -> int:

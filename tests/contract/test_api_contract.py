@@ -20,8 +20,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from pych.api.client import ApiClient
 from pych.api.routes import ROUTES
-from pych.testing.microguest import build_elf
-from pych.testing.uds_requests import unix_session
+
+from tests.support.microguest import build_elf
+from tests.support.uds_requests import unix_session
 
 pytestmark = pytest.mark.guest
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pych.testing.guest import PychGuest
-from pych.testing.netns import network_namespace
+from tests.support.guest import PychGuest
+from tests.support.netns import network_namespace
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import READY, REPO, Console, Shell, guest_artifacts, guest_cmdline
+
+from tests.support.guest import READY, REPO, Console, Shell, guest_artifacts, guest_cmdline
 
 PYCH = [sys.executable, "-m", "pych"]
 REMOTE = [str(REPO / ".venv" / "bin" / "pych-remote")]

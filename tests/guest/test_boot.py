@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pych.testing.guest import guest_artifacts
+from tests.support.guest import guest_artifacts
 
 PYCH = [sys.executable, "-m", "pych"]
 

@@ -4,7 +4,7 @@ opened or created, and ``pci_device_id`` requests the reference refuses.
 On the command line each is one ``pych: error:`` line before anything boots; over the API it
 is a 4xx (or the reference's 500 for a taken slot) whose body is the reference's JSON array of
 messages, and nothing is left behind: no interface, no descriptor, no slot, no id. The VM is
-the few-instruction guest of pych/testing/microguest.py (it boots in milliseconds), and pych
+the few-instruction guest of tests/support/microguest.py (it boots in milliseconds), and pych
 runs in a network namespace the module creates, so every tap stays in it.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import REPO
-from pych.testing.microguest import build_elf
+
+from tests.support.guest import REPO
+from tests.support.microguest import build_elf
 
 NETNS = f"pych-deverr-{os.getpid()}"
 PYCH = str(REPO / ".venv" / "bin" / "pych")

@@ -28,9 +28,10 @@ import time
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import REPO, PychGuest
-from pych.testing.netns import in_netns
-from pych.testing.vsock import build_vsockcat_disk, vsock_to_guest
+
+from tests.support.guest import REPO, PychGuest
+from tests.support.netns import in_netns
+from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
 
 NETNS = f"pych-devices-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.249.1", "192.168.249.2"

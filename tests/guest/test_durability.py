@@ -18,11 +18,8 @@ cannot pass for new. 64 KiB per write: data through this host's guest kernel is 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import signal
-import struct
 import time
 from pathlib import Path
 
@@ -30,10 +27,11 @@ import pytest
 
 from pych.api.client import ApiClient
 
+from tests.support.host import lock_is_free
+
 IMAGE_SIZE = 1 << 20
 BLOCK = 4096
 SIZE = 64 << 10                       # bytes per write
-_FLOCK = struct.Struct("=hh4xqqi4x")
 
 
 def pattern(tag: str) -> bytes:
@@ -59,18 +57,6 @@ def holds(image: Path, tag: str, block: int) -> bool:
     with open(image, "rb") as f:
         f.seek(block * BLOCK)
         return f.read(SIZE) == pattern(tag)
-
-
-def lock_is_free(path: Path) -> bool:
-    """Whether nobody (pych) holds the image's OFD lock any more."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def put(guest, endpoint: str, body=None) -> tuple[int, bytes]:

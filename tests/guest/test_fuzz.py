@@ -1,5 +1,5 @@
 """The short CI variant of `make fuzz` (issue: reliability): the same code as scripts/fuzz.py
-(pych/testing/fuzz.py) against one booted test guest, with a small bound: ~1,000 generated
+(tests/support/fuzz.py) against one booted test guest, with a small bound: ~1,000 generated
 requests or one minute, every raw HTTP abuse scenario at half its connections (100
 concurrent and 100 idle connections still in full), and the quick teardown (vm.shutdown,
 vm.delete, vmm.shutdown: no extra boots). About 2-3 minutes with the boot.
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from pych.testing import fuzz
+from tests.support import fuzz
 
 SEED = int(os.environ.get("PYCH_FUZZ_SEED", "20261126"))
 PLAN = fuzz.Plan(requests=1000, minutes=1.0, side_requests=100, full=False, abuse_scale=0.5,

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import REPO
+
+from tests.support.guest import REPO
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024

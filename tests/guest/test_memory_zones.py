@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pych.testing.guest import REPO, mem_total_kib, vm_info
+from tests.support.guest import REPO, mem_total_kib, vm_info
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024

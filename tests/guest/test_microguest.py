@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from pych.testing.microguest import build_elf, reset_via_port, serial_then_poweroff
+from tests.support.microguest import build_elf, reset_via_port, serial_then_poweroff
 
 PYCH = [sys.executable, "-m", "pych"]
 

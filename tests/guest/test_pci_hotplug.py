@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pych.testing.guest import REPO, vm_info
-from pych.testing.hotplug import wait_for_events, wait_in_guest
+from tests.support.guest import REPO, vm_info
+from tests.support.hotplug import wait_for_events, wait_in_guest
 
 DISK_SIZE = 4 << 20
 BLOCK = 4096

@@ -36,10 +36,11 @@ from pathlib import Path
 import pytest
 
 from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
-from pych.testing.guest import REPO, PychGuest, vm_info
-from pych.testing.hotplug import wait_for_events, wait_in_guest
-from pych.testing.netns import in_netns
-from pych.testing.vsock import build_vsockcat_disk, vsock_to_guest
+
+from tests.support.guest import REPO, PychGuest, vm_info
+from tests.support.hotplug import wait_for_events, wait_in_guest
+from tests.support.netns import in_netns
+from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
 
 NETNS = f"pych-hotplug-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.249.1", "192.168.249.2"

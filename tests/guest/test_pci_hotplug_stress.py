@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
-from pych.testing.hotplug import wait_in_guest
+
+from tests.support.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
+from tests.support.hotplug import wait_in_guest
 
 CYCLES = 20
 DISK_SIZE = 1 << 20

@@ -6,7 +6,7 @@ unplugged, a disk added, read and removed, a NIC added and removed, CPU and memo
 After each cycle the guest's view (CPUs, PCI functions, MemTotal) must match ``vm.info``;
 after the warm-up, pych's fds, threads and KVM memslots must be back exactly where they were
 after the memory cycle, and its heap may not grow by more than 16 MiB (see
-``pych/testing/soak.py``). Reboots are left to ``make soak`` and to the hot plug modules, to
+``tests/support/soak.py``). Reboots are left to ``make soak`` and to the hot plug modules, to
 keep this module near 4 minutes.
 
 pych runs with ``--seccomp true``: a system call a vCPU thread (or a device worker it
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pych.testing.soak import Soak
+from tests.support.soak import Soak
 
 CYCLES, WARMUP = 6, 1
 

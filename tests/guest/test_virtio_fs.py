@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pych.testing.guest import vm_info
-from pych.testing.hotplug import events, wait_in_guest
+from tests.support.guest import vm_info
+from tests.support.hotplug import events, wait_in_guest
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 HOST_FILE_SIZE = 256 * 1024

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pych.api.client import ApiClient
-from pych.testing.guest import mem_total_kib, vm_info
+
+from tests.support.guest import mem_total_kib, vm_info
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024

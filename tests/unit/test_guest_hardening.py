@@ -13,7 +13,7 @@ from pych.devices.virtio.console import VirtioConsole
 from pych.devices.virtio.queue import (DESCRIPTOR_SIZE, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT,
                                        VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, QueueError)
 from pych.devices.virtio.rng import IOV_MAX, VirtioRng
-from pych.devices.virtio.testing import DeviceHarness, wait_until
+from tests.support.virtio import DeviceHarness, wait_until
 from pych.guest_log import GuestLog
 
 

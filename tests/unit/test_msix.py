@@ -2,8 +2,9 @@ import pytest
 
 from pych.devices.pci import MsixController, PciConfiguration
 from pych.devices.pci.config import CapabilityId
-from pych.devices.pci.interrupts import FakeMsiInterruptManager
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK
+
+from tests.support.fakes import FakeMsiInterruptManager
 
 ADDRESS = 0xFEE0_1000
 

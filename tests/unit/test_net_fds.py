@@ -8,8 +8,8 @@ MAC still applies; the device works on a duplicate, so a reboot re-creates it fr
 fd the configuration keeps; ``remove-device`` and ``vm.delete`` close that fd.
 
 Real taps are made in a private network namespace (a thread that unshared it, as in
-test_tap.py); the VM is a DeviceManager on fake KVM objects (the Machine of
-device_manager/test_manager.py), so no KVM is needed. Needs root and /dev/net/tun, as pych itself does for taps.
+test_tap.py); the VM is a DeviceManager on fake KVM objects (tests.support.machines),
+so no KVM is needed. Needs root and /dev/net/tun, as pych itself does for taps.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from pyroute2 import IPRoute
@@ -39,7 +38,8 @@ from pych.devices.virtio.net import VirtioNet
 from pych.errors import VmmError
 from pych.vmm import Vmm, VmState
 
-from tests.unit.device_manager import test_manager as hotplug
+from tests.support.fakes import RecordingEvents
+from tests.support.machines import BootedVm, DeviceManagerMachine, run_as_booted, vm_config
 from tests.unit.test_tap import in_new_netns, links
 
 pytestmark = pytest.mark.skipif(
@@ -162,10 +162,10 @@ def test_a_boot_net_on_an_fd_takes_the_mac_and_mtu_not_the_host_side_and_survive
     def scenario():
         fd = open_queue("pychfd2")
         net = NetConfig.parse(f"fd=[{fd}],mac={MAC},mtu=1400,ip=10.1.1.1,mask=255.255.255.0")
-        config = hotplug.vm_config(net=[net.model_dump()])
+        config = vm_config(net=[net.model_dump()])
         boots = []
         for _ in range(2):                                  # boot, then a reboot
-            m = hotplug.Machine(config)
+            m = DeviceManagerMachine(config)
             device = m.dm.devices["_net0"].device
             boots.append((type(device), device.tap.name, device.tap.fd != fd, device.mac.hex(),
                           link("pychfd2")))
@@ -186,9 +186,9 @@ def test_a_boot_net_on_an_fd_takes_the_mac_and_mtu_not_the_host_side_and_survive
 
 def test_tap_and_fd_together_are_refused_and_so_are_fd_counts_not_matching_queue_pairs():
     with pytest.raises(ConfigError, match="give tap= or fd=, not both"):
-        hotplug.vm_config(net=[{"tap": "t0", "fds": [5]}]).validate()
+        vm_config(net=[{"tap": "t0", "fds": [5]}]).validate()
     with pytest.raises(ConfigError, match=r"does not match the number of FDs \(4\)"):
-        hotplug.vm_config(net=[{"fds": [5, 6]}]).validate()
+        vm_config(net=[{"fds": [5, 6]}]).validate()
 
 
 # --- the VMM over the real HTTP server ----------------------------------------------------------
@@ -199,16 +199,12 @@ class Served:
     def __init__(self, booted: bool, **config) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pych-netfd-", dir="/tmp"))
         self.socket = str(self.dir / "api.sock")
-        self.vmm = Vmm(event_monitor=hotplug.RecordingEvents())
-        self.vmm.vm_create(hotplug.vm_config(**config))
+        self.vmm = Vmm(event_monitor=RecordingEvents())
+        self.vmm.vm_create(vm_config(**config))
         self.machine = None
         if booted:
-            m = self.machine = hotplug.Machine(self.vmm.config)
-            self.vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None,
-                                          cpus=None, kvm_vm=None, memslots_in_use=None,
-                                          memory_actual_size=256 << 20,
-                                          close=lambda **_: m.close())
-            self.vmm.state = VmState.Running
+            self.machine = DeviceManagerMachine(self.vmm.config)
+            run_as_booted(self.vmm, BootedVm(machine=self.machine, memory_actual_size=256 << 20))
         self.server = ApiServer(lambda fn: fn(self.vmm), path=self.socket)
         self.server.start()
 
@@ -380,7 +376,7 @@ def test_shutdown_keeps_the_fd_for_the_next_boot_and_delete_closes_it():
 
 
 def test_vm_create_drops_fd_numbers_that_came_in_json():
-    vmm = Vmm(event_monitor=hotplug.RecordingEvents())
+    vmm = Vmm(event_monitor=RecordingEvents())
     config = VmConfig.model_validate_json(json.dumps(
         {"payload": {"kernel": __file__}, "net": [{"fds": [3], "mac": MAC}]}))
     assert config.net[0].fds == [-1]
@@ -390,12 +386,12 @@ def test_vm_create_drops_fd_numbers_that_came_in_json():
 
 def test_no_vm_is_404_and_vmm_teardown_closes_configured_fds():
     def scenario():
-        vmm = Vmm(event_monitor=hotplug.RecordingEvents())
+        vmm = Vmm(event_monitor=RecordingEvents())
         fd = open_queue("pychfd8")
         with pytest.raises(VmmError) as e:
             vmm.vm_add_net(NetConfig(), [os.dup(fd)])
         seen = {"no_vm": status_of(e.value), "tun_fds": tun_fds()}
-        vmm.vm_create(hotplug.vm_config())
+        vmm.vm_create(vm_config())
         vmm.vm_add_net(NetConfig(), [os.dup(fd)])          # cold: recorded
         os.close(fd)
         seen["recorded"] = (tun_fds(), links())

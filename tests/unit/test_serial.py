@@ -6,7 +6,6 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.legacy.serial import (
     DLL, DLM, FCR, FCR_CLEAR_RCVR, FCR_ENABLE_FIFO, FIFO_SIZE, IER, IER_MSI, IER_RDI,
     IER_RLSI, IER_THRI, IIR, IIR_FIFO_ENABLED, IIR_MSI, IIR_NO_INT, IIR_RDI, IIR_RLSI,
@@ -14,6 +13,8 @@ from pych.devices.legacy.serial import (
     MCR_DTR, MCR_LOOP, MCR_OUT1, MCR_OUT2, MCR_RTS, MSR, MSR_CTS, MSR_DCD, MSR_DCTS,
     MSR_DDCD, MSR_DDSR, MSR_DSR, MSR_RI, MSR_TERI, RBR, SCR, THR, Serial,
 )
+
+from tests.support.fakes import RecordingIrq
 
 UART_LCR_CONF_MODE_A = 0x80     # Linux's names for the LCR values its probe writes
 UART_LCR_CONF_MODE_B = 0xBF

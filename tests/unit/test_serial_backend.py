@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.legacy import serial_backend
 from pych.devices.legacy.serial import IER, IER_RDI, LSR, LSR_DR, RBR, THR, Serial
 from pych.devices.legacy.serial_backend import (
     HISTORY_SIZE, FileBackend, NullBackend, PtyBackend, SerialBackendError, SocketBackend,
     TtyBackend, _OutputBuffer, open_serial_backend,
 )
+
+from tests.support.fakes import RecordingIrq
 
 TIMEOUT = 3.0
 

@@ -1,6 +1,6 @@
-"""The soak's pass criterion (pych/testing/soak.py) on made-up samples: no guest needed."""
+"""The soak's pass criterion (tests/support/soak.py) on made-up samples: no guest needed."""
 
-from pych.testing.soak import Sample, SoakResult, proc_metrics, save_plot
+from tests.support.soak import Sample, SoakResult, proc_metrics, save_plot
 
 
 def sample(cycle, *, fds=26, threads=8, memslots=2, anon_mib=60.0, shape="VirtioMem:p/e",

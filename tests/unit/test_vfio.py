@@ -24,21 +24,20 @@ from pych.config.kinds import BY_NAME
 from pych.device_manager.manager import DeviceBackendError, DeviceManager, DeviceManagerError
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci.config import BAR0, COMMAND, Command
-from pych.devices.pci.interrupts import RecordingIoEvents
 from pych.devices.vfio import bindings as b
 from pych.devices.virtio.mem import Request, Response
 from pych.memory.guest_memory import GuestMemory
 from pych.memory.hotplug import MemoryHotplugController
 from pych.memory.manager import MemoryManager
-from pych.vmm import Vmm, VmState
+from pych.vmm import Vmm
+
+from tests.support import machines
+from tests.support.fakes import RecordingIoEvents, RecordingIrq, RecordingMemslots
+from tests.support.machines import MMIO64, DeviceManagerMachine, vm_config
 
 MiB, GiB = 1 << 20, 1 << 30
-PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
 VFIO = BY_NAME["vfio"]
-PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
-MMIO64 = (1 << 40, 1 << 32)
 BDF = "0000:01:00.0"
 GROUP = 7
 
@@ -249,20 +248,6 @@ class EventfdMsi:
         return group
 
 
-class FakeMemslots:
-    def __init__(self):
-        self.slots: dict[int, tuple[int, int, int]] = {}    # slot -> gpa, size, host_addr
-        self._next = 100
-
-    def add_memory(self, gpa, size, host_addr):
-        self._next += 1
-        self.slots[self._next] = (gpa, size, host_addr)
-        return self._next
-
-    def remove_memory(self, slot, gpa):
-        assert self.slots.pop(slot)[0] == gpa
-
-
 def sysfs_device(root, driver: str = "vfio-pci", group: int | None = GROUP):
     """A sysfs PCI device directory like /sys/bus/pci/devices/0000:01:00.0."""
     dev = root / "devices" / BDF
@@ -277,45 +262,20 @@ def sysfs_device(root, driver: str = "vfio-pci", group: int | None = GROUP):
     return str(dev) + "/"
 
 
-class Machine:
-    """A DeviceManager (console off, no other devices) with the fake VFIO kernel."""
+class Machine(DeviceManagerMachine):
+    """A DeviceManager (console off, no other devices) with the fake VFIO kernel, MSI-X vectors
+    backed by eventfds (what VFIO signals), recorded memory slots and RAM above 4 GiB too."""
 
     def __init__(self, kernel: FakeVfioKernel, config: VmConfig | None = None):
         self.kernel = kernel
-        self.mem = GuestMemory.from_ranges([(0, 8 * MiB), (1 << 32, 4 * MiB)])
-        self.mmio = Bus("mmio")
-        self.msi = EventfdMsi()
-        self.memslots = FakeMemslots()
-        self.notified: list[AcpiNotification] = []
-        self.dm = DeviceManager(config or vm_config(), self.mem, self.mmio, Bus("pio"),
-                                msi=self.msi, ioevents=RecordingIoEvents(),
-                                irq_line=lambda gsi: RecordingIrq(), mmio64=MMIO64,
-                                notify=self.notified.append, memslots=self.memslots)
-        self.dm.vfio_kernel = kernel
-        self.dm.create_boot_devices()
+        super().__init__(config or vm_config(), ram=[(0, 8 * MiB), (1 << 32, 4 * MiB)],
+                         msi=EventfdMsi(), memslots=RecordingMemslots(), vfio_kernel=kernel)
 
     def cfg_read(self, slot, offset, size=4):
         return self.dm.pci.config_read(slot, 0, offset, size)
 
     def cfg_write(self, slot, offset, size, value):
         self.dm.pci.config_write(slot, 0, offset, size, value)
-
-    def scan(self):
-        self.mmio.write(PSEG, 4, 0)
-        return self.mmio.read(PCIU, 4), self.mmio.read(PCID, 4)
-
-    def eject(self, slot):
-        self.mmio.write(PSEG, 4, 0)
-        self.mmio.write(B0EJ, 4, 1 << slot)
-
-    def close(self):
-        self.dm.close()
-        self.mem.close()
-
-
-def vm_config(**kw) -> VmConfig:
-    return VmConfig.model_validate({"payload": {"kernel": __file__},
-                                    "console": {"mode": "Off"}, **kw})
 
 
 @pytest.fixture
@@ -498,11 +458,7 @@ def vmm():
 
 
 def boot_fake(vmm, kernel):
-    m = Machine(kernel, vmm.config)
-    vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
-                             memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
-    vmm.state = VmState.Running
-    return m
+    return machines.boot_fake(vmm, Machine(kernel, vmm.config))
 
 
 def test_vm_add_device_answers_400_for_a_bad_path_and_200_with_the_bdf(vmm, kernel, tmp_path):
@@ -539,7 +495,7 @@ class MemoryMachine:
         self.kernel = kernel
         config = vm_config(memory=memory)
         self.mmio = Bus("mmio")
-        self.memslots = FakeMemslots()
+        self.memslots = RecordingMemslots()
         self.memory = MemoryManager(config.memory, self.memslots, self.mmio,
                                     notify=lambda event: None)
         self.mem = self.memory.create_boot_memory()

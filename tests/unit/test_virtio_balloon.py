@@ -5,7 +5,8 @@ import struct
 from pych.devices.virtio.balloon import (DEFLATEQ, INFLATEQ, REPORTINGQ,
                                          VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
                                          VIRTIO_BALLOON_F_REPORTING, VirtioBalloon)
-from pych.devices.virtio.testing import DeviceHarness
+
+from tests.support.virtio import DeviceHarness
 
 MiB = 1 << 20
 PAGE = 4096

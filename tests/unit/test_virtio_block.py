@@ -8,7 +8,8 @@ from pych.devices.virtio.block import (VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH
                                        BlockStatus, DiskLockError, RequestType, VirtioBlock,
                                        default_serial)
 from pych.devices.virtio.device import VIRTIO_F_VERSION_1
-from pych.devices.virtio.testing import DeviceHarness
+
+from tests.support.virtio import DeviceHarness
 
 SECTORS = 128
 

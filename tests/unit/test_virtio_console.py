@@ -2,7 +2,8 @@ import struct
 
 from pych.devices.virtio.console import (RECEIVEQ, TRANSMITQ, VIRTIO_CONSOLE_F_EMERG_WRITE,
                                          VIRTIO_CONSOLE_F_SIZE, VirtioConsole)
-from pych.devices.virtio.testing import DeviceHarness, wait_until
+
+from tests.support.virtio import DeviceHarness, wait_until
 
 
 class Sink:

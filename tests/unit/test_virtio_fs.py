@@ -24,9 +24,6 @@ from pych.config import DiskConfig, FsConfig, VmRemoveDevice
 from pych.config.kinds import BY_NAME
 from pych.device_manager.manager import DeviceBackendError, DeviceManager
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
-from pych.devices.pci.interrupts import (FakeMsiInterruptManager, RecordingIoEvents,
-                                         RecordingMsiGroup, RecordingMsiVector)
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE
 from pych.devices.vhost_user import (FLAG_NEED_REPLY, SINGLE_MEM_REGION, VRING_ADDR,
                                      VHOST_USER_F_PROTOCOL_FEATURES, MEM_TABLE_HEADER,
@@ -37,10 +34,12 @@ from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import CommonCfg, VirtioPciCapType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pych.devices.virtio.testing import DeviceHarness, wait_until
 from pych.memory.guest_memory import GuestMemory
-from tests.unit.device_manager.test_manager import MMIO64, boot_fake, vm_config
-from tests.unit.device_manager.test_manager import Machine as HotplugMachine
+
+from tests.support.fakes import (FakeMsiInterruptManager, RecordingEvents, RecordingIrq,
+                                 RecordingMsiGroup, RecordingMsiVector)
+from tests.support.virtio import DeviceHarness, wait_until
+from tests.support.machines import DeviceManagerMachine, boot_fake, vm_config
 from tests.unit.test_vhost_user import FakeBackend, fd_identity
 from tests.unit.test_virtio_pci import LinuxDriver, Machine, bring_up
 
@@ -372,7 +371,7 @@ def test_relayed_calls_and_a_backend_hanging_up(backend):
 # --- hot plug through the device manager and the VMM -------------------------------------------
 @pytest.fixture
 def hotplug():
-    m = HotplugMachine(vm_config())
+    m = DeviceManagerMachine(vm_config())
     yield m
     m.close()
 
@@ -408,7 +407,6 @@ def test_add_fs_and_remove_it_leave_nothing_behind(hotplug, tmp_path):
 
 def test_vm_add_fs_answers_400_for_a_missing_backend_and_200_otherwise(tmp_path):
     from pych.vmm import Vmm
-    from tests.unit.device_manager.test_manager import RecordingEvents
 
     vmm = Vmm(event_monitor=RecordingEvents())
     vmm.vm_create(vm_config())
@@ -526,30 +524,15 @@ def test_a_broken_connection_is_not_handed_over(backend):
         assert fs.detach_backend() is None                           # the next boot connects anew
 
 
-class RebootableMachine(HotplugMachine):
-    """A booted VM's device manager on fake KVM objects, given the VMM's kept connections
-    (a new guest RAM memfd each boot)."""
-
-    def __init__(self, config, vhost_user):
-        self.mem = GuestMemory.from_ranges([(0, 8 * MiB)])
-        self.mmio, self.pio = Bus("mmio"), Bus("pio")
-        self.msi = FakeMsiInterruptManager()
-        self.ioevents = RecordingIoEvents()
-        self.notified = []
-        self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
-                                ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
-                                mmio64=MMIO64, notify=self.notified.append, vhost_user=vhost_user)
-        self.dm.create_boot_devices()
-
-
 class FakeVm:
-    """pych.vm.Vm's interface over a RebootableMachine, for the VMM's reboot path."""
+    """pych.vm.Vm's interface for the VMM's boot and reboot path: each boot builds a
+    DeviceManagerMachine (new guest RAM) given the VMM's kept vhost-user connections."""
 
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None):
         self.config, self.vhost_user = config, vhost_user
 
     def boot(self):
-        self.machine = RebootableMachine(self.config, self.vhost_user)
+        self.machine = DeviceManagerMachine(self.config, vhost_user=self.vhost_user)
         self.devices, self.mem = self.machine.dm, self.machine.mem
 
     def close(self, *, keep_connections=False):
@@ -571,7 +554,6 @@ def activate(machine, slot: int) -> None:
 @pytest.fixture
 def rebootable_vmm(monkeypatch):
     from pych.vmm import Vmm
-    from tests.unit.device_manager.test_manager import RecordingEvents
 
     monkeypatch.setattr("pych.vmm.vmm.Vm", FakeVm)
     vmm = Vmm(event_monitor=RecordingEvents())

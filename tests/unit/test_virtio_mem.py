@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from pych.devices.virtio.device import VirtioDeviceType
 from pych.devices.virtio.mem import (BLOCK_SIZE, BlockState, Request, Response, VirtioMem,
                                      VirtioMemResizeError, _runs)
-from pych.devices.virtio.testing import DeviceHarness
 from pych.memory.guest_memory import GuestMemory
+
+from tests.support.virtio import DeviceHarness
 
 MiB = 1 << 20
 BASE = 1 << 32                   # the region: 4 GiB, 256 MiB (128 blocks)

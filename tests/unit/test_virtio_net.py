@@ -12,7 +12,8 @@ from pych.devices.virtio.net import (
     RECEIVEQ, TRANSMITQ, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VirtioNet, format_mac, offered_features, parse_mac, random_mac)
-from pych.devices.virtio.testing import DeviceHarness
+
+from tests.support.virtio import DeviceHarness
 
 MAC = bytes.fromhex("525400123456")
 HEADER = bytes(12)                                 # virtio_net_hdr_v1, no offload

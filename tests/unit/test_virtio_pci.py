@@ -8,10 +8,8 @@ import pytest
 
 from pych.arch.x86_64 import layout
 from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
 from pych.devices.pci import AddressAllocator, PciBus, PciEcam
 from pych.devices.pci.config import BAR0, CAPABILITIES_POINTER, COMMAND, Command
-from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK
 from pych.devices.virtio.block import VIRTIO_BLK_F_FLUSH, RequestType, VirtioBlock
 from pych.devices.virtio.console import VirtioConsole
@@ -20,8 +18,10 @@ from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pych.devices.virtio.pci_transport import (VIRTIO_MSI_NO_VECTOR, CommonCfg, VirtioPciCapType,
                                                VirtioPciDevice)
 from pych.devices.virtio.rng import VirtioRng
-from pych.devices.virtio.testing import MockQueue, wait_until
 from pych.memory.guest_memory import GuestMemory
+
+from tests.support.fakes import FakeMsiInterruptManager, RecordingIoEvents, RecordingIrq
+from tests.support.virtio import MockQueue, wait_until
 
 MiB = 1 << 20
 MEM64 = 1 << 40

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from pych.devices.virtio.pmem import ALIGNMENT, PmemError, VirtioPmem
-from pych.devices.virtio.testing import DeviceHarness
+
+from tests.support.virtio import DeviceHarness
 
 MiB = 1 << 20
 

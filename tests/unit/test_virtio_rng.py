@@ -1,7 +1,8 @@
 from pych.devices.virtio.device import VirtioDeviceType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, QueueError
 from pych.devices.virtio.rng import VirtioRng
-from pych.devices.virtio.testing import DeviceHarness
+
+from tests.support.virtio import DeviceHarness
 
 
 def test_fills_writable_buffers_from_the_source(tmp_path):

@@ -5,9 +5,10 @@ import struct
 
 import pytest
 
-from pych.devices.virtio.testing import DeviceHarness
 from pych.devices.virtio.vsock import (FIRST_HOST_PORT, HEADER_SIZE, RXQ, TXQ, Op, VirtioVsock,
                                        VsockError)
+
+from tests.support.virtio import DeviceHarness
 
 HEADER = struct.Struct("<QQIIIHHIII")
 GUEST_CID = 3

@@ -6,8 +6,9 @@ from pych.devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_
                                        VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                        VIRTQ_USED_F_NO_NOTIFY, Buffer, QueueError, UsedElement,
                                        Virtqueue, VirtqueueError)
-from pych.devices.virtio.testing import MockQueue
 from pych.memory.guest_memory import GuestMemory
+
+from tests.support.virtio import MockQueue
 
 MEM_SIZE = 1 << 20
 OUTSIDE = MEM_SIZE + 0x1000                  # not guest RAM

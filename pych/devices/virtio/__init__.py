@@ -3,8 +3,8 @@
 * :mod:`.queue`: :class:`Virtqueue` and the guest-error taxonomy :class:`QueueError`;
 * :mod:`.device`: :class:`VirtioDevice` (worker thread, lifecycle), feature and status bits;
 * :mod:`.pci_transport`: :class:`VirtioPciDevice`;
-* :mod:`.block`, :mod:`.rng`, :mod:`.console`: the devices;
-* :mod:`.testing`: a driver-side mock queue and a device harness for tests.
+* :mod:`.balloon`, :mod:`.block`, :mod:`.console`, :mod:`.fs`, :mod:`.mem`, :mod:`.net`,
+  :mod:`.pmem`, :mod:`.rng`, :mod:`.vsock`: the devices.
 """
 
 from .block import DiskError, DiskLockError, VirtioBlock

@@ -30,12 +30,13 @@ from pych.acpi.aml import (
 from pych.arch.x86_64 import layout
 from pych.cpu.hotplug import CpuHotplugController
 from pych.device_manager.hotplug import PciHotplugController, PciHotplugSlots
+from pych.memory.hotplug import HOTPLUG_SLOTS, MemoryHotplugController, memory_hotplug_stub_aml
 from pych.devices.acpi import (
     AcpiGedDevice, MmioWindow, build_dsdt_body, com1_aml, pci_ecam_reservation_aml,
     pci_segment_aml, power_button_aml, s5_aml,
 )
-from pych.devices.interrupt import RecordingIrq
-from pych.memory.hotplug import HOTPLUG_SLOTS, MemoryHotplugController, memory_hotplug_stub_aml
+
+from tests.support.fakes import RecordingIrq
 
 IASL_MISSING = ("iasl (ACPICA) is not installed: install acpica-tools "
                 "(Debian/Ubuntu: apt-get install acpica-tools) to run the ACPI round-trip tests")

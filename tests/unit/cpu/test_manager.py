@@ -26,6 +26,8 @@ from pych.vmm import Vmm, VmState
 
 
 
+from tests.support.machines import BootedVm, run_as_booted
+
 C = CpuHotplugController
 
 
@@ -179,23 +181,10 @@ def test_resize_beyond_max_is_400_with_a_message():
     assert vmm.config.cpus.boot_vcpus == 2
 
 
-class FakeBootedVm:
-    """A booted Vm whose CpuManager is ``manager``."""
-
-    def __init__(self, manager: CpuManager):
-        self.cpus = manager
-        self.devices = self.memory = self.kvm_vm = None     # no KVM VM handle
-        self.memslots_in_use = None                          # (so no memslots in vm.info)
-        self.memory_actual_size = 0
-
-    def resize_vcpus(self, desired: int) -> bool:
-        return self.cpus.resize(desired)
-
-
 def test_running_vm_resize_updates_config_reports_states_and_429s_while_removing(manager):
     m, mmio, _ = manager
     vmm = created_vmm()
-    vmm.vm, vmm.state = FakeBootedVm(m), VmState.Running
+    run_as_booted(vmm, BootedVm(cpus=m))
     vmm.vm_resize(VmResize(desired_vcpus=4))
     vmm.vm_resize(VmResize(desired_vcpus=3))
     info = vmm.vm_info()

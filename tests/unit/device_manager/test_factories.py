@@ -10,7 +10,7 @@ from pych.config.kinds import BY_NAME, DEVICE_KINDS
 from pych.device_manager.factories import FACTORIES
 from pych.device_manager.manager import DeviceManagerError
 
-from .test_manager import Machine, vm_config
+from tests.support.machines import DeviceManagerMachine as Machine, vm_config
 
 
 def test_every_factory_is_for_a_kind_of_the_registry():

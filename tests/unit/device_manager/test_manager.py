@@ -8,10 +8,7 @@ PCIU and PCID, ``PCEJ`` writes PSEG then B0EJ.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,69 +17,23 @@ from pych.api.errors import status_of
 from pych.api.handler import RequestHandler
 from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
-from pych.arch.x86_64 import layout
-from pych.config import (ConfigConflict, DiskConfig, NetConfig, VmConfig, VmRemoveDevice,
-                         VsockConfig)
+from pych.config import ConfigConflict, DiskConfig, NetConfig, VmRemoveDevice, VsockConfig
 from pych.config.kinds import BY_NAME
+from pych.device_manager.hotplug import PciHotplugController
 from pych.device_manager.manager import (
-    DeviceBackendError, DeviceManager, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
+    DeviceBackendError, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
 )
 from pych.devices.acpi import AcpiNotification
-from pych.devices.bus import Bus
-from pych.devices.interrupt import RecordingIrq
-from pych.devices.pci.config import COMMAND, Command
-from pych.devices.pci.interrupts import FakeMsiInterruptManager, RecordingIoEvents
-from pych.memory.guest_memory import GuestMemory
-from pych.vmm import Vmm, VmState
+from pych.vmm import Vmm
 
-MiB = 1 << 20
-PHPR = layout.ACPI_PCI_HOTPLUG_ADDR
-PCIU, PCID, B0EJ, PSEG = (PHPR + off for off in (0x0, 0x4, 0x8, 0xC))
-MMIO64 = (1 << 40, 1 << 32)
+from tests.support.fakes import RecordingEvents
+from tests.support.host import lock_is_free
+from tests.support.machines import MMIO64, PHPR, DeviceManagerMachine, boot_fake, vm_config
+
 DISK = BY_NAME["disk"]
-_FLOCK = struct.Struct("=hh4xqqi4x")
 
 
 # --- the device manager ----------------------------------------------------------------------
-class Machine:
-    """A DeviceManager on fake KVM objects, with the guest's view of the PHPR registers."""
-
-    def __init__(self, config: VmConfig):
-        self.mem = GuestMemory.from_ranges([(0, 8 * MiB)])
-        self.mmio, self.pio = Bus("mmio"), Bus("pio")
-        self.msi = FakeMsiInterruptManager()
-        self.ioevents = RecordingIoEvents()
-        self.notified: list[AcpiNotification] = []
-        self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
-                                ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
-                                mmio64=MMIO64, notify=self.notified.append)
-        self.dm.create_boot_devices()
-
-    def scan(self) -> tuple[int, int]:
-        """What the guest's PCNT reads: (PCIU, PCID)."""
-        self.mmio.write(PSEG, 4, 0)
-        return self.mmio.read(PCIU, 4), self.mmio.read(PCID, 4)
-
-    def enable_decoding(self, slot: int) -> None:
-        """The guest driver turns memory decoding on: BARs map, ioeventfds register."""
-        self.dm.pci.config_write(slot, 0, COMMAND, 2, Command.MEMORY_SPACE)
-
-    def eject(self, slot: int) -> None:
-        """The guest's _EJ0 -> PCEJ(slot, 0)."""
-        self.mmio.write(PSEG, 4, 0)
-        self.mmio.write(B0EJ, 4, 1 << slot)
-
-    def close(self):
-        self.dm.close()
-        self.mem.close()
-
-
-def vm_config(**kw) -> VmConfig:
-    """Like the test guest: --console off, so the rng holds slot 1."""
-    return VmConfig.model_validate({"payload": {"kernel": __file__},
-                                    "console": {"mode": "Off"}, **kw})
-
-
 @pytest.fixture
 def image(tmp_path):
     path = tmp_path / "disk.raw"
@@ -92,20 +43,9 @@ def image(tmp_path):
 
 @pytest.fixture
 def machine():
-    m = Machine(vm_config())
+    m = DeviceManagerMachine(vm_config())
     yield m
     m.close()
-
-
-def lock_is_free(path: str) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def open_fds() -> set[str]:
@@ -207,17 +147,6 @@ def test_the_guest_cannot_eject_a_device_not_pending_removal(machine, image):
 
 
 # --- the VMM endpoints -------------------------------------------------------------------------
-class RecordingEvents:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, source, event, properties=None):
-        self.events.append((source, event, properties))
-
-    def close(self):
-        pass
-
-
 @pytest.fixture
 def vmm():
     vmm = Vmm(event_monitor=RecordingEvents())
@@ -226,15 +155,6 @@ def vmm():
     if vmm.vm is not None:
         vmm.vm.devices.close()
         vmm.vm.guest_memory.close()
-
-
-def boot_fake(vmm):
-    """Stand a DeviceManager on fake KVM objects in for a booted VM."""
-    m = Machine(vmm.config)
-    vmm.vm = SimpleNamespace(devices=m.dm, guest_memory=m.mem, memory=None, cpus=None,
-                             memslots_in_use=None, memory_actual_size=vmm.config.memory.size)
-    vmm.state = VmState.Running
-    return m
 
 
 def test_cold_add_and_remove_only_edit_the_config(vmm, image):

@@ -25,8 +25,9 @@ from pych.devices.pci.bus import PciDeviceIdInUse
 from pych.errors import VmmError
 from pych.vmm import Vmm
 
-from tests.unit.device_manager.test_manager import (Machine, RecordingEvents, boot_fake,
-                                                   lock_is_free, vm_config)
+from tests.support.fakes import RecordingEvents
+from tests.support.host import lock_is_free
+from tests.support.machines import DeviceManagerMachine, boot_fake, vm_config
 
 MiB = 1 << 20
 
@@ -55,7 +56,7 @@ def _readlink(path: str) -> str:
         return ""
 
 
-def bdfs(machine: Machine) -> dict[str, str]:
+def bdfs(machine: DeviceManagerMachine) -> dict[str, str]:
     """device id -> BDF, from the device tree."""
     return {node["children"][0]: node["pci_bdf"] for node in machine.dm.device_tree().values()
             if "pci_bdf" in node}
@@ -65,8 +66,9 @@ def bdfs(machine: Machine) -> dict[str, str]:
 def test_requested_slots_are_reserved_before_any_device_is_placed(images):
     """Without the reservation the first disk would take slot 1 and the second disk's
     request for slot 1 would fail."""
-    m = Machine(vm_config(disks=[{"path": images[0]}, {"path": images[1], "pci_device_id": 1}],
-                          rng={"src": "/dev/urandom", "pci_device_id": 0x1f}))
+    m = DeviceManagerMachine(vm_config(disks=[{"path": images[0]},
+                                              {"path": images[1], "pci_device_id": 1}],
+                                       rng={"src": "/dev/urandom", "pci_device_id": 0x1f}))
     try:
         assert bdfs(m) == {"_disk0": "0000:00:02.0", "_disk1": "0000:00:01.0",
                            "__rng": "0000:00:1f.0"}
@@ -79,9 +81,9 @@ def test_requested_slots_are_reserved_before_any_device_is_placed(images):
 def boot_fails(config, error: type[Exception], match: str) -> None:
     """Boot ``config``, which must fail with ``error``; then close what the boot made, as
     the VM's teardown does."""
-    m = Machine.__new__(Machine)
+    m = DeviceManagerMachine.__new__(DeviceManagerMachine)
     with pytest.raises(error, match=match):
-        Machine.__init__(m, config)
+        DeviceManagerMachine.__init__(m, config)
     m.close()
 
 

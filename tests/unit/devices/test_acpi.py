@@ -11,7 +11,8 @@ from pych.devices.acpi import (
     AcpiGedDevice, AcpiNotification, AcpiPmTimer, AcpiShutdownDevice, MmioWindow,
     pci_segment_aml,
 )
-from pych.devices.interrupt import RecordingIrq
+
+from tests.support.fakes import RecordingIrq
 
 GED_BASE = 0xFEB0_0000
 

@@ -2,8 +2,9 @@
 
 Used by ``scripts/soak.py`` (``make soak``, ``make soak-long``) and, in a short variant, by
 ``tests/guest/test_soak.py``. One pych process boots the test guest (``--cpus boot=1,max=2``,
-which keeps each cycle short on this 2-core host's emulated guest kernel) inside a network namespace the soak creates
-and deletes, so the taps pych creates stay there. Each cycle does one operation, in turn:
+which keeps each cycle short where guest kernel code is emulated on few host cores) inside a
+network namespace the soak creates and deletes, so the taps pych creates stay there. Each
+cycle does one operation, in turn:
 
 * ``disk``: ``vm.add-disk`` (always id ``soakdisk``), the guest sees ``/dev/vda`` and reads
   its first sector back, ``vm.remove-device``, the guest lets go and ejects it;
@@ -16,8 +17,9 @@ and deletes, so the taps pych creates stay there. Each cycle does one operation,
 and every ``reboot_every`` cycles the VM reboots, in turn: ``reboot -f`` in the guest,
 ``vm.reboot``, and a re-creation through the API (``vm.shutdown``, ``vm.delete``,
 ``vm.create``, ``vm.boot``) that switches the memory hot plug method between virtio-mem and
-ACPI. An ACPI boot has 8 DIMM slots; with a reboot at least every 32 cycles no boot runs
-out of them.
+ACPI. An ACPI boot has 32 DIMM slots (the memory manager's ``HOTPLUG_SLOTS``), none reused
+within the boot, and a cycle plugs at most one DIMM: with a reboot at least every 32 cycles
+no boot runs out of them, whatever the operations.
 
 After every cycle the VM is back in its base shape (one vCPU, no hot plugged device, boot
 RAM), which makes it a quiescent checkpoint: the soak samples pych's open fds
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from pych.api.client import ApiClient
-from pych.testing.guest import PychGuest, mem_total_kib
+from tests.support.guest import PychGuest, mem_total_kib
 
 MiB = 1 << 20
 BOOT_RAM = 256 * MiB
@@ -178,7 +180,7 @@ class Soak:
                  operations: tuple[str, ...] = OPERATIONS, reboots: tuple[str, ...] = REBOOTS,
                  progress: Callable[[str], None] = print):
         if not 1 <= reboot_every <= 32:
-            raise ValueError("reboot_every must be 1..32 (an ACPI boot has 8 DIMM slots)")
+            raise ValueError("reboot_every must be 1..32 (an ACPI boot has 32 DIMM slots)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cycles = cycles

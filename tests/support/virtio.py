@@ -3,8 +3,8 @@
 :class:`MockQueue` lays out a split virtqueue in a :class:`~pych.memory.guest_memory.GuestMemory` the
 way a driver does, pushes descriptor chains (direct, indirect, or raw malformed ones)
 and reads back used elements.  :class:`DeviceHarness` activates a device on mock
-queues with kick eventfds and a :class:`RecordingInterrupt`, so device tests run
-without KVM or a transport::
+queues with kick eventfds and a :class:`~tests.support.fakes.RecordingInterrupt`, so device
+tests run without KVM or a transport::
 
     with DeviceHarness(VirtioRng()) as h:
         head = h.queue(0).add_chain(writable=[64])
@@ -15,17 +15,18 @@ without KVM or a transport::
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, ActiveQueue,
+                                        VirtioDevice)
+from pych.devices.virtio.queue import (DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+                                       VIRTQ_DESC_F_WRITE, UsedElement, Virtqueue,
+                                       avail_ring_size, desc_table_size, used_ring_size)
 from pych.memory.guest_memory import GuestMemory
 
-from .device import ActiveQueue, VirtioDevice, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
-from .queue import (DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-                    VIRTQ_DESC_F_WRITE, UsedElement, Virtqueue, avail_ring_size,
-                    desc_table_size, used_ring_size)
+from tests.support.fakes import RecordingInterrupt
 
 MiB = 1 << 20
 
@@ -175,35 +176,6 @@ class MockQueue:
 
     def read_writable(self, buffers: list[tuple[int, int]]) -> bytes:
         return b"".join(self.mem.read(a, n) for a, n in buffers)
-
-
-class RecordingInterrupt:
-    """A :class:`~pych.devices.virtio.device.VirtioInterrupt` that counts signals."""
-
-    def __init__(self) -> None:
-        self.queue_notifications: dict[int, int] = {}
-        self.config_notifications = 0
-        self.reset_requested = False
-        self._cond = threading.Condition()
-
-    def notify_queue(self, index: int) -> None:
-        with self._cond:
-            self.queue_notifications[index] = self.queue_notifications.get(index, 0) + 1
-            self._cond.notify_all()
-
-    def notify_config(self) -> None:
-        with self._cond:
-            self.config_notifications += 1
-            self._cond.notify_all()
-
-    def needs_reset(self) -> None:
-        with self._cond:
-            self.reset_requested = True
-            self._cond.notify_all()
-
-    def wait(self, predicate: Callable[[RecordingInterrupt], bool], timeout: float = 5.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.002) -> bool:

@@ -232,10 +232,6 @@ def qemu_command(art: dict[str, Path], *, machine: str = "microvm,acpi=on", memo
             "-append", cmdline if cmdline is not None else guest_cmdline()]
 
 
-__all__ = ["Console", "GuestError", "PychGuest", "Shell", "guest_artifacts", "guest_cmdline",
-           "qemu_command"]
-
-
 def mem_total_kib(guest: PychGuest) -> int:
     """The guest's MemTotal in KiB, read from /proc/meminfo."""
     rc, out = guest.run("grep MemTotal /proc/meminfo")

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pych.testing.guest import REPO
+from tests.support.guest import REPO
 
 VSOCKCAT_SOURCE = REPO / "tests" / "guest" / "data" / "vsockcat.c"
 

@@ -9,9 +9,9 @@ tests/guest/test_fuzz.py runs a short variant in CI. One run, in order:
    (random bodies would create files and sockets at random paths), and ``vm.reboot`` with the
    wait for the guest to come back.
 2. **Generated requests** (schemathesis + hypothesis), valid and schema-violating bodies, for
-   every operation of shared/spec/cloud-hypervisor.yaml that pych implements, minus the ones
-   that end the VM (step 1 and 5 cover them) and the ones whose generated bodies would make
-   pych create host objects at random paths (``vm.add-net``: taps; ``vm.add-pmem``,
+   every operation of pych's OpenAPI document (:data:`SPEC`, the reference's API) that pych implements, minus
+   the ones that end the VM (step 1 and 5 cover them) and the ones whose generated bodies would
+   make pych create host objects at random paths (``vm.add-net``: taps; ``vm.add-pmem``,
    ``vm.add-vsock``: files and sockets). Bounded by a request count and a deadline.
 3. **Raw HTTP abuse** on the socket: truncated requests, wrong/negative/huge/conflicting
    Content-Length, slow clients trickling bytes (and a client that never reads), binary
@@ -36,12 +36,12 @@ What counts as a failure: a 5xx answer, a status that is neither documented for 
 nor one of the API-wide answers below, a body that does not match the operation's response
 schema or pych's error format (a JSON array of strings), a malformed HTTP response, no answer
 at all where one is due, a deliberate check that does not hold, and anything in step 4.
-Statuses the spec does not list per operation but the reference answers everywhere (see
-shared/notes/ch-hotplug-reference.md §6.3): 400 for a body that does not deserialize or
-validate (every operation with a body), 404 for "VM is not created" (every ``vm.*``), 409 for
-``vm.create``/``vm.boot`` of a VM that exists/runs, 405 for ``vm.counters``/``vm.nmi`` of a VM
-that is not running, 200 with an empty body for ``vmm.shutdown``. One 5xx is right: 505 for
-a request in HTTP/2 (RFC 9110 §15.6.6).
+Statuses the spec does not list per operation but the reference answers everywhere (see the
+reference notes beside the repository, ``../shared/notes/ch-hotplug-reference.md`` §6.3): 400
+for a body that does not deserialize or validate (every operation with a body), 404 for "VM is
+not created" (every ``vm.*``), 409 for ``vm.create``/``vm.boot`` of a VM that exists/runs, 405
+for ``vm.counters``/``vm.nmi`` of a VM that is not running, 200 with an empty body for
+``vmm.shutdown``. One 5xx is right: 505 for a request in HTTP/2 (RFC 9110 §15.6.6).
 """
 
 from __future__ import annotations
@@ -66,12 +66,11 @@ from typing import Any
 import requests
 
 from pych.api.client import ApiClient
-from pych.testing.guest import REPO, PychGuest
-from pych.testing.uds_requests import unix_session
+from tests.support.guest import REPO, PychGuest
+from tests.support.uds_requests import unix_session
 
-SPEC = REPO.parent / "shared" / "spec" / "cloud-hypervisor.yaml"
-if not SPEC.exists():
-    SPEC = Path("/work/shared/spec/cloud-hypervisor.yaml")
+# The reference's API spec, beside the repository (where CI has it), not part of it.
+SPEC = REPO / "docs" / "openapi.json"       # the project's own description of the API
 BASE_URL = "http://localhost/api/v1"
 REQUEST_TIMEOUT = 60.0      # s; a request pych does not answer in this time is a failure
 MAX_BODY = 4 << 20          # pych's (and the reference's) request body limit
@@ -815,7 +814,7 @@ class _MicroPych:
     """pych with only --api-socket, then vm.create + vm.boot of a halting microguest."""
 
     def __init__(self, workdir: Path):
-        from pych.testing.microguest import build_elf
+        from tests.support.microguest import build_elf
 
         self.api_path = str(workdir / "api.sock")
         self.log_path = workdir / "pych.log"

@@ -1,8 +1,8 @@
 """Waiting for hot plug to show in a real guest and in pych's event monitor.
 
-``wait_in_guest`` polls a shell condition inside the guest in one command (acpiphp takes
-tens of seconds on this host to probe or release a device); ``events`` and
-``wait_for_events`` read the JSON lines of the file the guest's ``--event-monitor
+``wait_in_guest`` polls a shell condition inside the guest in one command (acpiphp can take
+tens of seconds to probe or release a device where guest kernel code is emulated); ``events``
+and ``wait_for_events`` read the JSON lines of the file the guest's ``--event-monitor
 path=...`` writes, which tests keep as ``guest.events_path``.
 """
 

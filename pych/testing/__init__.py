@@ -1,1 +1,0 @@
-"""Helpers for driving real guests from tests, benchmarks and the demo."""
