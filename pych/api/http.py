@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
 from pych.api.handler import close_fds
+from pych.threads import NamedThread
 
 logger = logging.getLogger(__name__)
 
@@ -461,9 +462,9 @@ class ApiServer:
             assert self._fd is not None  # one of the two, checked by __init__
             listener = _adopt_listening_fd(self._fd)
         server = _Server(listener, self._dispatcher)
-        thread = threading.Thread(
-            target=self._accept_loop, args=(server,), name="api-http", daemon=True
-        )
+        # The reference's name; the threads serving connections inherit it from this one.
+        thread = NamedThread(target=self._accept_loop, args=(server,), name="http-server",
+                             daemon=True)
         thread.start()
         self._server, self._thread, self._started = server, thread, True
 

@@ -15,6 +15,7 @@ from pych import seccomp
 from pych.cli.options import ApiSocketOption, EventMonitorOption
 from pych.config import ConfigError
 from pych.errors import VmmError
+from pych.threads import set_native_name
 from pych.event_monitor import EventMonitor
 from pych.cpu.vcpu import install_kick_handler
 from pych.vmm import Vmm
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 def run(config, args: argparse.Namespace) -> int:
     """``pych``'s main: boot ``config`` (if given), serve the API, return the exit code."""
     _setup_logging(args)
+    set_native_name("pych")          # the main thread: the control loop (vCPUs are vcpu<N>)
     install_kick_handler()
     monitor_opt = _parse(getattr(args, "event_monitor", None), EventMonitorOption)
     api_opt = _parse(getattr(args, "api_socket", None), ApiSocketOption)

@@ -19,6 +19,7 @@ from pych.arch.x86_64 import emulate as emu
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import KvmError, Vcpu
 from pych.hypervisor.kvm import bindings as kb
+from pych.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class VcpuThread:
         """Start the thread; with ``paused`` it parks before its first KVM_RUN until
         :meth:`resume` (a vCPU hot plugged while the VM is paused)."""
         self._paused = paused
-        self.thread = threading.Thread(target=self._run, name=f"vcpu{self.index}", daemon=True)
+        self.thread = NamedThread(target=self._run, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
     def kick(self) -> None:

@@ -78,7 +78,8 @@ def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
     if not disk.path:
         raise ValueError("a disk needs a path")
     return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                       num_queues=disk.num_queues, queue_size=disk.queue_size, name=name)
+                       num_queues=disk.num_queues, queue_size=disk.queue_size,
+                       image_type=disk.image_type, name=name)
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:

@@ -431,6 +431,14 @@ class DeviceManager:
         if on_ejected is not None:
             on_ejected(dev_id, address)
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``vm.counters``: each virtio device that keeps counters, by id (the reference's
+        ``DeviceManager::counters``)."""
+        with self._lock:
+            devices = list(self.devices.items())
+        return {dev_id: counters for dev_id, pci_dev in devices
+                if (counters := pci_dev.device.counters()) is not None}
+
     def pending_removal(self) -> list[str]:
         """Ids of the devices the guest has been asked to eject and has not ejected yet."""
         with self._lock:

@@ -156,6 +156,7 @@ def test_lspci_shows_each_device_at_the_bdf_of_the_device_tree(guest):
 
 def test_disk_pattern_both_ways_and_readonly_disk_rejects_writes(guest):
     tool_before = hashlib.md5(guest.files["tool_disk"].read_bytes()).hexdigest()
+    before = api_get(guest, "vm.counters")["_disk0"]
     rc, out = guest.run(
         f"head -c {len(DISK_PATTERN)} /dev/vda | md5sum; "
         f"printf {GUEST_PATTERN} | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null && echo wrote; "
@@ -168,6 +169,11 @@ def test_disk_pattern_both_ways_and_readonly_disk_rejects_writes(guest):
     data = guest.files["disk"].read_bytes()
     assert data[4096:4096 + len(GUEST_PATTERN)] == GUEST_PATTERN.encode()
     assert hashlib.md5(guest.files["tool_disk"].read_bytes()).hexdigest() == tool_before
+    # vm.counters counted the guest's I/O on _disk0: the pattern read and the 512-byte write
+    after = api_get(guest, "vm.counters")["_disk0"]
+    assert after["read_bytes"] - before["read_bytes"] >= len(DISK_PATTERN), (before, after)
+    assert after["write_bytes"] - before["write_bytes"] >= 512 and after["write_ops"] > 0
+    assert after["write_latency_min"] <= after["write_latency_avg"] <= after["write_latency_max"]
 
 
 def test_ext4_image_made_on_the_host_mounts_and_the_host_reads_back_what_the_guest_wrote(guest):
@@ -238,6 +244,9 @@ def test_net_ping_and_tcp_both_ways(guest):
     rc, out = guest.run(f"nc {HOST_IP} 5001 < /tmp/net.bin && echo sent", timeout=300)
     assert rc == 0 and "sent" in out, out
     assert wait() == (len(payload), hashlib.md5(payload).hexdigest())
+    net = api_get(guest, "vm.counters")["_net3"]                # both transfers, and the pings
+    assert net["rx_bytes"] >= len(payload) and net["tx_bytes"] >= len(payload), net
+    assert net["rx_frames"] > 0 and net["tx_frames"] > 0, net
 
 
 def test_vsock_host_to_guest_and_guest_to_host(guest):
@@ -350,3 +359,18 @@ def test_missing_file_and_duplicate_id_are_clear_command_line_errors(files, tmp_
                           "--pmem", f"file={files['pmem']},id=same"],
                          capture_output=True, text=True, timeout=120)
     assert dup.returncode == 2 and "Identifier same is not unique" in dup.stderr, dup.stderr
+
+
+def test_threads_are_named_as_the_reference_names_them(guest):
+    """Kata Containers finds a sandbox's vCPU threads by ``^vcpu\\d+$`` in
+    /proc/<pid>/task/*/comm (to put them in the sandbox's cgroup and pin them)."""
+    pid = guest.proc.pid
+    names = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            names[tid] = f.read().strip()
+    assert sorted(n for n in names.values() if re.fullmatch(r"vcpu\d+", n)) == ["vcpu0"], names
+    assert names[str(pid)] == "pych"
+    assert "http-server" in names.values()
+    # each active virtio device's worker carries the device's id
+    assert {"_disk0", "_net3", "__rng"} <= set(names.values()), names

@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.guest import vm_info
 from tests.support.hotplug import events, wait_in_guest
+from tests.support.host import unix_socket_listening
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 HOST_FILE_SIZE = 256 * 1024
@@ -46,7 +47,7 @@ class Virtiofsd:
              "-o", "cache=none"], stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
+        while not unix_socket_listening(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"virtiofsd did not start: {self.log_text()}")
             time.sleep(0.05)

@@ -20,3 +20,22 @@ def lock_is_free(path: str | os.PathLike) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+_SO_ACCEPTCON = 0x10000                        # /proc/net/unix Flags of a listening socket
+
+
+def unix_socket_listening(path: str | os.PathLike) -> bool:
+    """Whether a Unix socket bound at ``path`` is listening, from ``/proc/net/unix``.
+
+    A server (virtiofsd) creates the socket file before it calls listen(); waiting for the
+    file alone races with that.  Probing with connect() is no way out for a server that
+    serves one connection only: the probe would be that connection."""
+    target = os.fspath(path)
+    with open("/proc/net/unix") as table:
+        next(table)                              # the header line
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == target and int(fields[3], 16) & _SO_ACCEPTCON:
+                return True
+    return False

@@ -39,6 +39,7 @@ from pych.memory.guest_memory import GuestMemory
 from tests.support.fakes import (FakeMsiInterruptManager, RecordingEvents, RecordingIrq,
                                  RecordingMsiGroup, RecordingMsiVector)
 from tests.support.virtio import DeviceHarness, wait_until
+from tests.support.host import unix_socket_listening
 from tests.support.machines import DeviceManagerMachine, boot_fake, vm_config
 from tests.unit.test_vhost_user import FakeBackend, fd_identity
 from tests.unit.test_virtio_pci import LinuxDriver, Machine, bring_up
@@ -655,7 +656,7 @@ def virtiofsd(tmp_path):
     log = open(tmp_path / "virtiofsd.log", "wb")
     proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={share}",
                              "-o", "cache=none"], stdout=log, stderr=subprocess.STDOUT)
-    assert wait_until(lambda: os.path.exists(socket_path) or proc.poll() is not None, 10)
+    assert wait_until(lambda: unix_socket_listening(socket_path) or proc.poll() is not None, 10)
     yield proc, socket_path, share
     if proc.poll() is None:
         proc.kill()

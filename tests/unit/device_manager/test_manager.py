@@ -266,3 +266,13 @@ def test_a_second_vsock_is_refused(vmm, tmp_path):
         vmm.vm_add_vsock(VsockConfig(cid=4, socket=str(tmp_path / "w.sock")))
     assert status_of(e.value) == 500 and "Too many vsock devices" in e.value.messages[-1]
     assert vmm.config.vsock.cid == 3
+
+
+def test_counters_are_each_counting_devices_by_id(image):
+    m = DeviceManagerMachine(vm_config(disks=[{"path": image}]))
+    try:
+        counters = m.dm.counters()
+        assert set(counters) == {"_disk0"}                 # the rng keeps none
+        assert counters["_disk0"]["read_ops"] == 0 and counters["_disk0"]["write_bytes"] == 0
+    finally:
+        m.close()
