@@ -2,7 +2,7 @@
 
 Unlike KVM's, VFIO's ioctls are ``_IO(';', 100 + n)``: no size is encoded in the request
 number; every structure starts with ``argsz``, which the caller sets to the size it
-passes. ``tests/unit/test_vfio.py`` checks each structure's size against the kernel's
+passes. ``tests/unit/devices/vfio/test_vfio.py`` checks each structure's size against the kernel's
 (``KERNEL_STRUCT_SIZES``) and each request number against the header's value.
 """
 

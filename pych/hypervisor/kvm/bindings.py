@@ -1,7 +1,7 @@
 """KVM ABI for x86_64: ioctl numbers and ctypes structures (from <linux/kvm.h>).
 
 Every structure whose size is encoded in an ioctl number is checked against it by
-``tests/unit/test_kvm_bindings.py``; get a layout wrong and that test names it.
+``tests/unit/hypervisor/kvm/test_bindings.py``; get a layout wrong and that test names it.
 """
 
 from __future__ import annotations

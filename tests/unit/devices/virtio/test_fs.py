@@ -5,7 +5,7 @@ MSI-X vectors' irqfds), vector changes, driver resets, guest memory hot plug, a 
 that fails or hangs up, hot plug and removal through the device manager and the VMM, and
 one round trip of FUSE requests through Debian's real virtiofsd.
 
-The fake back-end (:class:`tests.unit.test_vhost_user.FakeBackend`) records every message.
+The fake back-end (:class:`tests.unit.devices.test_vhost_user.FakeBackend`) records every message.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from tests.support.fakes import (FakeMsiInterruptManager, RecordingEvents, Recor
 from tests.support.virtio import DeviceHarness, wait_until
 from tests.support.host import unix_socket_listening
 from tests.support.machines import DeviceManagerMachine, boot_fake, vm_config
-from tests.unit.test_vhost_user import FakeBackend, fd_identity
-from tests.unit.test_virtio_pci import LinuxDriver, Machine, bring_up
+from tests.unit.devices.test_vhost_user import FakeBackend, fd_identity
+from tests.unit.devices.virtio.test_pci import LinuxDriver, Machine, bring_up
 
 MiB = 1 << 20
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

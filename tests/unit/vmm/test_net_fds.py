@@ -40,7 +40,7 @@ from pych.vmm import Vmm, VmState
 
 from tests.support.fakes import RecordingEvents
 from tests.support.machines import BootedVm, DeviceManagerMachine, run_as_booted, vm_config
-from tests.unit.test_tap import in_new_netns, links
+from tests.unit.devices.net.test_tap import in_new_netns, links
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),

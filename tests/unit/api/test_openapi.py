@@ -12,7 +12,7 @@ import pytest
 from pych.api import openapi
 from pych.api.routes import ROUTES
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DOCUMENT = REPO / "docs" / "openapi.json"
 REFERENCE = REPO.parent / "shared" / "spec" / "cloud-hypervisor.yaml"
 

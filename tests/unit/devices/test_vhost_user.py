@@ -3,7 +3,7 @@ descriptors passed with SCM_RIGHTS, feature negotiation, REPLY_ACK, the memory t
 every way a back-end can fail (missing, refusing, hanging up, answering nonsense, silent).
 
 :class:`FakeBackend` answers like libvhost-user (virtiofsd's library) and records every
-message; ``tests/unit/test_virtio_fs.py`` uses it too.
+message; ``tests/unit/devices/virtio/test_fs.py`` uses it too.
 """
 
 from __future__ import annotations
