@@ -6,7 +6,6 @@
 - :mod:`pych.vmm.controllers`: what a request does before boot (edit the configuration) and
   at runtime (act on the VM, then record it).
 - :mod:`pych.vmm.manager_errors`: the managers' errors as domain errors (:mod:`pych.errors`).
-- :mod:`pych.vmm.memory_resize`: the rules of ``vm.resize``'s RAM and ``vm.resize-zone``.
 - :mod:`pych.vmm.serial_port`: the host end of ``--serial``, kept across reboots.
 
 The process around it (command line, logging, signals, the API server) is

@@ -62,12 +62,12 @@ class VmController(ABC):
         cpus.boot_vcpus = desired
 
     def resize_memory(self, desired: int) -> None:
-        """``desired_ram`` (see :func:`pych.vmm.memory_resize.resize_ram`)."""
+        """``desired_ram`` (see :func:`pych.memory.resize.resize_ram`)."""
         with domain_errors("Error resizing VM memory"):
             resize_ram(self.config.memory, desired, self._memory_manager())
 
     def resize_zone(self, zone_id: str, desired: int) -> None:
-        """``vm.resize-zone`` (see :func:`pych.vmm.memory_resize.resize_zone`)."""
+        """``vm.resize-zone`` (see :func:`pych.memory.resize.resize_zone`)."""
         with domain_errors("The memory zone could not be resized"):
             resize_zone(self.config.memory, zone_id, desired, self._memory_manager())
 

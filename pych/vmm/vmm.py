@@ -273,7 +273,7 @@ class Vmm(ControlLoop, RequestHandler):
         self.events.emit("vm", "resized")
 
     def vm_resize_zone(self, request) -> None:
-        """``vm.resize-zone {id, desired_ram}`` (see pych.vmm.memory_resize.resize_zone)."""
+        """``vm.resize-zone {id, desired_ram}`` (see pych.memory.resize.resize_zone)."""
         self._controller().resize_zone(request.id, request.desired_ram)
 
     # --- RequestHandler: PCI device hot plug --------------------------------------------------
