@@ -14,7 +14,7 @@ Both VMMs do buffered host I/O on the image (QEMU's default ``cache=writeback``;
 ``preadv``/``pwritev``) and turn a guest flush into an fsync. Reports MB/s and per-request
 latency (mean, p50, p99) measured by the guest's clock, and the host's wall time of each
 blkbench command as a cross-check. Guest kernel code is emulated on this host (see
-shared/notes/pvm-host.md), so absolute numbers are small; compare the ratio.
+../shared/notes/pvm-host.md), so absolute numbers are small; compare the ratio.
 Prints a table and saves docs/bench-block.png (when matplotlib is installed).
 
     .venv/bin/python bench/block.py [--runs 2] [--seq-mib 16] [--rand-ops 1000]

@@ -6,7 +6,7 @@ MCFG, XSDT. The XSDT lists FACP, APIC and MCFG; the DSDT is reached only through
 X_DSDT. The platform is HW-reduced ACPI: no FACS, no PM1/GPE blocks; shutdown and reset go
 through the 1-byte register at ``ACPI_SHUTDOWN_PORT`` (see ``pych.devices.acpi``).
 
-Field offsets are those of ACPI 6.5 §5.2; see shared/notes/ch-hotplug-reference.md §1.2.
+Field offsets are those of ACPI 6.5 §5.2; see ../shared/notes/ch-hotplug-reference.md §1.2.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``\\_SB_.PRES``, the CPU hot plug controller: its 12-byte MMIO register block and the AML
 that drives it, ``\\_SB_.PRES`` plus the processor container ``\\_SB_.CPUS``
-(shared/notes/ch-hotplug-reference.md §3). :class:`~pych.cpu.manager.CpuManager` owns one and
+(../shared/notes/ch-hotplug-reference.md §3). :class:`~pych.cpu.manager.CpuManager` owns one and
 says which CPUs are being inserted or removed; the guest's AML reads and acks them here.
 """
 

@@ -2,7 +2,7 @@
 
 It owns every vCPU of the VM (their threads: :mod:`pych.cpu.vcpu`) and the CPU hot plug
 controller, ``\\_SB_.PRES`` (:mod:`pych.cpu.hotplug`: its register block and AML,
-shared/notes/ch-hotplug-reference.md §3).
+../shared/notes/ch-hotplug-reference.md §3).
 
 Hot plug, end to end:
 

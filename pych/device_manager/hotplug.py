@@ -1,6 +1,6 @@
 """PCI hot plug: ``\\_SB_.PHPR``, the ACPI PCI hot plug controller (its 16-byte MMIO register
 block and AML), and the slot objects it notifies inside the host bridge
-(shared/notes/ch-hotplug-reference.md §5). The device manager sets the bits and handles the
+(../shared/notes/ch-hotplug-reference.md §5). The device manager sets the bits and handles the
 ejects; the guest's ``PCNT`` and ``PCEJ`` read and write them here.
 """
 

@@ -6,7 +6,7 @@ Hypervisor's, and it fills generated ids back into the configuration, so a reboo
 the same devices. Devices are built by the per-kind factories (:mod:`.factories`) and get
 guest memory, MSI and ioeventfd objects injected; none sees the VM.
 
-PCI hot plug (shared/notes/ch-hotplug-reference.md §5): :meth:`DeviceManager.hotplug` adds a
+PCI hot plug (../shared/notes/ch-hotplug-reference.md §5): :meth:`DeviceManager.hotplug` adds a
 device of any hot-pluggable kind, :meth:`DeviceManager.remove_device` asks the guest to eject
 one, and :meth:`DeviceManager.eject` tears it down when the guest does, through the
 ``\\_SB_.PHPR`` register block and its AML (:mod:`.hotplug`). An added device is built

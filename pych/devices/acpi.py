@@ -3,7 +3,7 @@
 Each device is a :class:`~pych.devices.bus.BusDevice`; the ones the guest finds through the
 DSDT also produce their AML with ``to_aml()``, so the register block and the AML that drives
 it stay side by side. The free functions return the rest of the DSDT that the reference emits
-(shared/notes/ch-hotplug-reference.md §1.3, §2, §5.2): COM1, ``_S5_``, the power button, a PCI
+(../shared/notes/ch-hotplug-reference.md §1.3, §2, §5.2): COM1, ``_S5_``, the power button, a PCI
 segment's host bridge and the ECAM reservation. The hot plug controllers ``\\_SB_.GEC_.ESCN``
 calls are the managers' (``pych.cpu.hotplug``, ``pych.memory.hotplug``,
 ``pych.device_manager.hotplug``).

@@ -1,5 +1,5 @@
 """``\\_SB_.MHPC``, the ACPI memory hot plug controller: the DIMM slots' MMIO register block
-and the AML that drives it (shared/notes/ch-hotplug-reference.md §4.1), plus the stub the
+and the AML that drives it (../shared/notes/ch-hotplug-reference.md §4.1), plus the stub the
 reference emits without ACPI memory hot plug. The memory manager plugs DIMMs into the slots
 and asks for their removal; the guest's ``MSCN`` scans, acks and ejects them here.
 """

@@ -10,7 +10,7 @@ zones out one after the other over the RAM ranges around the 32-bit hole, and ea
 mapping of the zone's memory registered as a KVM memslot. After boot RAM comes the hot plug
 space, which is only guest physical address space until RAM is plugged into it.
 
-ACPI hot plug (shared/notes/ch-hotplug-reference.md §4.1), end to end:
+ACPI hot plug (../shared/notes/ch-hotplug-reference.md §4.1), end to end:
 
 1. ``vm.resize`` (:func:`pych.memory.resize.resize_ram`, which holds the rules) asks
    :meth:`MemoryManager.resize` for more RAM. The increase becomes one new DIMM: a new memfd

@@ -1,4 +1,4 @@
-"""CPU hot plug in a real guest: the user's acceptance flow (shared/spec/hotplug.md, "CPU Hot
+"""CPU hot plug in a real guest: the user's acceptance flow (../shared/spec/hotplug.md, "CPU Hot
 Plug") with curl against the API socket on a cheap boot=1,max=2 guest (the documentation's own
 boot=4,max=8 flow is tests/guest/test_cpu_hotplug_seed.py); then down, up again on the same
 ids, removal under CPU-bound load, refused requests, and the last requested count surviving

@@ -1,4 +1,4 @@
-"""CPU hot plug at the user documentation's own scale (shared/spec/hotplug.md, "CPU Hot Plug"),
+"""CPU hot plug at the user documentation's own scale (../shared/spec/hotplug.md, "CPU Hot Plug"),
 verbatim: a guest started with ``--cpus boot=4,max=8 --api-socket``, the documented curl
 request to 8 vCPUs, ``lscpu`` showing CPUs 4-7 offline, ``echo 1 | tee
 /sys/devices/system/cpu/cpu[4,5,6,7]/online``, the request down to 2 (the guest offlines six

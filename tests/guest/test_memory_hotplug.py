@@ -1,4 +1,4 @@
-"""ACPI memory hot plug in a real guest: the user's "Memory Hot Plug" flow (shared/spec/
+"""ACPI memory hot plug in a real guest: the user's "Memory Hot Plug" flow (../shared/spec/
 hotplug.md), scaled to this host (256 MiB boot RAM, a 1 GiB window, 128-256 MiB steps).
 
 One guest (boot=1,max=2 vCPUs) is shared by the module; the tests run in order and each

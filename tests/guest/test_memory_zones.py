@@ -1,6 +1,6 @@
 """User-defined memory zones in a real guest: boot RAM made of a zone, a second zone that is
 only a virtio-mem region, grown and shrunk live with vm.resize-zone, and the zone's plugged
-amount kept across a reboot (shared/notes/ch-hotplug-reference.md §4.2).
+amount kept across a reboot (../shared/notes/ch-hotplug-reference.md §4.2).
 
 One guest is shared by the module (``--memory size=0,hotplug_method=virtio-mem``, zone
 ``mem0`` 256 MiB of boot RAM, zone ``mem1`` size 0 with a 512 MiB virtio-mem region, hot

@@ -1,5 +1,5 @@
 """PCI device hot plug of a disk in a real guest, driven with curl as in the user's document
-(shared/spec/hotplug.md, "PCI Device Hot Plug"): add, use, remove, reuse, errors, reboot.
+(../shared/spec/hotplug.md, "PCI Device Hot Plug"): add, use, remove, reuse, errors, reboot.
 
 One guest (--console off, so the rng holds slot 1 and the first hot-added device gets
 0000:00:02.0) is shared by the module; the tests run in order and each leaves the guest in

@@ -1,5 +1,5 @@
 """PCI hot plug of two nets, a pmem and a vsock device in a real guest, with the user
-document's curl lines (shared/spec/hotplug.md, "PCI Device Hot Plug"), paths adapted.
+document's curl lines (../shared/spec/hotplug.md, "PCI Device Hot Plug"), paths adapted.
 
 One guest boots with only a read-only disk carrying ``vsockcat`` (the guest end of the
 vsock checks, built from tests/guest/data/vsockcat.c) and no net, pmem or vsock. pych

@@ -1,7 +1,7 @@
 """virtio-fs in a real guest, served by Debian's virtiofsd (QEMU 7.2's C back-end,
 ``/usr/lib/qemu/virtiofsd`` from qemu-system-common): a share given at boot with ``--fs``,
 then a second one hot plugged with ``vm.add-fs`` and removed with ``vm.remove-device``,
-both driven with curl as in shared/spec/hotplug.md; then a guest reboot, which the boot
+both driven with curl as in ../shared/spec/hotplug.md; then a guest reboot, which the boot
 share and a share hot added just before it survive (virtiofsd exits when its connection
 closes, so pych hands the same connections to the rebuilt VM).
 

@@ -1,7 +1,7 @@
 """Instructions a nested KVM (as on PVM hosts) leaves to userspace, emulated in the VMM.
 
 On ``KVM_EXIT_INTERNAL_ERROR`` with suberror 1 the exit carries the instruction bytes
-(shared/notes/pvm-host.md). :func:`emulate` decodes the few instructions a Linux guest
+(../shared/notes/pvm-host.md). :func:`emulate` decodes the few instructions a Linux guest
 is known to hit, updates the registers and tells the vCPU loop whether to resume.
 Pure function over (bytes, regs) so it is unit tested without KVM.
 """

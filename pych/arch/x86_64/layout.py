@@ -1,5 +1,5 @@
 """Guest physical address layout for x86_64 (the reference's layout, see
-shared/notes/ch-hotplug-reference.md §1.5).
+../shared/notes/ch-hotplug-reference.md §1.5).
 
 Every fixed guest address pych uses lives here, so that the boot code, the ACPI
 tables and the device buses agree by construction.

@@ -1,5 +1,5 @@
 """The CPU hot plug register block ``\\_SB_.PRES`` without KVM: selection, status, the
-guest's scan, acks and ejects (shared/notes/ch-hotplug-reference.md §3)."""
+guest's scan, acks and ejects (../shared/notes/ch-hotplug-reference.md §3)."""
 
 from __future__ import annotations
 

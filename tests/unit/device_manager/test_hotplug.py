@@ -1,5 +1,5 @@
 """The PCI hot plug register block ``\\_SB_.PHPR`` without KVM: per-segment PCIU/PCID
-bitmaps, B0EJ ejects and segment selection (shared/notes/ch-hotplug-reference.md §5.1)."""
+bitmaps, B0EJ ejects and segment selection (../shared/notes/ch-hotplug-reference.md §5.1)."""
 
 from __future__ import annotations
 

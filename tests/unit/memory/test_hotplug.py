@@ -1,5 +1,5 @@
 """The ACPI memory hot plug register block ``\\_SB_.MHPC`` without KVM: slot selection,
-status, acks, ejects and ``_OST`` reports (shared/notes/ch-hotplug-reference.md §4.1)."""
+status, acks, ejects and ``_OST`` reports (../shared/notes/ch-hotplug-reference.md §4.1)."""
 
 from __future__ import annotations
 

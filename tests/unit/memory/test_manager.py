@@ -1,6 +1,6 @@
 """The memory manager without KVM: boot RAM and the hot plug window, ACPI DIMMs plugged and
 ejected (vm.resize's rules themselves: test_resize.py), virtio-mem regions, and what
-vm.info reports (shared/notes/ch-hotplug-reference.md §4.1, §4.2)."""
+vm.info reports (../shared/notes/ch-hotplug-reference.md §4.1, §4.2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The memory resize rules (pych.memory.resize): ``vm.resize``'s ``desired_ram`` and
 ``vm.resize-zone``, on a configuration alone, with a recording manager, with a real memory
-manager, and through the VMM (shared/notes/ch-hotplug-reference.md §4.1, §4.2)."""
+manager, and through the VMM (../shared/notes/ch-hotplug-reference.md §4.1, §4.2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """User-defined memory zones without KVM (``--memory size=0 --memory-zone ...``): each zone's
 boot RAM and backing, the virtio-mem regions after it, and the command line
-(shared/notes/ch-hotplug-reference.md §4.2). Resizing a zone: test_resize.py."""
+(../shared/notes/ch-hotplug-reference.md §4.2). Resizing a zone: test_resize.py."""
 
 from __future__ import annotations
 
