@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 
 from pych.devices.disk_format import UNKNOWN, check_image
 
@@ -286,31 +287,31 @@ class VirtioBlock(VirtioDevice):
                  data: ChainWriter) -> BlockStatus:
         match request:
             case RequestType.IN:
-                views = data.take(data.remaining)
-                length = sum(len(v) for v in views)
-                offset = self._range(sector, length)
-                if offset is None:
-                    return BlockStatus.IOERR
-                start = time.monotonic_ns()
-                self.image.read_into(views, offset)
-                self.stats["read"].add(length, time.monotonic_ns() - start)
+                return self._transfer("read", data.take(data.remaining), sector,
+                                      self.image.read_into)
             case RequestType.OUT:
                 if self.readonly:
                     return BlockStatus.IOERR
-                views = reader.take(reader.remaining)
-                length = sum(len(v) for v in views)
-                offset = self._range(sector, length)
-                if offset is None:
-                    return BlockStatus.IOERR
-                start = time.monotonic_ns()
-                self.image.write_from(views, offset)
-                self.stats["write"].add(length, time.monotonic_ns() - start)
+                return self._transfer("write", reader.take(reader.remaining), sector,
+                                      self.image.write_from)
             case RequestType.FLUSH:
                 self.image.flush()
             case RequestType.GET_ID:
                 data.write(self.serial[:data.remaining])
             case _:
                 return BlockStatus.UNSUPP
+        return BlockStatus.OK
+
+    def _transfer(self, direction: str, views: list[memoryview], sector: int,
+                  io: Callable[[list[memoryview], int], None]) -> BlockStatus:
+        """Read or write ``views`` at ``sector`` with ``io``, counted in ``stats``."""
+        length = sum(len(v) for v in views)
+        offset = self._range(sector, length)
+        if offset is None:
+            return BlockStatus.IOERR
+        start = time.monotonic_ns()
+        io(views, offset)
+        self.stats[direction].add(length, time.monotonic_ns() - start)
         return BlockStatus.OK
 
     def _range(self, sector: int, length: int) -> int | None:
