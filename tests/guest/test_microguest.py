@@ -1,5 +1,6 @@
 """The KVM core against a few-instruction PVH guest: boots in milliseconds, no Linux."""
 
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +34,9 @@ def test_unemulatable_instructions_are_handled_by_the_vmm(tmp_path):
     r = _pych(tmp_path, code + serial_then_poweroff(b"\n"), "-v")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"8\n"
-    assert b"emulated fwait" in r.stderr or b"emulated popcnt" in r.stderr or r.stdout == b"8\n"
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        # This KVM leaves both to userspace: the answer above is pych's emulation's.
+        assert b"emulated fwait" in r.stderr and b"emulated popcnt" in r.stderr, r.stderr
 
 
 def test_unknown_emulation_failure_is_one_clear_line(tmp_path):
