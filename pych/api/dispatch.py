@@ -27,7 +27,8 @@ import pydantic
 from pydantic_core import PydanticSerializationError
 
 from pych.api.errors import BODY_ERRORS, error_chain, not_supported, status_of
-from pych.api.handler import RequestHandler, close_fds
+from pych.api.handler import RequestHandler
+from pych.fds import close_fds
 from pych.api.routes import BY_PATH, Route
 
 logger = logging.getLogger(__name__)

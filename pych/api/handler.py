@@ -17,13 +17,12 @@ statuses.  Anything else is a bug and answers ``500``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pych.api.errors import not_supported
 from pych.errors import Unsupported
+from pych.fds import close_fds
 
 if TYPE_CHECKING:
     from pych.config import (
@@ -43,14 +42,6 @@ if TYPE_CHECKING:
 Body = Any
 """What an endpoint that answers with a body returns: a pydantic model or a
 JSON-serialisable ``dict``."""
-
-
-def close_fds(fds: Iterable[int]) -> None:
-    """Close fds received with a request that nobody will keep (errors ignored: an fd
-    already closed has nothing left to release)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _unsupported(endpoint: str, fds: Iterable[int] = ()) -> Unsupported:

@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 
 from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
-from pych.api.handler import close_fds
+from pych.fds import close_fds
 from pych.threads import NamedThread
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ differ only in whether there is a VM to act on.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pych.config import NetConfig, PciDeviceInfo, VmConfig, kinds

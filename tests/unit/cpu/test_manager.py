@@ -21,8 +21,7 @@ from pych.cpu.manager import CpuManager, VcpuRemovalPending
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import bindings as kb
-from pych.errors import VmmError
-from pych.vmm import Vmm, VmState
+from pych.vmm import Vmm
 
 
 

@@ -19,7 +19,6 @@ from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
 from pych.config import ConfigConflict, DiskConfig, NetConfig, VmRemoveDevice, VsockConfig
 from pych.config.kinds import BY_NAME
-from pych.device_manager.hotplug import PciHotplugController
 from pych.device_manager.manager import (
     DeviceBackendError, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
 )
@@ -28,7 +27,7 @@ from pych.vmm import Vmm
 
 from tests.support.fakes import RecordingEvents
 from tests.support.host import lock_is_free
-from tests.support.machines import MMIO64, PHPR, DeviceManagerMachine, boot_fake, vm_config
+from tests.support.machines import MMIO64, DeviceManagerMachine, boot_fake, vm_config
 
 DISK = BY_NAME["disk"]
 

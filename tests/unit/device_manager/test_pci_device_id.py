@@ -18,7 +18,6 @@ import pytest
 from pych.api import ApiServer
 from pych.api.client import ApiClient
 from pych.api.errors import status_of
-from pych.errors import VmmError
 from pych.config import ConfigError
 from pych.device_manager.manager import DeviceBackendError
 from pych.devices.pci.bus import PciDeviceIdInUse

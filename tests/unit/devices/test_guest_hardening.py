@@ -3,7 +3,6 @@ width, a virtqueue index far ahead of the device, oversized indirect tables and 
 
 import logging
 import resource
-import threading
 import time
 
 import pytest

@@ -13,7 +13,6 @@ from pych.config import (DiskConfig, NetConfig, VmRemoveDevice, VmResize, VmResi
                          VsockConfig)
 from pych.cpu.manager import VcpuRemovalPending
 from pych.errors import InvalidRequest, NotFound, RetryLater, VmNotCreated
-from pych.vmm import controllers
 from pych.vmm.controllers import PrebootController, RuntimeController
 
 from tests.unit.vmm.fakes import MiB, fake_vmm, vm_config

@@ -29,14 +29,13 @@ from pyroute2 import IPRoute
 from pych.api import ApiServer
 from pych.api.client import ApiClient
 from pych.api.errors import status_of
-from pych.errors import VmmError
 from pych.cli.remote import main as remote_main
 from pych.config import ConfigError, NetConfig, VmConfig
 from pych.devices.net.tap import (IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, TUNSETIFF, Tap,
                                   TapError, tap_fd_name)
 from pych.devices.virtio.net import VirtioNet
 from pych.errors import VmmError
-from pych.vmm import Vmm, VmState
+from pych.vmm import Vmm
 
 from tests.support.fakes import RecordingEvents
 from tests.support.machines import BootedVm, DeviceManagerMachine, run_as_booted, vm_config

@@ -27,7 +27,6 @@ from pych.devices.bus import Bus
 from pych.devices.pci.config import BAR0, COMMAND, Command
 from pych.devices.vfio import bindings as b
 from pych.devices.virtio.mem import Request, Response
-from pych.memory.guest_memory import GuestMemory
 from pych.memory.hotplug import MemoryHotplugController
 from pych.memory.manager import MemoryManager
 from pych.vmm import Vmm

@@ -22,8 +22,7 @@ from pych.api.errors import status_of
 from pych.errors import VmmError
 from pych.config import DiskConfig, FsConfig, VmRemoveDevice
 from pych.config.kinds import BY_NAME
-from pych.device_manager.manager import DeviceBackendError, DeviceManager
-from pych.devices.bus import Bus
+from pych.device_manager.manager import DeviceBackendError
 from pych.devices.pci.msix import MSIX_CONTROL_ENABLE
 from pych.devices.vhost_user import (FLAG_NEED_REPLY, SINGLE_MEM_REGION, VRING_ADDR,
                                      VHOST_USER_F_PROTOCOL_FEATURES, MEM_TABLE_HEADER,
@@ -34,7 +33,6 @@ from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import CommonCfg, VirtioPciCapType
 from pych.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pych.memory.guest_memory import GuestMemory
 
 from tests.support.fakes import (FakeMsiInterruptManager, RecordingEvents, RecordingIrq,
                                  RecordingMsiGroup, RecordingMsiVector)
