@@ -137,7 +137,7 @@ def _open_tap(net, name: str) -> Tap:
 
 
 def make_rng(rng, name: str, ctx: FactoryContext) -> VirtioRng:
-    return VirtioRng(rng.src)
+    return VirtioRng(rng.src, name=name)
 
 
 def make_fs(fs, name: str, ctx: FactoryContext) -> VirtioFs:
