@@ -124,15 +124,9 @@ class CpuManager:
         :class:`VcpuRemovalPending` while the guest has not ejected every CPU being removed.
         Hot-added vCPUs reuse parked KVM vCPUs; they run paused while the VM is paused.
         """
-        if not 1 <= desired <= self.max_vcpus:
-            raise ValueError(f"desired vCPUs ({desired}) must be between 1 and max "
-                             f"({self.max_vcpus})")
-        current = self.requested_vcpus
-        if desired == current:
+        if not self.check_resize(desired):
             return False
-        if self.hotplug_controller.removal_pending():
-            raise VcpuRemovalPending("a vCPU removal is still pending: the guest has not "
-                                     "ejected every vCPU being removed yet; retry later")
+        current = self.requested_vcpus
         if desired > current:
             added = range(current, desired)
             for cpu in added:
@@ -145,6 +139,19 @@ class CpuManager:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
         self.notify(AcpiNotification.CPU)
+        return True
+
+    def check_resize(self, desired: int) -> bool:
+        """What :meth:`resize` would refuse, without doing anything: returns whether there
+        is anything to do, raises as :meth:`resize` does."""
+        if not 1 <= desired <= self.max_vcpus:
+            raise ValueError(f"desired vCPUs ({desired}) must be between 1 and max "
+                             f"({self.max_vcpus})")
+        if desired == self.requested_vcpus:
+            return False
+        if self.hotplug_controller.removal_pending():
+            raise VcpuRemovalPending("a vCPU removal is still pending: the guest has not "
+                                     "ejected every vCPU being removed yet; retry later")
         return True
 
     def _stop_ejected_vcpu(self, cpu_id: int) -> bool:

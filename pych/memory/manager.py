@@ -237,12 +237,46 @@ class MemoryManager:
         increase is not a multiple of 128 MiB or does not fit the window, and
         :class:`MemoryResizeError` when every slot of this boot has been used.
         """
-        slots = self.hotplug_controller.snapshot() if self.hotplug_controller is not None else []
-        current = self.actual_size - sum(s.length for s in slots if s.pending_removal)
-        if desired < current:
-            return self._request_removal(slots, current, desired)
-        if desired == current:
+        plan = self._plan(desired)
+        if plan is None:
             return False
+        if isinstance(plan, list):
+            return self._request_removal(plan, self._current(plan), desired)
+        gpa, increase = plan
+        index = self._dimms
+        region = self.guest_memory.add_region(gpa, increase, name=f"dimm{index}")
+        try:
+            region.slot = self.kvm_vm.add_memory(gpa, increase, region.host_addr)
+        except Exception:
+            self.guest_memory.remove_region(region)
+            raise
+        self._dimms += 1
+        self._dimm_regions[index] = region
+        for added, _ in self._region_listeners:
+            added(region)
+        self.hotplug_controller.insert(index, gpa, increase)
+        log.info("memory: DIMM %d at %#x, %d MiB", index, gpa, increase // layout.MiB)
+        self.notify(AcpiNotification.MEMORY)
+        return True
+
+    def check_resize(self, desired: int) -> None:
+        """What :meth:`resize` would refuse, without doing anything."""
+        self._plan(desired)
+
+    def _current(self, slots: list[DimmSlot]) -> int:
+        """The RAM the guest keeps once the removals already asked for are done."""
+        return self.actual_size - sum(s.length for s in slots if s.pending_removal)
+
+    def _plan(self, desired: int) -> list[DimmSlot] | tuple[int, int] | None:
+        """What :meth:`resize` does for ``desired``: None (nothing), the DIMM slots to
+        choose removals from (a reduction), or the new DIMM's ``(gpa, size)`` (an increase);
+        raises as :meth:`resize` does."""
+        slots = self.hotplug_controller.snapshot() if self.hotplug_controller is not None else []
+        current = self._current(slots)
+        if desired < current:
+            return slots
+        if desired == current:
+            return None
         increase = desired - current
         start, size = self._window
         if self.hotplug_controller is None:
@@ -263,21 +297,7 @@ class MemoryManager:
             raise MemoryResizeError(
                 f"no memory hot plug slot left: all {self._dimms} slots of this boot are used "
                 f"(the next boot starts with the current size as boot RAM)")
-        index = self._dimms
-        region = self.guest_memory.add_region(gpa, increase, name=f"dimm{index}")
-        try:
-            region.slot = self.kvm_vm.add_memory(gpa, increase, region.host_addr)
-        except Exception:
-            self.guest_memory.remove_region(region)
-            raise
-        self._dimms += 1
-        self._dimm_regions[index] = region
-        for added, _ in self._region_listeners:
-            added(region)
-        self.hotplug_controller.insert(index, gpa, increase)
-        log.info("memory: DIMM %d at %#x, %d MiB", index, gpa, increase // layout.MiB)
-        self.notify(AcpiNotification.MEMORY)
-        return True
+        return gpa, increase
 
     def _request_removal(self, slots: list[DimmSlot], current: int, desired: int) -> bool:
         """Ask the guest to eject the newest DIMMs that fit between ``current`` and
@@ -310,15 +330,25 @@ class MemoryManager:
         self.hotplug_controller.clear(index)
         log.info("memory: DIMM %d at %#x ejected by the guest and freed", index, region.gpa)
 
+    def _virtio_mem_zone(self, zone_id: str) -> VirtioMemZone:
+        """Zone ``zone_id``'s virtio-mem region; :class:`MemoryResizeError` if it has none."""
+        zone = self.zones[zone_id].virtio_mem
+        if zone is None:
+            raise MemoryResizeError(f"memory zone {zone_id} has no virtio-mem device")
+        return zone
+
+    def check_resize_virtio_mem(self, zone_id: str) -> None:
+        """What :meth:`resize_virtio_mem` would refuse for a size
+        :func:`~pych.memory.resize.virtio_mem_request` accepted, without doing anything."""
+        self._virtio_mem_zone(zone_id)
+
     def resize_virtio_mem(self, zone_id: str, requested: int) -> bool:
         """virtio-mem: ask zone ``zone_id``'s device for ``requested`` bytes (a size
         :func:`~pych.memory.resize.virtio_mem_request` accepted); the guest's driver plugs or
         unplugs blocks in its own time. Returns False, changing nothing, when that is already
         requested. Raises :class:`InvalidMemoryResize` if the device refuses the size and
         :class:`MemoryResizeError` if the zone has no virtio-mem device."""
-        zone = self.zones[zone_id].virtio_mem
-        if zone is None:
-            raise MemoryResizeError(f"memory zone {zone_id} has no virtio-mem device")
+        zone = self._virtio_mem_zone(zone_id)
         try:
             return zone.device.resize(requested)
         except VirtioMemResizeError as e:

@@ -55,11 +55,8 @@ def resize_ram(memory: MemoryConfig, desired: int, manager: MemoryManager | None
     increase not a multiple of 128 MiB or past the window); :class:`MemoryResizeError` when
     every DIMM slot of this boot is used.
     """
-    _check_ram_size(desired)
-    if memory.zones:
-        raise InvalidMemoryResize(RESIZE_WITH_ZONES)
+    requested = check_ram(memory, desired, manager)
     virtio_mem = memory.hotplug_method == "VirtioMem"
-    requested = virtio_mem_request(memory, desired) if virtio_mem else 0
     if manager is not None:
         if virtio_mem:
             manager.resize_virtio_mem(DEFAULT_MEMORY_ZONE, requested)
@@ -69,6 +66,23 @@ def resize_ram(memory: MemoryConfig, desired: int, manager: MemoryManager | None
         memory.hotplugged_size = requested or None
     else:
         memory.size = desired
+
+
+def check_ram(memory: MemoryConfig, desired: int, manager: MemoryManager | None) -> int:
+    """Everything :func:`resize_ram` would refuse, raised the same way, without changing
+    anything; returns the virtio-mem requested size (0 with ACPI). ``vm.resize`` checks all
+    its parts with this before it changes any (one request, one transaction)."""
+    _check_ram_size(desired)
+    if memory.zones:
+        raise InvalidMemoryResize(RESIZE_WITH_ZONES)
+    if memory.hotplug_method == "VirtioMem":
+        requested = virtio_mem_request(memory, desired)
+        if manager is not None:
+            manager.check_resize_virtio_mem(DEFAULT_MEMORY_ZONE)
+        return requested
+    if manager is not None:
+        manager.check_resize(desired)
+    return 0
 
 
 def resize_zone(memory: MemoryConfig, zone_id: str, desired: int,

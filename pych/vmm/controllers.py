@@ -17,20 +17,23 @@ differ only in whether there is a VM to act on.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pych.config import NetConfig, PciDeviceInfo, VmConfig, kinds
+from pych.config import NetConfig, PciDeviceInfo, VmConfig, VmResize, kinds
 from pych.config.kinds import DeviceKind
 from pych.errors import InvalidRequest, NotFound
 from pych.fds import close_fds
 from pych.vmm.manager_errors import domain_errors
-from pych.memory.resize import resize_ram, resize_zone
+from pych.memory.resize import check_ram, resize_ram, resize_zone
 
 if TYPE_CHECKING:
     from pych.device_manager.manager import HotPlugged
     from pych.memory.manager import MemoryManager
     from pych.vm import Vm
+
+log = logging.getLogger(__name__)
 
 ADD_DEVICE = "Error adding device to the VM"
 
@@ -44,6 +47,80 @@ class VmController(ABC):
         self.config = config
 
     # --- vm.resize ----------------------------------------------------------------------------
+    def resize(self, request: VmResize) -> None:
+        """``vm.resize`` as one transaction: vCPUs, then RAM, then balloon (the reference's
+        order), every part checked before any of them changes anything; should a later part
+        still fail, the parts already done are undone (the configuration as before, and the
+        VM asked to go back), so a refused request leaves the VM as it was. The reference
+        applies the parts one by one and keeps the earlier ones when a later one fails."""
+        self._check_resize(request)
+        undo: list[Callable[[], None]] = []
+        try:
+            if request.desired_vcpus is not None:
+                undo.append(self._undo_vcpus())
+                self.resize_vcpus(request.desired_vcpus)
+            if request.desired_ram is not None:
+                undo.append(self._undo_memory())
+                self.resize_memory(request.desired_ram)
+            if request.desired_balloon is not None:
+                self.resize_balloon(request.desired_balloon)
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - undo what can be undone, report the cause
+                    log.exception("vm.resize: undoing a part that was already done failed")
+            raise
+
+    def _check_resize(self, request: VmResize) -> None:
+        """Everything :meth:`resize` would refuse, raised as it would, changing nothing."""
+        if request.desired_vcpus is not None:
+            self._check_vcpus(request.desired_vcpus)
+        if request.desired_ram is not None:
+            with domain_errors("Error resizing VM memory"):
+                check_ram(self.config.memory, request.desired_ram, self._memory_manager())
+        if request.desired_balloon is not None:
+            ram = self.memory_actual_size()
+            acpi = self.config.memory.hotplug_method != "VirtioMem"
+            if request.desired_ram is not None and acpi:
+                ram = max(ram, request.desired_ram)      # an ACPI increase is there at once
+            self._check_balloon(request.desired_balloon, ram)
+
+    def _undo_vcpus(self) -> Callable[[], None]:
+        before = self.config.cpus.boot_vcpus
+
+        def undo() -> None:
+            self.config.cpus.boot_vcpus = before
+            with domain_errors("Error resizing VM vCPUs"):
+                self._act_resize_vcpus(before)
+        return undo
+
+    def _undo_memory(self) -> Callable[[], None]:
+        memory = self.config.memory
+        size, hotplugged = memory.size, memory.hotplugged_size
+
+        def undo() -> None:
+            resize_ram(memory, size + (hotplugged or 0) if memory.hotplug_method == "VirtioMem"
+                       else size, self._memory_manager())
+            memory.size, memory.hotplugged_size = size, hotplugged
+        return undo
+
+    def _check_vcpus(self, desired: int) -> None:
+        cpus = self.config.cpus
+        if not 1 <= desired <= cpus.max_vcpus:
+            raise InvalidRequest("Error resizing VM vCPUs",
+                                 f"desired_vcpus {desired} is not between 1 and max_vcpus "
+                                 f"({cpus.max_vcpus})")
+        with domain_errors("Error resizing VM vCPUs"):
+            self._act_check_vcpus(desired)
+
+    def _check_balloon(self, desired: int, ram: int) -> None:
+        if self.config.balloon is None:
+            raise InvalidRequest("Error resizing VM balloon", "No balloon device configured")
+        if not 0 <= desired <= ram:
+            raise InvalidRequest("Error resizing VM balloon",
+                                 f"desired_balloon {desired} is larger than the guest RAM ({ram})")
+
     def resize_vcpus(self, desired: int) -> None:
         """``desired_vcpus``: on a running VM, hot plug vCPUs or ask the guest to eject the
         highest ones (CpuManager.resize); either way ``cpus.boot_vcpus`` becomes ``desired``,
@@ -52,14 +129,10 @@ class VmController(ABC):
         Errors: outside 1..max_vcpus: InvalidRequest; a removal the guest has not completed
         yet: RetryLater.
         """
-        cpus = self.config.cpus
-        if not 1 <= desired <= cpus.max_vcpus:
-            raise InvalidRequest("Error resizing VM vCPUs",
-                                 f"desired_vcpus {desired} is not between 1 and max_vcpus "
-                                 f"({cpus.max_vcpus})")
+        self._check_vcpus(desired)
         with domain_errors("Error resizing VM vCPUs"):
             self._act_resize_vcpus(desired)
-        cpus.boot_vcpus = desired
+        self.config.cpus.boot_vcpus = desired
 
     def resize_memory(self, desired: int) -> None:
         """``desired_ram`` (see :func:`pych.memory.resize.resize_ram`)."""
@@ -78,15 +151,9 @@ class VmController(ABC):
 
         Errors: no ``--balloon`` configured, or more than the guest's RAM: InvalidRequest.
         """
-        balloon = self.config.balloon
-        if balloon is None:
-            raise InvalidRequest("Error resizing VM balloon", "No balloon device configured")
-        ram = self.memory_actual_size()
-        if not 0 <= desired <= ram:
-            raise InvalidRequest("Error resizing VM balloon",
-                                 f"desired_balloon {desired} is larger than the guest RAM ({ram})")
+        self._check_balloon(desired, self.memory_actual_size())
         self._act_resize_balloon(desired)
-        balloon.size = desired
+        self.config.balloon.size = desired
 
     # --- vm.add-* -----------------------------------------------------------------------------
     def add_device(self, kind: DeviceKind, device: Any) -> PciDeviceInfo | None:
@@ -118,6 +185,9 @@ class VmController(ABC):
         """``vm.info``'s fields beyond ``config`` and ``state``."""
 
     @abstractmethod
+    def _act_check_vcpus(self, desired: int) -> None: ...
+
+    @abstractmethod
     def _act_resize_vcpus(self, desired: int) -> None: ...
 
     @abstractmethod
@@ -146,6 +216,9 @@ class PrebootController(VmController):
 
     def info(self) -> dict:
         return {"memory_actual_size": self.memory_actual_size(), "device_tree": {}}
+
+    def _act_check_vcpus(self, desired: int) -> None:
+        pass
 
     def _act_resize_vcpus(self, desired: int) -> None:
         pass
@@ -197,6 +270,10 @@ class RuntimeController(VmController):
             **self._pci_hotplug_info(),
             **self._memslot_info(),
         }
+
+    def _act_check_vcpus(self, desired: int) -> None:
+        if self.vm.cpus is not None:
+            self.vm.cpus.check_resize(desired)
 
     def _act_resize_vcpus(self, desired: int) -> None:
         if self.vm.cpus is not None:

@@ -261,15 +261,10 @@ class Vmm(ControlLoop, RequestHandler):
 
     # --- RequestHandler: resizing -------------------------------------------------------------
     def vm_resize(self, resize) -> None:
-        """CPU first, then memory, then balloon, as the reference; each part updates the
-        configuration, so a reboot comes back with the last requested shape."""
-        controller = self._controller()
-        if resize.desired_vcpus is not None:
-            controller.resize_vcpus(resize.desired_vcpus)
-        if resize.desired_ram is not None:
-            controller.resize_memory(resize.desired_ram)
-        if resize.desired_balloon is not None:
-            controller.resize_balloon(resize.desired_balloon)
+        """CPU first, then memory, then balloon, as the reference, as one transaction (see
+        VmController.resize); the configuration records the result, so a reboot comes back
+        with the last requested shape."""
+        self._controller().resize(resize)
         self.events.emit("vm", "resized")
 
     def vm_resize_zone(self, request) -> None:

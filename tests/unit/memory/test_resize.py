@@ -102,6 +102,12 @@ class RecordingManager:
         self.calls: list[tuple] = []
         self.error = error
 
+    def check_resize(self, desired: int) -> None:
+        """Its checks pass; it fails (if told to) only when asked to act."""
+
+    def check_resize_virtio_mem(self, zone_id: str) -> None:
+        pass
+
     def resize(self, desired: int) -> bool:
         self.calls.append(("resize", desired))
         if self.error is not None:

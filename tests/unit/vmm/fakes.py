@@ -54,6 +54,12 @@ class FakeMemory:
     def __init__(self):
         self.calls = []
 
+    def check_resize(self, desired):
+        pass
+
+    def check_resize_virtio_mem(self, zone_id):
+        pass
+
     def resize(self, desired):
         self.calls.append(("ram", desired))
         return True
@@ -78,7 +84,7 @@ class FakeVm:
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None):
         self.config, self.on_exit = config, on_exit
         self.calls = []
-        self.cpus = SimpleNamespace(states=lambda: [])
+        self.cpus = SimpleNamespace(states=lambda: [], check_resize=lambda desired: True)
         self.memory = FakeMemory()
         self.devices = FakeDevices()
         self.memory_actual_size = 256 * MiB
