@@ -35,6 +35,7 @@ from pych.config import (
     GenericVhostUserConfig,
     LandlockConfig,
     MemoryConfig,
+    MemoryZoneConfig,
     NetConfig,
     NumaConfig,
     PayloadConfig,
@@ -111,6 +112,18 @@ _VM_OPTIONS = (
     "watchdog",
 )
 _PAYLOAD_OPTIONS = ("kernel", "firmware")
+
+# The options read with a configuration model, by argparse dest.
+_OPTION_MODELS: dict[str, type[Any]] = {
+    "cpus": CpusConfig, "memory": MemoryConfig, "memory_zone": MemoryZoneConfig,
+    "rate_limit_group": RateLimitGroupConfig, "disk": DiskConfig, "net": NetConfig,
+    "rng": RngConfig, "balloon": BalloonConfig, "generic_vhost_user": GenericVhostUserConfig,
+    "fs": FsConfig, "pmem": PmemConfig, "serial": SerialConfig, "console": ConsoleConfig,
+    "debug_console": DebugConsoleConfig, "device": DeviceConfig, "user_device": UserDeviceConfig,
+    "vdpa": VdpaConfig, "vsock": VsockConfig, "numa": NumaConfig, "rtc": RtcConfig,
+    "pci_segment": PciSegmentConfig, "platform": PlatformConfig, "tpm": TpmConfig,
+    "landlock_rules": LandlockConfig,
+}  # fmt: skip
 
 
 class CliError(Exception):
@@ -308,6 +321,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
     def one(parse: Callable[[str], Any], value: str | None) -> Any:
         return None if value is None else parse(value)
 
+    for dest, model in _OPTION_MODELS.items():
+        value = getattr(args, dest)
+        for text in value if isinstance(value, list) else () if value is None else (value,):
+            support.check_cli_keys(model, text)
     console = ConsoleConfig.parse(_or(args.console, _default_console()))
     if console.mode not in SUPPORTED_CONSOLE_MODES:
         raise CliError(

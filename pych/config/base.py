@@ -303,8 +303,8 @@ class CliModel(ApiModel):
     """The option as messages name it: ``--disk``."""
     CLI_GROUPS: ClassVar[tuple[CliGroup, ...]] = ()
     CLI_IGNORED_KEYS: ClassVar[tuple[str, ...]] = ()
-    """Keys the reference accepts and ignores; pych refuses them when given (their reason
-    is in :data:`pych.config.support.CLI_KEYS`)."""
+    """Keys the reference accepts and ignores (``pych`` and ``pych-remote`` refuse them:
+    :func:`pych.config.support.check_cli_keys`)."""
 
     @classmethod
     def parse(cls, text: str, **context: Any) -> Self:
@@ -329,13 +329,6 @@ class CliModel(ApiModel):
         """
         grammar = _grammar(cls)
         opts = grammar.parser.parse(text)
-        for key in cls.CLI_IGNORED_KEYS:
-            if key in opts:
-                from pych.config.support import cli_key_refusal
-
-                refusal = cli_key_refusal(cls, key, opts.get(key))
-                if refusal is not None:
-                    raise OptionError(f"{cls.CLI_OPTION} {refusal}")
         fields: dict[str, Any] = {}
         for name, cli in grammar.keys:
             if cli.deprecated is not None and cli.deprecated in opts:

@@ -47,8 +47,9 @@ from pych.config.backends import (
     UserDeviceConfig,
     VdpaConfig,
 )
-from pych.config.base import ApiModel, CliModel, ConfigError, _grammar
+from pych.config.base import ApiModel, CliModel, ConfigError, OptionError, _grammar, cli_errors
 from pych.config.devices import (
+    RATE_LIMITER_KEYS,
     BalloonConfig,
     ConsoleConfig,
     DebugConsoleConfig,
@@ -85,7 +86,7 @@ __all__ = [
     "UnsupportedField",
     "Works",
     "check",
-    "cli_key_refusal",
+    "check_cli_keys",
     "entry",
     "markdown",
     "option_refusal",
@@ -413,8 +414,13 @@ CLI_KEYS: Mapping[tuple[type[CliModel], str], Refused] = {
     (MemoryConfig, "file"): Refused(
         "it has no effect (Cloud Hypervisor ignores it too); back guest RAM with a file with "
         "--memory size=0 --memory-zone id=<id>,size=<size>,file=<path>"),
+    **{(model, key): Refused(NO_RATE_LIMITER)
+       for model in (DiskConfig, NetConfig) for key in RATE_LIMITER_KEYS.keys},
 }
-"""CLI keys that fill no field (the reference reads and ignores them): refused when given."""
+"""CLI keys refused as soon as they are given, whatever their value
+(:func:`check_cli_keys`): keys that fill no field (the reference reads ``--memory file=`` and
+ignores it), and the rate limiter's ``bw_*``/``ops_*`` keys, which the grammar drops without
+a word when a bucket lacks its size or refill time (as the reference does)."""
 
 
 CLI_OPTIONS: Mapping[str, str] = {
@@ -581,13 +587,21 @@ def _models_in(value: Any, path: str) -> Iterator[tuple[str, ApiModel]]:
                 yield f"{path}[{i}]", item
 
 
-def cli_key_refusal(model: type[CliModel], key: str, value: str | None) -> str | None:
-    """The refusal of a CLI key that fills no field (:data:`CLI_KEYS`), or None."""
-    refused = CLI_KEYS.get((model, key))
-    if refused is None:
-        return None
-    given = key if value is None else f"{key}={value}"
-    return f"{given} is not supported by pych: {refused.reason}"
+def check_cli_keys(model: type[CliModel], text: str) -> None:
+    """Refuse the option text ``text`` of ``model`` if it gives a key of :data:`CLI_KEYS`:
+    raises :class:`~pych.config.OptionError` ``--disk bw_size=100 is not supported by pych:
+    ...``.  ``pych`` and ``pych-remote`` call it on each option before parsing it (the
+    models themselves parse as the reference does, dropping those keys)."""
+    if not any(owner is model for owner, _ in CLI_KEYS):
+        return
+    with cli_errors(model.CLI_OPTION):
+        opts = _grammar(model).parser.parse(text)
+    for (owner, key), refused in CLI_KEYS.items():
+        if owner is model and key in opts:
+            value = opts.get(key)
+            given = key if value is None else f"{key}={value}"
+            raise OptionError(f"{model.CLI_OPTION} {given} is not supported by pych: "
+                              f"{refused.reason}")
 
 
 # --------------------------------------------------------------------------
@@ -681,8 +695,6 @@ def _walk() -> tuple[dict[type[ApiModel], str], dict[type[ApiModel], tuple[str, 
 
 def _cli_keys(model: type[ApiModel]) -> dict[str, list[str]]:
     """Per field of ``model``, the CLI keys that fill it."""
-    from pych.config.devices import RATE_LIMITER_KEYS
-
     keys: dict[str, list[str]] = {}
     if not issubclass(model, CliModel):
         return keys
@@ -701,8 +713,31 @@ def _cli_keys(model: type[ApiModel]) -> dict[str, list[str]]:
     return keys
 
 
+def _keys_in_place(model: type[ApiModel], path: str) -> dict[str, list[str]]:
+    """Per field of ``model`` (found at ``path``), how the command line gives it: its CLI
+    keys, the ``pych`` option that fills it, or the key of the enclosing option's model it
+    is part of (``cpus.topology``'s fields: part of ``topology``)."""
+    keys = _cli_keys(model)
+    base = path.replace("[]", "")
+    options: dict[str, list[str]] = {}
+    for option, option_path in CLI_OPTIONS.items():
+        options.setdefault(option_path, []).append(option)
+    for name in model.model_fields:
+        if name not in keys and (given := options.get(f"{base}.{name}".lstrip("."))):
+            keys[name] = given
+    if not issubclass(model, CliModel) and "." in base:
+        parent_path, field = base.rsplit(".", 1)
+        parent, _ = _field_path(parent_path + "." + field)
+        parent_keys = _cli_keys(parent).get(field)
+        if parent_keys:
+            option = getattr(parent, "CLI_OPTION", "")
+            for name in model.model_fields:
+                keys.setdefault(name, [f"part of `{option} {parent_keys[0]}`"])
+    return keys
+
+
 def _code(items: list[str]) -> str:
-    return ", ".join(f"`{item}`" for item in items)
+    return ", ".join(item if item.startswith("part of ") else f"`{item}`" for item in items)
 
 
 def _accepted(model: type[ApiModel], field: str, rule: Refused) -> str:
@@ -770,16 +805,17 @@ def markdown() -> str:
         if option := getattr(model, "CLI_OPTION", None):
             where.append(f"option `{option}`")
         where += [f"`{endpoint}`" for endpoint in endpoints.get(model, [])]
-        out += [f"### {model.__name__}\n", ", ".join(where).capitalize() + ".\n" if where else "",
+        intro = ", ".join(where)
+        out += [f"### {model.__name__}\n", f"{intro[:1].upper()}{intro[1:]}.\n" if where else "",
                 "| Field | CLI key | Status | Why / notes |", "|---|---|---|---|"]
-        keys = _cli_keys(model)
+        keys = _keys_in_place(model, path)
         for name in model.model_fields:
             rule = SUPPORT[model][name]
             status = "works" if isinstance(rule, Works) else "**refused**"
             out.append(f"| `{name}` | {_code(keys.get(name, [])) or '—'} | {status} | "
                        f"{_cell(_details(model, name, rule))} |")
         for (cli_model, key), rule in CLI_KEYS.items():
-            if cli_model is model:
+            if cli_model is model and key in getattr(model, "CLI_IGNORED_KEYS", ()):
                 out.append(f"| — | `{key}` | **refused** | {_cell(rule.reason)} |")
         out.append("")
 
@@ -790,7 +826,7 @@ def markdown() -> str:
     for model, (path, rule) in refused_with.items():
         keys = _cli_keys(model)
         fields = ", ".join(
-            f"`{name}`" + (f" ({_code(keys[name])})" if keys.get(name) else "")
+            f"`{name}`" + (f" ({_code(keys[name])})" if keys.get(name, [name]) != [name] else "")
             for name in model.model_fields)
         names = [model.__name__]
         if option := getattr(model, "CLI_OPTION", None):
