@@ -40,13 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pych.config.backends import (
-    DeviceConfig,
-    GenericVhostUserConfig,
-    TpmConfig,
-    UserDeviceConfig,
-    VdpaConfig,
-)
+from pych.config.backends import DeviceConfig
 from pych.config.base import ApiModel, CliModel, ConfigError, OptionError, _grammar, cli_errors
 from pych.config.devices import (
     RATE_LIMITER_KEYS,
@@ -54,20 +48,13 @@ from pych.config.devices import (
     ConsoleConfig,
     DebugConsoleConfig,
     RateLimiterConfig,
-    RateLimitGroupConfig,
     RngConfig,
-    RtcConfig,
     SerialConfig,
-    TokenBucket,
 )
 from pych.config.machine import (
-    CpuAffinity,
     CpuFeatures,
     CpusConfig,
     CpuTopology,
-    LandlockConfig,
-    NumaConfig,
-    NumaDistance,
     PayloadConfig,
     PciSegmentConfig,
     PlatformConfig,
@@ -87,7 +74,6 @@ __all__ = [
     "Works",
     "check",
     "check_cli_keys",
-    "entry",
     "markdown",
     "option_refusal",
 ]
@@ -478,11 +464,6 @@ SUPPORT: Mapping[type[ApiModel], Mapping[str, Entry]] = {VmConfig: _VM, **_MODEL
 """Per model, every field: :class:`Works` or :class:`Refused`."""
 
 
-def entry(model: type[ApiModel], field: str) -> Entry:
-    """The table's entry for ``model.field`` (KeyError if it has none)."""
-    return SUPPORT[model][field]
-
-
 def option_refusal(option: str) -> Refused | None:
     """The entry refusing the whole ``pych`` option ``option`` (``--tpm``: the field it fills
     is refused), or None if the option works (its keys may still be refused one by one)."""
@@ -511,14 +492,17 @@ def _json(value: Any) -> str:
     return json.dumps(_dump(value), separators=(",", ":"))
 
 
-def _cli_value(value: Any) -> str:
+def _cli_value(value: Any) -> str | None:
+    """``value`` as a CLI value; None for a structure (``affinity``'s list of pairs)."""
+    if isinstance(value, BaseModel):
+        return None
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(item, int | str) for item in value):
         return "[" + ",".join(str(item) for item in value) + "]"
-    return _json(value)
+    return str(value)
 
 
 class UnsupportedField(ConfigError):
@@ -539,8 +523,10 @@ class UnsupportedField(ConfigError):
         if self.refused.cli is not None:
             subject = self.refused.cli(self.value)
         else:
-            subject = f"{getattr(self.model, 'CLI_OPTION', self.model.__name__)} " \
-                      f"{_cli_key(self.model, self.field)}={_cli_value(self.value)}"
+            option = getattr(self.model, "CLI_OPTION", self.model.__name__)
+            subject = f"{option} {_cli_key(self.model, self.field)}"
+            if (text := _cli_value(self.value)) is not None:
+                subject += f"={text}"
         return f"{subject} is not supported by pych: {self.refused.reason}"
 
 
