@@ -148,6 +148,10 @@ NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
 
 
+_FILE_NOTE = "Used in mode `File` only, as in the reference."
+_SOCKET_NOTE = "Used in mode `Socket` only, as in the reference."
+
+
 def _limits_nothing(limiter: Any) -> bool:
     """A rate limiter the reference would build without any bucket: each bucket absent, or
     with a size or refill time of 0 (its TokenBucket::new gives none for those)."""
@@ -336,8 +340,8 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
     ),
     RngConfig: _pci(src=WORKS),
     BalloonConfig: _pci(size=WORKS, deflate_on_oom=WORKS, free_page_reporting=WORKS),
-    ConsoleConfig: _pci(file=WORKS, mode=WORKS, socket=WORKS),
-    SerialConfig: {"file": WORKS, "mode": WORKS, "socket": WORKS},
+    ConsoleConfig: _pci(file=Works(_FILE_NOTE), mode=WORKS, socket=Works(_SOCKET_NOTE)),
+    SerialConfig: {"file": Works(_FILE_NOTE), "mode": WORKS, "socket": Works(_SOCKET_NOTE)},
     DebugConsoleConfig: {
         "file": Refused("pych has no debug console (port 0xe9)"),
         "mode": Refused("pych has no debug console (port 0xe9)", accepts=_one_of("Off"),
