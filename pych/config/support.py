@@ -615,7 +615,8 @@ Defaults are always accepted, because clients (Kata Containers, ch-remote, `vm.i
 in pych, the notes say so.
 
 This page is generated from the table in `pych/config/support.py`
-(`python -m pych.config.support > docs/options.md`; a unit test checks it is current), the
+(`make options`: `python -m pych.config.support > docs/options.md`; a unit test checks it
+is current), the
 same table `VmConfig.validate()` checks configurations against.
 """
 

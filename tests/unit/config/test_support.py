@@ -630,11 +630,10 @@ def test_every_key_of_every_option_has_a_case():
 
 
 def test_every_option_of_the_parser_is_in_a_table():
-    parser_options = {action.option_strings[-1] if action.option_strings[-1] != "--v"
-                      else "-v"
-                      for action in build_parser()._actions
+    """Each option ``pych`` parses configures the VM (CLI_OPTIONS: the table judges its keys)
+    or the process (PROCESS_OPTIONS: works or refused); SUPPORTED_OPTIONS follows."""
+    parser_options = {action.option_strings[-1] for action in build_parser()._actions
                       if action.option_strings and action.dest != "help"}
-    parser_options = {"-v" if option == "-v" else option for option in parser_options}
     assert parser_options == set(support.CLI_OPTIONS) | set(support.PROCESS_OPTIONS)
     assert cli.SUPPORTED_OPTIONS == (
         {option.lstrip("-") for option in support.CLI_OPTIONS}
