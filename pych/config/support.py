@@ -616,8 +616,7 @@ in pych, the notes say so.
 
 This page is generated from the table in `pych/config/support.py`
 (`make options`: `python -m pych.config.support > docs/options.md`; a unit test checks it
-is current), the
-same table `VmConfig.validate()` checks configurations against.
+is current), the same table `VmConfig.validate()` checks configurations against.
 """
 
 
