@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz openapi clean
+.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz openapi options clean
 
 all: test
 
@@ -64,6 +64,12 @@ fuzz: deps venv guest
 openapi: venv
 	$(PY) -m pych.api.openapi > docs/openapi.json.tmp
 	mv docs/openapi.json.tmp docs/openapi.json
+
+# docs/options.md: what pych does with every option key and API field, printed from the
+# support table (pych/config/support.py; a unit test checks the committed page is current)
+options: venv
+	$(PY) -m pych.config.support > docs/options.md.tmp
+	mv docs/options.md.tmp docs/options.md
 
 clean:
 	rm -rf build .pytest_cache

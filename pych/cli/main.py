@@ -7,8 +7,11 @@ arguments, then hands it to :func:`pych.cli.process.run`.  Without ``--kernel``
 (or ``--firmware``) no VM is configured and the VMM waits for ``vm.create``.
 
 Every option of the reference is *recognized*, so that its syntax is checked
-and its help shown, but only those in :data:`SUPPORTED_OPTIONS` are accepted;
-the others fail with ``pych: error: --tpm is not supported yet``.
+and its help shown.  Options that configure the VM are all read, and the support
+table (:mod:`pych.config.support`) refuses, on one line, any key and value pych does
+not implement: ``pych: error: --tpm is not supported by pych: pych has no TPM
+device``.  Of the options of the process itself, those not in
+:data:`SUPPORTED_OPTIONS` fail with ``pych: error: --restore is not supported yet``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pych.config import (
     GenericVhostUserConfig,
     LandlockConfig,
     MemoryConfig,
+    MemoryZoneConfig,
     NetConfig,
     NumaConfig,
     PayloadConfig,
@@ -48,6 +52,7 @@ from pych.config import (
     VmConfig,
     VsockConfig,
 )
+from pych.config import support
 from pych.config.grammar import OptionParserError
 
 __all__ = [
@@ -59,33 +64,14 @@ __all__ = [
     "main",
 ]
 
-# The options pych implements so far, by their reference names ("v" is -v).
-# Grow this as features land; everything else is rejected with one message.
+# The options pych accepts, by their reference names ("v" is -v): every option that
+# configures the VM (the support table, pych.config.support, then judges each key and value
+# it gives) and the process options that work.  Everything else is rejected with one
+# message.
 SUPPORTED_OPTIONS: frozenset[str] = frozenset(
-    {
-        "kernel",
-        "initramfs",
-        "cmdline",
-        "cpus",
-        "memory",
-        "memory-zone",
-        "disk",
-        "net",
-        "device",
-        "rng",
-        "fs",
-        "pmem",
-        "vsock",
-        "balloon",
-        "serial",
-        "console",
-        "api-socket",
-        "event-monitor",
-        "log-file",
-        "v",
-        "version",
-        "seccomp",
-    }
+    {option.lstrip("-") for option in support.CLI_OPTIONS}
+    | {option.lstrip("-") for option, rule in support.PROCESS_OPTIONS.items()
+       if isinstance(rule, support.Works)}
 )
 
 # The --console modes (JSON spelling) pych implements.  While "Tty" is not
@@ -126,6 +112,18 @@ _VM_OPTIONS = (
     "watchdog",
 )
 _PAYLOAD_OPTIONS = ("kernel", "firmware")
+
+# The options read with a configuration model, by argparse dest.
+_OPTION_MODELS: dict[str, type[Any]] = {
+    "cpus": CpusConfig, "memory": MemoryConfig, "memory_zone": MemoryZoneConfig,
+    "rate_limit_group": RateLimitGroupConfig, "disk": DiskConfig, "net": NetConfig,
+    "rng": RngConfig, "balloon": BalloonConfig, "generic_vhost_user": GenericVhostUserConfig,
+    "fs": FsConfig, "pmem": PmemConfig, "serial": SerialConfig, "console": ConsoleConfig,
+    "debug_console": DebugConsoleConfig, "device": DeviceConfig, "user_device": UserDeviceConfig,
+    "vdpa": VdpaConfig, "vsock": VsockConfig, "numa": NumaConfig, "rtc": RtcConfig,
+    "pci_segment": PciSegmentConfig, "platform": PlatformConfig, "tpm": TpmConfig,
+    "landlock_rules": LandlockConfig,
+}  # fmt: skip
 
 
 class CliError(Exception):
@@ -186,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def describe(name: str, help_text: str) -> str:
-        return help_text if name in SUPPORTED_OPTIONS else f"{help_text} [not supported yet]"
+        if name not in SUPPORTED_OPTIONS:
+            return f"{help_text} [not supported yet]"
+        refused = support.option_refusal("-v" if name == "v" else f"--{name}")
+        return help_text if refused is None else f"{help_text} [not supported by pych]"
 
     def single(name: str, help_text: str, **kwargs: Any) -> None:
         parser.add_argument(
@@ -320,6 +321,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
     def one(parse: Callable[[str], Any], value: str | None) -> Any:
         return None if value is None else parse(value)
 
+    for dest, model in _OPTION_MODELS.items():
+        value = getattr(args, dest)
+        for text in value if isinstance(value, list) else () if value is None else (value,):
+            support.check_cli_keys(model, text)
     console = ConsoleConfig.parse(_or(args.console, _default_console()))
     if console.mode not in SUPPORTED_CONSOLE_MODES:
         raise CliError(
@@ -364,7 +369,10 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
         landlock_enable=bool(args.landlock),
         landlock_rules=each(LandlockConfig.parse, args.landlock_rules),
     )
-    config.validate()
+    try:
+        config.validate()
+    except support.UnsupportedField as err:
+        raise CliError(err.cli_message()) from None
     return config
 
 

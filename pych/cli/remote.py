@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from pych.api.client import ApiClient
 from pych.api.routes import ROUTES, Route
-from pych.config import VmResize
+from pych.config import VmResize, support
 from pych.config.grammar import parse_byte_size
 
 PROG = "pych-remote"
@@ -77,6 +77,7 @@ def _configured(route: Route, sub: argparse.ArgumentParser) -> Builder:
 
     def build(args: argparse.Namespace) -> _Request:
         try:
+            support.check_cli_keys(model, args.config)  # type: ignore[arg-type]
             config = model.parse(args.config)  # type: ignore[attr-defined]
         except ValueError as error:
             raise _UsageError(f"Error parsing {what} syntax", str(error)) from None

@@ -303,7 +303,8 @@ class CliModel(ApiModel):
     """The option as messages name it: ``--disk``."""
     CLI_GROUPS: ClassVar[tuple[CliGroup, ...]] = ()
     CLI_IGNORED_KEYS: ClassVar[tuple[str, ...]] = ()
-    """Keys the reference accepts and ignores."""
+    """Keys the reference accepts and ignores (``pych`` and ``pych-remote`` refuse them:
+    :func:`pych.config.support.check_cli_keys`)."""
 
     @classmethod
     def parse(cls, text: str, **context: Any) -> Self:

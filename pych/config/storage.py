@@ -129,6 +129,10 @@ class DiskConfig(PciDeviceConfig):
                 f"Block device serial length ({len(self.serial.encode())}) exceeds maximum "
                 f"allowed length ({VIRTIO_BLK_ID_BYTES})"
             )
+        if self.path is None and not self.vhost_user:
+            # The reference finds out when it builds the device (NoDiskPath); the request
+            # can be refused now.
+            raise ConfigError("No disk path was specified when one was expected: give path=")
 
 
 class PmemConfig(PciDeviceConfig):

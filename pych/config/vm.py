@@ -122,8 +122,15 @@ class VmConfig(ApiModel):
         ids += (zone.id for zone in self.memory.zones or ())
         return frozenset(identifier for identifier in ids if identifier is not None)
 
-    def validate(self) -> frozenset[str]:
-        """Check the configuration as the reference's ``VmConfig::validate``.
+    def validate(self, *, check_support: bool = True) -> frozenset[str]:
+        """Check the configuration as the reference's ``VmConfig::validate``, after checking
+        that pych implements every field it uses.
+
+        First, every field must either work in pych or hold an accepted (default) value:
+        :func:`pych.config.support.check` raises
+        :class:`~pych.config.support.UnsupportedField` (a :class:`ConfigError`) naming the
+        first that does not.  ``check_support=False`` leaves that out and checks only the
+        reference's rules (for tests of those rules on features pych lacks).
 
         Returns the identifiers the configuration uses.  Raises
         :class:`ConfigConflict` for a duplicated identifier or VFIO device
@@ -138,6 +145,10 @@ class VmConfig(ApiModel):
         (sizes aligned to the page size, hot-plug sizes consistent with the
         hot-plug method, zones vs size 0) are made here too.
         """
+        if check_support:
+            from pych.config import support
+
+            support.check(self)
         ids: set[str] = set()
         iommu = self.iommu
 

@@ -90,6 +90,7 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
     when the device is removed or the VM deleted). Such a tap is not configured: only
     ``mtu`` is applied, as in the reference; ``ip``, ``mask`` and ``host_mac`` are
     ignored. A generated MAC is written back into ``net`` so a reboot keeps it."""
+    # Both are refused at the request (pych.config.support); kept as the device's invariants.
     if net.vhost_user:
         raise ValueError(f"{name}: vhost-user net is not supported by pych")
     if net.num_queues != 2:

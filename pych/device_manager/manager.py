@@ -173,7 +173,7 @@ class DeviceManager:
                 cfg.id = self.next_device_name(kind.id_prefix)
             self._add_vfio_device(cfg)
             return
-        dev_id = kind.fixed_id or cfg.id
+        dev_id = cfg.id or kind.fixed_id     # a single kind's id may be given, as any other
         if dev_id is None:
             cfg.id = dev_id = self.next_device_name(kind.id_prefix)
         factory = FACTORIES[kind.name]

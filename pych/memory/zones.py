@@ -70,6 +70,8 @@ class MemoryZone:
         self.regions: list[MemoryRegion] = []
         self.virtio_mem: VirtioMemZone | None = None
         what = spec.option
+        # Refused at the request (pych.config.support); kept so a zone is never backed other
+        # than it asks.
         if spec.hugepages:
             raise ValueError(f"{what}: huge pages (hugepages=on) are not supported by pych yet")
         if spec.host_numa_node is not None:

@@ -18,7 +18,7 @@ from pych.cli.main import (
     config_from_args,
     main,
 )
-from pych.config import ConfigError, DiskConfig, NetConfig, VmConfig
+from pych.config import ConfigError, DiskConfig, NetConfig, VmConfig, support
 
 ALL_OPTIONS = frozenset(
     action.option_strings[-1].lstrip("-")
@@ -61,9 +61,10 @@ def initial_support(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def everything_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend pych implements every option, to test how they parse."""
+    """Pretend pych implements every option and field, to test how they parse."""
     monkeypatch.setattr(cli, "SUPPORTED_OPTIONS", ALL_OPTIONS)
     monkeypatch.setattr(cli, "SUPPORTED_CONSOLE_MODES", frozenset({"Off", "Tty", "Pty"}))
+    monkeypatch.setattr(support, "check", lambda config: None)
 
 
 def parse(*argv: str) -> argparse.Namespace:

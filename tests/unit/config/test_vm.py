@@ -60,7 +60,7 @@ def test_default_vm_config_json_matches_the_reference() -> None:
 
 def test_validate_sets_vm_iommu_from_devices() -> None:
     config = vm(disks=[{"path": "a", "iommu": True}])
-    config.validate()
+    config.validate(check_support=False)  # the reference's rule; pych has no IOMMU
     assert config.iommu
 
 
@@ -69,7 +69,7 @@ def test_rate_limit_groups_are_referenced_by_disks() -> None:
         rate_limit_groups=[dump(RateLimitGroupConfig.parse("id=g0,ops_size=10,ops_refill_time=5"))],
         disks=[dump(DiskConfig.parse("path=a,rate_limit_group=g0"))],
     )
-    assert config.validate() == {"g0"}
+    assert config.validate(check_support=False) == {"g0"}  # pych has no rate limiter
 
 
 @EXAMPLES
@@ -146,7 +146,7 @@ def test_identifiers_are_what_validate_returns() -> None:
     )
     expected = {"g0", "d0", "n0", "f0", "p0", "r0", "t0", "c0", "v0", "b0", "x0", "a0", "z0"}
     assert config.identifiers() == expected
-    assert config.validate() == expected
+    assert config.validate(check_support=False) == expected  # rtc, vdpa: refused by pych
     assert vm().identifiers() == frozenset()
 
 

@@ -27,6 +27,19 @@ def test_a_console_that_is_off_is_not_created():
     assert not FACTORIES["console"].wanted(vm_config().console)
 
 
+def test_single_kinds_take_the_id_they_are_given():
+    """The console, the rng and the balloon are ``__console``, ``__rng`` and ``__balloon``
+    unless their configuration names them, as in the reference."""
+    m = Machine(vm_config(rng={"src": "/dev/urandom", "id": "entropy"},
+                          balloon={"size": 0, "id": "b0"}))
+    try:
+        assert set(m.dm.device_tree()) == {"entropy", "_virtio-pci-entropy",
+                                           "b0", "_virtio-pci-b0"}
+        assert m.dm.balloon is not None
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("kind", ["console", "rng", "balloon", "vdpa"])
 def test_kinds_pych_cannot_hot_plug_are_refused_and_leave_nothing(kind):
     m = Machine(vm_config())

@@ -1,0 +1,846 @@
+"""What pych does with every configuration field: works, or refused at once with the reason.
+
+pych accepts Cloud Hypervisor's whole configuration schema (the models of this package), but
+implements only part of it.  This module is the one table saying, for every field of every
+model reachable from :class:`~pych.config.VmConfig` (the body of ``vm.create``; the
+``vm.add-*`` bodies are its device models), whether pych honours it (:class:`Works`) or not
+(:class:`Refused`, with a one-line reason).  :func:`check` walks a configuration against the
+table and raises :class:`UnsupportedField` (a :class:`~pych.config.ConfigError`: HTTP 400,
+one CLI line) for the first refused field that holds anything but its default::
+
+    disks[0].direct=true is not supported by pych: pych does not open disk images with O_DIRECT
+
+:meth:`VmConfig.validate <pych.config.VmConfig.validate>` runs it first, so ``vm.create``,
+every ``vm.add-*`` (which validates the configuration with the device added) and the command
+line refuse such a configuration before anything is built; nothing fails later at boot for a
+field pych does not implement.  The command line words the same refusal in its own terms
+(:meth:`UnsupportedField.cli_message`): ``--disk direct=on is not supported by pych: ...``.
+
+Defaults are never refused: clients (Kata Containers, ch-remote, ``vm.info``'s own output sent
+back) write many fields at their default values (``false``, ``0``, ``null``, ``"Off"``).  A
+refused field accepts its default, ``null``, an empty list, and what its entry's ``accepts``
+adds (``image_type`` ``Raw``, a rate limiter that limits nothing).  Where a default itself has
+no effect in pych (``thp`` on, ``core_scheduling`` Vm) the entry's note says so.
+
+A model reached only through refused fields (``vdpa``'s ``VdpaConfig``, the rate limiter's
+``TokenBucket``) needs no entries: any instance of it is refused with its field.
+
+``python -m pych.config.support`` prints docs/options.md, the table as a page (a unit test
+checks the committed page is current); tests/unit/config/test_support.py sets every field and
+every CLI key to a non-default value and checks each is honoured or refused, so a field added
+to a model without an entry here fails the tests rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from pych.config.backends import DeviceConfig
+from pych.config.base import ApiModel, CliModel, ConfigError, OptionError, _grammar, cli_errors
+from pych.config.devices import (
+    RATE_LIMITER_KEYS,
+    BalloonConfig,
+    ConsoleConfig,
+    DebugConsoleConfig,
+    RateLimiterConfig,
+    RngConfig,
+    SerialConfig,
+)
+from pych.config.machine import (
+    CpuFeatures,
+    CpusConfig,
+    CpuTopology,
+    PayloadConfig,
+    PciSegmentConfig,
+    PlatformConfig,
+)
+from pych.config.memory import MemoryConfig, MemoryZoneConfig
+from pych.config.net import NetConfig, VsockConfig
+from pych.config.storage import DiskConfig, FsConfig, PmemConfig
+from pych.config.vm import VmConfig
+
+__all__ = [
+    "CLI_KEYS",
+    "CLI_OPTIONS",
+    "PROCESS_OPTIONS",
+    "SUPPORT",
+    "Refused",
+    "UnsupportedField",
+    "Works",
+    "check",
+    "check_cli_keys",
+    "markdown",
+    "option_refusal",
+]
+
+
+# --------------------------------------------------------------------------
+# Entries
+
+
+@dataclass(frozen=True)
+class Works:
+    """pych honours the field.  ``note``: a caveat worth knowing (what a default that pych
+    cannot refuse does not do, how pych's behaviour differs in detail)."""
+
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """pych does not implement the field: any value but the defaults is refused.
+
+    ``reason`` completes ``<field>=<value> is not supported by pych: <reason>``.  ``accepts``
+    adds values that are accepted besides the field's default, ``null`` and ``[]`` (values
+    that ask for nothing pych lacks); ``accepted`` says in words what is accepted, for the
+    page (derived from the default if empty); ``note`` is a caveat about what is accepted.
+    ``cli``: the command line spelling of the refusal's subject when it is not
+    ``<option> <key>=<value>`` (a flag, a whole option, a key of another option), given the
+    refused value.
+    """
+
+    reason: str
+    accepts: Callable[[Any], bool] | None = None
+    accepted: str = ""
+    note: str = ""
+    cli: Callable[[Any], str] | None = None
+
+    def allows(self, value: Any, default: Any) -> bool:
+        if value is None or value == [] or _same(value, default):
+            return True
+        return self.accepts is not None and self.accepts(value)
+
+
+Entry = Works | Refused
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, BaseModel) or isinstance(default, BaseModel):
+        return _dump(value) == _dump(default)
+    return value == default and type(value) is type(default)
+
+
+def _one_of(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: value in values
+
+
+def _option(text: str) -> Callable[[Any], str]:
+    """A refusal spelled as a whole option (``--vdpa``), whatever the value."""
+    return lambda value: text
+
+
+WORKS = Works()
+
+# Reasons shared by several entries.
+NO_IOMMU = "pych has no virtual IOMMU"
+ONE_SEGMENT = "pych has one PCI segment (segment 0)"
+NO_SMBIOS = "pych writes no SMBIOS tables"
+NO_RATE_LIMITER = "pych has no I/O rate limiter"
+LIMITS_NOTHING = ("`null`, or a limiter that limits nothing: each bucket absent, or of size 0 "
+                  "or refill_time 0")
+NO_VHOST_USER_BLOCK = "pych has no vhost-user block front end; give path="
+NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
+NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
+
+
+_FILE_NOTE = "Used in mode `File` only, as in the reference."
+_SOCKET_NOTE = "Used in mode `Socket` only, as in the reference."
+
+
+def _limits_nothing(limiter: Any) -> bool:
+    """A rate limiter the reference would build without any bucket: each bucket absent, or
+    with a size or refill time of 0 (its TokenBucket::new gives none for those)."""
+    if not isinstance(limiter, RateLimiterConfig):
+        return False
+    return all(bucket is None or bucket.size == 0 or bucket.refill_time == 0
+               for bucket in (limiter.bandwidth, limiter.ops))
+
+
+def _pci(**overrides: Entry) -> dict[str, Entry]:
+    """The fields every PCI device has (``PciDeviceConfig``), then the model's own."""
+    return {
+        "id": WORKS,
+        "iommu": Refused(NO_IOMMU),
+        "pci_segment": Refused(ONE_SEGMENT),
+        "pci_device_id": WORKS,
+        **overrides,
+    }
+
+
+_MODELS: dict[type[ApiModel], dict[str, Entry]] = {
+    CpusConfig: {
+        "boot_vcpus": WORKS,
+        "max_vcpus": WORKS,
+        "topology": WORKS,
+        "kvm_hyperv": Refused("pych offers the guest no Hyper-V enlightenments"),
+        "max_phys_bits": Refused(
+            "pych shows the guest the host's physical address width (CPUID 0x80000008 as "
+            "KVM reports it) and cannot narrow it",
+            note="The default, 46, is accepted and not applied either: the guest sees the "
+            "host's width."),
+        "affinity": Refused(
+            "pych does not pin vCPU threads (pin them from outside: each is named vcpu<N>)"),
+        "features": WORKS,
+        "nested": Refused(
+            "pych cannot hide virtualization extensions: the guest sees VMX/SVM whenever "
+            "the host's KVM allows nesting (nested=off is not applied)"),
+        "core_scheduling": Refused(
+            "pych sets up no core scheduling (PR_SCHED_CORE) for its vCPU threads",
+            accepts=_one_of("Off"),
+            accepted="`Vm` (the default), `Off`",
+            note="`Off` is what pych does; `Vm`, the default, is accepted but not applied: "
+            "no vCPU thread gets a core scheduling cookie."),
+        "profile": WORKS,
+    },
+    CpuTopology: dict.fromkeys(
+        ("threads_per_core", "cores_per_die", "dies_per_package", "packages"), WORKS),
+    CpuFeatures: {
+        "amx": Refused(
+            "pych does not ask for AMX state permission (ARCH_REQ_XCOMP_GUEST_PERM), so "
+            "KVM offers the guest no AMX",
+            cli=_option("--cpus features=[amx]")),
+    },
+    MemoryConfig: {
+        "size": WORKS,
+        "mergeable": Refused("pych does not mark guest RAM mergeable (KSM, MADV_MERGEABLE)"),
+        "hotplug_method": WORKS,
+        "hotplug_size": WORKS,
+        "hotplugged_size": WORKS,
+        "shared": Works(
+            "pych's RAM is always a memfd mapped shared (so vhost-user back ends can map it "
+            "without shared=on); shared=off is accepted and changes nothing."),
+        "hugepages": Refused(NO_HUGEPAGES),
+        "hugepage_size": Refused(NO_HUGEPAGES),
+        "prefault": Works("Every page is faulted in at boot (MADV_POPULATE_WRITE)."),
+        "reserve": Refused(
+            "pych maps guest RAM from a memfd without reserving swap space for it up front"),
+        "zones": WORKS,
+        "thp": Works(
+            "`off` is what pych does; `on`, the default, is accepted but not applied: pych "
+            "does not madvise(MADV_HUGEPAGE) guest RAM (whether its memfd gets huge pages "
+            "is the host's shmem_enabled setting)."),
+    },
+    MemoryZoneConfig: {
+        "id": WORKS,
+        "size": WORKS,
+        "file": WORKS,
+        "shared": Works("Without `file` the zone's memfd is mapped shared either way."),
+        "hugepages": Refused(NO_HUGEPAGES),
+        "hugepage_size": Refused(NO_HUGEPAGES),
+        "host_numa_node": Refused("pych does not bind guest RAM to host NUMA nodes (mbind)"),
+        "hotplug_size": WORKS,
+        "hotplugged_size": WORKS,
+        "prefault": Works("Every page is faulted in at boot (MADV_POPULATE_WRITE)."),
+        "reserve": Refused(
+            "pych maps guest RAM from a memfd without reserving swap space for it up front"),
+        "mergeable": Refused("pych does not mark guest RAM mergeable (KSM, MADV_MERGEABLE)"),
+    },
+    PayloadConfig: {
+        "firmware": Refused(
+            "pych boots a kernel (payload.kernel, --kernel: vmlinux, bzImage or a PVH ELF); "
+            "it loads no firmware",
+            cli=lambda value: f"--firmware {value}"),
+        "kernel": WORKS,
+        "cmdline": WORKS,
+        "initramfs": WORKS,
+        "igvm": Refused("pych boots no IGVM payloads (confidential guests)"),
+        "host_data": Refused("pych boots no IGVM payloads (confidential guests)"),
+    },
+    PlatformConfig: {
+        "num_pci_segments": Refused(ONE_SEGMENT),
+        "iommu_segments": Refused(NO_IOMMU),
+        "iommu_address_width_bits": Refused(NO_IOMMU),
+        "system_serial_number": Refused(NO_SMBIOS),
+        "system_uuid": Refused(NO_SMBIOS),
+        "oem_strings": Refused(NO_SMBIOS),
+        "system_manufacturer": Refused(NO_SMBIOS),
+        "system_product_name": Refused(NO_SMBIOS),
+        "system_version": Refused(NO_SMBIOS),
+        "system_family": Refused(NO_SMBIOS),
+        "system_sku_number": Refused(NO_SMBIOS),
+        "chassis_asset_tag": Refused(NO_SMBIOS),
+        "tdx": Refused("pych runs no confidential (TDX) guests", accepts=_one_of(False),
+                       accepted="`false`, `null`"),
+        "sev_snp": Refused("pych runs no confidential (SEV-SNP) guests",
+                           accepts=_one_of(False), accepted="`false`, `null`"),
+        "iommufd": Refused(
+            "pych uses VFIO's type1 container (/dev/vfio/vfio), not iommufd"),
+        "iommufd_fd": Refused(
+            "pych uses VFIO's type1 container (/dev/vfio/vfio), not iommufd"),
+        "vfio_p2p_dma": Works(
+            "`off` is what pych does; `on`, the default, is accepted but not applied: pych "
+            "maps only guest RAM for device DMA, no device BARs for peer-to-peer DMA."),
+    },
+    PciSegmentConfig: {
+        "pci_segment": Refused(ONE_SEGMENT),
+        "mmio32_aperture_weight": Refused(
+            "pych has one PCI segment, which has the whole 32-bit MMIO aperture"),
+        "mmio64_aperture_weight": Refused(
+            "pych has one PCI segment, which has the whole 64-bit MMIO aperture"),
+    },
+    DiskConfig: _pci(
+        path=WORKS,
+        readonly=WORKS,
+        direct=Refused("pych does not open disk images with O_DIRECT"),
+        num_queues=WORKS,
+        queue_size=WORKS,
+        vhost_user=Refused(NO_VHOST_USER_BLOCK),
+        vhost_socket=Refused(NO_VHOST_USER_BLOCK),
+        rate_limit_group=Refused(NO_RATE_LIMITER),
+        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
+                                    accepted=LIMITS_NOTHING),
+        disable_io_uring=Works(
+            "A test knob of the reference that picks its I/O engine; pych has one "
+            "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
+        disable_aio=Works(
+            "A test knob of the reference that picks its I/O engine; pych has one "
+            "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
+        serial=WORKS,
+        queue_affinity=Refused("pych does not pin a disk's queues to host CPUs"),
+        backing_files=Refused("pych serves raw images only, which have no backing files"),
+        sparse=Refused(
+            "pych does not preallocate disk images",
+            note="`on`, the default, is accepted: pych leaves the image's holes alone; it "
+            "offers the guest no discard or write-zeroes requests."),
+        image_type=Refused(
+            "pych serves raw images only (the file's header is checked too, at boot and "
+            "hot plug: convert other formats with qemu-img convert -O raw)",
+            accepts=_one_of("Raw"), accepted="`Unknown` (the default: detected), `Raw`"),
+        lock_granularity=Works(
+            "pych always locks the whole image (`full`); `byte-range`, the default, gets "
+            "the whole-file lock too, which conflicts with everything the byte-range lock "
+            "would."),
+    ),
+    NetConfig: _pci(
+        tap=WORKS,
+        ip=WORKS,
+        mask=WORKS,
+        mac=WORKS,
+        host_mac=WORKS,
+        mtu=WORKS,
+        num_queues=Refused(
+            "pych's virtio-net has one queue pair (num_queues=2, one tap fd)",
+            accepted="`2` (the default)"),
+        queue_size=WORKS,
+        vhost_user=Refused(NO_VHOST_USER_NET),
+        vhost_socket=Refused(NO_VHOST_USER_NET),
+        vhost_mode=Refused(NO_VHOST_USER_NET),
+        fds=Works("`ip`, `mask` and `host_mac` are not applied to a tap given as an fd "
+                  "(as in the reference): a warning is logged."),
+        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
+                                    accepted=LIMITS_NOTHING),
+        offload_tso=WORKS,
+        offload_ufo=WORKS,
+        offload_csum=WORKS,
+    ),
+    RngConfig: _pci(src=WORKS),
+    BalloonConfig: _pci(size=WORKS, deflate_on_oom=WORKS, free_page_reporting=WORKS),
+    ConsoleConfig: _pci(file=Works(_FILE_NOTE), mode=WORKS, socket=Works(_SOCKET_NOTE)),
+    SerialConfig: {"file": Works(_FILE_NOTE), "mode": WORKS, "socket": Works(_SOCKET_NOTE)},
+    DebugConsoleConfig: {
+        "file": Refused("pych has no debug console (port 0xe9)"),
+        "mode": Refused("pych has no debug console (port 0xe9)", accepts=_one_of("Off"),
+                        accepted="`Off` (the default)",
+                        cli=lambda value: f"--debug-console {str(value).lower()}"),
+        "iobase": Refused("pych has no debug console (port 0xe9)", accepts=_one_of(0xE9),
+                          accepted="`0xe9` (233), `null`"),
+    },
+    FsConfig: _pci(tag=WORKS, socket=WORKS, num_queues=WORKS, queue_size=WORKS),
+    PmemConfig: _pci(file=WORKS, size=WORKS, discard_writes=WORKS),
+    VsockConfig: _pci(cid=WORKS, socket=WORKS),
+    DeviceConfig: _pci(
+        path=WORKS,
+        fd=Refused("pych opens VFIO devices by path (a VFIO cdev needs iommufd); give path="),
+        x_nv_gpudirect_clique=Refused("pych sets up no GPUDirect peer-to-peer cliques"),
+        x_exclude_mmap_bars=WORKS,
+    ),
+}
+
+
+_VM: dict[str, Entry] = {
+    "cpus": WORKS,
+    "memory": WORKS,
+    "payload": WORKS,
+    "rate_limit_groups": Refused(NO_RATE_LIMITER, cli=_option("--rate-limit-group")),
+    "disks": WORKS,
+    "net": WORKS,
+    "rng": WORKS,
+    "balloon": WORKS,
+    "generic_vhost_user": Refused("pych has no generic vhost-user front end",
+                                  cli=_option("--generic-vhost-user")),
+    "fs": WORKS,
+    "pmem": WORKS,
+    "serial": WORKS,
+    "console": WORKS,
+    "debug_console": WORKS,
+    "devices": WORKS,
+    "user_devices": Refused("pych has no vfio-user client", cli=_option("--user-device")),
+    "vdpa": Refused("pych has no vDPA devices", cli=_option("--vdpa")),
+    "vsock": WORKS,
+    "pvpanic": Refused("pych has no pvpanic device", cli=_option("--pvpanic")),
+    "iommu": Refused(NO_IOMMU, cli=_option("iommu=on (of a device)")),
+    "numa": Refused("pych describes no guest NUMA topology (no SRAT/SLIT)",
+                    cli=_option("--numa")),
+    "watchdog": Refused("pych has no virtio-watchdog device", cli=_option("--watchdog")),
+    "rtc": Refused("pych has no virtio RTC device", cli=_option("--rtc")),
+    "pci_segments": Works(
+        "Each entry's fields: see PciSegmentConfig (only segment 0 with weights 1, which "
+        "changes nothing)."),
+    "platform": WORKS,
+    "tpm": Refused("pych has no TPM device", cli=_option("--tpm")),
+    "landlock_enable": Refused("pych does not sandbox itself with Landlock",
+                               cli=_option("--landlock")),
+    "landlock_rules": Refused("pych does not sandbox itself with Landlock",
+                              cli=_option("--landlock-rules")),
+}
+
+
+CLI_KEYS: Mapping[tuple[type[CliModel], str], Refused] = {
+    (MemoryConfig, "file"): Refused(
+        "it has no effect (Cloud Hypervisor ignores it too); back guest RAM with a file with "
+        "--memory size=0 --memory-zone id=<id>,size=<size>,file=<path>"),
+    **{(model, key): Refused(NO_RATE_LIMITER)
+       for model in (DiskConfig, NetConfig) for key in RATE_LIMITER_KEYS.keys},
+}
+"""CLI keys refused as soon as they are given, whatever their value
+(:func:`check_cli_keys`): keys that fill no field (the reference reads ``--memory file=`` and
+ignores it), and the rate limiter's ``bw_*``/``ops_*`` keys, which the grammar drops without
+a word when a bucket lacks its size or refill time (as the reference does)."""
+
+
+CLI_OPTIONS: Mapping[str, str] = {
+    "--kernel": "payload.kernel",
+    "--firmware": "payload.firmware",
+    "--cmdline": "payload.cmdline",
+    "--initramfs": "payload.initramfs",
+    "--cpus": "cpus",
+    "--memory": "memory",
+    "--memory-zone": "memory.zones",
+    "--disk": "disks",
+    "--net": "net",
+    "--rng": "rng",
+    "--balloon": "balloon",
+    "--fs": "fs",
+    "--pmem": "pmem",
+    "--vsock": "vsock",
+    "--device": "devices",
+    "--user-device": "user_devices",
+    "--vdpa": "vdpa",
+    "--generic-vhost-user": "generic_vhost_user",
+    "--serial": "serial",
+    "--console": "console",
+    "--debug-console": "debug_console",
+    "--numa": "numa",
+    "--platform": "platform",
+    "--pci-segment": "pci_segments",
+    "--rate-limit-group": "rate_limit_groups",
+    "--rtc": "rtc",
+    "--tpm": "tpm",
+    "--pvpanic": "pvpanic",
+    "--watchdog": "watchdog",
+    "--landlock": "landlock_enable",
+    "--landlock-rules": "landlock_rules",
+}
+"""Every ``pych`` option that configures the VM, with the :class:`VmConfig` field it fills:
+the table above decides what of it works."""
+
+PROCESS_OPTIONS: Mapping[str, Entry] = {
+    "--api-socket": WORKS,
+    "--event-monitor": WORKS,
+    "--log-file": WORKS,
+    "-v": WORKS,
+    "--version": WORKS,
+    "--seccomp": Works("pych's own filter, installed on the vCPU threads"),
+    "--log-format": Refused("pych writes its log lines in one format"),
+    "--no-shutdown": Refused("pych exits when the guest powers off"),
+    "--restore": Refused("pych restores no snapshots (vm.restore is not supported either)"),
+}
+"""The options of the ``pych`` process itself (no VM configuration): the command line
+accepts those that work and refuses the others (``--restore is not supported yet``)."""
+
+
+SUPPORT: Mapping[type[ApiModel], Mapping[str, Entry]] = {VmConfig: _VM, **_MODELS}
+"""Per model, every field: :class:`Works` or :class:`Refused`."""
+
+
+def option_refusal(option: str) -> Refused | None:
+    """The entry refusing the whole ``pych`` option ``option`` (``--tpm``: the field it fills
+    is refused), or None if the option works (its keys may still be refused one by one)."""
+    path = CLI_OPTIONS.get(option)
+    if path is None:
+        rule = PROCESS_OPTIONS.get(option)
+        return rule if isinstance(rule, Refused) else None
+    model, field = _field_path(path)
+    rule = SUPPORT[model][field]
+    return rule if isinstance(rule, Refused) else None
+
+
+# --------------------------------------------------------------------------
+# The refusal
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, list):
+        return [_dump(item) for item in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(_dump(value), separators=(",", ":"))
+
+
+def _cli_value(value: Any) -> str | None:
+    """``value`` as a CLI value; None for a structure (``affinity``'s list of pairs)."""
+    if isinstance(value, BaseModel):
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, int | str) for item in value):
+        return "[" + ",".join(str(item) for item in value) + "]"
+    return str(value)
+
+
+class UnsupportedField(ConfigError):
+    """A configuration field holds a value pych does not implement (HTTP 400)."""
+
+    def __init__(self, path: str, value: Any, model: type[ApiModel], field: str,
+                 refused: Refused) -> None:
+        self.path = path
+        self.value = value
+        self.model = model
+        self.field = field
+        self.refused = refused
+        super().__init__(f"{path}={_json(value)} is not supported by pych: {refused.reason}")
+
+    def cli_message(self) -> str:
+        """The refusal in the command line's terms: ``--disk direct=on is not supported by
+        pych: ...``."""
+        if self.refused.cli is not None:
+            subject = self.refused.cli(self.value)
+        else:
+            option = getattr(self.model, "CLI_OPTION", self.model.__name__)
+            subject = f"{option} {_cli_key(self.model, self.field)}"
+            if (text := _cli_value(self.value)) is not None:
+                subject += f"={text}"
+        return f"{subject} is not supported by pych: {self.refused.reason}"
+
+
+def _cli_key(model: type[ApiModel], field: str) -> str:
+    """The CLI key of ``model.field``, or the keys of the group that fills it."""
+    if issubclass(model, CliModel):
+        for name, cli in _grammar(model).keys:
+            if name == field:
+                return cli.key or name
+        if field == "rate_limiter_config":
+            return "bw_*/ops_*"
+    return field
+
+
+def check(config: VmConfig) -> None:
+    """Raise :class:`UnsupportedField` for the first field of ``config`` (in field order,
+    depth first) that the table refuses and that holds more than its default."""
+    _check(config, "")
+
+
+def _check(model: ApiModel, path: str) -> None:
+    table = SUPPORT[type(model)]
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        where = f"{path}.{name}" if path else name
+        rule = table[name]
+        if isinstance(rule, Refused):
+            default = field.get_default(call_default_factory=True)
+            if not rule.allows(value, default):
+                if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                    raise UnsupportedField(f"{where}[0]", value[0], type(model), name, rule)
+                raise UnsupportedField(where, value, type(model), name, rule)
+            continue
+        for sub_path, sub in _models_in(value, where):
+            _check(sub, sub_path)
+
+
+def _models_in(value: Any, path: str) -> Iterator[tuple[str, ApiModel]]:
+    if isinstance(value, ApiModel):
+        yield path, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, ApiModel):
+                yield f"{path}[{i}]", item
+
+
+def check_cli_keys(model: type[CliModel], text: str) -> None:
+    """Refuse the option text ``text`` of ``model`` if it gives a key of :data:`CLI_KEYS`:
+    raises :class:`~pych.config.OptionError` ``--disk bw_size=100 is not supported by pych:
+    ...``.  ``pych`` and ``pych-remote`` call it on each option before parsing it (the
+    models themselves parse as the reference does, dropping those keys)."""
+    if not any(owner is model for owner, _ in CLI_KEYS):
+        return
+    with cli_errors(model.CLI_OPTION):
+        opts = _grammar(model).parser.parse(text)
+    for (owner, key), refused in CLI_KEYS.items():
+        if owner is model and key in opts:
+            value = opts.get(key)
+            given = key if value is None else f"{key}={value}"
+            raise OptionError(f"{model.CLI_OPTION} {given} is not supported by pych: "
+                              f"{refused.reason}")
+
+
+# --------------------------------------------------------------------------
+# The page: docs/options.md
+
+_INTRO = """\
+# Options and fields: what pych does with each
+
+Every key of every `pych` command line option and every field of every API request body,
+and what pych does with it: **works**, or **refused** with the reason. pych never ignores a
+field silently: a refused field that holds anything but an accepted value (its default,
+`null`, an empty list, and what the table adds) is refused at once, by `vm.create`, by every
+`vm.add-*` and by the command line before anything is built, with HTTP 400 and one line
+naming the field and the value:
+
+    disks[0].direct=true is not supported by pych: pych does not open disk images with O_DIRECT
+    pych: error: --disk direct=on is not supported by pych: pych does not open disk images with O_DIRECT
+
+Defaults are always accepted, because clients (Kata Containers, ch-remote, `vm.info`'s own
+`config` sent back) write many fields at their default values. Where a default has no effect
+in pych, the notes say so.
+
+This page is generated from the table in `pych/config/support.py`
+(`make options`: `python -m pych.config.support > docs/options.md`; a unit test checks it
+is current), the same table `VmConfig.validate()` checks configurations against.
+"""
+
+
+def _field_path(path: str) -> tuple[type[ApiModel], str]:
+    """The model and field a ``VmConfig`` path (``payload.kernel``) ends in."""
+    model: type[ApiModel] = VmConfig
+    *parents, last = path.split(".")
+    for name in parents:
+        model = _model_of(model, name)
+    return model, last
+
+
+def _model_of(model: type[ApiModel], field: str) -> type[ApiModel]:
+    """The model a field of ``model`` holds (alone, in a list, or optional)."""
+    found = _models_of_annotation(model.model_fields[field].annotation)
+    if len(found) != 1:
+        raise TypeError(f"{model.__name__}.{field} does not hold one model")
+    return found[0]
+
+
+def _models_of_annotation(annotation: Any) -> list[type[ApiModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, ApiModel):
+        return [annotation]
+    found: list[type[ApiModel]] = []
+    for arg in typing.get_args(annotation):
+        for model in _models_of_annotation(arg):
+            if model not in found:
+                found.append(model)
+    return found
+
+
+def _walk() -> tuple[dict[type[ApiModel], str], dict[type[ApiModel], tuple[str, Refused]]]:
+    """The models reachable from VmConfig through fields that work, with their first path,
+    and those reached only through a refused field, with that field's path and entry."""
+    reached: dict[type[ApiModel], str] = {VmConfig: ""}
+    refused_with: dict[type[ApiModel], tuple[str, Refused]] = {}
+    queue: list[type[ApiModel]] = [VmConfig]
+    while queue:
+        model = queue.pop(0)
+        for name, field in model.model_fields.items():
+            rule = SUPPORT[model][name]
+            path = f"{reached[model]}.{name}".lstrip(".")
+            is_list = "list" in str(field.annotation)
+            for sub in _models_of_annotation(field.annotation):
+                sub_path = path + ("[]" if is_list else "")
+                if isinstance(rule, Works):
+                    if sub not in reached:
+                        reached[sub] = sub_path
+                        queue.append(sub)
+                elif sub not in refused_with:
+                    refused_with[sub] = (sub_path, rule)
+    pending = list(refused_with)
+    while pending:           # what the refused models hold is refused with them
+        model = pending.pop(0)
+        for field in model.model_fields.values():
+            for sub in _models_of_annotation(field.annotation):
+                if sub not in refused_with and sub not in reached:
+                    refused_with[sub] = refused_with[model]
+                    pending.append(sub)
+    for model in reached:
+        refused_with.pop(model, None)
+    return reached, refused_with
+
+
+def _cli_keys(model: type[ApiModel]) -> dict[str, list[str]]:
+    """Per field of ``model``, the CLI keys that fill it."""
+    keys: dict[str, list[str]] = {}
+    if not issubclass(model, CliModel):
+        return keys
+    grammar = _grammar(model)
+    for name, cli in grammar.keys:
+        keys.setdefault(name, []).append(cli.key or name)
+        if cli.deprecated is not None:
+            keys[name].append(f"{cli.deprecated} (deprecated)")
+    for group in grammar.groups:
+        if group is RATE_LIMITER_KEYS:
+            keys["rate_limiter_config"] = list(group.keys)
+        else:  # the console modes
+            keys["mode"] = [*group.flags, *(f"{key}=" for key in group.keys)]
+            for key in group.keys:
+                keys[key] = [f"{key}=<path>"]
+    return keys
+
+
+def _keys_in_place(model: type[ApiModel], path: str) -> dict[str, list[str]]:
+    """Per field of ``model`` (found at ``path``), how the command line gives it: its CLI
+    keys, the ``pych`` option that fills it, or the key of the enclosing option's model it
+    is part of (``cpus.topology``'s fields: part of ``topology``)."""
+    keys = _cli_keys(model)
+    base = path.replace("[]", "")
+    options: dict[str, list[str]] = {}
+    for option, option_path in CLI_OPTIONS.items():
+        options.setdefault(option_path, []).append(option)
+    for name in model.model_fields:
+        if name not in keys and (given := options.get(f"{base}.{name}".lstrip("."))):
+            keys[name] = given
+    if not issubclass(model, CliModel) and "." in base:
+        parent_path, field = base.rsplit(".", 1)
+        parent, _ = _field_path(parent_path + "." + field)
+        parent_keys = _cli_keys(parent).get(field)
+        if parent_keys:
+            option = getattr(parent, "CLI_OPTION", "")
+            for name in model.model_fields:
+                keys.setdefault(name, [f"part of `{option} {parent_keys[0]}`"])
+    return keys
+
+
+def _code(items: list[str]) -> str:
+    return ", ".join(item if item.startswith("part of ") else f"`{item}`" for item in items)
+
+
+def _accepted(model: type[ApiModel], field: str, rule: Refused) -> str:
+    if rule.accepted:
+        return rule.accepted
+    default = model.model_fields[field].get_default(call_default_factory=True)
+    if default is None:
+        return "`null` (the default), `[]`" if "list" in str(
+            model.model_fields[field].annotation) else "`null` (the default)"
+    return f"`{_json(default)}` (the default)"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _details(model: type[ApiModel], field: str, rule: Entry) -> str:
+    if isinstance(rule, Works):
+        return rule.note
+    text = f"{rule.reason}. Accepted: {_accepted(model, field, rule)}."
+    return f"{text} {rule.note}" if rule.note else text
+
+
+def _endpoints() -> dict[type, list[str]]:
+    from pych.api.routes import ROUTES
+
+    by_model: dict[type, list[str]] = {}
+    for route in ROUTES:
+        if route.body is not None:
+            by_model.setdefault(route.body, []).append(f"{route.endpoint}")
+    return by_model
+
+
+def markdown() -> str:
+    """docs/options.md: the command line options, then every model's fields and CLI keys."""
+    from pych.api.routes import ROUTES
+
+    reached, refused_with = _walk()
+    endpoints = _endpoints()
+    out = [_INTRO, "## Command line options\n",
+           "| Option | Configures | Status |", "|---|---|---|"]
+    for option, path in CLI_OPTIONS.items():
+        model, field = _field_path(path)
+        rule = SUPPORT[model][field]
+        if isinstance(rule, Refused) and model is VmConfig:
+            status = f"refused: {rule.reason}"
+        else:
+            subs = _models_of_annotation(model.model_fields[field].annotation)
+            status = (f"works; its keys: [{subs[0].__name__}](#{subs[0].__name__.lower()})"
+                      if subs else "works" if isinstance(rule, Works)
+                      else f"refused: {rule.reason}")
+        out.append(f"| `{option}` | `{path}` | {_cell(status)} |")
+    for option, rule in PROCESS_OPTIONS.items():
+        status = "works" if isinstance(rule, Works) else f"refused: {rule.reason}"
+        if isinstance(rule, Works) and rule.note:
+            status += f" ({rule.note})"
+        out.append(f"| `{option}` | the pych process | {_cell(status)} |")
+
+    out += ["", "## Fields and keys\n",
+            "Each model of the API, with the CLI keys that fill its fields.\n"]
+    for model, path in reached.items():
+        where = []
+        if path:
+            where.append(f"field `{path}`")
+        if option := getattr(model, "CLI_OPTION", None):
+            where.append(f"option `{option}`")
+        where += [f"`{endpoint}`" for endpoint in endpoints.get(model, [])]
+        intro = ", ".join(where)
+        out += [f"### {model.__name__}\n", f"{intro[:1].upper()}{intro[1:]}.\n" if where else "",
+                "| Field | CLI key | Status | Why / notes |", "|---|---|---|---|"]
+        keys = _keys_in_place(model, path)
+        for name in model.model_fields:
+            rule = SUPPORT[model][name]
+            status = "works" if isinstance(rule, Works) else "**refused**"
+            out.append(f"| `{name}` | {_code(keys.get(name, [])) or '—'} | {status} | "
+                       f"{_cell(_details(model, name, rule))} |")
+        for (cli_model, key), rule in CLI_KEYS.items():
+            if cli_model is model and key in getattr(model, "CLI_IGNORED_KEYS", ()):
+                out.append(f"| — | `{key}` | **refused** | {_cell(rule.reason)} |")
+        out.append("")
+
+    out += ["## Refused with their field\n",
+            "Models that only refused fields hold: any of them is refused with that field, "
+            "whatever its own fields say.\n",
+            "| Model | Refused with | Its fields (CLI keys) |", "|---|---|---|"]
+    for model, (path, rule) in refused_with.items():
+        keys = _cli_keys(model)
+        fields = ", ".join(
+            f"`{name}`" + (f" ({_code(keys[name])})" if keys.get(name, [name]) != [name] else "")
+            for name in model.model_fields)
+        names = [model.__name__]
+        if option := getattr(model, "CLI_OPTION", None):
+            names.append(f"`{option}`")
+        names += [f"`{endpoint}`" for endpoint in endpoints.get(model, [])]
+        out.append(f"| {', '.join(names)} | `{path}`: {_cell(rule.reason)} | {_cell(fields)} |")
+
+    out += ["", "## Other requests\n",
+            "| Endpoint | Body | Status |", "|---|---|---|"]
+    device_models = set(reached) | set(refused_with)
+    for route in ROUTES:
+        if route.body is None or route.body in device_models:
+            continue
+        fields = _code(list(route.body.model_fields))
+        status = ("works: every field" if route.implemented
+                  else f"refused as a whole: answers 500 \"{route.endpoint} is not supported "
+                       "by pych yet\"")
+        out.append(f"| `{route.endpoint}` | {route.body.__name__}: {fields} | {status} |")
+    unimplemented = [route.endpoint for route in ROUTES
+                     if not route.implemented and route.body in device_models]
+    out += ["", "Hot plug endpoints of refused kinds answer 500 (\"<endpoint> is not supported "
+            f"by pych yet\"): {_code(unimplemented)}.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
