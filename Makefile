@@ -68,7 +68,7 @@ openapi: venv
 # docs/options.md: what pych does with every option key and API field, printed from the
 # support table (pych/config/support.py; a unit test checks the committed page is current)
 options: venv
-	$(PY) -m pych.config.support > docs/options.md.tmp
+	$(PY) -m pych.config.options_page > docs/options.md.tmp
 	mv docs/options.md.tmp docs/options.md
 
 clean:

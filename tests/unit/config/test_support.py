@@ -28,6 +28,7 @@ from pych.cli.main import CliError, build_parser, config_from_args
 from pych.config import OptionError, VmConfig, support
 from pych.config.base import CliModel, _grammar
 from pych.config.devices import RATE_LIMITER_KEYS
+from pych.config import options_page
 from pych.config.support import SUPPORT, UnsupportedField, Works
 
 from tests.unit.vmm.fakes import fake_vmm
@@ -68,7 +69,7 @@ def request_models() -> dict[str, list[str]]:
 
 
 REQUEST_MODELS = request_models()
-REACHED, REFUSED_WITH = support._walk()
+REACHED, REFUSED_WITH = options_page._walk()
 
 # Bodies of endpoints that are not a VM or device configuration.
 OTHER_BODIES = {"VmResize", "VmResizeZone", "VmResizeDisk", "VmRemoveDevice",
@@ -754,12 +755,12 @@ def test_other_bodies_are_whole_endpoints():
 
 def test_the_options_page_is_current():
     committed = (REPO / "docs" / "options.md").read_text()
-    assert committed == support.markdown(), (
-        "docs/options.md is stale: python -m pych.config.support > docs/options.md")
+    assert committed == options_page.markdown(), (
+        "docs/options.md is stale: python -m pych.config.options_page > docs/options.md")
 
 
 def test_the_page_lists_every_field_and_key():
-    page = support.markdown()
+    page = options_page.markdown()
     for model in (*REACHED, *REFUSED_WITH):
         for field in model.model_fields:
             assert f"`{field}`" in page, (model.__name__, field)
@@ -771,7 +772,7 @@ def test_the_page_lists_every_field_and_key():
 
 
 def test_the_module_prints_the_page():
-    result = subprocess.run([sys.executable, "-m", "pych.config.support"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "pych.config.options_page"], cwd=REPO,
                             capture_output=True, text=True, check=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert result.stdout == support.markdown()
+    assert result.stdout == options_page.markdown()
