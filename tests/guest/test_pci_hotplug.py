@@ -9,11 +9,9 @@ new device, so every wait polls with a generous limit and nothing is timed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import struct
 import subprocess
 from pathlib import Path
 
@@ -21,11 +19,11 @@ import pytest
 
 from tests.support.guest import REPO, vm_info
 from tests.support.hotplug import wait_for_events, wait_in_guest
+from tests.support.host import lock_is_free
 
 DISK_SIZE = 4 << 20
 BLOCK = 4096
 COPY_TO_BLOCK = 1000          # the guest copies block 0 of the disk here
-_FLOCK = struct.Struct("=hh4xqqi4x")
 
 
 def pattern(size: int) -> bytes:
@@ -62,17 +60,6 @@ def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
         capture_output=True, text=True, timeout=120, check=True).stdout
     text, _, status = out.rpartition("\n")
     return int(status), text
-
-
-def lock_is_free(path: Path) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def pych_holds(guest, path: Path) -> bool:
