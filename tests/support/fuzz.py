@@ -47,6 +47,7 @@ for ``vm.counters``/``vm.nmi`` of a VM that is not running, 200 with an empty bo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -909,14 +910,19 @@ def run(target: FuzzTarget, plan: Plan, workdir: Path, report: Report | None = N
     return report
 
 
+def _expect(gen: Generator, report: Report, path: str, body: Any, statuses: set[int],
+            what: str):
+    """Send one deliberate request; its answer must be one of ``statuses``."""
+    r = gen.send(path, body)
+    report.check(r is not None and r.status_code in statuses, what,
+                 f"{path} got {r.status_code if r is not None else 'no answer'} "
+                 f"{_short(r.content) if r is not None else ''}")
+    return r
+
+
 def _lifecycle(gen: Generator, client: ApiClient, target: FuzzTarget, workdir: Path,
                report: Report, plan: Plan) -> None:
-    def expect(path: str, body: Any, statuses: set[int], what: str):
-        r = gen.send(path, body)
-        report.check(r is not None and r.status_code in statuses, what,
-                     f"{path} got {r.status_code if r is not None else 'no answer'} "
-                     f"{_short(r.content) if r is not None else ''}")
-        return r
+    expect = functools.partial(_expect, gen, report)
 
     def state() -> str:
         return json.loads(client.get("vm.info")[1]).get("state")
@@ -1009,12 +1015,7 @@ def _last_line(output: str) -> str:
 
 def _teardown(gen: Generator, client: ApiClient, target: FuzzTarget, report: Report,
               plan: Plan, original: dict, deadline: float) -> None:
-    def expect(path: str, body: Any, statuses: set[int], what: str):
-        r = gen.send(path, body)
-        report.check(r is not None and r.status_code in statuses, what,
-                     f"{path} got {r.status_code if r is not None else 'no answer'} "
-                     f"{_short(r.content) if r is not None else ''}")
-        return r
+    expect = functools.partial(_expect, gen, report)
 
     expect("/vm.shutdown", None, {204}, "vm.shutdown")
     report.check(json.loads(client.get("vm.info")[1])["state"] == "Shutdown",
