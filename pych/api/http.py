@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -41,9 +42,11 @@ from typing import Any, NamedTuple
 
 from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
 from pych.fds import close_fds
+from pych.guest_log import GuestLog
 from pych.threads import NamedThread
 
 logger = logging.getLogger(__name__)
+_busy_log = GuestLog(logger)      # a client can repeat connecting at will
 
 SERVER_NAME = "pych API"
 MAX_BODY_SIZE = 4 << 20  # bytes; the reference's limit
@@ -51,6 +54,13 @@ MAX_FDS_PER_REQUEST = 64
 _MAX_REQUEST_LINE = 64 * 1024
 _SOCKET_MODE = 0o600
 _CLOSE_GRACE = 1.0  # seconds close() lets requests in flight finish
+MAX_CONNECTIONS = 256
+"""Connections served at once (a thread each); one more is answered 503 and closed, so idle or
+slow clients cannot exhaust pych's threads."""
+IDLE_TIMEOUT = 300.0
+"""Seconds a connection may wait for the client's next bytes before pych closes it. Longer
+than HTTP clients keep idle pooled connections themselves (Go's default is 90 s), so a client
+that comes back to a pooled connection finds it open."""
 
 
 # --------------------------------------------------------------------------
@@ -162,6 +172,7 @@ class _Connection(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request
+        self.connection.settimeout(self.server.idle_timeout)   # a recv waiting longer ends it
         self.rfile = _ScmRightsReader(self.connection)
         self.wfile = self.connection.makefile("wb")  # buffered: one write per response
         self.server.track(self.connection)
@@ -300,11 +311,15 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
 
-    def __init__(self, listener: socket.socket, dispatcher: Dispatcher) -> None:
+    def __init__(self, listener: socket.socket, dispatcher: Dispatcher, *,
+                 max_connections: int, idle_timeout: float) -> None:
         # TCPServer.__init__ would create and bind a socket of its own.
         socketserver.BaseServer.__init__(self, listener.getsockname(), _Connection)
         self.socket = listener
         self.dispatcher = dispatcher
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._accepted = 0                # connections handed to a thread and not finished
         self.closing = False
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -319,6 +334,20 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def untrack(self, connection: socket.socket) -> None:
         with self._lock:
             self._connections.pop(connection, None)
+
+    def admit(self) -> bool:
+        """Count a new connection in, unless :attr:`max_connections` are being served."""
+        with self._lock:
+            if self._accepted >= self.max_connections:
+                return False
+            self._accepted += 1
+            return True
+
+    def shutdown_request(self, request: Any) -> None:
+        """A served connection is done (ThreadingMixIn calls this at its thread's end)."""
+        with self._lock:
+            self._accepted -= 1
+        super().shutdown_request(request)
 
     def disconnect_all(self, grace: float) -> None:
         """End every connection, letting requests in flight answer first.
@@ -412,6 +441,22 @@ def _adopt_listening_fd(fd: int) -> socket.socket:
     return listener
 
 
+def _turn_away(connection: socket.socket, limit: int) -> None:
+    """Answer 503 on a connection over the limit, without waiting for its request, and close
+    it; a client that does not read is not waited for either."""
+    body = json.dumps(["Service Unavailable",
+                       f"pych serves at most {limit} API connections at once"],
+                      separators=(",", ":")).encode()          # as every other answer
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: {SERVER_NAME}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError):
+        connection.setblocking(False)
+        connection.send(head + body)
+    connection.close()
+    _busy_log.warning("API connection refused: %d connections are being served", limit)
+
+
 class ApiServer:
     """Serves ``/api/v1`` on a UNIX socket, one thread per connection.
 
@@ -432,10 +477,15 @@ class ApiServer:
         handler_call: HandlerCall,
         path: str | os.PathLike[str] | None = None,
         fd: int | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         if (path is None) == (fd is None):
             raise ValueError("ApiServer needs exactly one of path= or fd=")
         self._dispatcher = Dispatcher(handler_call)
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._path = None if path is None else os.fspath(path)
         self._fd = fd
         self._server: _Server | None = None
@@ -461,7 +511,8 @@ class ApiServer:
         else:
             assert self._fd is not None  # one of the two, checked by __init__
             listener = _adopt_listening_fd(self._fd)
-        server = _Server(listener, self._dispatcher)
+        server = _Server(listener, self._dispatcher, max_connections=self._max_connections,
+                         idle_timeout=self._idle_timeout)
         # The reference's name; the threads serving connections inherit it from this one.
         thread = NamedThread(target=self._accept_loop, args=(server,), name="http-server",
                              daemon=True)
@@ -495,6 +546,9 @@ class ApiServer:
                     return
                 logger.warning("accept() on the API socket failed: %s", error)
                 time.sleep(0.1)  # e.g. out of fds: let the VMM breathe, don't spin
+                continue
+            if not server.admit():
+                _turn_away(connection, server.max_connections)
                 continue
             try:
                 server.process_request(connection, address)  # a thread per connection

@@ -910,3 +910,50 @@ def test_close_lets_a_request_in_flight_answer(sockdir):
     requester.join(5)
     assert answers == [(200, b"")]
     assert not path.exists()
+
+
+# --------------------------------------------------------------------------
+# Bounded connections and idle timeout
+
+
+def test_connections_over_the_limit_are_turned_away_and_idle_ones_time_out(sockdir):
+    path = sockdir / "bounded.sock"
+    server = ApiServer(lambda fn: fn(FakeHandler()), path=path, max_connections=3,
+                       idle_timeout=0.5)
+    server.start()
+    idle = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(path))
+            idle.append(sock)
+        time.sleep(0.1)                       # the three are being served (each its thread)
+        answer = raw_exchange(path, b"")      # the fourth: 503 at once, without a request
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        assert answer.endswith(b'["Service Unavailable","pych serves at most 3 API '
+                               b'connections at once"]')
+        for sock in idle:                     # idle past the timeout: closed by pych
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+        with ApiClient(path, timeout=5) as c:  # and their places are free again
+            assert c.get("vmm.ping")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.close()
+
+
+def test_a_busy_connection_is_not_an_idle_one(sockdir):
+    """The timeout is per wait for the client's bytes: keep-alive requests spaced closer than
+    it keep the connection."""
+    path = sockdir / "keepalive.sock"
+    server = ApiServer(lambda fn: fn(FakeHandler()), path=path, idle_timeout=2.0)
+    server.start()
+    try:
+        with ApiClient(path, timeout=5) as c:
+            for _ in range(4):
+                assert c.get("vmm.ping")[0] == 200
+                time.sleep(0.5)
+            assert c.get("vmm.ping")[0] == 200       # 2.5 s on one connection
+    finally:
+        server.close()
