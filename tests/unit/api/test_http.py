@@ -928,7 +928,12 @@ def test_connections_over_the_limit_are_turned_away_and_idle_ones_time_out(sockd
             sock.connect(str(path))
             idle.append(sock)
         time.sleep(0.1)                       # the three are being served (each its thread)
-        answer = raw_exchange(path, b"")      # the fourth: 503 at once, without a request
+        with socket.socket(socket.AF_UNIX) as fourth:   # 503 at once, without a request
+            fourth.settimeout(5)
+            fourth.connect(str(path))
+            answer = b""
+            while chunk := fourth.recv(4096):
+                answer += chunk
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
         assert answer.endswith(b'["Service Unavailable","pych serves at most 3 API '
                                b'connections at once"]')
@@ -955,5 +960,35 @@ def test_a_busy_connection_is_not_an_idle_one(sockdir):
                 assert c.get("vmm.ping")[0] == 200
                 time.sleep(0.5)
             assert c.get("vmm.ping")[0] == 200       # 2.5 s on one connection
+    finally:
+        server.close()
+
+
+def test_many_idle_connections_cost_no_more_threads_than_the_limit(sockdir):
+    """400 clients connect and say nothing: pych serves 64 (a thread each) and answers the
+    rest 503 at once; its threads stay bounded and it still answers once they leave."""
+    path = sockdir / "crowd.sock"
+    server = ApiServer(lambda fn: fn(FakeHandler()), path=path, max_connections=64)
+    server.start()
+    before = threading.active_count()
+    crowd = []
+    try:
+        for _ in range(400):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(path))
+            crowd.append(sock)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 64
+        turned_away = 0
+        for sock in crowd[64:]:
+            sock.settimeout(5)
+            turned_away += sock.recv(64).startswith(b"HTTP/1.1 503")
+        assert turned_away == 400 - 64
+    finally:
+        for sock in crowd:
+            sock.close()
+    try:
+        with ApiClient(path, timeout=5) as c:
+            assert c.get("vmm.ping")[0] == 200
     finally:
         server.close()
