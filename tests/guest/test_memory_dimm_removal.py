@@ -7,6 +7,7 @@ refuses (ACPI memory eject switched off in its sysfs: _OST reports "not supporte
 same reduction accepted (dimm1 ejected, its memslot and memfd gone).
 """
 
+import os
 import time
 
 import pytest
@@ -35,6 +36,20 @@ def resize(guest, desired: int) -> None:
 
 def dimm_states(guest) -> list[tuple[str, str]]:
     return [(d["id"], d["state"]) for d in vm_info(guest)["memory_hotplug"]["dimms"]]
+
+
+def memfd_refs(guest, name: str) -> int:
+    """How often pych holds the memfd of RAM region ``name``: as an open fd and as a mapping."""
+    pid, tag = guest.proc.pid, f"/memfd:pych-{name} "       # "/memfd:pych-dimm1 (deleted)"
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass                                 # closed while we looked
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = maps.read()
+    return sum(tag in link for link in links) + mapped.count(tag)
 
 
 def wait_for(probe, expected, timeout: float = 300, interval: float = 2):
@@ -74,12 +89,17 @@ def test_a_reduction_the_guest_refuses_is_kept_for_the_next_boot(guest):
 def test_a_reduction_the_guest_accepts_ejects_the_newest_dimm(guest):
     rc, out = guest.run(f"echo 1 > {EJECT_SWITCH}")
     assert rc == 0, out
+    memslots = vm_info(guest)["memslots"]
+    assert memfd_refs(guest, "dimm1") > 0
     resize(guest, 384 * MiB)                     # asks again for dimm1
     expected = guest.base_kib + 128 * KIB_PER_MIB
     assert wait_for(lambda: mem_total_kib(guest), expected) == expected
     assert wait_for(lambda: dimm_states(guest), [("dimm0", "acknowledged")]) == [
         ("dimm0", "acknowledged")]
     assert vm_info(guest)["memory_actual_size"] == 384 * MiB
+    # the DIMM's memslot is unregistered and its memfd closed and unmapped
+    assert vm_info(guest)["memslots"] == memslots - 1
+    assert memfd_refs(guest, "dimm1") == 0
     rc, out = guest.run("ls /sys/devices/system/memory/ | grep -c memory33")
     assert out == "0", out                       # the block is gone from the guest
     resize(guest, 512 * MiB)                     # and the space can be plugged again
