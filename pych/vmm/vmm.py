@@ -44,6 +44,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def __getattr__(name: str):
+    """``Vm`` (pych.vm, and under it KVM, the managers and the devices) is imported when the
+    first VM is built, not with the VMM: a VMM waiting for ``vm.create`` answers its API
+    without them. Tests may still replace ``pych.vmm.vmm.Vm``."""
+    if name == "Vm":
+        from pych.vm import Vm
+        globals()["Vm"] = Vm
+        return Vm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class Vmm(ControlLoop, RequestHandler):
     """The VMM of one VM. ``event_monitor`` receives the lifecycle events;
     ``exit_on_guest_poweroff``: the control loop ends (exit code 0) when the guest powers off.
@@ -116,9 +127,9 @@ class Vmm(ControlLoop, RequestHandler):
 
     def _start_vm(self) -> None:
         assert self.config is not None
-        from pych.vm import Vm
+        vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
-        vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
+        vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
                 vhost_user=self._vhost_user,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
         vm_box.append(vm)
