@@ -4,7 +4,8 @@ Boots the test guest under pych and under ``qemu-system-x86_64 -M microvm`` (Deb
 the peer on this host), who goes first rotating run by run, and measures:
 
 * wall time from process start to the guest's ``GUEST-READY`` line;
-* the VMM's memory beyond guest RAM once the guest is up: the resident pages of every
+* the VMM's memory beyond guest RAM once the guest is up (and, for pych, again after one
+  ``vm.reboot``, to show nothing of the first boot is kept): the resident pages of every
   mapping of the VMM process (``/proc/PID/smaps``) except guest RAM (pych's memfd
   mappings; QEMU's anonymous RAM block, the one mapping at least as large as the guest's
   RAM), split into anonymous and file-backed pages as ``RssAnon`` and ``RssFile`` are.
@@ -17,7 +18,6 @@ Writes its table to docs/benchmarks.md (``<!-- bench:boot -->``) and a plot to d
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,7 @@ from pathlib import Path
 # harness (tests.support), which is not part of the installed pych package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pych.api.client import ApiClient  # noqa: E402
 from bench.report import Run, add_runs_argument, markdown_table, ratio, rotated, stat  # noqa: E402
 from tests.support.guest import (  # noqa: E402
     READY, REPO, Console, PychGuest, guest_artifacts, qemu_command)
@@ -75,20 +76,28 @@ def footprint(pid: int, guest_ram: int) -> tuple[float, float]:
     return anon / MiB, file / MiB
 
 
-def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float]]:
+def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """Boot time, the footprint once the guest is up, and again after one ``vm.reboot``."""
     with tempfile.TemporaryDirectory() as d:
-        g = PychGuest(Path(d), cpus=f"boot={cpus}", memory=f"size={memory}M", api=False)
+        g = PychGuest(Path(d), cpus=f"boot={cpus}", memory=f"size={memory}M")
         try:
             g.start()
             g.console.expect(READY, 600)
             took = time.monotonic() - g.boot_started
             time.sleep(1)                       # let the guest's last writes settle
-            return took, footprint(g.proc.pid, memory * MiB)
+            booted = footprint(g.proc.pid, memory * MiB)
+            mark = len(g.console.buf)
+            status, body = ApiClient(g.api_path).put("vm.reboot")
+            if status != 204:
+                raise RuntimeError(f"vm.reboot: {status} {body!r}")
+            g.console.expect(READY, 600, mark)
+            time.sleep(1)
+            return took, booted, footprint(g.proc.pid, memory * MiB)
         finally:
             g.stop()
 
 
-def boot_qemu(memory: int, cpus: int) -> tuple[float, tuple[float, float]]:
+def boot_qemu(memory: int, cpus: int) -> tuple[float, tuple[float, float], None]:
     cmd = qemu_command(guest_artifacts(), memory=f"{memory}M", smp=str(cpus))
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -96,7 +105,7 @@ def boot_qemu(memory: int, cpus: int) -> tuple[float, tuple[float, float]]:
         Console(p.stdout.fileno(), p.stdin.fileno()).expect(READY, 600)
         took = time.monotonic() - t0
         time.sleep(1)
-        return took, footprint(p.pid, memory * MiB)
+        return took, footprint(p.pid, memory * MiB), None
     finally:
         p.kill()
         p.wait()
@@ -125,18 +134,26 @@ def main() -> int:
     vmms = {"pych": boot_pych, "QEMU microvm": boot_qemu}
     times: dict[str, list[float]] = {name: [] for name in vmms}
     memory: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
+    rebooted: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
     for i in run.runs_range():
         for name in rotated(list(vmms), i):
-            t, mem = vmms[name](args.memory, args.cpus)
+            t, mem, again = vmms[name](args.memory, args.cpus)
             times[name].append(t)
             memory[name].append(mem)
+            if again is not None:
+                rebooted[name].append(again)
             print(f"run {i + 1}: {name:13s} {t:6.1f} s; beyond guest RAM {mem[0]:.1f} MiB anon "
-                  f"+ {mem[1]:.1f} MiB file", flush=True)
+                  f"+ {mem[1]:.1f} MiB file"
+                  + (f"; after vm.reboot {again[0]:.1f} + {again[1]:.1f}" if again else ""),
+                  flush=True)
     total = {name: [a + f for a, f in ms] for name, ms in memory.items()}
     rows = [[name, stat(times[name]), stat([a for a, _ in memory[name]]),
-             stat([f for _, f in memory[name]]), stat(total[name])] for name in vmms]
+             stat([f for _, f in memory[name]]), stat(total[name]),
+             stat([a + f for a, f in rebooted[name]]) if rebooted[name] else "—"]
+            for name in vmms]
     body = markdown_table(["VMM", "boot to GUEST-READY (s)", "anon MiB", "file MiB",
-                           "beyond guest RAM (MiB)"], rows)
+                           "beyond guest RAM (MiB)", "the same after one `vm.reboot` (MiB)"],
+                          rows)
     body += (f"\n\nSame vmlinux, initramfs and cmdline, {args.cpus} vCPU, {args.memory} MiB. "
              f"pych / QEMU: boot {ratio(times['pych'], times['QEMU microvm'])} "
              f"(goal ≤ 0.9×); memory beyond guest RAM "

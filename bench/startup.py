@@ -20,6 +20,7 @@ Writes its table to docs/benchmarks.md (``<!-- bench:startup -->``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import select
 import socket
@@ -51,11 +52,25 @@ def _wait(p: subprocess.Popen, t0: float, what: str) -> None:
     time.sleep(0.0005)
 
 
+def product_env() -> dict[str, str]:
+    """The environment a user's pych runs in: its modules' bytecode compiled (pip compiles
+    it at install; a checkout compiles it on first run), which this environment may forbid
+    (PYTHONDONTWRITEBYTECODE): compile it here, and let the child read it."""
+    spec = importlib.util.find_spec("pych")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(spec.origin).parent)],
+                   check=True, env={k: v for k, v in os.environ.items()
+                                    if k != "PYTHONDONTWRITEBYTECODE"})
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+ENV: dict[str, str] = {}
+
+
 def ping_pych(workdir: Path) -> float:
     sock = str(workdir / "pych.sock")
     t0 = time.monotonic()
     p = subprocess.Popen([PYCH, "--api-socket", sock], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, env=ENV)
     try:
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -100,7 +115,7 @@ def first_output(cmd: list[str]) -> float:
     """exec of ``cmd`` → the first byte on its standard output."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, env=ENV)
     try:
         ready, _, _ = select.select([p.stdout], [], [], TIMEOUT)
         t = time.monotonic() - t0
@@ -129,6 +144,7 @@ def main() -> int:
     add_runs_argument(ap)
     args = ap.parse_args()
     run = Run("startup", f"bench/startup.py --runs {args.runs}", args.runs)
+    ENV.update(product_env())
     work = Path(tempfile.mkdtemp(prefix="pych-bench-startup-"))
     elf = work / "guest.elf"
     elf.write_bytes(build_elf(serial_then_poweroff(b"X")))
