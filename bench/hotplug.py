@@ -191,7 +191,8 @@ def guest_table(results: dict[tuple[str, str], list[tuple[float, float]]],
     for (name, op), times in results.items():
         guest = [t[1] for t in times]
         peer = results.get((peers.get(name, ""), op))
-        rows.append([name, op, stat([t[0] * 1000 for t in times], ".2f"), stat(guest),
+        vmm_side = [t[0] * 1000 for t in times]
+        rows.append([name, op, stat(vmm_side, ".2f") if any(vmm_side) else "—", stat(guest),
                      ratio(guest, [t[1] for t in peer]) if peer else "—"])
     return markdown_table(["VMM", "operation", "VMM-side (ms)", "guest-visible (s)",
                            "guest-visible / peer"], rows)

@@ -87,6 +87,7 @@ class Run:
         self.name, self.command, self.runs = name, command, runs
         self.load_before = loadavg()
         self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.commit = commit()                  # the code measured: as it was at the start
 
     def runs_range(self) -> Iterator[int]:
         return iter(range(self.runs))
@@ -95,7 +96,7 @@ class Run:
         load_after = loadavg()
         smoke = (f" — **a smoke run: fewer than the {MIN_RUNS} runs a recorded figure needs**"
                  if self.runs < MIN_RUNS else "")
-        return (f"`{self.command}` — {self.started:%Y-%m-%d %H:%M} UTC, commit {commit()}, "
+        return (f"`{self.command}` — {self.started:%Y-%m-%d %H:%M} UTC, commit {self.commit}, "
                 f"{self.runs} run(s) per VMM, who goes first rotating{smoke}. "
                 f"Host load average (1/5/15 min) before {self.load_before}, after {load_after} "
                 f"on {os.cpu_count()} CPUs.")
