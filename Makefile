@@ -35,9 +35,20 @@ test-guest: deps venv guest
 demo: deps venv guest
 	@$(PY) scripts/demo.py
 
+# Every bench script measures pych and its peer (QEMU) in turn, who goes first rotating, and
+# writes its own table into docs/benchmarks.md (between <!-- bench:NAME --> markers) with the
+# date, commit, run count and the host's load average before and after. BENCH_RUNS: runs per
+# VMM (3 or more for a figure worth recording; fewer is marked as a smoke run).
+BENCH_RUNS ?= 3
 bench: deps venv guest
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) bench/boot.py
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/startup.py
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/api.py
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/boot.py
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/hotplug.py --kind cpu
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/hotplug.py --kind disk
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/hotplug.py --kind memory
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/block.py
 
 # scripts/soak.py: N hot plug cycles on a real guest, checking pych for fd, thread, memslot
 # and heap growth (hours here; CI runs a few cycles in tests/guest/test_soak.py)

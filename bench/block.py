@@ -15,9 +15,10 @@ Both VMMs do buffered host I/O on the image (QEMU's default ``cache=writeback``;
 latency (mean, p50, p99) measured by the guest's clock, and the host's wall time of each
 blkbench command as a cross-check. Guest kernel code is emulated on this host (see
 ../shared/notes/pvm-host.md), so absolute numbers are small; compare the ratio.
-Prints a table and saves docs/bench-block.png (when matplotlib is installed).
+Writes its table to docs/benchmarks.md (``<!-- bench:block -->``) and saves
+docs/bench-block.png (when matplotlib is installed).
 
-    .venv/bin/python bench/block.py [--runs 2] [--seq-mib 16] [--rand-ops 1000]
+    .venv/bin/python bench/block.py [--runs 3] [--seq-mib 16] [--rand-ops 1000]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 # harness (tests.support), which is not part of the installed pych package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import Run, add_runs_argument, rotated, stat  # noqa: E402
 from tests.support.guest import (  # noqa: E402
     READY, REPO, Console, PychGuest, Shell, guest_artifacts, qemu_command)
 
@@ -137,19 +139,23 @@ def median_of(runs: list[dict], test: str, key: str) -> float:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    rows = ["| test | VMM | runs | MB/s | mean latency (µs) | p50 (µs) | p99 (µs) | host wall (s) |",
+    rows = ["Medians of the runs (min–max).", "",
+            "| test | VMM | runs | MB/s | mean latency (µs) | p50 (µs) | p99 (µs) | host wall (s) |",
             "|---|---|---|---|---|---|---|---|"]
     for test in TESTS:
         for vmm, runs in results.items():
-            mbps, mean, p50, p99, wall = (median_of(runs, test, key) for key in
-                                          ("mbps", "mean_us", "p50_us", "p99_us", "wall_s"))
-            rows.append(f"| {LABELS[test]} | {vmm} | {len(runs)} | {mbps:.2f} | {mean:.0f} | "
-                        f"{p50:.0f} | {p99:.0f} | {wall:.1f} |")
+            mbps, mean, p50, p99, wall = (
+                stat([r[test][key] for r in runs], fmt) for key, fmt in
+                (("mbps", ".2f"), ("mean_us", ".0f"), ("p50_us", ".0f"), ("p99_us", ".0f"),
+                 ("wall_s", ".1f")))
+            rows.append(f"| {LABELS[test]} | {vmm} | {len(runs)} | {mbps} | {mean} | "
+                        f"{p50} | {p99} | {wall} |")
     # Run i of pych and run i of QEMU ran back to back, so their ratio is the figure least
     # moved by the load of a shared host (it changes over minutes).
     pych, qemu = results["pych"], results["qemu"]
     runs = range(len(pych))
-    rows += ["", "pych / QEMU throughput, run by run (pych and QEMU back to back):", "",
+    rows += ["", "pych / QEMU throughput, run by run (pych and QEMU back to back, who goes "
+             "first rotating):", "",
              "| test | " + " | ".join(f"run {i + 1}" for i in runs) + " | median |",
              "|---|" + "---|" * (len(pych) + 1)]
     for test in TESTS:
@@ -183,12 +189,14 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=2)
+    add_runs_argument(ap)
     ap.add_argument("--seq-mib", type=int, default=16, help="MiB per sequential test")
     ap.add_argument("--rand-ops", type=int, default=1000, help="random 4 KiB reads")
     args = ap.parse_args()
     if args.seq_mib > DISK_MIB:
         ap.error(f"--seq-mib is at most the disk's {DISK_MIB}")
+    run = Run("block", f"bench/block.py --runs {args.runs} --seq-mib {args.seq_mib} "
+                       f"--rand-ops {args.rand_ops}", args.runs)
     results: dict[str, list[dict]] = {"pych": [], "qemu": []}
     clocksources: dict[str, set[str]] = {"pych": set(), "qemu": set()}
     with tempfile.TemporaryDirectory(prefix="pych-bench-block-") as d:
@@ -196,16 +204,15 @@ def main() -> int:
         tool, tool_size = build_tool(workdir)
         data = workdir / "data.img"
         make_data_disk(data)
-        for i in range(args.runs):
-            order = [("pych", bench_pych), ("qemu", bench_qemu)]
-            for name, fn in order if i % 2 == 0 else reversed(order):   # alternate who is first
+        for i in run.runs_range():
+            for name, fn in rotated([("pych", bench_pych), ("qemu", bench_qemu)], i):
                 print(f"run {i + 1}: {name}", flush=True)
                 r = fn(workdir, data, tool, tool_size, args.seq_mib, args.rand_ops)
                 clocksources[name].add(r.pop("clocksource"))
                 results[name].append(r)
-    print(f"\nguest clock source: pych {', '.join(sorted(clocksources['pych']))}; "
-          f"QEMU {', '.join(sorted(clocksources['qemu']))}\n")
-    print(table(results))
+    run.write(table(results) + f"\n\nGuest clock source: pych "
+              f"{', '.join(sorted(clocksources['pych']))}; QEMU "
+              f"{', '.join(sorted(clocksources['qemu']))}.", no_write=args.no_write)
     out = REPO / "docs" / "bench-block.png"
     try:
         plot(results, out)

@@ -70,6 +70,17 @@ def main() -> int:
     for start in sorted(by_second):
         top = ", ".join(f"{n}×{c}" for n, c in by_second[start].most_common(4))
         print(f"{start:4d}-{start + 5:<4d}s {top}", file=sys.stderr)
+    # the whole run: the busiest functions, and the share of each subsystem (name prefix)
+    total = collections.Counter(name for _, name in samples)
+    prefixes = collections.Counter(name.split("_")[0] if "_" in name else name
+                                   for _, name in samples)
+    n = max(len(samples), 1)
+    print(f"\n{len(samples)} samples; busiest functions:", file=sys.stderr)
+    for name, count in total.most_common(20):
+        print(f"  {count * 100 / n:5.1f}%  {name}", file=sys.stderr)
+    print("by prefix (acpi_, pci_, ...):", file=sys.stderr)
+    for name, count in prefixes.most_common(15):
+        print(f"  {count * 100 / n:5.1f}%  {name}_*", file=sys.stderr)
     return 0
 
 

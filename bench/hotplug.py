@@ -6,7 +6,8 @@ For each VMM and method the test guest boots with 256 MiB (hot plugged memory on
 * pych, ACPI DIMM: ``PUT vm.resize`` (``--memory size=256M,hotplug_size=2G``);
 * pych, virtio-mem: ``PUT vm.resize`` (``hotplug_method=virtio-mem,hotplug_size=SIZE``);
 * QEMU, pc-dimm: QMP ``object-add memory-backend-ram`` + ``device_add pc-dimm``;
-* QEMU, virtio-mem-pci: QMP ``qom-set requested-size`` (device created at start with 0).
+* QEMU, virtio-mem-pci: QMP ``qom-set requested-size`` (device created at start with 0);
+  each in a boot of its own.
 
 Measured: the VMM-side time (the control request's round trip: API socket or QMP) and the
 guest-visible time (from sending the request until MemTotal has grown by SIZE, seen by a
@@ -27,7 +28,10 @@ guest-visible: until /sys/devices/system/cpu/cpu1 appears, then how long the use
 ``echo 1 > .../cpu1/online`` takes. Also pych's ``vm_resize`` alone on a real KVM VM (paused
 guest, no HTTP): request to GED interrupt (goal < 5 ms).
 
-    .venv/bin/python bench/hotplug.py [--size 1G] [--runs 5]
+Each kind writes its own table to docs/benchmarks.md (``<!-- bench:hotplug-memory -->``,
+``hotplug-disk``, ``hotplug-cpu``); every run boots each VMM afresh, who goes first rotating.
+
+    .venv/bin/python bench/hotplug.py [--size 1G] [--runs 3]
     .venv/bin/python bench/hotplug.py --kind disk [--runs 3]
     .venv/bin/python bench/hotplug.py --kind cpu [--runs 3]
 """
@@ -35,9 +39,7 @@ guest, no HTTP): request to GED interrupt (goal < 5 ms).
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,8 @@ from pych.memory.resize import resize_ram
 # harness (tests.support), which is not part of the installed pych package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.qmp import Qmp  # noqa: E402
+from bench.report import Run, add_runs_argument, markdown_table, ratio, rotated, stat  # noqa: E402
 from tests.support.guest import (  # noqa: E402
     READY, REPO, Console, PychGuest, Shell, guest_artifacts, guest_cmdline, qemu_command)
 
@@ -141,50 +145,18 @@ def pych_manager_resize(size: int, method: str, runs: int) -> list[float]:
 
 
 # --- QEMU -----------------------------------------------------------------------------------
-class Qmp:
-    """A minimal QMP client: one command at a time, events skipped."""
-
-    def __init__(self, path: str, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.reader = self.sock.makefile("r")
-        json.loads(self.reader.readline())                       # the greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments) -> dict:
-        self.sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
-        while True:
-            reply = json.loads(self.reader.readline())
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
-def bench_qemu(size: int) -> dict[str, tuple[float, float]]:
-    """One q35 boot: a pc-dimm add, then a virtio-mem-pci grow, both of ``size``."""
+def bench_qemu(size: int, method: str) -> tuple[float, float]:
+    """One q35 boot per method: a pc-dimm add, or a virtio-mem-pci grow, of ``size``."""
     with tempfile.TemporaryDirectory() as d:
         qmp_path = str(Path(d) / "qmp.sock")
         maxmem = (BOOT + 2 * size) // MiB + 1024        # the pc-dimm and virtio-mem's region
         cmd = qemu_command(guest_artifacts(), machine="q35",
                            memory=f"{BOOT // MiB}M,slots=4,maxmem={maxmem}M",
                            cmdline=guest_cmdline(ONLINE))
-        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off",
-                "-object", f"memory-backend-ram,id=vmem0,size={size}",
-                "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]
+        cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if method == "virtio-mem-pci":
+            cmd += ["-object", f"memory-backend-ram,id=vmem0,size={size}",
+                    "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
         try:
@@ -203,13 +175,27 @@ def bench_qemu(size: int) -> dict[str, tuple[float, float]]:
                     qmp.execute("qom-set", path="/machine/peripheral/vm0",
                                 property="requested-size", value=size)
 
-                return {"pc-dimm": timed_plug(shell, size, pc_dimm),
-                        "virtio-mem-pci": timed_plug(shell, size, virtio_mem)}
+                return timed_plug(shell, size, pc_dimm if method == "pc-dimm" else virtio_mem)
             finally:
                 qmp.close()
         finally:
             p.kill()
             p.wait()
+
+
+def guest_table(results: dict[tuple[str, str], list[tuple[float, float]]],
+                peers: dict[str, str]) -> str:
+    """Rows of (VMM, operation): VMM-side ms and guest-visible s, median (min–max), and
+    pych's guest-visible time over its peer's (``peers``: pych's name -> the peer's)."""
+    rows = []
+    for (name, op), times in results.items():
+        guest = [t[1] for t in times]
+        peer = results.get((peers.get(name, ""), op))
+        vmm_side = [t[0] * 1000 for t in times]
+        rows.append([name, op, stat(vmm_side, ".2f") if any(vmm_side) else "—", stat(guest),
+                     ratio(guest, [t[1] for t in peer]) if peer else "—"])
+    return markdown_table(["VMM", "operation", "VMM-side (ms)", "guest-visible (s)",
+                           "guest-visible / peer"], rows)
 
 
 # --- PCI disk hot plug (--kind disk) ----------------------------------------------------------
@@ -297,29 +283,25 @@ def bench_qemu_disk(image: Path, machine: str) -> dict[str, tuple[float, float]]
             p.wait()
 
 
-def main_disk(runs: int) -> int:
-    """Each run boots the guest under pych, QEMU q35 and QEMU pc in turn."""
-    vmms = {"pych": bench_pych_disk,
+def main_disk(runs: int, no_write: bool) -> int:
+    """Each run boots the guest under pych, QEMU q35 and QEMU pc, who goes first rotating."""
+    run = Run("hotplug-disk", f"bench/hotplug.py --kind disk --runs {runs}", runs)
+    vmms = {"pych (bus 0)": bench_pych_disk,
             "QEMU q35 (pcie-root-port)": lambda image: bench_qemu_disk(image, "q35"),
             "QEMU pc (bus 0)": lambda image: bench_qemu_disk(image, "pc")}
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (name, op): [] for name in vmms for op in ("add", "remove")}
     with tempfile.TemporaryDirectory() as d:
         image = Path(d) / "disk.raw"
         image.write_bytes(bytes(DISK_SIZE))
-        for run in range(runs):
-            for name, bench in vmms.items():
-                for op, times in bench(image).items():
-                    results.setdefault((name, op), []).append(times)
-                    print(f"run {run + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
+        for i in run.runs_range():
+            for name in rotated(list(vmms), i):
+                for op, times in vmms[name](image).items():
+                    results[(name, op)].append(times)
+                    print(f"run {i + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
                           f"guest-visible {times[1]:.1f} s", flush=True)
-    print(f"\nvirtio-blk hot plug into a {BOOT // MiB} MiB guest, {runs} runs (median, min-max)\n")
-    print("| VMM | operation | VMM-side (ms) | guest-visible (s) |\n|---|---|---|---|")
-    for (name, op), times in results.items():
-        vmm_side = [t[0] * 1000 for t in times]
-        guest = [t[1] for t in times]
-        print(f"| {name} | {op} | {statistics.median(vmm_side):.2f} "
-              f"({min(vmm_side):.2f}-{max(vmm_side):.2f}) | {statistics.median(guest):.1f} "
-              f"({min(guest):.1f}-{max(guest):.1f}) |")
+    run.write(guest_table(results, {"pych (bus 0)": "QEMU q35 (pcie-root-port)"}),
+              no_write=no_write)
     return 0
 
 
@@ -422,33 +404,29 @@ def pych_vm_cpu_resize(runs: int) -> list[tuple[float, float]]:
     return times
 
 
-def main_cpu(runs: int) -> int:
+def main_cpu(runs: int, no_write: bool) -> int:
     """The guest-less measurement ``runs`` times, then each run boots the guest under pych
-    and QEMU q35 in turn."""
+    and QEMU q35, who goes first rotating."""
+    run = Run("hotplug-cpu", f"bench/hotplug.py --kind cpu --runs {runs}", runs)
     alone = pych_vm_cpu_resize(runs)
     vmms = {"pych": bench_pych_cpu, "QEMU q35": bench_qemu_cpu}
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for run in range(runs):
-        for name, bench in vmms.items():
-            for op, times in bench().items():
-                results.setdefault((name, op), []).append(times)
-                print(f"run {run + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (name, op): [] for name in vmms for op in ("add", "online")}
+    for i in run.runs_range():
+        for name in rotated(list(vmms), i):
+            for op, times in vmms[name]().items():
+                results[(name, op)].append(times)
+                print(f"run {i + 1}: {name} {op}: VMM-side {times[0] * 1000:.2f} ms, "
                       f"guest-visible {times[1]:.1f} s", flush=True)
-    print(f"\nvCPU hot plug 1 -> 2 into a {BOOT // MiB} MiB guest, {runs} runs (median, "
-          f"min-max)\n")
-    print("| VMM | operation | VMM-side (ms) | guest-visible (s) |\n|---|---|---|---|")
-    for (name, op), times in results.items():
-        vmm_side = [t[0] * 1000 for t in times]
-        guest = [t[1] for t in times]
-        print(f"| {name} | {op} | {statistics.median(vmm_side):.2f} "
-              f"({min(vmm_side):.2f}-{max(vmm_side):.2f}) | {statistics.median(guest):.1f} "
-              f"({min(guest):.1f}-{max(guest):.1f}) |")
+    body = guest_table(results, {"pych": "QEMU q35"})
+    pych_add = [t[0] for t in results[("pych", "add")]]
+    qemu_add = [t[0] for t in results[("QEMU q35", "add")]]
     ged = [t[0] * 1000 for t in alone]
     whole = [t[1] * 1000 for t in alone]
-    print(f"\npych's Vmm.vm_resize alone, real KVM VM, paused guest ({runs} runs): request -> "
-          f"GED interrupt median {statistics.median(ged):.2f} ms ({min(ged):.2f}-{max(ged):.2f}, "
-          f"goal < 5 ms); whole call {statistics.median(whole):.2f} ms "
-          f"({min(whole):.2f}-{max(whole):.2f})")
+    body += (f"\n\nVMM-side add, pych / QEMU: {ratio(pych_add, qemu_add)}. pych's "
+             f"`Vmm.vm_resize` alone, real KVM VM, paused guest ({runs} runs): request → GED "
+             f"interrupt {stat(ged, '.2f')} ms (goal < 5 ms); whole call {stat(whole, '.2f')} ms.")
+    run.write(body, no_write=no_write)
     return 0
 
 
@@ -471,41 +449,46 @@ def plot(rows: list[tuple[str, float, float]], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_runs_argument(ap)
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="memory to add (K/M/G)")
-    ap.add_argument("--runs", type=int, default=5,
-                    help="memory: runs of the guest-less measurement; disk, cpu: guest runs "
-                         "per VMM")
     ap.add_argument("--kind", choices=("memory", "disk", "cpu"), default="memory",
                     help="what to hot plug: memory (default), a PCI disk (virtio-blk) or a vCPU")
     args = ap.parse_args()
     if args.kind == "disk":
-        return main_disk(args.runs)
+        return main_disk(args.runs, args.no_write)
     if args.kind == "cpu":
-        return main_cpu(args.runs)
+        return main_cpu(args.runs, args.no_write)
     size = args.size
     if size % (128 * MiB):
         ap.error("--size must be a multiple of 128M")
-
+    run = Run("hotplug-memory", f"bench/hotplug.py --kind memory --runs {args.runs}", args.runs)
     manager = {method: pych_manager_resize(size, method, args.runs)
                for method in ("Acpi", "VirtioMem")}
-    rows = [
-        ("pych ACPI DIMM", *bench_pych(f"size={BOOT // MiB}M,hotplug_size={2 * size}", size)),
-        ("pych virtio-mem", *bench_pych(f"size={BOOT // MiB}M,hotplug_method=virtio-mem,"
-                                        f"hotplug_size={size}", size)),
-    ]
-    rows += [(f"QEMU q35 {name}", *times) for name, times in bench_qemu(size).items()]
-
-    print(f"\nAdding {size // MiB} MiB to a {BOOT // MiB} MiB guest\n")
-    print("| VMM, method | VMM-side (ms) | guest-visible (s) |\n|---|---|---|")
-    for name, vmm_side, guest in rows:
-        print(f"| {name} | {vmm_side * 1000:.2f} | {guest:.1f} |")
-    print(f"\npych memory manager alone, real KVM VM, no guest ({args.runs} runs):\n")
-    print("| method | median (ms) | min (ms) | max (ms) |\n|---|---|---|---|")
-    for method, times in manager.items():
-        print(f"| {method} | {statistics.median(times) * 1000:.3f} | {min(times) * 1000:.3f} | "
-              f"{max(times) * 1000:.3f} |")
-    print(f"\nACPI add, VMM side (manager, median): "
-          f"{statistics.median(manager['Acpi']) * 1000:.2f} ms (goal < 5 ms)")
+    vmms = {
+        "pych ACPI DIMM": lambda: bench_pych(f"size={BOOT // MiB}M,hotplug_size={2 * size}", size),
+        "pych virtio-mem": lambda: bench_pych(f"size={BOOT // MiB}M,hotplug_method=virtio-mem,"
+                                              f"hotplug_size={size}", size),
+        "QEMU q35 pc-dimm": lambda: bench_qemu(size, "pc-dimm"),
+        "QEMU q35 virtio-mem-pci": lambda: bench_qemu(size, "virtio-mem-pci"),
+    }
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (name, "add"): [] for name in vmms}
+    for i in run.runs_range():
+        for name in rotated(list(vmms), i):         # each its own boot
+            times = vmms[name]()
+            results[(name, "add")].append(times)
+            print(f"run {i + 1}: {name}: VMM-side {times[0] * 1000:.2f} ms, guest-visible "
+                  f"{times[1]:.1f} s", flush=True)
+    body = guest_table(results, {"pych ACPI DIMM": "QEMU q35 pc-dimm",
+                                 "pych virtio-mem": "QEMU q35 virtio-mem-pci"})
+    body += (f"\n\n{size // MiB} MiB added to a {BOOT // MiB} MiB guest, each VMM and method "
+             "in its own boot. pych's memory manager alone, real KVM VM, no guest "
+             f"({args.runs} runs): ACPI {stat([t * 1000 for t in manager['Acpi']], '.3f')} ms "
+             f"(goal < 5 ms), virtio-mem {stat([t * 1000 for t in manager['VirtioMem']], '.3f')} "
+             "ms.")
+    run.write(body, no_write=args.no_write)
+    rows = [(name, statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for (name, _), ts in results.items()]
     out = REPO / "docs" / "bench-hotplug.png"
     try:
         plot(rows, out)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import Any, NoReturn
 
 from pych import seccomp
@@ -163,6 +162,7 @@ def _readable_file(path: str) -> str:
 
 
 def _version() -> str:
+    from importlib import metadata      # 20-40 ms to import: only for --version
     try:
         return metadata.version("pych")
     except metadata.PackageNotFoundError:

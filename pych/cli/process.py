@@ -17,7 +17,7 @@ from pych.config import ConfigError
 from pych.errors import VmmError
 from pych.threads import set_native_name
 from pych.event_monitor import EventMonitor
-from pych.cpu.vcpu import install_kick_handler
+from pych.cpu.kick import install_kick_handler
 from pych.vmm import Vmm
 
 log = logging.getLogger(__name__)

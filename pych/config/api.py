@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, RootModel, Strict, ValidationError, field_validator
+from pydantic import ConfigDict, Field, RootModel, Strict, ValidationError, field_validator
 
 from pych.config.base import (
     I32,
@@ -250,5 +250,9 @@ class VmInfo(ApiModel):
     device_tree: dict[str, DeviceNode] | None = None
 
 
-class VmCounters(RootModel[dict[str, dict[str, int]]]):
+class VmCounters(RootModel):
     """Per-device counters: ``{"_disk0": {"read_bytes": 0, ...}, ...}``."""
+
+    # not RootModel[...]: a parametrized generic is built at import; this one at first use
+    model_config = ConfigDict(defer_build=True)
+    root: dict[str, dict[str, int]]

@@ -16,20 +16,13 @@ from typing import Callable
 
 from pych import seccomp
 from pych.arch.x86_64 import emulate as emu
+from pych.cpu.kick import KICK_SIGNAL, install_kick_handler  # noqa: F401 - re-exported
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import KvmError, Vcpu
 from pych.hypervisor.kvm import bindings as kb
 from pych.threads import NamedThread
 
 log = logging.getLogger(__name__)
-
-KICK_SIGNAL = signal.SIGRTMIN
-
-
-def install_kick_handler() -> None:
-    """A no-op handler, so the kick signal interrupts KVM_RUN instead of killing us.
-    Must be called from the main thread before any vCPU thread starts."""
-    signal.signal(KICK_SIGNAL, lambda *_: None)
 
 
 class VcpuExit(Exception):

@@ -26,7 +26,6 @@ from pych.config.kinds import DeviceKind
 from pych.errors import InvalidRequest, NotFound
 from pych.fds import close_fds
 from pych.vmm.manager_errors import domain_errors
-from pych.memory.resize import check_ram, resize_ram, resize_zone
 
 if TYPE_CHECKING:
     from pych.device_manager.manager import HotPlugged
@@ -77,6 +76,7 @@ class VmController(ABC):
         if request.desired_vcpus is not None:
             self._check_vcpus(request.desired_vcpus)
         if request.desired_ram is not None:
+            from pych.memory.resize import check_ram    # loaded with the first VM's managers
             with domain_errors("Error resizing VM memory"):
                 check_ram(self.config.memory, request.desired_ram, self._memory_manager())
         if request.desired_balloon is not None:
@@ -100,6 +100,7 @@ class VmController(ABC):
         size, hotplugged = memory.size, memory.hotplugged_size
 
         def undo() -> None:
+            from pych.memory.resize import resize_ram
             resize_ram(memory, size + (hotplugged or 0) if memory.hotplug_method == "VirtioMem"
                        else size, self._memory_manager())
             memory.size, memory.hotplugged_size = size, hotplugged
@@ -136,11 +137,13 @@ class VmController(ABC):
 
     def resize_memory(self, desired: int) -> None:
         """``desired_ram`` (see :func:`pych.memory.resize.resize_ram`)."""
+        from pych.memory.resize import resize_ram
         with domain_errors("Error resizing VM memory"):
             resize_ram(self.config.memory, desired, self._memory_manager())
 
     def resize_zone(self, zone_id: str, desired: int) -> None:
         """``vm.resize-zone`` (see :func:`pych.memory.resize.resize_zone`)."""
+        from pych.memory.resize import resize_zone
         with domain_errors("The memory zone could not be resized"):
             resize_zone(self.config.memory, zone_id, desired, self._memory_manager())
 

@@ -12,24 +12,33 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pych.cpu.manager import VcpuRemovalPending
-from pych.device_manager.manager import DeviceBackendError, DeviceManagerError, UnknownDeviceId
+from functools import cache
+
 from pych.errors import (BackendError, InternalError, InvalidRequest, NotFound, RetryLater,
                          VmmError)
-from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
 
 log = logging.getLogger(__name__)
 
-# Each manager error and the domain error it becomes, subclasses before their bases.
-_TRANSLATIONS: tuple[tuple[type[Exception], type[VmmError]], ...] = (
-    (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
-    (UnknownDeviceId, NotFound),
-    (DeviceBackendError, BackendError),     # a file, socket or tap the device needs
-    (DeviceManagerError, InternalError),    # incl. a device that cannot be removed (rng, ...)
-    (UnknownMemoryZone, NotFound),
-    (InvalidMemoryResize, InvalidRequest),
-    (MemoryResizeError, InternalError),     # e.g. no hot plug slot left
-)
+
+@cache
+def translations() -> tuple[tuple[type[Exception], type[VmmError]], ...]:
+    """Each manager error and the domain error it becomes, subclasses before their bases.
+
+    Imported when first needed: the managers (and the devices under them) are not loaded
+    until a VM is created, so a VMM waiting for ``vm.create`` starts without them."""
+    from pych.cpu.manager import VcpuRemovalPending
+    from pych.device_manager.manager import (DeviceBackendError, DeviceManagerError,
+                                             UnknownDeviceId)
+    from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
+    return (
+        (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
+        (UnknownDeviceId, NotFound),
+        (DeviceBackendError, BackendError),     # a file, socket or tap the device needs
+        (DeviceManagerError, InternalError),    # incl. a device that cannot be removed (rng, ...)
+        (UnknownMemoryZone, NotFound),
+        (InvalidMemoryResize, InvalidRequest),
+        (MemoryResizeError, InternalError),     # e.g. no hot plug slot left
+    )
 
 
 @contextmanager
@@ -45,7 +54,7 @@ def domain_errors(context: str, *, otherwise: type[VmmError] | None = None) -> I
     except VmmError:
         raise
     except Exception as error:
-        for source, target in _TRANSLATIONS:
+        for source, target in translations():
             if isinstance(error, source):
                 raise target(context, str(error)) from None
         if otherwise is None:

@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from typing import TYPE_CHECKING
+
 import pych
 from pych.api.handler import RequestHandler
 from pych.config import ConfigError, PciDeviceInfo, VmConfig
@@ -28,8 +30,6 @@ from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidSta
                          VmAlreadyCreated, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.fds import close_fds
-from pych.hypervisor.kvm import Kvm
-from pych.vm import Vm
 from pych.vmm.controllers import (ADD_DEVICE, PrebootController, RuntimeController,
                                   VmController, close_net_fds)
 from pych.vmm.loop import ControlLoop
@@ -37,7 +37,22 @@ from pych.vmm.manager_errors import domain_errors
 from pych.vmm.serial_port import SerialPort
 from pych.vmm.state import VmState
 
+if TYPE_CHECKING:
+    from pych.hypervisor.kvm import Kvm
+    from pych.vm import Vm
+
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    """``Vm`` (pych.vm, and under it KVM, the managers and the devices) is imported when the
+    first VM is built, not with the VMM: a VMM waiting for ``vm.create`` answers its API
+    without them. Tests may still replace ``pych.vmm.vmm.Vm``."""
+    if name == "Vm":
+        from pych.vm import Vm
+        globals()["Vm"] = Vm
+        return Vm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Vmm(ControlLoop, RequestHandler):
@@ -62,7 +77,8 @@ class Vmm(ControlLoop, RequestHandler):
     @property
     def kvm(self) -> Kvm:
         if self._kvm is None:
-            self._kvm = Kvm()
+            from pych.hypervisor.kvm import Kvm   # KVM and the VM's machinery load with the
+            self._kvm = Kvm()                      # first VM: not needed to answer the API
         return self._kvm
 
     def exit(self, code: int) -> None:
@@ -111,8 +127,9 @@ class Vmm(ControlLoop, RequestHandler):
 
     def _start_vm(self) -> None:
         assert self.config is not None
+        vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
-        vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
+        vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
                 vhost_user=self._vhost_user,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
         vm_box.append(vm)

@@ -143,3 +143,14 @@ def test_reinserting_an_ejected_cpu_starts_afresh():
     b.c.insert([2])
     assert b.c.state(2) is VcpuState.INSERTING and not b.c.removal_pending()
     assert b.status(2) == C.CPEN | C.CINS
+
+
+# --- the AML's size ----------------------------------------------------------------------------
+def test_the_aml_describes_exactly_the_possible_cpus():
+    """One processor object (``_HID`` ACPI0007) per possible vCPU (max_vcpus), none beyond: a
+    guest parses no CPU it could never get, and every CPU it could get is there to hot plug."""
+    for max_vcpus in (1, 4, 17):
+        aml = C(0x1000, max_vcpus, 1, is_active=lambda cpu: True, eject=lambda cpu: True).to_aml()
+        assert aml.count(b"ACPI0007") == max_vcpus
+        assert all(f"C{cpu:03X}".encode() in aml for cpu in range(max_vcpus))
+        assert f"C{max_vcpus:03X}".encode() not in aml

@@ -231,3 +231,16 @@ def test_virtio_mem_region_is_mapped_at_boot_after_ram(manager):
 def test_virtio_mem_regions_are_whole_memory_blocks(manager):
     with pytest.raises(ValueError, match="multiple of 128 MiB"):
         manager(hotplug_size=200 * MiB, hotplug_method="VirtioMem")
+
+
+def test_dimm_slots_are_described_only_with_acpi_memory_hot_plug(manager):
+    """Without ACPI hot plug (no hotplug_size, or virtio-mem) the DSDT gets the reference's
+    MHPC stub and no DIMM slot; with it, every slot of the boot's controller."""
+    import re
+    dimm = re.compile(rb"M\d{3}")
+    for fields in ({}, {"hotplug_method": "VirtioMem", "hotplug_size": 512 * MiB}):
+        aml = manager(**fields).to_aml()
+        assert b"MHPC" in aml and not dimm.search(aml), fields
+    aml = manager(hotplug_size=1024 * MiB).to_aml()
+    assert {m.group() for m in dimm.finditer(aml)} == {f"M{i:03d}".encode()
+                                                       for i in range(HOTPLUG_SLOTS)}

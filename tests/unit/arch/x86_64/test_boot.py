@@ -121,3 +121,82 @@ def test_lapic_lints():
     raw = bytes(s.regs)
     assert (struct.unpack_from("<I", raw, 0x350)[0] >> 8) & 7 == 7
     assert (struct.unpack_from("<I", raw, 0x360)[0] >> 8) & 7 == 4
+
+
+def test_kernel_files_are_read_into_guest_memory(tmp_path):
+    """``load_kernel`` reads the ELF's segments and the bzImage's kernel from the file into
+    guest memory; what the file loader writes equals what the bytes loader writes, and a
+    segment's .bss is zeroed over memory a previous boot left dirty."""
+    elf, bz = tmp_path / "vmlinux", tmp_path / "bzImage"
+    elf.write_bytes(_fake_elf())
+    bz.write_bytes(_fake_bzimage())
+    for path, loaded_at, length in ((elf, 0x1000000, 64 + 32), (bz, 0x100000, 4096)):
+        from_file = GuestMemory.from_ranges(layout.ram_regions(64 << 20))
+        from_bytes = GuestMemory.from_ranges(layout.ram_regions(64 << 20))
+        try:
+            from_file.write(loaded_at, b"\xee" * 8192)            # a previous boot's bytes
+            kernel = loader.load_kernel(from_file, str(path))
+            image = path.read_bytes()
+            expected = (loader.load_elf(from_bytes, image) if path is elf
+                        else loader.load_bzimage(from_bytes, image))
+            assert kernel == expected
+            assert from_file.read(loaded_at, length) == from_bytes.read(loaded_at, length)
+        finally:
+            from_file.close()
+            from_bytes.close()
+    mem = GuestMemory.from_ranges(layout.ram_regions(64 << 20))
+    try:
+        mem.write(0x1000000 + 64, b"\xee" * 32)
+        loader.load_kernel(mem, str(elf))
+        assert mem.read(0x1000000 + 64, 32) == bytes(32)          # bss zeroed again
+    finally:
+        mem.close()
+
+
+def test_truncated_kernel_file_is_refused(tmp_path):
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(_fake_elf()[:64 + 2 * 56 + 10])                # headers, part of a segment
+    mem = GuestMemory.from_ranges(layout.ram_regions(64 << 20))
+    try:
+        with pytest.raises(loader.KernelLoadError, match="shorter than its headers"):
+            loader.load_kernel(mem, str(elf))
+        with pytest.raises(loader.KernelLoadError, match="cannot read kernel"):
+            loader.load_kernel(mem, str(tmp_path / "missing"))
+    finally:
+        mem.close()
+
+
+def test_loading_keeps_no_copy_of_the_files(tmp_path):
+    """The VMM's heap never holds the kernel or the initramfs: a 16 MiB segment and a 16 MiB
+    initramfs load with less than 1 MiB allocated by Python at any moment."""
+    import tracemalloc
+    big = 16 << 20
+    payload_off = 0x1000
+    note = (struct.pack("<III", 4, 8, loader.XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0"
+            + struct.pack("<Q", 0x1000000))
+    hdr = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    hdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, 64, 0, 0, 64, 56, 2, 0, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", loader.PT_LOAD, 5, payload_off, 0, 0x1000000, big, big, 0x1000)
+    ph += struct.pack("<IIQQQQQQ", loader.PT_NOTE, 4, payload_off + big, 0, 0, len(note),
+                      len(note), 4)
+    elf = tmp_path / "vmlinux"
+    with open(elf, "wb") as f:
+        f.write(hdr + ph + bytes(payload_off - len(hdr) - len(ph)))
+        f.write(b"\x90" * big)
+        f.write(note)
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x07" * big)
+    mem = GuestMemory.from_ranges(layout.ram_regions(128 << 20))
+    tracemalloc.start()
+    try:
+        kernel = loader.load_kernel(mem, str(elf))
+        addr, size = loader.load_initramfs(mem, str(initrd), kernel)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 1 << 20, peak
+        assert mem.read(0x1000000 + big - 4, 4) == b"\x90" * 4
+        assert size == big and mem.read(addr + big - 4, 4) == b"\x07" * 4
+    finally:
+        mem.close()
