@@ -139,7 +139,6 @@ WORKS = Works()
 
 # Reasons shared by several entries.
 NO_IOMMU = "pych has no virtual IOMMU"
-EQUAL_APERTURES = "pych gives every PCI segment an equal share of the MMIO windows"
 NO_SMBIOS = "pych writes no SMBIOS tables"
 NO_RATE_LIMITER = "pych has no I/O rate limiter"
 LIMITS_NOTHING = ("`null`, or a limiter that limits nothing: each bucket absent, or of size 0 "
@@ -289,8 +288,12 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
     },
     PciSegmentConfig: {
         "pci_segment": WORKS,
-        "mmio32_aperture_weight": Refused(EQUAL_APERTURES),
-        "mmio64_aperture_weight": Refused(EQUAL_APERTURES),
+        "mmio32_aperture_weight": Works(
+            "The segment's share of the 32-bit device hole (640 MiB), in units of the hole "
+            "over the sum of the weights, 4 KiB aligned, as the reference carves it."),
+        "mmio64_aperture_weight": Works(
+            f"The segment's share of the 64 GiB PCI window, in 4 GiB-aligned units: the "
+            f"segments' weights may add up to {MAX_PCI_SEGMENTS} at most (more is refused)."),
     },
     DiskConfig: _pci(
         path=WORKS,
@@ -398,8 +401,7 @@ _VM: dict[str, Entry] = {
     "watchdog": Refused("pych has no virtio-watchdog device", cli=_option("--watchdog")),
     "rtc": Refused("pych has no virtio RTC device", cli=_option("--rtc")),
     "pci_segments": Works(
-        "Each entry's fields: see PciSegmentConfig (weights 1 only, which changes "
-        "nothing)."),
+        "Each entry's fields: see PciSegmentConfig."),
     "platform": WORKS,
     "tpm": Refused("pych has no TPM device", cli=_option("--tpm")),
     "landlock_enable": Refused("pych does not sandbox itself with Landlock",

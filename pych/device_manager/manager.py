@@ -27,6 +27,7 @@ from pych.acpi.aml import Sequence
 from pych.arch.x86_64 import layout
 from pych.config import kinds
 from pych.config.kinds import BY_NAME, DEVICE_KINDS, DeviceKind
+from pych.config.machine import aperture_weights
 from pych.device_manager.factories import BACKEND_ERRORS, FACTORIES, Factory, FactoryContext
 from pych.device_manager.hotplug import PciHotplugController
 from pych.device_manager.segment import create_segments
@@ -98,9 +99,10 @@ class DeviceManager:
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
         self.mmio64 = mmio64
         # Each segment its bus, ECAM window and shares of the MMIO windows (BARs, pmem).
-        self.segments = create_segments(
-            config.platform.num_pci_segments if config.platform else 1,
-            mmio=mmio, pio=pio, mmio64=mmio64)
+        mmio32_weights, mmio64_weights = aperture_weights(config)
+        self.segments = create_segments(len(mmio32_weights), mmio=mmio, pio=pio, mmio64=mmio64,
+                                        mmio32_weights=mmio32_weights,
+                                        mmio64_weights=mmio64_weights)
         self.pci = self.segments[0].bus     # segment 0's bus
         self.tree = DeviceTree()
         self.devices: dict[str, VirtioPciDevice] = {}

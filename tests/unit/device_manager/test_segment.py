@@ -186,3 +186,30 @@ def test_dsdt_has_a_host_bridge_per_segment(machine, tmp_path):
                        ("_PRT", "Package"), ("S000", "Device"), ("S031", "Device"),
                        ("PCNT", "Method"), ("DVNT", "Method")):
         assert objects.get(f"\\_SB_.PC0F.{name}") == kind, name
+
+
+def test_aperture_weights_of_pci_segments_shape_the_windows():
+    """``--pci-segment pci_segment=1,mmio32_aperture_weight=2,mmio64_aperture_weight=3`` with
+    3 segments: segment 1 gets 2 of 4 units of the hole and 3 of 5 units of the 64-bit window
+    (4 GiB aligned: 12 GiB); the last segment takes the rest."""
+    m = DeviceManagerMachine(vm_config(platform={"num_pci_segments": 3}, pci_segments=[
+        {"pci_segment": 1, "mmio32_aperture_weight": 2, "mmio64_aperture_weight": 3}]),
+        mmio64=MMIO64)
+    try:
+        windows = [(s.mem32_window, s.mem64_window) for s in m.dm.segments]
+    finally:
+        m.close()
+    assert [w[0] for w in windows] == [(0xC000_0000, 160 * MiB), (0xCA00_0000, 320 * MiB),
+                                       (0xDE00_0000, 160 * MiB)]
+    assert [w[1] for w in windows] == [(MMIO64[0], 12 * GiB), (MMIO64[0] + 12 * GiB, 36 * GiB),
+                                       (MMIO64[0] + 48 * GiB, 16 * GiB)]
+
+
+def test_weights_beyond_the_window_are_refused():
+    from pych.config import ConfigError
+
+    config = vm_config(platform={"num_pci_segments": 2},
+                       pci_segments=[{"pci_segment": 1, "mmio64_aperture_weight": 16}])
+    with pytest.raises(ConfigError, match=r"pci_segments: mmio64_aperture_weight of segment 1 "
+                       r"is not supported by pych: the weights of the 2 segments add up to 17"):
+        config.validate()
