@@ -130,12 +130,15 @@ def http(api: str, method: str, endpoint: str, body: dict | None = None,
         assert sent == len(request)
         response = b""
         while b"\r\n\r\n" not in response:
-            response += s.recv(65536)
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed before an answer: {response!r}"
+            response += chunk
         head, _, rest = response.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1]) if re.search(
-            rb"(?i)content-length", head) else 0
-        while len(rest) < length:
-            rest += s.recv(65536)
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        while match and len(rest) < int(match[1]):
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed in the body: {response!r}"
+            rest += chunk
     return int(head.split()[1]), rest.decode()
 
 
