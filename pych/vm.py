@@ -137,7 +137,8 @@ class Vm:
                      else None)
         rsdp = acpi_tables.create_acpi_tables(
             mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
-            max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id)
+            max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id,
+            pci_segments=len(self.devices.segments))
         boot.write_boot_info(mem, kernel, payload.cmdline or "", initramfs, rsdp)
         if kernel.protocol == "linux64":
             boot.write_identity_page_tables(mem)

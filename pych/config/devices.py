@@ -76,7 +76,9 @@ class PciDeviceConfig(CliModel):
         platform = config.platform
         num_segments = platform.num_pci_segments if platform else 1
         if self.pci_segment >= num_segments:
-            raise ConfigError(f"Invalid PCI segment id: {self.pci_segment}")
+            raise ConfigError(f"Invalid PCI segment id: {self.pci_segment} (the VM has "
+                              f"{num_segments} PCI segment{'s' if num_segments > 1 else ''}, "
+                              f"0..{num_segments - 1}: platform num_pci_segments)")
         if (
             platform
             and platform.iommu_segments

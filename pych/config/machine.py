@@ -33,6 +33,8 @@ from pych.config.base import (
     pairs,
 )
 from pych.config.grammar import dequote, parse_integer, parse_integer_list, parse_string_list
+from pych.arch.x86_64.layout import (MAX_PCI_SEGMENTS, MEM_32BIT_DEVICES_SIZE,
+                                     PCI_SEGMENT_MMIO32_ALIGNMENT)
 
 if TYPE_CHECKING:
     from pych.config.vm import VmConfig
@@ -212,6 +214,32 @@ class PciSegmentConfig(CliModel):
         for weight in (self.mmio32_aperture_weight, self.mmio64_aperture_weight):
             if weight == 0:
                 raise ConfigError(f"Invalid PCI segment aperture weight: {weight}")
+        mmio32, mmio64 = aperture_weights(config)
+        for field, weights, limit, window in (
+                ("mmio32_aperture_weight", mmio32, MAX_MMIO32_SHARES, "32-bit device hole "
+                 "(640 MiB) has 163840 shares of 4 KiB"),
+                ("mmio64_aperture_weight", mmio64, MAX_PCI_SEGMENTS, "64 GiB PCI window has "
+                 f"{MAX_PCI_SEGMENTS} shares of 4 GiB")):
+            if sum(weights) > limit:
+                raise ConfigError(
+                    f"pci_segments: {field} of segment {self.pci_segment} is not supported by "
+                    f"pych: the weights of the {len(weights)} segments add up to "
+                    f"{sum(weights)}, and pych's {window}")
+
+
+MAX_MMIO32_SHARES = MEM_32BIT_DEVICES_SIZE // PCI_SEGMENT_MMIO32_ALIGNMENT     # 163840
+
+
+def aperture_weights(config: VmConfig) -> tuple[list[int], list[int]]:
+    """Each PCI segment's weights for the 32-bit and 64-bit MMIO windows: 1, or what its
+    ``pci_segments`` entry says (the last entry for a segment wins, as in the reference)."""
+    num_segments = config.platform.num_pci_segments if config.platform else 1
+    mmio32, mmio64 = [1] * num_segments, [1] * num_segments
+    for segment in config.pci_segments or ():
+        if segment.pci_segment < num_segments:
+            mmio32[segment.pci_segment] = segment.mmio32_aperture_weight
+            mmio64[segment.pci_segment] = segment.mmio64_aperture_weight
+    return mmio32, mmio64
 
 
 class PlatformConfig(CliModel):

@@ -41,6 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pych.arch.x86_64.layout import MAX_PCI_SEGMENTS
 from pych.config.backends import DeviceConfig
 from pych.config.base import ApiModel, CliModel, ConfigError, OptionError, _grammar, cli_errors
 from pych.config.devices import (
@@ -138,7 +139,6 @@ WORKS = Works()
 
 # Reasons shared by several entries.
 NO_IOMMU = "pych has no virtual IOMMU"
-ONE_SEGMENT = "pych has one PCI segment (segment 0)"
 NO_SMBIOS = "pych writes no SMBIOS tables"
 NO_RATE_LIMITER = "pych has no I/O rate limiter"
 LIMITS_NOTHING = ("`null`, or a limiter that limits nothing: each bucket absent, or of size 0 "
@@ -166,7 +166,10 @@ def _pci(**overrides: Entry) -> dict[str, Entry]:
     return {
         "id": WORKS,
         "iommu": Refused(NO_IOMMU),
-        "pci_segment": Refused(ONE_SEGMENT),
+        "pci_segment": Works(
+            "The segment must exist (platform num_pci_segments); the device gets the lowest "
+            "free slot of that segment's bus, slot 0 included on segments other than 0 "
+            "(only segment 0 has a host bridge device), e.g. `000f:00:00.0`."),
         "pci_device_id": WORKS,
         **overrides,
     }
@@ -252,7 +255,14 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         "host_data": Refused("pych boots no IGVM payloads (confidential guests)"),
     },
     PlatformConfig: {
-        "num_pci_segments": Refused(ONE_SEGMENT),
+        "num_pci_segments": Refused(
+            f"pych has at most {MAX_PCI_SEGMENTS} PCI segments: its 64-bit PCI window is "
+            "64 GiB and each segment gets a 4 GiB-aligned share of it, as the reference "
+            "carves it",
+            accepts=lambda value: 1 <= value <= MAX_PCI_SEGMENTS,
+            accepted=f"1 (the default) to {MAX_PCI_SEGMENTS}, which work: each segment its "
+            "own host bridge `\\_SB_.PCxx` (`_SEG`), ECAM window (MCFG entry) and share of "
+            "the 32- and 64-bit MMIO windows, with hot plug and removal on every segment"),
         "iommu_segments": Refused(NO_IOMMU),
         "iommu_address_width_bits": Refused(NO_IOMMU),
         "system_serial_number": Refused(NO_SMBIOS),
@@ -277,11 +287,13 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "maps only guest RAM for device DMA, no device BARs for peer-to-peer DMA."),
     },
     PciSegmentConfig: {
-        "pci_segment": Refused(ONE_SEGMENT),
-        "mmio32_aperture_weight": Refused(
-            "pych has one PCI segment, which has the whole 32-bit MMIO aperture"),
-        "mmio64_aperture_weight": Refused(
-            "pych has one PCI segment, which has the whole 64-bit MMIO aperture"),
+        "pci_segment": WORKS,
+        "mmio32_aperture_weight": Works(
+            "The segment's share of the 32-bit device hole (640 MiB), in units of the hole "
+            "over the sum of the weights, 4 KiB aligned, as the reference carves it."),
+        "mmio64_aperture_weight": Works(
+            f"The segment's share of the 64 GiB PCI window, in 4 GiB-aligned units: the "
+            f"segments' weights may add up to {MAX_PCI_SEGMENTS} at most (more is refused)."),
     },
     DiskConfig: _pci(
         path=WORKS,
@@ -389,8 +401,7 @@ _VM: dict[str, Entry] = {
     "watchdog": Refused("pych has no virtio-watchdog device", cli=_option("--watchdog")),
     "rtc": Refused("pych has no virtio RTC device", cli=_option("--rtc")),
     "pci_segments": Works(
-        "Each entry's fields: see PciSegmentConfig (only segment 0 with weights 1, which "
-        "changes nothing)."),
+        "Each entry's fields: see PciSegmentConfig."),
     "platform": WORKS,
     "tpm": Refused("pych has no TPM device", cli=_option("--tpm")),
     "landlock_enable": Refused("pych does not sandbox itself with Landlock",

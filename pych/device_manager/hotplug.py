@@ -6,6 +6,7 @@ ejects; the guest's ``PCNT`` and ``PCEJ`` read and write them here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -135,24 +136,31 @@ class PciHotplugSlots:
         self.slots = slots
 
     def to_aml(self) -> bytes:
-        slots = self.slots
-        slot_devices = [Device(
-            f"S{slot:03d}",
-            Name("_SUN", slot),
-            Name("_ADR", slot << 16),
-            Method("_EJ0", 1, MethodCall("\\_SB_.PHPR.PCEJ", Path("_SUN"), Path("_SEG")),
-                   serialized=True),
-        ) for slot in range(slots)]
-        dvnt = Method("DVNT", 2, *(item for slot in range(slots) for item in (
-            And(Arg(0), 1 << slot, Local(0)),
-            If(Equal(Local(0), 1 << slot), Notify(f"S{slot:03d}", Arg(1))),
-        )), serialized=True)
-        pcnt = Method(
-            "PCNT", 0,
-            Acquire("\\_SB_.PHPR.BLCK"),
-            Store(Path("_SEG"), "\\_SB_.PHPR.PSEG"),
-            MethodCall("DVNT", Path("\\_SB_.PHPR.PCIU"), 1),
-            MethodCall("DVNT", Path("\\_SB_.PHPR.PCID"), 3),
-            Release("\\_SB_.PHPR.BLCK"),
-            serialized=True)
-        return b"".join(piece.to_aml() for piece in (*slot_devices, dvnt, pcnt))
+        return _slots_aml(self.slots)
+
+
+@functools.cache
+def _slots_aml(slots: int) -> bytes:
+    """:class:`PciHotplugSlots`' AML: the same bytes inside every host bridge (the slots
+    name the segment through the bridge's ``_SEG``), so encoded once per process: with 16
+    segments that takes the DSDT's PCI part from ~170 ms to ~16 ms here."""
+    slot_devices = [Device(
+        f"S{slot:03d}",
+        Name("_SUN", slot),
+        Name("_ADR", slot << 16),
+        Method("_EJ0", 1, MethodCall("\\_SB_.PHPR.PCEJ", Path("_SUN"), Path("_SEG")),
+               serialized=True),
+    ) for slot in range(slots)]
+    dvnt = Method("DVNT", 2, *(item for slot in range(slots) for item in (
+        And(Arg(0), 1 << slot, Local(0)),
+        If(Equal(Local(0), 1 << slot), Notify(f"S{slot:03d}", Arg(1))),
+    )), serialized=True)
+    pcnt = Method(
+        "PCNT", 0,
+        Acquire("\\_SB_.PHPR.BLCK"),
+        Store(Path("_SEG"), "\\_SB_.PHPR.PSEG"),
+        MethodCall("DVNT", Path("\\_SB_.PHPR.PCIU"), 1),
+        MethodCall("DVNT", Path("\\_SB_.PHPR.PCID"), 3),
+        Release("\\_SB_.PHPR.BLCK"),
+        serialized=True)
+    return b"".join(piece.to_aml() for piece in (*slot_devices, dvnt, pcnt))

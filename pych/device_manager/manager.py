@@ -1,10 +1,11 @@
-"""The device manager: the PCI segment, its devices, their ids and the device tree.
+"""The device manager: the PCI segments, their devices, their ids and the device tree.
 
 It creates the boot devices from the configuration in the reference's order (the device-kind
 registry's, :data:`pych.config.kinds.DEVICE_KINDS`), so slots and default ids match Cloud
 Hypervisor's, and it fills generated ids back into the configuration, so a reboot re-creates
 the same devices. Devices are built by the per-kind factories (:mod:`.factories`) and get
-guest memory, MSI and ioeventfd objects injected; none sees the VM.
+guest memory, MSI and ioeventfd objects injected; none sees the VM. Each device goes on the
+segment its ``pci_segment`` names (:mod:`.segment`: ``--platform num_pci_segments=N``).
 
 PCI hot plug (../shared/notes/ch-hotplug-reference.md §5): :meth:`DeviceManager.hotplug` adds a
 device of any hot-pluggable kind, :meth:`DeviceManager.remove_device` asks the guest to eject
@@ -26,16 +27,14 @@ from pych.acpi.aml import Sequence
 from pych.arch.x86_64 import layout
 from pych.config import kinds
 from pych.config.kinds import BY_NAME, DEVICE_KINDS, DeviceKind
+from pych.config.machine import aperture_weights
 from pych.device_manager.factories import BACKEND_ERRORS, FACTORIES, Factory, FactoryContext
-from pych.device_manager.hotplug import PciHotplugController, PciHotplugSlots
+from pych.device_manager.hotplug import PciHotplugController
+from pych.device_manager.segment import create_segments
 from pych.device_manager.tree import DeviceTree
-from pych.devices.acpi import (AcpiNotification, MmioWindow, pci_ecam_reservation_aml,
-                               pci_segment_aml)
+from pych.devices.acpi import AcpiNotification, pci_ecam_reservation_aml
 from pych.devices.bus import Bus
-from pych.devices.pci.allocator import AddressAllocator
-from pych.devices.pci.bus import PciBus, PciBusError, bdf
-from pych.devices.pci.config_io import PciConfigIo
-from pych.devices.pci.ecam import PciEcam
+from pych.devices.pci.bus import PciBusError, bdf
 from pych.devices.vfio import (HostVfioKernel, VfioContainer, VfioError, VfioKernel,
                                VfioPciDevice, VfioUnavailable)
 from pych.devices.vhost_user import VhostUserConnections
@@ -99,20 +98,19 @@ class DeviceManager:
         self.dma_ranges = dma_ranges      # the memory manager's: guest RAM VFIO may map now
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
         self.mmio64 = mmio64
-        self.mem64 = AddressAllocator(*mmio64, "mmio64")   # 64-bit BARs and device memory
-        self.pci = PciBus(0, mmio_bus=mmio,
-                          mem32=AddressAllocator(layout.MEM_32BIT_DEVICES_START,
-                                                 layout.MEM_32BIT_DEVICES_SIZE, "mmio32"),
-                          mem64=self.mem64)
-        pio.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_PORT_SIZE, PciConfigIo(self.pci))
-        mmio.insert(layout.ecam_base(self.pci.segment), layout.PCI_MMIO_CONFIG_SIZE_PER_SEGMENT,
-                    PciEcam(self.pci))
+        # Each segment its bus, ECAM window and shares of the MMIO windows (BARs, pmem).
+        mmio32_weights, mmio64_weights = aperture_weights(config)
+        self.segments = create_segments(len(mmio32_weights), mmio=mmio, pio=pio, mmio64=mmio64,
+                                        mmio32_weights=mmio32_weights,
+                                        mmio64_weights=mmio64_weights)
+        self.pci = self.segments[0].bus     # segment 0's bus
         self.tree = DeviceTree()
         self.devices: dict[str, VirtioPciDevice] = {}
         self.vfio_devices: dict[str, VfioPciDevice] = {}
         self.vfio_kernel: VfioKernel = HostVfioKernel()    # the ioctl boundary (tests: a fake)
         self._vfio_container: VfioContainer | None = None
-        self._factory_context = FactoryContext(self.mem64, memslots, vhost_user)
+        self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user)
+                                  for segment in self.segments]
         self._kinds: dict[str, DeviceKind] = {}     # device id -> its kind (virtio-mem: none)
         self._id_counter = 0
         self.balloon: VirtioBalloon | None = None       # for vm.resize's desired_balloon
@@ -121,6 +119,7 @@ class DeviceManager:
         self._lock = threading.RLock()
         self._pending_removal: dict[str, Callable[[str, str], None] | None] = {}
         self.hotplug_controller = PciHotplugController(layout.ACPI_PCI_HOTPLUG_ADDR,
+                                                       num_segments=len(self.segments),
                                                        on_eject=self.eject)
         mmio.insert(layout.ACPI_PCI_HOTPLUG_ADDR, PciHotplugController.SIZE,
                     self.hotplug_controller)
@@ -154,7 +153,7 @@ class DeviceManager:
         try:
             for c in configs:
                 if c.pci_device_id is not None:
-                    self.pci.reserve_slot(c.pci_device_id)
+                    self.segments[c.pci_segment].bus.reserve_slot(c.pci_device_id)
             for kind in DEVICE_KINDS:
                 if kind.name == "balloon":      # the reference creates virtio-mem devices here
                     for zone in self.virtio_mem:
@@ -180,22 +179,26 @@ class DeviceManager:
         device = self._build(factory, cfg, dev_id)
         if kind.name == "balloon":
             self.balloon = device
+        # The reference's rule: a 32-bit BAR only for boot devices of segment 0 that ask
+        # for one (disks, for firmware).
         self._place_virtio(dev_id, device, cfg.pci_device_id, kind=kind,
-                           use_64bit_bar=factory.boot_64bit_bar)
+                           segment=cfg.pci_segment,
+                           use_64bit_bar=factory.boot_64bit_bar or cfg.pci_segment > 0)
 
     def _build(self, factory: Factory, cfg, dev_id: str) -> VirtioDevice:
-        """``factory`` applied to ``cfg``, a refused backend reported as
-        :class:`DeviceBackendError`."""
+        """``factory`` applied to ``cfg`` (on its PCI segment: pmem maps into that segment's
+        64-bit window), a refused backend reported as :class:`DeviceBackendError`."""
         try:
-            return factory.make(cfg, dev_id, self._factory_context)
+            return factory.make(cfg, dev_id, self._factory_contexts[cfg.pci_segment])
         except BACKEND_ERRORS as e:
             raise DeviceBackendError(str(e)) from e
 
     # --- PCI ------------------------------------------------------------------------------------
     def _place_virtio(self, dev_id: str, device: VirtioDevice, slot: int | None = None, *,
-                      kind: DeviceKind | None = None, use_64bit_bar: bool = True) -> str:
-        """Put ``device`` (of ``kind``; None for the machine's virtio-mem devices) on the PCI
-        bus behind a virtio-pci transport; returns its BDF."""
+                      kind: DeviceKind | None = None, segment: int = 0,
+                      use_64bit_bar: bool = True) -> str:
+        """Put ``device`` (of ``kind``; None for the machine's virtio-mem devices) on the bus
+        of PCI segment ``segment`` behind a virtio-pci transport; returns its BDF."""
         try:
             pci_dev = VirtioPciDevice(device, self.mem, self.msi, self.ioevents,
                                       use_64bit_bar=use_64bit_bar)
@@ -203,12 +206,12 @@ class DeviceManager:
             device.shutdown()
             raise
         try:
-            slot = self.pci.add_device(pci_dev, slot)
+            slot = self.segments[segment].bus.add_device(pci_dev, slot)
         except BaseException:
             pci_dev.shutdown()
             raise
         pci_dev.intx = self.irq_line(layout.pci_intx_irq(slot))
-        address = bdf(self.pci.segment, slot)
+        address = bdf(segment, slot)
         self.devices[dev_id] = pci_dev
         if kind is not None:
             self._kinds[dev_id] = kind
@@ -217,14 +220,10 @@ class DeviceManager:
         return address
 
     def to_aml(self) -> bytes:
-        """The PCI hot plug controller, the segment's host bridge (with its hot plug slots)
-        and the ECAM reservation."""
-        mmio32 = MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
-        return Sequence(
-            self.hotplug_controller,
-            pci_segment_aml(self.pci.segment, mmio32, MmioWindow(*self.mmio64),
-                            PciHotplugSlots()),
-            pci_ecam_reservation_aml(1)).to_aml()
+        """The PCI hot plug controller, each segment's host bridge (with its hot plug slots)
+        and the reservation of every segment's ECAM window."""
+        return Sequence(self.hotplug_controller, *self.segments,
+                        pci_ecam_reservation_aml(len(self.segments))).to_aml()
 
     # --- PCI hot plug (VMM thread; eject on the guest's vCPU thread) --------------------------
     def hotplug(self, kind: DeviceKind, cfg: Any) -> HotPlugged:
@@ -255,14 +254,14 @@ class DeviceManager:
             try:
                 device = self._build(factory, cfg, cfg.id)
                 try:
-                    address = self._place_virtio(cfg.id, device, cfg.pci_device_id, kind=kind)
+                    address = self._place_virtio(cfg.id, device, cfg.pci_device_id, kind=kind,
+                                                 segment=cfg.pci_segment)
                 except PciBusError as e:
                     raise DeviceManagerError(str(e)) from e
             except BaseException:
                 self._id_counter = counter          # the generated id was never used
                 raise
-            self.hotplug_controller.device_added(self.pci.segment,
-                                                 self.pci.slot_of(self.devices[cfg.id]))
+            self.hotplug_controller.device_added(*self._location(self.devices[cfg.id]))
         self.notify(AcpiNotification.PCI)
         return HotPlugged(cfg, address)
 
@@ -283,8 +282,7 @@ class DeviceManager:
             except BaseException:
                 self._id_counter = counter
                 raise
-            self.hotplug_controller.device_added(self.pci.segment,
-                                                 self.pci.slot_of(self.vfio_devices[device.id]))
+            self.hotplug_controller.device_added(*self._location(self.vfio_devices[device.id]))
         self.notify(AcpiNotification.PCI)
         return HotPlugged(device, address)
 
@@ -305,13 +303,13 @@ class DeviceManager:
         except VfioError as e:
             raise DeviceManagerError(str(e)) from None
         try:
-            slot = self.pci.add_device(pci_dev, device.pci_device_id)
+            slot = self.segments[device.pci_segment].bus.add_device(pci_dev, device.pci_device_id)
         except BaseException as e:
             pci_dev.shutdown()
             if isinstance(e, PciBusError):
                 raise DeviceManagerError(str(e)) from e
             raise
-        address = bdf(self.pci.segment, slot)
+        address = bdf(device.pci_segment, slot)
         self.vfio_devices[device.id] = pci_dev
         self._kinds[device.id] = VFIO
         self.tree.add_pci(device.id, address)
@@ -390,9 +388,17 @@ class DeviceManager:
                 if kind is None or not kind.removable:
                     raise RemovalNotAllowed(dev_id, pci_dev.device.device_type.name.lower())
             self._pending_removal[dev_id] = on_ejected
-            self.hotplug_controller.removal_requested(self.pci.segment, self.pci.slot_of(pci_dev))
+            self.hotplug_controller.removal_requested(*self._location(pci_dev))
         self.notify(AcpiNotification.PCI)
         return dev_id
+
+    def _location(self, pci_dev) -> tuple[int, int]:
+        """(segment, slot) of a device on one of the segments' buses."""
+        for segment in self.segments:
+            slot = segment.bus.slot_of(pci_dev)
+            if slot is not None:
+                return segment.id, slot
+        raise DeviceManagerError("the device is on no PCI segment")
 
     def _virtio_id(self, dev_id: str) -> str:
         node = self.tree.get(dev_id)
@@ -412,7 +418,8 @@ class DeviceManager:
         Only devices pending removal are ejected: the configuration still lists any other
         device, so tearing it down would make the VM and its configuration disagree."""
         with self._lock:
-            pci_dev = self.pci.device(slot) if segment == self.pci.segment else None
+            bus = self.segments[segment].bus if 0 <= segment < len(self.segments) else None
+            pci_dev = bus.device(slot) if bus is not None else None
             dev_id = next((i for i, d in (*self.devices.items(), *self.vfio_devices.items())
                            if d is pci_dev), None)
             if dev_id is None or dev_id not in self._pending_removal:
@@ -421,7 +428,7 @@ class DeviceManager:
                 return
             on_ejected = self._pending_removal.pop(dev_id)
             address = bdf(segment, slot)
-            self.pci.remove_device(slot)
+            bus.remove_device(slot)
             if self.devices.pop(dev_id, None) is None:
                 del self.vfio_devices[dev_id]
             del self._kinds[dev_id]

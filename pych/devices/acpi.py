@@ -217,7 +217,7 @@ class MmioWindow(NamedTuple):
 
 def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
                     *children: Aml) -> Device:
-    """``\\_SB_.PCxx``, the host bridge of PCI segment ``segment`` (bus 0 only).
+    """``\\_SB_.PCxx``, the host bridge of PCI segment ``segment`` (bus 0 only: ``_BBN`` 0).
 
     ``_CRS`` lists bus 0, on segment 0 the legacy config ports and I/O windows, the segment's
     ECAM window, and the 32- and 64-bit MMIO windows; ``_PRT`` routes INTA..INTD of slot ``s``
@@ -244,6 +244,7 @@ def pci_segment_aml(segment: int, mmio32: MmioWindow, mmio64: MmioWindow,
         Name("_HID", EISAName("PNP0A08")),
         Name("_CID", EISAName("PNP0A03")),
         Name("_SEG", segment),
+        Name("_BBN", 0),
         Name("_UID", segment),
         Name("_CRS", ResourceTemplate(*resources)),
         Name("_PRT", prt),

@@ -24,43 +24,13 @@ import pytest
 
 from tests.support.guest import vm_info
 from tests.support.hotplug import events, wait_in_guest
-from tests.support.host import unix_socket_listening
+from tests.support.virtiofsd import VIRTIOFSD, Virtiofsd
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 HOST_FILE_SIZE = 256 * 1024
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
     return b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(size // 32))
-
-
-class Virtiofsd:
-    """One virtiofsd process sharing ``source`` on the socket ``socket``."""
-
-    def __init__(self, workdir: Path, name: str) -> None:
-        self.source = workdir / name
-        self.source.mkdir()
-        self.socket = str(workdir / f"{name}.sock")
-        self.log = open(workdir / f"{name}.log", "wb")
-        self.proc = subprocess.Popen(
-            [VIRTIOFSD, f"--socket-path={self.socket}", "-o", f"source={self.source}",
-             "-o", "cache=none"], stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not unix_socket_listening(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"virtiofsd did not start: {self.log_text()}")
-            time.sleep(0.05)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

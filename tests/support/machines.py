@@ -46,7 +46,8 @@ class DeviceManagerMachine:
     notifications the device manager raised."""
 
     def __init__(self, config: VmConfig, *, ram: Iterable[tuple[int, int]] = ((0, 8 * MiB),),
-                 msi=None, memslots=None, vfio_kernel=None, vhost_user=None):
+                 msi=None, memslots=None, vfio_kernel=None, vhost_user=None,
+                 mmio64: tuple[int, int] = MMIO64):
         self.mem = GuestMemory.from_ranges(list(ram))
         self.mmio, self.pio = Bus("mmio"), Bus("pio")
         self.msi = FakeMsiInterruptManager() if msi is None else msi
@@ -55,24 +56,24 @@ class DeviceManagerMachine:
         self.notified: list[AcpiNotification] = []
         self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
                                 ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
-                                mmio64=MMIO64, notify=self.notified.append, memslots=memslots,
+                                mmio64=mmio64, notify=self.notified.append, memslots=memslots,
                                 vhost_user=vhost_user)
         if vfio_kernel is not None:
             self.dm.vfio_kernel = vfio_kernel
         self.dm.create_boot_devices()
 
-    def scan(self) -> tuple[int, int]:
-        """What the guest's PCNT reads: (PCIU, PCID)."""
-        self.mmio.write(PSEG, 4, 0)
+    def scan(self, segment: int = 0) -> tuple[int, int]:
+        """What the guest's PCNT of ``segment`` reads: (PCIU, PCID)."""
+        self.mmio.write(PSEG, 4, segment)
         return self.mmio.read(PCIU, 4), self.mmio.read(PCID, 4)
 
     def enable_decoding(self, slot: int) -> None:
         """The guest driver turns memory decoding on: BARs map, ioeventfds register."""
         self.dm.pci.config_write(slot, 0, COMMAND, 2, Command.MEMORY_SPACE)
 
-    def eject(self, slot: int) -> None:
-        """The guest's _EJ0 -> PCEJ(slot, 0)."""
-        self.mmio.write(PSEG, 4, 0)
+    def eject(self, slot: int, segment: int = 0) -> None:
+        """The guest's _EJ0 -> PCEJ(slot, segment)."""
+        self.mmio.write(PSEG, 4, segment)
         self.mmio.write(B0EJ, 4, 1 << slot)
 
     def close(self) -> None:

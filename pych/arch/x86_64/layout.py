@@ -97,9 +97,36 @@ def ecam_base(segment: int) -> int:
 
 MMIO64_WINDOW_SIZE = 64 * GiB
 
+# PCI segments share the 32-bit device hole and the 64-bit window as the reference carves them
+# (its create_mmio_allocators): equal shares (per weight) aligned to these, the last segment
+# taking what alignment leaves over. 64 GiB in 4 GiB shares is what bounds the segment count.
+PCI_SEGMENT_MMIO32_ALIGNMENT = 4 * KiB
+PCI_SEGMENT_MMIO64_ALIGNMENT = 4 * GiB
+MAX_PCI_SEGMENTS = MMIO64_WINDOW_SIZE // PCI_SEGMENT_MMIO64_ALIGNMENT      # 16
+
 
 def mmio64_window(ram_end: int, hotplug_size: int = 0) -> tuple[int, int]:
     """The 64-bit PCI MMIO window: after RAM and the memory hot plug window, 1 GiB aligned."""
     start = max(RAM_64BIT_START, ram_end) + hotplug_size
     start = (start + GiB - 1) & ~(GiB - 1)
     return start, MMIO64_WINDOW_SIZE
+
+
+def pci_segment_windows(base: int, size: int, weights: list[int],
+                        alignment: int) -> list[tuple[int, int]]:
+    """The share ``(base, size)`` of the window ``[base, base + size)`` each PCI segment gets,
+    for segments with these ``weights``: the reference's rule (``create_mmio_allocators``):
+    a unit of ``size / sum(weights)`` rounded down to ``alignment``, segment *i* starting at
+    ``base + unit * sum(weights[:i])`` and taking ``unit * weights[i]``, the last segment
+    taking everything up to the window's end. Raises ValueError if a segment would get
+    nothing."""
+    unit = size // (alignment * sum(weights)) * alignment
+    shares, start = [], base
+    for i, weight in enumerate(weights):
+        share = base + size - start if i == len(weights) - 1 else unit * weight
+        if share <= 0:
+            raise ValueError(f"PCI segment {i} would get no MMIO space: a window of {size:#x} "
+                             f"bytes in shares aligned to {alignment:#x} for weights {weights}")
+        shares.append((start, share))
+        start += share
+    return shares

@@ -1,7 +1,9 @@
 """A PCI bus: bus 0 of one segment, 32 single-function device slots.
 
-Slot 0 holds the host bridge.  Devices get the lowest free slot unless the caller asks
-for one (``pci_device_id``), with the reference's validation messages.  Adding a device
+On segment 0 slot 0 holds the host bridge; the other segments have none (as the
+reference's), so their first device takes slot 0 (``000f:00:00.0``).  Devices get the
+lowest free slot unless the caller asks for one (``pci_device_id``), with the reference's
+validation messages.  Adding a device
 places its BARs (naturally aligned, 64-bit BARs in the 64-bit window); the device is
 published to config space only once that is done, so a guest rescan never sees a
 half-built device.
@@ -102,7 +104,8 @@ class PciBus:
         self._mem64 = mem64
         self._on_bar_moved = on_bar_moved
         self._lock = threading.RLock()
-        self._slots: tuple[PciDevice | None, ...] = (PciHostBridge(),) + (None,) * (NUM_DEVICE_SLOTS - 1)
+        self._slots: tuple[PciDevice | None, ...] = (
+            (PciHostBridge() if segment == 0 else None),) + (None,) * (NUM_DEVICE_SLOTS - 1)
         self._reserved: set[int] = set()
         self._bar_states: dict[int, list[_BarState]] = {}
 
@@ -113,7 +116,7 @@ class PciBus:
     def devices(self) -> Iterator[tuple[int, PciDevice]]:
         """(slot, device) for every device except the host bridge."""
         for slot, dev in enumerate(self._slots):
-            if dev is not None and slot != HOST_BRIDGE_SLOT:
+            if dev is not None and not self._is_host_bridge(slot):
                 yield slot, dev
 
     def slot_of(self, device: PciDevice) -> int | None:
@@ -160,7 +163,7 @@ class PciBus:
         shuts the device down."""
         with self._lock:
             device = self.device(slot)
-            if device is None or slot == HOST_BRIDGE_SLOT:
+            if device is None or self._is_host_bridge(slot):
                 raise PciBusError(f"no removable device at {bdf(self.segment, slot)}")
             self._publish(slot, None)
             for state in self._bar_states.pop(slot):
@@ -171,10 +174,13 @@ class PciBus:
     def _check_explicit_slot(self, slot: int) -> None:
         if not 0 <= slot < NUM_DEVICE_SLOTS:
             raise PciDeviceIdOutOfRange(slot)
-        if slot == HOST_BRIDGE_SLOT:
+        if self._is_host_bridge(slot):
             raise PciDeviceIdReserved(slot)
         if self._slots[slot] is not None or slot in self._reserved:
             raise PciDeviceIdInUse(slot)
+
+    def _is_host_bridge(self, slot: int) -> bool:
+        return slot == HOST_BRIDGE_SLOT and self.segment == 0
 
     def _lowest_free_slot(self) -> int:
         for slot, dev in enumerate(self._slots):

@@ -146,7 +146,8 @@ MINIMAL: dict[str, Any] = {
 }
 
 BASE = {"payload": {"kernel": READABLE}, "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-        "memory": {"size": 256 * MiB}, "serial": {"mode": "Off"}}
+        "memory": {"size": 256 * MiB}, "serial": {"mode": "Off"},
+        "platform": {"num_pci_segments": 2}}      # so pci_segment 1 exists
 
 
 def _in(path: str, value: Any, **base: Any) -> dict[str, Any]:
@@ -268,6 +269,7 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DeviceConfig", "x_exclude_mmap_bars"): ([1], {}),
     ("DebugConsoleConfig", "iobase"): (0x3F8, {}),
     ("PciSegmentConfig", "pci_segment"): (1, {}),
+    ("PlatformConfig", "num_pci_segments"): (17, {}),       # 1 to 16 work
 }
 
 
@@ -397,8 +399,8 @@ def test_every_default_written_out_is_accepted(monkeypatch):
 
 
 def test_kata_containers_body_is_accepted(monkeypatch):
-    """The shape of the body Kata Containers' Go driver sends (defaults spelled out), minus
-    what pych refuses (num_pci_segments 2, virtio-fs on segment 1)."""
+    """The shape of the body Kata Containers' Go driver sends (defaults spelled out): two PCI
+    segments, virtio-fs on segment 1."""
     body = {
         "cpus": {"boot_vcpus": 2, "max_vcpus": 4, "kvm_hyperv": False, "max_phys_bits": 46,
                  "topology": {"threads_per_core": 1, "cores_per_die": 4,
@@ -407,7 +409,7 @@ def test_kata_containers_body_is_accepted(monkeypatch):
                    "hotplug_size": 1024 * MiB, "hugepages": False, "mergeable": False,
                    "prefault": False, "thp": True},
         "payload": {"kernel": READABLE, "cmdline": "console=hvc0", "initramfs": READABLE},
-        "platform": {"num_pci_segments": 1, "iommu_segments": None},
+        "platform": {"num_pci_segments": 2, "iommu_segments": None},
         "disks": [{"path": "/d", "readonly": True, "direct": False, "num_queues": 2,
                    "queue_size": 1024, "vhost_user": False, "iommu": False, "pci_segment": 0,
                    "id": "_disk0", "rate_limiter_config": None}],
@@ -418,7 +420,7 @@ def test_kata_containers_body_is_accepted(monkeypatch):
         "serial": {"mode": "Off"}, "console": {"mode": "Off", "iommu": False},
         "vsock": {"cid": 3, "socket": "/v", "iommu": False, "pci_segment": 0},
         "fs": [{"tag": "kataShared", "socket": "/s", "num_queues": 1, "queue_size": 1024,
-                "pci_segment": 0}],
+                "pci_segment": 1}],
         "iommu": False, "watchdog": False, "pvpanic": False, "landlock_enable": False,
     }
     vm_create(body, monkeypatch)
@@ -593,7 +595,7 @@ _cli("--numa", {"guest_numa_id": "guest_numa_id=0", "cpus": "cpus=[0]",
                 "distances": "distances=[0@10]", "memory_zones": "memory_zones=[z]",
                 "pci_segments": "pci_segments=[0]", "device_id": "device_id=d"},
      base="guest_numa_id=0")
-_cli("--platform", {"num_pci_segments": "num_pci_segments=2",
+_cli("--platform", {"num_pci_segments": "num_pci_segments=17",      # 1 to 16 work
                     "iommu_segments": "iommu_segments=[0]",
                     "iommu_address_width": "iommu_address_width=48",
                     "system_serial_number": "system_serial_number=S",
@@ -665,7 +667,8 @@ def test_each_cli_key_works_or_is_refused_on_one_line(option, key, kernel):
     model = _option_model(option)
     field = _cli_keys(model)[key]
     argv = ["--kernel", kernel, *(["--cpus", "boot=2"] if option != "--cpus" else []),
-            *extra, option, text]
+            *(["--platform", "num_pci_segments=2"] if option != "--platform" else []),
+            *extra, option, text]                     # pci_segment=1 exists
     whole = support.option_refusal(option)
     try:
         config = _run(argv)

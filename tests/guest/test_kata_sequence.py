@@ -1,0 +1,302 @@
+"""Kata Containers' call sequence against pych, with the request bodies its Cloud Hypervisor
+driver builds (kata-containers ``src/runtime/virtcontainers/clh.go``: ``CreateVM``,
+``bootVM``, ``vmAddNetPutRequest``, ``ResizeVCPUs``, ``hotplugAddBlockDevice``,
+``clhPciInfoToPath``, ``HotplugRemoveDevice``, ``GetThreadIDs``, ``StopVM``), the way
+Kubernetes runs VMs on this VMM:
+
+1. ``pych --api-socket PATH`` (Kata's launch: no payload on the command line);
+2. ``vm.create`` with the body of ``CreateVM``: the generated client's defaults spelled out,
+   two PCI segments, ACPI memory hot plug, a topology of one die of max-vCPU cores, rng,
+   vsock, console off, a read-only disk with one queue per vCPU and 1024 entries (the initdata
+   disk), virtio-fs on PCI segment 1 against Debian's virtiofsd; ``vm.info`` says Created;
+3. the tap's fd passed with ``vm.add-net`` before boot, as ``vmAddNetPutRequest`` does it:
+   one ``sendmsg`` carrying the whole HTTP request and the fd (SCM_RIGHTS);
+4. ``vm.boot``, then ``vm.info`` says Running; the guest mounts the share (``kataShared``)
+   from ``0001:00:00.0``;
+5. ``vm.resize`` of the vCPUs retried on 429 (``Too Many Requests``) as ``ResizeVCPUs`` does;
+6. ``vm.add-disk`` with ``hotplugAddBlockDevice``'s body, the answer's bdf parsed with
+   ``clhPciInfoToPath``'s rule; the disk works in the guest; ``vm.remove-device``;
+7. the vCPU threads found with ``GetThreadIDs``' rule (``/proc/<pid>/task/*/comm`` matching
+   ``^vcpu\\d+$``);
+8. ``vmm.shutdown``: the process is gone within 3 s.
+
+Kata boots with its serial off (console ``Off`` too) unless debugging; the test needs a
+shell, so the serial is a socket here: the one difference from Kata's body. One guest, the
+tests in order; waits poll with wide limits and nothing is timed but the shutdown's 3 s,
+which is Kata's own bound (``clhStopSandboxTimeout``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
+
+from tests.support.guest import (READY, REPO, Console, GuestError, Shell, guest_artifacts,
+                                 guest_cmdline)
+from tests.support.hotplug import wait_in_guest
+from tests.support.netns import in_netns
+from tests.support.virtiofsd import VIRTIOFSD, Virtiofsd
+
+NETNS = f"pych-kata-{os.getpid()}"
+MiB = 1 << 20
+BOOT_VCPUS, MAX_VCPUS = 2, 3
+MAC, TAP = "52:54:00:ca:7a:01", "tap0_kata"
+DISK_SIZE = 2 * MiB
+SHARED_FILE = "from-the-host.txt"
+
+
+def pattern(size: int) -> bytes:
+    return b"".join(hashlib.sha256(b"kata" + i.to_bytes(4, "little")).digest()
+                    for i in range(size // 32))
+
+
+# --- Kata's request bodies ----------------------------------------------------------------------
+def create_body(files: dict, share: Virtiofsd) -> dict:
+    """``CreateVM``'s VmConfig as the generated Go client marshals it (its constructors'
+    defaults are written out)."""
+    art = guest_artifacts()
+    return {
+        "payload": {"kernel": str(art["vmlinux"]), "initramfs": str(art["initramfs.cpio"]),
+                    "cmdline": guest_cmdline()},
+        "platform": {"num_pci_segments": 2},
+        "memory": {"size": 256 * MiB, "mergeable": False, "hotplug_method": "Acpi",
+                   "shared": True, "hugepages": False, "prefault": False, "thp": True,
+                   "hotplug_size": 512 * MiB},
+        "cpus": {"boot_vcpus": BOOT_VCPUS, "max_vcpus": MAX_VCPUS, "kvm_hyperv": False,
+                 "nested": True,
+                 "topology": {"threads_per_core": 1, "cores_per_die": MAX_VCPUS,
+                              "dies_per_package": 1, "packages": 1}},
+        "rng": {"src": "/dev/urandom", "iommu": False},
+        "disks": [{"path": str(files["initdata"]), "readonly": True, "direct": False,
+                   "iommu": False, "num_queues": BOOT_VCPUS, "queue_size": 1024,
+                   "vhost_user": False, "backing_files": False, "sparse": True,
+                   "image_type": "Raw"}],
+        "serial": {"mode": "Socket", "socket": files["serial"], "iommu": False},
+        "console": {"mode": "Off", "iommu": False},
+        "vsock": {"cid": 3, "socket": files["vsock"], "iommu": False},
+        "fs": [{"tag": "kataShared", "socket": share.socket, "num_queues": 1,
+                "queue_size": 1024, "pci_segment": 1}],
+        "iommu": False, "watchdog": False, "pvpanic": False, "landlock_enable": False,
+    }
+
+
+NET_BODY = {"mac": MAC, "ip": "192.168.249.1", "mask": "255.255.255.0", "iommu": False,
+            "num_queues": 2, "queue_size": 256, "vhost_user": False, "vhost_mode": "Client",
+            "offload_tso": True, "offload_ufo": True, "offload_csum": True}
+
+
+def disk_body(path: Path) -> dict:
+    """``hotplugAddBlockDevice``'s DiskConfig: one queue per vCPU, 1024 entries."""
+    return {"path": str(path), "readonly": False, "direct": False, "iommu": False,
+            "num_queues": BOOT_VCPUS, "queue_size": 1024, "vhost_user": False,
+            "backing_files": False, "sparse": True, "image_type": "Raw"}
+
+
+def clh_pci_info_to_path(bdf: str) -> str:
+    """``clhPciInfoToPath``: the slot of a ``0000:00:SS.0`` bdf; anything else is an error."""
+    tokens = bdf.split(":")
+    if len(tokens) != 3 or tokens[0] != "0000" or tokens[1] != "00":
+        raise ValueError(f"Unexpected PCI address {bdf!r} from clh hotplug")
+    tokens = tokens[2].split(".")
+    if len(tokens) != 2 or tokens[1] != "0" or len(tokens[0]) != 2:
+        raise ValueError(f"Unexpected PCI address {bdf!r} from clh hotplug")
+    return tokens[0]
+
+
+# --- Kata's HTTP: a request on a fresh connection, optionally with fds in the same sendmsg ----
+def http(api: str, method: str, endpoint: str, body: dict | None = None,
+         fds: tuple[int, ...] = ()) -> tuple[int, str]:
+    data = b"" if body is None else json.dumps(body).encode()
+    request = (f"{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
+               "Accept: application/json\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(120)
+        s.connect(api)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sent = s.sendmsg([request], ancillary if fds else [])
+        assert sent == len(request)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed before an answer: {response!r}"
+            response += chunk
+        head, _, rest = response.partition(b"\r\n\r\n")
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        while match and len(rest) < int(match[1]):
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed in the body: {response!r}"
+            rest += chunk
+    return int(head.split()[1]), rest.decode()
+
+
+def open_tap_queue(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --- the sandbox ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    if not os.path.exists(VIRTIOFSD):
+        pytest.fail(f"{VIRTIOFSD} is missing: scripts/install-deps.sh installs it "
+                    "(qemu-system-common)")
+    d = tmp_path_factory.mktemp("kata")
+    (d / "initdata.img").write_bytes(bytes(DISK_SIZE))
+    (d / "block.img").write_bytes(pattern(DISK_SIZE))
+    return {"dir": d, "initdata": d / "initdata.img", "block": d / "block.img",
+            "api": str(d / "clh.sock"), "serial": str(d / "serial.sock"),
+            "vsock": str(d / "kata.hvsock")}
+
+
+@pytest.fixture(scope="module")
+def share(files):
+    d = Virtiofsd(files["dir"], "shared")
+    (d.source / SHARED_FILE).write_text("kata shared fs on segment 1\n")
+    yield d
+    d.stop()
+
+
+class Sandbox:
+    """pych as Kata launches it, in the module's network namespace."""
+
+    def __init__(self, files: dict, netns: str) -> None:
+        self.files, self.api = files, files["api"]
+        self.log = open(files["dir"] / "pych.log", "wb")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, str(REPO / ".venv" / "bin" / "pych"),
+             "--api-socket", self.api], stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT)                       # ip netns exec exec()s: same pid
+        self.shell: Shell | None = None
+        self.console: Console | None = None
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.console is not None:
+            self.console.close()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sandbox(files, share, netns):
+    box = Sandbox(files, netns)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(box.api):
+            assert box.proc.poll() is None and time.monotonic() < deadline, "no API socket"
+            time.sleep(0.05)
+        yield box
+    finally:
+        box.stop()
+
+
+# --- the sequence ---------------------------------------------------------------------------------
+def test_create_and_add_net_before_boot(sandbox, files, share):
+    status, body = http(sandbox.api, "PUT", "vm.create", create_body(files, share))
+    assert status == 204, body
+    status, body = http(sandbox.api, "GET", "vm.info")
+    assert status == 200 and json.loads(body)["state"] == "Created", body
+    fd = in_netns(NETNS, lambda: open_tap_queue(TAP))(60)
+    try:
+        status, body = http(sandbox.api, "PUT", "vm.add-net", NET_BODY, fds=(fd,))
+    finally:
+        os.close(fd)                     # as Kata, which keeps its own copy elsewhere
+    assert (status, body) == (204, ""), body        # cold add: no PCI info yet
+    config = json.loads(http(sandbox.api, "GET", "vm.info")[1])["config"]
+    assert [n["mac"] for n in config["net"]] == [MAC]
+    assert [(f["tag"], f["pci_segment"]) for f in config["fs"]] == [("kataShared", 1)]
+
+
+def test_boot_and_the_share_on_segment_1(sandbox, files):
+    status, body = http(sandbox.api, "PUT", "vm.boot")
+    assert status == 204, body
+    info = json.loads(http(sandbox.api, "GET", "vm.info")[1])
+    assert info["state"] == "Running"
+    fs_id = info["config"]["fs"][0]["id"]
+    assert info["device_tree"][f"_virtio-pci-{fs_id}"]["pci_bdf"] == "0001:00:00.0", info
+    sandbox.console = Console.connect_unix(files["serial"], 30, files["dir"] / "console.log",
+                                           alive=lambda: sandbox.proc.poll() is None)
+    sandbox.shell = Shell(sandbox.console)
+    try:
+        sandbox.console.expect(READY, 600)
+    except GuestError as e:
+        raise GuestError(f"{e}\n{(files['dir'] / 'pych.log').read_text()[-2000:]}") from None
+    sandbox.shell.prepare()
+    rc, out = sandbox.run(
+        "lspci -D -n; mkdir -p /mnt/shared && mount -t virtiofs kataShared /mnt/shared && "
+        f"cat /mnt/shared/{SHARED_FILE}; ip -o link", timeout=300)
+    assert rc == 0, out
+    assert re.search(r"^0001:00:00\.0 \w+: 1af4:105a", out, re.M), out     # virtio-fs
+    assert "kata shared fs on segment 1" in out
+    assert MAC in out                                                       # the tap's NIC
+
+
+def test_resize_vcpus_retried_on_429(sandbox):
+    """``ResizeVCPUs``: 20 attempts 20 ms apart while the answer is 429."""
+    for _ in range(20):
+        status, body = http(sandbox.api, "PUT", "vm.resize", {"desired_vcpus": MAX_VCPUS})
+        if status != 429:
+            break
+        time.sleep(0.02)
+    assert status == 204, body
+    info = json.loads(http(sandbox.api, "GET", "vm.info")[1])
+    assert info["config"]["cpus"]["boot_vcpus"] == MAX_VCPUS
+    rc, out = wait_in_guest(sandbox, f"[ -e /sys/devices/system/cpu/cpu{MAX_VCPUS - 1} ]")
+    assert rc == 0, out
+
+
+def test_hotplug_block_device_and_remove_it(sandbox, files):
+    status, body = http(sandbox.api, "PUT", "vm.add-disk", disk_body(files["block"]))
+    assert status == 200, body
+    answer = json.loads(body)
+    slot = clh_pci_info_to_path(answer["bdf"])
+    rc, out = wait_in_guest(sandbox, f"ls /sys/bus/pci/devices/0000:00:{slot}.0/virtio*/block "
+                                     ">/dev/null 2>&1")
+    assert rc == 0, out
+    rc, out = sandbox.run(f"d=$(ls /sys/bus/pci/devices/0000:00:{slot}.0/virtio*/block); "
+                          "dd if=/dev/$d bs=64k 2>/dev/null | md5sum")
+    assert rc == 0 and hashlib.md5(pattern(DISK_SIZE)).hexdigest() in out, out
+    status, body = http(sandbox.api, "PUT", "vm.remove-device", {"id": answer["id"]})
+    assert (status, body) == (204, "")
+    rc, out = wait_in_guest(sandbox, f"[ ! -e /sys/bus/pci/devices/0000:00:{slot}.0 ]")
+    assert rc == 0, out
+    assert answer["id"] not in json.loads(http(sandbox.api, "GET", "vm.info")[1])["device_tree"]
+
+
+def test_vcpu_threads_found_by_katas_rule(sandbox):
+    """``GetThreadIDs``: every task whose comm matches ``^vcpu\\d+$``, keyed by the number."""
+    vcpus = {}
+    for tid in os.listdir(f"/proc/{sandbox.proc.pid}/task"):
+        comm = Path(f"/proc/{sandbox.proc.pid}/task/{tid}/comm").read_text().strip()
+        if re.fullmatch(r"vcpu\d+", comm):
+            vcpus[int(comm.removeprefix("vcpu"))] = int(tid)
+    assert sorted(vcpus) == list(range(MAX_VCPUS))
+
+
+def test_vmm_shutdown_ends_the_process_within_3_s(sandbox):
+    status, body = http(sandbox.api, "PUT", "vmm.shutdown")
+    assert status in (200, 204), body
+    sandbox.proc.wait(3)                 # raises TimeoutExpired after Kata's bound
