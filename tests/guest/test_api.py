@@ -58,6 +58,31 @@ def test_ping_before_any_vm(vmm):
     assert status == 404 and isinstance(json.loads(body), list)
 
 
+# Every implemented hot plug endpoint with a body that parses, before any vm.create.
+HOT_PLUG_REQUESTS = {
+    "vm.resize": {"desired_vcpus": 2},
+    "vm.resize-zone": {"id": "mem0", "desired_ram": 256 << 20},
+    "vm.add-disk": {"path": "/nonexistent/disk.raw"},
+    "vm.add-net": {"tap": "chtap9"},
+    "vm.add-fs": {"tag": "myfs", "socket": "/nonexistent/virtiofsd.sock"},
+    "vm.add-pmem": {"file": "/nonexistent/pmem.img"},
+    "vm.add-vsock": {"cid": 3, "socket": "/nonexistent/vsock.sock"},
+    "vm.add-device": {"path": "/sys/bus/pci/devices/0000:00:04.0"},
+    "vm.remove-device": {"id": "_disk0"},
+}
+
+
+def test_every_hot_plug_endpoint_without_a_vm_is_404_vm_is_not_created(vmm):
+    """The reference's answer (VmNotCreated, checked before anything else): 404 and the
+    error chain ending in "VM is not created"; nothing is created by the attempt."""
+    answers = {endpoint: vmm["client"].put(endpoint, body)
+               for endpoint, body in HOT_PLUG_REQUESTS.items()}
+    assert {endpoint: (status, json.loads(body)) for endpoint, (status, body) in answers.items()} \
+        == {endpoint: (404, ["Error from API", "VM is not created"]) for endpoint in answers}
+    status, _ = vmm["client"].get("vm.info")
+    assert status == 404
+
+
 def test_create_and_boot_over_the_api(vmm):
     art = guest_artifacts()
     config = {

@@ -94,10 +94,16 @@ def test_seed_flow_add_cpus_then_online_them(guest):
 
 
 def test_seed_flow_remove_cpus_the_guest_offlines_them_and_429_meanwhile(guest):
-    assert curl_resize(guest, 1) == (204, "")
-    # The guest needs seconds to offline and eject a CPU: a resize right now finds the
-    # removal pending.
-    status, body = curl_resize(guest, 2)
+    # The guest's eject is held by pausing the VM: the removal is asked for while no vCPU
+    # runs, so the next resize finds it pending whatever the host's speed.
+    with ApiClient(guest.api_path) as client:
+        assert client.put("vm.pause") == (204, b"")
+        try:
+            assert curl_resize(guest, 1) == (204, "")
+            status, body = curl_resize(guest, 2)
+            assert vcpu_states(guest) == ["present", "removing"]
+        finally:
+            assert client.put("vm.resume") == (204, b"")
     assert status == 429, body
     messages = json.loads(body)
     assert isinstance(messages, list) and any("pending" in m for m in messages), messages

@@ -1,9 +1,13 @@
 """ACPI memory hot plug in a real guest: the user's "Memory Hot Plug" flow (../shared/spec/
 hotplug.md), scaled to this host (256 MiB boot RAM, a 1 GiB window, 128-256 MiB steps).
 
-One guest (boot=1,max=2 vCPUs) is shared by the module; the tests run in order and each
-starts from the RAM the previous one left: 256 -> 512 -> 768 MiB, errors, CPU and memory in
-one request (-> 896 MiB), a reduction to 384 MiB, and a reboot that boots with 384 MiB.
+One guest (boot=1,max=2 vCPUs, a balloon of 0) is shared by the module; the tests run in
+order and each starts from the RAM the previous one left: 256 -> 512 -> 768 MiB, errors, CPU
+and memory in one request (-> 896 MiB), RAM and balloon in one request (-> 1024 MiB with
+64 MiB ballooned), a reduction to 384 MiB the guest keeps until its next boot (its ACPI
+memory eject is switched off, so it refuses to hand DIMMs back live: the reference's
+behaviour, which never ejects DIMMs), and a reboot that boots with 384 MiB and the balloon
+inflated again to 64 MiB.
 """
 
 import json
@@ -19,14 +23,20 @@ from tests.support.guest import REPO
 
 MiB = 1 << 20
 KIB_PER_MIB = 1024
+EJECT_SWITCH = "/sys/firmware/acpi/hotplug/memory/enabled"
+# 128 MiB of boot RAM costs the guest 2 MiB of page structs (64 bytes per 4 KiB page),
+# reserved before MemTotal is counted; allowed twice that.
+MEMMAP_KIB_PER_128M = 4 * KIB_PER_MIB
+BALLOON_SLACK_KIB = 1 * KIB_PER_MIB        # pages the balloon has not reached yet
 
 
 @pytest.fixture(scope="module")
 def guest(guest_factory):
-    g = guest_factory(cpus="boot=1,max=2", memory="size=256M,hotplug_size=1G")
+    g = guest_factory(cpus="boot=1,max=2", memory="size=256M,hotplug_size=1G",
+                      extra_args=["--balloon", "size=0"])
     rc, out = g.run("echo online | tee /sys/devices/system/memory/auto_online_blocks")
     assert (rc, out) == (0, "online")
-    g.mem_total_kib = mem_total_kib(g)
+    g.mem_total_kib = g.boot_kib = mem_total_kib(g)      # what the guest has of 256 MiB
     return g
 
 
@@ -42,6 +52,23 @@ def wait_mem_total(guest, expected_kib: int, timeout: float = 240) -> int:
     while (total := mem_total_kib(guest)) < expected_kib and time.monotonic() < deadline:
         time.sleep(2)
     return total
+
+
+def wait_mem_total_in(guest, low_kib: int, high_kib: int, timeout: float = 240) -> int:
+    """Poll the guest until MemTotal lies in [low_kib, high_kib]; returns the last reading."""
+    deadline = time.monotonic() + timeout
+    while not (low_kib <= (total := mem_total_kib(guest)) <= high_kib) \
+            and time.monotonic() < deadline:
+        time.sleep(2)
+    return total
+
+
+def wait_for(probe, expected, timeout: float = 240):
+    """Poll ``probe()`` until it returns ``expected``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) != expected and time.monotonic() < deadline:
+        time.sleep(2)
+    return value
 
 
 def curl_resize(guest, body: dict) -> tuple[int, str]:
@@ -116,24 +143,50 @@ def test_cpu_and_memory_in_one_request(guest):
     assert (config["cpus"]["boot_vcpus"], config["memory"]["size"]) == (2, 896 * MiB)
 
 
+def test_ram_and_balloon_in_one_request(guest):
+    assert curl_resize(guest, {"desired_ram": 1024 * MiB, "desired_balloon": 64 * MiB}) == \
+        (204, "")
+    config = vm_info(guest)["config"]
+    assert (config["memory"]["size"], config["balloon"]["size"]) == (1024 * MiB, 64 * MiB)
+    # one DIMM of 128 MiB more, 64 MiB of it given back to the host through the balloon
+    expected = guest.mem_total_kib + (128 - 64) * KIB_PER_MIB
+    total = wait_mem_total_in(guest, expected - BALLOON_SLACK_KIB, expected)
+    assert expected - BALLOON_SLACK_KIB <= total <= expected, (total, expected)
+    guest.mem_total_kib = total
+
+
 def test_reduction_waits_for_the_next_boot(guest):
-    # The configuration changes at once; the guest keeps its memory until the next boot,
-    # except DIMMs it can offline and hand back live (tests/guest/test_memory_dimm_removal.py
-    # covers that path): this guest onlined them into the kernel zone, so it may or may not.
+    # The guest refuses every DIMM eject (its ACPI memory hot plug switch is off), as with the
+    # reference, which never ejects DIMMs: the configuration changes at once and the guest
+    # keeps every byte until its next boot (tests/guest/test_memory_dimm_removal.py covers a
+    # guest that hands DIMMs back live).
+    rc, out = guest.run(f"echo 0 > {EJECT_SWITCH}")
+    assert rc == 0, out
     assert curl_resize(guest, {"desired_ram": 384 * MiB}) == (204, "")
+    assert vm_info(guest)["config"]["memory"]["size"] == 384 * MiB
+    # asked for the newest DIMMs down to 512 MiB (384 would take dimm0 too): the guest
+    # answers "not supported" for each, and they stay
+    states = [("dimm0", "acknowledged"), ("dimm1", "kept"), ("dimm2", "kept"), ("dimm3", "kept")]
+    assert wait_for(lambda: [(d["id"], d["state"]) for d in
+                             vm_info(guest)["memory_hotplug"]["dimms"]], states) == states
     info = vm_info(guest)
-    assert info["config"]["memory"]["size"] == 384 * MiB
-    assert 384 * MiB <= info["memory_actual_size"] <= 896 * MiB
-    assert mem_total_kib(guest) <= guest.mem_total_kib
+    assert info["memory_actual_size"] == 1024 * MiB
+    assert (info["config"]["memory"]["size"], info["config"]["balloon"]["size"]) == \
+        (384 * MiB, 64 * MiB)
+    assert mem_total_kib(guest) == guest.mem_total_kib
 
 
-def test_reboot_boots_with_the_reduced_size(guest):
+def test_reboot_boots_with_the_reduced_size_and_the_balloon(guest):
     start = len(guest.console.buf)
     guest.console.send("reboot -f\n")
     guest.wait_ready(start=start)
-    total = mem_total_kib(guest)
-    # the kernel keeps its image and reserved pages: between 70 % and 100 % of 384 MiB
-    assert 0.7 * 384 * KIB_PER_MIB < total <= 384 * KIB_PER_MIB
+    # 128 MiB more boot RAM than the first boot (less the page structs describing it), the
+    # balloon inflated again to its configured 64 MiB
+    high = guest.boot_kib + (128 - 64) * KIB_PER_MIB
+    low = high - MEMMAP_KIB_PER_128M - BALLOON_SLACK_KIB
+    total = wait_mem_total_in(guest, low, high)
+    assert low <= total <= high, (total, low, high)
     info = vm_info(guest)
     assert info["memory_actual_size"] == 384 * MiB
     assert info["memory_hotplug"]["dimms"] == []
+    assert info["config"]["balloon"]["size"] == 64 * MiB

@@ -15,7 +15,8 @@ writes to /dev/pmemN reach the host file, and vsock streams run both ways. An fd
 not a tap is refused with a clear 400 and not kept. Then all four are removed back to back
 and waited for once: they leave lspci, pych reports each ``device-removed``, both taps are
 gone (the handed-over one because pych closed its copies and the test had closed its own),
-and pych's open fds and threads are back to what they were before the adds. The tests run
+and pych's open fds and threads are back to what they were before the adds (polled until
+they settle, for up to 60 s). The tests run
 in order and share the guest; nothing is timed.
 """
 
@@ -38,6 +39,7 @@ import pytest
 from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
 
 from tests.support.guest import REPO, PychGuest, vm_info
+from tests.support.host import settled_resources
 from tests.support.hotplug import wait_for_events, wait_in_guest
 from tests.support.netns import in_netns
 from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
@@ -100,20 +102,6 @@ def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
     return int(head.split()[1]), text
 
 
-def resources(pid: int) -> tuple[int, int]:
-    """(open fds, threads) of process ``pid``, once two reads 0.2 s apart agree (an API
-    connection thread may still be finishing)."""
-    def sample():
-        return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
-    last = sample()
-    for _ in range(50):
-        time.sleep(0.2)
-        if (now := sample()) == last:
-            return now
-        last = now
-    return last
-
-
 def holds(pid: int, path: Path) -> bool:
     """Whether process ``pid`` has ``path`` open or mapped."""
     fd_dir = f"/proc/{pid}/fd"
@@ -149,7 +137,7 @@ def guest(netns, files):
         g.wait_ready()
         g.run(f"head -c {files['tool_size']} /dev/vda > /tmp/vsockcat && chmod +x /tmp/vsockcat",
               check=True)
-        g.before = resources(g.proc.pid)
+        g.before = settled_resources(g.proc.pid)
         yield g
     finally:
         g.stop()
@@ -256,12 +244,12 @@ def test_an_fd_that_is_not_a_tap_is_refused_clearly_and_not_kept(guest):
     copy of it (no guest time: refused before anything is built)."""
     r, w = os.pipe()
     try:
-        before = resources(guest.proc.pid)
+        before = settled_resources(guest.proc.pid)
         remote = pych_remote(guest, "add-net", f"fd=[{r}]", pass_fds=(r,))
         assert remote.returncode == 1 and remote.stdout == ""
         assert "Server responded with BadRequest" in remote.stderr, remote.stderr
         assert "is not a tap" in remote.stderr, remote.stderr
-        assert resources(guest.proc.pid) == before
+        assert settled_resources(guest.proc.pid, before) == before
         assert [n["id"] for n in vm_info(guest)["config"]["net"]] == ["_net1", "_net4"]
     finally:
         os.close(r)
@@ -293,4 +281,4 @@ def test_removing_all_four_leaves_nothing_behind(guest, files):
     assert FD_TAP not in links()                              # pych closed both its copies
     assert not holds(guest.proc.pid, files["pmem"])           # neither open nor mapped
     assert not os.path.exists(files["vsock"])                 # the vsock listener is gone
-    assert resources(guest.proc.pid) == guest.before          # (fds, threads) as before
+    assert settled_resources(guest.proc.pid, guest.before) == guest.before   # (fds, threads)

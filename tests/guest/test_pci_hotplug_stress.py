@@ -5,9 +5,10 @@ pych with only --api-socket, the VM created over the API, a disk cold-added befo
 Then 20 add/remove cycles of a second disk: each waits (one guest command polling in a
 shell loop) until the guest sees /sys/block/vdb, removes it, and waits for the
 ``device-removed`` event and for the guest to lose it. pych's open fds (/proc/PID/fd) and
-threads (/proc/PID/task) are sampled after every cycle: from the first cycle on both must
-stay exactly constant (bound: 0 growth over 19 cycles). Last, the refusals: a duplicate id
-(409), removing ``__rng`` (500, not removable) and a second vsock (500, at most one).
+threads (/proc/PID/task) are sampled after every cycle, once settled (polled for up to 60 s,
+``tests.support.host.settled_resources``): from the first cycle on both must stay exactly
+constant (bound: 0 growth over 19 cycles). Last, the refusals: a duplicate id (409),
+removing ``__rng`` (500, not removable) and a second vsock (500, at most one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from pych.api.client import ApiClient
 
 from tests.support.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
+from tests.support.host import settled_resources
 from tests.support.hotplug import wait_in_guest
 
 CYCLES = 20
@@ -81,20 +83,9 @@ class ColdStartedGuest:
             time.sleep(0.2)
         return found
 
-    def resources(self) -> tuple[int, int]:
-        """(open fds, threads) of the pych process, once two reads 0.2 s apart agree (an
-        API connection thread may still be finishing)."""
-        def sample():
-            return (len(os.listdir(f"/proc/{self.proc.pid}/fd")),
-                    len(os.listdir(f"/proc/{self.proc.pid}/task")))
-        last = sample()
-        for _ in range(50):
-            time.sleep(0.2)
-            now = sample()
-            if now == last:
-                return now
-            last = now
-        return last
+    def resources(self, expected: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(open fds, threads) of the pych process once settled (tests.support.host)."""
+        return settled_resources(self.proc.pid, expected)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -167,7 +158,8 @@ def test_twenty_add_remove_cycles_keep_fds_and_threads_constant(guest, disks):
         assert removed[-1]["properties"]["id"] == dev_id
         rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vdb ]", interval=0.5)
         assert rc == 0, f"cycle {cycle}: the guest kept the removed disk"
-        samples.append(guest.resources())
+        # the first cycle's settled figures are the bound every later cycle is held to
+        samples.append(guest.resources(samples[0] if samples else None))
     assert samples[1:] == samples[:1] * (CYCLES - 1), \
         f"fds/threads per cycle (fds, threads): {samples}"
     info = guest.info()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 
 _FLOCK = struct.Struct("=hh4xqqi4x")           # struct flock
 
@@ -39,3 +40,31 @@ def unix_socket_listening(path: str | os.PathLike) -> bool:
             if len(fields) >= 8 and fields[7] == target and int(fields[3], 16) & _SO_ACCEPTCON:
                 return True
     return False
+
+
+def process_resources(pid: int) -> tuple[int, int]:
+    """(open fds, threads) of process ``pid`` right now."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def settled_resources(pid: int, expected: tuple[int, int] | None = None, limit: float = 60,
+                      interval: float = 0.2) -> tuple[int, int]:
+    """(open fds, threads) of process ``pid`` once they have settled, polled every
+    ``interval`` s for up to ``limit`` s (a device's worker or an API connection thread may
+    still be finishing after the request that ended it has been answered).
+
+    With ``expected``: as soon as they equal it, else the last reading after ``limit`` (so
+    the caller's comparison shows what was left). Without: once five readings in a row
+    agree."""
+    deadline = time.monotonic() + limit
+    last, same = process_resources(pid), 0
+    while time.monotonic() < deadline:
+        if expected is not None and last == expected:
+            return last
+        if expected is None and same >= 4:
+            return last
+        time.sleep(interval)
+        now = process_resources(pid)
+        same = same + 1 if now == last else 0
+        last = now
+    return last
