@@ -55,6 +55,11 @@ class DeviceBackendError(DeviceManagerError):
     """The device's backend could not be opened or used (HTTP 400)."""
 
 
+class DeviceIdInUse(DeviceManagerError):
+    """The id names a device still in the device tree: one whose removal the guest has not
+    finished (HTTP 409, as a duplicate id in the configuration; the reference answers 500)."""
+
+
 class UnknownDeviceId(DeviceManagerError):
     """No device has this id (HTTP 404)."""
 
@@ -245,7 +250,7 @@ class DeviceManager:
             raise DeviceManagerError(f"{kind.name} devices cannot be hot plugged by pych")
         with self._lock:
             if cfg.id is not None and cfg.id in self.tree:
-                raise DeviceManagerError(f"Identifier {cfg.id} is not unique"
+                raise DeviceIdInUse(f"Identifier {cfg.id} is not unique"
                                          + (" (its removal is pending: the guest has not "
                                             "ejected it yet)" if cfg.id in self._pending_removal
                                             else ""))
@@ -273,7 +278,7 @@ class DeviceManager:
         when the path or the host cannot do VFIO, :class:`DeviceManagerError` otherwise."""
         with self._lock:
             if device.id is not None and device.id in self.tree:
-                raise DeviceManagerError(f"Identifier {device.id} is not unique")
+                raise DeviceIdInUse(f"Identifier {device.id} is not unique")
             counter = self._id_counter
             device = device.model_copy(
                 update={"id": device.id or self.next_device_name(VFIO.id_prefix)})

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from functools import cache
 
-from pych.errors import (BackendError, InternalError, InvalidRequest, NotFound, RetryLater,
+from pych.errors import (BackendError, Conflict, InternalError, InvalidRequest, NotFound, RetryLater,
                          VmmError)
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,13 @@ def translations() -> tuple[tuple[type[Exception], type[VmmError]], ...]:
     Imported when first needed: the managers (and the devices under them) are not loaded
     until a VM is created, so a VMM waiting for ``vm.create`` starts without them."""
     from pych.cpu.manager import VcpuRemovalPending
-    from pych.device_manager.manager import (DeviceBackendError, DeviceManagerError,
-                                             UnknownDeviceId)
+    from pych.device_manager.manager import (DeviceBackendError, DeviceIdInUse,
+                                             DeviceManagerError, UnknownDeviceId)
     from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
     return (
         (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
         (UnknownDeviceId, NotFound),
+        (DeviceIdInUse, Conflict),              # its removal is pending: still in the tree
         (DeviceBackendError, BackendError),     # a file, socket or tap the device needs
         (DeviceManagerError, InternalError),    # incl. a device that cannot be removed (rng, ...)
         (UnknownMemoryZone, NotFound),

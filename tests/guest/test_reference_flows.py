@@ -17,7 +17,8 @@ creates and deletes (the NICs' taps stay in it). The tests run in order on the o
    the VM resumes;
 4. with the VM paused (so the guest cannot eject: the test holds it), remove-device is 204
    and asking again is 204 (the reference re-signals the guest), re-adding the id whose eject
-   is pending is refused with the reference's 500 (the id is still in the device tree); once
+   is pending is refused with 409 as any id in use (the reference answers 500; the id is still in the
+   device tree); once
    resumed the guest ejects it, one ``device-removed``, and the id and slot are free again.
 
 The guest's acpiphp takes tens of seconds here to probe or release a device, so every wait
@@ -252,7 +253,7 @@ def test_remove_twice_and_re_add_while_the_eject_is_pending(guest, files):
     finally:
         assert put(guest, "vm.resume") == (204, "")
     assert (first, again) == ((204, ""), (204, ""))
-    assert re_add[0] == 500, re_add
+    assert re_add[0] == 409, re_add
     assert any("paused" in m and "not unique" in m for m in json.loads(re_add[1])), re_add
     assert info["devices_pending_removal"] == ["paused"]
     assert "paused" in info["device_tree"]                 # until the guest ejects it

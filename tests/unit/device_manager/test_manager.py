@@ -20,7 +20,7 @@ from pych.cli.remote import main as remote_main
 from pych.config import ConfigConflict, DiskConfig, NetConfig, VmRemoveDevice, VsockConfig
 from pych.config.kinds import BY_NAME
 from pych.device_manager.manager import (
-    DeviceBackendError, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
+    DeviceBackendError, DeviceIdInUse, DeviceManagerError, RemovalNotAllowed, UnknownDeviceId,
 )
 from pych.devices.acpi import AcpiNotification
 from pych.vmm import Vmm
@@ -136,7 +136,7 @@ def test_an_id_pending_removal_is_not_reusable_yet(machine, image, tmp_path):
     machine.dm.remove_device("_disk0")
     other = tmp_path / "other.raw"
     other.write_bytes(bytes(4096))
-    with pytest.raises(DeviceManagerError, match="removal is pending"):
+    with pytest.raises(DeviceIdInUse, match="removal is pending"):      # 409
         machine.dm.hotplug(DISK, DiskConfig(path=str(other), id="_disk0"))
     assert lock_is_free(str(other))
 

@@ -6,9 +6,9 @@ import pytest
 
 from pych.api.errors import status_of
 from pych.cpu.manager import VcpuRemovalPending
-from pych.device_manager.manager import (DeviceBackendError, DeviceManagerError, RemovalNotAllowed,
-                                 UnknownDeviceId)
-from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState, NotFound,
+from pych.device_manager.manager import (DeviceBackendError, DeviceIdInUse, DeviceManagerError,
+                                         RemovalNotAllowed, UnknownDeviceId)
+from pych.errors import (BackendError, Conflict, InternalError, InvalidRequest, InvalidState, NotFound,
                          RetryLater)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
 from pych.vmm.manager_errors import domain_errors
@@ -19,6 +19,7 @@ from pych.vmm.manager_errors import domain_errors
     (VcpuRemovalPending("pending"), RetryLater, 429),
     (UnknownDeviceId("d0"), NotFound, 404),
     (DeviceBackendError("no such file"), BackendError, 400),
+    (DeviceIdInUse("Identifier d0 is not unique (its removal is pending)"), Conflict, 409),
     (RemovalNotAllowed("__rng", "rng"), InternalError, 500),
     (DeviceManagerError("no slot"), InternalError, 500),
     (UnknownMemoryZone("no zone z"), NotFound, 404),
