@@ -15,7 +15,8 @@ with random values of every width. After each scenario it prints
 Bounds checked after every scenario (:data:`BOUNDS`): pych alive; ``vmm.ping`` and
 ``vm.info`` answer, the VM is ``Running``; threads and fds at most a few more than after the
 first scenario; anonymous memory (RssAnon: pych's own heap, not the guest RAM it maps) at
-most 64 MiB above it; pych's log without a traceback and under 1 MiB; the read-only disk
+most 64 MiB above it; pych's log without a traceback, without a device exception the bus
+contained ("failed in") and under 1 MiB; the read-only disk
 image and the kernel unchanged (SHA-256); no file appeared or changed size in the work
 directory except those the guest may write (the read-write disk's contents, the pmem file's
 contents, the console file, the logs).
@@ -51,6 +52,7 @@ CFLAGS = ["-m32", "-march=i686", "-O2", "-ffreestanding", "-fno-pic", "-no-pie",
           "-Wall", "-Wextra", "-Werror"]
 SCENARIO = re.compile(rb"FUZZ-SCENARIO (\d+) (\w+) seed=(\d+) done\n")
 RAM = 256 << 20
+DEVICE_FAILED = re.compile(rb"[^\n]*-byte (?:read|write) at 0x[0-9a-f]+ failed in [^\n]*")
 
 # What pych may grow by, measured from the first scenario's end (stated bounds).
 BOUNDS = {"threads": 4, "fds": 16, "rss_anon_kib": 64 << 10, "log_bytes": 1 << 20}
@@ -240,6 +242,10 @@ class FuzzGuest:
         log = (self.workdir / "pych.log").read_bytes()
         if b"Traceback" in log:
             raise self.fail(f"{where}: a traceback in pych's log")
+        failed = DEVICE_FAILED.search(log)
+        if failed:                             # the bus contained a device's exception
+            raise self.fail(f"{where}: a device failed on a guest access: "
+                            f"{failed.group(0).decode(errors='replace')}")
         if len(log) > BOUNDS["log_bytes"]:
             raise self.fail(f"{where}: pych's log grew to {len(log)} bytes")
         stats = proc_stats(self.proc.pid)
