@@ -42,6 +42,7 @@ from pych.api.client import ApiClient
 from pych.arch.x86_64 import layout
 
 from tests.support.guest import REPO, Console
+from tests.support.host import unix_socket_listening
 from tests.support.microguest import build_elf
 
 SOURCE = REPO / "tests" / "fuzzguest"
@@ -164,10 +165,10 @@ class FuzzGuest:
         if os.path.exists(VIRTIOFSD):
             self.virtiofsd = subprocess.Popen(
                 [VIRTIOFSD, f"--socket-path={w / 'fs.sock'}", "-o", f"source={self.share}",
-                 "-o", "cache=none", "--sandbox=none"],
+                 "-o", "cache=none"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=open(w / "virtiofsd.log", "wb"))
             deadline = time.monotonic() + 30
-            while not (w / "fs.sock").exists():
+            while not unix_socket_listening(str(w / "fs.sock")):
                 if time.monotonic() > deadline or self.virtiofsd.poll() is not None:
                     raise FuzzFailure(f"virtiofsd did not start: {self._tail('virtiofsd.log')}")
                 time.sleep(0.05)
