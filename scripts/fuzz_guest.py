@@ -60,6 +60,14 @@ def run(workdir: Path, seed: int, args, netns: str | None) -> int:
 
     with FuzzGuest(workdir, seed, count, args.rounds, netns=netns) as g:
         g.run(on_scenario=show)
+    lines = (workdir / "pych.log").read_text(errors="replace").splitlines()
+    print(f"  seed {seed}: pych logged {len(lines)} lines; distinct warnings:")
+    seen = set()
+    for line in lines:
+        key = line.split(":", 3)[-1][:60]
+        if "WARNING" in line and key not in seen:
+            seen.add(key)
+            print(f"    {line[:160]}")
     return count
 
 
