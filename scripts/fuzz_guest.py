@@ -64,7 +64,7 @@ def run(workdir: Path, seed: int, args, netns: str | None) -> int:
     print(f"  seed {seed}: pych logged {len(lines)} lines; distinct warnings:")
     seen = set()
     for line in lines:
-        key = line.split(":", 3)[-1][:60]
+        key = line.split(": ", 2)[-1][:60]
         if "WARNING" in line and key not in seen:
             seen.add(key)
             print(f"    {line[:160]}")
