@@ -54,6 +54,7 @@ TRANSMITQ = 1
 DEFAULT_QUEUE_SIZE = 256
 #: Frames received per batch before the driver is interrupted (a latency bound).
 RX_BATCH = 64
+IOV_MAX = os.sysconf("SC_IOV_MAX")      # a frame fits in far fewer buffers than this
 
 _CONFIG = struct.Struct("<6sHHH")       # mac, status, max_virtqueue_pairs, mtu
 
@@ -195,7 +196,7 @@ class VirtioNet(VirtioDevice):
                 self._poll_tap(False)          # until the driver kicks with new buffers
                 break
             try:
-                n = os.readv(self.tap.fd, chain.writable_views())
+                n = os.readv(self.tap.fd, chain.writable_views()[:IOV_MAX])
             except BlockingIOError:
                 self._rx_chain = chain         # keep it for the next frame
                 break
