@@ -241,8 +241,10 @@ class FuzzGuest:
         if state != "Running":
             raise self.fail(f"{where}: the VM is {state}")
         log = (self.workdir / "pych.log").read_bytes()
-        if b"Traceback" in log:
-            raise self.fail(f"{where}: a traceback in pych's log")
+        at = log.find(b"Traceback")
+        if at >= 0:
+            raise self.fail(f"{where}: a traceback in pych's log:\n"
+                            f"{log[max(0, at - 300):at + 1500].decode(errors='replace')}")
         failed = DEVICE_FAILED.search(log)
         if failed:                             # the bus contained a device's exception
             raise self.fail(f"{where}: a device failed on a guest access: "

@@ -27,11 +27,13 @@ from collections.abc import Callable
 
 from pych.devices.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                                   VNET_HDR_SIZE, Tap, TapError)
+from pych.guest_log import GuestLog
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 VIRTIO_NET_F_CSUM = 1 << 0
 VIRTIO_NET_F_GUEST_CSUM = 1 << 1
@@ -142,7 +144,7 @@ class VirtioNet(VirtioDevice):
             self.tap.set_offload(offloads)
         except TapError as e:
             # The frames the tap then hands us are plain; the driver copes with those.
-            log.warning("%s: %s; receiving without offloads", self.name, e)
+            _guest_log.warning("%s: %s; receiving without offloads", self.name, e)
 
     def reset(self) -> None:
         super().reset()
