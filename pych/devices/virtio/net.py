@@ -124,6 +124,7 @@ class VirtioNet(VirtioDevice):
         self.rx_frames = self.tx_frames = 0
         self.rx_bytes = self.tx_bytes = 0       # frame bytes, the virtio-net header not counted
         self.tx_dropped = 0
+        self.rx_unusable = 0
         self._rx_chain: DescriptorChain | None = None     # popped, waiting for a frame
         self._tap_events = select.epoll(1)
         self._tap_events.register(tap.fd, select.EPOLLIN)
@@ -197,11 +198,23 @@ class VirtioNet(VirtioDevice):
             if chain is None:
                 self._poll_tap(False)          # until the driver kicks with new buffers
                 break
+            if chain.writable_len < VNET_HDR_SIZE:
+                # the tap refuses a read shorter than its header (EINVAL): give the chain
+                # back empty, the frame waits for the next one
+                self._rx_chain = None
+                self._rx_unusable(queue, chain, "shorter than the virtio-net header")
+                filled += 1
+                continue
             try:
                 n = os.readv(self.tap.fd, chain.writable_views()[:IOV_MAX])
             except BlockingIOError:
                 self._rx_chain = chain         # keep it for the next frame
                 break
+            except OSError as e:               # whatever else the tap refuses of a chain
+                self._rx_chain = None
+                self._rx_unusable(queue, chain, e.strerror)
+                filled += 1
+                continue
             self._rx_chain = None
             queue.add_used(chain.head, n)
             self.rx_frames += 1
@@ -211,6 +224,12 @@ class VirtioNet(VirtioDevice):
                 self.signal_used(RECEIVEQ)
         if filled:
             self.signal_used(RECEIVEQ)
+
+    def _rx_unusable(self, queue, chain: DescriptorChain, why: str) -> None:
+        self.rx_unusable += 1
+        _guest_log.warning("%s: receive buffer the tap cannot fill (%s); returned empty",
+                           self.name, why)
+        queue.add_used(chain.head, 0)
 
     def _next_rx_chain(self) -> DescriptorChain | None:
         queue = self.queues[RECEIVEQ].queue
