@@ -26,7 +26,7 @@ def test_the_fuzz_guest_builds_from_source(tmp_path):
 @pytest.fixture(scope="module")
 def fuzzed(netns, tmp_path_factory):
     g = FuzzGuest(tmp_path_factory.mktemp("fuzz-guest"), SEED, scenario_count(1, net=True),
-                  rounds=12, netns=netns)
+                  rounds=30, netns=netns)
     with g:
         results = g.run(scenario_timeout=300)
     return g, results
