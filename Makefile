@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz openapi options clean
+.PHONY: all deps venv guest test test-unit test-guest demo bench soak soak-long fuzz fuzz-guest openapi options clean
 
 all: test
 
@@ -69,6 +69,14 @@ FUZZ_MINUTES ?= 20
 FUZZ_ARGS ?=
 fuzz: deps venv guest
 	$(PY) scripts/fuzz.py --requests $(FUZZ_REQUESTS) --minutes $(FUZZ_MINUTES) $(FUZZ_ARGS)
+
+# scripts/fuzz_guest.py: the fuzz guest (tests/fuzzguest, C built here with gcc) attacks every
+# device model with hostile queues and port/MMIO/config accesses, once per seed; pych is
+# checked after each scenario (CI runs one short seed in tests/guest/test_fuzz_guest.py).
+FUZZ_GUEST_SEEDS ?= 1 2 3 4 5
+FUZZ_GUEST_ARGS ?= --passes 3 --rounds 60
+fuzz-guest: deps venv
+	$(PY) scripts/fuzz_guest.py --seeds $(FUZZ_GUEST_SEEDS) $(FUZZ_GUEST_ARGS)
 
 # docs/openapi.json: pych's API as its route table and models describe it (a unit test
 # fails when the committed file is not what this generates)

@@ -3,7 +3,8 @@
 # Idempotent; needs root (as on this project's machines) or sudo.
 set -euo pipefail
 PACKAGES=(
-  # the test guest: kernel source and toolchain, busybox and the in-guest tools
+  # the test guest: kernel source and toolchain (gcc also builds the fuzz guest,
+  # tests/fuzzguest), busybox and the in-guest tools
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
   busybox-static util-linux pciutils
   # checks and peers: iasl for the AML tests, QEMU as the reference/benchmark peer

@@ -11,6 +11,12 @@ Two pych processes, three guest boots, in order (each test leaves the state the 
   ``poweroff`` syncs first) and powers off; pych exits 0 and the file holds both.
 * pych 2: the guest writes and syncs, pych gets SIGTERM, shuts the VM down and exits 0; the
   file holds the data.
+* pych 3 (each kill ends a process, so SIGKILL needs its own): the guest writes a raw disk
+  (``conv=fsync``, and ``oflag=direct`` with no fsync at all) and a file on an ext4 filesystem
+  (made on the host by ``mkfs.ext4``), runs ``sync``, and pych gets SIGKILL: no shutdown, no
+  close, no flush of its own. The raw image holds both writes; ``e2fsck -fn`` finds the ext4
+  image consistent as it is, and again once its journal is replayed (as the next mount
+  would), when it holds the file.
 
 Each write is a distinct text pattern at its own offset of a zeroed image, so stale data
 cannot pass for new. 64 KiB per write: data through this host's guest kernel is slow.
@@ -19,7 +25,9 @@ cannot pass for new. 64 KiB per write: data through this host's guest kernel is 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -81,7 +89,7 @@ def wait_for_event(events: Path, name: str, limit: float = 300) -> dict | None:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("durability")
-    paths = {name: d / f"{name}.raw" for name in ("boot", "hot", "term")}
+    paths = {name: d / f"{name}.raw" for name in ("boot", "hot", "term", "kill", "ext4")}
     for path in paths.values():
         path.write_bytes(bytes(IMAGE_SIZE))
     paths["events"] = d / "events.json"
@@ -143,3 +151,48 @@ def test_synced_writes_survive_sigterm_and_pych_exits_zero(guest_factory, images
     assert "signal 15" in g.pych_log()
     assert holds(images["term"], "written-before-sigterm", 16)
     assert lock_is_free(images["term"])
+
+
+def ext4_file(image: Path, name: str) -> bytes:
+    """``name`` in the root of the ext4 filesystem on ``image``, read on the host (debugfs)."""
+    out = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_flushed_writes_survive_sigkill_and_the_filesystem_is_consistent(guest_factory, images):
+    ext4 = images["ext4"]
+    ext4.write_bytes(bytes(16 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "durable", str(ext4)], check=True,
+                   timeout=60)
+    g = guest_factory("sigkill", memory="size=128M",
+                      extra_args=["--disk", f"path={images['kill']}", f"path={ext4}"])
+    run_ok(g, guest_write("/dev/vda", "written-fsync-before-sigkill", 16))
+    run_ok(g, f"yes written-direct-before-sigkill | head -c {SIZE} | dd of=/dev/vda bs={SIZE} "
+              f"seek={48 * BLOCK // SIZE} iflag=fullblock oflag=direct conv=notrunc 2>/dev/null")
+    run_ok(g, "mkdir -p /mnt/d && mount -t ext4 /dev/vdb /mnt/d")
+    run_ok(g, f"yes written-to-ext4-before-sigkill | head -c {SIZE} > /mnt/d/data && "
+              "mkdir /mnt/d/dir && echo small > /mnt/d/dir/small")
+    run_ok(g, "sync")
+    g.proc.send_signal(signal.SIGKILL)
+    assert g.wait_exit(60) == -signal.SIGKILL
+    assert holds(images["kill"], "written-fsync-before-sigkill", 16)
+    assert holds(images["kill"], "written-direct-before-sigkill", 48)
+    # The image as SIGKILL left it (its journal not replayed) is consistent ...
+    fsck = subprocess.run(["e2fsck", "-fn", str(ext4)], capture_output=True, text=True,
+                          timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # ... and once its journal is replayed, as the next mount would, it still is and it
+    # holds what the guest wrote and synced (on a copy: the image is evidence)
+    replayed = ext4.with_name("ext4-replayed.raw")
+    shutil.copyfile(ext4, replayed)
+    replay = subprocess.run(["e2fsck", "-fy", "-E", "journal_only", str(replayed)],
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+    fsck = subprocess.run(["e2fsck", "-fn", str(replayed)], capture_output=True, text=True,
+                          timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert ext4_file(replayed, "data") == pattern("written-to-ext4-before-sigkill")
+    assert ext4_file(replayed, "dir/small") == b"small\n"
+    assert lock_is_free(images["kill"]) and lock_is_free(ext4)

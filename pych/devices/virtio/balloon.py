@@ -19,12 +19,18 @@ import logging
 import mmap
 import struct
 
+from pych.guest_log import GuestLog
 from pych.memory.guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
+
+# Frame numbers are read from an inflate chain this many at a time: a chain may be up to
+# 4 GiB long (the same buffer many times), and is never copied whole.
+PFN_BATCH = 4096
 
 VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 1 << 2
 VIRTIO_BALLOON_F_REPORTING = 1 << 5
@@ -80,10 +86,12 @@ class VirtioBalloon(VirtioDevice):
     # --- requests -----------------------------------------------------------------------------
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         if index == INFLATEQ:
-            data = chain.reader().read(chain.readable_len)
-            pfns = struct.unpack_from(f"<{len(data) // 4}I", data)
-            for gpa, length in _page_runs(pfns):
-                self._discard(gpa, length)
+            reader = chain.reader()
+            while reader.remaining >= 4:
+                data = reader.read(min(reader.remaining, PFN_BATCH * 4) & ~3)
+                pfns = struct.unpack_from(f"<{len(data) // 4}I", data)
+                for gpa, length in _page_runs(pfns):
+                    self._discard(gpa, length)
         elif index == REPORTINGQ:
             for buffer in chain.writable:
                 self._discard(buffer.gpa, buffer.length)
@@ -98,14 +106,15 @@ class VirtioBalloon(VirtioDevice):
             try:
                 region = mem.region_for(start)
             except GuestMemoryError:
-                log.warning("%s: guest asked to discard %#x+%#x, which is not RAM",
-                            self.name, start, end - start)
+                _guest_log.warning("%s: guest asked to discard %#x+%#x, which is not RAM",
+                                   self.name, start, end - start)
                 return
             n = min(end, region.end) - start
             try:
                 region.mmap.madvise(mmap.MADV_REMOVE, start - region.gpa, n)
             except OSError as e:
-                log.warning("%s: cannot discard %#x+%#x: %s", self.name, start, n, e.strerror)
+                _guest_log.warning("%s: cannot discard %#x+%#x: %s", self.name, start, n,
+                                   e.strerror)
                 return
             self.discarded_pages += n >> PFN_SHIFT
             start += n

@@ -34,12 +34,14 @@ import struct
 import threading
 from typing import Callable
 
+from pych.guest_log import GuestLog
 from pych.memory.guest_memory import MemoryRegion
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 BLOCK_SIZE = 2 << 20
 """Plug granularity: 2 MiB, so the host can back plugged blocks with transparent huge pages."""
@@ -156,11 +158,11 @@ class VirtioMem(VirtioDevice):
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         writer = chain.writer()
         if writer.remaining < _RESPONSE.size:
-            log.warning("%s: request without room for a response: ignored", self.name)
+            _guest_log.warning("%s: request without room for a response: ignored", self.name)
             return 0
         data = chain.reader().read(_REQUEST.size)
         if len(data) < _REQUEST.size:
-            log.warning("%s: %d-byte request is too short", self.name, len(data))
+            _guest_log.warning("%s: %d-byte request is too short", self.name, len(data))
             writer.write(_RESPONSE.pack(Response.ERROR, 0))
             return writer.written
         kind, addr, nb_blocks = _REQUEST.unpack(data)
@@ -173,7 +175,7 @@ class VirtioMem(VirtioDevice):
         try:
             kind = Request(kind)
         except ValueError:
-            log.warning("%s: unknown request type %d", self.name, kind)
+            _guest_log.warning("%s: unknown request type %d", self.name, kind)
             return Response.ERROR, 0
         with self._lock:
             if kind == Request.UNPLUG_ALL:
@@ -183,8 +185,8 @@ class VirtioMem(VirtioDevice):
             else:
                 mask = self._mask(addr, nb_blocks)
                 if mask is None:
-                    log.warning("%s: %s of %d blocks at %#x: not in the region or not aligned",
-                                self.name, kind.name, nb_blocks, addr)
+                    _guest_log.warning("%s: %s of %d blocks at %#x: not in the region or not aligned",
+                                       self.name, kind.name, nb_blocks, addr)
                     return Response.ERROR, 0
                 plugged = self._plugged & mask
                 if kind == Request.STATE:
@@ -239,8 +241,8 @@ class VirtioMem(VirtioDevice):
                 self.region.mmap.madvise(mmap.MADV_REMOVE, block * BLOCK_SIZE,
                                          count * BLOCK_SIZE)
             except OSError as e:
-                log.warning("%s: cannot discard %d blocks at block %d: %s", self.name, count,
-                            block, e.strerror)
+                _guest_log.warning("%s: cannot discard %d blocks at block %d: %s", self.name, count,
+                                   block, e.strerror)
 
     def plugged_ranges(self) -> list[tuple[int, int]]:
         """The plugged memory as ``(guest address, size)`` runs, lowest first."""

@@ -27,11 +27,13 @@ from collections.abc import Callable
 
 from pych.devices.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                                   VNET_HDR_SIZE, Tap, TapError)
+from pych.guest_log import GuestLog
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 VIRTIO_NET_F_CSUM = 1 << 0
 VIRTIO_NET_F_GUEST_CSUM = 1 << 1
@@ -54,6 +56,7 @@ TRANSMITQ = 1
 DEFAULT_QUEUE_SIZE = 256
 #: Frames received per batch before the driver is interrupted (a latency bound).
 RX_BATCH = 64
+IOV_MAX = os.sysconf("SC_IOV_MAX")      # a frame fits in far fewer buffers than this
 
 _CONFIG = struct.Struct("<6sHHH")       # mac, status, max_virtqueue_pairs, mtu
 
@@ -121,6 +124,7 @@ class VirtioNet(VirtioDevice):
         self.rx_frames = self.tx_frames = 0
         self.rx_bytes = self.tx_bytes = 0       # frame bytes, the virtio-net header not counted
         self.tx_dropped = 0
+        self.rx_unusable = 0
         self._rx_chain: DescriptorChain | None = None     # popped, waiting for a frame
         self._tap_events = select.epoll(1)
         self._tap_events.register(tap.fd, select.EPOLLIN)
@@ -141,7 +145,7 @@ class VirtioNet(VirtioDevice):
             self.tap.set_offload(offloads)
         except TapError as e:
             # The frames the tap then hands us are plain; the driver copes with those.
-            log.warning("%s: %s; receiving without offloads", self.name, e)
+            _guest_log.warning("%s: %s; receiving without offloads", self.name, e)
 
     def reset(self) -> None:
         super().reset()
@@ -194,11 +198,23 @@ class VirtioNet(VirtioDevice):
             if chain is None:
                 self._poll_tap(False)          # until the driver kicks with new buffers
                 break
+            if chain.writable_len < VNET_HDR_SIZE:
+                # the tap refuses a read shorter than its header (EINVAL): give the chain
+                # back empty, the frame waits for the next one
+                self._rx_chain = None
+                self._rx_unusable(queue, chain, "shorter than the virtio-net header")
+                filled += 1
+                continue
             try:
-                n = os.readv(self.tap.fd, chain.writable_views())
+                n = os.readv(self.tap.fd, chain.writable_views()[:IOV_MAX])
             except BlockingIOError:
                 self._rx_chain = chain         # keep it for the next frame
                 break
+            except OSError as e:               # whatever else the tap refuses of a chain
+                self._rx_chain = None
+                self._rx_unusable(queue, chain, e.strerror)
+                filled += 1
+                continue
             self._rx_chain = None
             queue.add_used(chain.head, n)
             self.rx_frames += 1
@@ -208,6 +224,12 @@ class VirtioNet(VirtioDevice):
                 self.signal_used(RECEIVEQ)
         if filled:
             self.signal_used(RECEIVEQ)
+
+    def _rx_unusable(self, queue, chain: DescriptorChain, why: str) -> None:
+        self.rx_unusable += 1
+        _guest_log.warning("%s: receive buffer the tap cannot fill (%s); returned empty",
+                           self.name, why)
+        queue.add_used(chain.head, 0)
 
     def _next_rx_chain(self) -> DescriptorChain | None:
         queue = self.queues[RECEIVEQ].queue

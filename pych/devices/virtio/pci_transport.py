@@ -37,6 +37,7 @@ from pych.devices.pci.config import STATUS, CapabilityId, Command, PciConfigurat
 from pych.devices.pci.device import PciDevice
 from pych.devices.pci.interrupts import IoEventRegistrar, MsiInterruptManager
 from pych.devices.pci.msix import MsixController
+from pych.guest_log import GuestLog
 from pych.memory.guest_memory import GuestMemory
 
 from .device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
@@ -45,6 +46,7 @@ from .device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSIO
 from .queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
@@ -361,15 +363,15 @@ class VirtioPciDevice(PciDevice):
             return
         old = self._status
         if old & ~value:
-            log.warning("%s: driver cleared status bits %#x without a reset; ignored",
-                        self.device.name, old & ~value)
+            _guest_log.warning("%s: driver cleared status bits %#x without a reset; ignored",
+                               self.device.name, old & ~value)
             return
         added = value & ~old
         if added & DeviceStatus.FEATURES_OK and not self._accept_features():
             value &= ~DeviceStatus.FEATURES_OK
         if added & DeviceStatus.DRIVER_OK:
             if not value & DeviceStatus.FEATURES_OK:
-                log.warning("%s: DRIVER_OK before FEATURES_OK; ignored", self.device.name)
+                _guest_log.warning("%s: DRIVER_OK before FEATURES_OK; ignored", self.device.name)
                 value &= ~DeviceStatus.DRIVER_OK
             else:
                 self._status = value
@@ -380,12 +382,12 @@ class VirtioPciDevice(PciDevice):
     def _accept_features(self) -> bool:
         features, offered = self._driver_features, self.device.avail_features
         if features & ~offered:
-            log.warning("%s: driver accepted features %#x that were not offered",
-                        self.device.name, features & ~offered)
+            _guest_log.warning("%s: driver accepted features %#x that were not offered",
+                               self.device.name, features & ~offered)
             return False
         if not features & VIRTIO_F_VERSION_1:
-            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers "
-                        "are not supported)", self.device.name)
+            _guest_log.warning("%s: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers "
+                               "are not supported)", self.device.name)
             return False
         self.device.ack_features(features)
         return True
@@ -408,7 +410,7 @@ class VirtioPciDevice(PciDevice):
         except (ActivationError, VirtqueueError) as e:
             for q in queues:
                 q.queue.close()
-            log.warning("%s: cannot activate: %s", device.name, e)
+            _guest_log.warning("%s: cannot activate: %s", device.name, e)
             self.needs_reset()
 
     def _reset_device(self) -> None:

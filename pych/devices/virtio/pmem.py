@@ -20,12 +20,14 @@ import stat
 import struct
 from typing import Protocol
 
+from pych.guest_log import GuestLog
 from pych.memory.guest_memory import _host_address
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 ALIGNMENT = 2 << 20                         # the reference's (and Linux's) section alignment
 DEFAULT_QUEUE_SIZE = 256
@@ -119,7 +121,7 @@ class VirtioPmem(VirtioDevice):
         request = chain.reader().read(_REQUEST.size)
         writer = chain.writer()
         if len(request) < _REQUEST.size or writer.remaining < _RESPONSE.size:
-            log.warning("%s: malformed request (head %d)", self.name, chain.head)
+            _guest_log.warning("%s: malformed request (head %d)", self.name, chain.head)
             return 0
         status = RESPONSE_ERROR
         if _REQUEST.unpack(request)[0] == VIRTIO_PMEM_REQ_TYPE_FLUSH:
@@ -132,7 +134,7 @@ class VirtioPmem(VirtioDevice):
         try:
             os.fsync(self.fd)
         except OSError as e:
-            log.warning("%s: flush failed: %s", self.name, e.strerror)
+            _guest_log.warning("%s: flush failed: %s", self.name, e.strerror)
             return RESPONSE_ERROR
         self.flushes += 1
         return RESPONSE_OK

@@ -32,12 +32,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from pych.guest_log import GuestLog
 from pych.memory.guest_memory import GuestMemory, GuestMemoryError
 
 if sys.byteorder != "little":           # pragma: no cover - the rings are little-endian
     raise ImportError("pych.devices.virtio.queue assumes a little-endian host")
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -379,8 +381,10 @@ class Virtqueue:
         if self._on_error is not None:
             self._on_error(self, error)
         elif self.errors[error.kind] == 1:
-            log.warning("%s: guest error (further ones of this kind are only counted): %s",
-                        self.name, error)
+            # once per queue and kind, and across queues (a reset makes a new queue, and a
+            # guest can reset at will) at most once per interval per device queue and kind
+            _guest_log.warning("%s: guest error (further ones of this kind are only counted): "
+                               "%s", self.name, error, kind=(self.name, error.kind))
 
     # --- producing ----------------------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:

@@ -39,12 +39,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pych.guest_log import GuestLog
 from pych.unix_socket import listen_unix
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 HOST_CID = 2
 RXQ, TXQ, EVENTQ = 0, 1, 2
@@ -54,6 +56,7 @@ BUFFER_SIZE = 256 * 1024
 #: First host port handed to host-initiated streams (as the reference).
 FIRST_HOST_PORT = 1 << 30
 CONNECT_LINE_MAX = 64
+MAX_CONTROL = 4096                # control packets queued for a guest that does not read
 
 _HEADER = struct.Struct("<QQIIIHHIII")    # src_cid dst_cid src_port dst_port len type op flags buf_alloc fwd_cnt
 HEADER_SIZE = _HEADER.size                # 44
@@ -124,6 +127,7 @@ class VirtioVsock(VirtioDevice):
         self._control: collections.deque[tuple[int, int, int, int, _Stream | None]] = collections.deque()
         self._readable: dict[tuple[int, int], _Stream] = {}   # streams with host data to send
         self._rx_chain: DescriptorChain | None = None
+        self.dropped_control = 0
         self._ports = itertools.count(FIRST_HOST_PORT)
 
     def config_bytes(self) -> bytes:
@@ -278,13 +282,13 @@ class VirtioVsock(VirtioDevice):
         reader = chain.reader()
         raw = reader.read(HEADER_SIZE)
         if len(raw) < HEADER_SIZE:
-            log.warning("%s: tx packet without a header (head %d)", self.name, chain.head)
+            _guest_log.warning("%s: tx packet without a header (head %d)", self.name, chain.head)
             return 0
         (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc,
          fwd_cnt) = _HEADER.unpack(raw)
         if dst_cid != HOST_CID or type_ != VSOCK_TYPE_STREAM:
             if op != Op.RST:
-                self._control.append((dst_port, src_port, Op.RST, 0, None))
+                self._push_control((dst_port, src_port, Op.RST, 0, None))
             return 0
         stream = self._streams.get((dst_port, src_port))
         if stream is not None:
@@ -308,7 +312,7 @@ class VirtioVsock(VirtioDevice):
                 if stream is not None:
                     self._close(stream)
             case _:
-                self._control.append((dst_port, src_port, Op.RST, 0, None))
+                self._push_control((dst_port, src_port, Op.RST, 0, None))
                 if stream is not None:
                     self._close(stream)
         return 0
@@ -320,7 +324,7 @@ class VirtioVsock(VirtioDevice):
         except OSError as e:
             log.info("%s: guest connection to port %d refused: %s", self.name, host_port, e.strerror)
             sock.close()
-            self._control.append((host_port, guest_port, Op.RST, 0, None))
+            self._push_control((host_port, guest_port, Op.RST, 0, None))
             return
         sock.setblocking(False)
         stream = _Stream(sock, host_port, guest_port, established=True,
@@ -344,8 +348,8 @@ class VirtioVsock(VirtioDevice):
     def _guest_data(self, stream: _Stream, views: list[memoryview]) -> None:
         size = sum(len(v) for v in views)
         if len(stream.to_host) + size > BUFFER_SIZE:
-            log.warning("%s: guest port %d overran its credit; resetting the stream",
-                        self.name, stream.guest_port)
+            _guest_log.warning("%s: guest port %d overran its credit; resetting the stream",
+                               self.name, stream.guest_port)
             self._reset(stream)
             return
         sent = 0
@@ -372,8 +376,20 @@ class VirtioVsock(VirtioDevice):
             if not stream.to_host:
                 self._reset(stream)
 
+    def _push_control(self, packet: tuple[int, int, int, int, _Stream | None]) -> None:
+        """Queue a control packet for the guest's rx queue. A guest that sends and never
+        posts rx buffers would grow this queue without end, so it holds at most
+        ``MAX_CONTROL`` packets; beyond that new ones are dropped (and counted): only such a
+        guest's own connections suffer."""
+        if len(self._control) >= MAX_CONTROL:
+            self.dropped_control += 1
+            _guest_log.warning("%s: guest posts no rx buffers; control packets dropped",
+                               self.name)
+            return
+        self._control.append(packet)
+
     def _reset(self, stream: _Stream) -> None:
-        self._control.append((stream.host_port, stream.guest_port, Op.RST, 0, None))
+        self._push_control((stream.host_port, stream.guest_port, Op.RST, 0, None))
         self._close(stream)
 
     def _close(self, stream: _Stream) -> None:
@@ -383,7 +399,7 @@ class VirtioVsock(VirtioDevice):
 
     # --- packets to the guest -----------------------------------------------------------------
     def _queue(self, stream: _Stream, op: Op, flags: int = 0) -> None:
-        self._control.append((stream.host_port, stream.guest_port, op, flags, stream))
+        self._push_control((stream.host_port, stream.guest_port, op, flags, stream))
 
     def _header(self, host_port: int, guest_port: int, op: int, flags: int, length: int,
                 stream: _Stream | None) -> bytes:

@@ -67,3 +67,24 @@ def test_free_page_reporting_adds_a_queue_whose_buffers_are_discarded():
         assert h.mem.read(gpa, length) == bytes(length)
         assert h.device.discarded_pages == 8
     assert len(VirtioBalloon().queue_max_sizes) == 2
+
+
+def test_a_huge_inflate_chain_is_read_in_bounded_pieces():
+    """An inflate chain may name the same buffer many times (up to 4 GiB in all): the
+    device reads frame numbers PFN_BATCH at a time, never the whole chain at once."""
+    import tracemalloc
+
+    with DeviceHarness(VirtioBalloon(), stride=8 * MiB) as h:
+        mq = h.queue(INFLATEQ)
+        buf = mq.buffer(struct.pack("<I", 0xFFFF_FF00) * (128 << 10 >> 2))   # 128 KiB
+        for i in range(15):                                  # 15 times: 1.9 MiB in all
+            mq.set_descriptor(i, buf, 128 << 10, 0 if i == 14 else 1, i + 1)
+        head = 0
+        mq.publish(head)
+        tracemalloc.start()
+        h.kick(INFLATEQ)
+        assert h.wait_used(INFLATEQ) == [(head, 0)]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, peak          # the chain alone is 1.9 MiB (and 500,000 ints)
+        assert h.device.discarded_pages == 0

@@ -195,3 +195,34 @@ def test_counters_count_what_the_device_did(image):
             (2048, 2, 1024, 1)
         assert c["read_latency_min"] <= c["read_latency_avg"] <= c["read_latency_max"]
         assert c["write_latency_min"] == c["write_latency_avg"] == c["write_latency_max"]
+
+
+def test_flush_is_answered_only_after_the_image_is_fsynced(image, monkeypatch):
+    """VIRTIO_BLK_F_FLUSH is a durability promise: the guest's flush (fsync, sync, a journal
+    commit) completes only once the host kernel has put the image's data on stable storage,
+    so a SIGKILL of pych afterwards loses nothing the guest flushed."""
+    import pych.devices.virtio.block as block
+
+    path, _ = image
+    calls = []
+    real = os.fsync
+    with DeviceHarness(VirtioBlock(path)) as h:
+        monkeypatch.setattr(block.os, "fsync", lambda fd: (calls.append(os.fstat(fd).st_ino),
+                                                          real(fd))[1])
+        submit(h, RequestType.OUT, sector=2, data=[b"F" * 512])
+        assert calls == []                                  # a write alone is not a flush
+        assert submit(h, RequestType.FLUSH)[2] == BlockStatus.OK
+        assert calls == [os.stat(path).st_ino]              # the image itself, once
+
+
+def test_a_failed_flush_is_an_io_error_for_the_guest(image, monkeypatch):
+    import pych.devices.virtio.block as block
+
+    path, _ = image
+    with DeviceHarness(VirtioBlock(path)) as h:
+        def fail(fd):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(block.os, "fsync", fail)
+        assert submit(h, RequestType.FLUSH)[2] == BlockStatus.IOERR
+        monkeypatch.undo()
+        assert submit(h, RequestType.FLUSH)[2] == BlockStatus.OK     # the device goes on

@@ -121,3 +121,36 @@ def test_counters_count_frames_and_bytes_without_the_header(tap):
         h.wait_used(RECEIVEQ)
         assert h.device.counters() == {"rx_bytes": 42, "rx_frames": 1, "tx_bytes": 60,
                                        "tx_frames": 1}
+
+
+def test_a_receive_chain_of_more_buffers_than_iov_max_still_takes_a_frame(tap):
+    """readv() refuses more than IOV_MAX buffers (EINVAL): the device offers the tap the
+    first IOV_MAX of a longer chain (found by the fuzz guest: the device stopped with a
+    traceback)."""
+    from pych.devices.virtio.net import IOV_MAX
+
+    with DeviceHarness(VirtioNet(tap, mac=MAC), stride=8 << 20) as h:
+        mq = h.queue(RECEIVEQ)
+        head = mq.add_chain(writable=[64] * (IOV_MAX + 76), indirect=True)
+        bufs = mq.writable_buffers(head)
+        tap.host.send(HEADER + b"frame")
+        h.kick(RECEIVEQ)
+        assert h.wait_used(RECEIVEQ) == [(head, len(HEADER) + 5)]
+        assert mq.read_writable(bufs)[:len(HEADER) + 5] == HEADER + b"frame"
+        assert h.device.rx_frames == 1
+
+
+def test_a_receive_chain_shorter_than_the_header_is_returned_empty(tap):
+    """A tap refuses (EINVAL) a read into less than its virtio-net header; such a chain
+    goes back to the guest empty and the frame lands in the next one (found by the fuzz
+    guest: the device stopped with a traceback)."""
+    with DeviceHarness(VirtioNet(tap, mac=MAC)) as h:
+        mq = h.queue(RECEIVEQ)
+        short = mq.add_chain(writable=[4])
+        good = mq.add_chain(writable=[1526])
+        buf = mq.writable_buffers(good)
+        tap.host.send(HEADER + b"frame")
+        h.kick(RECEIVEQ)
+        assert h.wait_used(RECEIVEQ, 2) == [(short, 0), (good, len(HEADER) + 5)]
+        assert mq.read_writable(buf)[:len(HEADER) + 5] == HEADER + b"frame"
+        assert (h.device.rx_unusable, h.device.rx_frames) == (1, 1)

@@ -356,3 +356,21 @@ def test_malformed_chains_never_break_the_queue(mem, size, table, indirect, head
     mq.set_avail_idx(q.next_avail + 1)
     chain = q.pop()
     assert chain.head == 0 and chain.readable == (Buffer(0x50000, 8),) and chain.writable == ()
+
+
+def test_a_guest_resetting_in_a_loop_cannot_flood_the_log(mem, caplog):
+    """Each queue logs a kind of guest error once; a reset makes a new queue, so without a
+    limit across queues a guest resetting in a loop writes a line per reset (the fuzz
+    guest's logs showed it). 100 new queues with the same bad chain: one line."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    for _ in range(100):
+        mq = MockQueue(mem, 16, base=0x1000, data_size=0x40000)
+        q = mq.create_queue(name="flood-q0")
+        mq.set_descriptor(0, 0x80000, 4, VIRTQ_DESC_F_NEXT, next=99)    # next past the table
+        mq.publish(0)
+        assert q.pop() is None
+        assert q.errors[QueueError.DESCRIPTOR_OUT_OF_RANGE] == 1
+    lines = [r for r in caplog.records if "flood-q0" in r.getMessage()]
+    assert len(lines) == 1

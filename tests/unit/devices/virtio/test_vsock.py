@@ -183,3 +183,23 @@ def test_a_host_half_close_still_lets_the_guest_answer(vsock):
     assert client.recv(64) == b""
     (reset, _), = guest.receive()
     assert reset["op"] == Op.RST
+
+
+def test_a_guest_that_posts_no_rx_buffers_cannot_grow_the_control_queue(tmp_path):
+    """Every packet for an unknown stream queues a RST for the guest's rx queue; a guest
+    that never posts rx buffers gets at most MAX_CONTROL of them queued, the rest dropped
+    and counted."""
+    from pych.devices.virtio.vsock import MAX_CONTROL
+
+    with DeviceHarness(VirtioVsock(GUEST_CID, str(tmp_path / "v.sock")), queue_size=32) as h:
+        device = h.device
+        for i in range(MAX_CONTROL + 100):
+            device._push_control((1111, 40000 + i % 1000, Op.RST, 0, None))
+        assert len(device._control) == MAX_CONTROL
+        assert device.dropped_control == 100
+        header = HEADER.pack(GUEST_CID, 99, 40001, 1111, 0, 1, Op.RW, 0, 0, 0)   # wrong cid
+        for _ in range(20):
+            head = h.queue(TXQ).add_chain([header])
+            h.kick(TXQ)
+            assert h.wait_used(TXQ) == [(head, 0)]
+        assert len(device._control) == MAX_CONTROL and device.dropped_control == 120
