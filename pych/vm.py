@@ -97,7 +97,8 @@ class Vm:
                 boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
                 topology=Topology(topo.threads_per_core, topo.cores_per_die,
                                   topo.dies_per_package, topo.packages) if topo else None,
-                on_exit=self._guest_exit, notify=self.ged.notify)
+                on_exit=self._guest_exit, notify=self.ged.notify,
+                affinity=cfg.cpus.affinity_map())
             kernel = self._load_payload()
             self.cpus.create_boot_vcpus(kernel)
             self.cpus.start()

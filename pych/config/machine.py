@@ -147,6 +147,33 @@ class CpusConfig(CliModel):
                 raise ConfigError("CPU topology supports at most 2 threads per core")
             if parts[0] * parts[1] * parts[2] * parts[3] != self.max_vcpus:
                 raise ConfigError("Product of CPU topology parts does not match maximum vCPU")
+        self._validate_affinity()
+
+    def _validate_affinity(self) -> None:
+        """Each pinned vCPU exists (below ``max_vcpus``, hot-pluggable ones included) and is
+        pinned once, to host CPUs this process may run on (checked now, so a vCPU thread
+        never fails to pin itself at boot or hot plug)."""
+        allowed = os.sched_getaffinity(0)
+        seen: set[int] = set()
+        for entry in self.affinity or ():
+            if entry.vcpu >= self.max_vcpus:
+                raise ConfigError(
+                    f"cpus.affinity: vCPU {entry.vcpu} does not exist (max_vcpus is "
+                    f"{self.max_vcpus})")
+            if entry.vcpu in seen:
+                raise ConfigError(f"cpus.affinity: vCPU {entry.vcpu} is given twice")
+            seen.add(entry.vcpu)
+            if not entry.host_cpus:
+                raise ConfigError(f"cpus.affinity: vCPU {entry.vcpu} has no host CPUs")
+            outside = sorted(set(entry.host_cpus) - allowed)
+            if outside:
+                raise ConfigError(
+                    f"cpus.affinity: vCPU {entry.vcpu}: host CPU(s) {outside} are not "
+                    f"available to pych (it may run on {sorted(allowed)})")
+
+    def affinity_map(self) -> dict[int, frozenset[int]]:
+        """``affinity`` as vCPU id -> its host CPUs."""
+        return {entry.vcpu: frozenset(entry.host_cpus) for entry in self.affinity or ()}
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pych.acpi.aml import Sequence
 from pych.arch.x86_64 import layout
 from pych.config import kinds
 from pych.config.kinds import BY_NAME, DEVICE_KINDS, DeviceKind
-from pych.device_manager.factories import BACKEND_ERRORS, FACTORIES, Factory, FactoryContext
+from pych.device_manager.factories import (BACKEND_ERRORS, FACTORIES, Factory, FactoryContext,
+                                          rate_limit_groups)
 from pych.device_manager.hotplug import PciHotplugController, PciHotplugSlots
 from pych.device_manager.tree import DeviceTree
 from pych.devices.acpi import (AcpiNotification, MmioWindow, pci_ecam_reservation_aml,
@@ -112,7 +113,8 @@ class DeviceManager:
         self.vfio_devices: dict[str, VfioPciDevice] = {}
         self.vfio_kernel: VfioKernel = HostVfioKernel()    # the ioctl boundary (tests: a fake)
         self._vfio_container: VfioContainer | None = None
-        self._factory_context = FactoryContext(self.mem64, memslots, vhost_user)
+        self._factory_context = FactoryContext(self.mem64, memslots, vhost_user,
+                                               rate_limit_groups(config))
         self._kinds: dict[str, DeviceKind] = {}     # device id -> its kind (virtio-mem: none)
         self._id_counter = 0
         self.balloon: VirtioBalloon | None = None       # for vm.resize's desired_balloon
