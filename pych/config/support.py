@@ -49,10 +49,13 @@ from pych.config.devices import (
     ConsoleConfig,
     DebugConsoleConfig,
     RateLimiterConfig,
+    RateLimitGroupConfig,
     RngConfig,
+    TokenBucket,
     SerialConfig,
 )
 from pych.config.machine import (
+    CpuAffinity,
     CpuFeatures,
     CpusConfig,
     CpuTopology,
@@ -140,9 +143,14 @@ WORKS = Works()
 NO_IOMMU = "pych has no virtual IOMMU"
 ONE_SEGMENT = "pych has one PCI segment (segment 0)"
 NO_SMBIOS = "pych writes no SMBIOS tables"
-NO_RATE_LIMITER = "pych has no I/O rate limiter"
-LIMITS_NOTHING = ("`null`, or a limiter that limits nothing: each bucket absent, or of size 0 "
-                  "or refill_time 0")
+_LIMITER_NOTE = (
+    "Token buckets as Firecracker's and the reference's (pych/devices/rate_limiter.py): "
+    "bytes (`bandwidth`) and requests (`ops`), each `size` tokens refilled every "
+    "`refill_time` ms, starting full, plus a `one_time_burst`; a held request is retried "
+    "from the device's worker when the tokens are there. A bucket of size 0 or "
+    "refill_time 0 limits nothing.")
+_GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
+               "for the boot.")
 NO_VHOST_USER_BLOCK = "pych has no vhost-user block front end; give path="
 NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
@@ -150,15 +158,6 @@ NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (huget
 
 _FILE_NOTE = "Used in mode `File` only, as in the reference."
 _SOCKET_NOTE = "Used in mode `Socket` only, as in the reference."
-
-
-def _limits_nothing(limiter: Any) -> bool:
-    """A rate limiter the reference would build without any bucket: each bucket absent, or
-    with a size or refill time of 0 (its TokenBucket::new gives none for those)."""
-    if not isinstance(limiter, RateLimiterConfig):
-        return False
-    return all(bucket is None or bucket.size == 0 or bucket.refill_time == 0
-               for bucket in (limiter.bandwidth, limiter.ops))
 
 
 def _pci(**overrides: Entry) -> dict[str, Entry]:
@@ -183,8 +182,10 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "KVM reports it) and cannot narrow it",
             note="The default, 46, is accepted and not applied either: the guest sees the "
             "host's width."),
-        "affinity": Refused(
-            "pych does not pin vCPU threads (pin them from outside: each is named vcpu<N>)"),
+        "affinity": Works(
+            "Each listed vCPU's thread (vcpu<N>) is pinned with sched_setaffinity when it "
+            "starts, at boot and at hot plug; host CPUs pych may not run on are refused at "
+            "the request."),
         "features": WORKS,
         "nested": Refused(
             "pych cannot hide virtualization extensions: the guest sees VMX/SVM whenever "
@@ -197,6 +198,7 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "no vCPU thread gets a core scheduling cookie."),
         "profile": WORKS,
     },
+    CpuAffinity: {"vcpu": WORKS, "host_cpus": WORKS},
     CpuTopology: dict.fromkeys(
         ("threads_per_core", "cores_per_die", "dies_per_package", "packages"), WORKS),
     CpuFeatures: {
@@ -286,14 +288,18 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
     DiskConfig: _pci(
         path=WORKS,
         readonly=WORKS,
-        direct=Refused("pych does not open disk images with O_DIRECT"),
+        direct=Works(
+            "The image is opened with O_DIRECT; a filesystem that refuses it (tmpfs before "
+            "Linux 6.6) or "
+            "needs direct I/O units above 512 bytes is refused when the disk is opened "
+            "(boot, vm.add-disk), naming it. Guest buffers that are not 512-byte aligned go "
+            "through a bounce buffer."),
         num_queues=WORKS,
         queue_size=WORKS,
         vhost_user=Refused(NO_VHOST_USER_BLOCK),
         vhost_socket=Refused(NO_VHOST_USER_BLOCK),
-        rate_limit_group=Refused(NO_RATE_LIMITER),
-        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
-                                    accepted=LIMITS_NOTHING),
+        rate_limit_group=Works(_GROUP_NOTE),
+        rate_limiter_config=Works(_LIMITER_NOTE),
         disable_io_uring=Works(
             "A test knob of the reference that picks its I/O engine; pych has one "
             "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
@@ -332,12 +338,16 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         vhost_mode=Refused(NO_VHOST_USER_NET),
         fds=Works("`ip`, `mask` and `host_mac` are not applied to a tap given as an fd "
                   "(as in the reference): a warning is logged."),
-        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
-                                    accepted=LIMITS_NOTHING),
+        rate_limiter_config=Works(
+            _LIMITER_NOTE + " Receive and transmit each get a limiter of this configuration "
+            "(as in the reference); a received frame is charged once read."),
         offload_tso=WORKS,
         offload_ufo=WORKS,
         offload_csum=WORKS,
     ),
+    RateLimitGroupConfig: {"id": WORKS, "rate_limiter_config": Works(_LIMITER_NOTE)},
+    RateLimiterConfig: {"bandwidth": WORKS, "ops": WORKS},
+    TokenBucket: {"size": WORKS, "one_time_burst": WORKS, "refill_time": WORKS},
     RngConfig: _pci(src=WORKS),
     BalloonConfig: _pci(size=WORKS, deflate_on_oom=WORKS, free_page_reporting=WORKS),
     ConsoleConfig: _pci(file=Works(_FILE_NOTE), mode=WORKS, socket=Works(_SOCKET_NOTE)),
@@ -366,7 +376,7 @@ _VM: dict[str, Entry] = {
     "cpus": WORKS,
     "memory": WORKS,
     "payload": WORKS,
-    "rate_limit_groups": Refused(NO_RATE_LIMITER, cli=_option("--rate-limit-group")),
+    "rate_limit_groups": Works(_GROUP_NOTE),
     "disks": WORKS,
     "net": WORKS,
     "rng": WORKS,
@@ -404,8 +414,6 @@ CLI_KEYS: Mapping[tuple[type[CliModel], str], Refused] = {
     (MemoryConfig, "file"): Refused(
         "it has no effect (Cloud Hypervisor ignores it too); back guest RAM with a file with "
         "--memory size=0 --memory-zone id=<id>,size=<size>,file=<path>"),
-    **{(model, key): Refused(NO_RATE_LIMITER)
-       for model in (DiskConfig, NetConfig) for key in RATE_LIMITER_KEYS.keys},
 }
 """CLI keys refused as soon as they are given, whatever their value
 (:func:`check_cli_keys`): keys that fill no field (the reference reads ``--memory file=`` and
@@ -582,16 +590,38 @@ def check_cli_keys(model: type[CliModel], text: str) -> None:
     raises :class:`~pych.config.OptionError` ``--disk bw_size=100 is not supported by pych:
     ...``.  ``pych`` and ``pych-remote`` call it on each option before parsing it (the
     models themselves parse as the reference does, dropping those keys)."""
-    if not any(owner is model for owner, _ in CLI_KEYS):
+    limited = RATE_LIMITER_KEYS in _grammar(model).groups
+    if not limited and not any(owner is model for owner, _ in CLI_KEYS):
         return
     with cli_errors(model.CLI_OPTION):
         opts = _grammar(model).parser.parse(text)
+    if limited:
+        _check_buckets(model, opts)
     for (owner, key), refused in CLI_KEYS.items():
         if owner is model and key in opts:
             value = opts.get(key)
             given = key if value is None else f"{key}={value}"
             raise OptionError(f"{model.CLI_OPTION} {given} is not supported by pych: "
                               f"{refused.reason}")
+
+
+def _check_buckets(model: type[CliModel], opts: Any) -> None:
+    """A rate limiter bucket given on the command line needs its size and its refill time:
+    the reference drops a bucket lacking either without a word; pych refuses it."""
+    for prefix in ("bw", "ops"):
+        given = [key for key in RATE_LIMITER_KEYS.keys
+                 if key.startswith(prefix + "_") and key in opts]
+        if not given:
+            continue
+        size, refill = opts.integer(f"{prefix}_size"), opts.integer(f"{prefix}_refill_time")
+        if not (size and refill):
+            key = given[0]
+            value = opts.get(key)
+            subject = key if value is None else f"{key}={value}"
+            raise OptionError(
+                f"{model.CLI_OPTION} {subject} is not supported by pych: a rate limiter "
+                f"bucket needs both {prefix}_size and {prefix}_refill_time above 0 (Cloud "
+                "Hypervisor drops such a bucket without a word)")
 
 
 def _field_path(path: str) -> tuple[type[ApiModel], str]:

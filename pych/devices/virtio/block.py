@@ -105,7 +105,8 @@ class DiskImage:
             if direct and e.errno == errno.EINVAL:
                 raise DiskError(
                     f"cannot open disk image {self.path} with O_DIRECT (direct=on): its "
-                    "filesystem does not support direct I/O (tmpfs does not); use direct=off"
+                    "filesystem does not support direct I/O (tmpfs before Linux 6.6 does not); "
+                    "use direct=off"
                 ) from e
             raise DiskError(f"cannot open disk image {self.path}: {e.strerror}") from e
         try:

@@ -241,6 +241,7 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DiskConfig", "num_queues"): (2, {}),
     ("DiskConfig", "pci_device_id"): (5, {}),
     ("DiskConfig", "rate_limiter_config"): ({"bandwidth": BUCKET}, {}),
+    ("DiskConfig", "rate_limit_group"): ("g", {}),
     ("NetConfig", "ip"): ("192.168.1.1", {"mask": "255.255.255.0"}),
     ("NetConfig", "mask"): ("255.255.255.0", {"ip": "192.168.1.1"}),
     ("NetConfig", "mac"): ("12:34:56:78:9a:bc", {}),
@@ -268,6 +269,11 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DeviceConfig", "x_exclude_mmap_bars"): ([1], {}),
     ("DebugConsoleConfig", "iobase"): (0x3F8, {}),
     ("PciSegmentConfig", "pci_segment"): (1, {}),
+}
+
+# What else the vm.create body needs for a value (a field naming something elsewhere).
+VM_EXTRA: dict[tuple[str, str], dict[str, Any]] = {
+    ("DiskConfig", "rate_limit_group"): {"rate_limit_groups": [MINIMAL["RateLimitGroupConfig"]]},
 }
 
 
@@ -334,6 +340,7 @@ def test_each_field_works_or_is_refused_at_vm_create(name, field, monkeypatch):
     if (name, field) not in VALUES:
         value = _schema_value(schema, default)
     path, base = PLACES[name]
+    base = {**base, **VM_EXTRA.get((name, field), {})}
     instance = {**MINIMAL.get(name, {}), **extra, field: value}
     body = (_in(path, instance, **base) if path
             else json.loads(json.dumps({**BASE, **instance})))
@@ -439,10 +446,12 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
     vmm = fake_vmm(monkeypatch)
     try:
         status, answer = _request(vmm, "vm.create", {**BASE, "disks": [
-            {"path": "/a"}, {"path": "/b", "direct": True}]})
+            {"path": "/a"}, {"path": "/b", "queue_affinity": [{"queue_index": 0,
+                                                               "host_cpus": [0]}]}]})
         assert status == 400
-        assert answer == ["Error from API", "disks[1].direct=true is not supported by pych: "
-                          "pych does not open disk images with O_DIRECT"]
+        assert answer == ["Error from API", 'disks[1].queue_affinity[0]={"queue_index":0,'
+                          '"host_cpus":[0]} is not supported by pych: pych does not pin a '
+                          "disk's queues to host CPUs"]
         assert vmm.config is None
         assert _request(vmm, "vm.create", BASE)[0] == 204
         status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "iommu": True})
@@ -614,6 +623,9 @@ _cli("--rtc", {**_PCI})
 _cli("--tpm", {"socket": "socket=/t"})
 _cli("--landlock-rules", {"path": "path=/,access=r", "access": "path=/,access=rw"})
 
+CLI_CASES["--disk", "rate_limit_group"] = (
+    "path=/d,rate_limit_group=g", ["--rate-limit-group", "id=g,bw_size=1,bw_refill_time=1"])
+
 CLI_MODELS = {option: support._field_path(path) for option, path in support.CLI_OPTIONS.items()}
 
 
@@ -694,9 +706,12 @@ def test_each_cli_key_works_or_is_refused_on_one_line(option, key, kernel):
 def test_refused_cli_keys_are_one_line_from_main(kernel, capsys, monkeypatch):
     monkeypatch.setattr("pych.cli.main.sys.argv", ["pych"])
     for argv, line in (
-        (["--disk", "path=/d,direct=on"],
-         "pych: error: --disk direct=on is not supported by pych: pych does not open disk "
-         "images with O_DIRECT"),
+        (["--disk", "path=/d,queue_affinity=[0@[0]]"],
+         "pych: error: --disk queue_affinity is not supported by pych: pych does not pin a "
+         "disk's queues"),
+        (["--net", "tap=,bw_size=1000"],
+         "pych: error: --net bw_size=1000 is not supported by pych: a rate limiter bucket "
+         "needs both bw_size and bw_refill_time above 0"),
         (["--memory", "size=1G,file=/dev/shm/x"],
          "pych: error: --memory file=/dev/shm/x is not supported by pych: it has no effect"),
         (["--tpm", "socket=/t"],
