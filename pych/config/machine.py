@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -299,6 +300,31 @@ class PlatformConfig(CliModel):
             raise ConfigError("TDX is not supported")
         if self.sev_snp:
             raise ConfigError("SEV-SNP is not supported")
+        self._validate_smbios()
+
+    def _validate_smbios(self) -> None:
+        """The SMBIOS strings can be written: a UUID pych can parse, strings without NUL
+        (SMBIOS ends a string there) and OEM strings that are not empty (an empty one would
+        end the structure's string set)."""
+        if self.system_uuid is not None:
+            try:
+                uuid.UUID(self.system_uuid)
+            except ValueError:
+                raise ConfigError(
+                    f"platform.system_uuid={self.system_uuid!r} is not a UUID") from None
+        texts = {name: getattr(self, name) for name in (
+            "system_serial_number", "system_manufacturer", "system_product_name",
+            "system_version", "system_family", "system_sku_number", "chassis_asset_tag")}
+        for i, text in enumerate(self.oem_strings or ()):
+            if not text:
+                raise ConfigError(f"platform.oem_strings[{i}] is empty (SMBIOS cannot hold "
+                                  "an empty OEM string)")
+            texts[f"oem_strings[{i}]"] = text
+        for name, text in texts.items():
+            if text is not None and "\0" in text:
+                raise ConfigError(f"platform.{name} holds a NUL character")
+        if len(self.oem_strings or ()) > 255:
+            raise ConfigError("platform.oem_strings: SMBIOS holds at most 255 OEM strings")
 
 
 class NumaDistance(ApiModel):

@@ -142,7 +142,8 @@ WORKS = Works()
 # Reasons shared by several entries.
 NO_IOMMU = "pych has no virtual IOMMU"
 ONE_SEGMENT = "pych has one PCI segment (segment 0)"
-NO_SMBIOS = "pych writes no SMBIOS tables"
+_SMBIOS_NOTE = ("SMBIOS 3.0 tables at 0xf0000 as the reference's "
+                "(pych/arch/x86_64/smbios.py): type 1, the guest's /sys/class/dmi/id.")
 _LIMITER_NOTE = (
     "Token buckets as Firecracker's and the reference's (pych/devices/rate_limiter.py): "
     "bytes (`bandwidth`) and requests (`ops`), each `size` tokens refilled every "
@@ -257,15 +258,18 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         "num_pci_segments": Refused(ONE_SEGMENT),
         "iommu_segments": Refused(NO_IOMMU),
         "iommu_address_width_bits": Refused(NO_IOMMU),
-        "system_serial_number": Refused(NO_SMBIOS),
-        "system_uuid": Refused(NO_SMBIOS),
-        "oem_strings": Refused(NO_SMBIOS),
-        "system_manufacturer": Refused(NO_SMBIOS),
-        "system_product_name": Refused(NO_SMBIOS),
-        "system_version": Refused(NO_SMBIOS),
-        "system_family": Refused(NO_SMBIOS),
-        "system_sku_number": Refused(NO_SMBIOS),
-        "chassis_asset_tag": Refused(NO_SMBIOS),
+        "system_serial_number": Works(_SMBIOS_NOTE),
+        "system_uuid": Works(_SMBIOS_NOTE + " Stored as SMBIOS 2.6+ says (first three fields "
+                             "little-endian): the guest reads the string given."),
+        "oem_strings": Works("SMBIOS type 11 (the guest's /sys/firmware/dmi/entries/11-0)."),
+        "system_manufacturer": Works(_SMBIOS_NOTE + " Default: `Cloud Hypervisor`, as the "
+                                     "reference."),
+        "system_product_name": Works(_SMBIOS_NOTE + " Default: `cloud-hypervisor`, as the "
+                                     "reference."),
+        "system_version": Works(_SMBIOS_NOTE),
+        "system_family": Works(_SMBIOS_NOTE),
+        "system_sku_number": Works(_SMBIOS_NOTE),
+        "chassis_asset_tag": Works("SMBIOS type 3 (chassis), written only when given."),
         "tdx": Refused("pych runs no confidential (TDX) guests", accepts=_one_of(False),
                        accepted="`false`, `null`"),
         "sev_snp": Refused("pych runs no confidential (SEV-SNP) guests",
