@@ -224,9 +224,11 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "pych maps guest RAM from a memfd without reserving swap space for it up front"),
         "zones": WORKS,
         "thp": Works(
-            "`off` is what pych does; `on`, the default, is accepted but not applied: pych "
-            "does not madvise(MADV_HUGEPAGE) guest RAM (whether its memfd gets huge pages "
-            "is the host's shmem_enabled setting)."),
+            "`on` (the default) advises transparent huge pages (MADV_HUGEPAGE) on guest RAM: "
+            "boot RAM, DIMMs and virtio-mem regions, not zones backed by a `file`. pych's RAM "
+            "is a memfd (shmem), so the host's "
+            "/sys/kernel/mm/transparent_hugepage/shmem_enabled decides whether the advice "
+            "gets huge pages (`advise`, `within_size`: yes; `never`: no)."),
     },
     MemoryZoneConfig: {
         "id": WORKS,

@@ -231,3 +231,27 @@ def test_virtio_mem_region_is_mapped_at_boot_after_ram(manager):
 def test_virtio_mem_regions_are_whole_memory_blocks(manager):
     with pytest.raises(ValueError, match="multiple of 128 MiB"):
         manager(hotplug_size=200 * MiB, hotplug_method="VirtioMem")
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds ``address``."""
+    flags, inside = None, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                flags = set(line.split()[1:])
+    assert flags is not None, f"no mapping holds {address:#x}"
+    return flags
+
+
+def test_thp_advises_huge_pages_on_boot_ram_and_dimms_and_off_does_not(manager):
+    on = manager(hotplug_size=1024 * MiB)
+    on.resize(384 * MiB)
+    for region in on.guest_memory.regions:
+        assert "hg" in _vm_flags(region.host_addr), region.name
+    off = manager(thp=False)
+    assert "hg" not in _vm_flags(off.guest_memory.regions[0].host_addr)
