@@ -8,13 +8,13 @@ model reachable from :class:`~pych.config.VmConfig` (the body of ``vm.create``; 
 table and raises :class:`UnsupportedField` (a :class:`~pych.config.ConfigError`: HTTP 400,
 one CLI line) for the first refused field that holds anything but its default::
 
-    disks[0].direct=true is not supported by pych: pych does not open disk images with O_DIRECT
+    cpus.kvm_hyperv=true is not supported by pych: pych offers the guest no Hyper-V enlightenments
 
 :meth:`VmConfig.validate <pych.config.VmConfig.validate>` runs it first, so ``vm.create``,
 every ``vm.add-*`` (which validates the configuration with the device added) and the command
 line refuse such a configuration before anything is built; nothing fails later at boot for a
 field pych does not implement.  The command line words the same refusal in its own terms
-(:meth:`UnsupportedField.cli_message`): ``--disk direct=on is not supported by pych: ...``.
+(:meth:`UnsupportedField.cli_message`): ``--cpus kvm_hyperv=on is not supported by pych: ...``.
 
 Defaults are never refused: clients (Kata Containers, ch-remote, ``vm.info``'s own output sent
 back) write many fields at their default values (``false``, ``0``, ``null``, ``"Off"``).  A
@@ -536,7 +536,7 @@ class UnsupportedField(ConfigError):
         super().__init__(f"{path}={_json(value)} is not supported by pych: {refused.reason}")
 
     def cli_message(self) -> str:
-        """The refusal in the command line's terms: ``--disk direct=on is not supported by
+        """The refusal in the command line's terms: ``--cpus kvm_hyperv=on is not supported by
         pych: ...``."""
         if self.refused.cli is not None:
             subject = self.refused.cli(self.value)
