@@ -41,12 +41,14 @@ class Vm:
     thread when the guest powers off ("poweroff"), resets ("reset") or fails ("error")."""
 
     def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
-                 serial_port=None, vhost_user: VhostUserConnections | None = None):
+                 serial_port=None, vhost_user: VhostUserConnections | None = None,
+                 on_guest_event: Callable[[str], None] | None = None):
         self.config = config
         self.kvm = kvm
         self.on_exit = on_exit
         self.serial_port = serial_port      # host side of --serial, outlives reboots
         self.vhost_user = vhost_user        # vhost-user connections, outlive reboots
+        self.on_guest_event = on_guest_event  # pvpanic's events ("panic"), from a vCPU thread
         self._exit_once = threading.Lock()
         self._exited = False
         self.kvm_vm: KvmVm | None = None        # the KVM VM fd of this boot
@@ -86,7 +88,7 @@ class Vm:
                 ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
                 mmio64=self.mmio64, notify=self.ged.notify,
                 virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
-                vhost_user=self.vhost_user)
+                vhost_user=self.vhost_user, on_guest_event=self.on_guest_event)
             self.devices.create_boot_devices()
             self.memory.add_region_listener(self.devices.memory_region_added,
                                             self.devices.memory_region_removed)

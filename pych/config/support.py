@@ -398,7 +398,10 @@ _VM: dict[str, Entry] = {
     "user_devices": Refused("pych has no vfio-user client", cli=_option("--user-device")),
     "vdpa": Refused("pych has no vDPA devices", cli=_option("--vdpa")),
     "vsock": WORKS,
-    "pvpanic": Refused("pych has no pvpanic device", cli=_option("--pvpanic")),
+    "pvpanic": Works(
+        "The PCI pvpanic device (1b36:0011, id `__pvpanic`, after the other devices); a guest "
+        "panic becomes a log line and `{\"source\":\"guest\",\"event\":\"panic\"}` on "
+        "the event monitor."),
     "iommu": Refused(NO_IOMMU, cli=_option("iommu=on (of a device)")),
     "numa": Refused("pych describes no guest NUMA topology (no SRAT/SLIT)",
                     cli=_option("--numa")),

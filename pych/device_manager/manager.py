@@ -28,6 +28,7 @@ from pych.config import kinds
 from pych.config.kinds import BY_NAME, DEVICE_KINDS, DeviceKind
 from pych.device_manager.factories import (BACKEND_ERRORS, FACTORIES, Factory, FactoryContext,
                                           rate_limit_groups)
+from pych.devices.pvpanic import PvPanicDevice
 from pych.device_manager.hotplug import PciHotplugController, PciHotplugSlots
 from pych.device_manager.tree import DeviceTree
 from pych.devices.acpi import (AcpiNotification, MmioWindow, pci_ecam_reservation_aml,
@@ -85,10 +86,14 @@ class HotPlugged(NamedTuple):
 VFIO = BY_NAME["vfio"]
 
 
+PVPANIC_ID = "__pvpanic"
+
+
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
                  irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
-                 dma_ranges=None, vhost_user: VhostUserConnections | None = None):
+                 dma_ranges=None, vhost_user: VhostUserConnections | None = None,
+                 on_guest_event: Callable[[str], None] | None = None):
         self.config = config
         self.mem = mem
         self.msi = msi
@@ -99,6 +104,8 @@ class DeviceManager:
         self.virtio_mem = list(virtio_mem)  # the memory manager's VirtioMemZones (with devices)
         self.dma_ranges = dma_ranges      # the memory manager's: guest RAM VFIO may map now
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
+        self.on_guest_event = on_guest_event  # pvpanic: "panic", "crash-loaded" (vCPU thread)
+        self.pvpanic: PvPanicDevice | None = None
         self.mmio64 = mmio64
         self.mem64 = AddressAllocator(*mmio64, "mmio64")   # 64-bit BARs and device memory
         self.pci = PciBus(0, mmio_bus=mmio,
@@ -164,6 +171,8 @@ class DeviceManager:
                 for cfg in kind.configs(self.config):
                     if _created_at_boot(kind, cfg):
                         self._add_boot_device(kind, cfg)
+            if self.config.pvpanic:
+                self._add_pvpanic()
         except BaseException:
             for c in unnamed:
                 c.id = None
@@ -184,6 +193,16 @@ class DeviceManager:
             self.balloon = device
         self._place_virtio(dev_id, device, cfg.pci_device_id, kind=kind,
                            use_64bit_bar=factory.boot_64bit_bar)
+
+    def _add_pvpanic(self) -> None:
+        """``--pvpanic``: the PCI pvpanic device after the others, as the reference places
+        it, with the reference's id ``__pvpanic``."""
+        device = PvPanicDevice(self.on_guest_event or (lambda event: None))
+        slot = self.pci.add_device(device)
+        address = bdf(self.pci.segment, slot)
+        self.pvpanic = device
+        self.tree.add_pci(PVPANIC_ID, address)
+        log.info("%s at %s", PVPANIC_ID, address)
 
     def _build(self, factory: Factory, cfg, dev_id: str) -> VirtioDevice:
         """``factory`` applied to ``cfg``, a refused backend reported as

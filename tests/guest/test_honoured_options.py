@@ -52,9 +52,11 @@ def guest(netns, tmp_path_factory):
                       f"path={images['direct']},direct=on",
                       "--net", f"tap=,ip={HOST_IP},mask=255.255.255.0,{BUCKET}",
                       "--platform", f"serial_number={SERIAL},uuid={UUID},"
-                                    f"oem_strings=[{','.join(OEM)}]"])
+                                    f"oem_strings=[{','.join(OEM)}]",
+                      "--pvpanic", "--event-monitor", f"path={d / 'events.jsonl'}"])
     g.args = ["ip", "netns", "exec", netns, *g.args]      # `ip netns exec` execs pych
     g.images = images
+    g.events = d / "events.jsonl"
     try:
         g.start()
         g.wait_ready()
@@ -207,3 +209,18 @@ def test_guest_ram_carries_the_huge_page_advice(guest):
                      re.M | re.S)
     assert ram, "no mapping of the guest's RAM memfd"
     assert all("hg" in flags.split() for flags in ram), ram
+
+
+# --- pvpanic (last: the guest panics, and reboots at once with panic=-1) ----------------------
+def test_a_guest_panic_becomes_an_event_and_a_log_line(guest):
+    rc, out = guest.run("lspci -n | grep -c '1b36:0011'")
+    assert rc == 0 and out.strip() == "1", out
+    guest.console.send("echo c > /proc/sysrq-trigger\n")
+    deadline = time.monotonic() + 120
+    while True:
+        events = [json.loads(line) for line in guest.events.read_text().splitlines()]
+        if any(e["source"] == "guest" and e["event"] == "panic" for e in events):
+            break
+        assert time.monotonic() < deadline, events
+        time.sleep(1)
+    assert "the guest reported a panic through pvpanic" in guest.pych_log()
