@@ -12,7 +12,7 @@ import threading
 from typing import Callable
 
 from pych.acpi import tables as acpi_tables
-from pych.arch.x86_64 import boot, layout, loader
+from pych.arch.x86_64 import boot, layout, loader, smbios
 from pych.arch.x86_64.cpuid import Topology
 from pych.cpu.manager import CpuManager
 from pych.device_manager.manager import DeviceManager
@@ -41,12 +41,14 @@ class Vm:
     thread when the guest powers off ("poweroff"), resets ("reset") or fails ("error")."""
 
     def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
-                 serial_port=None, vhost_user: VhostUserConnections | None = None):
+                 serial_port=None, vhost_user: VhostUserConnections | None = None,
+                 on_guest_event: Callable[[str], None] | None = None):
         self.config = config
         self.kvm = kvm
         self.on_exit = on_exit
         self.serial_port = serial_port      # host side of --serial, outlives reboots
         self.vhost_user = vhost_user        # vhost-user connections, outlive reboots
+        self.on_guest_event = on_guest_event  # pvpanic's events ("panic"), from a vCPU thread
         self._exit_once = threading.Lock()
         self._exited = False
         self.kvm_vm: KvmVm | None = None        # the KVM VM fd of this boot
@@ -86,7 +88,7 @@ class Vm:
                 ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
                 mmio64=self.mmio64, notify=self.ged.notify,
                 virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
-                vhost_user=self.vhost_user)
+                vhost_user=self.vhost_user, on_guest_event=self.on_guest_event)
             self.devices.create_boot_devices()
             self.memory.add_region_listener(self.devices.memory_region_added,
                                             self.devices.memory_region_removed)
@@ -97,7 +99,8 @@ class Vm:
                 boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
                 topology=Topology(topo.threads_per_core, topo.cores_per_die,
                                   topo.dies_per_package, topo.packages) if topo else None,
-                on_exit=self._guest_exit, notify=self.ged.notify)
+                on_exit=self._guest_exit, notify=self.ged.notify,
+                affinity=cfg.cpus.affinity_map())
             kernel = self._load_payload()
             self.cpus.create_boot_vcpus(kernel)
             self.cpus.start()
@@ -140,6 +143,7 @@ class Vm:
             max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id,
             pci_segments=len(self.devices.segments))
         boot.write_boot_info(mem, kernel, payload.cmdline or "", initramfs, rsdp)
+        smbios.write_smbios(mem, smbios.SmbiosStrings.from_platform(self.config.platform))
         if kernel.protocol == "linux64":
             boot.write_identity_page_tables(mem)
             boot.write_gdt(mem, boot.GDT_64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -149,6 +150,33 @@ class CpusConfig(CliModel):
                 raise ConfigError("CPU topology supports at most 2 threads per core")
             if parts[0] * parts[1] * parts[2] * parts[3] != self.max_vcpus:
                 raise ConfigError("Product of CPU topology parts does not match maximum vCPU")
+        self._validate_affinity()
+
+    def _validate_affinity(self) -> None:
+        """Each pinned vCPU exists (below ``max_vcpus``, hot-pluggable ones included) and is
+        pinned once, to host CPUs this process may run on (checked now, so a vCPU thread
+        never fails to pin itself at boot or hot plug)."""
+        allowed = os.sched_getaffinity(0)
+        seen: set[int] = set()
+        for entry in self.affinity or ():
+            if entry.vcpu >= self.max_vcpus:
+                raise ConfigError(
+                    f"cpus.affinity: vCPU {entry.vcpu} does not exist (max_vcpus is "
+                    f"{self.max_vcpus})")
+            if entry.vcpu in seen:
+                raise ConfigError(f"cpus.affinity: vCPU {entry.vcpu} is given twice")
+            seen.add(entry.vcpu)
+            if not entry.host_cpus:
+                raise ConfigError(f"cpus.affinity: vCPU {entry.vcpu} has no host CPUs")
+            outside = sorted(set(entry.host_cpus) - allowed)
+            if outside:
+                raise ConfigError(
+                    f"cpus.affinity: vCPU {entry.vcpu}: host CPU(s) {outside} are not "
+                    f"available to pych (it may run on {sorted(allowed)})")
+
+    def affinity_map(self) -> dict[int, frozenset[int]]:
+        """``affinity`` as vCPU id -> its host CPUs."""
+        return {entry.vcpu: frozenset(entry.host_cpus) for entry in self.affinity or ()}
 
 
 # --------------------------------------------------------------------------
@@ -300,6 +328,31 @@ class PlatformConfig(CliModel):
             raise ConfigError("TDX is not supported")
         if self.sev_snp:
             raise ConfigError("SEV-SNP is not supported")
+        self._validate_smbios()
+
+    def _validate_smbios(self) -> None:
+        """The SMBIOS strings can be written: a UUID pych can parse, strings without NUL
+        (SMBIOS ends a string there) and OEM strings that are not empty (an empty one would
+        end the structure's string set)."""
+        if self.system_uuid is not None:
+            try:
+                uuid.UUID(self.system_uuid)
+            except ValueError:
+                raise ConfigError(
+                    f"platform.system_uuid={self.system_uuid!r} is not a UUID") from None
+        texts = {name: getattr(self, name) for name in (
+            "system_serial_number", "system_manufacturer", "system_product_name",
+            "system_version", "system_family", "system_sku_number", "chassis_asset_tag")}
+        for i, text in enumerate(self.oem_strings or ()):
+            if not text:
+                raise ConfigError(f"platform.oem_strings[{i}] is empty (SMBIOS cannot hold "
+                                  "an empty OEM string)")
+            texts[f"oem_strings[{i}]"] = text
+        for name, text in texts.items():
+            if text is not None and "\0" in text:
+                raise ConfigError(f"platform.{name} holds a NUL character")
+        if len(self.oem_strings or ()) > 255:
+            raise ConfigError("platform.oem_strings: SMBIOS holds at most 255 OEM strings")
 
 
 class NumaDistance(ApiModel):

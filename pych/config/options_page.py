@@ -24,8 +24,8 @@ field silently: a refused field that holds anything but an accepted value (its d
 `vm.add-*` and by the command line before anything is built, with HTTP 400 and one line
 naming the field and the value:
 
-    disks[0].direct=true is not supported by pych: pych does not open disk images with O_DIRECT
-    pych: error: --disk direct=on is not supported by pych: pych does not open disk images with O_DIRECT
+    cpus.kvm_hyperv=true is not supported by pych: pych offers the guest no Hyper-V enlightenments
+    pych: error: --cpus kvm_hyperv=on is not supported by pych: pych offers the guest no Hyper-V enlightenments
 
 Defaults are always accepted, because clients (Kata Containers, ch-remote, `vm.info`'s own
 `config` sent back) write many fields at their default values. Where a default has no effect

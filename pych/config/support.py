@@ -8,13 +8,13 @@ model reachable from :class:`~pych.config.VmConfig` (the body of ``vm.create``; 
 table and raises :class:`UnsupportedField` (a :class:`~pych.config.ConfigError`: HTTP 400,
 one CLI line) for the first refused field that holds anything but its default::
 
-    disks[0].direct=true is not supported by pych: pych does not open disk images with O_DIRECT
+    cpus.kvm_hyperv=true is not supported by pych: pych offers the guest no Hyper-V enlightenments
 
 :meth:`VmConfig.validate <pych.config.VmConfig.validate>` runs it first, so ``vm.create``,
 every ``vm.add-*`` (which validates the configuration with the device added) and the command
 line refuse such a configuration before anything is built; nothing fails later at boot for a
 field pych does not implement.  The command line words the same refusal in its own terms
-(:meth:`UnsupportedField.cli_message`): ``--disk direct=on is not supported by pych: ...``.
+(:meth:`UnsupportedField.cli_message`): ``--cpus kvm_hyperv=on is not supported by pych: ...``.
 
 Defaults are never refused: clients (Kata Containers, ch-remote, ``vm.info``'s own output sent
 back) write many fields at their default values (``false``, ``0``, ``null``, ``"Off"``).  A
@@ -50,10 +50,13 @@ from pych.config.devices import (
     ConsoleConfig,
     DebugConsoleConfig,
     RateLimiterConfig,
+    RateLimitGroupConfig,
     RngConfig,
+    TokenBucket,
     SerialConfig,
 )
 from pych.config.machine import (
+    CpuAffinity,
     CpuFeatures,
     CpusConfig,
     CpuTopology,
@@ -139,10 +142,16 @@ WORKS = Works()
 
 # Reasons shared by several entries.
 NO_IOMMU = "pych has no virtual IOMMU"
-NO_SMBIOS = "pych writes no SMBIOS tables"
-NO_RATE_LIMITER = "pych has no I/O rate limiter"
-LIMITS_NOTHING = ("`null`, or a limiter that limits nothing: each bucket absent, or of size 0 "
-                  "or refill_time 0")
+_SMBIOS_NOTE = ("SMBIOS 3.0 tables at 0xf0000 as the reference's "
+                "(pych/arch/x86_64/smbios.py): type 1, the guest's /sys/class/dmi/id.")
+_LIMITER_NOTE = (
+    "Token buckets as Firecracker's and the reference's (pych/devices/rate_limiter.py): "
+    "bytes (`bandwidth`) and requests (`ops`), each `size` tokens refilled every "
+    "`refill_time` ms, starting full, plus a `one_time_burst`; a held request is retried "
+    "from the device's worker when the tokens are there. A bucket of size 0 or "
+    "refill_time 0 limits nothing.")
+_GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
+               "for the boot.")
 NO_VHOST_USER_BLOCK = "pych has no vhost-user block front end; give path="
 NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
@@ -150,15 +159,6 @@ NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (huget
 
 _FILE_NOTE = "Used in mode `File` only, as in the reference."
 _SOCKET_NOTE = "Used in mode `Socket` only, as in the reference."
-
-
-def _limits_nothing(limiter: Any) -> bool:
-    """A rate limiter the reference would build without any bucket: each bucket absent, or
-    with a size or refill time of 0 (its TokenBucket::new gives none for those)."""
-    if not isinstance(limiter, RateLimiterConfig):
-        return False
-    return all(bucket is None or bucket.size == 0 or bucket.refill_time == 0
-               for bucket in (limiter.bandwidth, limiter.ops))
 
 
 def _pci(**overrides: Entry) -> dict[str, Entry]:
@@ -186,8 +186,10 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "KVM reports it) and cannot narrow it",
             note="The default, 46, is accepted and not applied either: the guest sees the "
             "host's width."),
-        "affinity": Refused(
-            "pych does not pin vCPU threads (pin them from outside: each is named vcpu<N>)"),
+        "affinity": Works(
+            "Each listed vCPU's thread (vcpu<N>) is pinned with sched_setaffinity when it "
+            "starts, at boot and at hot plug; host CPUs pych may not run on are refused at "
+            "the request."),
         "features": WORKS,
         "nested": Refused(
             "pych cannot hide virtualization extensions: the guest sees VMX/SVM whenever "
@@ -200,6 +202,7 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "no vCPU thread gets a core scheduling cookie."),
         "profile": WORKS,
     },
+    CpuAffinity: {"vcpu": WORKS, "host_cpus": WORKS},
     CpuTopology: dict.fromkeys(
         ("threads_per_core", "cores_per_die", "dies_per_package", "packages"), WORKS),
     CpuFeatures: {
@@ -224,9 +227,11 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "pych maps guest RAM from a memfd without reserving swap space for it up front"),
         "zones": WORKS,
         "thp": Works(
-            "`off` is what pych does; `on`, the default, is accepted but not applied: pych "
-            "does not madvise(MADV_HUGEPAGE) guest RAM (whether its memfd gets huge pages "
-            "is the host's shmem_enabled setting)."),
+            "`on` (the default) advises transparent huge pages (MADV_HUGEPAGE) on guest RAM: "
+            "boot RAM, DIMMs and virtio-mem regions, not zones backed by a `file`. pych's RAM "
+            "is a memfd (shmem), so the host's "
+            "/sys/kernel/mm/transparent_hugepage/shmem_enabled decides whether the advice "
+            "gets huge pages (`advise`, `within_size`: yes; `never`: no)."),
     },
     MemoryZoneConfig: {
         "id": WORKS,
@@ -265,15 +270,18 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "the 32- and 64-bit MMIO windows, with hot plug and removal on every segment"),
         "iommu_segments": Refused(NO_IOMMU),
         "iommu_address_width_bits": Refused(NO_IOMMU),
-        "system_serial_number": Refused(NO_SMBIOS),
-        "system_uuid": Refused(NO_SMBIOS),
-        "oem_strings": Refused(NO_SMBIOS),
-        "system_manufacturer": Refused(NO_SMBIOS),
-        "system_product_name": Refused(NO_SMBIOS),
-        "system_version": Refused(NO_SMBIOS),
-        "system_family": Refused(NO_SMBIOS),
-        "system_sku_number": Refused(NO_SMBIOS),
-        "chassis_asset_tag": Refused(NO_SMBIOS),
+        "system_serial_number": Works(_SMBIOS_NOTE),
+        "system_uuid": Works(_SMBIOS_NOTE + " Stored as SMBIOS 2.6+ says (first three fields "
+                             "little-endian): the guest reads the string given."),
+        "oem_strings": Works("SMBIOS type 11 (the guest's /sys/firmware/dmi/entries/11-0)."),
+        "system_manufacturer": Works(_SMBIOS_NOTE + " Default: `Cloud Hypervisor`, as the "
+                                     "reference."),
+        "system_product_name": Works(_SMBIOS_NOTE + " Default: `cloud-hypervisor`, as the "
+                                     "reference."),
+        "system_version": Works(_SMBIOS_NOTE),
+        "system_family": Works(_SMBIOS_NOTE),
+        "system_sku_number": Works(_SMBIOS_NOTE),
+        "chassis_asset_tag": Works("SMBIOS type 3 (chassis), written only when given."),
         "tdx": Refused("pych runs no confidential (TDX) guests", accepts=_one_of(False),
                        accepted="`false`, `null`"),
         "sev_snp": Refused("pych runs no confidential (SEV-SNP) guests",
@@ -298,14 +306,18 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
     DiskConfig: _pci(
         path=WORKS,
         readonly=WORKS,
-        direct=Refused("pych does not open disk images with O_DIRECT"),
+        direct=Works(
+            "The image is opened with O_DIRECT; a filesystem that refuses it (tmpfs before "
+            "Linux 6.6) or "
+            "needs direct I/O units above 512 bytes is refused when the disk is opened "
+            "(boot, vm.add-disk), naming it. Guest buffers that are not 512-byte aligned go "
+            "through a bounce buffer."),
         num_queues=WORKS,
         queue_size=WORKS,
         vhost_user=Refused(NO_VHOST_USER_BLOCK),
         vhost_socket=Refused(NO_VHOST_USER_BLOCK),
-        rate_limit_group=Refused(NO_RATE_LIMITER),
-        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
-                                    accepted=LIMITS_NOTHING),
+        rate_limit_group=Works(_GROUP_NOTE),
+        rate_limiter_config=Works(_LIMITER_NOTE),
         disable_io_uring=Works(
             "A test knob of the reference that picks its I/O engine; pych has one "
             "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
@@ -344,12 +356,16 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         vhost_mode=Refused(NO_VHOST_USER_NET),
         fds=Works("`ip`, `mask` and `host_mac` are not applied to a tap given as an fd "
                   "(as in the reference): a warning is logged."),
-        rate_limiter_config=Refused(NO_RATE_LIMITER, accepts=_limits_nothing,
-                                    accepted=LIMITS_NOTHING),
+        rate_limiter_config=Works(
+            _LIMITER_NOTE + " Receive and transmit each get a limiter of this configuration "
+            "(as in the reference); a received frame is charged once read."),
         offload_tso=WORKS,
         offload_ufo=WORKS,
         offload_csum=WORKS,
     ),
+    RateLimitGroupConfig: {"id": WORKS, "rate_limiter_config": Works(_LIMITER_NOTE)},
+    RateLimiterConfig: {"bandwidth": WORKS, "ops": WORKS},
+    TokenBucket: {"size": WORKS, "one_time_burst": WORKS, "refill_time": WORKS},
     RngConfig: _pci(src=WORKS),
     BalloonConfig: _pci(size=WORKS, deflate_on_oom=WORKS, free_page_reporting=WORKS),
     ConsoleConfig: _pci(file=Works(_FILE_NOTE), mode=WORKS, socket=Works(_SOCKET_NOTE)),
@@ -378,7 +394,7 @@ _VM: dict[str, Entry] = {
     "cpus": WORKS,
     "memory": WORKS,
     "payload": WORKS,
-    "rate_limit_groups": Refused(NO_RATE_LIMITER, cli=_option("--rate-limit-group")),
+    "rate_limit_groups": Works(_GROUP_NOTE),
     "disks": WORKS,
     "net": WORKS,
     "rng": WORKS,
@@ -394,7 +410,10 @@ _VM: dict[str, Entry] = {
     "user_devices": Refused("pych has no vfio-user client", cli=_option("--user-device")),
     "vdpa": Refused("pych has no vDPA devices", cli=_option("--vdpa")),
     "vsock": WORKS,
-    "pvpanic": Refused("pych has no pvpanic device", cli=_option("--pvpanic")),
+    "pvpanic": Works(
+        "The PCI pvpanic device (1b36:0011, id `__pvpanic`, after the other devices); a guest "
+        "panic becomes a log line and `{\"source\":\"guest\",\"event\":\"panic\"}` on "
+        "the event monitor."),
     "iommu": Refused(NO_IOMMU, cli=_option("iommu=on (of a device)")),
     "numa": Refused("pych describes no guest NUMA topology (no SRAT/SLIT)",
                     cli=_option("--numa")),
@@ -415,8 +434,6 @@ CLI_KEYS: Mapping[tuple[type[CliModel], str], Refused] = {
     (MemoryConfig, "file"): Refused(
         "it has no effect (Cloud Hypervisor ignores it too); back guest RAM with a file with "
         "--memory size=0 --memory-zone id=<id>,size=<size>,file=<path>"),
-    **{(model, key): Refused(NO_RATE_LIMITER)
-       for model in (DiskConfig, NetConfig) for key in RATE_LIMITER_KEYS.keys},
 }
 """CLI keys refused as soon as they are given, whatever their value
 (:func:`check_cli_keys`): keys that fill no field (the reference reads ``--memory file=`` and
@@ -533,7 +550,7 @@ class UnsupportedField(ConfigError):
         super().__init__(f"{path}={_json(value)} is not supported by pych: {refused.reason}")
 
     def cli_message(self) -> str:
-        """The refusal in the command line's terms: ``--disk direct=on is not supported by
+        """The refusal in the command line's terms: ``--cpus kvm_hyperv=on is not supported by
         pych: ...``."""
         if self.refused.cli is not None:
             subject = self.refused.cli(self.value)
@@ -593,16 +610,38 @@ def check_cli_keys(model: type[CliModel], text: str) -> None:
     raises :class:`~pych.config.OptionError` ``--disk bw_size=100 is not supported by pych:
     ...``.  ``pych`` and ``pych-remote`` call it on each option before parsing it (the
     models themselves parse as the reference does, dropping those keys)."""
-    if not any(owner is model for owner, _ in CLI_KEYS):
+    limited = RATE_LIMITER_KEYS in _grammar(model).groups
+    if not limited and not any(owner is model for owner, _ in CLI_KEYS):
         return
     with cli_errors(model.CLI_OPTION):
         opts = _grammar(model).parser.parse(text)
+    if limited:
+        _check_buckets(model, opts)
     for (owner, key), refused in CLI_KEYS.items():
         if owner is model and key in opts:
             value = opts.get(key)
             given = key if value is None else f"{key}={value}"
             raise OptionError(f"{model.CLI_OPTION} {given} is not supported by pych: "
                               f"{refused.reason}")
+
+
+def _check_buckets(model: type[CliModel], opts: Any) -> None:
+    """A rate limiter bucket given on the command line needs its size and its refill time:
+    the reference drops a bucket lacking either without a word; pych refuses it."""
+    for prefix in ("bw", "ops"):
+        given = [key for key in RATE_LIMITER_KEYS.keys
+                 if key.startswith(prefix + "_") and key in opts]
+        if not given:
+            continue
+        size, refill = opts.integer(f"{prefix}_size"), opts.integer(f"{prefix}_refill_time")
+        if not (size and refill):
+            key = given[0]
+            value = opts.get(key)
+            subject = key if value is None else f"{key}={value}"
+            raise OptionError(
+                f"{model.CLI_OPTION} {subject} is not supported by pych: a rate limiter "
+                f"bucket needs both {prefix}_size and {prefix}_refill_time above 0 (Cloud "
+                "Hypervisor drops such a bucket without a word)")
 
 
 def _field_path(path: str) -> tuple[type[ApiModel], str]:

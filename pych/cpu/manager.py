@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Callable
 
 from pych.arch.x86_64 import boot, layout
@@ -51,7 +52,8 @@ class CpuManager:
 
     def __init__(self, kvm: Kvm, kvm_vm: Vm, pio: Bus, mmio: Bus, *, boot_vcpus: int,
                  max_vcpus: int, topology: Topology | None, on_exit: Callable[[str, str], None],
-                 notify: Callable[[int], None]):
+                 notify: Callable[[int], None],
+                 affinity: Mapping[int, frozenset[int]] | None = None):
         if not 1 <= boot_vcpus <= max_vcpus:
             raise ValueError(f"boot vCPUs ({boot_vcpus}) must be between 1 and max ({max_vcpus})")
         if max_vcpus > kvm.max_vcpus:
@@ -65,6 +67,7 @@ class CpuManager:
         self.topology = topology or Topology.flat(max_vcpus)
         self.on_exit = on_exit
         self.notify = notify                    # GED notification (AcpiNotification.CPU)
+        self.affinity = dict(affinity or {})    # vCPU id -> host CPUs (boot and hot-added)
         self._supported_cpuid = kvm.supported_cpuid()
         self.vcpus: list[Vcpu] = []             # every vCPU ever created, index == id
         self.threads: dict[int, VcpuThread] = {}
@@ -173,7 +176,8 @@ class CpuManager:
 
     # --- threads -----------------------------------------------------------------------------------
     def _start_thread(self, cpu_id: int) -> None:
-        t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit)
+        t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit,
+                       host_cpus=self.affinity.get(cpu_id))
         with self._lock:
             self.threads[cpu_id] = t
             t.start(paused=self._paused)

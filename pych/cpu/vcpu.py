@@ -10,6 +10,7 @@ it a signal, so ``KVM_RUN`` returns at once with EINTR.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Callable
@@ -38,8 +39,10 @@ class VcpuThread:
     """Runs one vCPU until told to stop. ``on_exit(kind, detail)`` reports guest-initiated
     ends (poweroff, reset, error) from the vCPU thread."""
 
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[str, str], None]):
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: Callable[[str, str], None],
+                 *, host_cpus: frozenset[int] | None = None):
         self.vcpu = vcpu
+        self.host_cpus = host_cpus      # --cpus affinity: the host CPUs this thread may use
         self.pio = pio
         self.mmio = mmio
         self.on_exit = on_exit
@@ -105,6 +108,13 @@ class VcpuThread:
 
     # --- the vCPU thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self.host_cpus is not None:
+            try:
+                os.sched_setaffinity(0, self.host_cpus)    # this thread only
+            except OSError as e:
+                self.on_exit("error", f"vCPU {self.index}: cannot pin to host CPUs "
+                             f"{sorted(self.host_cpus)}: {e.strerror}")
+                return
         try:
             seccomp.apply_vcpu_filter()         # --seccomp: before the first KVM_RUN
         except seccomp.SeccompError as e:

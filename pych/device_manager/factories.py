@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap
 from pych.devices.pci.allocator import AddressAllocator
+from pych.devices.rate_limiter import RateLimiter
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.block import DiskError, VirtioBlock
@@ -44,6 +45,19 @@ class FactoryContext:
     mmio64: AddressAllocator
     memslots: Any = None
     vhost_user: VhostUserConnections | None = None
+    #: ``rate_limit_groups`` by id: one limiter each, shared by the disks that name it.
+    rate_limit_groups: dict[str, RateLimiter] = field(default_factory=dict)
+
+
+def rate_limit_groups(config) -> dict[str, RateLimiter]:
+    """One limiter per ``rate_limit_groups`` entry of the VM configuration ``config``
+    (a boot's disks, boot and hot-added, share them)."""
+    groups = {}
+    for group in config.rate_limit_groups or ():
+        limiter = RateLimiter.from_config(group.rate_limiter_config)
+        if limiter is not None:
+            groups[group.id] = limiter
+    return groups
 
 
 Make = Callable[[Any, str, FactoryContext], VirtioDevice]
@@ -77,9 +91,14 @@ def make_console(console, name: str, ctx: FactoryContext) -> VirtioConsole:
 def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
     if not disk.path:
         raise ValueError("a disk needs a path")
+    if disk.rate_limit_group is not None:
+        limiter = ctx.rate_limit_groups.get(disk.rate_limit_group)
+    else:
+        limiter = RateLimiter.from_config(disk.rate_limiter_config)
     return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
                        num_queues=disk.num_queues, queue_size=disk.queue_size,
-                       image_type=disk.image_type, name=name)
+                       image_type=disk.image_type, name=name, rate_limiter=limiter,
+                       direct=disk.direct)
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
@@ -101,7 +120,9 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
     try:
         device = VirtioNet(tap, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
                            offload_csum=net.offload_csum, offload_tso=net.offload_tso,
-                           offload_ufo=net.offload_ufo, name=name)
+                           offload_ufo=net.offload_ufo, name=name,
+                           rx_rate_limiter=RateLimiter.from_config(net.rate_limiter_config),
+                           tx_rate_limiter=RateLimiter.from_config(net.rate_limiter_config))
     except BaseException:
         tap.close()
         raise

@@ -28,9 +28,11 @@ from pych.arch.x86_64 import layout
 from pych.config import kinds
 from pych.config.kinds import BY_NAME, DEVICE_KINDS, DeviceKind
 from pych.config.machine import aperture_weights
-from pych.device_manager.factories import BACKEND_ERRORS, FACTORIES, Factory, FactoryContext
+from pych.device_manager.factories import (BACKEND_ERRORS, FACTORIES, Factory, FactoryContext,
+                                          rate_limit_groups)
 from pych.device_manager.hotplug import PciHotplugController
 from pych.device_manager.segment import create_segments
+from pych.devices.pvpanic import PvPanicDevice
 from pych.device_manager.tree import DeviceTree
 from pych.devices.acpi import AcpiNotification, pci_ecam_reservation_aml
 from pych.devices.bus import Bus
@@ -88,10 +90,14 @@ class HotPlugged(NamedTuple):
 VFIO = BY_NAME["vfio"]
 
 
+PVPANIC_ID = "__pvpanic"
+
+
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
                  irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
-                 dma_ranges=None, vhost_user: VhostUserConnections | None = None):
+                 dma_ranges=None, vhost_user: VhostUserConnections | None = None,
+                 on_guest_event: Callable[[str], None] | None = None):
         self.config = config
         self.mem = mem
         self.msi = msi
@@ -102,6 +108,8 @@ class DeviceManager:
         self.virtio_mem = list(virtio_mem)  # the memory manager's VirtioMemZones (with devices)
         self.dma_ranges = dma_ranges      # the memory manager's: guest RAM VFIO may map now
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
+        self.on_guest_event = on_guest_event  # pvpanic: "panic", "crash-loaded" (vCPU thread)
+        self.pvpanic: PvPanicDevice | None = None
         self.mmio64 = mmio64
         # Each segment its bus, ECAM window and shares of the MMIO windows (BARs, pmem).
         mmio32_weights, mmio64_weights = aperture_weights(config)
@@ -114,7 +122,8 @@ class DeviceManager:
         self.vfio_devices: dict[str, VfioPciDevice] = {}
         self.vfio_kernel: VfioKernel = HostVfioKernel()    # the ioctl boundary (tests: a fake)
         self._vfio_container: VfioContainer | None = None
-        self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user)
+        groups = rate_limit_groups(config)      # one limiter per group, whatever the segment
+        self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user, groups)
                                   for segment in self.segments]
         self._kinds: dict[str, DeviceKind] = {}     # device id -> its kind (virtio-mem: none)
         self._id_counter = 0
@@ -166,6 +175,8 @@ class DeviceManager:
                 for cfg in kind.configs(self.config):
                     if _created_at_boot(kind, cfg):
                         self._add_boot_device(kind, cfg)
+            if self.config.pvpanic:
+                self._add_pvpanic()
         except BaseException:
             for c in unnamed:
                 c.id = None
@@ -189,6 +200,16 @@ class DeviceManager:
         self._place_virtio(dev_id, device, cfg.pci_device_id, kind=kind,
                            segment=cfg.pci_segment,
                            use_64bit_bar=factory.boot_64bit_bar or cfg.pci_segment > 0)
+
+    def _add_pvpanic(self) -> None:
+        """``--pvpanic``: the PCI pvpanic device after the others, as the reference places
+        it, with the reference's id ``__pvpanic``."""
+        device = PvPanicDevice(self.on_guest_event or (lambda event: None))
+        slot = self.pci.add_device(device)
+        address = bdf(self.pci.segment, slot)
+        self.pvpanic = device
+        self.tree.add_pci(PVPANIC_ID, address)
+        log.info("%s at %s", PVPANIC_ID, address)
 
     def _build(self, factory: Factory, cfg, dev_id: str) -> VirtioDevice:
         """``factory`` applied to ``cfg`` (on its PCI segment: pmem maps into that segment's

@@ -67,7 +67,8 @@ from pych.memory.hotplug import DimmSlot, MemoryHotplugController, memory_hotplu
 from pych.memory.layout import (HOTPLUG_ALIGNMENT, boot_ram_layout, hotplug_region_start,
                                 virtio_mem_layout)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError
-from pych.memory.zones import MemoryZone, VirtioMemZone, prefault, zone_specs
+from pych.memory.zones import (MemoryZone, VirtioMemZone, prefault, transparent_huge_pages,
+                               zone_specs)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class MemoryManager:
                                          shared=zone.shared_mapping)
             zone.regions.append(region)
             region.slot = self.kvm_vm.add_memory(piece.gpa, piece.size, region.host_addr)
+            if zone.spec.thp:
+                transparent_huge_pages(region, zone.spec.option)
             if zone.spec.prefault:
                 prefault(region, zone.spec.option)
         size = self.config.hotplug_size
@@ -172,6 +175,8 @@ class MemoryManager:
             zone = self.zones[zone_id]
             region = self.guest_memory.add_region(gpa, size, name=f"virtio-mem-{zone_id}")
             region.slot = self.kvm_vm.add_memory(gpa, size, region.host_addr)
+            if self.config.thp:
+                transparent_huge_pages(region, "--memory")
             device = VirtioMem(region, requested_size=zone.spec.hotplugged_size or 0,
                                name=zone_id)
             device.add_plug_listener(functools.partial(self._blocks_changed, region, 0),
@@ -246,6 +251,8 @@ class MemoryManager:
         index = self._dimms
         region = self.guest_memory.add_region(gpa, increase, name=f"dimm{index}")
         try:
+            if self.config.thp:
+                transparent_huge_pages(region, "--memory")
             region.slot = self.kvm_vm.add_memory(gpa, increase, region.host_addr)
         except Exception:
             self.guest_memory.remove_region(region)

@@ -6,6 +6,7 @@ under virtio-mem also gets a :class:`VirtioMemZone`.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -31,19 +32,22 @@ class ZoneSpec:
     host_numa_node: int | None = None
     prefault: bool = False
     option: str = "--memory"            # what the user wrote, for error messages
+    thp: bool = True                    # --memory thp: MADV_HUGEPAGE on its RAM
 
 
 def zone_specs(memory) -> list[ZoneSpec]:
     """The zones of the ``MemoryConfig`` ``memory``, in order."""
     if memory.zones:
         return [ZoneSpec(z.id, z.size, z.hotplug_size, z.hotplugged_size, z.file, z.shared,
-                         z.hugepages, z.host_numa_node, z.prefault, f"--memory-zone {z.id}")
+                         z.hugepages, z.host_numa_node, z.prefault, f"--memory-zone {z.id}",
+                         thp=memory.thp and z.file is None)
                 for z in memory.zones]
     virtio_mem = memory.hotplug_method == "VirtioMem"
     return [ZoneSpec(DEFAULT_MEMORY_ZONE, memory.size,
                      memory.hotplug_size if virtio_mem else None,
                      memory.hotplugged_size if virtio_mem else None,
-                     shared=memory.shared, hugepages=memory.hugepages, prefault=memory.prefault)]
+                     shared=memory.shared, hugepages=memory.hugepages, prefault=memory.prefault,
+                     thp=memory.thp)]
 
 
 @dataclass
@@ -113,6 +117,19 @@ def _open_backing_file(what: str, path: str, size: int, shared: bool) -> int:
 
 
 MADV_POPULATE_WRITE = 23        # Linux 5.14; not in Python 3.11's mmap module
+
+
+def transparent_huge_pages(region: MemoryRegion, what: str) -> None:
+    """``thp=on`` (the default): ask for transparent huge pages on ``region``
+    (``MADV_HUGEPAGE``, as the reference does).  pych's RAM is a memfd (shmem), so whether
+    the guest then gets huge pages is the host's ``shmem_enabled`` setting (``advise`` or
+    ``within_size`` honours it; ``never``, a common default, does not); the mapping carries
+    the advice (``hg`` in ``/proc/<pid>/smaps``) either way."""
+    try:
+        region.mmap.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot ask for transparent huge pages (thp=on): "
+                         f"{e.strerror}") from None
 
 
 def prefault(region: MemoryRegion, what: str) -> None:

@@ -131,13 +131,21 @@ class Vmm(ControlLoop, RequestHandler):
         vm_box: list[Vm] = []
         vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
                 vhost_user=self._vhost_user,
-                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
+                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
+                on_guest_event=self._on_guest_event)
         vm_box.append(vm)
         self.events.emit("vm", "booting")
         vm.boot()
         self.vm = vm
         self._become(VmState.Running)
         self.events.emit("vm", "booted")
+
+    def _on_guest_event(self, event: str) -> None:
+        """pvpanic (a vCPU thread): the guest reported ``event`` ("panic", "crash-loaded");
+        a log line and ``{"source": "guest", "event": ...}`` on the event monitor, as the
+        reference emits them."""
+        log.error("the guest reported a %s through pvpanic", event)
+        self.events.emit("guest", event)
 
     def _stop_vm(self, *, keep_connections: bool = False) -> None:
         """Tear the VM down; ``keep_connections`` (a reboot): vhost-user devices park their

@@ -10,16 +10,19 @@ fails every write with ``VIRTIO_BLK_S_IOERR``.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import time
 from collections.abc import Callable
 
 from pych.devices.disk_format import UNKNOWN, check_image
+from pych.devices.rate_limiter import RateLimiter
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import ChainReader, ChainWriter, DescriptorChain
@@ -77,23 +80,59 @@ class DiskLockError(DiskError):
 
 
 class DiskImage:
-    """An open raw image (regular file or block device) holding an OFD lock."""
+    """An open raw image (regular file or block device) holding an OFD lock.
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, lock: bool = True) -> None:
+    ``direct`` (``direct=on``) opens it with ``O_DIRECT``: the host's page cache is
+    bypassed, so every transfer must be aligned (offset, length and memory) to 512 bytes.
+    Guest requests always have sector-aligned offsets and lengths; a request whose guest
+    buffers are not 512-byte aligned in memory goes through an aligned bounce buffer.  A
+    filesystem that refuses ``O_DIRECT`` (tmpfs) or needs larger units is refused at open,
+    with the reason.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, lock: bool = True,
+                 direct: bool = False) -> None:
         self.path = os.fspath(path)
         self.readonly = readonly
+        self.direct = direct
+        self._bounce: mmap.mmap | None = None
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
         try:
             self.fd = os.open(self.path, flags)
         except OSError as e:
+            if direct and e.errno == errno.EINVAL:
+                raise DiskError(
+                    f"cannot open disk image {self.path} with O_DIRECT (direct=on): its "
+                    "filesystem does not support direct I/O (tmpfs before Linux 6.6 does not); "
+                    "use direct=off"
+                ) from e
             raise DiskError(f"cannot open disk image {self.path}: {e.strerror}") from e
         try:
             self.size = os.lseek(self.fd, 0, os.SEEK_END)      # works for block devices too
+            if direct:
+                self._probe_direct()
             if lock:
                 self._lock(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK)
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _probe_direct(self) -> None:
+        """One aligned 512-byte read: the file takes direct I/O in sectors."""
+        if self.size < SECTOR_SIZE:
+            return
+        buf = mmap.mmap(-1, mmap.PAGESIZE)
+        try:
+            os.preadv(self.fd, [memoryview(buf)[:SECTOR_SIZE]], 0)
+        except OSError as e:
+            raise DiskError(
+                f"disk image {self.path} opened with O_DIRECT (direct=on) refuses a "
+                f"512-byte aligned read ({e.strerror}): its device needs larger direct I/O "
+                "units than the guest's sectors; use direct=off") from e
+        finally:
+            buf.close()
 
     def _lock(self, lock_type: int) -> None:
         request = _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)   # whole file, l_pid must be 0
@@ -127,9 +166,23 @@ class DiskImage:
                                 e.strerror)
             os.close(self.fd)                 # also releases the OFD lock
             self.fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` from ``offset``; bytes past the end of the image read as zero."""
+        if self.direct and not _aligned(views):
+            bounce = self._bounce_buffer(sum(len(v) for v in views))
+            self._read_views([bounce], offset)
+            done = 0
+            for view in views:
+                view[:] = bounce[done:done + len(view)]
+                done += len(view)
+            return
+        self._read_views(views, offset)
+
+    def _read_views(self, views: list[memoryview], offset: int) -> None:
         while views:
             n = os.preadv(self.fd, views[:_IOV_MAX], offset)
             if n == 0:
@@ -140,6 +193,13 @@ class DiskImage:
             views = _advance(views, n)
 
     def write_from(self, views: list[memoryview], offset: int) -> None:
+        if self.direct and not _aligned(views):
+            bounce = self._bounce_buffer(sum(len(v) for v in views))
+            done = 0
+            for view in views:
+                bounce[done:done + len(view)] = view
+                done += len(view)
+            views = [bounce]
         while views:
             n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
             if n == 0:
@@ -149,6 +209,29 @@ class DiskImage:
 
     def flush(self) -> None:
         os.fsync(self.fd)
+
+    def _bounce_buffer(self, length: int) -> memoryview:
+        """A page-aligned buffer of ``length`` bytes (kept and grown; one worker uses it)."""
+        if self._bounce is None or len(self._bounce) < length:
+            if self._bounce is not None:
+                self._bounce.close()
+            self._bounce = mmap.mmap(-1, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
+        return memoryview(self._bounce)[:length]
+
+
+def _aligned(views: list[memoryview]) -> bool:
+    """Whether every view starts and ends on a 512-byte boundary in host memory (what
+    ``O_DIRECT`` asks of the buffers)."""
+    for view in views:
+        if len(view) % SECTOR_SIZE:
+            return False
+        try:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        except TypeError:                       # a read-only view: check through a copy
+            return False
+        if address % SECTOR_SIZE:
+            return False
+    return True
 
 
 class _OpStats:
@@ -187,6 +270,20 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
+def _data_length(chain: DescriptorChain) -> int:
+    """The bytes a request moves (what the bandwidth bucket counts): a read's
+    device-writable data, a write's readable data; 0 for the other requests."""
+    header = chain.reader().read(_REQUEST_HEADER.size)
+    if len(header) < _REQUEST_HEADER.size:
+        return 0
+    request = _REQUEST_HEADER.unpack(header)[0]
+    if request == RequestType.IN:
+        return max(0, chain.writable_len - 1)
+    if request == RequestType.OUT:
+        return max(0, chain.readable_len - _REQUEST_HEADER.size)
+    return 0
+
+
 def default_serial(path: str) -> bytes:
     """The reference's default GET_ID answer: st_dev, st_rdev and st_ino in decimal."""
     try:
@@ -203,7 +300,8 @@ class VirtioBlock(VirtioDevice):
                  serial: str | bytes | None = None, num_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, logical_block_size: int = SECTOR_SIZE,
                  size_max: int | None = None, seg_max: int | None = None, lock: bool = True,
-                 image_type: str = UNKNOWN, name: str = "disk") -> None:
+                 image_type: str = UNKNOWN, name: str = "disk",
+                 rate_limiter: RateLimiter | None = None, direct: bool = False) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be 1..65535, not {num_queues}")
         if logical_block_size < SECTOR_SIZE or logical_block_size & (logical_block_size - 1):
@@ -212,7 +310,7 @@ class VirtioBlock(VirtioDevice):
             check_image(path, image_type)      # before anything opens it for writing
         except OSError as e:
             raise DiskError(f"cannot open disk image {os.fspath(path)}: {e.strerror}") from e
-        self.image = DiskImage(path, readonly=readonly, lock=lock)
+        self.image = DiskImage(path, readonly=readonly, lock=lock, direct=direct)
         self.readonly = readonly
         self.logical_block_size = logical_block_size
         self.size_max = size_max
@@ -233,6 +331,8 @@ class VirtioBlock(VirtioDevice):
         self.io_errors = 0
         self.malformed_requests = 0
         self.stats = {"read": _OpStats(), "write": _OpStats()}
+        self.rate_limiter = rate_limiter          # None: no check per request at all
+        self._held: dict[int, DescriptorChain] = {}   # queue -> a request waiting for tokens
 
     @property
     def capacity(self) -> int:
@@ -259,6 +359,42 @@ class VirtioBlock(VirtioDevice):
         for what, stats in self.stats.items():
             out.update(stats.counters(what))
         return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._held.clear()
+
+    # --- rate limiting ------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        if self.rate_limiter is None:
+            super().process_queue(index)
+        elif index not in self._held:          # a held queue waits for its wake-up, not kicks
+            self._process_limited(index)
+
+    def _process_limited(self, index: int) -> None:
+        """:meth:`process_queue` through the rate limiter: a request the limiter holds back
+        is kept, the queue is left with notifications off, and the worker retries it when
+        the limiter says the tokens are there (:meth:`woken`)."""
+        queue = self.queues[index].queue
+        limiter = self.rate_limiter
+        while True:
+            queue.disable_notification()
+            while (chain := self._held.pop(index, None) or queue.pop()) is not None:
+                wait = limiter.consume(_data_length(chain), 1)
+                if wait:
+                    self._held[index] = chain
+                    self.wake_after(wait)
+                    self.signal_used(index)
+                    return
+                queue.add_used(chain.head, self.handle_chain(index, chain))
+            if not queue.enable_notification():
+                break
+        self.signal_used(index)
+
+    def woken(self) -> None:
+        for index in list(self._held):
+            if index in self.queues:
+                self._process_limited(index)
 
     # --- requests ---------------------------------------------------------------------------
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:

@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple, Protocol
 
@@ -116,6 +117,7 @@ class VirtioDevice:
         self._lifecycle = threading.Lock()
         self._worker: threading.Thread | None = None
         self._stop_fd = -1
+        self._wake_at: float | None = None      # worker thread only: see wake_after
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -190,6 +192,7 @@ class VirtioDevice:
                 self.queues = {}
                 self.mem = None
                 self.interrupt = None
+            self._wake_at = None
             self.acked_features = 0
 
     def shutdown(self) -> None:
@@ -220,6 +223,17 @@ class VirtioDevice:
         """Extra (fd, handler) pairs the worker polls besides the queue kicks; each handler
         runs on the worker thread when its fd is readable and must consume the event."""
         return []
+
+    def wake_after(self, seconds: float) -> None:
+        """Worker thread only: call :meth:`woken` once ``seconds`` have passed (or sooner,
+        if an earlier wake-up is already due).  A rate-limited device uses it to retry a
+        request its limiter held back: the worker sleeps in ``poll()`` until then."""
+        at = time.monotonic() + seconds
+        if self._wake_at is None or at < self._wake_at:
+            self._wake_at = at
+
+    def woken(self) -> None:
+        """The time asked for with :meth:`wake_after` has come (on the worker thread)."""
 
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         """Serve one request from queue ``index``; return the bytes written to its
@@ -254,15 +268,22 @@ class VirtioDevice:
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         while True:
-            for fd, _ in poller.poll():
-                if fd == stop_fd:
-                    return
-                try:
+            timeout = None
+            if self._wake_at is not None:          # only ever set by a rate-limited device
+                timeout = max(0.0, (self._wake_at - time.monotonic()) * 1000.0)
+            events = poller.poll(timeout)
+            try:
+                for fd, _ in events:
+                    if fd == stop_fd:
+                        return
                     handlers[fd]()
-                except Exception:
-                    log.exception("%s: device error; stopping until the driver resets it", self.name)
-                    self.interrupt.needs_reset()
-                    return
+                if self._wake_at is not None and time.monotonic() >= self._wake_at:
+                    self._wake_at = None
+                    self.woken()
+            except Exception:
+                log.exception("%s: device error; stopping until the driver resets it", self.name)
+                self.interrupt.needs_reset()
+                return
 
     def _kicked(self, fd: int, index: int) -> None:
         drain_eventfd(fd)

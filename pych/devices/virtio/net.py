@@ -25,6 +25,7 @@ import select
 import struct
 from collections.abc import Callable
 
+from pych.devices.rate_limiter import RateLimiter
 from pych.devices.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                                   VNET_HDR_SIZE, Tap, TapError)
 from pych.guest_log import GuestLog
@@ -112,7 +113,9 @@ class VirtioNet(VirtioDevice):
 
     def __init__(self, tap: Tap, *, mac: bytes, mtu: int | None = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, offload_csum: bool = True,
-                 offload_tso: bool = True, offload_ufo: bool = True, name: str = "net") -> None:
+                 offload_tso: bool = True, offload_ufo: bool = True, name: str = "net",
+                 rx_rate_limiter: RateLimiter | None = None,
+                 tx_rate_limiter: RateLimiter | None = None) -> None:
         if len(mac) != 6:
             raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
         super().__init__(name=name, queue_sizes=[queue_size, queue_size],
@@ -129,6 +132,12 @@ class VirtioNet(VirtioDevice):
         self._tap_events = select.epoll(1)
         self._tap_events.register(tap.fd, select.EPOLLIN)
         self._tap_polled = True
+        # Rate limiting (None: no check per frame at all). Receive learns a frame's size
+        # only once it has read it, so it waits while the limiter is empty and charges after.
+        self.rx_rate_limiter = rx_rate_limiter
+        self.tx_rate_limiter = tx_rate_limiter
+        self._rx_throttled = False
+        self._tx_held: DescriptorChain | None = None
 
     # --- config space -------------------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -150,6 +159,8 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._rx_chain = None
+        self._rx_throttled = False
+        self._tx_held = None
         self._poll_tap(True)
 
     def close_backend(self) -> None:
@@ -162,10 +173,43 @@ class VirtioNet(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         if index == RECEIVEQ:                  # new receive buffers: frames may flow again
+            if not self._rx_throttled:
+                self._poll_tap(True)
+                self._receive()
+        elif self.tx_rate_limiter is None:
+            super().process_queue(index)
+        elif self._tx_held is None:            # a held frame waits for its wake-up
+            self._transmit_limited()
+
+    def woken(self) -> None:
+        if self._rx_throttled:
+            self._rx_throttled = False
             self._poll_tap(True)
             self._receive()
-        else:
-            super().process_queue(index)
+        if self._tx_held is not None:
+            self._transmit_limited()
+
+    def _transmit_limited(self) -> None:
+        """Transmit through the rate limiter: a frame it holds back is kept and retried
+        when the tokens are there, with the queue's notifications off meanwhile."""
+        if TRANSMITQ not in self.queues:
+            return
+        queue = self.queues[TRANSMITQ].queue
+        limiter = self.tx_rate_limiter
+        while True:
+            queue.disable_notification()
+            while (chain := self._tx_held or queue.pop()) is not None:
+                self._tx_held = None
+                wait = limiter.consume(max(0, chain.readable_len - VNET_HDR_SIZE), 1)
+                if wait:
+                    self._tx_held = chain
+                    self.wake_after(wait)
+                    self.signal_used(TRANSMITQ)
+                    return
+                queue.add_used(chain.head, self.handle_chain(TRANSMITQ, chain))
+            if not queue.enable_notification():
+                break
+        self.signal_used(TRANSMITQ)
 
     def counters(self) -> dict[str, int]:
         """The reference's net counters."""
@@ -193,7 +237,13 @@ class VirtioNet(VirtioDevice):
             return
         queue = active.queue
         filled = 0
+        limiter = self.rx_rate_limiter
         while True:
+            if limiter is not None and (wait := limiter.blocked()):
+                self._rx_throttled = True      # frames wait in the tap until woken
+                self._poll_tap(False)
+                self.wake_after(wait)
+                break
             chain = self._rx_chain or self._next_rx_chain()
             if chain is None:
                 self._poll_tap(False)          # until the driver kicks with new buffers
@@ -216,6 +266,8 @@ class VirtioNet(VirtioDevice):
                 filled += 1
                 continue
             self._rx_chain = None
+            if limiter is not None:
+                limiter.charge(max(0, n - VNET_HDR_SIZE), 1)
             queue.add_used(chain.head, n)
             self.rx_frames += 1
             self.rx_bytes += max(0, n - VNET_HDR_SIZE)

@@ -242,6 +242,8 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DiskConfig", "num_queues"): (2, {}),
     ("DiskConfig", "pci_device_id"): (5, {}),
     ("DiskConfig", "rate_limiter_config"): ({"bandwidth": BUCKET}, {}),
+    ("DiskConfig", "rate_limit_group"): ("g", {}),
+    ("PlatformConfig", "system_uuid"): ("4a3f8d6e-94d1-4c6b-8d2e-6f1f2a0b9c11", {}),
     ("NetConfig", "ip"): ("192.168.1.1", {"mask": "255.255.255.0"}),
     ("NetConfig", "mask"): ("255.255.255.0", {"ip": "192.168.1.1"}),
     ("NetConfig", "mac"): ("12:34:56:78:9a:bc", {}),
@@ -270,6 +272,11 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DebugConsoleConfig", "iobase"): (0x3F8, {}),
     ("PciSegmentConfig", "pci_segment"): (1, {}),
     ("PlatformConfig", "num_pci_segments"): (17, {}),       # 1 to 16 work
+}
+
+# What else the vm.create body needs for a value (a field naming something elsewhere).
+VM_EXTRA: dict[tuple[str, str], dict[str, Any]] = {
+    ("DiskConfig", "rate_limit_group"): {"rate_limit_groups": [MINIMAL["RateLimitGroupConfig"]]},
 }
 
 
@@ -336,6 +343,7 @@ def test_each_field_works_or_is_refused_at_vm_create(name, field, monkeypatch):
     if (name, field) not in VALUES:
         value = _schema_value(schema, default)
     path, base = PLACES[name]
+    base = {**base, **VM_EXTRA.get((name, field), {})}
     instance = {**MINIMAL.get(name, {}), **extra, field: value}
     body = (_in(path, instance, **base) if path
             else json.loads(json.dumps({**BASE, **instance})))
@@ -441,10 +449,12 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
     vmm = fake_vmm(monkeypatch)
     try:
         status, answer = _request(vmm, "vm.create", {**BASE, "disks": [
-            {"path": "/a"}, {"path": "/b", "direct": True}]})
+            {"path": "/a"}, {"path": "/b", "queue_affinity": [{"queue_index": 0,
+                                                               "host_cpus": [0]}]}]})
         assert status == 400
-        assert answer == ["Error from API", "disks[1].direct=true is not supported by pych: "
-                          "pych does not open disk images with O_DIRECT"]
+        assert answer == ["Error from API", 'disks[1].queue_affinity[0]={"queue_index":0,'
+                          '"host_cpus":[0]} is not supported by pych: pych does not pin a '
+                          "disk's queues to host CPUs"]
         assert vmm.config is None
         assert _request(vmm, "vm.create", BASE)[0] == 204
         status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "iommu": True})
@@ -599,8 +609,9 @@ _cli("--platform", {"num_pci_segments": "num_pci_segments=17",      # 1 to 16 wo
                     "iommu_segments": "iommu_segments=[0]",
                     "iommu_address_width": "iommu_address_width=48",
                     "system_serial_number": "system_serial_number=S",
-                    "serial_number": "serial_number=S", "system_uuid": "system_uuid=U",
-                    "uuid": "uuid=U", "oem_strings": "oem_strings=[a]",
+                    "serial_number": "serial_number=S",
+                    "system_uuid": "system_uuid=4a3f8d6e-94d1-4c6b-8d2e-6f1f2a0b9c11",
+                    "uuid": "uuid=4a3f8d6e-94d1-4c6b-8d2e-6f1f2a0b9c11", "oem_strings": "oem_strings=[a]",
                     "system_manufacturer": "system_manufacturer=M",
                     "system_product_name": "system_product_name=P",
                     "system_version": "system_version=V", "system_family": "system_family=F",
@@ -615,6 +626,9 @@ _cli("--rate-limit-group", {key: f"id=g,bw_size=1,bw_refill_time=1,{key}=5"
 _cli("--rtc", {**_PCI})
 _cli("--tpm", {"socket": "socket=/t"})
 _cli("--landlock-rules", {"path": "path=/,access=r", "access": "path=/,access=rw"})
+
+CLI_CASES["--disk", "rate_limit_group"] = (
+    "path=/d,rate_limit_group=g", ["--rate-limit-group", "id=g,bw_size=1,bw_refill_time=1"])
 
 CLI_MODELS = {option: support._field_path(path) for option, path in support.CLI_OPTIONS.items()}
 
@@ -697,9 +711,12 @@ def test_each_cli_key_works_or_is_refused_on_one_line(option, key, kernel):
 def test_refused_cli_keys_are_one_line_from_main(kernel, capsys, monkeypatch):
     monkeypatch.setattr("pych.cli.main.sys.argv", ["pych"])
     for argv, line in (
-        (["--disk", "path=/d,direct=on"],
-         "pych: error: --disk direct=on is not supported by pych: pych does not open disk "
-         "images with O_DIRECT"),
+        (["--disk", "path=/d,queue_affinity=[0@[0]]"],
+         "pych: error: --disk queue_affinity is not supported by pych: pych does not pin a "
+         "disk's queues"),
+        (["--net", "tap=,bw_size=1000"],
+         "pych: error: --net bw_size=1000 is not supported by pych: a rate limiter bucket "
+         "needs both bw_size and bw_refill_time above 0"),
         (["--memory", "size=1G,file=/dev/shm/x"],
          "pych: error: --memory file=/dev/shm/x is not supported by pych: it has no effect"),
         (["--tpm", "socket=/t"],

@@ -65,8 +65,9 @@ class FakeKvm:
 class FakeThread:
     """Stands in for VcpuThread: records start/stop/pause."""
 
-    def __init__(self, vcpu, pio, mmio, on_exit):
+    def __init__(self, vcpu, pio, mmio, on_exit, *, host_cpus=None):
         self.vcpu, self.index = vcpu, vcpu.index
+        self.host_cpus = host_cpus
         self.thread = None
         self.paused = self.stopped = False
 
@@ -112,6 +113,18 @@ def test_resize_up_creates_and_starts_vcpus_marks_them_inserting_and_notifies(ma
     assert [s.value for s in m.states()] == ["present", "present", "inserting", "inserting"]
     assert notified == [AcpiNotification.CPU]
     assert m.requested_vcpus == 4
+
+
+def test_affinity_goes_to_boot_and_hot_added_vcpu_threads_only_for_pinned_vcpus(monkeypatch):
+    monkeypatch.setattr(cpu_manager, "VcpuThread", FakeThread)
+    m = CpuManager(FakeKvm(), FakeVm(), Bus("pio"), Bus("mmio"), boot_vcpus=1, max_vcpus=3,
+                   topology=None, on_exit=lambda kind, detail: None, notify=lambda n: None,
+                   affinity={0: frozenset({0, 1}), 2: frozenset({1})})
+    m._create_vcpu(0)
+    m.start()
+    m.resize(3)
+    assert {cpu: t.host_cpus for cpu, t in m.threads.items()} == {
+        0: frozenset({0, 1}), 1: None, 2: frozenset({1})}
 
 
 def test_same_count_is_a_no_op_and_counts_outside_1_to_max_are_refused(manager):

@@ -278,3 +278,28 @@ def test_counters_are_each_counting_devices_by_id(image):
         assert counters["_disk0"]["read_ops"] == 0 and counters["_disk0"]["write_bytes"] == 0
     finally:
         m.close()
+
+
+def test_pvpanic_is_placed_after_the_devices_and_reports_to_the_vm():
+    from pych.devices.pvpanic import PVPANIC_PANICKED, PvPanicDevice
+
+    config = vm_config()
+    config.pvpanic = True
+    m = DeviceManagerMachine(config)
+    try:
+        device = m.dm.pvpanic
+        assert isinstance(device, PvPanicDevice) and "__pvpanic" in m.dm.tree
+        slots = {m.dm.pci.slot_of(d) for d in m.dm.devices.values()}
+        assert m.dm.pci.slot_of(device) > max(slots)
+        assert device.config.bar_address(0)                 # placed in the 32-bit window
+        events = []
+        device.on_event = events.append
+        device.bar_write(0, 0, 1, PVPANIC_PANICKED)
+        assert events == ["panic"]
+    finally:
+        m.close()
+    without = DeviceManagerMachine(vm_config())
+    try:
+        assert without.dm.pvpanic is None
+    finally:
+        without.close()

@@ -244,3 +244,26 @@ def test_dimm_slots_are_described_only_with_acpi_memory_hot_plug(manager):
     aml = manager(hotplug_size=1024 * MiB).to_aml()
     assert {m.group() for m in dimm.finditer(aml)} == {f"M{i:03d}".encode()
                                                        for i in range(HOTPLUG_SLOTS)}
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds ``address``."""
+    flags, inside = None, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                flags = set(line.split()[1:])
+    assert flags is not None, f"no mapping holds {address:#x}"
+    return flags
+
+
+def test_thp_advises_huge_pages_on_boot_ram_and_dimms_and_off_does_not(manager):
+    on = manager(hotplug_size=1024 * MiB)
+    on.resize(384 * MiB)
+    for region in on.guest_memory.regions:
+        assert "hg" in _vm_flags(region.host_addr), region.name
+    off = manager(thp=False)
+    assert "hg" not in _vm_flags(off.guest_memory.regions[0].host_addr)

@@ -81,8 +81,10 @@ class FakeVm:
 
     made: list[FakeVm] = []
 
-    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None):
+    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
+                 on_guest_event=None):
         self.config, self.on_exit = config, on_exit
+        self.on_guest_event = on_guest_event
         self.calls = []
         self.cpus = SimpleNamespace(states=lambda: [], check_resize=lambda desired: True)
         self.memory = FakeMemory()

@@ -226,3 +226,66 @@ def test_a_failed_flush_is_an_io_error_for_the_guest(image, monkeypatch):
         assert submit(h, RequestType.FLUSH)[2] == BlockStatus.IOERR
         monkeypatch.undo()
         assert submit(h, RequestType.FLUSH)[2] == BlockStatus.OK     # the device goes on
+
+def test_a_rate_limited_disk_holds_requests_until_the_bucket_refills(image):
+    """1024 bytes per 200 ms: three 1 KiB reads take two refills; the worker sleeps in
+    between (its CPU time stays small) and completes them in order."""
+    import time
+
+    from pych.devices.rate_limiter import RateLimiter, TokenBucket
+
+    path, data = image
+    limiter = RateLimiter(TokenBucket(1024, 200))
+    with DeviceHarness(VirtioBlock(path, rate_limiter=limiter)) as h:
+        mq = h.queue(0)
+        heads = [mq.add_chain([header(RequestType.IN, 2 * i)], [1024, 1]) for i in range(3)]
+        start, cpu = time.monotonic(), time.thread_time()
+        h.kick(0)
+        first = h.wait_used(0, 1)
+        assert time.monotonic() - start < 0.15
+        rest = h.wait_used(0, 2)
+        elapsed = time.monotonic() - start
+        assert [u.id for u in first + rest] == heads
+        assert 0.38 <= elapsed < 2.0, elapsed
+        assert h.device.stats["read"].bytes == 3 * 1024
+
+
+def test_direct_disk_is_opened_o_direct_and_serves_unaligned_guest_buffers(image):
+    import fcntl
+
+    path, data = image
+    disk = VirtioBlock(path, direct=True)
+    assert fcntl.fcntl(disk.image.fd, fcntl.F_GETFL) & os.O_DIRECT
+    with DeviceHarness(disk) as h:
+        mq = h.queue(0)
+        mq.alloc(8)                                      # the next buffers are not aligned
+        used, got, status = submit(h, RequestType.IN, sector=1, read_sizes=[512, 1024])
+        assert status == BlockStatus.OK and got == data[512:2048]
+        mq.alloc(8)
+        used, _, status = submit(h, RequestType.OUT, sector=8, data=[b"Z" * 1024])
+        assert status == BlockStatus.OK
+    assert path.read_bytes()[4096:5120] == b"Z" * 1024
+
+
+def test_direct_disk_on_a_filesystem_refusing_o_direct_is_refused_with_the_reason(
+        image, monkeypatch):
+    """open(O_DIRECT) fails with EINVAL where the filesystem has no direct I/O (tmpfs before
+    Linux 6.6; this host's tmpfs has it, so the refusal is simulated at the system call)."""
+    import errno
+
+    from pych.devices.virtio import block
+    from pych.devices.virtio.block import DiskError
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(block.os, "open", no_direct)
+    path, _ = image
+    with pytest.raises(DiskError, match=r"with O_DIRECT \(direct=on\): its filesystem "
+                                        r"does not support direct I/O"):
+        VirtioBlock(path, direct=True)
+    VirtioBlock(path).shutdown()                         # without direct=on it opens

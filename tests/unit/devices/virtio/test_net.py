@@ -154,3 +154,40 @@ def test_a_receive_chain_shorter_than_the_header_is_returned_empty(tap):
         assert h.wait_used(RECEIVEQ, 2) == [(short, 0), (good, len(HEADER) + 5)]
         assert mq.read_writable(buf)[:len(HEADER) + 5] == HEADER + b"frame"
         assert (h.device.rx_unusable, h.device.rx_frames) == (1, 1)
+
+def test_rate_limited_transmit_holds_frames_until_the_bucket_refills(tap):
+    import time
+
+    from pych.devices.rate_limiter import RateLimiter, TokenBucket
+
+    limiter = RateLimiter(TokenBucket(1000, 200))                 # 1000 bytes per 200 ms
+    with DeviceHarness(VirtioNet(tap, mac=MAC, tx_rate_limiter=limiter)) as h:
+        frame = b"\xff" * 6 + MAC + b"\x08\x00" + b"x" * 586        # 600 bytes
+        heads = [h.queue(TRANSMITQ).add_chain([HEADER, frame]) for _ in range(3)]
+        start = time.monotonic()
+        h.kick(TRANSMITQ)
+        used = h.wait_used(TRANSMITQ, 3)
+        elapsed = time.monotonic() - start
+        assert [u.id for u in used] == heads
+        assert 0.15 <= elapsed < 2.0, elapsed          # 1800 bytes: one refill's wait
+        assert [tap.host.recv(4096) for _ in heads] == [HEADER + frame] * 3
+
+
+def test_rate_limited_receive_waits_in_the_tap_and_resumes(tap):
+    import time
+
+    from pych.devices.rate_limiter import RateLimiter, TokenBucket
+
+    limiter = RateLimiter(TokenBucket(1000, 200))
+    with DeviceHarness(VirtioNet(tap, mac=MAC, rx_rate_limiter=limiter)) as h:
+        mq = h.queue(RECEIVEQ)
+        heads = [mq.add_chain(writable=[1526]) for _ in range(3)]
+        h.kick(RECEIVEQ)
+        start = time.monotonic()
+        for _ in heads:
+            tap.host.send(HEADER + b"y" * 700)
+        used = h.wait_used(RECEIVEQ, 3)
+        elapsed = time.monotonic() - start
+        assert [u.id for u in used] == heads
+        # charged once read: 1000 -> 300 -> -400 (debt), then 400 bytes at 5000/s
+        assert 0.07 <= elapsed < 2.0, elapsed
