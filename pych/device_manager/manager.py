@@ -41,7 +41,7 @@ from pych.devices.vfio import (HostVfioKernel, VfioContainer, VfioError, VfioKer
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.device import VirtioDevice
-from pych.devices.virtio.fs import VirtioFs
+from pych.devices.virtio.vhost_user_device import VhostUserDevice
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.memory.guest_memory import GuestMemory
 
@@ -341,16 +341,16 @@ class DeviceManager:
     def _park_vhost_user(self) -> None:
         with self._lock:
             kept = [(dev_id, d.device) for dev_id, d in self.devices.items()
-                    if isinstance(d.device, VirtioFs) and dev_id not in self._pending_removal]
+                    if isinstance(d.device, VhostUserDevice) and dev_id not in self._pending_removal]
         for dev_id, device in kept:
             try:
                 self.vhost_user.park(dev_id, device.socket_path, device.detach_backend())
             except Exception:  # noqa: BLE001 - the device then hangs up with the rest
                 log.exception("%s: cannot keep its vhost-user connection", dev_id)
 
-    def _vhost_user_devices(self) -> list[VirtioFs]:
+    def _vhost_user_devices(self) -> list[VhostUserDevice]:
         with self._lock:
-            return [d.device for d in self.devices.values() if isinstance(d.device, VirtioFs)]
+            return [d.device for d in self.devices.values() if isinstance(d.device, VhostUserDevice)]
 
     def dma_map(self, ram) -> None:
         """Let VFIO devices DMA to ``ram`` (a virtio-mem block the guest plugged; a

@@ -84,6 +84,8 @@ class Request(enum.IntEnum):
     SET_PROTOCOL_FEATURES = 16
     GET_QUEUE_NUM = 17
     SET_VRING_ENABLE = 18
+    GET_CONFIG = 24
+    SET_CONFIG = 25
     GET_MAX_MEM_SLOTS = 36
     ADD_MEM_REG = 37
     REM_MEM_REG = 38
@@ -117,6 +119,10 @@ VRING_ADDR = struct.Struct("<IIQQQQ")        # index, flags, desc, used, avail, 
 MEM_TABLE_HEADER = struct.Struct("<II")      # nregions, padding
 MEM_REGION = struct.Struct("<QQQQ")          # guest address, size, user address, mmap offset
 SINGLE_MEM_REGION = struct.Struct("<QQQQQ")  # padding, then MEM_REGION
+CONFIG_HEADER = struct.Struct("<III")        # offset, size, flags; then ``size`` bytes
+
+#: The largest device configuration space GET_CONFIG may ask for (the protocol's limit).
+MAX_CONFIG_SIZE = 256
 
 #: The largest reply payload pych expects (a u64 or a vring state); anything bigger is a
 #: protocol error rather than an allocation request.
@@ -285,6 +291,22 @@ class VhostUserFrontend:
     def rem_mem_reg(self, region: MemoryRegionInfo) -> None:
         """Unmap a region added before (needs CONFIGURE_MEM_SLOTS); no descriptor is sent."""
         self._send_request(Request.REM_MEM_REG, _single_region(region))
+
+    def get_config(self, size: int, offset: int = 0) -> bytes:
+        """``size`` bytes of the device's configuration space from ``offset`` (needs the
+        protocol feature CONFIG)."""
+        if not 0 < size <= MAX_CONFIG_SIZE:
+            raise VhostUserError(f"{self.path}: cannot ask for {size} bytes of configuration")
+        payload = self._transact(Request.GET_CONFIG,
+                                 CONFIG_HEADER.pack(offset, size, 0) + bytes(size), reply=True)
+        if len(payload) != CONFIG_HEADER.size + size:
+            self._fail(f"answered GET_CONFIG with {len(payload)} bytes instead of "
+                       f"{CONFIG_HEADER.size + size}")
+        got_offset, got_size, _ = CONFIG_HEADER.unpack_from(payload)
+        if (got_offset, got_size) != (offset, size):
+            self._fail(f"answered GET_CONFIG for {size} bytes at {offset} with {got_size} "
+                       f"bytes at {got_offset}")
+        return payload[CONFIG_HEADER.size:]
 
     def set_vring_num(self, index: int, size: int) -> None:
         self._send_request(Request.SET_VRING_NUM, VRING_STATE.pack(index, size))
