@@ -17,6 +17,8 @@ from typing import Any
 from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap
 from pych.devices.pci.allocator import AddressAllocator
+from pych.devices.disk_format import RAW, ImageFormatError, image_format
+from pych.devices.storage_daemon import StorageDaemon, connect_when_listening, qemu_driver
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.block import DiskError, VirtioBlock
@@ -26,6 +28,7 @@ from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
 from pych.devices.virtio.pmem import VirtioPmem
 from pych.devices.virtio.rng import VirtioRng
+from pych.devices.virtio.vhost_user_blk import VhostUserBlock
 from pych.devices.virtio.vsock import VirtioVsock
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,48 @@ def make_console(console, name: str, ctx: FactoryContext) -> VirtioConsole:
     return device
 
 
-def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
+def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
+    """``--disk``: a raw image (or block device) is served in-process (:class:`VirtioBlock`);
+    ``vhost_user=on,socket=`` connects to that vhost-user-blk back-end; an image in another
+    format (qcow2, VHDX, VMDK, VDI, VHD) gets a qemu-storage-daemon of its own, started
+    here and owned by the device (stopped when it is removed or the VM ends), served as
+    vhost-user-blk. An ``image_type`` that disagrees with the header is refused."""
+    if disk.vhost_user:
+        parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
+        return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=parked)
     if not disk.path:
         raise ValueError("a disk needs a path")
-    return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                       num_queues=disk.num_queues, queue_size=disk.queue_size,
-                       image_type=disk.image_type, name=name)
+    try:
+        fmt = image_format(disk.path, disk.image_type)
+    except OSError as e:
+        raise DiskError(f"cannot open disk image {disk.path}: {e.strerror}") from e
+    if fmt == RAW:
+        return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                           num_queues=disk.num_queues, queue_size=disk.queue_size,
+                           image_type=RAW, name=name)
+    return _served_by_daemon(disk, fmt, name)
+
+
+def _served_by_daemon(disk, fmt: str, name: str) -> VhostUserBlock:
+    """A qemu-storage-daemon for ``disk`` (an image of format ``fmt``), and the
+    vhost-user-blk device on its export; nothing is left running if either fails."""
+    driver = qemu_driver(fmt)
+    if driver is None:
+        raise ImageFormatError(f"disk image {disk.path} is a {fmt} image, which "
+                               "qemu-storage-daemon cannot serve")
+    daemon = StorageDaemon(disk.path, driver, readonly=disk.readonly,
+                           num_queues=disk.num_queues, name=name)
+    daemon.start()
+    try:
+        connection = connect_when_listening(daemon.socket_path)
+        return VhostUserBlock(daemon.socket_path, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=connection, daemon=daemon)
+    except BaseException:
+        daemon.stop()
+        raise
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:

@@ -379,6 +379,7 @@ class VhostUserDevice(VirtioDevice):
         poller = select.poll()
         poller.register(stop_fd, select.POLLIN)
         by_fd = {fd: index for index, fd in relays.items()}
+        handlers: dict[int, Callable[[], None]] = {}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         if backend_fd >= 0:
@@ -390,10 +391,22 @@ class VhostUserDevice(VirtioDevice):
                     return
                 if fd == backend_fd:
                     poller.unregister(backend_fd)
-                    self._fail(f"the vhost-user backend at {self.socket_path} hung up")
-                    self._backend_lost(interrupt)
+                    self._fail(self._lost_reason())
+                    for source, handler in self._backend_lost(interrupt).items():
+                        poller.register(source, select.POLLIN)
+                        handlers[source] = handler
+                elif fd in handlers:
+                    try:
+                        handlers[fd]()
+                    except Exception:  # noqa: BLE001 - a guest's bad ring must not end pych
+                        log.exception("%s: serving the failed device's queue", self.name)
+                        poller.unregister(fd)
                 elif drain_eventfd(fd):
                     interrupt.notify_queue(by_fd[fd])
+
+    def _lost_reason(self) -> str:
+        """Why the back-end went away, in one sentence."""
+        return f"the vhost-user backend at {self.socket_path} hung up"
 
     def _fail(self, why: str) -> None:
         """Record the device's failure once: logged, kept for ``vm.info``, reported."""
@@ -408,7 +421,9 @@ class VhostUserDevice(VirtioDevice):
             except Exception:  # noqa: BLE001 - a reporting problem must not stop the monitor
                 log.exception("%s: reporting the failure", self.name)
 
-    def _backend_lost(self, interrupt: VirtioInterrupt) -> None:
+    def _backend_lost(self, interrupt: VirtioInterrupt) -> dict[int, Callable[[], None]]:
         """The back-end hung up while the device runs (on the monitor thread): set
-        DEVICE_NEEDS_RESET. The device stays failed until the guest resets it."""
+        DEVICE_NEEDS_RESET. A subclass may serve the queues itself from now on: it returns
+        the event sources (fd: handler) the monitor thread then polls too."""
         interrupt.needs_reset()
+        return {}
