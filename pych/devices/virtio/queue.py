@@ -269,6 +269,10 @@ class Virtqueue:
         """``used.idx`` as the guest sees it (another process may have served the ring)."""
         return self._used[1]
 
+    def avail_entry(self, position: int) -> int:
+        """The head the driver put at ``position`` (a free-running index) of the avail ring."""
+        return self._avail[2 + (position & (self.size - 1))]
+
     def take_over(self, next_avail: int) -> None:
         """Continue a ring someone else served (a vhost-user back-end that went away): the
         used ring goes on from the guest's ``used.idx``, and :meth:`pop` from

@@ -212,18 +212,15 @@ class VhostUserBlock(VhostUserDevice):
         the guest sends from now on, with IOERR (on the monitor thread, which becomes the
         device's worker: it polls the queues' kick eventfds from now on)."""
         inflight = self._inflight
-        if inflight is None:
-            log.error("%s: the back-end kept no in-flight record; the guest's pending "
-                      "requests stay unanswered", self.name)
-            interrupt.needs_reset()
-            return {}
-        region = inflight[0]
-        queue_region = inflight[2] // len(self.queue_max_sizes)
+        region = inflight[0] if inflight is not None else None
+        queue_region = inflight[2] // len(self.queue_max_sizes) if inflight is not None else 0
         for index, q in sorted(self.queues.items()):
             vq = q.queue
-            base = index * queue_region
             used_idx = vq.used_idx()
-            pending = self._inflight_heads(region, base, used_idx, vq.size)
+            if region is not None:
+                pending = self._inflight_heads(region, index * queue_region, used_idx, vq.size)
+            else:
+                pending = self._guess_inflight(vq, used_idx)
             vq.take_over(used_idx + len(pending))
             for head in pending:
                 try:
@@ -240,6 +237,24 @@ class VhostUserBlock(VhostUserDevice):
     def _kicked_failed(self, fd: int, index: int) -> None:
         drain_eventfd(fd)
         self._fail_queue(index)
+
+    def _guess_inflight(self, vq, used_idx: int) -> list[int]:
+        """Without the back-end's in-flight record (qemu-storage-daemon 7.2 does not offer
+        INFLIGHT_SHMFD): the requests between the used and the available index, which are
+        exactly the unanswered ones when the back-end answered in order (it took every
+        available request: qemu-storage-daemon does on each kick)."""
+        avail_idx = vq.avail_idx()
+        count = (avail_idx - used_idx) & 0xFFFF
+        if count > vq.size:
+            return []
+        heads = [vq.avail_entry(used_idx + i) for i in range(count)]
+        if len(set(heads)) != len(heads):
+            log.error("%s: cannot tell which requests the back-end left unanswered",
+                      self.name)
+            return []
+        log.warning("%s: the back-end kept no in-flight record; failing the %d requests "
+                    "it had not answered, assuming it answered in order", self.name, count)
+        return heads
 
     @staticmethod
     def _inflight_heads(region: mmap.mmap, base: int, used_idx: int, size: int) -> list[int]:
