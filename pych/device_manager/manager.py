@@ -456,6 +456,14 @@ class DeviceManager:
         return [{"id": dev_id, "error": failure} for dev_id, pci_dev in devices
                 if (failure := getattr(pci_dev.device, "failure", None)) is not None]
 
+    def describe_failure(self, dev_id: str) -> str | None:
+        """Why device ``dev_id`` failed, as fully as can be told (None: it did not, or it is
+        gone); for the control loop (it may wait a little for a daemon's exit status)."""
+        with self._lock:
+            pci_dev = self.devices.get(dev_id)
+        describe = getattr(pci_dev.device, "describe_failure", None) if pci_dev else None
+        return describe() if describe is not None else None
+
     def resize_disk(self, dev_id: str, size: int) -> None:
         """``vm.resize-disk``: grow disk ``dev_id`` to ``size`` bytes and tell the guest.
         UnknownDeviceId if no disk has that id; InvalidDiskResize for a size that is not a

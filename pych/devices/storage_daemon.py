@@ -26,7 +26,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import queue
 import tempfile
+import threading
 import time
 
 from pych.devices.vhost_user import VhostUserError, VhostUserFrontend
@@ -105,7 +107,9 @@ class StorageDaemon:
                 "--monitor", "chardev=monitor"]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the daemon and wait until its export accepts connections."""
+        """Start the daemon and wait until its export accepts connections (on the VMM's
+        control loop or main thread, not a vCPU thread)."""
+        _Reaper.instance()
         self.directory = tempfile.mkdtemp(prefix=f"pych-qsd-{self.name}-")
         self.socket_path = os.path.join(self.directory, "vhost-user-blk.sock")
         self.monitor_path = os.path.join(self.directory, "qmp.sock")
@@ -167,8 +171,18 @@ class StorageDaemon:
 
     def stop(self) -> None:
         """Ask the daemon to quit (it flushes and closes the image), kill it if it does not,
-        and remove its directory. Idempotent."""
+        and remove its directory; returns when done. Idempotent.
+
+        Callable from any thread: the work is done on the reaper thread pych started with
+        its first daemon, because the thread that removes a device may be a vCPU thread (the
+        guest ejects it), whose seccomp filter forbids signalling and waiting for processes."""
         process, self.process = self.process, None
+        directory, self.directory = self.directory, ""
+        if process is None and not directory:
+            return
+        _Reaper.instance().run(lambda: self._end(process, directory))
+
+    def _end(self, process: subprocess.Popen | None, directory: str) -> None:
         if process is not None:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -180,7 +194,8 @@ class StorageDaemon:
                     process.kill()
                     process.wait()
             log.info("%s: qemu-storage-daemon (pid %d) stopped", self.name, process.pid)
-        self._remove_directory()
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _remove_directory(self) -> None:
         if self.directory:
@@ -217,6 +232,45 @@ class StorageDaemon:
             raise StorageDaemonError(f"qemu-storage-daemon for disk {self.name} refused "
                                      f"{command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
+
+
+class _Reaper:
+    """One thread that stops daemons for whoever asks (see :meth:`StorageDaemon.stop`),
+    started by the first :meth:`StorageDaemon.start`, on a thread free to make it."""
+
+    _instance: "_Reaper | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="qsd-reaper", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def instance(cls) -> "_Reaper":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, job) -> None:
+        """Run ``job`` on the reaper thread and wait for it (at once if this is it)."""
+        if threading.current_thread() is self._thread:
+            job()
+            return
+        done = threading.Event()
+        self._jobs.put((job, done))
+        done.wait()
+
+    def _serve(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a failed stop must not end the reaper
+                log.exception("stopping a qemu-storage-daemon")
+            finally:
+                done.set()
 
 
 def _accepts(path: str) -> bool:

@@ -280,8 +280,15 @@ class Vmm(ControlLoop, RequestHandler):
             vm.devices.resize_disk(request.id, request.desired_size)
 
     def _device_failed(self, dev_id: str, why: str) -> None:
-        """A device's back-end went away (called on the device's thread; the monitor is
-        thread-safe)."""
+        """A device's back-end went away (called on the device's thread, which may not wait
+        for anything: the report is made on the control loop)."""
+        vm = self.vm
+        self.post(lambda vmm: vmm._report_device_failure(vm, dev_id, why))
+
+    def _report_device_failure(self, vm: Vm | None, dev_id: str, why: str) -> None:
+        if vm is not None and vm is self.vm and vm.devices is not None:
+            why = vm.devices.describe_failure(dev_id) or why
+        log.error("%s: %s", dev_id, why)
         self.events.emit("vm", "device-failed", {"id": dev_id, "error": why})
 
     # --- RequestHandler: PCI device hot plug --------------------------------------------------

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import struct
+import subprocess
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -43,6 +44,8 @@ from .vhost_user_device import VhostUserDevice
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 128
+#: How long the monitor waits for a daemon that hung up to have exited, to say how it ended.
+LOST_DAEMON_WAIT = 5.0
 
 _CAPACITY = struct.Struct("<Q")
 _NUM_QUEUES_OFFSET = 34                 # le16 num_queues in struct virtio_blk_config
@@ -160,15 +163,27 @@ class VhostUserBlock(VhostUserDevice):
             self.daemon.stop()
 
     def _lost_reason(self) -> str:
-        daemon = self.daemon
-        if daemon is None:
+        if self.daemon is None:
             return super()._lost_reason()
-        if daemon.process is not None:
+        return (f"qemu-storage-daemon for disk {self.name} ({self.daemon.image}) hung up on "
+                "pych")
+
+    def describe_failure(self) -> str | None:
+        """Why the device failed, with how its daemon ended if pych owns it (waits up to a
+        few seconds for the daemon's exit status: the socket closes as the daemon dies,
+        before its status is there). Not for the device's own threads (they may not wait
+        for processes: the vCPU seccomp filter they inherit forbids it)."""
+        daemon, failure = self.daemon, self.failure
+        if failure is None or daemon is None:
+            return failure
+        process = daemon.process
+        if process is not None:
             try:
-                daemon.process.wait(1.0)
-            except Exception:  # noqa: BLE001 - still running: say so
-                pass
-        return daemon.exit_description()
+                process.wait(LOST_DAEMON_WAIT)
+            except subprocess.TimeoutExpired:
+                return failure + f" (pid {process.pid}, still running)"
+        self.failure = daemon.exit_description()
+        return self.failure
 
     # --- in-flight tracking -----------------------------------------------------------------
     def activate(self, mem: GuestMemory, queues: Sequence[ActiveQueue],

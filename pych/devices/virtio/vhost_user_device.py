@@ -404,6 +404,11 @@ class VhostUserDevice(VirtioDevice):
                 elif drain_eventfd(fd):
                     interrupt.notify_queue(by_fd[fd])
 
+    def describe_failure(self) -> str | None:
+        """Why the device failed (None: it works), as fully as can be told; may wait a
+        little, so only for the VMM's control loop."""
+        return self.failure
+
     def _lost_reason(self) -> str:
         """Why the back-end went away, in one sentence."""
         return f"the vhost-user backend at {self.socket_path} hung up"
