@@ -104,15 +104,15 @@ class VhostUserBlock(VhostUserDevice):
         if self.readonly and not self.backend_features & VIRTIO_BLK_F_RO:
             raise VhostUserError(f"readonly=on, but the vhost-user backend at "
                                  f"{self.socket_path} serves the disk writable")
+        config = self._backend.get_config(_CONFIG_SIZE)
         served = len(self.queue_max_sizes)
         if self.backend_features & VIRTIO_BLK_F_MQ:
-            served = int.from_bytes(self._read_config()[_NUM_QUEUES_OFFSET:
-                                                        _NUM_QUEUES_OFFSET + 2], "little")
+            served = int.from_bytes(config[_NUM_QUEUES_OFFSET:_NUM_QUEUES_OFFSET + 2], "little")
         elif not self.protocol_features & ProtocolFeature.MQ:
             served = 1
         if served < len(self.queue_max_sizes):
             raise VhostUserError(self._too_few_queues(served))
-        self._config = self._read_config()
+        self._config = self._with_our_queues(config)
 
     def _too_few_queues(self, served: int) -> str:
         return (f"the vhost-user backend at {self.socket_path} serves {served} queues, but "
@@ -120,10 +120,11 @@ class VhostUserBlock(VhostUserDevice):
 
     def _read_config(self) -> bytes:
         """The back-end's configuration space, with pych's queue count."""
-        config = bytearray(self._backend.get_config(_CONFIG_SIZE))
-        config[_NUM_QUEUES_OFFSET:_NUM_QUEUES_OFFSET + 2] = \
-            len(self.queue_max_sizes).to_bytes(2, "little")
-        return bytes(config)
+        return self._with_our_queues(self._backend.get_config(_CONFIG_SIZE))
+
+    def _with_our_queues(self, config: bytes) -> bytes:
+        return (config[:_NUM_QUEUES_OFFSET] + len(self.queue_max_sizes).to_bytes(2, "little")
+                + config[_NUM_QUEUES_OFFSET + 2:])
 
     # --- configuration space ----------------------------------------------------------------
     @property
