@@ -84,6 +84,9 @@ def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
     here and owned by the device (stopped when it is removed or the VM ends), served as
     vhost-user-blk. An ``image_type`` that disagrees with the header is refused."""
     if disk.vhost_user:
+        if disk.serial is not None:
+            raise ValueError(f"{name}: serial={disk.serial} cannot be honoured: the vhost-user "
+                             "backend answers the guest's serial number requests itself")
         parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
         return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
                               queue_size=disk.queue_size, readonly=disk.readonly, name=name,
@@ -104,6 +107,10 @@ def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
 def _served_by_daemon(disk, fmt: str, name: str) -> VhostUserBlock:
     """A qemu-storage-daemon for ``disk`` (an image of format ``fmt``), and the
     vhost-user-blk device on its export; nothing is left running if either fails."""
+    if disk.serial is not None:
+        raise ValueError(f"{name}: serial={disk.serial} cannot be honoured for a {fmt} image: "
+                         "qemu-storage-daemon, which serves it, answers the guest's serial "
+                         "number requests itself")
     driver = qemu_driver(fmt)
     if driver is None:
         raise ImageFormatError(f"disk image {disk.path} is a {fmt} image, which "

@@ -166,3 +166,18 @@ def test_resize_disk_through_the_device_manager(tmp_path):
         assert raw.stat().st_size == 2 * MiB                        # refusals change nothing
     finally:
         m.close()
+
+
+def test_a_serial_pych_cannot_honour_is_refused(tmp_path):
+    top = qcow2(tmp_path, backing=False)
+    m = Machine(vm_config())
+    try:
+        before = children()
+        with pytest.raises(DeviceBackendError, match="serial=s0 cannot be honoured for a Qcow2"):
+            m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(top), serial="s0"))
+        with pytest.raises(DeviceBackendError, match="answers the guest's serial number"):
+            m.dm.hotplug(BY_NAME["disk"], DiskConfig(vhost_user=True, vhost_socket="/nope",
+                                                     serial="s0"))
+        assert children() == before and "_disk0" not in m.dm.devices
+    finally:
+        m.close()
