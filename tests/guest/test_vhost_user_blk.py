@@ -30,7 +30,6 @@ import pytest
 
 from tests.support.guest import vm_info
 from tests.support.hotplug import events, wait_in_guest
-from tests.support.host import unix_socket_listening
 
 QSD = "/usr/bin/qemu-storage-daemon"
 MiB = 1 << 20

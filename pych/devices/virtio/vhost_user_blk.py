@@ -29,15 +29,16 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from pych.devices.vhost_user import ProtocolFeature, VhostUserError, VhostUserFrontend
 from pych.devices.storage_daemon import StorageDaemon
+from pych.devices.vhost_user import ProtocolFeature, VhostUserError, VhostUserFrontend
 from pych.memory.guest_memory import GuestMemory
 
 from .block import (_CONFIG_SIZE, SECTOR_SHIFT, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
                     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
                     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
                     VIRTIO_BLK_F_WRITE_ZEROES, BlockStatus)
-from .device import ActivationError, ActiveQueue, VirtioDeviceType, VirtioInterrupt, drain_eventfd
+from .device import (ActivationError, ActiveQueue, VirtioDeviceType, VirtioInterrupt,
+                     drain_eventfd)
 from .queue import MAX_QUEUE_SIZE, DescriptorChain, VirtqueueError
 from .vhost_user_device import VhostUserDevice
 

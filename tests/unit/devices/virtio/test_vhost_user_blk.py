@@ -18,7 +18,7 @@ from pych.devices.virtio.block import (VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLU
 from pych.devices.virtio.device import VIRTIO_F_VERSION_1, VirtioDeviceType
 from pych.devices.virtio.vhost_user_blk import VhostUserBlock
 
-from tests.support.virtio import DeviceHarness, wait_until
+from tests.support.virtio import DeviceHarness
 from tests.unit.devices.test_vhost_user import FakeBackend
 
 #: What qemu-storage-daemon 7.2 offers, as measured on this host (plus INFLIGHT_SHMFD, which
