@@ -359,7 +359,8 @@ class DeviceManager:
 
     def _vhost_user_devices(self) -> list[VhostUserDevice]:
         with self._lock:
-            return [d.device for d in self.devices.values() if isinstance(d.device, VhostUserDevice)]
+            return [d.device for d in self.devices.values()
+                    if isinstance(d.device, VhostUserDevice)]
 
     def dma_map(self, ram) -> None:
         """Let VFIO devices DMA to ``ram`` (a virtio-mem block the guest plugged; a
