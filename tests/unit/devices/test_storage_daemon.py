@@ -135,7 +135,15 @@ def test_factory_serves_qcow2_through_a_daemon_and_raw_in_process(tmp_path):
         assert isinstance(inproc, VirtioBlock)
         pid = qcow.daemon.pid
         assert pid in children()
-        # hot plug of a qcow2 too; an image_type that disagrees is refused, nothing left
+        # hot plug of a qcow2 too: its own daemon, stopped when the guest ejects the disk
+        added = m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(tmp_path / "base.qcow2")))
+        hot = m.dm.devices[added.id].device
+        assert isinstance(hot, VhostUserBlock) and hot.daemon.pid in children()
+        hot_pid = hot.daemon.pid
+        m.dm.remove_device(added.id)
+        m.eject(m.dm.pci.slot_of(m.dm.devices[added.id]))
+        assert hot_pid not in children() and added.id not in m.dm.devices
+        # an image_type that disagrees is refused, nothing left
         before = children()
         with pytest.raises(DeviceBackendError, match="image_type=Raw|does not match"):
             m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(top), image_type="Vhdx"))
