@@ -136,15 +136,21 @@ def test_factory_serves_qcow2_through_a_daemon_and_raw_in_process(tmp_path):
         pid = qcow.daemon.pid
         assert pid in children()
         # hot plug of a qcow2 too: its own daemon, stopped when the guest ejects the disk
-        added = m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(tmp_path / "base.qcow2")))
+        (tmp_path / "hot").mkdir()
+        hot_image = qcow2(tmp_path / "hot", backing=False)
+        added = m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(hot_image)))
         hot = m.dm.devices[added.id].device
         assert isinstance(hot, VhostUserBlock) and hot.daemon.pid in children()
         hot_pid = hot.daemon.pid
         m.dm.remove_device(added.id)
         m.eject(m.dm.pci.slot_of(m.dm.devices[added.id]))
         assert hot_pid not in children() and added.id not in m.dm.devices
-        # an image_type that disagrees is refused, nothing left
+        # the backing file the boot disk's daemon holds cannot be written by another: refused
+        # with QEMU's words, nothing left; nor can an image_type that disagrees
         before = children()
+        with pytest.raises(DeviceBackendError, match="Is another process using the image"):
+            m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(tmp_path / "base.qcow2")))
+        assert children() == before
         with pytest.raises(DeviceBackendError, match="image_type=Raw|does not match"):
             m.dm.hotplug(BY_NAME["disk"], DiskConfig(path=str(top), image_type="Vhdx"))
         assert children() == before
