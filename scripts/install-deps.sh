@@ -11,7 +11,8 @@ PACKAGES=(
   acpica-tools qemu-system-x86
   # qemu-img (disk images in other formats, for the format checks)
   qemu-utils
-  # virtiofsd (/usr/lib/qemu/virtiofsd), the vhost-user back-end of the virtio-fs tests
+  # virtiofsd (/usr/lib/qemu/virtiofsd), the vhost-user back-end of the virtio-fs tests, and
+  # qemu-storage-daemon, which serves non-raw disk images and the vhost-user-blk tests
   qemu-system-common
   # host networking for tap devices, and e2fsprogs for disk images
   iproute2 e2fsprogs

@@ -102,12 +102,20 @@ class DiskConfig(PciDeviceConfig):
     def _validate(self, config: VmConfig) -> None:
         if self.vhost_socket is not None and self.path is not None:
             raise ConfigError("Disk path and vhost socket both provided")
-        if self.vhost_user and not config.backed_by_shared_memory():
+        if self.vhost_user and not config.ram_shareable():
+            # pych's RAM is always a memfd mapped shared, so unlike the reference no
+            # shared=on is needed; only a zone on a file mapped private cannot be shared.
             raise ConfigError("Using vhost-user requires using shared memory or huge pages")
         if self.vhost_user and self.vhost_socket is None:
             raise ConfigError("No socket provided when using vhost-user")
         if self.vhost_user and (self.rate_limiter_config or self.rate_limit_group):
             raise ConfigError("Rate limiting is not supported with vhost-user")
+        if self.vhost_user and self.direct:
+            raise ConfigError("direct=on cannot be honoured for a vhost-user disk: its "
+                              "back-end opens the image")
+        if self.vhost_user and self.serial is not None:
+            raise ConfigError(f"serial={self.serial} cannot be honoured for a vhost-user disk: "
+                              "its back-end answers the guest's serial number requests")
         if self.rate_limit_group is not None and not any(
             group.id == self.rate_limit_group for group in config.rate_limit_groups or ()
         ):

@@ -152,7 +152,6 @@ _LIMITER_NOTE = (
     "refill_time 0 limits nothing.")
 _GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
                "for the boot.")
-NO_VHOST_USER_BLOCK = "pych has no vhost-user block front end; give path="
 NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
 
@@ -314,8 +313,11 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "through a bounce buffer."),
         num_queues=WORKS,
         queue_size=WORKS,
-        vhost_user=Refused(NO_VHOST_USER_BLOCK),
-        vhost_socket=Refused(NO_VHOST_USER_BLOCK),
+        vhost_user=Works(
+            "vhost-user-blk: the back-end at `socket` serves the queues straight in guest "
+            "memory; configuration space read from it (GET_CONFIG); no `shared=on` needed "
+            "(pych's RAM is always shareable)"),
+        vhost_socket=WORKS,
         rate_limit_group=Works(_GROUP_NOTE),
         rate_limiter_config=Works(_LIMITER_NOTE),
         disable_io_uring=Works(
@@ -326,15 +328,19 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
         serial=WORKS,
         queue_affinity=Refused("pych does not pin a disk's queues to host CPUs"),
-        backing_files=Refused("pych serves raw images only, which have no backing files"),
+        backing_files=Works(
+            "Images in formats other than raw are served by a qemu-storage-daemon pych "
+            "starts for the disk, which always follows their backing files; the default "
+            "`off` is accepted too (the reference refuses a backing file then)."),
         sparse=Refused(
             "pych does not preallocate disk images",
             note="`on`, the default, is accepted: pych leaves the image's holes alone; it "
             "offers the guest no discard or write-zeroes requests."),
-        image_type=Refused(
-            "pych serves raw images only (the file's header is checked too, at boot and "
-            "hot plug: convert other formats with qemu-img convert -O raw)",
-            accepts=_one_of("Raw"), accepted="`Unknown` (the default: detected), `Raw`"),
+        image_type=Works(
+            "Raw images are served in-process; qcow2, VHDX, VMDK, VDI and VHD images by a "
+            "qemu-storage-daemon pych starts and owns for the disk (vhost-user-blk). The "
+            "header is read (`Unknown`, the default) and an `image_type` that disagrees "
+            "with it is refused; `Raw` is taken at its word."),
         lock_granularity=Works(
             "pych always locks the whole image (`full`); `byte-range`, the default, gets "
             "the whole-file lock too, which conflicts with everything the byte-range lock "

@@ -18,6 +18,8 @@ from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap
 from pych.devices.pci.allocator import AddressAllocator
 from pych.devices.rate_limiter import RateLimiter
+from pych.devices.disk_format import RAW, ImageFormatError, image_format
+from pych.devices.storage_daemon import StorageDaemon, connect_when_listening, qemu_driver
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.block import DiskError, VirtioBlock
@@ -27,6 +29,7 @@ from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
 from pych.devices.virtio.pmem import VirtioPmem
 from pych.devices.virtio.rng import VirtioRng
+from pych.devices.virtio.vhost_user_blk import VhostUserBlock
 from pych.devices.virtio.vsock import VirtioVsock
 
 log = logging.getLogger(__name__)
@@ -88,17 +91,65 @@ def make_console(console, name: str, ctx: FactoryContext) -> VirtioConsole:
     return device
 
 
-def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
+def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
+    """``--disk``: a raw image (or block device) is served in-process (:class:`VirtioBlock`);
+    ``vhost_user=on,socket=`` connects to that vhost-user-blk back-end; an image in another
+    format (qcow2, VHDX, VMDK, VDI, VHD) gets a qemu-storage-daemon of its own, started
+    here and owned by the device (stopped when it is removed or the VM ends), served as
+    vhost-user-blk. An ``image_type`` that disagrees with the header is refused."""
+    if disk.vhost_user:
+        if disk.serial is not None:
+            raise ValueError(f"{name}: serial={disk.serial} cannot be honoured: the vhost-user "
+                             "backend answers the guest's serial number requests itself")
+        parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
+        return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=parked)
     if not disk.path:
         raise ValueError("a disk needs a path")
+    try:
+        fmt = image_format(disk.path, disk.image_type)
+    except OSError as e:
+        raise DiskError(f"cannot open disk image {disk.path}: {e.strerror}") from e
     if disk.rate_limit_group is not None:
         limiter = ctx.rate_limit_groups.get(disk.rate_limit_group)
     else:
         limiter = RateLimiter.from_config(disk.rate_limiter_config)
-    return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                       num_queues=disk.num_queues, queue_size=disk.queue_size,
-                       image_type=disk.image_type, name=name, rate_limiter=limiter,
-                       direct=disk.direct)
+    if fmt == RAW:
+        return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                           num_queues=disk.num_queues, queue_size=disk.queue_size,
+                           image_type=RAW, name=name, rate_limiter=limiter,
+                           direct=disk.direct)
+    if limiter is not None or disk.direct:
+        what = "direct=on" if disk.direct else "a rate limiter"
+        raise ValueError(f"{name}: {what} cannot be honoured for a {fmt} image yet: "
+                         "qemu-storage-daemon serves it, and pych applies rate limits and "
+                         "O_DIRECT only to the raw images it serves itself")
+    return _served_by_daemon(disk, fmt, name)
+
+
+def _served_by_daemon(disk, fmt: str, name: str) -> VhostUserBlock:
+    """A qemu-storage-daemon for ``disk`` (an image of format ``fmt``), and the
+    vhost-user-blk device on its export; nothing is left running if either fails."""
+    if disk.serial is not None:
+        raise ValueError(f"{name}: serial={disk.serial} cannot be honoured for a {fmt} image: "
+                         "qemu-storage-daemon, which serves it, answers the guest's serial "
+                         "number requests itself")
+    driver = qemu_driver(fmt)
+    if driver is None:
+        raise ImageFormatError(f"disk image {disk.path} is a {fmt} image, which "
+                               "qemu-storage-daemon cannot serve")
+    daemon = StorageDaemon(disk.path, driver, readonly=disk.readonly,
+                           num_queues=disk.num_queues, name=name)
+    daemon.start()
+    try:
+        connection = connect_when_listening(daemon.socket_path)
+        return VhostUserBlock(daemon.socket_path, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=connection, daemon=daemon)
+    except BaseException:
+        daemon.stop()
+        raise
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:

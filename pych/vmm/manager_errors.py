@@ -28,12 +28,14 @@ def translations() -> tuple[tuple[type[Exception], type[VmmError]], ...]:
     until a VM is created, so a VMM waiting for ``vm.create`` starts without them."""
     from pych.cpu.manager import VcpuRemovalPending
     from pych.device_manager.manager import (DeviceBackendError, DeviceIdInUse,
-                                             DeviceManagerError, UnknownDeviceId)
+                                             DeviceManagerError, InvalidDiskResize,
+                                             UnknownDeviceId)
     from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
     return (
         (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
         (UnknownDeviceId, NotFound),
         (DeviceIdInUse, Conflict),              # its removal is pending: still in the tree
+        (InvalidDiskResize, InvalidRequest),    # shrinking, not whole sectors, not pych's
         (DeviceBackendError, BackendError),     # a file, socket or tap the device needs
         (DeviceManagerError, InternalError),    # incl. a device that cannot be removed (rng, ...)
         (UnknownMemoryZone, NotFound),

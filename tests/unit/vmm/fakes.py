@@ -46,6 +46,9 @@ class FakeDevices:
     def pending_removal(self):
         return list(self.pending)
 
+    def failed_devices(self):
+        return []
+
 
 class FakeMemory:
     """The memory manager's resize surface: ``calls`` records ``("ram", desired)`` for an ACPI
@@ -82,7 +85,8 @@ class FakeVm:
     made: list[FakeVm] = []
 
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
-                 on_guest_event=None):
+                 on_guest_event=None,
+                 on_device_failed=None):
         self.config, self.on_exit = config, on_exit
         self.on_guest_event = on_guest_event
         self.calls = []

@@ -528,7 +528,8 @@ class FakeVm:
     DeviceManagerMachine (new guest RAM) given the VMM's kept vhost-user connections."""
 
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
-                 on_guest_event=None):
+                 on_guest_event=None,
+                 on_device_failed=None):
         self.config, self.vhost_user = config, vhost_user
 
     def boot(self):
