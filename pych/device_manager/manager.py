@@ -44,6 +44,7 @@ from pych.devices.virtio.device import VirtioDevice
 from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.memory.guest_memory import GuestMemory
+from pych.snapshot.state import NotSnapshottable
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ VFIO = BY_NAME["vfio"]
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
                  irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
-                 dma_ranges=None, vhost_user: VhostUserConnections | None = None):
+                 dma_ranges=None, vhost_user: VhostUserConnections | None = None,
+                 restore_slots: dict[str, dict] | None = None):
         self.config = config
         self.mem = mem
         self.msi = msi
@@ -98,6 +100,8 @@ class DeviceManager:
         self.virtio_mem = list(virtio_mem)  # the memory manager's VirtioMemZones (with devices)
         self.dma_ranges = dma_ranges      # the memory manager's: guest RAM VFIO may map now
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
+        # A restore: each device's slot and BAR width as the snapshot had them (see state())
+        self._restore_slots = restore_slots
         self.mmio64 = mmio64
         self.mem64 = AddressAllocator(*mmio64, "mmio64")   # 64-bit BARs and device memory
         self.pci = PciBus(0, mmio_bus=mmio,
@@ -152,13 +156,16 @@ class DeviceManager:
                    if _created_at_boot(kind, cfg)]
         unnamed = [c for c in configs if c.id is None]
         try:
+            if self._restore_slots is not None:
+                for placed in self._restore_slots.values():
+                    self.pci.reserve_slot(placed["slot"])
             for c in configs:
-                if c.pci_device_id is not None:
+                if c.pci_device_id is not None and self._restore_slots is None:
                     self.pci.reserve_slot(c.pci_device_id)
             for kind in DEVICE_KINDS:
                 if kind.name == "balloon":      # the reference creates virtio-mem devices here
                     for zone in self.virtio_mem:
-                        self._place_virtio(zone.id, zone.device)
+                        self._place_virtio(zone.id, zone.device, self._restored_slot(zone.id))
                 for cfg in kind.configs(self.config):
                     if _created_at_boot(kind, cfg):
                         self._add_boot_device(kind, cfg)
@@ -180,8 +187,63 @@ class DeviceManager:
         device = self._build(factory, cfg, dev_id)
         if kind.name == "balloon":
             self.balloon = device
-        self._place_virtio(dev_id, device, cfg.pci_device_id, kind=kind,
-                           use_64bit_bar=factory.boot_64bit_bar)
+        slot, use_64bit_bar = cfg.pci_device_id, factory.boot_64bit_bar
+        if self._restore_slots is not None:
+            slot = self._restored_slot(dev_id)
+            use_64bit_bar = self._restore_slots[dev_id]["bar64"]
+        self._place_virtio(dev_id, device, slot, kind=kind, use_64bit_bar=use_64bit_bar)
+
+    def _restored_slot(self, dev_id: str) -> int | None:
+        if self._restore_slots is None:
+            return None
+        placed = self._restore_slots.get(dev_id)
+        if placed is None:
+            raise DeviceManagerError(f"the snapshot has no device {dev_id}, which the "
+                                     "configuration lists")
+        return placed["slot"]
+
+    # --- snapshot (VMM thread, VM paused) ---------------------------------------------------------
+    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console"})
+    """The device kinds whose whole state pych saves (the others are refused by name)."""
+
+    def save_state(self) -> dict:
+        """Every device's slot and BAR width (:meth:`slots`: a restore places them there),
+        each device's state (config space, MSI-X, virtio registers and queues) and the id
+        counter (the ``PHPR`` block is a bus device, saved with the others). Raises NotSnapshottable for a device pych cannot save
+        yet, and while a removal is pending (the guest may eject the device at any time)."""
+        with self._lock:
+            if self._pending_removal:
+                raise NotSnapshottable("a device removal is pending (the guest has not ejected "
+                                 f"{', '.join(sorted(self._pending_removal))} yet): retry "
+                                 "once it has")
+            if self.vfio_devices:
+                raise NotSnapshottable("VFIO devices cannot be snapshotted "
+                                 f"({', '.join(self.vfio_devices)})")
+            for dev_id in self.devices:
+                kind = self._kinds.get(dev_id)
+                name = kind.name if kind is not None else "virtio-mem"
+                if name not in self.SNAPSHOT_KINDS:
+                    raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
+                                     f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+            return {
+                "slots": {dev_id: {"slot": self.pci.slot_of(d),
+                                   "bar64": d.config.bar(0).is_64bit}
+                          for dev_id, d in self.devices.items()},
+                "devices": {dev_id: d.save_state() for dev_id, d in self.devices.items()},
+                "id_counter": self._id_counter,
+            }
+
+    def restore_state(self, saved: dict) -> None:
+        """After :meth:`create_boot_devices` placed the devices at their saved slots: each
+        device's state, BARs where the guest had them, the id counter."""
+        missing = set(saved["devices"]) ^ set(self.devices)
+        if missing:
+            raise DeviceManagerError("the snapshot's devices and its configuration's differ: "
+                                     + ", ".join(sorted(missing)))
+        for dev_id, device in self.devices.items():
+            device.restore_state(saved["devices"][dev_id])
+        self.pci.restore_bars()
+        self._id_counter = saved["id_counter"]
 
     def _build(self, factory: Factory, cfg, dev_id: str) -> VirtioDevice:
         """``factory`` applied to ``cfg``, a refused backend reported as

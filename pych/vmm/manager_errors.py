@@ -17,6 +17,8 @@ from pych.device_manager.manager import DeviceBackendError, DeviceManagerError, 
 from pych.errors import (BackendError, InternalError, InvalidRequest, NotFound, RetryLater,
                          VmmError)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
+from pych.snapshot.format import SnapshotError
+from pych.snapshot.state import NotSnapshottable, StateError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ _TRANSLATIONS: tuple[tuple[type[Exception], type[VmmError]], ...] = (
     (UnknownMemoryZone, NotFound),
     (InvalidMemoryResize, InvalidRequest),
     (MemoryResizeError, InternalError),     # e.g. no hot plug slot left
+    (SnapshotError, InvalidRequest),        # a snapshot URL, directory or file the client gave
+    (NotSnapshottable, InvalidRequest),     # a device pych cannot save, a removal pending
+    (StateError, InvalidRequest),           # saved state that does not fit this pych's VM
 )
 
 
