@@ -24,6 +24,7 @@ checksum at once, and each memory file's extents and checksum as it is loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -131,7 +132,10 @@ def _allocated_chunks(region) -> Iterator[int]:
         try:
             data = os.lseek(region.fd, pos, os.SEEK_DATA)
             hole = os.lseek(region.fd, data, os.SEEK_HOLE)
-        except OSError:                          # ENXIO: no data after pos
+        except OSError as e:
+            if e.errno == errno.ENXIO:           # no data after pos
+                return
+            yield from range(pos - start, region.size, CHUNK)   # cannot tell: every chunk
             return
         if data >= end:
             return
