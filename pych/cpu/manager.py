@@ -34,6 +34,7 @@ from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
 from pych.hypervisor.kvm.kvm import VCPU_STATE
+from pych.snapshot.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +130,17 @@ class CpuManager:
             self._create_vcpu(cpu)
         for cpu_id, vcpu_state in saved["vcpus"].items():
             vcpu = self.vcpus[int(cpu_id)]
-            for name in VCPU_STATE:
-                if name == "lapic":
-                    # The LAPIC after the MSRs: MSR writes (TSC deadline) need it enabled.
-                    continue
-                vcpu.set_state(name, bytes.fromhex(vcpu_state[name]))
+            last = ("vcpu_events", "mp_state")
+            for name in VCPU_STATE:             # in VCPU_STATE's order (see there)
+                if name not in last:
+                    vcpu.set_state(name, bytes.fromhex(vcpu_state[name]))
             msrs = {int(i, 16): v for i, v in vcpu_state["msrs"].items()}
             accepted = vcpu.set_msrs(msrs)
             if accepted != len(msrs):
-                raise ValueError(f"vCPU {cpu_id}: KVM accepted {accepted} of {len(msrs)} "
+                raise StateError(f"vCPU {cpu_id}: KVM accepted {accepted} of {len(msrs)} "
                                  f"saved MSRs (stopped at {list(msrs)[accepted]:#x})")
-            vcpu.set_state("lapic", bytes.fromhex(vcpu_state["lapic"]))
-            vcpu.set_state("vcpu_events", bytes.fromhex(vcpu_state["vcpu_events"]))
-            vcpu.set_state("mp_state", bytes.fromhex(vcpu_state["mp_state"]))
+            for name in last:
+                vcpu.set_state(name, bytes.fromhex(vcpu_state[name]))
         with self._lock:
             self._paused = True
         for cpu_id in sorted(int(i) for i in saved["vcpus"]):

@@ -268,15 +268,16 @@ class Vm:
 
 
 #: The vCPU state a snapshot saves, by name: (get ioctl, set ioctl, KVM structure). The
-#: order is the order of restoring (as QEMU's kvm_arch_put_registers: XSAVE/FPU before the
-#: XCRs that enable its components; special registers before the LAPIC, whose base the
-#: APIC_BASE in sregs sets; events and MP state last). MSRs are separate (a list of indices).
+#: order is the order of restoring: the FPU, then XSAVE (a superset of it), then the XCRs that
+#: enable its components; special registers (whose APIC base places the LAPIC) before the
+#: LAPIC; events and MP state last. MSRs are separate (a list of indices), restored after the
+#: LAPIC: KVM drops a TSC-deadline write while the LAPIC is not in TSC-deadline mode.
 VCPU_STATE = {
     "regs": (b.KVM_GET_REGS, b.KVM_SET_REGS, b.kvm_regs),
+    "fpu": (b.KVM_GET_FPU, b.KVM_SET_FPU, b.kvm_fpu),
     "xsave": (b.KVM_GET_XSAVE, b.KVM_SET_XSAVE, b.kvm_xsave),
     "xcrs": (b.KVM_GET_XCRS, b.KVM_SET_XCRS, b.kvm_xcrs),
     "sregs": (b.KVM_GET_SREGS, b.KVM_SET_SREGS, b.kvm_sregs),
-    "fpu": (b.KVM_GET_FPU, b.KVM_SET_FPU, b.kvm_fpu),
     "lapic": (b.KVM_GET_LAPIC, b.KVM_SET_LAPIC, b.kvm_lapic_state),
     "debugregs": (b.KVM_GET_DEBUGREGS, b.KVM_SET_DEBUGREGS, b.kvm_debugregs),
     "vcpu_events": (b.KVM_GET_VCPU_EVENTS, b.KVM_SET_VCPU_EVENTS, b.kvm_vcpu_events),
