@@ -64,7 +64,9 @@ def guest(guest_factory, disks):
     rc, out = g.run("echo online > /sys/devices/system/memory/auto_online_blocks; "
                     "mkdir -p /mnt/snap && mount -t tmpfs tmpfs /mnt/snap && echo ok")
     assert (rc, out) == (0, "ok"), out
-    return g
+    yield g
+    if getattr(g, "restored", None) is not None:
+        g.restored.stop()                           # the second pych, not the factory's
 
 
 def api(path: str, endpoint: str, body=None) -> tuple[int, str]:
