@@ -79,17 +79,19 @@ class Vm:
     def restore(self, saved: dict, load_memory: Callable[[GuestMemory], None]) -> None:
         """Build the VM a snapshot's ``saved`` state (:meth:`state`) describes, from the
         snapshot's configuration: RAM as it was (boot RAM, DIMMs), its contents from
-        ``load_memory``, every device at its slot with its state, the vCPUs' and the
-        irqchip's, PIT's and bus devices' state. The VM is paused: :meth:`resume` continues
+        ``load_memory``, the vCPUs', irqchip's and PIT's state, every device at its slot
+        with its state, and the bus devices'. The VM is paused: :meth:`resume` continues
         the guest with its clock and TSCs where they stopped."""
         try:
             self._assemble(saved)
             load_memory(self.guest_memory)
-            self.devices.restore_state(saved["devices"])
+            # vCPUs (LAPICs) and the irqchip first: a device restarting its queues may
+            # interrupt the guest at once, and that must not be overwritten.
             self.cpus.restore_state(saved["cpus"])
             for chip in saved["irqchip"]:
                 self.kvm_vm.set_irqchip(bytes.fromhex(chip))
             self.kvm_vm.set_pit2(bytes.fromhex(saved["pit"]))
+            self.devices.restore_state(saved["devices"])
             devices = self._bus_devices()
             if set(devices) != set(saved["bus"]):
                 raise VmError("the snapshot's platform devices are not this VM's: "
