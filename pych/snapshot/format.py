@@ -172,6 +172,22 @@ def read_manifest(source: Path) -> dict:
     return manifest
 
 
+def check_files(source: Path, manifest: dict) -> None:
+    """Each memory file is there and as large as its region (before anything is built; the
+    contents are checked as they are loaded)."""
+    for entry in manifest["memory"]:
+        if entry["file"] is None:
+            continue
+        path = source / entry["file"]
+        try:
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise SnapshotError(f"cannot read {path}: {e.strerror}") from None
+        if size != entry["size"]:
+            raise SnapshotError(f"{path} is truncated or resized: {size} bytes, "
+                                f"{entry['size']} expected")
+
+
 def load_memory(source: Path, manifest: dict, guest_memory) -> None:
     """Copy each saved region's extents into the restored region of the same name, checking
     the region's place and size and the file's checksum."""

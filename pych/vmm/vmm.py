@@ -270,6 +270,7 @@ class Vmm(ControlLoop, RequestHandler):
             with domain_errors("Error restoring VM", otherwise=InternalError):
                 source = snapshot_format.directory_of(restore.source_url)
                 manifest = snapshot_format.read_manifest(source)
+                snapshot_format.check_files(source, manifest)
                 try:
                     config = VmConfig.model_validate(manifest["config"])
                 except ValueError as e:

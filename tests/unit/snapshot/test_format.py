@@ -91,6 +91,8 @@ def test_a_truncated_manifest_or_memory_file_is_refused(memory, tmp_path):
     snapshot(memory, tmp_path / "snap")
     manifest = fmt.read_manifest(tmp_path / "snap")
     os.truncate(tmp_path / "snap" / "dimm0.mem", MiB)
+    with pytest.raises(fmt.SnapshotError, match="dimm0.mem is truncated"):
+        fmt.check_files(tmp_path / "snap", manifest)
     with pytest.raises(fmt.SnapshotError, match="truncated"):
         fmt.load_memory(tmp_path / "snap", manifest, memory)
     text = (tmp_path / "snap" / "manifest.json").read_text()
