@@ -70,46 +70,107 @@ class Vm:
 
     # --- assembly -----------------------------------------------------------------------------
     def boot(self) -> None:
-        cfg = self.config
+        """Build the VM from its configuration, load the payload and start the vCPUs."""
         try:
-            kvm_vm = self.kvm_vm = self.kvm.create_vm()
-            kvm_vm.set_tss_address(layout.TSS_ADDRESS)
-            kvm_vm.set_identity_map_address(layout.IDENTITY_MAP_ADDRESS)
-            kvm_vm.disable_halt_polling()
-            kvm_vm.create_irqchip()
-            kvm_vm.create_pit2()
-            self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(kvm_vm, layout.GED_IRQ),
-                                                  layout.ACPI_GED_ADDR)
-            self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
-            self.memory = MemoryManager(cfg.memory, kvm_vm, self.mmio, notify=self.ged.notify)
-            self.memory.create_boot_memory()
-            self._create_legacy_devices()
-            self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
-            self.devices = DeviceManager(
-                cfg, self.guest_memory, self.mmio, self.pio, msi=KvmMsiInterruptManager(kvm_vm),
-                ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
-                mmio64=self.mmio64, notify=self.ged.notify,
-                virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
-                vhost_user=self.vhost_user, on_guest_event=self.on_guest_event,
-                on_device_failed=self.on_device_failed)
-            self.devices.create_boot_devices()
-            self.memory.add_region_listener(self.devices.memory_region_added,
-                                            self.devices.memory_region_removed)
-            self.memory.add_block_listener(self.devices.dma_map, self.devices.dma_unmap)
-            topo = cfg.cpus.topology
-            self.cpus = CpuManager(
-                self.kvm, kvm_vm, self.pio, self.mmio,
-                boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
-                topology=Topology(topo.threads_per_core, topo.cores_per_die,
-                                  topo.dies_per_package, topo.packages) if topo else None,
-                on_exit=self._guest_exit, notify=self.ged.notify,
-                affinity=cfg.cpus.affinity_map())
+            self._assemble(None)
             kernel = self._load_payload()
             self.cpus.create_boot_vcpus(kernel)
             self.cpus.start()
         except Exception:
             self.close()
             raise
+
+    def restore(self, saved: dict, load_memory: Callable[[GuestMemory], None]) -> None:
+        """Build the VM a snapshot's ``saved`` state (:meth:`state`) describes, from the
+        snapshot's configuration: RAM as it was (boot RAM, DIMMs), its contents from
+        ``load_memory``, the vCPUs', irqchip's and PIT's state, every device at its slot
+        with its state, and the bus devices'. The VM is paused: :meth:`resume` continues
+        the guest with its clock and TSCs where they stopped."""
+        try:
+            self._assemble(saved)
+            load_memory(self.guest_memory)
+            # vCPUs (LAPICs) and the irqchip first: a device restarting its queues may
+            # interrupt the guest at once, and that must not be overwritten.
+            self.cpus.restore_state(saved["cpus"])
+            for chip in saved["irqchip"]:
+                self.kvm_vm.set_irqchip(bytes.fromhex(chip))
+            self.kvm_vm.set_pit2(bytes.fromhex(saved["pit"]))
+            self.devices.restore_state(saved["devices"])
+            devices = self._bus_devices()
+            if set(devices) != set(saved["bus"]):
+                raise VmError("the snapshot's platform devices are not this VM's: "
+                              f"{sorted(set(devices) ^ set(saved['bus']))}")
+            for key, device in devices.items():
+                device.restore_state(saved["bus"][key])
+            self._paused_clock = saved["clock"]
+            self._paused_tsc = {int(i): tsc for i, tsc in saved["tsc"].items()}
+        except Exception:
+            self.close()
+            raise
+
+    def save_state(self) -> dict:
+        """The VM's state for a snapshot; the VM must be paused (:meth:`pause`). The guest
+        clock and TSCs are the ones :meth:`pause` froze; every bus device with a
+        ``state()`` (serial, CMOS, GED, the CPU, memory and PCI hot plug register blocks) is
+        found by walking the buses, every PCI device by the device manager."""
+        kvm_vm = self.kvm_vm
+        return {
+            "clock": self._paused_clock,
+            "tsc": {str(i): tsc for i, tsc in self._paused_tsc.items()},
+            "irqchip": [kvm_vm.get_irqchip(chip).hex() for chip in (0, 1, 2)],
+            "pit": kvm_vm.get_pit2().hex(),
+            "memory": self.memory.save_state(),
+            "cpus": self.cpus.save_state(),
+            "devices": self.devices.save_state(),
+            "bus": {key: device.save_state() for key, device in self._bus_devices().items()},
+        }
+
+    def _bus_devices(self) -> dict:
+        """Every device on the port and MMIO buses that keeps state, by bus and address."""
+        return {f"{bus.name}@{base:#x}": device
+                for bus in (self.pio, self.mmio) for base, _, device in bus
+                if callable(getattr(device, "save_state", None))}
+
+    def _assemble(self, saved: dict | None) -> None:
+        """The KVM VM, memory, platform and PCI devices and the CPU manager: from the
+        configuration (a boot), or as the snapshot state ``saved`` has them (a restore)."""
+        cfg = self.config
+        kvm_vm = self.kvm_vm = self.kvm.create_vm()
+        kvm_vm.set_tss_address(layout.TSS_ADDRESS)
+        kvm_vm.set_identity_map_address(layout.IDENTITY_MAP_ADDRESS)
+        kvm_vm.disable_halt_polling()
+        kvm_vm.create_irqchip()
+        kvm_vm.create_pit2()
+        self.ged = acpi_devices.AcpiGedDevice(KvmIrqLine(kvm_vm, layout.GED_IRQ),
+                                              layout.ACPI_GED_ADDR)
+        self.mmio.insert(layout.ACPI_GED_ADDR, 1, self.ged)
+        self.memory = MemoryManager(cfg.memory, kvm_vm, self.mmio, notify=self.ged.notify)
+        if saved is None:
+            self.memory.create_boot_memory()
+        else:
+            self.memory.restore_state(saved["memory"])
+        self._create_legacy_devices()
+        self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
+        self.devices = DeviceManager(
+            cfg, self.guest_memory, self.mmio, self.pio, msi=KvmMsiInterruptManager(kvm_vm),
+            ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
+            mmio64=self.mmio64, notify=self.ged.notify,
+            virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
+            vhost_user=self.vhost_user, on_guest_event=self.on_guest_event,
+            on_device_failed=self.on_device_failed,
+            restore_slots=saved["devices"]["slots"] if saved is not None else None)
+        self.devices.create_boot_devices()
+        self.memory.add_region_listener(self.devices.memory_region_added,
+                                        self.devices.memory_region_removed)
+        self.memory.add_block_listener(self.devices.dma_map, self.devices.dma_unmap)
+        topo = cfg.cpus.topology
+        self.cpus = CpuManager(
+            self.kvm, kvm_vm, self.pio, self.mmio,
+            boot_vcpus=cfg.cpus.boot_vcpus, max_vcpus=cfg.cpus.max_vcpus,
+            topology=Topology(topo.threads_per_core, topo.cores_per_die,
+                              topo.dies_per_package, topo.packages) if topo else None,
+            on_exit=self._guest_exit, notify=self.ged.notify,
+            affinity=cfg.cpus.affinity_map())
 
     def _create_legacy_devices(self) -> None:
         irq4 = KvmIrqLine(self.kvm_vm, layout.SERIAL_IRQ)

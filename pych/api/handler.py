@@ -32,11 +32,13 @@ if TYPE_CHECKING:
         NetConfig,
         PciDeviceInfo,
         PmemConfig,
+        RestoreConfig,
         VmConfig,
         VmRemoveDevice,
         VmResize,
         VmResizeDisk,
         VmResizeZone,
+        VmSnapshotConfig,
         VsockConfig,
     )
 
@@ -168,3 +170,14 @@ class RequestHandler(Protocol):
     def vm_remove_device(self, request: VmRemoveDevice) -> None:
         """``PUT /vm.remove-device``: ask the guest to eject; 204 once requested."""
         raise _unsupported("vm.remove-device")
+
+    # -- snapshot -------------------------------------------------------------
+
+    def vm_snapshot(self, config: VmSnapshotConfig) -> None:
+        """``PUT /vm.snapshot``: save the paused VM to ``destination_url``."""
+        raise _unsupported("vm.snapshot")
+
+    def vm_restore(self, config: RestoreConfig, fds: list[int]) -> None:
+        """``PUT /vm.restore``: a paused VM from the snapshot at ``source_url``; ``fds``
+        are net devices' new tap fds (``net_fds``)."""
+        raise _unsupported("vm.restore", fds)

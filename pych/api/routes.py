@@ -208,9 +208,10 @@ ROUTES: tuple[Route, ...] = (
     _put("vm.remove-device", VmRemoveDevice, lambda h, request: h.vm_remove_device(request),
          RemoteCommand("remove-device", "Remove VFIO and PCI device")),
     # -- snapshot, dump, migration
-    _put("vm.snapshot", VmSnapshotConfig, None,
+    _put("vm.snapshot", VmSnapshotConfig, lambda h, config: h.vm_snapshot(config),
          RemoteCommand("snapshot", "Create a snapshot from VM", url=True)),
-    _put_fds("vm.restore", RestoreConfig, None,  # fds: memory fds, then net fds
+    _put_fds("vm.restore", RestoreConfig, lambda h, config, fds: h.vm_restore(config, fds),
+             # fds: net devices' new tap fds
              RemoteCommand("restore", "Restore VM from a snapshot", syntax="restore")),
     _put("vm.coredump", VmCoredumpData, None,
          RemoteCommand("coredump", "Create a coredump from VM", url=True)),

@@ -376,6 +376,19 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
     return config
 
 
+def _restore_from_args(args: argparse.Namespace, config: VmConfig | None):
+    """``--restore source_url=...``: the ``RestoreConfig``; it restores a whole VM, so it
+    takes no payload or other VM option (the snapshot has the configuration)."""
+    if args.restore is None:
+        return None
+    if config is not None:
+        raise CliError("--restore cannot be combined with --kernel or --firmware: the "
+                       "snapshot holds the VM's configuration")
+    from pych.config import RestoreConfig
+    support.check_cli_keys(RestoreConfig, args.restore)
+    return RestoreConfig.parse(args.restore)
+
+
 def _or(value: str | None, default: str) -> str:
     return default if value is None else value
 
@@ -405,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pych v{_version()}")
             return 0
         config = config_from_args(args)
+        restore = _restore_from_args(args, config)
     except (CliError, ConfigError, OptionParserError) as err:
         print(f"pych: error: {err}", file=sys.stderr)
         return 2
@@ -414,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pych.cli import process  # the VMM and KVM, not needed for --help
 
     try:
-        return process.run(config, args)
+        return process.run(config, args, restore)
     except KeyboardInterrupt:
         return 130
 

@@ -23,8 +23,9 @@ from pych.vmm import Vmm
 log = logging.getLogger(__name__)
 
 
-def run(config, args: argparse.Namespace) -> int:
-    """``pych``'s main: boot ``config`` (if given), serve the API, return the exit code."""
+def run(config, args: argparse.Namespace, restore=None) -> int:
+    """``pych``'s main: boot ``config`` or restore the snapshot of ``restore`` (a
+    ``RestoreConfig``, ``--restore``; if given), serve the API, return the exit code."""
     _setup_logging(args)
     set_native_name("pych")          # the main thread: the control loop (vCPUs are vcpu<N>)
     install_kick_handler()
@@ -70,6 +71,13 @@ def run(config, args: argparse.Namespace) -> int:
                 return 2
             except VmmError as e:
                 print(f"pych: error: {': '.join(e.messages[1:] or e.messages)}", file=sys.stderr)
+                return 1
+        elif restore is not None:
+            try:
+                vmm.vm_restore(restore, [fd for net in restore.net_fds or ()
+                                         for fd in net.fds or ()])
+            except VmmError as e:
+                print(f"pych: error: {': '.join(e.messages)}", file=sys.stderr)
                 return 1
         elif server is None:
             print("pych: error: nothing to do: give --kernel or --api-socket", file=sys.stderr)

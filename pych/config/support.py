@@ -492,7 +492,9 @@ PROCESS_OPTIONS: Mapping[str, Entry] = {
     "--seccomp": Works("pych's own filter, installed on the vCPU threads"),
     "--log-format": Refused("pych writes its log lines in one format"),
     "--no-shutdown": Refused("pych exits when the guest powers off"),
-    "--restore": Refused("pych restores no snapshots (vm.restore is not supported either)"),
+    "--restore": Works("a pych snapshot (docs/snapshot.md): source_url=file:///<dir>, prefault, "
+                       "net_fds, resume; memory_restore_mode=ondemand, vfio_fds, iommufd_fd "
+                       "and zone_updates are refused"),
 }
 """The options of the ``pych`` process itself (no VM configuration): the command line
 accepts those that work and refuses the others (``--restore is not supported yet``)."""

@@ -21,6 +21,7 @@ from pych.acpi.aml import (
     While,
 )
 from pych.guest_log import GuestLog
+from pych.snapshot import state as snap
 
 log = logging.getLogger(__name__)
 _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
@@ -121,6 +122,15 @@ class CpuHotplugController:
             if self._is_active(cpu_id):
                 return VcpuState.PRESENT if slot.known else VcpuState.INSERTING
             return VcpuState.EJECTED if slot.ejected else VcpuState.ABSENT
+
+    def save_state(self) -> dict:
+        """The selection and every slot's bits (inserting, removing, pending removal, ...)."""
+        with self._lock:
+            return snap.save(self, ("_selected", "_slots"))
+
+    def restore_state(self, saved: dict) -> None:
+        with self._lock:
+            snap.load(self, ("_selected", "_slots"), saved)
 
     # --- guest side (vCPU threads) ------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

@@ -34,6 +34,8 @@ from pych.cpu.vcpu import VcpuThread
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
+from pych.hypervisor.kvm.kvm import VCPU_STATE
+from pych.snapshot.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,50 @@ class CpuManager:
             if cpu_id == 0:
                 vcpu.set_sregs(boot.boot_sregs(vcpu.get_sregs(), kernel.protocol))
                 vcpu.set_regs(boot.boot_regs(kernel))
+
+    # --- snapshot (VMM thread, vCPUs paused) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """Every running vCPU's KVM state (registers, special registers, FPU, XSAVE, XCRs,
+        MSRs, LAPIC, debug registers, events, MP state: :data:`VCPU_STATE`) and how many KVM
+        vCPUs exist (ejected ones are kept for reuse). The ``PRES`` block is a bus device,
+        saved with the others (:meth:`pych.vm.Vm.state`)."""
+        msrs = self._saved_msr_indices()
+        return {
+            "created": len(self.vcpus),
+            "vcpus": {str(cpu): {**{name: self.vcpus[cpu].get_state(name).hex()
+                                    for name in VCPU_STATE},
+                                 "msrs": {f"{i:#x}": v for i, v in
+                                          self.vcpus[cpu].get_msrs(msrs).items()}}
+                      for cpu in sorted(self.threads)},
+        }
+
+    def _saved_msr_indices(self) -> list[int]:
+        """KVM's MSR index list plus the boot MSRs it does not list (the MTRR default type)."""
+        indices = self.kvm.msr_index_list()
+        return indices + [i for i in boot.BOOT_MSRS if i not in indices]
+
+    def restore_state(self, saved: dict) -> None:
+        """Create the vCPUs of a snapshot (as many as it had), put each running one's state
+        back and start its thread parked (the VM comes up paused)."""
+        for cpu in range(saved["created"]):
+            self._create_vcpu(cpu)
+        for cpu_id, vcpu_state in saved["vcpus"].items():
+            vcpu = self.vcpus[int(cpu_id)]
+            last = ("vcpu_events", "mp_state")
+            for name in VCPU_STATE:             # in VCPU_STATE's order (see there)
+                if name not in last:
+                    vcpu.set_state(name, bytes.fromhex(vcpu_state[name]))
+            msrs = {int(i, 16): v for i, v in vcpu_state["msrs"].items()}
+            accepted = vcpu.set_msrs(msrs)
+            if accepted != len(msrs):
+                raise StateError(f"vCPU {cpu_id}: KVM accepted {accepted} of {len(msrs)} "
+                                 f"saved MSRs (stopped at {list(msrs)[accepted]:#x})")
+            for name in last:
+                vcpu.set_state(name, bytes.fromhex(vcpu_state[name]))
+        with self._lock:
+            self._paused = True
+        for cpu_id in sorted(int(i) for i in saved["vcpus"]):
+            self._start_thread(cpu_id)
 
     def to_aml(self) -> bytes:
         """The CPU hot plug controller's AML and the processor objects (see

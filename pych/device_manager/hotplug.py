@@ -18,6 +18,7 @@ from pych.acpi.aml import (
 )
 from pych.devices.pci.bus import NUM_DEVICE_SLOTS
 from pych.guest_log import GuestLog
+from pych.snapshot import state as snap
 
 log = logging.getLogger(__name__)
 _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
@@ -64,6 +65,15 @@ class PciHotplugController:
     def removal_requested(self, segment: int, slot: int) -> None:
         with self._lock:
             self._down[segment] |= 1 << slot
+
+    def save_state(self) -> dict:
+        """PCIU and PCID bits the guest has not read yet, and the selected segment."""
+        with self._lock:
+            return snap.save(self, ("_up", "_down", "_segment"))
+
+    def restore_state(self, saved: dict) -> None:
+        with self._lock:
+            snap.load(self, ("_up", "_down", "_segment"), saved)
 
     def read(self, offset: int, size: int) -> int:
         if size != 4:

@@ -45,6 +45,7 @@ from pych.devices.virtio.device import VirtioDevice
 from pych.devices.virtio.vhost_user_device import VhostUserDevice
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.memory.guest_memory import GuestMemory
+from pych.snapshot.state import NotSnapshottable
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class DeviceManager:
                  irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
                  dma_ranges=None, vhost_user: VhostUserConnections | None = None,
                  on_guest_event: Callable[[str], None] | None = None,
-                 on_device_failed: Callable[[str, str], None] | None = None):
+                 on_device_failed: Callable[[str, str], None] | None = None,
+                 restore_slots: dict[str, dict] | None = None):
         self.config = config
         self.on_device_failed = on_device_failed   # (id, why), from a device's own thread
         self.mem = mem
@@ -116,6 +118,8 @@ class DeviceManager:
         self.vhost_user = vhost_user      # the VMM's: vhost-user connections kept across reboots
         self.on_guest_event = on_guest_event  # pvpanic: "panic", "crash-loaded" (vCPU thread)
         self.pvpanic: PvPanicDevice | None = None
+        # A restore: each device's slot and BAR width as the snapshot had them (see state())
+        self._restore_slots = restore_slots
         self.mmio64 = mmio64
         # Each segment its bus, ECAM window and shares of the MMIO windows (BARs, pmem).
         mmio32_weights, mmio64_weights = aperture_weights(config)
@@ -171,13 +175,16 @@ class DeviceManager:
                    if _created_at_boot(kind, cfg)]
         unnamed = [c for c in configs if c.id is None]
         try:
+            if self._restore_slots is not None:
+                for placed in self._restore_slots.values():
+                    self.pci.reserve_slot(placed["slot"])
             for c in configs:
-                if c.pci_device_id is not None:
+                if c.pci_device_id is not None and self._restore_slots is None:
                     self.segments[c.pci_segment].bus.reserve_slot(c.pci_device_id)
             for kind in DEVICE_KINDS:
                 if kind.name == "balloon":      # the reference creates virtio-mem devices here
                     for zone in self.virtio_mem:
-                        self._place_virtio(zone.id, zone.device)
+                        self._place_virtio(zone.id, zone.device, self._restored_slot(zone.id))
                 for cfg in kind.configs(self.config):
                     if _created_at_boot(kind, cfg):
                         self._add_boot_device(kind, cfg)
@@ -203,9 +210,22 @@ class DeviceManager:
             self.balloon = device
         # The reference's rule: a 32-bit BAR only for boot devices of segment 0 that ask
         # for one (disks, for firmware).
-        self._place_virtio(dev_id, device, cfg.pci_device_id, kind=kind,
-                           segment=cfg.pci_segment,
-                           use_64bit_bar=factory.boot_64bit_bar or cfg.pci_segment > 0)
+        slot = cfg.pci_device_id
+        use_64bit_bar = factory.boot_64bit_bar or cfg.pci_segment > 0
+        if self._restore_slots is not None:
+            slot = self._restored_slot(dev_id)
+            use_64bit_bar = self._restore_slots[dev_id]["bar64"]
+        self._place_virtio(dev_id, device, slot, kind=kind, segment=cfg.pci_segment,
+                           use_64bit_bar=use_64bit_bar)
+
+    def _restored_slot(self, dev_id: str) -> int | None:
+        if self._restore_slots is None:
+            return None
+        placed = self._restore_slots.get(dev_id)
+        if placed is None:
+            raise DeviceManagerError(f"the snapshot has no device {dev_id}, which the "
+                                     "configuration lists")
+        return placed["slot"]
 
     def _add_pvpanic(self) -> None:
         """``--pvpanic``: the PCI pvpanic device after the others, as the reference places
@@ -216,6 +236,53 @@ class DeviceManager:
         self.pvpanic = device
         self.tree.add_pci(PVPANIC_ID, address)
         log.info("%s at %s", PVPANIC_ID, address)
+
+    # --- snapshot (VMM thread, VM paused) ---------------------------------------------------------
+    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console"})
+    """The device kinds whose whole state pych saves (the others are refused by name)."""
+
+    def save_state(self) -> dict:
+        """Every device's slot and BAR width (:meth:`slots`: a restore places them there),
+        each device's state (config space, MSI-X, virtio registers and queues) and the id
+        counter (the ``PHPR`` block is a bus device, saved with the others). Raises NotSnapshottable for a device pych cannot save
+        yet, and while a removal is pending (the guest may eject the device at any time)."""
+        with self._lock:
+            if self._pending_removal:
+                raise NotSnapshottable("a device removal is pending (the guest has not ejected "
+                                 f"{', '.join(sorted(self._pending_removal))} yet): retry "
+                                 "once it has")
+            if self.vfio_devices:
+                raise NotSnapshottable("VFIO devices cannot be snapshotted "
+                                 f"({', '.join(self.vfio_devices)})")
+            for dev_id in self.devices:
+                kind = self._kinds.get(dev_id)
+                name = kind.name if kind is not None else "virtio-mem"
+                if isinstance(self.devices[dev_id], VhostUserDevice):
+                    raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot devices "
+                                           "served by a vhost-user back-end yet")
+                if name not in self.SNAPSHOT_KINDS:
+                    raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
+                                     f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+            return {
+                "slots": {dev_id: {"slot": self._location(d)[1],
+                                   "bar64": d.config.bar(0).is_64bit}
+                          for dev_id, d in self.devices.items()},
+                "devices": {dev_id: d.save_state() for dev_id, d in self.devices.items()},
+                "id_counter": self._id_counter,
+            }
+
+    def restore_state(self, saved: dict) -> None:
+        """After :meth:`create_boot_devices` placed the devices at their saved slots: each
+        device's state, BARs where the guest had them, the id counter."""
+        missing = set(saved["devices"]) ^ set(self.devices)
+        if missing:
+            raise DeviceManagerError("the snapshot's devices and its configuration's differ: "
+                                     + ", ".join(sorted(missing)))
+        for dev_id, device in self.devices.items():
+            device.restore_state(saved["devices"][dev_id])
+        for segment in self.segments:
+            segment.bus.restore_bars()
+        self._id_counter = saved["id_counter"]
 
     def _build(self, factory: Factory, cfg, dev_id: str) -> VirtioDevice:
         """``factory`` applied to ``cfg`` (on its PCI segment: pmem maps into that segment's

@@ -27,6 +27,7 @@ from pych.arch.x86_64 import layout
 from pych.devices.interrupt import IrqLine
 from pych.devices.pci.bus import NUM_DEVICE_SLOTS
 from pych.guest_log import GuestLog
+from pych.snapshot import state as snap
 
 log = logging.getLogger(__name__)
 _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
@@ -66,6 +67,15 @@ class AcpiGedDevice:
         with self._lock:
             self._pending |= events
         self._irq.pulse()
+
+    def save_state(self) -> dict:
+        """The events latched and not yet read by the guest."""
+        with self._lock:
+            return snap.save(self, ("_pending",))
+
+    def restore_state(self, saved: dict) -> None:
+        with self._lock:
+            snap.load(self, ("_pending",), saved)
 
     def read(self, offset: int, size: int) -> int:
         if offset != 0 or size != 1:

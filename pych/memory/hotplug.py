@@ -18,6 +18,7 @@ from pych.acpi.aml import (
     ResourceTemplate, Return, Store, String, Subtract, While,
 )
 from pych.guest_log import GuestLog
+from pych.snapshot import state as snap
 
 log = logging.getLogger(__name__)
 _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
@@ -111,6 +112,15 @@ class MemoryHotplugController:
         """A consistent copy of every slot."""
         with self._lock:
             return [DimmSlot(**vars(slot)) for slot in self.slots]
+
+    def save_state(self) -> dict:
+        """The selection, the ``_OST`` event awaiting its status and every slot."""
+        with self._lock:
+            return snap.save(self, ("_selected", "_event", "slots"))
+
+    def restore_state(self, saved: dict) -> None:
+        with self._lock:
+            snap.load(self, ("_selected", "_event", "slots"), saved)
 
     def dimms_info(self) -> list[dict]:
         """``vm.info``'s entry for each plugged DIMM (see ``MemoryManager.hotplug_info``)."""

@@ -67,8 +67,9 @@ from pych.memory.hotplug import DimmSlot, MemoryHotplugController, memory_hotplu
 from pych.memory.layout import (HOTPLUG_ALIGNMENT, boot_ram_layout, hotplug_region_start,
                                 virtio_mem_layout)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError
-from pych.memory.zones import (MemoryZone, VirtioMemZone, prefault, transparent_huge_pages,
-                               zone_specs)
+from pych.memory.zones import (DEFAULT_MEMORY_ZONE, MemoryZone, VirtioMemZone, prefault,
+                               transparent_huge_pages, zone_specs)
+from pych.snapshot.state import NotSnapshottable
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,50 @@ class MemoryManager:
         for block in _blocks(region, gpa, size):
             for listeners in self._block_listeners:
                 listeners[which](block)
+
+    # --- snapshot -------------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The layout of this boot's RAM: each zone's boot RAM as booted (the configuration
+        may already say more, for the next boot) and every plugged DIMM (the ``MHPC`` block
+        is a bus device, saved with the others). The contents are saved region by region (:meth:`saved_regions`)."""
+        if self.virtio_mem_zones:
+            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
+        return {
+            "zones": {zone_id: sum(r.size for r in zone.regions)
+                      for zone_id, zone in self.zones.items()},
+            "dimms": {str(slot): {"gpa": r.gpa, "size": r.size}
+                      for slot, r in self._dimm_regions.items()},
+            "dimms_used": self._dimms,
+        }
+
+    def saved_regions(self) -> list[tuple[MemoryRegion, bool]]:
+        """Each RAM region, and whether a snapshot copies it: not a region mapped shared
+        from the zone's own ``file``, which is the guest's memory itself (recorded by path
+        in the configuration, not copied)."""
+        shared_files = {id(r) for zone in self.zones.values()
+                        if zone.spec.file and zone.spec.shared for r in zone.regions}
+        return [(r, id(r) not in shared_files) for r in self.guest_memory.regions]
+
+    def restore_state(self, saved: dict) -> None:
+        """Map this boot's RAM as a snapshot had it (instead of :meth:`create_boot_memory`):
+        each zone's boot RAM at its booted size, then every DIMM in its slot. The contents are loaded by the caller."""
+        live = self.config
+        zones = saved["zones"]
+        if live.zones:
+            booted = live.model_copy(update={"zones": [
+                z.model_copy(update={"size": zones[z.id]}) for z in live.zones]})
+        else:
+            booted = live.model_copy(update={"size": zones[DEFAULT_MEMORY_ZONE]})
+        self.config = booted
+        try:
+            self.create_boot_memory()
+        finally:
+            self.config = live
+        for slot, dimm in sorted(saved["dimms"].items(), key=lambda item: int(item[0])):
+            region = self.guest_memory.add_region(dimm["gpa"], dimm["size"], name=f"dimm{slot}")
+            region.slot = self.kvm_vm.add_memory(region.gpa, region.size, region.host_addr)
+            self._dimm_regions[int(slot)] = region
+        self._dimms = saved["dimms_used"]
 
     # --- vm.resize (pych.memory.resize validates the request, then calls these) -------------
     def resize(self, desired: int) -> bool:

@@ -31,6 +31,8 @@ def translations() -> tuple[tuple[type[Exception], type[VmmError]], ...]:
                                              DeviceManagerError, InvalidDiskResize,
                                              UnknownDeviceId)
     from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
+    from pych.snapshot.format import SnapshotError
+    from pych.snapshot.state import NotSnapshottable, StateError
     return (
         (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
         (UnknownDeviceId, NotFound),
@@ -41,6 +43,9 @@ def translations() -> tuple[tuple[type[Exception], type[VmmError]], ...]:
         (UnknownMemoryZone, NotFound),
         (InvalidMemoryResize, InvalidRequest),
         (MemoryResizeError, InternalError),     # e.g. no hot plug slot left
+        (SnapshotError, InvalidRequest),        # a snapshot URL, directory or file the client gave
+        (NotSnapshottable, InvalidRequest),     # a device pych cannot save, a removal pending
+        (StateError, InvalidRequest),           # saved state that does not fit this pych's VM
     )
 
 

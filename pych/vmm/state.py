@@ -46,6 +46,7 @@ class VmState(enum.Enum):
 _NEXT: dict[VmState, frozenset[VmState]] = {
     VmState.NotCreated: frozenset({
         VmState.Created,                    # vm.create
+        VmState.Paused,                     # vm.restore: a restored VM comes up paused
     }),
     VmState.Created: frozenset({
         VmState.Running,                    # vm.boot

@@ -28,6 +28,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from pych.snapshot import state as snap
+
 PORT_COUNT = 2
 INDEX = 0
 DATA = 1
@@ -84,6 +86,13 @@ class Cmos:
         _put_le(self._ram, 0x30, 2, extended_kib)
         _put_le(self._ram, 0x34, 2, min(0xFFFF, max(0, mem_below_4g - 16 * _MiB) // (64 * _KiB)))
         _put_le(self._ram, 0x5B, 3, min(0xFF_FFFF, mem_above_4g // (64 * _KiB)))
+
+    def save_state(self) -> dict:
+        """The index register and the 128 bytes of CMOS RAM (the clock is the host's)."""
+        return snap.save(self, ("_index", "_ram"))
+
+    def restore_state(self, saved: dict) -> None:
+        snap.load(self, ("_index", "_ram"), saved)
 
     def read(self, offset: int, size: int) -> int:
         if size != 1 or offset != DATA:

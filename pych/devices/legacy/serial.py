@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pych.devices.interrupt import IrqLine
+from pych.snapshot import state as snap
 
 # --- Register offsets ---------------------------------------------------------------------
 RBR = 0             # receive buffer (read, DLAB=0)
@@ -140,6 +141,21 @@ class Serial:
         self._rx: deque[int] = deque()      # the guest-visible RX FIFO
         self._backlog: deque[int] = deque() # host input not yet in the FIFO
         self._irq_level = False
+
+    # --- snapshot ----------------------------------------------------------------------------
+    _STATE = ("_ier", "_lcr", "_mcr", "_scr", "_divisor", "_fifo_enabled", "_rx_trigger",
+              "_lsr_errors", "_modem_lines", "_msr_deltas", "_thr_pending", "_rx", "_backlog",
+              "_irq_level")
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return snap.save(self, self._STATE)
+
+    def restore_state(self, saved: dict) -> None:
+        """The registers and FIFOs as saved; the IRQ line's level is the in-kernel
+        irqchip's, restored with it."""
+        with self._lock:
+            snap.load(self, self._STATE, saved)
 
     # --- BusDevice ---------------------------------------------------------------------------
 

@@ -272,6 +272,26 @@ class PciBus:
         if self._on_bar_moved is not None:
             self._on_bar_moved(device, BarMove(self.segment, slot, bar.index, bar.size, old, new))
 
+    def restore_bars(self) -> None:
+        """After the devices' config spaces were restored from a snapshot: take every BAR
+        off its VMM-chosen address, then claim and map each where the saved config space
+        says the guest put it (two passes, so one device's new address never collides with
+        another's old one)."""
+        with self._lock:
+            for slot, device in self.devices():
+                for state in self._bar_states.get(slot, ()):
+                    self._map(slot, device, state, None)
+                    self._free_bar(state)
+            for slot, device in self.devices():
+                for state in self._bar_states.get(slot, ()):
+                    address = device.config.bar_address(state.bar.index)
+                    allocator = self._allocator_for(state.bar)
+                    if allocator is not None and allocator.contains(address, state.bar.size):
+                        allocator.claim(address, state.bar.size)
+                        state.allocator, state.allocated = allocator, address
+                    self._map(slot, device, state,
+                              device.config.decoded_bar_address(state.bar.index))
+
     def mapped_bar(self, slot: int, index: int) -> int | None:
         for state in self._bar_states.get(slot, ()):
             if state.bar.index == index:

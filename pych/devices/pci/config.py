@@ -156,6 +156,19 @@ class PciConfiguration:
         new &= ~(value & clearable)
         self._data[offset:offset + size] = new.to_bytes(size, "little")
 
+    # --- snapshot --------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The 256 bytes as the guest left them (BAR addresses, command, capabilities);
+        the write masks and the capability layout come from the device's construction."""
+        return {"data": self._data.hex()}
+
+    def restore_state(self, saved: dict) -> None:
+        data = bytes.fromhex(saved["data"])
+        if len(data) != CONFIG_SPACE_SIZE or data[:4] != self._data[:4]:
+            raise ConfigError("saved PCI config space is not this device's (vendor/device "
+                              f"{data[:4].hex()} != {self._data[:4].hex()})")
+        self._data[:] = data
+
     # --- header helpers -------------------------------------------------------------------
     @property
     def vendor_id(self) -> int:

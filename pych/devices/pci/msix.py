@@ -101,6 +101,24 @@ class MsixController:
             for vector in range(self.num_vectors):
                 self._refresh(vector)
 
+    # --- snapshot --------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"table": self._table.hex(), "pending": self._pending}
+
+    def restore_state(self, saved: dict, config: PciConfiguration) -> None:
+        """The table and pending bits as saved, and the enable and function-mask bits from
+        ``config`` (restored first): every vector's route is pushed to the hypervisor."""
+        table = bytes.fromhex(saved["table"])
+        if len(table) != len(self._table):
+            raise ValueError(f"MSI-X table of {len(table)} bytes saved, the device has "
+                             f"{len(self._table)}")
+        with self._lock:
+            self._table[:] = table
+            self._pending = saved["pending"]
+            self._pushed = [None] * self.num_vectors
+        self.config_written(config, self._cap_offset, 4)
+
     # --- table and PBA (BAR accesses) -----------------------------------------------------
     def read_table(self, offset: int, size: int) -> int:
         if offset < 0 or offset + size > len(self._table):

@@ -155,6 +155,15 @@ class VirtioDevice:
         if interrupt is not None:
             interrupt.notify_config()
 
+    # --- snapshot ------------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """What the device keeps beyond its queues and features (the transport saves
+        those): the config generation; a device with more overrides both methods."""
+        return {"config_generation": self._config_generation}
+
+    def restore_state(self, saved: dict) -> None:
+        self._config_generation = saved["config_generation"]
+
     # --- lifecycle --------------------------------------------------------------------------
     @property
     def active(self) -> bool:

@@ -39,6 +39,7 @@ from pych.devices.pci.interrupts import IoEventRegistrar, MsiInterruptManager
 from pych.devices.pci.msix import MsixController
 from pych.guest_log import GuestLog
 from pych.memory.guest_memory import GuestMemory
+from pych.snapshot import state as snap
 
 from .device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
                      ActivationError, ActiveQueue, DeviceStatus, VirtioDevice, VirtioDeviceType,
@@ -392,7 +393,7 @@ class VirtioPciDevice(PciDevice):
         self.device.ack_features(features)
         return True
 
-    def _activate(self) -> None:
+    def _activate(self, *, restoring: bool = False) -> None:
         device = self.device
         queues: list[ActiveQueue] = []
         try:
@@ -405,6 +406,8 @@ class VirtioPciDevice(PciDevice):
                                   event_idx=device.has_feature(VIRTIO_F_EVENT_IDX),
                                   indirect_desc=device.has_feature(VIRTIO_F_INDIRECT_DESC),
                                   name=f"{device.name}-q{index}")
+                if restoring:
+                    queue.resume_from_ring()
                 queues.append(ActiveQueue(index, queue, self._kick_fds[index]))
             device.activate(self._mem, queues, self)
         except (ActivationError, VirtqueueError) as e:
@@ -432,6 +435,48 @@ class VirtioPciDevice(PciDevice):
         self._queue_select = 0
         for q in self._queues:
             q.reset()
+
+    # --- snapshot ------------------------------------------------------------------------------
+    _STATE = ("_status", "_needs_reset", "_device_feature_select", "_driver_feature_select",
+              "_driver_features", "_config_vector", "_queue_select", "_queues", "_isr",
+              "_intx_asserted")
+
+    def save_state(self) -> dict:
+        """Config space (BARs, command, MSI-X control), the MSI-X table, the common
+        configuration (status, features, queue sizes, vectors and addresses), the queues'
+        positions and the device's own state. Taken with the VM paused."""
+        with self._lock:
+            with self._isr_lock:
+                saved = snap.save(self, self._STATE)
+            saved["config"] = self.config.save_state()
+            saved["msix"] = self.msix.save_state()
+            saved["positions"] = {q.index: q.queue.save_state() for q in self.device.queues.values()}
+            saved["device"] = self.device.save_state()
+        return saved
+
+    def restore_state(self, saved: dict) -> None:
+        """Put the device back as saved, on a new VM before it runs: config space and MSI-X
+        routes first, then the registers; a device the driver had started (DRIVER_OK) is
+        activated on its queues, which carry on from the used rings in guest memory (see
+        :meth:`Virtqueue.resume_from_ring`), and each queue is checked once for requests
+        the driver posted just before the snapshot. BAR mappings follow from config space
+        (the PCI bus re-maps them, :meth:`PciBus.restore_bars`)."""
+        with self._lock:
+            self.config.restore_state(saved["config"])
+            self.msix.restore_state(saved["msix"], self.config)
+            with self._isr_lock:
+                snap.load(self, self._STATE, saved)
+                if self.intx is not None and self._intx_asserted:
+                    self.intx.set_level(True)
+            self.device.restore_state(saved["device"])
+            if not self._status & DeviceStatus.DRIVER_OK or self._needs_reset:
+                if self._status & DeviceStatus.FEATURES_OK:
+                    self.device.ack_features(self._driver_features)
+                return
+            self.device.ack_features(self._driver_features)
+            self._activate(restoring=True)
+            for active in self.device.queues.values():
+                os.eventfd_write(active.kick_fd, 1)
 
     # --- VirtioInterrupt (called from the device's worker thread) ------------------------------
     def notify_queue(self, index: int) -> None:

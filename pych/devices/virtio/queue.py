@@ -260,6 +260,18 @@ class Virtqueue:
     def next_avail(self) -> int:
         return self._next_avail
 
+    def save_state(self) -> dict:
+        return {"next_avail": self._next_avail, "next_used": self._next_used,
+                "signalled_used": self._signalled_used}
+
+    def resume_from_ring(self) -> None:
+        """A restored queue: carry on from the used ring's index in guest memory (restored
+        with the rest of RAM, so the positions cannot disagree with it). Chains the device
+        had taken but not completed when the snapshot was taken are taken again: pych's
+        devices complete a queue's chains in order, so they are the ones after it."""
+        used = self._used[1]
+        self._next_avail = self._next_used = self._signalled_used = used
+
     @property
     def next_used(self) -> int:
         return self._next_used

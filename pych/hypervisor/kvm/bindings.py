@@ -203,6 +203,42 @@ class kvm_signal_mask(Struct):
     _fields_ = [("len", c_uint32)]
 
 
+# State that snapshots save and restore opaquely (the bytes of KVM's x86 ABI structures).
+class kvm_xsave(Struct):
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+class kvm_xcr(Struct):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class kvm_xcrs(Struct):
+    _fields_ = [("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", kvm_xcr * 16),
+                ("padding", c_uint64 * 16)]
+
+
+class kvm_debugregs(Struct):
+    _fields_ = [("db", c_uint64 * 4), ("dr6", c_uint64), ("dr7", c_uint64),
+                ("flags", c_uint64), ("reserved", c_uint64 * 9)]
+
+
+class kvm_irqchip(Struct):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", c_uint8 * 512)]
+
+
+class kvm_pit_channel_state(Struct):
+    _fields_ = [("count", c_uint32), ("latched_count", c_uint16), ("count_latched", c_uint8),
+                ("status_latched", c_uint8), ("status", c_uint8), ("read_state", c_uint8),
+                ("write_state", c_uint8), ("write_latch", c_uint8), ("rw_mode", c_uint8),
+                ("mode", c_uint8), ("bcd", c_uint8), ("gate", c_uint8),
+                ("count_load_time", ctypes.c_int64)]
+
+
+class kvm_pit_state2(Struct):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_uint32),
+                ("reserved", c_uint32 * 9)]
+
+
 # --- ioctls ------------------------------------------------------------------------------
 KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
 KVM_CREATE_VM = _IO(KVMIO, 0x01)
@@ -244,6 +280,16 @@ KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)       # sic: _IOR in <linux/kvm.h>
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
 
 # Ioctls whose argument is a structure, for the size check in the unit tests.
 SIZED_IOCTLS = {
@@ -268,6 +314,11 @@ SIZED_IOCTLS = {
     "KVM_SET_CPUID2": (KVM_SET_CPUID2, kvm_cpuid2, 8),
     "KVM_GET_MP_STATE": (KVM_GET_MP_STATE, kvm_mp_state, 4),
     "KVM_GET_VCPU_EVENTS": (KVM_GET_VCPU_EVENTS, kvm_vcpu_events, 64),
+    "KVM_GET_DEBUGREGS": (KVM_GET_DEBUGREGS, kvm_debugregs, 128),
+    "KVM_GET_XSAVE": (KVM_GET_XSAVE, kvm_xsave, 4096),
+    "KVM_GET_XCRS": (KVM_GET_XCRS, kvm_xcrs, 392),
+    "KVM_GET_IRQCHIP": (KVM_GET_IRQCHIP, kvm_irqchip, 520),
+    "KVM_GET_PIT2": (KVM_GET_PIT2, kvm_pit_state2, 112),
 }
 # Known request values from <linux/kvm.h>, cross-checking the encoder itself.
 KNOWN_REQUEST_VALUES = {
@@ -279,6 +330,10 @@ KNOWN_REQUEST_VALUES = {
     "KVM_SET_CPUID2": (KVM_SET_CPUID2, 0x4008AE90),
     "KVM_IRQFD": (KVM_IRQFD, 0x4020AE76),
     "KVM_IOEVENTFD": (KVM_IOEVENTFD, 0x4040AE79),
+    "KVM_GET_IRQCHIP": (KVM_GET_IRQCHIP, 0xC208AE62),
+    "KVM_SET_IRQCHIP": (KVM_SET_IRQCHIP, 0x8208AE63),
+    "KVM_GET_PIT2": (KVM_GET_PIT2, 0x8070AE9F),
+    "KVM_GET_XSAVE": (KVM_GET_XSAVE, 0x9000AEA4),
 }
 
 # --- capabilities -------------------------------------------------------------------------

@@ -191,6 +191,24 @@ class Vm:
     def set_clock(self, clock: int) -> None:
         _ioctl(self.fd, b.KVM_SET_CLOCK, b.kvm_clock_data(clock=clock))
 
+    # --- state (snapshots) ---------------------------------------------------------------------
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """The in-kernel PIC master (0), slave (1) or IOAPIC (2), as KVM's ``kvm_irqchip``."""
+        c = b.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, b.KVM_GET_IRQCHIP, c)
+        return bytes(c)
+
+    def set_irqchip(self, data: bytes) -> None:
+        _ioctl(self.fd, b.KVM_SET_IRQCHIP, b.kvm_irqchip.from_buffer_copy(data))
+
+    def get_pit2(self) -> bytes:
+        s = b.kvm_pit_state2()
+        _ioctl(self.fd, b.KVM_GET_PIT2, s)
+        return bytes(s)
+
+    def set_pit2(self, data: bytes) -> None:
+        _ioctl(self.fd, b.KVM_SET_PIT2, b.kvm_pit_state2.from_buffer_copy(data))
+
     def irq_line(self, gsi: int, level: bool) -> None:
         _ioctl(self.fd, b.KVM_IRQ_LINE, b.kvm_irq_level(irq=gsi, level=int(level)))
 
@@ -247,6 +265,24 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: The vCPU state a snapshot saves, by name: (get ioctl, set ioctl, KVM structure). The
+#: order is the order of restoring: the FPU, then XSAVE (a superset of it), then the XCRs that
+#: enable its components; special registers (whose APIC base places the LAPIC) before the
+#: LAPIC; events and MP state last. MSRs are separate (a list of indices), restored after the
+#: LAPIC: KVM drops a TSC-deadline write while the LAPIC is not in TSC-deadline mode.
+VCPU_STATE = {
+    "regs": (b.KVM_GET_REGS, b.KVM_SET_REGS, b.kvm_regs),
+    "fpu": (b.KVM_GET_FPU, b.KVM_SET_FPU, b.kvm_fpu),
+    "xsave": (b.KVM_GET_XSAVE, b.KVM_SET_XSAVE, b.kvm_xsave),
+    "xcrs": (b.KVM_GET_XCRS, b.KVM_SET_XCRS, b.kvm_xcrs),
+    "sregs": (b.KVM_GET_SREGS, b.KVM_SET_SREGS, b.kvm_sregs),
+    "lapic": (b.KVM_GET_LAPIC, b.KVM_SET_LAPIC, b.kvm_lapic_state),
+    "debugregs": (b.KVM_GET_DEBUGREGS, b.KVM_SET_DEBUGREGS, b.kvm_debugregs),
+    "vcpu_events": (b.KVM_GET_VCPU_EVENTS, b.KVM_SET_VCPU_EVENTS, b.kvm_vcpu_events),
+    "mp_state": (b.KVM_GET_MP_STATE, b.KVM_SET_MP_STATE, b.kvm_mp_state),
+}
 
 
 # --- decoded exits ---------------------------------------------------------------------------
@@ -361,6 +397,21 @@ class Vcpu:
 
     def set_vcpu_events(self, e: b.kvm_vcpu_events) -> None:
         _ioctl(self.fd, b.KVM_SET_VCPU_EVENTS, e)
+
+    def get_state(self, name: str) -> bytes:
+        """One piece of the vCPU's state by its name in :data:`VCPU_STATE`, as the bytes of
+        KVM's structure (what a snapshot stores)."""
+        get, _, struct_type = VCPU_STATE[name]
+        s = struct_type()
+        _ioctl(self.fd, get, s)
+        return bytes(s)
+
+    def set_state(self, name: str, data: bytes) -> None:
+        _, set_, struct_type = VCPU_STATE[name]
+        if len(data) != ctypes.sizeof(struct_type):
+            raise KvmError(f"vCPU state {name}: {len(data)} bytes, KVM's structure has "
+                           f"{ctypes.sizeof(struct_type)}")
+        _ioctl(self.fd, set_, struct_type.from_buffer_copy(data))
 
     def translate(self, gva: int) -> int | None:
         t = b.kvm_translation(linear_address=gva)

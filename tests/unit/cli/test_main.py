@@ -320,7 +320,7 @@ def vmm(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, argparse.Namespace]]
     calls: list[tuple[Any, argparse.Namespace]] = []
     module = types.ModuleType("pych.cli.process")
 
-    def run(config: VmConfig | None, args: argparse.Namespace) -> int:
+    def run(config: VmConfig | None, args: argparse.Namespace, restore: Any = None) -> int:
         calls.append((config, args))
         return 7
 
@@ -383,7 +383,7 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_main_handles_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch, vmm: list[Any]) -> None:
-    def interrupted(config: Any, args: Any) -> int:
+    def interrupted(config: Any, args: Any, restore: Any = None) -> int:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sys.modules["pych.cli.process"], "run", interrupted)

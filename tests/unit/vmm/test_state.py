@@ -12,7 +12,7 @@ from tests.unit.vmm.fakes import FakeVm, fake_vmm, vm_config
 
 S = VmState
 ALLOWED = {
-    (S.NotCreated, S.Created),
+    (S.NotCreated, S.Created), (S.NotCreated, S.Paused),
     (S.Created, S.Running), (S.Created, S.Shutdown),
     (S.Running, S.Paused), (S.Running, S.Shutdown),
     (S.Paused, S.Running), (S.Paused, S.Shutdown),
