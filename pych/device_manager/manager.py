@@ -257,7 +257,7 @@ class DeviceManager:
             for dev_id in self.devices:
                 kind = self._kinds.get(dev_id)
                 name = kind.name if kind is not None else "virtio-mem"
-                if isinstance(self.devices[dev_id], VhostUserDevice):
+                if isinstance(self.devices[dev_id].device, VhostUserDevice):
                     raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot devices "
                                            "served by a vhost-user back-end yet")
                 if name not in self.SNAPSHOT_KINDS:
