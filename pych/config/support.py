@@ -335,9 +335,10 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         mac=WORKS,
         host_mac=WORKS,
         mtu=WORKS,
-        num_queues=Refused(
-            "pych's virtio-net has one queue pair (num_queues=2, one tap fd)",
-            accepted="`2` (the default)"),
+        num_queues=Works(
+            "2 × queue pairs, as in the reference: each pair has its own tap queue "
+            "(`IFF_MULTI_QUEUE`, or one `fd` each) and worker thread (`<id>_qp<N>`); "
+            "VIRTIO_NET_F_MQ with the control queue (`<id>_ctrl`)."),
         queue_size=WORKS,
         vhost_user=Refused(NO_VHOST_USER_NET),
         vhost_socket=Refused(NO_VHOST_USER_NET),

@@ -464,8 +464,8 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
         status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "image_type": "Qcow2"})
         assert status == 400 and answer[-1].startswith(
             'disks[0].image_type="Qcow2" is not supported by pych: pych serves raw images')
-        status, answer = _request(vmm, "vm.add-net", {"num_queues": 4})
-        assert status == 400 and answer[-1].startswith("net[0].num_queues=4 is not supported")
+        status, answer = _request(vmm, "vm.add-net", {"pci_segment": 1})
+        assert status == 400 and answer[-1].startswith("net[0].pci_segment=1 is not supported")
         assert devices.calls == [] and vmm.config.disks is None and vmm.config.net is None
         assert _request(vmm, "vm.add-disk", {"path": "/b"})[0] == 200
     finally:
