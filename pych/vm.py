@@ -41,8 +41,10 @@ class Vm:
     thread when the guest powers off ("poweroff"), resets ("reset") or fails ("error")."""
 
     def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
-                 serial_port=None, vhost_user: VhostUserConnections | None = None):
+                 serial_port=None, vhost_user: VhostUserConnections | None = None,
+                 on_device_failed: Callable[[str, str], None] | None = None):
         self.config = config
+        self.on_device_failed = on_device_failed   # (id, why): a device's back-end is gone
         self.kvm = kvm
         self.on_exit = on_exit
         self.serial_port = serial_port      # host side of --serial, outlives reboots
@@ -86,7 +88,7 @@ class Vm:
                 ioevents=kvm_vm, memslots=kvm_vm, irq_line=lambda gsi: KvmIrqLine(kvm_vm, gsi),
                 mmio64=self.mmio64, notify=self.ged.notify,
                 virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
-                vhost_user=self.vhost_user)
+                vhost_user=self.vhost_user, on_device_failed=self.on_device_failed)
             self.devices.create_boot_devices()
             self.memory.add_region_listener(self.devices.memory_region_added,
                                             self.devices.memory_region_removed)

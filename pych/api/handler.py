@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         VmConfig,
         VmRemoveDevice,
         VmResize,
+        VmResizeDisk,
         VmResizeZone,
         VsockConfig,
     )
@@ -131,6 +132,10 @@ class RequestHandler(Protocol):
     def vm_resize_zone(self, resize: VmResizeZone) -> None:
         """``PUT /vm.resize-zone``."""
         raise _unsupported("vm.resize-zone")
+
+    def vm_resize_disk(self, resize: VmResizeDisk) -> None:
+        """``PUT /vm.resize-disk``: grow a disk of the running VM."""
+        raise _unsupported("vm.resize-disk")
 
     # -- Device hot plug ------------------------------------------------------
     # On a running VM these return PciDeviceInfo {id, bdf} (200); on a VM that is

@@ -174,7 +174,7 @@ ROUTES: tuple[Route, ...] = (
          RemoteCommand("resize", "Resize the VM")),
     _put("vm.resize-zone", VmResizeZone, lambda h, resize: h.vm_resize_zone(resize),
          RemoteCommand("resize-zone", "Resize a memory zone")),
-    _put("vm.resize-disk", VmResizeDisk, None,
+    _put("vm.resize-disk", VmResizeDisk, lambda h, resize: h.vm_resize_disk(resize),
          RemoteCommand("resize-disk", "Resize an attached disk")),
     # -- devices: 200 PciDeviceInfo when hot plugged, 204 when only added to the configuration
     _put("vm.add-disk", DiskConfig, lambda h, disk: h.vm_add_disk(disk),

@@ -102,7 +102,9 @@ class DiskConfig(PciDeviceConfig):
     def _validate(self, config: VmConfig) -> None:
         if self.vhost_socket is not None and self.path is not None:
             raise ConfigError("Disk path and vhost socket both provided")
-        if self.vhost_user and not config.backed_by_shared_memory():
+        if self.vhost_user and not config.ram_shareable():
+            # pych's RAM is always a memfd mapped shared, so unlike the reference no
+            # shared=on is needed; only a zone on a file mapped private cannot be shared.
             raise ConfigError("Using vhost-user requires using shared memory or huge pages")
         if self.vhost_user and self.vhost_socket is None:
             raise ConfigError("No socket provided when using vhost-user")

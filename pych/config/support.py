@@ -152,8 +152,6 @@ _LIMITER_NOTE = (
     "refill_time 0 limits nothing.")
 _GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
                "for the boot.")
-NO_VHOST_USER_BLOCK = "pych has no vhost-user block front end; give path="
-NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
 
 
@@ -302,8 +300,11 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "through a bounce buffer."),
         num_queues=WORKS,
         queue_size=WORKS,
-        vhost_user=Refused(NO_VHOST_USER_BLOCK),
-        vhost_socket=Refused(NO_VHOST_USER_BLOCK),
+        vhost_user=Works(
+            "vhost-user-blk: the back-end at `socket` serves the queues straight in guest "
+            "memory; configuration space read from it (GET_CONFIG); no `shared=on` needed "
+            "(pych's RAM is always shareable)"),
+        vhost_socket=WORKS,
         rate_limit_group=Works(_GROUP_NOTE),
         rate_limiter_config=Works(_LIMITER_NOTE),
         disable_io_uring=Works(
@@ -314,15 +315,19 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "(preadv/pwritev on the disk's worker thread), so there is nothing to select."),
         serial=WORKS,
         queue_affinity=Refused("pych does not pin a disk's queues to host CPUs"),
-        backing_files=Refused("pych serves raw images only, which have no backing files"),
+        backing_files=Works(
+            "Images in formats other than raw are served by a qemu-storage-daemon pych "
+            "starts for the disk, which always follows their backing files; the default "
+            "`off` is accepted too (the reference refuses a backing file then)."),
         sparse=Refused(
             "pych does not preallocate disk images",
             note="`on`, the default, is accepted: pych leaves the image's holes alone; it "
             "offers the guest no discard or write-zeroes requests."),
-        image_type=Refused(
-            "pych serves raw images only (the file's header is checked too, at boot and "
-            "hot plug: convert other formats with qemu-img convert -O raw)",
-            accepts=_one_of("Raw"), accepted="`Unknown` (the default: detected), `Raw`"),
+        image_type=Works(
+            "Raw images are served in-process; qcow2, VHDX, VMDK, VDI and VHD images by a "
+            "qemu-storage-daemon pych starts and owns for the disk (vhost-user-blk). The "
+            "header is read (`Unknown`, the default) and an `image_type` that disagrees "
+            "with it is refused; `Raw` is taken at its word."),
         lock_granularity=Works(
             "pych always locks the whole image (`full`); `byte-range`, the default, gets "
             "the whole-file lock too, which conflicts with everything the byte-range lock "
@@ -340,9 +345,16 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
             "(`IFF_MULTI_QUEUE`, or one `fd` each) and worker thread (`<id>_qp<N>`); "
             "VIRTIO_NET_F_MQ with the control queue (`<id>_ctrl`)."),
         queue_size=WORKS,
-        vhost_user=Refused(NO_VHOST_USER_NET),
-        vhost_socket=Refused(NO_VHOST_USER_NET),
-        vhost_mode=Refused(NO_VHOST_USER_NET),
+        vhost_user=Works(
+            "vhost-user-net: the back-end at `socket` (DPDK's vhost PMD, OVS-DPDK, ...) serves "
+            "the queues straight in guest memory; one queue pair (`num_queues=2`, other "
+            "values refused with vhost_user); the offloads it offers, masked by `offload_*`; "
+            "no `shared=on` needed (pych's RAM is always shareable)"),
+        vhost_socket=WORKS,
+        vhost_mode=Works(
+            "`client` connects to the back-end's socket; `server` listens at `socket` and "
+            "waits up to 30 s for the back-end to connect (the boot or vm.add-net fails "
+            "with a message after that)"),
         fds=Works("`ip`, `mask` and `host_mac` are not applied to a tap given as an fd "
                   "(as in the reference): a warning is logged."),
         rate_limiter_config=Works(

@@ -18,7 +18,10 @@ from pych.devices.legacy.serial_backend import open_serial_backend
 from pych.devices.net.tap import Tap, open_queues, queues_from_fds
 from pych.devices.pci.allocator import AddressAllocator
 from pych.devices.rate_limiter import RateLimiter
-from pych.devices.vhost_user import VhostUserConnections
+from pych.devices.disk_format import RAW, ImageFormatError, image_format
+from pych.devices.storage_daemon import StorageDaemon, connect_when_listening, qemu_driver
+from pych.devices.vhost_user import VhostUserConnections, VhostUserFrontend
+from pych.devices.virtio.vhost_user_net import VhostUserNet, accept_backend
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.block import DiskError, VirtioBlock
 from pych.devices.virtio.console import VirtioConsole
@@ -27,6 +30,7 @@ from pych.devices.virtio.fs import VirtioFs
 from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
 from pych.devices.virtio.pmem import VirtioPmem
 from pych.devices.virtio.rng import VirtioRng
+from pych.devices.virtio.vhost_user_blk import VhostUserBlock
 from pych.devices.virtio.vsock import VirtioVsock
 
 log = logging.getLogger(__name__)
@@ -88,17 +92,53 @@ def make_console(console, name: str, ctx: FactoryContext) -> VirtioConsole:
     return device
 
 
-def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioBlock:
+def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
+    """``--disk``: a raw image (or block device) is served in-process (:class:`VirtioBlock`);
+    ``vhost_user=on,socket=`` connects to that vhost-user-blk back-end; an image in another
+    format (qcow2, VHDX, VMDK, VDI, VHD) gets a qemu-storage-daemon of its own, started
+    here and owned by the device (stopped when it is removed or the VM ends), served as
+    vhost-user-blk. An ``image_type`` that disagrees with the header is refused."""
+    if disk.vhost_user:
+        parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
+        return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=parked)
     if not disk.path:
         raise ValueError("a disk needs a path")
     if disk.rate_limit_group is not None:
         limiter = ctx.rate_limit_groups.get(disk.rate_limit_group)
     else:
         limiter = RateLimiter.from_config(disk.rate_limiter_config)
-    return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                       num_queues=disk.num_queues, queue_size=disk.queue_size,
-                       image_type=disk.image_type, name=name, rate_limiter=limiter,
-                       direct=disk.direct)
+    try:
+        fmt = image_format(disk.path, disk.image_type)
+    except OSError as e:
+        raise DiskError(f"cannot open disk image {disk.path}: {e.strerror}") from e
+    if fmt == RAW:
+        return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                           num_queues=disk.num_queues, queue_size=disk.queue_size,
+                           image_type=RAW, name=name, rate_limiter=limiter,
+                           direct=disk.direct)
+    return _served_by_daemon(disk, fmt, name)
+
+
+def _served_by_daemon(disk, fmt: str, name: str) -> VhostUserBlock:
+    """A qemu-storage-daemon for ``disk`` (an image of format ``fmt``), and the
+    vhost-user-blk device on its export; nothing is left running if either fails."""
+    driver = qemu_driver(fmt)
+    if driver is None:
+        raise ImageFormatError(f"disk image {disk.path} is a {fmt} image, which "
+                               "qemu-storage-daemon cannot serve")
+    daemon = StorageDaemon(disk.path, driver, readonly=disk.readonly,
+                           num_queues=disk.num_queues, name=name)
+    daemon.start()
+    try:
+        connection = connect_when_listening(daemon.socket_path)
+        return VhostUserBlock(daemon.socket_path, num_queues=disk.num_queues,
+                              queue_size=disk.queue_size, readonly=disk.readonly, name=name,
+                              connection=connection, daemon=daemon)
+    except BaseException:
+        daemon.stop()
+        raise
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
@@ -110,9 +150,8 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
     when the device is removed or the VM deleted). Such a tap is not configured: only
     ``mtu`` is applied, as in the reference; ``ip``, ``mask`` and ``host_mac`` are
     ignored. A generated MAC is written back into ``net`` so a reboot keeps it."""
-    # Both are refused at the request (pych.config.support); kept as the device's invariants.
     if net.vhost_user:
-        raise ValueError(f"{name}: vhost-user net is not supported by pych")
+        return _vhost_user_net(net, name, ctx)
     mac = parse_mac(net.mac) if net.mac else random_mac()
     taps = _open_taps(net, name)
     try:
@@ -127,6 +166,23 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
     net.mac = format_mac(mac)
     log.info("%s: tap %s (%d queue pair%s), mac %s", name, taps[0].name, len(taps),
              "" if len(taps) == 1 else "s", net.mac)
+    return device
+
+
+def _vhost_user_net(net, name: str, ctx: FactoryContext) -> VhostUserNet:
+    """``--net vhost_user=on,socket=,vhost_mode=``: the back-end at ``socket`` serves the
+    queues; ``client`` connects to it, ``server`` listens there until it connects. After a
+    reboot the device takes back the connection its predecessor parked."""
+    mac = parse_mac(net.mac) if net.mac else random_mac()
+    parked = ctx.vhost_user.take(name, net.vhost_socket) if ctx.vhost_user else None
+    connect = accept_backend if net.vhost_mode == "Server" else VhostUserFrontend.connect
+    device = VhostUserNet(net.vhost_socket, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
+                          offload_csum=net.offload_csum, offload_tso=net.offload_tso,
+                          offload_ufo=net.offload_ufo, name=name, connect=connect,
+                          connection=parked)
+    net.mac = format_mac(mac)
+    log.info("%s: vhost-user backend at %s (%s), mac %s", name, net.vhost_socket,
+             net.vhost_mode.lower(), net.mac)
     return device
 
 

@@ -42,7 +42,7 @@ from pych.devices.vfio import (HostVfioKernel, VfioContainer, VfioError, VfioKer
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.device import VirtioDevice
-from pych.devices.virtio.fs import VirtioFs
+from pych.devices.virtio.vhost_user_device import VhostUserDevice
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.memory.guest_memory import GuestMemory
 
@@ -62,6 +62,10 @@ class UnknownDeviceId(DeviceManagerError):
 
     def __init__(self, dev_id: str) -> None:
         super().__init__(f"Unknown device id: {dev_id}")
+
+
+class InvalidDiskResize(DeviceManagerError):
+    """``vm.resize-disk`` asked for what cannot be done (the request's mistake)."""
 
 
 class RemovalNotAllowed(DeviceManagerError):
@@ -88,8 +92,10 @@ VFIO = BY_NAME["vfio"]
 class DeviceManager:
     def __init__(self, config, mem: GuestMemory, mmio: Bus, pio: Bus, *, msi, ioevents,
                  irq_line, mmio64: tuple[int, int], notify, memslots=None, virtio_mem=(),
-                 dma_ranges=None, vhost_user: VhostUserConnections | None = None):
+                 dma_ranges=None, vhost_user: VhostUserConnections | None = None,
+                 on_device_failed: Callable[[str, str], None] | None = None):
         self.config = config
+        self.on_device_failed = on_device_failed   # (id, why), from a device's own thread
         self.mem = mem
         self.msi = msi
         self.ioevents = ioevents
@@ -210,6 +216,8 @@ class DeviceManager:
             pci_dev.shutdown()
             raise
         pci_dev.intx = self.irq_line(layout.pci_intx_irq(slot))
+        if isinstance(device, VhostUserDevice):
+            device.on_failure = self.on_device_failed
         address = bdf(self.pci.segment, slot)
         self.devices[dev_id] = pci_dev
         if kind is not None:
@@ -343,16 +351,17 @@ class DeviceManager:
     def _park_vhost_user(self) -> None:
         with self._lock:
             kept = [(dev_id, d.device) for dev_id, d in self.devices.items()
-                    if isinstance(d.device, VirtioFs) and dev_id not in self._pending_removal]
+                    if isinstance(d.device, VhostUserDevice) and dev_id not in self._pending_removal
+                    and getattr(d.device, "daemon", None) is None]
         for dev_id, device in kept:
             try:
                 self.vhost_user.park(dev_id, device.socket_path, device.detach_backend())
             except Exception:  # noqa: BLE001 - the device then hangs up with the rest
                 log.exception("%s: cannot keep its vhost-user connection", dev_id)
 
-    def _vhost_user_devices(self) -> list[VirtioFs]:
+    def _vhost_user_devices(self) -> list[VhostUserDevice]:
         with self._lock:
-            return [d.device for d in self.devices.values() if isinstance(d.device, VirtioFs)]
+            return [d.device for d in self.devices.values() if isinstance(d.device, VhostUserDevice)]
 
     def dma_map(self, ram) -> None:
         """Let VFIO devices DMA to ``ram`` (a virtio-mem block the guest plugged; a
@@ -440,6 +449,47 @@ class DeviceManager:
             devices = list(self.devices.items())
         return {dev_id: counters for dev_id, pci_dev in devices
                 if (counters := pci_dev.device.counters()) is not None}
+
+    def failed_devices(self) -> list[dict[str, str]]:
+        """The devices whose back-end went away (``[{"id", "error"}]``): they answer the
+        guest with errors until removed."""
+        with self._lock:
+            devices = list(self.devices.items())
+        return [{"id": dev_id, "error": failure} for dev_id, pci_dev in devices
+                if (failure := getattr(pci_dev.device, "failure", None)) is not None]
+
+    def describe_failure(self, dev_id: str) -> str | None:
+        """Why device ``dev_id`` failed, as fully as can be told (None: it did not, or it is
+        gone); for the control loop (it may wait a little for a daemon's exit status)."""
+        with self._lock:
+            pci_dev = self.devices.get(dev_id)
+        describe = getattr(pci_dev.device, "describe_failure", None) if pci_dev else None
+        return describe() if describe is not None else None
+
+    def resize_disk(self, dev_id: str, size: int) -> None:
+        """``vm.resize-disk``: grow disk ``dev_id`` to ``size`` bytes and tell the guest.
+        UnknownDeviceId if no disk has that id; InvalidDiskResize for a size that is not a
+        multiple of 512, smaller than the disk (shrinking is refused: the guest's data
+        there would go), or a disk whose back-end pych does not own; DeviceBackendError
+        when the image or its daemon fails."""
+        with self._lock:
+            pci_dev = self.devices.get(dev_id)
+            kind = self._kinds.get(dev_id)
+        if pci_dev is None or kind is None or kind.name != "disk":
+            raise UnknownDeviceId(dev_id)
+        device = pci_dev.device
+        if size % 512:
+            raise InvalidDiskResize("Disk image size is not a multiple of 512")
+        current = device.capacity * 512
+        if size < current:
+            raise InvalidDiskResize(f"shrinking disks is not supported: {dev_id} has "
+                                    f"{current} bytes, {size} asked for")
+        try:
+            device.resize(size)
+        except ValueError as e:
+            raise InvalidDiskResize(str(e)) from None
+        except OSError as e:
+            raise DeviceBackendError(f"Disk resize failed: {e.strerror or e}") from None
 
     def pending_removal(self) -> list[str]:
         """Ids of the devices the guest has been asked to eject and has not ejected yet."""

@@ -73,3 +73,18 @@ def check_image(path: str | os.PathLike[str], image_type: str = UNKNOWN) -> None
         raise ImageFormatError(
             f"disk image {os.fspath(path)} is a {detected} image: pych serves raw images "
             f"only (convert it: qemu-img convert -O raw {os.fspath(path)} <raw image>)")
+
+
+def image_format(path: str | os.PathLike[str], image_type: str = UNKNOWN) -> str:
+    """The format ``path`` is served as: ``Raw`` (pych's in-process virtio-blk) or what the
+    header says (served through qemu-storage-daemon). ``image_type=Raw`` is taken at its
+    word, as in :func:`check_image`; any other ``image_type`` that disagrees with the header
+    is refused (:class:`ImageFormatError`). OSError if the file cannot be read."""
+    if image_type == RAW:
+        return RAW
+    detected = detect_format(path)
+    if image_type not in (UNKNOWN, detected):
+        raise ImageFormatError(
+            f"disk image {os.fspath(path)}: image_type={image_type} does not match the "
+            f"file, which is a {detected} image")
+    return detected

@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import enum
 import logging
+import os
 import select
 import socket
 import struct
@@ -84,6 +85,10 @@ class Request(enum.IntEnum):
     SET_PROTOCOL_FEATURES = 16
     GET_QUEUE_NUM = 17
     SET_VRING_ENABLE = 18
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GET_CONFIG = 24
+    SET_CONFIG = 25
     GET_MAX_MEM_SLOTS = 36
     ADD_MEM_REG = 37
     REM_MEM_REG = 38
@@ -117,6 +122,11 @@ VRING_ADDR = struct.Struct("<IIQQQQ")        # index, flags, desc, used, avail, 
 MEM_TABLE_HEADER = struct.Struct("<II")      # nregions, padding
 MEM_REGION = struct.Struct("<QQQQ")          # guest address, size, user address, mmap offset
 SINGLE_MEM_REGION = struct.Struct("<QQQQQ")  # padding, then MEM_REGION
+INFLIGHT = struct.Struct("<QQHH")             # mmap size, mmap offset, queues, queue size
+CONFIG_HEADER = struct.Struct("<III")        # offset, size, flags; then ``size`` bytes
+
+#: The largest device configuration space GET_CONFIG may ask for (the protocol's limit).
+MAX_CONFIG_SIZE = 256
 
 #: The largest reply payload pych expects (a u64 or a vring state); anything bigger is a
 #: protocol error rather than an allocation request.
@@ -286,6 +296,42 @@ class VhostUserFrontend:
         """Unmap a region added before (needs CONFIGURE_MEM_SLOTS); no descriptor is sent."""
         self._send_request(Request.REM_MEM_REG, _single_region(region))
 
+    def get_config(self, size: int, offset: int = 0) -> bytes:
+        """``size`` bytes of the device's configuration space from ``offset`` (needs the
+        protocol feature CONFIG)."""
+        if not 0 < size <= MAX_CONFIG_SIZE:
+            raise VhostUserError(f"{self.path}: cannot ask for {size} bytes of configuration")
+        payload = self._transact(Request.GET_CONFIG,
+                                 CONFIG_HEADER.pack(offset, size, 0) + bytes(size), reply=True)
+        if len(payload) != CONFIG_HEADER.size + size:
+            self._fail(f"answered GET_CONFIG with {len(payload)} bytes instead of "
+                       f"{CONFIG_HEADER.size + size}")
+        got_offset, got_size, _ = CONFIG_HEADER.unpack_from(payload)
+        if (got_offset, got_size) != (offset, size):
+            self._fail(f"answered GET_CONFIG for {size} bytes at {offset} with {got_size} "
+                       f"bytes at {got_offset}")
+        return payload[CONFIG_HEADER.size:]
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        """Ask the back-end for its in-flight tracking region (needs INFLIGHT_SHMFD): a
+        shared memory fd, its size and offset, now the caller's to close."""
+        payload, fds = self._transact(Request.GET_INFLIGHT_FD,
+                                      INFLIGHT.pack(0, 0, num_queues, queue_size),
+                                      reply=True, with_fds=True)
+        if len(payload) < INFLIGHT.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self._fail(f"answered GET_INFLIGHT_FD with {len(payload)} bytes and "
+                       f"{len(fds)} descriptors")
+        size, offset, _, _ = INFLIGHT.unpack_from(payload)
+        return fds[0], size, offset
+
+    def set_inflight_fd(self, fd: int, size: int, offset: int, num_queues: int,
+                        queue_size: int) -> None:
+        """Hand the in-flight tracking region back (the back-end starts tracking in it)."""
+        self._send_request(Request.SET_INFLIGHT_FD,
+                           INFLIGHT.pack(size, offset, num_queues, queue_size), [fd])
+
     def set_vring_num(self, index: int, size: int) -> None:
         self._send_request(Request.SET_VRING_NUM, VRING_STATE.pack(index, size))
 
@@ -353,7 +399,9 @@ class VhostUserFrontend:
                                  f"{request.name} (status {status})")
 
     def _transact(self, request: Request, payload: bytes = b"", fds: Sequence[int] = (), *,
-                  reply: bool = False, need_reply: bool = False) -> bytes:
+                  reply: bool = False, need_reply: bool = False, with_fds: bool = False):
+        """Send one message; its reply's payload if ``reply`` (with ``with_fds``: and the
+        descriptors that came with it)."""
         with self._lock:
             sock = self._sock
             if sock is None:
@@ -365,7 +413,13 @@ class VhostUserFrontend:
                 self._send(sock, message, fds)
                 if not reply:
                     return b""
-                return self._receive_reply(sock, request)
+                received: list[int] = []
+                answer = self._receive_reply(sock, request, received)
+                if with_fds:
+                    return answer, received
+                for fd in received:
+                    os.close(fd)
+                return answer
             except VhostUserError:
                 self._break(sock)
                 raise
@@ -385,8 +439,23 @@ class VhostUserFrontend:
         if sent < len(message):                     # the descriptors went with the first part
             sock.sendall(message[sent:], socket.MSG_NOSIGNAL)
 
-    def _receive_reply(self, sock: socket.socket, request: Request) -> bytes:
-        header = self._receive_exactly(sock, HEADER.size, request)
+    def _receive_reply(self, sock: socket.socket, request: Request,
+                       fds: list[int] | None = None) -> bytes:
+        """One reply; descriptors that come with its header are appended to ``fds``."""
+        first, ancillary, _, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(4 * 8))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(data[:len(data) - len(data) % 4])
+                if fds is None:
+                    for fd in received:
+                        os.close(fd)
+                else:
+                    fds.extend(received)
+        if not first:
+            raise VhostUserError(f"the vhost-user backend at {self.path} closed the "
+                                 f"connection (waiting for its reply to {request.name})")
+        header = first + self._receive_exactly(sock, HEADER.size - len(first), request)
         got, flags, size = HEADER.unpack(header)
         if flags & FLAG_VERSION_MASK != VHOST_USER_VERSION or not flags & FLAG_REPLY:
             raise VhostUserError(f"the vhost-user backend at {self.path} answered "

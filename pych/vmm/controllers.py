@@ -308,10 +308,12 @@ class RuntimeController(VmController):
 
     def _pci_hotplug_info(self) -> dict:
         """``devices_pending_removal``: the ids the guest was asked to eject and has not
-        ejected yet (they stay in ``device_tree`` until then)."""
+        ejected yet (they stay in ``device_tree`` until then); ``devices_failed``: the
+        devices whose back-end went away, with why (``[{"id", "error"}]``)."""
         if self.vm.devices is None:
             return {}
-        return {"devices_pending_removal": self.vm.devices.pending_removal()}
+        return {"devices_pending_removal": self.vm.devices.pending_removal(),
+                "devices_failed": self.vm.devices.failed_devices()}
 
     def _memslot_info(self) -> dict:
         """``memslots``: how many KVM memory slots the VM has registered (boot RAM, DIMMs,

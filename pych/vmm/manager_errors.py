@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pych.cpu.manager import VcpuRemovalPending
-from pych.device_manager.manager import DeviceBackendError, DeviceManagerError, UnknownDeviceId
+from pych.device_manager.manager import (DeviceBackendError, DeviceManagerError,
+                                         InvalidDiskResize, UnknownDeviceId)
 from pych.errors import (BackendError, InternalError, InvalidRequest, NotFound, RetryLater,
                          VmmError)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError, UnknownMemoryZone
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 _TRANSLATIONS: tuple[tuple[type[Exception], type[VmmError]], ...] = (
     (VcpuRemovalPending, RetryLater),       # the guest has not ejected the last vCPUs yet
     (UnknownDeviceId, NotFound),
+    (InvalidDiskResize, InvalidRequest),    # shrinking, not whole sectors, not pych's
     (DeviceBackendError, BackendError),     # a file, socket or tap the device needs
     (DeviceManagerError, InternalError),    # incl. a device that cannot be removed (rng, ...)
     (UnknownMemoryZone, NotFound),

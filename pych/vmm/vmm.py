@@ -113,7 +113,7 @@ class Vmm(ControlLoop, RequestHandler):
         assert self.config is not None
         vm_box: list[Vm] = []
         vm = Vm(self.config, self.kvm, serial_port=self._serial_port(self.config),
-                vhost_user=self._vhost_user,
+                vhost_user=self._vhost_user, on_device_failed=self._device_failed,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
         vm_box.append(vm)
         self.events.emit("vm", "booting")
@@ -270,6 +270,26 @@ class Vmm(ControlLoop, RequestHandler):
     def vm_resize_zone(self, request) -> None:
         """``vm.resize-zone {id, desired_ram}`` (see pych.memory.resize.resize_zone)."""
         self._controller().resize_zone(request.id, request.desired_ram)
+
+    def vm_resize_disk(self, request) -> None:
+        """``vm.resize-disk {id, desired_size}``: a disk of the running VM grows (its image
+        file, or through the qemu-storage-daemon pych owns for it) and the guest is told
+        with a configuration change interrupt (DeviceManager.resize_disk)."""
+        vm = self._running_vm(VmState.Running, VmState.Paused)
+        with domain_errors("The disk could not be resized"):
+            vm.devices.resize_disk(request.id, request.desired_size)
+
+    def _device_failed(self, dev_id: str, why: str) -> None:
+        """A device's back-end went away (called on the device's thread, which may not wait
+        for anything: the report is made on the control loop)."""
+        vm = self.vm
+        self.post(lambda vmm: vmm._report_device_failure(vm, dev_id, why))
+
+    def _report_device_failure(self, vm: Vm | None, dev_id: str, why: str) -> None:
+        if vm is not None and vm is self.vm and vm.devices is not None:
+            why = vm.devices.describe_failure(dev_id) or why
+        log.error("%s: %s", dev_id, why)
+        self.events.emit("vm", "device-failed", {"id": dev_id, "error": why})
 
     # --- RequestHandler: PCI device hot plug --------------------------------------------------
     def vm_add_disk(self, config) -> PciDeviceInfo | None:

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -347,6 +348,24 @@ class VirtioBlock(VirtioDevice):
                             0, 0,                             # writeback, unused
                             len(self.queue_max_sizes))
         return head.ljust(_CONFIG_SIZE, b"\0")
+
+    def resize(self, size: int) -> None:
+        """``vm.resize-disk``: the image becomes ``size`` bytes (a regular file grows with
+        ``ftruncate``; a block device is resized by its owner, so its size must already be
+        ``size``), then the driver is told (configuration change interrupt). The device
+        manager refuses shrinking and sizes that are not whole sectors first."""
+        if self.readonly:
+            raise ValueError(f"disk {self.name} is read-only")
+        image = self.image
+        if stat.S_ISBLK(os.fstat(image.fd).st_mode):
+            actual = os.lseek(image.fd, 0, os.SEEK_END)
+            if actual != size:
+                raise ValueError(f"Block device size {actual} does not match requested "
+                                 f"size {size}")
+        else:
+            os.ftruncate(image.fd, size)
+        image.size = size
+        self.config_changed()
 
     def close_backend(self) -> None:
         self.image.close()

@@ -265,6 +265,26 @@ class Virtqueue:
     def avail_idx(self) -> int:
         return self._avail[1]
 
+    def used_idx(self) -> int:
+        """``used.idx`` as the guest sees it (another process may have served the ring)."""
+        return self._used[1]
+
+    def avail_entry(self, position: int) -> int:
+        """The head the driver put at ``position`` (a free-running index) of the avail ring."""
+        return self._avail[2 + (position & (self.size - 1))]
+
+    def take_over(self, next_avail: int) -> None:
+        """Continue a ring someone else served (a vhost-user back-end that went away): the
+        used ring goes on from the guest's ``used.idx``, and :meth:`pop` from
+        ``next_avail``, the first entry the other side never consumed."""
+        self._next_used = self._signalled_used = self._used[1]
+        self._next_avail = next_avail & 0xFFFF
+
+    def chain(self, head: int) -> DescriptorChain:
+        """The descriptor chain at ``head`` (one the device consumed before: an in-flight
+        request being completed). Raises VirtqueueError for a malformed chain."""
+        return self._walk(head)
+
     def has_available(self) -> bool:
         """Whether :meth:`pop` has a chain to look at: ``avail.idx`` is ahead, by no more
         than the queue size (beyond that the index is garbage until the driver repairs it

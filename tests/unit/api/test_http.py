@@ -219,7 +219,7 @@ def test_every_route_names_a_handler_method_and_every_endpoint_has_a_route():
 
 def test_the_unimplemented_routes_are_the_ones_pych_does_not_support_yet():
     assert {route.endpoint for route in NOT_IMPLEMENTED} == {
-        "vm.resize-disk", "vm.add-vdpa", "vm.add-user-device", "vm.add-generic-vhost-user",
+        "vm.add-vdpa", "vm.add-user-device", "vm.add-generic-vhost-user",
         "vm.snapshot", "vm.restore", "vm.coredump", "vm.send-migration",
         "vm.receive-migration"}
 

@@ -44,6 +44,9 @@ class Handler(RequestHandler):
     def vm_resize_zone(self, resize):
         self.calls.append(("vm_resize_zone", (resize,)))
 
+    def vm_resize_disk(self, resize):
+        self.calls.append(("vm_resize_disk", (resize,)))
+
     def vm_create(self, config):
         self.calls.append(("vm_create", (config,)))
 
@@ -168,12 +171,11 @@ def test_resize_bodies(vmm, wire, capsys):
     handler, path = vmm
     assert remote(path, "resize", "--cpus", "4", "--memory", "3G") == 0
     assert remote(path, "resize-zone", "--id", "mem1", "--size", "512M") == 0
-    (resize, zone) = [args[0] for _, args in handler.calls]
+    assert remote(path, "resize-disk", "--disk", "_disk0", "--size", "2G") == 0
+    (resize, zone, grown) = [args[0] for _, args in handler.calls]
     assert (resize.desired_vcpus, resize.desired_ram, resize.desired_balloon) == (4, 3 << 30, None)
     assert (zone.id, zone.desired_ram) == ("mem1", 512 << 20)
-    # pych does not implement vm.resize-disk: the request goes out all the same
-    assert remote(path, "resize-disk", "--disk", "_disk0", "--size", "2G") == 1
-    assert "vm.resize-disk is not supported by pych yet" in capsys.readouterr().err
+    assert (grown.id, grown.desired_size) == ("_disk0", 2 << 30)
     method, endpoint, body, _ = wire[-1]
     disk = VmResizeDisk.model_validate(body)
     assert (method, endpoint) == ("PUT", "vm.resize-disk")

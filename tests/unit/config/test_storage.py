@@ -125,7 +125,6 @@ def test_disk_errors(text: str, message: str) -> None:
         ("path=a,pci_device_id=0", r"Given PCI device ID \(0\) is reserved"),
         ("path=a,pci_segment=1", "Invalid PCI segment id: 1"),
         ("path=a,socket=/s", "Disk path and vhost socket both provided"),
-        ("vhost_user=on,socket=/s", "shared memory"),
         ("path=a,rate_limit_group=g", "Invalid rate-limiter group"),
         ("path=a,serial=123456789012345678901", "serial length"),
     ],
@@ -193,3 +192,14 @@ def test_fs_needs_shareable_memory() -> None:
     vm(
         fs=[{"tag": "t", "socket": "/s"}], memory={"size": 0, "zones": [{**zone, "shared": True}]}
     ).validate()
+
+
+def test_vhost_user_disk_needs_shareable_memory_only() -> None:
+    # As --fs: pych's RAM is always shareable, so no shared=on; a private file zone is not.
+    disk = {"vhost_user": True, "vhost_socket": "/s"}
+    vm(disks=[disk]).validate()
+    zone = {"id": "z", "size": GIB, "file": "/ram"}
+    with pytest.raises(ConfigError, match="shared memory"):
+        vm(disks=[disk], memory={"size": 0, "zones": [zone]}).validate()
+    with pytest.raises(ConfigError, match="No socket provided when using vhost-user"):
+        vm(disks=[{"vhost_user": True}]).validate()

@@ -243,11 +243,16 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DiskConfig", "rate_limiter_config"): ({"bandwidth": BUCKET}, {}),
     ("DiskConfig", "rate_limit_group"): ("g", {}),
     ("PlatformConfig", "system_uuid"): ("4a3f8d6e-94d1-4c6b-8d2e-6f1f2a0b9c11", {}),
+    ("DiskConfig", "vhost_user"): (True, {"path": None, "vhost_socket": "/s"}),
+    ("DiskConfig", "vhost_socket"): ("/s", {"path": None, "vhost_user": True}),
     ("NetConfig", "ip"): ("192.168.1.1", {"mask": "255.255.255.0"}),
     ("NetConfig", "mask"): ("255.255.255.0", {"ip": "192.168.1.1"}),
     ("NetConfig", "mac"): ("12:34:56:78:9a:bc", {}),
     ("NetConfig", "host_mac"): ("12:34:56:78:9a:bd", {}),
     ("NetConfig", "mtu"): (1500, {}),
+    ("NetConfig", "vhost_user"): (True, {"vhost_socket": "/s"}),
+    ("NetConfig", "vhost_socket"): ("/s", {"vhost_user": True}),
+    ("NetConfig", "vhost_mode"): ("Server", {"vhost_user": True, "vhost_socket": "/s"}),
     ("NetConfig", "queue_size"): (512, {}),
     ("NetConfig", "num_queues"): (4, {}),
     ("NetConfig", "fds"): ([7], {}),            # from JSON: -1, dropped by vm.create
@@ -461,9 +466,9 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
         assert vmm.config.disks is None
         vmm.vm_boot()
         devices = vmm.vm.devices
-        status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "image_type": "Qcow2"})
+        status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "sparse": False})
         assert status == 400 and answer[-1].startswith(
-            'disks[0].image_type="Qcow2" is not supported by pych: pych serves raw images')
+            'disks[0].sparse=false is not supported by pych: pych does not preallocate')
         status, answer = _request(vmm, "vm.add-net", {"pci_segment": 1})
         assert status == 400 and answer[-1].startswith("net[0].pci_segment=1 is not supported")
         assert devices.calls == [] and vmm.config.disks is None and vmm.config.net is None
@@ -556,12 +561,14 @@ _cli("--disk", {"path": "path=/e", "readonly": "readonly=on", "direct": "direct=
                 "image_type": "image_type=qcow2", "lock_granularity": "lock_granularity=full",
                 "id": "id=d0", "iommu": "iommu=on", "pci_segment": "pci_segment=1",
                 "pci_device_id": "pci_device_id=5"}, base="path=/d")
+CLI_CASES["--disk", "vhost_user"] = ("vhost_user=on,socket=/s", [])
+CLI_CASES["--disk", "socket"] = ("socket=/s,vhost_user=on", [])
 _cli("--net", {"tap": "tap=t0", "ip": "ip=192.168.1.1,mask=255.255.255.0",
                "mask": "mask=255.255.255.0,ip=192.168.1.1", "mac": "mac=12:34:56:78:9a:bc",
                "host_mac": "host_mac=12:34:56:78:9a:bd", "mtu": "mtu=1500",
                "num_queues": "num_queues=4", "queue_size": "queue_size=512",
-               "vhost_user": "vhost_user=on", "socket": "socket=/s",
-               "vhost_mode": "vhost_mode=server", "fd": "fd=[7]",
+               "vhost_user": "vhost_user=on,socket=/s", "socket": "socket=/s,vhost_user=on",
+               "vhost_mode": "vhost_mode=server,vhost_user=on,socket=/s", "fd": "fd=[7]",
                **{key: f"{key}=100" for key in RATE_LIMITER_KEYS.keys},
                "offload_tso": "offload_tso=off", "offload_ufo": "offload_ufo=off",
                "offload_csum": "offload_csum=off,offload_tso=off,offload_ufo=off",
@@ -758,7 +765,7 @@ def test_other_bodies_are_whole_endpoints():
     by_body = {route.body.__name__: route for route in ROUTES if route.body is not None}
     implemented = {name for name in OTHER_BODIES if name in by_body
                    and by_body[name].implemented}
-    assert implemented == {"VmResize", "VmResizeZone", "VmRemoveDevice"}
+    assert implemented == {"VmResize", "VmResizeZone", "VmResizeDisk", "VmRemoveDevice"}
     for name in OTHER_BODIES - implemented:
         holders = [route for route in ROUTES if route.body is not None
                    and (route.body.__name__ == name

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pych.devices.vhost_user import (FLAG_NEED_REPLY, FLAG_REPLY, HEADER, MEM_REGION,
+from pych.devices.vhost_user import (CONFIG_HEADER, FLAG_NEED_REPLY, FLAG_REPLY, HEADER,
+                                     INFLIGHT, MEM_REGION,
                                      MEM_TABLE_HEADER, SINGLE_MEM_REGION, U64,
                                      VHOST_USER_F_PROTOCOL_FEATURES, VRING_ADDR, VRING_NOFD,
                                      VRING_STATE, MemoryRegionInfo, ProtocolFeature, Request,
@@ -86,6 +87,8 @@ class FakeBackend:
         self.queue_num = queue_num
         self.max_mem_slots = max_mem_slots
         self.vring_base = vring_base
+        self.config = bytes(60)          # GET_CONFIG's answer (a virtio-blk config space)
+        self.inflight: mmap.mmap | None = None   # GET_INFLIGHT_FD's region, once asked
         self.refuse: set[Request] = set()
         self.hang_up_on: Request | None = None
         self.silent_on: Request | None = None
@@ -251,11 +254,31 @@ class FakeBackend:
             payload = U64.pack(values[request])
         elif request == Request.GET_VRING_BASE:
             payload = VRING_STATE.pack(m.state()[0], self.vring_base)
+        elif request == Request.GET_CONFIG:
+            offset, size, _ = CONFIG_HEADER.unpack_from(m.payload)
+            payload = CONFIG_HEADER.pack(offset, size, 0) + self.config[offset:offset + size]
+        elif request == Request.GET_INFLIGHT_FD:
+            return self._inflight_reply(m)
         elif m.flags & FLAG_NEED_REPLY:
             payload = U64.pack(1 if request in self.refuse else 0)
         else:
             return None
         return HEADER.pack(request, 1 | FLAG_REPLY, len(payload)) + payload
+
+    def _inflight_reply(self, m: Message) -> bytes:
+        """libvhost-user's GET_INFLIGHT_FD: a zeroed memfd of 64-byte aligned queue regions,
+        sent with the reply (SCM_RIGHTS)."""
+        _, _, queues, size = INFLIGHT.unpack_from(m.payload)
+        region = -(-(16 * size + 2) // 64) * 64
+        fd = os.memfd_create("fake-inflight", os.MFD_CLOEXEC)
+        os.ftruncate(fd, region * queues)
+        self.inflight = mmap.mmap(fd, region * queues)
+        payload = INFLIGHT.pack(region * queues, 0, queues, size) + bytes(4)
+        message = HEADER.pack(Request.GET_INFLIGHT_FD, 1 | FLAG_REPLY, len(payload)) + payload
+        self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [fd]))])
+        os.close(fd)
+        return None
 
     def close(self) -> None:
         for s in (self._listener, self.sock, self._client):
@@ -580,3 +603,46 @@ def test_parked_connections_are_taken_back_by_id_and_socket_or_hung_up(tmp_path)
     finally:
         for b in backends:
             b.close()
+
+
+# --- configuration space and in-flight tracking (vhost-user-blk) -----------------------------
+def test_get_config_reads_the_asked_bytes(backend, frontend):
+    backend.config = bytes(range(60))
+    assert frontend.get_config(60) == bytes(range(60))
+    assert frontend.get_config(8, offset=4) == bytes(range(4, 12))
+    first, second = backend.of(Request.GET_CONFIG)
+    assert CONFIG_HEADER.unpack_from(first.payload) == (0, 60, 0)
+    assert len(first.payload) == CONFIG_HEADER.size + 60       # the space to fill rides along
+    assert CONFIG_HEADER.unpack_from(second.payload) == (4, 8, 0)
+    with pytest.raises(VhostUserError, match="cannot ask for 0 bytes"):
+        frontend.get_config(0)
+
+
+def test_a_short_or_misplaced_config_answer_breaks_the_connection(backend, frontend):
+    # libvhost-user answers a GET_CONFIG it cannot serve with an empty payload
+    backend.raw_replies[Request.GET_CONFIG] = HEADER.pack(Request.GET_CONFIG, 1 | FLAG_REPLY, 0)
+    with pytest.raises(VhostUserError, match="answered GET_CONFIG with 0 bytes instead of 72"):
+        frontend.get_config(60)
+    assert not frontend.connected
+
+
+def test_inflight_fd_comes_with_the_reply_and_goes_back(backend, frontend):
+    fd, size, offset = frontend.get_inflight_fd(2, 128)
+    try:
+        assert (size, offset) == (2 * 2112, 0)       # libvhost-user's 64-byte aligned regions
+        assert os.fstat(fd).st_size == size
+        frontend.set_inflight_fd(fd, size, offset, 2, 128)
+        (sent,) = backend.wait_for(lambda b: b.of(Request.SET_INFLIGHT_FD)) and \
+            backend.of(Request.SET_INFLIGHT_FD)
+        assert INFLIGHT.unpack_from(sent.payload) == (size, 0, 2, 128)
+        assert fd_identity(sent.fds[0]) == fd_identity(fd)
+    finally:
+        os.close(fd)
+
+
+def test_an_inflight_answer_without_a_descriptor_is_refused(backend, frontend):
+    backend.raw_replies[Request.GET_INFLIGHT_FD] = (
+        HEADER.pack(Request.GET_INFLIGHT_FD, 1 | FLAG_REPLY, INFLIGHT.size)
+        + INFLIGHT.pack(4096, 0, 1, 128))
+    with pytest.raises(VhostUserError, match="GET_INFLIGHT_FD with 20 bytes and 0 descriptors"):
+        frontend.get_inflight_fd(1, 128)

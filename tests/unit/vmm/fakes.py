@@ -46,6 +46,9 @@ class FakeDevices:
     def pending_removal(self):
         return list(self.pending)
 
+    def failed_devices(self):
+        return []
+
 
 class FakeMemory:
     """The memory manager's resize surface: ``calls`` records ``("ram", desired)`` for an ACPI
@@ -81,7 +84,8 @@ class FakeVm:
 
     made: list[FakeVm] = []
 
-    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None):
+    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
+                 on_device_failed=None):
         self.config, self.on_exit = config, on_exit
         self.calls = []
         self.cpus = SimpleNamespace(states=lambda: [], check_resize=lambda desired: True)

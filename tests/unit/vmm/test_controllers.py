@@ -143,11 +143,11 @@ def test_vm_info_per_phase(vmm):
     vmm.vm_create(vm_config())
     info = vmm.vm_info()
     assert info["memory_actual_size"] == 256 * MiB and info["device_tree"] == {}
-    assert {"cpus", "memslots", "devices_pending_removal"}.isdisjoint(info)
+    assert {"cpus", "memslots", "devices_pending_removal", "devices_failed"}.isdisjoint(info)
     vmm.vm_boot()
     vmm.vm.memory_actual_size = 300 * MiB
     info = vmm.vm_info()
     assert list(info) == ["config", "state", "memory_actual_size", "device_tree", "cpus",
-                          "devices_pending_removal", "memslots"]
+                          "devices_pending_removal", "devices_failed", "memslots"]
     assert info["memory_actual_size"] == 300 * MiB and info["memslots"] == 3
     assert info["device_tree"] == {"fake": {"id": "fake"}}

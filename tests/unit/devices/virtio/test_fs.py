@@ -527,7 +527,8 @@ class FakeVm:
     """pych.vm.Vm's interface for the VMM's boot and reboot path: each boot builds a
     DeviceManagerMachine (new guest RAM) given the VMM's kept vhost-user connections."""
 
-    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None):
+    def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
+                 on_device_failed=None):
         self.config, self.vhost_user = config, vhost_user
 
     def boot(self):

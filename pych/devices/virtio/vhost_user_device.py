@@ -1,0 +1,439 @@
+"""What every vhost-user device shares: the PCI side is pych's, the queues a back-end's.
+
+A :class:`VhostUserDevice` is a virtio device whose virtqueues a separate process serves
+(virtiofsd for virtio-fs, qemu-storage-daemon for vhost-user-blk) straight in guest
+memory, through one :class:`~pych.devices.vhost_user.VhostUserFrontend` connection:
+
+* at creation it connects and negotiates (SET_OWNER, features, the protocol features the
+  device wants among REPLY_ACK, MQ, CONFIGURE_MEM_SLOTS, CONFIG; with MQ it checks that the
+  back-end serves enough queues), so a missing or dead back-end fails the boot or the
+  ``vm.add-*`` request at once, with the socket path in the message; a subclass reads what
+  else it needs (:meth:`VhostUserDevice._negotiate_device`: the block device's
+  configuration space);
+* when the driver sets DRIVER_OK (:meth:`VhostUserDevice.activate`), it sends the features
+  the driver accepted, maps every guest RAM region into the back-end (its memfd descriptor,
+  guest address, size and pych's address of it), and starts each enabled queue: size,
+  base, ring addresses (as pych's user addresses, as the protocol requires), the *call*
+  eventfd and the *kick* eventfd. The kick eventfd is the transport's KVM ioeventfd for
+  that queue's notify address, so a guest notification wakes the back-end without a VM
+  exit; the call eventfd is the KVM irqfd of the queue's MSI-X vector, so the back-end
+  interrupts the guest directly. Without MSI-X (or a vector) pych relays: the back-end
+  writes a pych eventfd and pych raises the interrupt the transport's way (INTx);
+* a driver reset (status 0) stops every ring with GET_VRING_BASE; removal also hangs up;
+* guest RAM hot plug while the device runs updates the back-end's memory table
+  (ADD_MEM_REG / REM_MEM_REG with CONFIGURE_MEM_SLOTS, else a new SET_MEM_TABLE);
+* a reboot keeps the connection (:meth:`VhostUserDevice.detach_backend`; see
+  ``pych/devices/virtio/fs.py``, "Reboot").
+
+If the back-end hangs up while the device runs, pych logs it once, records the failure
+(:attr:`VhostUserDevice.failure`, which ``vm.info`` shows), tells ``on_failure`` (the VMM
+emits an event) and sets DEVICE_NEEDS_RESET; a subclass may do more
+(:meth:`VhostUserDevice._backend_lost`: the block device fails the guest's requests itself
+so the guest's I/O ends with errors instead of waiting forever). The VMM stays as it was:
+nothing on its control loop waits for a back-end except a request, which times out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from pych.devices.vhost_user import (MEM_TABLE_MAX_REGIONS, VHOST_USER_F_PROTOCOL_FEATURES,
+                                     MemoryRegionInfo, ProtocolFeature, VhostUserError,
+                                     VhostUserFrontend)
+from pych.memory.guest_memory import GuestMemory, MemoryRegion
+from pych.threads import NamedThread
+
+from .device import (RING_FEATURES, VIRTIO_F_VERSION_1, ActivationError, ActiveQueue,
+                     VirtioDevice, VirtioInterrupt, drain_eventfd)
+from .queue import avail_ring_size, desc_table_size, used_ring_size
+
+log = logging.getLogger(__name__)
+
+
+class VhostUserDevice(VirtioDevice):
+    """A virtio device whose queues the vhost-user back-end at ``socket_path`` serves.
+
+    ``connect`` opens the connection (tests pass a fake back-end's); ``connection``, if
+    given, is used instead: an open connection handed over from the previous boot of the
+    VM, which the device owns from then on. Raises
+    :class:`~pych.devices.vhost_user.VhostUserError` (an ``OSError``) when the back-end
+    cannot be reached or does not fit; the connection is closed then.
+
+    The interrupt object the transport passes to :meth:`activate` may offer
+    ``queue_irqfd(index) -> int | None``: an eventfd that interrupts the driver for that
+    queue by itself (the PCI transport's MSI-X vector irqfd). Without it, or when it answers
+    None, pych relays the back-end's calls to ``notify_queue``.
+
+    Subclasses set ``what`` (the device's name in messages), ``wanted_protocol_features``,
+    ``device_features`` (the device-specific feature bits pych passes on when the back-end
+    offers them) and implement :meth:`config_bytes`.
+    """
+
+    what: ClassVar[str] = "vhost-user device"
+    wanted_protocol_features: ClassVar[int] = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                                               | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    device_features: ClassVar[int] = 0
+
+    def __init__(self, socket_path: str, *, queue_sizes: Sequence[int], name: str,
+                 connect: Callable[[str], VhostUserFrontend] = VhostUserFrontend.connect,
+                 connection: VhostUserFrontend | None = None) -> None:
+        super().__init__(name=name, queue_sizes=queue_sizes)
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        #: Why the device stopped working (the back-end hung up), or None.
+        self.failure: str | None = None
+        #: Told ``(device name, failure)`` once, from the monitor thread, when it fails.
+        self.on_failure: Callable[[str, str], None] | None = None
+        if connection is not None:
+            self._backend = connection
+        else:
+            try:
+                self._backend = connect(socket_path)
+            except VhostUserError as e:
+                raise VhostUserError(f"{self.what} {name}: {e}") from None
+        try:
+            self._negotiate()
+            self._negotiate_device()
+        except VhostUserError as e:
+            self._backend.close()
+            raise VhostUserError(f"{self.what} {name}: {e}") from None
+        except BaseException:
+            self._backend.close()
+            raise
+        # While active: the rings the back-end serves, the call eventfd each was given, pych's
+        # relay eventfds (one per queue), the monitor thread and its stop eventfd.
+        self._started: list[int] = []
+        self._call_fds: dict[int, int] = {}
+        self._relay_fds: dict[int, int] = {}
+        self._monitor: threading.Thread | None = None
+        self._stop_fd = -1
+        # The guest RAM regions the back-end has mapped (kept across driver resets).
+        self._mapped: dict[MemoryRegion, MemoryRegionInfo] = {}
+
+    def _negotiate(self) -> None:
+        """Settle the connection's session (once per connection: a connection handed over
+        from the previous boot is already owned and has its protocol features), then read
+        what the back-end offers and check it fits this device."""
+        backend = self._backend
+        if not backend.owned:
+            backend.set_owner()
+        features = backend.get_features()
+        if not features & VIRTIO_F_VERSION_1:
+            raise VhostUserError(f"the vhost-user backend at {self.socket_path} does not offer "
+                                 "VIRTIO_F_VERSION_1 (legacy back-ends are not supported)")
+        self.backend_features = features
+        self.protocol_features = 0
+        if features & VHOST_USER_F_PROTOCOL_FEATURES:
+            if backend.protocol_features is None:
+                backend.set_protocol_features(backend.get_protocol_features()
+                                              & self.wanted_protocol_features)
+            self.protocol_features = backend.protocol_features
+        wanted = len(self.queue_max_sizes)
+        if self.protocol_features & ProtocolFeature.MQ:
+            served = backend.get_queue_num()
+            if served < wanted:
+                raise VhostUserError(self._too_few_queues(served))
+        if self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            self.max_regions = backend.get_max_mem_slots()
+        else:
+            self.max_regions = MEM_TABLE_MAX_REGIONS
+        # What the guest is offered: the ring features both pych's transport and the back-end
+        # implement and the device's own bits pych passes on (the back-end's own bits such as
+        # VHOST_F_LOG_ALL stay between us).
+        self.avail_features = features & (RING_FEATURES | self.device_features)
+
+    def _too_few_queues(self, served: int) -> str:
+        return (f"the vhost-user backend at {self.socket_path} serves {served} queues, but "
+                f"this device needs {len(self.queue_max_sizes)}")
+
+    def _negotiate_device(self) -> None:
+        """Read what the device needs beyond the common negotiation (a subclass's hook)."""
+
+    @property
+    def backend(self) -> VhostUserFrontend:
+        return self._backend
+
+    # --- lifecycle --------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._monitor is not None
+
+    def activate(self, mem: GuestMemory, queues: Sequence[ActiveQueue],
+                 interrupt: VirtioInterrupt) -> None:
+        """Hand the enabled queues to the back-end (the driver set DRIVER_OK)."""
+        with self._lock:
+            if self._monitor is not None:
+                raise ActivationError(f"{self.name}: already active")
+            if not queues:
+                raise ActivationError(f"{self.name}: the driver enabled no queue")
+            for q in queues:
+                if not 0 <= q.index < len(self.queue_max_sizes):
+                    raise ActivationError(f"{self.name}: no queue {q.index}")
+            self.mem, self.interrupt = mem, interrupt
+            self.queues = {q.index: q for q in queues}
+            self._relay_fds = {q.index: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                               for q in queues}
+            try:
+                self._start_backend()
+            except BaseException as e:
+                self._stop_rings()
+                self._release_activation()
+                if isinstance(e, VhostUserError):
+                    raise ActivationError(f"{self.name}: {e}") from None
+                raise
+            self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._monitor = NamedThread(
+                target=self._watch, name=self.name, daemon=True,
+                args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), interrupt))
+            self._monitor.start()
+        log.info("%s: the vhost-user backend at %s serves queues %s", self.name,
+                 self.socket_path, sorted(self.queues))
+
+    def reset(self) -> None:
+        """The driver reset the device: stop every ring (GET_VRING_BASE) and the relay."""
+        with self._lock:
+            monitor, self._monitor = self._monitor, None
+            if monitor is not None:
+                os.eventfd_write(self._stop_fd, 1)
+                if monitor is not threading.current_thread():
+                    monitor.join()
+                os.close(self._stop_fd)
+                self._stop_fd = -1
+            self._stop_rings()
+            self._release_activation()
+        super().reset()                 # the base device's worker never ran: forgets features
+
+    def close_backend(self) -> None:
+        """Hang up on the back-end (virtiofsd exits when its front end goes)."""
+        self._backend.close()
+        self._mapped.clear()
+
+    def detach_backend(self) -> VhostUserFrontend | None:
+        """The VM is being rebuilt (a reboot): stop every ring as a driver reset does
+        (GET_VRING_BASE), point the rings at the connection's parking page and unmap this
+        VM's RAM from the back-end (:meth:`_park_rings`), and give up the connection, still
+        open, instead of hanging up. Returns None, having hung up, if any of it failed (the
+        next boot then connects anew). The device is done afterwards: it holds a closed
+        connection, so anything else it is asked fails."""
+        self.reset()
+        with self._lock:
+            backend, self._backend = self._backend, VhostUserFrontend(None, self.socket_path)
+            mapped, self._mapped = list(self._mapped.values()), {}
+        try:
+            self._park_rings(backend, mapped)
+        except VhostUserError as e:
+            log.warning("%s: cannot keep the vhost-user backend's connection across the "
+                        "reboot: %s; hanging up", self.name, e)
+            backend.close()
+        if not backend.connected:
+            backend.close()
+            return None
+        return backend
+
+    def _park_rings(self, backend: VhostUserFrontend, mapped: list[MemoryRegionInfo]) -> None:
+        """Leave the back-end no address in this VM's RAM: every ring the connection has
+        given an address points at its parking page, then the RAM is unmapped (REM_MEM_REG,
+        or a table of the parking page alone). libvhost-user keeps a stopped ring's
+        addresses and, at the next boot's first memory change, drops the connection if they
+        are not mapped; the parking page stays mapped as long as the connection."""
+        slots = self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS
+        if backend.addressed_rings:
+            known = backend.parking is not None       # then the back-end maps it already
+            parking = backend.parking_region()
+            if not known and slots:
+                backend.add_mem_reg(parking)
+            elif not known:
+                backend.set_mem_table([*mapped, parking])
+            for index in sorted(backend.addressed_rings):
+                backend.set_vring_addr(index, desc=parking.user_addr, used=parking.user_addr,
+                                       avail=parking.user_addr)
+        if slots:
+            for info in mapped:
+                backend.rem_mem_reg(info)
+        elif backend.parking is not None:
+            backend.set_mem_table([backend.parking])
+
+    def interrupt_routes_changed(self) -> None:
+        """The driver switched MSI-X or remapped a queue's vector while the device runs:
+        give the back-end each changed call eventfd."""
+        with self._lock:
+            if self._monitor is None:
+                return
+            for index in self._started:
+                fd = self._call_fd(index)
+                if fd == self._call_fds.get(index):
+                    continue
+                try:
+                    self._backend.set_vring_call(index, fd)
+                except VhostUserError as e:
+                    log.error("%s: cannot route queue %d's interrupts: %s", self.name, index, e)
+                    self.interrupt.needs_reset()
+                    return
+                self._call_fds[index] = fd
+
+    def memory_changed(self, going: MemoryRegion | None = None) -> None:
+        """Guest RAM changed (a DIMM was plugged, or ``going`` is about to be unplugged):
+        update the back-end's memory table if the device runs (otherwise the next activation
+        sends it). Logs a failure."""
+        with self._lock:
+            if self._monitor is None:
+                return
+            try:
+                self._sync_memory(going)
+            except VhostUserError as e:
+                log.error("%s: cannot share the new guest memory with the vhost-user backend: "
+                          "%s; the guest's requests there will fail", self.name, e)
+
+    # --- the back-end -----------------------------------------------------------------------
+    def _start_backend(self) -> None:
+        backend = self._backend
+        backend.set_features(self.backend_features_to_set())
+        self._sync_memory()
+        for index, q in sorted(self.queues.items()):
+            vq = q.queue
+            backend.set_vring_num(index, vq.size)
+            backend.set_vring_base(index, vq.next_avail)
+            backend.set_vring_addr(index,
+                                   desc=self._user_addr(vq.desc_table, desc_table_size(vq.size)),
+                                   used=self._user_addr(vq.used_ring, used_ring_size(vq.size)),
+                                   avail=self._user_addr(vq.avail_ring, avail_ring_size(vq.size)))
+            self._call_fds[index] = self._call_fd(index)
+            backend.set_vring_call(index, self._call_fds[index])
+            self._started.append(index)
+            backend.set_vring_kick(index, q.kick_fd)        # this starts the ring
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            for index in self._started:                     # rings start disabled then
+                backend.set_vring_enable(index, True)
+
+    def backend_features_to_set(self) -> int:
+        """What SET_FEATURES tells the back-end: the features the driver accepted, and
+        protocol features if the back-end offered them. A device that offers bits of its
+        own (virtio-net's MAC) keeps those from the back-end."""
+        return self.acked_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _stop_rings(self) -> None:
+        """Stop every started ring; a back-end already gone is logged once, not raised."""
+        started, self._started = self._started, []
+        self._call_fds = {}
+        try:
+            for index in started:
+                if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
+                    self._backend.set_vring_enable(index, False)
+                self._backend.get_vring_base(index)
+        except VhostUserError as e:
+            log.warning("%s: cannot stop the vhost-user backend's rings: %s", self.name, e)
+
+    def _release_activation(self) -> None:
+        for fd in self._relay_fds.values():
+            os.close(fd)
+        self._relay_fds = {}
+        for q in self.queues.values():
+            q.queue.close()
+        self.queues = {}
+        self.mem = None
+        self.interrupt = None
+
+    def _call_fd(self, index: int) -> int:
+        """The eventfd the back-end writes to interrupt the driver for queue ``index``."""
+        queue_irqfd = getattr(self.interrupt, "queue_irqfd", None)
+        fd = queue_irqfd(index) if queue_irqfd is not None else None
+        return self._relay_fds[index] if fd is None else fd
+
+    def _user_addr(self, gpa: int, length: int) -> int:
+        region = self.mem.region_for(gpa, length)
+        return region.host_addr + (gpa - region.gpa)
+
+    def _sync_memory(self, going: MemoryRegion | None = None) -> None:
+        """Make the back-end's memory table the guest's RAM regions (less ``going``), and
+        the connection's parking page if a previous boot parked the rings there (it stays:
+        a ring the driver does not set up again still points at it)."""
+        wanted: dict[MemoryRegion, MemoryRegionInfo] = {}
+        for r in self.mem.regions:
+            if r is going:
+                continue
+            if r.fd < 0:
+                raise VhostUserError(f"guest memory at {r.gpa:#x} has no file descriptor to "
+                                     "share with the back-end")
+            wanted[r] = MemoryRegionInfo(r.gpa, r.size, r.host_addr, r.fd_offset, r.fd)
+        parking = self._backend.parking
+        extra = [parking] if parking is not None else []
+        if len(wanted) + len(extra) > self.max_regions:
+            raise VhostUserError(f"the guest has {len(wanted)} memory regions; the vhost-user "
+                                 f"backend at {self.socket_path} maps at most "
+                                 f"{self.max_regions - len(extra)}")
+        if self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS:
+            for region in [r for r in self._mapped if r not in wanted]:
+                self._backend.rem_mem_reg(self._mapped.pop(region))
+            for region, info in wanted.items():
+                if region not in self._mapped:
+                    self._backend.add_mem_reg(info)
+                    self._mapped[region] = info
+        elif wanted.keys() != self._mapped.keys():
+            self._backend.set_mem_table([*wanted.values(), *extra])
+            self._mapped = wanted
+
+    # --- the monitor thread -------------------------------------------------------------------
+    def _watch(self, stop_fd: int, relays: dict[int, int], backend_fd: int,
+               interrupt: VirtioInterrupt) -> None:
+        """Relay the back-end's calls that have no irqfd, and notice it hanging up."""
+        poller = select.poll()
+        poller.register(stop_fd, select.POLLIN)
+        by_fd = {fd: index for index, fd in relays.items()}
+        handlers: dict[int, Callable[[], None]] = {}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        if backend_fd >= 0:
+            # Only the hang-up: replies to requests are for the thread that sent them.
+            poller.register(backend_fd, select.POLLRDHUP)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == stop_fd:
+                    return
+                if fd == backend_fd:
+                    poller.unregister(backend_fd)
+                    self._fail(self._lost_reason())
+                    for source, handler in self._backend_lost(interrupt).items():
+                        poller.register(source, select.POLLIN)
+                        handlers[source] = handler
+                elif fd in handlers:
+                    try:
+                        handlers[fd]()
+                    except Exception:  # noqa: BLE001 - a guest's bad ring must not end pych
+                        log.exception("%s: serving the failed device's queue", self.name)
+                        poller.unregister(fd)
+                elif drain_eventfd(fd):
+                    interrupt.notify_queue(by_fd[fd])
+
+    def describe_failure(self) -> str | None:
+        """Why the device failed (None: it works), as fully as can be told; may wait a
+        little, so only for the VMM's control loop."""
+        return self.failure
+
+    def _lost_reason(self) -> str:
+        """Why the back-end went away, in one sentence."""
+        return f"the vhost-user backend at {self.socket_path} hung up"
+
+    def _fail(self, why: str) -> None:
+        """Record the device's failure once: logged, kept for ``vm.info``, reported."""
+        if self.failure is not None:
+            return
+        self.failure = why
+        log.error("%s: %s; the device has failed", self.name, why)
+        on_failure = self.on_failure
+        if on_failure is not None:
+            try:
+                on_failure(self.name, why)
+            except Exception:  # noqa: BLE001 - a reporting problem must not stop the monitor
+                log.exception("%s: reporting the failure", self.name)
+
+    def _backend_lost(self, interrupt: VirtioInterrupt) -> dict[int, Callable[[], None]]:
+        """The back-end hung up while the device runs (on the monitor thread): set
+        DEVICE_NEEDS_RESET. A subclass may serve the queues itself from now on: it returns
+        the event sources (fd: handler) the monitor thread then polls too."""
+        interrupt.needs_reset()
+        return {}
