@@ -239,7 +239,7 @@ def test_vhost_user_net_at_boot_pings_the_host_through_dpdk(guest, testpmd):
 
 def test_vhost_user_net_hot_plugged_in_server_mode_pings_the_host(guest, testpmd):
     client = ApiClient(guest.api_path)
-    status, body = client.put("vm.add-net", {"vhost_user": True, "socket": testpmd["hot"],
+    status, body = client.put("vm.add-net", {"vhost_user": True, "vhost_socket": testpmd["hot"],
                                              "vhost_mode": "Server", "mac": VHOST_HOTPLUG[0]})
     assert status == 200, body
     dev_id = json.loads(body)["id"]
