@@ -168,7 +168,7 @@ def test_two_queue_pairs_each_carry_traffic(guest):
     listeners = [in_netns(NETNS, lambda p=p: _listen(p))() for p in (5100, 5101)]
     waits = [in_netns(NETNS, lambda s=s: _receive_md5(s)) for s in listeners]
     rc, out = guest.run(
-        f"head -c {PAYLOAD} /dev/urandom > /tmp/out.bin && md5sum /tmp/out.bin && "
+        f"head -c {PAYLOAD} /dev/urandom > /tmp/out.bin; md5sum /tmp/out.bin; "
         f"taskset -c 0 nc {HOST_IP} 5100 < /tmp/out.bin & "
         f"taskset -c 1 nc {HOST_IP} 5101 < /tmp/out.bin & wait; echo sent", timeout=400)
     assert rc == 0 and "sent" in out, out
