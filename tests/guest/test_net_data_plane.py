@@ -164,15 +164,17 @@ def test_two_queue_pairs_each_carry_traffic(guest):
     before = queue_interrupts(out)
     assert set(before) == {"input.0", "input.1", "output.0", "output.1"}, out
 
+    # the payload first: on a slow (emulated) guest kernel this alone can take minutes
+    rc, out = guest.run(f"head -c {PAYLOAD} /dev/urandom > /tmp/out.bin; md5sum /tmp/out.bin",
+                        timeout=600)
+    md5 = re.search(r"([0-9a-f]{32})\s+/tmp/out.bin", out).group(1)
     # one TCP stream from each vCPU: tx-0 from CPU 0, tx-1 from CPU 1
     listeners = [in_netns(NETNS, lambda p=p: _listen(p))() for p in (5100, 5101)]
     waits = [in_netns(NETNS, lambda s=s: _receive_md5(s)) for s in listeners]
     rc, out = guest.run(
-        f"head -c {PAYLOAD} /dev/urandom > /tmp/out.bin; md5sum /tmp/out.bin; "
         f"taskset -c 0 nc {HOST_IP} 5100 < /tmp/out.bin & "
         f"taskset -c 1 nc {HOST_IP} 5101 < /tmp/out.bin & wait; echo sent", timeout=400)
     assert rc == 0 and "sent" in out, out
-    md5 = re.search(r"([0-9a-f]{32})\s+/tmp/out.bin", out).group(1)
     assert [w() for w in waits] == [(PAYLOAD, md5)] * 2
 
     rc, out = guest.run("cat /proc/interrupts")
