@@ -14,6 +14,9 @@ PACKAGES=(
   # virtiofsd (/usr/lib/qemu/virtiofsd), the vhost-user back-end of the virtio-fs tests, and
   # qemu-storage-daemon, which serves non-raw disk images and the vhost-user-blk tests
   qemu-system-common
+  # dpdk-testpmd (in dpdk-dev) with its vhost-user and tap drivers and mempool: the
+  # vhost-user-net back-end of the vhost-user-net tests (runs without huge pages)
+  dpdk dpdk-dev librte-net-vhost23 librte-net-tap23 librte-mempool-ring23
   # host networking for tap devices, and e2fsprogs for disk images
   iproute2 e2fsprogs
   python3-venv

@@ -95,7 +95,9 @@ class NetConfig(PciDeviceConfig):
         return value.lower()
 
     def _validate(self, config: VmConfig) -> None:
-        if self.vhost_user and not config.backed_by_shared_memory():
+        if self.vhost_user and not config.ram_shareable():
+            # pych's RAM is always a memfd mapped shared, so unlike the reference no
+            # shared=on is needed; only a zone on a file mapped private cannot be shared.
             raise ConfigError("Using vhost-user requires using shared memory or huge pages")
         if self.vhost_user and self.vhost_socket is None:
             raise ConfigError("No socket provided when using vhost-user")
@@ -128,6 +130,12 @@ class NetConfig(PciDeviceConfig):
         check_queue_size(self.queue_size)
         if self.vhost_user:
             check_no_iommu(self)
+            if self.num_queues != 2:
+                # pych's vhost-user-net has one queue pair and no control queue.
+                raise ConfigError(f"num_queues={self.num_queues} with vhost_user: pych's "
+                                  "vhost-user-net has one queue pair (num_queues=2)")
+            if self.fds is not None or self.tap is not None:
+                raise ConfigError("A vhost-user net has no tap: give socket=, not tap= or fd=")
         if self.mtu is not None and self.mtu < VIRTIO_NET_MIN_MTU:
             raise ConfigError(
                 f"Provided MTU {self.mtu} is lower than {VIRTIO_NET_MIN_MTU} "

@@ -152,7 +152,6 @@ _LIMITER_NOTE = (
     "refill_time 0 limits nothing.")
 _GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
                "for the boot.")
-NO_VHOST_USER_NET = "pych has no vhost-user net front end; use a tap"
 NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
 
 
@@ -353,13 +352,21 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         mac=WORKS,
         host_mac=WORKS,
         mtu=WORKS,
-        num_queues=Refused(
-            "pych's virtio-net has one queue pair (num_queues=2, one tap fd)",
-            accepted="`2` (the default)"),
+        num_queues=Works(
+            "2 × queue pairs, as in the reference: each pair has its own tap queue "
+            "(`IFF_MULTI_QUEUE`, or one `fd` each) and worker thread (`<id>_qp<N>`); "
+            "VIRTIO_NET_F_MQ with the control queue (`<id>_ctrl`)."),
         queue_size=WORKS,
-        vhost_user=Refused(NO_VHOST_USER_NET),
-        vhost_socket=Refused(NO_VHOST_USER_NET),
-        vhost_mode=Refused(NO_VHOST_USER_NET),
+        vhost_user=Works(
+            "vhost-user-net: the back-end at `socket` (DPDK's vhost PMD, OVS-DPDK, ...) serves "
+            "the queues straight in guest memory; one queue pair (`num_queues=2`, other "
+            "values refused with vhost_user); the offloads it offers, masked by `offload_*`; "
+            "no `shared=on` needed (pych's RAM is always shareable)"),
+        vhost_socket=WORKS,
+        vhost_mode=Works(
+            "`client` connects to the back-end's socket; `server` listens at `socket` and "
+            "waits up to 30 s for the back-end to connect (the boot or vm.add-net fails "
+            "with a message after that)"),
         fds=Works("`ip`, `mask` and `host_mac` are not applied to a tap given as an fd "
                   "(as in the reference): a warning is logged."),
         rate_limiter_config=Works(

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pych.devices.legacy.serial_backend import open_serial_backend
-from pych.devices.net.tap import Tap
+from pych.devices.net.tap import Tap, open_queues, queues_from_fds
 from pych.devices.pci.allocator import AddressAllocator
 from pych.devices.rate_limiter import RateLimiter
 from pych.devices.disk_format import RAW, ImageFormatError, image_format
 from pych.devices.storage_daemon import StorageDaemon, connect_when_listening, qemu_driver
-from pych.devices.vhost_user import VhostUserConnections
+from pych.devices.vhost_user import VhostUserConnections, VhostUserFrontend
+from pych.devices.virtio.vhost_user_net import VhostUserNet, accept_backend
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.block import DiskError, VirtioBlock
 from pych.devices.virtio.console import VirtioConsole
@@ -153,49 +154,64 @@ def _served_by_daemon(disk, fmt: str, name: str) -> VhostUserBlock:
 
 
 def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
-    """virtio-net on a tap: opened or created by name with its host side configured,
-    or, with ``fds`` (``--net fd=[N]``, SCM_RIGHTS with ``vm.add-net``), the tap queue
-    someone else set up, on a duplicate of the fd (the configuration keeps the
+    """virtio-net on a tap, one tap queue per queue pair (``num_queues`` / 2; several are
+    queues of one ``IFF_MULTI_QUEUE`` tap): opened or created by name with its host side
+    configured, or, with ``fds`` (``--net fd=[N,...]``, SCM_RIGHTS with ``vm.add-net``), the
+    tap queues someone else set up, each on a duplicate of its fd (the configuration keeps the
     original, so every boot of the VM gets its own copy; the VMM closes the original
     when the device is removed or the VM deleted). Such a tap is not configured: only
     ``mtu`` is applied, as in the reference; ``ip``, ``mask`` and ``host_mac`` are
     ignored. A generated MAC is written back into ``net`` so a reboot keeps it."""
-    # Both are refused at the request (pych.config.support); kept as the device's invariants.
     if net.vhost_user:
-        raise ValueError(f"{name}: vhost-user net is not supported by pych")
-    if net.num_queues != 2:
-        raise ValueError(f"{name}: num_queues={net.num_queues}: pych supports one "
-                         "queue pair (num_queues=2, one tap fd)")
+        return _vhost_user_net(net, name, ctx)
     mac = parse_mac(net.mac) if net.mac else random_mac()
-    tap = _open_tap(net, name)
+    taps = _open_taps(net, name)
     try:
-        device = VirtioNet(tap, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
+        device = VirtioNet(taps, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
                            offload_csum=net.offload_csum, offload_tso=net.offload_tso,
                            offload_ufo=net.offload_ufo, name=name,
-                           rx_rate_limiter=RateLimiter.from_config(net.rate_limiter_config),
-                           tx_rate_limiter=RateLimiter.from_config(net.rate_limiter_config))
+                           rate_limiter=lambda: RateLimiter.from_config(net.rate_limiter_config))
     except BaseException:
-        tap.close()
+        for tap in taps:
+            tap.close()
         raise
     net.mac = format_mac(mac)
-    log.info("%s: tap %s, mac %s", name, tap.name, net.mac)
+    log.info("%s: tap %s (%d queue pair%s), mac %s", name, taps[0].name, len(taps),
+             "" if len(taps) == 1 else "s", net.mac)
     return device
 
 
-def _open_tap(net, name: str) -> Tap:
-    """The tap of the net configuration ``net``, host side configured (see make_net)."""
+def _vhost_user_net(net, name: str, ctx: FactoryContext) -> VhostUserNet:
+    """``--net vhost_user=on,socket=,vhost_mode=``: the back-end at ``socket`` serves the
+    queues; ``client`` connects to it, ``server`` listens there until it connects. After a
+    reboot the device takes back the connection its predecessor parked."""
+    mac = parse_mac(net.mac) if net.mac else random_mac()
+    parked = ctx.vhost_user.take(name, net.vhost_socket) if ctx.vhost_user else None
+    connect = accept_backend if net.vhost_mode == "Server" else VhostUserFrontend.connect
+    device = VhostUserNet(net.vhost_socket, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
+                          offload_csum=net.offload_csum, offload_tso=net.offload_tso,
+                          offload_ufo=net.offload_ufo, name=name, connect=connect,
+                          connection=parked)
+    net.mac = format_mac(mac)
+    log.info("%s: vhost-user backend at %s (%s), mac %s", name, net.vhost_socket,
+             net.vhost_mode.lower(), net.mac)
+    return device
+
+
+def _open_taps(net, name: str) -> list[Tap]:
+    """The tap queues of the net configuration ``net``, host side configured (see
+    make_net)."""
     if not net.fds:
-        tap = Tap(net.tap)
+        taps = open_queues(net.tap, net.num_queues // 2)
         try:
-            tap.configure_host(ip=net.ip, mask=net.mask, mac=net.host_mac, mtu=net.mtu)
+            taps[0].configure_host(ip=net.ip, mask=net.mask, mac=net.host_mac, mtu=net.mtu)
         except BaseException:
-            tap.close()
+            for tap in taps:
+                tap.close()
             raise
-        return tap
-    if len(net.fds) != 1:
-        raise ValueError(f"{name}: {len(net.fds)} tap fds: pych supports one queue pair "
-                         "(one fd)")
-    tap = Tap.from_fd(net.fds[0])
+        return taps
+    taps = queues_from_fds(net.fds)
+    tap = taps[0]
     try:
         ignored = [key for key in ("ip", "mask", "host_mac") if getattr(net, key) is not None]
         if ignored:
@@ -204,9 +220,10 @@ def _open_tap(net, name: str) -> Tap:
         if net.mtu is not None:
             tap.configure_host(mtu=net.mtu, up=False)
     except BaseException:
-        tap.close()
+        for tap in taps:
+            tap.close()
         raise
-    return tap
+    return taps
 
 
 def make_rng(rng, name: str, ctx: FactoryContext) -> VirtioRng:

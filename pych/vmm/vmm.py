@@ -396,8 +396,8 @@ class Vmm(ControlLoop, RequestHandler):
     def vm_add_net(self, config, fds: list[int]) -> PciDeviceInfo | None:
         """``vm.add-net``; tap fds come with the request by SCM_RIGHTS (``pych-remote
         add-net fd=[N]``, Kata Containers) and, as in the reference, replace whatever fd
-        numbers the JSON held (none of which mean anything here): one fd per queue pair,
-        so one. Each must be a tap queue opened with ``IFF_TAP | IFF_NO_PI |
+        numbers the JSON held (none of which mean anything here): one fd per queue pair
+        (``num_queues`` / 2; several are queues of one IFF_MULTI_QUEUE tap). Each must be a tap queue opened with ``IFF_TAP | IFF_NO_PI |
         IFF_VNET_HDR`` (checked now, also for a VM not booted: BackendError otherwise).
 
         The configuration keeps the received fds (``vm.info`` shows their numbers in this

@@ -373,4 +373,5 @@ def test_threads_are_named_as_the_reference_names_them(guest):
     assert names[str(pid)] == "pych"
     assert "http-server" in names.values()
     # each active virtio device's worker carries the device's id
-    assert {"_disk0", "_net3", "__rng"} <= set(names.values()), names
+    # (a net has one per queue pair and one for its control queue, as the reference)
+    assert {"_disk0", "_net3_qp0", "_net3_ctrl", "__rng"} <= set(names.values()), names

@@ -35,8 +35,12 @@ TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -110,11 +114,13 @@ def tap_fd_name(fd: int) -> str:
 
 
 class Tap:
-    """One open tap interface (a single queue)."""
+    """One open queue of a tap interface."""
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, *, multi_queue: bool = False) -> None:
         """Open tap ``name``, creating it if it does not exist (``None``/empty: a new
-        ``vmtapN``).  Raises :class:`TapError`."""
+        ``vmtapN``); with ``multi_queue``, as one queue of an ``IFF_MULTI_QUEUE`` tap
+        (open the same name again for each further queue: :func:`open_queues`).
+        Raises :class:`TapError`."""
         wanted = name or DEFAULT_NAME_PATTERN
         _check_name(wanted)
         try:
@@ -122,7 +128,8 @@ class Tap:
         except OSError as e:
             raise TapError(f"cannot open /dev/net/tun: {e.strerror}") from e
         try:
-            request = _IFREQ.pack(wanted.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+            request = _IFREQ.pack(wanted.encode(), flags)
             try:
                 answer = fcntl.ioctl(self.fd, TUNSETIFF, request)
             except OSError as e:
@@ -161,6 +168,16 @@ class Tap:
     def __repr__(self) -> str:
         return f"<Tap {self.name}>"
 
+    def set_queue_enabled(self, enabled: bool) -> None:
+        """Attach this queue to its (multi-queue) tap or detach it (``TUNSETQUEUE``): the
+        kernel steers received frames only to attached queues. Raises :class:`TapError`."""
+        flag = IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self.fd, TUNSETQUEUE, _IFREQ.pack(b"", flag))
+        except OSError as e:
+            raise TapError(f"tap {self.name}: cannot {'attach' if enabled else 'detach'} "
+                           f"a queue: {e.strerror}") from e
+
     def set_offload(self, flags: int) -> None:
         """Which offloaded frames (``TUN_F_*``) the tap may hand us: those the guest's
         driver accepts.  Raises :class:`TapError`."""
@@ -196,3 +213,51 @@ class Tap:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def open_queues(name: str | None, count: int) -> list[Tap]:
+    """``count`` queues of tap ``name`` (created if it does not exist; ``None``/empty: a new
+    ``vmtapN``): one plain queue for 1, else the queues of an ``IFF_MULTI_QUEUE`` tap, as
+    the reference opens one per queue pair. Raises :class:`TapError`; nothing stays open."""
+    if count == 1:
+        return [Tap(name)]
+    taps = [Tap(name, multi_queue=True)]
+    try:
+        while len(taps) < count:
+            taps.append(Tap(taps[0].name, multi_queue=True))
+    except BaseException:
+        for tap in taps:
+            tap.close()
+        raise
+    return taps
+
+
+def queues_from_fds(fds: list[int]) -> list[Tap]:
+    """The tap queues ``fds`` (one per queue pair, as ``--net fd=[a,b]``), each checked with
+    :meth:`Tap.from_fd`; several must be queues of one ``IFF_MULTI_QUEUE`` tap.
+    Raises :class:`TapError`; the duplicates are closed on failure."""
+    taps: list[Tap] = []
+    try:
+        for fd in fds:
+            tap = Tap.from_fd(fd)
+            taps.append(tap)
+            if len(fds) > 1:
+                if not tap_fd_flags(fd) & IFF_MULTI_QUEUE:
+                    raise TapError(f"fd {fd} (tap {tap.name}) was opened without "
+                                   "IFF_MULTI_QUEUE, and the net has several queue pairs")
+                if tap.name != taps[0].name:
+                    raise TapError(f"fd {fd} is a queue of tap {tap.name}, fd {fds[0]} one "
+                                   f"of {taps[0].name}: a net's fds are queues of one tap")
+    except BaseException:
+        for tap in taps:
+            tap.close()
+        raise
+    return taps
+
+
+def tap_fd_flags(fd: int) -> int:
+    """The ``IFF_*`` flags ``TUNGETIFF`` reports for tap queue ``fd`` (0 if it cannot)."""
+    try:
+        return _IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size)))[1]
+    except OSError:
+        return 0

@@ -3,8 +3,9 @@
 A :class:`VirtioDevice` declares its type, queue sizes, feature bits and config space.
 A transport (``pci_transport``) negotiates features with the driver, then hands the
 device its queues with :meth:`VirtioDevice.activate`.  From then on one worker thread
-per device waits in ``poll()`` on the queues' kick eventfds (and any extra event
-sources the device declares) and processes requests; the wait is a blocking system
+per device (or per queue group: :meth:`VirtioDevice.worker_plans`) waits in ``poll()``
+on the queues' kick eventfds (and any extra event sources the device declares) and
+processes requests; the wait is a blocking system
 call, so an idle device costs no GIL time.  :meth:`VirtioDevice.reset` stops the worker
 and drops what activation created; :meth:`VirtioDevice.shutdown` also releases the
 backend (files, locks).
@@ -84,6 +85,16 @@ class ActiveQueue(NamedTuple):
     kick_fd: int          # eventfd the driver's notifications land in
 
 
+class WorkerPlan(NamedTuple):
+    """One worker thread of a device: its name, the queues whose kicks it serves, the extra
+    event sources it polls, and what it calls when its :meth:`VirtioDevice.wake_after`
+    time comes."""
+    name: str
+    queues: tuple[int, ...]
+    sources: list[tuple[int, Callable[[], None]]]
+    woken: Callable[[], None]
+
+
 class VirtioInterrupt(Protocol):
     """How a device signals the driver; implemented by the transport."""
 
@@ -115,9 +126,10 @@ class VirtioDevice:
         self.interrupt: VirtioInterrupt | None = None
         self._config_generation = 0
         self._lifecycle = threading.Lock()
-        self._worker: threading.Thread | None = None
+        self._worker: threading.Thread | None = None       # the first of _workers
+        self._workers: list[threading.Thread] = []
         self._stop_fd = -1
-        self._wake_at: float | None = None      # worker thread only: see wake_after
+        self._worker_state = threading.local()  # wake_at per worker thread: see wake_after
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -183,17 +195,22 @@ class VirtioDevice:
             self.queues = {q.index: q for q in queues}
             self.interrupt = interrupt
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._worker = NamedThread(target=self._run, name=self.name, daemon=True)
-            self._worker.start()
+            self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
+                                         daemon=True)
+                             for plan in self.worker_plans()]
+            self._worker = self._workers[0]
+            for worker in self._workers:
+                worker.start()
 
     def reset(self) -> None:
         """Stop the worker and forget the queues; the device can be activated again."""
         with self._lifecycle:
-            worker, self._worker = self._worker, None
-            if worker is not None:
-                os.eventfd_write(self._stop_fd, 1)
-                if worker is not threading.current_thread():
-                    worker.join()
+            workers, self._workers, self._worker = self._workers, [], None
+            if workers:
+                os.eventfd_write(self._stop_fd, 1)      # stays readable: every worker sees it
+                for worker in workers:
+                    if worker is not threading.current_thread():
+                        worker.join()
                 os.close(self._stop_fd)
                 self._stop_fd = -1
                 for q in self.queues.values():
@@ -201,7 +218,6 @@ class VirtioDevice:
                 self.queues = {}
                 self.mem = None
                 self.interrupt = None
-            self._wake_at = None
             self.acked_features = 0
 
     def shutdown(self) -> None:
@@ -228,6 +244,12 @@ class VirtioDevice:
         to another vector. Only a device that handed a queue's interrupt eventfd to a
         back-end outside pych (vhost-user) has anything to do."""
 
+    def worker_plans(self) -> list[WorkerPlan]:
+        """The worker threads to start at activation (called with :attr:`queues` set): by
+        default one, named as the device, serving every queue. A device with independent
+        queue groups (virtio-net's queue pairs) returns one plan per group."""
+        return [WorkerPlan(self.name, tuple(self.queues), self.event_sources(), self.woken)]
+
     def event_sources(self) -> list[tuple[int, Callable[[], None]]]:
         """Extra (fd, handler) pairs the worker polls besides the queue kicks; each handler
         runs on the worker thread when its fd is readable and must consume the event."""
@@ -238,8 +260,9 @@ class VirtioDevice:
         if an earlier wake-up is already due).  A rate-limited device uses it to retry a
         request its limiter held back: the worker sleeps in ``poll()`` until then."""
         at = time.monotonic() + seconds
-        if self._wake_at is None or at < self._wake_at:
-            self._wake_at = at
+        state = self._worker_state
+        if getattr(state, "wake_at", None) is None or at < state.wake_at:
+            state.wake_at = at
 
     def woken(self) -> None:
         """The time asked for with :meth:`wake_after` has come (on the worker thread)."""
@@ -266,29 +289,32 @@ class VirtioDevice:
             self.interrupt.notify_queue(index)
 
     # --- worker -------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, plan: WorkerPlan) -> None:
         poller = select.poll()
         handlers: dict[int, Callable[[], None]] = {}
-        for q in self.queues.values():
+        for index in plan.queues:
+            q = self.queues[index]
             handlers[q.kick_fd] = functools.partial(self._kicked, q.kick_fd, q.index)
-        handlers.update(self.event_sources())
+        handlers.update(plan.sources)
+        state = self._worker_state
+        state.wake_at = None
         stop_fd = self._stop_fd
         poller.register(stop_fd, select.POLLIN)
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         while True:
             timeout = None
-            if self._wake_at is not None:          # only ever set by a rate-limited device
-                timeout = max(0.0, (self._wake_at - time.monotonic()) * 1000.0)
+            if state.wake_at is not None:          # only ever set by a rate-limited device
+                timeout = max(0.0, (state.wake_at - time.monotonic()) * 1000.0)
             events = poller.poll(timeout)
             try:
                 for fd, _ in events:
                     if fd == stop_fd:
                         return
                     handlers[fd]()
-                if self._wake_at is not None and time.monotonic() >= self._wake_at:
-                    self._wake_at = None
-                    self.woken()
+                if state.wake_at is not None and time.monotonic() >= state.wake_at:
+                    state.wake_at = None
+                    plan.woken()
             except Exception:
                 log.exception("%s: device error; stopping until the driver resets it", self.name)
                 self.interrupt.needs_reset()

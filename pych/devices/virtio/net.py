@@ -1,36 +1,52 @@
-"""virtio-net (virtio 1.x §5.1) on a host tap, one queue pair, no control queue.
+"""virtio-net (virtio 1.x §5.1) on a host tap: queue pairs, mergeable receive buffers and
+the control queue.
 
-Queue 0 (receiveq) carries frames to the guest, queue 1 (transmitq) frames from it.
+Queues ``2i`` (receiveq) and ``2i + 1`` (transmitq) form queue pair ``i``; the control
+queue comes last (``2 × pairs``), as in the reference, which offers ``VIRTIO_NET_F_CTRL_VQ``
+always and ``VIRTIO_NET_F_MQ`` (with ``max_virtqueue_pairs``) for more than one pair.
+Each pair has its own tap queue (a tap opened with ``IFF_MULTI_QUEUE``, one fd per pair)
+and its own worker thread, named as the reference names them (``<id>_qp<i>``); the control
+queue has one too (``<id>_ctrl``).
+
 Every frame in either direction starts with the 12-byte ``virtio_net_hdr_v1``, and the
 tap is opened with the same header (see :mod:`pych.devices.net.tap`), so the device
 never parses a frame: it moves each one with a single ``readv``/``writev`` between the
-tap fd and the guest buffers of one descriptor chain (no copy through Python bytes).
-That also carries the checksum and segmentation offloads through unchanged: the tap is
-told (``TUNSETOFFLOAD``) to hand us exactly the offloaded frames the driver accepted.
+tap fd and guest buffers (no copy through Python bytes). That also carries the checksum
+and segmentation offloads through unchanged: the tap is told (``TUNSETOFFLOAD``) to hand
+us exactly the offloaded frames the driver accepted, at feature negotiation and when the
+driver changes them on the control queue (``VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET``).
 
-Receive flow control: the tap fd sits in a private epoll set that the worker polls.
-While the driver has posted no receive buffer, the tap is taken out of that set, so an
-incoming frame waits in the tap's queue (not in pych) until the driver's next kick.
+Receiving: without ``VIRTIO_NET_F_MRG_RXBUF`` one descriptor chain holds one frame (Linux
+then posts 64 KiB "big packet" chains when it accepts TSO). With it, the driver posts
+small buffers and a frame spans as many as it needs: the pair keeps popped chains until
+they can hold the largest frame the tap may hand over, reads the frame across them with
+one ``readv``, writes the count into the header's ``num_buffers`` and publishes the used
+chains together (a driver that saw only the first would drop the frame).
 
-Not implemented: mergeable receive buffers, multiqueue, the control queue.  Without
-mergeable buffers and with the guest TSO/UFO features, Linux posts 64 KiB receive
-chains ("big packets"), which hold any frame the tap produces.
+Receive flow control: each tap fd sits in a private epoll set that its pair's worker
+polls. While the driver has posted too few receive buffers, the tap is taken out of
+that set, so an incoming frame waits in the tap's queue (not in pych) until the
+driver's next kick.
+
+``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` detaches the tap queues of the pairs the driver
+stopped using (``TUNSETQUEUE``), so the kernel steers frames only to the pairs in use.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pych.devices.rate_limiter import RateLimiter
+from pych.guest_log import GuestLog
 from pych.devices.net.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
                                   VNET_HDR_SIZE, Tap, TapError)
-from pych.guest_log import GuestLog
 
-from .device import VirtioDevice, VirtioDeviceType
+from .device import VirtioDevice, VirtioDeviceType, WorkerPlan
 from .queue import DescriptorChain
 
 log = logging.getLogger(__name__)
@@ -38,6 +54,7 @@ _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-lim
 
 VIRTIO_NET_F_CSUM = 1 << 0
 VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 1 << 2
 VIRTIO_NET_F_MTU = 1 << 3
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
@@ -48,16 +65,31 @@ VIRTIO_NET_F_HOST_TSO4 = 1 << 11
 VIRTIO_NET_F_HOST_TSO6 = 1 << 12
 VIRTIO_NET_F_HOST_ECN = 1 << 13
 VIRTIO_NET_F_HOST_UFO = 1 << 14
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_F_CTRL_VQ = 1 << 17
+VIRTIO_NET_F_MQ = 1 << 22
 
 VIRTIO_NET_S_LINK_UP = 1
+
+# Control queue (virtio 1.x §5.1.6.5).
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+VIRTIO_NET_CTRL_GUEST_OFFLOADS = 5
+VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET = 0
 
 RECEIVEQ = 0
 TRANSMITQ = 1
 DEFAULT_QUEUE_SIZE = 256
 #: Frames received per batch before the driver is interrupted (a latency bound).
 RX_BATCH = 64
-IOV_MAX = os.sysconf("SC_IOV_MAX")      # a frame fits in far fewer buffers than this
+#: The largest frame a tap hands over with segmentation offloads on: a 64 KiB GSO packet
+#: plus its Ethernet and VLAN headers, after the virtio-net header.
+MAX_GSO_FRAME = VNET_HDR_SIZE + 65535 + 14 + 4
+_NUM_BUFFERS_OFFSET = 10                 # virtio_net_hdr_v1.num_buffers
+IOV_MAX = os.sysconf("SC_IOV_MAX")      # readv() takes no more buffers than this (EINVAL)
 
 _CONFIG = struct.Struct("<6sHHH")       # mac, status, max_virtqueue_pairs, mtu
 
@@ -69,6 +101,9 @@ _GUEST_OFFLOADS = (
     (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN),
     (VIRTIO_NET_F_GUEST_UFO, TUN_F_UFO),
 )
+_GUEST_OFFLOAD_FEATURES = 0
+for _feature, _ in _GUEST_OFFLOADS:
+    _GUEST_OFFLOAD_FEATURES |= _feature
 
 
 def parse_mac(text: str) -> bytes:
@@ -90,14 +125,20 @@ def random_mac() -> bytes:
     return bytes(mac)
 
 
-def offered_features(*, csum: bool, tso: bool, ufo: bool, mtu: int | None) -> int:
+def offered_features(*, csum: bool, tso: bool, ufo: bool, mtu: int | None,
+                     pairs: int = 1) -> int:
     """The feature bits for the reference's ``offload_*`` switches (TSO and UFO need
-    checksum offload, as in the spec's feature dependencies)."""
-    features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    checksum offload, as in the spec's feature dependencies), with the control queue,
+    mergeable receive buffers and, for several queue pairs, multiqueue."""
+    features = (VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CTRL_VQ
+                | VIRTIO_NET_F_MRG_RXBUF)
+    if pairs > 1:
+        features |= VIRTIO_NET_F_MQ
     if mtu is not None:
         features |= VIRTIO_NET_F_MTU
     if csum:
-        features |= VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+        features |= (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+                     | VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
         if tso:
             features |= (VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
                          | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN)
@@ -106,29 +147,49 @@ def offered_features(*, csum: bool, tso: bool, ufo: bool, mtu: int | None) -> in
     return features
 
 
-class VirtioNet(VirtioDevice):
-    """A virtio-net device that owns ``tap`` (closed on shutdown)."""
+def tap_offloads(features: int) -> int:
+    """The ``TUN_F_*`` flags for the guest receive features (or guest offloads) ``features``."""
+    offloads = 0
+    for feature, flag in _GUEST_OFFLOADS:
+        if features & feature:
+            offloads |= flag
+    return offloads
 
-    device_type = VirtioDeviceType.NET
 
-    def __init__(self, tap: Tap, *, mac: bytes, mtu: int | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, offload_csum: bool = True,
-                 offload_tso: bool = True, offload_ufo: bool = True, name: str = "net",
-                 rx_rate_limiter: RateLimiter | None = None,
-                 tx_rate_limiter: RateLimiter | None = None) -> None:
-        if len(mac) != 6:
-            raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
-        super().__init__(name=name, queue_sizes=[queue_size, queue_size],
-                         features=offered_features(csum=offload_csum, tso=offload_tso,
-                                                   ufo=offload_ufo, mtu=mtu))
+def _write_u16(views: Sequence[memoryview], offset: int, value: int) -> None:
+    """Write a little-endian u16 at byte ``offset`` of the buffers ``views``, wherever
+    they split it."""
+    for byte in value.to_bytes(2, "little"):
+        for view in views:
+            if offset < len(view):
+                view[offset] = byte
+                break
+            offset -= len(view)
+        offset += 1
+
+
+class _QueuePair:
+    """Queue pair ``index``: its tap queue, rate limiters, receive state and counters.
+    Everything here runs on the pair's worker thread."""
+
+    def __init__(self, device: VirtioNet, index: int, tap: Tap,
+                 rx_rate_limiter: RateLimiter | None,
+                 tx_rate_limiter: RateLimiter | None) -> None:
+        self.device = device
+        self.index = index
+        self.rxq = 2 * index
+        self.txq = 2 * index + 1
         self.tap = tap
-        self.mac = mac
-        self.mtu = mtu
         self.rx_frames = self.tx_frames = 0
-        self.rx_bytes = self.tx_bytes = 0       # frame bytes, the virtio-net header not counted
+        self.rx_bytes = self.tx_bytes = 0      # frame bytes, the virtio-net header not counted
         self.tx_dropped = 0
-        self.rx_unusable = 0
-        self._rx_chain: DescriptorChain | None = None     # popped, waiting for a frame
+        self.rx_unusable = 0                   # receive chains returned empty (driver mistakes)
+        # Popped receive chains waiting for a frame (each with how many of the buffers and
+        # bytes below are its own), their buffers and their capacity.
+        self._rx_chains: collections.deque[tuple[DescriptorChain, int, int]] = \
+            collections.deque()
+        self._rx_views: list[memoryview] = []
+        self._rx_space = 0
         self._tap_events = select.epoll(1)
         self._tap_events.register(tap.fd, select.EPOLLIN)
         self._tap_polled = True
@@ -139,45 +200,35 @@ class VirtioNet(VirtioDevice):
         self._rx_throttled = False
         self._tx_held: DescriptorChain | None = None
 
-    # --- config space -------------------------------------------------------------------------
-    def config_bytes(self) -> bytes:
-        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu or 0)
-
-    # --- lifecycle ----------------------------------------------------------------------------
-    def ack_features(self, features: int) -> None:
-        super().ack_features(features)
-        offloads = 0
-        for feature, flag in _GUEST_OFFLOADS:
-            if self.has_feature(feature):
-                offloads |= flag
-        try:
-            self.tap.set_offload(offloads)
-        except TapError as e:
-            # The frames the tap then hands us are plain; the driver copes with those.
-            _guest_log.warning("%s: %s; receiving without offloads", self.name, e)
-
     def reset(self) -> None:
-        super().reset()
-        self._rx_chain = None
+        self._rx_chains.clear()
+        for view in self._rx_views:
+            view.release()
+        self._rx_views = []
+        self._rx_space = 0
         self._rx_throttled = False
         self._tx_held = None
         self._poll_tap(True)
 
-    def close_backend(self) -> None:
+    def close(self) -> None:
         self._tap_events.close()
         self.tap.close()
 
-    # --- worker -------------------------------------------------------------------------------
-    def event_sources(self) -> list[tuple[int, Callable[[], None]]]:
-        return [(self._tap_events.fileno(), self._receive)]
+    def plan(self, name: str) -> WorkerPlan | None:
+        queues = tuple(i for i in (self.rxq, self.txq) if i in self.device.queues)
+        if not queues:
+            return None
+        sources = [(self._tap_events.fileno(), self.receive)] if self.rxq in queues else []
+        return WorkerPlan(f"{name}_qp{self.index}", queues, sources, self.woken)
 
+    # --- transmit -----------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
-        if index == RECEIVEQ:                  # new receive buffers: frames may flow again
+        if index == self.rxq:                  # new receive buffers: frames may flow again
             if not self._rx_throttled:
                 self._poll_tap(True)
-                self._receive()
+                self.receive()
         elif self.tx_rate_limiter is None:
-            super().process_queue(index)
+            self._transmit()
         elif self._tx_held is None:            # a held frame waits for its wake-up
             self._transmit_limited()
 
@@ -185,16 +236,27 @@ class VirtioNet(VirtioDevice):
         if self._rx_throttled:
             self._rx_throttled = False
             self._poll_tap(True)
-            self._receive()
+            self.receive()
         if self._tx_held is not None:
             self._transmit_limited()
+
+    def _transmit(self) -> None:
+        queue = self.device.queues[self.txq].queue
+        while True:
+            queue.disable_notification()
+            for chain in queue:
+                self._send(chain)
+                queue.add_used(chain.head, 0)
+            if not queue.enable_notification():
+                break
+        self.device.signal_used(self.txq)
 
     def _transmit_limited(self) -> None:
         """Transmit through the rate limiter: a frame it holds back is kept and retried
         when the tokens are there, with the queue's notifications off meanwhile."""
-        if TRANSMITQ not in self.queues:
+        if self.txq not in self.device.queues:
             return
-        queue = self.queues[TRANSMITQ].queue
+        queue = self.device.queues[self.txq].queue
         limiter = self.tx_rate_limiter
         while True:
             queue.disable_notification()
@@ -203,20 +265,16 @@ class VirtioNet(VirtioDevice):
                 wait = limiter.consume(max(0, chain.readable_len - VNET_HDR_SIZE), 1)
                 if wait:
                     self._tx_held = chain
-                    self.wake_after(wait)
-                    self.signal_used(TRANSMITQ)
+                    self.device.wake_after(wait)
+                    self.device.signal_used(self.txq)
                     return
-                queue.add_used(chain.head, self.handle_chain(TRANSMITQ, chain))
+                self._send(chain)
+                queue.add_used(chain.head, 0)
             if not queue.enable_notification():
                 break
-        self.signal_used(TRANSMITQ)
+        self.device.signal_used(self.txq)
 
-    def counters(self) -> dict[str, int]:
-        """The reference's net counters."""
-        return {"rx_bytes": self.rx_bytes, "rx_frames": self.rx_frames,
-                "tx_bytes": self.tx_bytes, "tx_frames": self.tx_frames}
-
-    def handle_chain(self, index: int, chain: DescriptorChain) -> int:
+    def _send(self, chain: DescriptorChain) -> None:
         """Transmit one frame (header included) to the tap."""
         try:
             sent = os.writev(self.tap.fd, chain.readable_views())
@@ -226,71 +284,284 @@ class VirtioNet(VirtioDevice):
             self.tx_dropped += 1
             if self.tx_dropped == 1:
                 log.warning("%s: dropped a transmitted frame (%s); further drops are only "
-                            "counted", self.name, e.strerror)
-        return 0
+                            "counted", self.device.name, e.strerror)
 
-    def _receive(self) -> None:
+    # --- receive ------------------------------------------------------------------------------
+    def receive(self) -> None:
         """Move frames from the tap into receive chains until either runs out."""
-        active = self.queues.get(RECEIVEQ)
+        device = self.device
+        active = device.queues.get(self.rxq)
         if active is None:
             self._poll_tap(False)              # the driver did not enable receiving
             return
         queue = active.queue
+        mergeable = device.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        needed = device.rx_frame_max() if mergeable else 1
         filled = 0
         limiter = self.rx_rate_limiter
         while True:
             if limiter is not None and (wait := limiter.blocked()):
                 self._rx_throttled = True      # frames wait in the tap until woken
                 self._poll_tap(False)
-                self.wake_after(wait)
+                device.wake_after(wait)
                 break
-            chain = self._rx_chain or self._next_rx_chain()
-            if chain is None:
+            if not self._fill_rx_chains(queue, needed):
                 self._poll_tap(False)          # until the driver kicks with new buffers
                 break
-            if chain.writable_len < VNET_HDR_SIZE:
-                # the tap refuses a read shorter than its header (EINVAL): give the chain
-                # back empty, the frame waits for the next one
-                self._rx_chain = None
-                self._rx_unusable(queue, chain, "shorter than the virtio-net header")
-                filled += 1
-                continue
             try:
-                n = os.readv(self.tap.fd, chain.writable_views()[:IOV_MAX])
+                n = os.readv(self.tap.fd, self._rx_views)
             except BlockingIOError:
-                self._rx_chain = chain         # keep it for the next frame
-                break
-            except OSError as e:               # whatever else the tap refuses of a chain
-                self._rx_chain = None
-                self._rx_unusable(queue, chain, e.strerror)
+                break                          # the chains wait for the next frame
+            except OSError as e:               # whatever else the tap refuses of the buffers
+                self._return_rx_chains(queue, e.strerror)
                 filled += 1
                 continue
-            self._rx_chain = None
+            used = self._take_rx_chains(n)
             if limiter is not None:
                 limiter.charge(max(0, n - VNET_HDR_SIZE), 1)
-            queue.add_used(chain.head, n)
+            if len(used) == 1:
+                queue.add_used(*used[0])
+            else:
+                queue.add_used_batch(used)
             self.rx_frames += 1
             self.rx_bytes += max(0, n - VNET_HDR_SIZE)
             filled += 1
             if filled % RX_BATCH == 0:
-                self.signal_used(RECEIVEQ)
+                device.signal_used(self.rxq)
         if filled:
-            self.signal_used(RECEIVEQ)
+            device.signal_used(self.rxq)
+
+    def _fill_rx_chains(self, queue, needed: int) -> bool:
+        """Pop receive chains until they hold ``needed`` bytes (mergeable buffers) or there
+        is one (``needed`` 1: one chain per frame). False: too few buffers for now. With
+        every descriptor of the ring held and still too little room, go on with what there
+        is (a driver that posts so little gets its frames truncated, not a stalled NIC)."""
+        while self._rx_space < needed:
+            if len(self._rx_views) >= IOV_MAX:
+                return True                    # as many buffers as one readv() takes
+            chain = queue.pop()
+            if chain is None:
+                if queue.enable_notification():
+                    continue                   # buffers arrived meanwhile
+                return bool(self._rx_chains) and len(self._rx_chains) >= queue.size
+            views = chain.writable_views()
+            space = chain.writable_len
+            if not self._rx_chains and space < VNET_HDR_SIZE:
+                # Nothing to write into, or less than the header the tap writes first (the
+                # tap refuses such a read): a driver's mistake, the chain goes back empty.
+                self._rx_unusable(queue, chain, "shorter than the virtio-net header")
+                continue
+            room = IOV_MAX - len(self._rx_views)
+            if len(views) > room:              # readv() takes no more: the rest stays unused
+                for view in views[room:]:
+                    view.release()
+                views = views[:room]
+                space = sum(len(v) for v in views)
+            self._rx_chains.append((chain, len(views), space))
+            self._rx_views.extend(views)
+            self._rx_space += space
+        return True
 
     def _rx_unusable(self, queue, chain: DescriptorChain, why: str) -> None:
         self.rx_unusable += 1
         _guest_log.warning("%s: receive buffer the tap cannot fill (%s); returned empty",
-                           self.name, why)
+                           self.device.name, why)
         queue.add_used(chain.head, 0)
 
-    def _next_rx_chain(self) -> DescriptorChain | None:
-        queue = self.queues[RECEIVEQ].queue
-        while True:
-            chain = queue.pop()
-            if chain is not None or not queue.enable_notification():
-                return chain
+    def _return_rx_chains(self, queue, why: str) -> None:
+        """The tap refused a read into the held chains: each goes back to the guest empty."""
+        for chain, _, _ in self._rx_chains:
+            self._rx_unusable(queue, chain, why)
+        self._rx_chains.clear()
+        for view in self._rx_views:
+            view.release()
+        self._rx_views = []
+        self._rx_space = 0
+
+    def _take_rx_chains(self, n: int) -> list[tuple[int, int]]:
+        """The ``(head, length)`` of the chains a frame of ``n`` bytes filled, dropped from
+        the held ones, with ``num_buffers`` set in its header."""
+        used: list[tuple[int, int]] = []
+        first_views: list[memoryview] | None = None
+        remaining = max(n, 1)
+        views_taken = 0
+        while remaining > 0 and self._rx_chains:
+            chain, count, space = self._rx_chains.popleft()
+            if first_views is None:
+                first_views = self._rx_views[:count]
+            views_taken += count
+            length = min(space, remaining)
+            self._rx_space -= space
+            used.append((chain.head, length if n else 0))
+            remaining -= length
+        if first_views is not None and n >= VNET_HDR_SIZE:
+            _write_u16(first_views, _NUM_BUFFERS_OFFSET, len(used))
+        for view in self._rx_views[:views_taken]:
+            view.release()
+        del self._rx_views[:views_taken]
+        return used
 
     def _poll_tap(self, enabled: bool) -> None:
         if enabled != self._tap_polled and not self._tap_events.closed:
             self._tap_events.modify(self.tap.fd, select.EPOLLIN if enabled else 0)
             self._tap_polled = enabled
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net device with one queue pair per tap queue in ``taps`` (closed on
+    shutdown). ``rate_limiter`` makes a fresh limiter (or None): each pair gets one for
+    receive and one for transmit, as in the reference."""
+
+    device_type = VirtioDeviceType.NET
+
+    def __init__(self, taps: Tap | Sequence[Tap], *, mac: bytes, mtu: int | None = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, offload_csum: bool = True,
+                 offload_tso: bool = True, offload_ufo: bool = True, name: str = "net",
+                 rate_limiter: Callable[[], RateLimiter | None] | None = None) -> None:
+        if len(mac) != 6:
+            raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+        taps = [taps] if isinstance(taps, Tap) or not isinstance(taps, Sequence) else list(taps)
+        if not taps:
+            raise ValueError("virtio-net needs at least one tap queue")
+        pairs = len(taps)
+        super().__init__(name=name, queue_sizes=[queue_size] * (2 * pairs + 1),
+                         features=offered_features(csum=offload_csum, tso=offload_tso,
+                                                   ufo=offload_ufo, mtu=mtu, pairs=pairs))
+        self.mac = mac
+        self.mtu = mtu
+        self.ctrlq = 2 * pairs
+        make = rate_limiter or (lambda: None)
+        self.pairs = [_QueuePair(self, i, tap, make(), make()) for i, tap in enumerate(taps)]
+        self.active_pairs = pairs              # as the driver last set it (VQ_PAIRS_SET)
+        self.ctrl_errors = 0
+
+    @property
+    def tap(self) -> Tap:
+        """The first pair's tap queue (the interface every pair's queue belongs to)."""
+        return self.pairs[0].tap
+
+    @property
+    def taps(self) -> list[Tap]:
+        return [pair.tap for pair in self.pairs]
+
+    # Totals over the pairs (each pair counts on its own worker thread).
+    @property
+    def rx_frames(self) -> int:
+        return sum(p.rx_frames for p in self.pairs)
+
+    @property
+    def tx_frames(self) -> int:
+        return sum(p.tx_frames for p in self.pairs)
+
+    @property
+    def rx_bytes(self) -> int:
+        return sum(p.rx_bytes for p in self.pairs)
+
+    @property
+    def tx_bytes(self) -> int:
+        return sum(p.tx_bytes for p in self.pairs)
+
+    @property
+    def tx_dropped(self) -> int:
+        return sum(p.tx_dropped for p in self.pairs)
+
+    @property
+    def rx_unusable(self) -> int:
+        return sum(p.rx_unusable for p in self.pairs)
+
+    # --- config space -------------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, len(self.pairs), self.mtu or 0)
+
+    def rx_frame_max(self) -> int:
+        """The most bytes one frame from the tap can take, header included."""
+        if self.acked_features & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
+                                  | VIRTIO_NET_F_GUEST_UFO):
+            return MAX_GSO_FRAME
+        return VNET_HDR_SIZE + 14 + 4 + max(self.mtu or 1500, 1500)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def ack_features(self, features: int) -> None:
+        super().ack_features(features)
+        self._set_tap_offloads(tap_offloads(self.acked_features))
+
+    def _set_tap_offloads(self, offloads: int) -> bool:
+        try:
+            for tap in self.taps:
+                tap.set_offload(offloads)
+        except TapError as e:
+            # The frames the tap then hands us are plain; the driver copes with those.
+            _guest_log.warning("%s: %s; receiving without offloads", self.name, e)
+            return False
+        return True
+
+    def reset(self) -> None:
+        super().reset()
+        for pair in self.pairs:
+            pair.reset()
+        if self.active_pairs != len(self.pairs):
+            self._set_active_pairs(len(self.pairs))
+
+    def close_backend(self) -> None:
+        for pair in self.pairs:
+            pair.close()
+
+    def counters(self) -> dict[str, int]:
+        """The reference's net counters (totals over the queue pairs)."""
+        return {"rx_bytes": self.rx_bytes, "rx_frames": self.rx_frames,
+                "tx_bytes": self.tx_bytes, "tx_frames": self.tx_frames}
+
+    # --- workers ------------------------------------------------------------------------------
+    def worker_plans(self) -> list[WorkerPlan]:
+        plans = [plan for pair in self.pairs if (plan := pair.plan(self.name)) is not None]
+        if self.ctrlq in self.queues:
+            plans.append(WorkerPlan(f"{self.name}_ctrl", (self.ctrlq,), [], self.woken))
+        return plans
+
+    def process_queue(self, index: int) -> None:
+        if index == self.ctrlq:
+            super().process_queue(index)
+        else:
+            self.pairs[index // 2].process_queue(index)
+
+    def handle_chain(self, index: int, chain: DescriptorChain) -> int:
+        """Serve one control queue command: class, command and data readable, one ack
+        byte writable."""
+        data = chain.reader().read(chain.readable_len)
+        ok = len(data) >= 2 and self._control(data[0], data[1], data[2:])
+        if not ok:
+            self.ctrl_errors += 1
+            if self.ctrl_errors == 1:
+                log.warning("%s: refused control command %s; further refusals are only "
+                            "counted", self.name, data[:2].hex())
+        return chain.writer().write(bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
+
+    def _control(self, cls: int, command: int, payload: bytes) -> bool:
+        if (cls, command) == (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
+            if not self.has_feature(VIRTIO_NET_F_MQ) or len(payload) < 2:
+                return False
+            pairs = int.from_bytes(payload[:2], "little")
+            if not 1 <= pairs <= len(self.pairs):
+                return False
+            self._set_active_pairs(pairs)
+            return True
+        if (cls, command) == (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET):
+            if not self.has_feature(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) or len(payload) < 8:
+                return False
+            offloads = int.from_bytes(payload[:8], "little")
+            # Only offloads negotiated as features can be switched on.
+            if offloads & ~(self.acked_features & _GUEST_OFFLOAD_FEATURES):
+                return False
+            return self._set_tap_offloads(tap_offloads(offloads))
+        return False
+
+    def _set_active_pairs(self, pairs: int) -> None:
+        self.active_pairs = pairs
+        if len(self.pairs) == 1:
+            return
+        for pair in self.pairs:
+            try:
+                pair.tap.set_queue_enabled(pair.index < pairs)
+            except TapError as e:
+                if "Invalid argument" not in str(e):   # already in that state
+                    log.warning("%s: %s", self.name, e)

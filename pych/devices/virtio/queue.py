@@ -429,6 +429,21 @@ class Virtqueue:
         self._next_used = (self._next_used + 1) & 0xFFFF
         self._used[1] = self._next_used                   # publishes the element (TSO)
 
+    def add_used_batch(self, elements: list[tuple[int, int]]) -> None:
+        """Return several chains (``(head, length)`` each) and publish them at once: the
+        driver sees all or none of them (one received frame in mergeable buffers)."""
+        for head, _ in elements:
+            if not 0 <= head < self.size:
+                raise ValueError(f"{self.name}: head {head} out of range")
+        used = self._next_used
+        for head, length in elements:
+            slot = used & (self.size - 1)
+            self._used_elems[2 * slot] = head
+            self._used_elems[2 * slot + 1] = length
+            used = (used + 1) & 0xFFFF
+        self._next_used = used
+        self._used[1] = used                              # publishes them all (TSO)
+
     # --- notifications ----------------------------------------------------------------------
     def disable_notification(self) -> None:
         """Ask the driver not to kick while the device is draining the queue."""

@@ -292,8 +292,7 @@ class VhostUserDevice(VirtioDevice):
     # --- the back-end -----------------------------------------------------------------------
     def _start_backend(self) -> None:
         backend = self._backend
-        backend.set_features(self.acked_features
-                             | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES))
+        backend.set_features(self.backend_features_to_set())
         self._sync_memory()
         for index, q in sorted(self.queues.items()):
             vq = q.queue
@@ -310,6 +309,12 @@ class VhostUserDevice(VirtioDevice):
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
             for index in self._started:                     # rings start disabled then
                 backend.set_vring_enable(index, True)
+
+    def backend_features_to_set(self) -> int:
+        """What SET_FEATURES tells the back-end: the features the driver accepted, and
+        protocol features if the back-end offered them. A device that offers bits of its
+        own (virtio-net's MAC) keeps those from the back-end."""
+        return self.acked_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES)
 
     def _stop_rings(self) -> None:
         """Stop every started ring; a back-end already gone is logged once, not raised."""

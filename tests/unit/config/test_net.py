@@ -81,6 +81,10 @@ def test_net_ipv6_is_normalized() -> None:
         ("ip=10.0.0.1", "IP provided without a mask"),
         ("mask=255.0.0.0", "Mask provided without an IP"),
         ("queue_size=3", "power of 2"),
+        ("vhost_user=on", "No socket provided when using vhost-user"),
+        ("vhost_user=on,socket=/s,tap=t0", "A vhost-user net has no tap"),
+        ("vhost_user=on,socket=/s,bw_size=1,bw_refill_time=1",
+         "Rate limiting is not supported with vhost-user"),
     ],
 )
 def test_net_validation(net: str, message: str) -> None:
@@ -103,3 +107,10 @@ def test_vsock() -> None:
         VsockConfig.parse("cid=2,socket=/v")
     with pytest.raises(ConfigError, match="4294967295 is a special VSOCK CID"):
         vm(vsock={"cid": 2**32 - 1, "socket": "/v"}).validate()
+
+
+def test_vhost_user_net_has_one_queue_pair() -> None:
+    config = vm(net=[NetConfig.parse("vhost_user=on,socket=/s,num_queues=4").model_dump()])
+    config.cpus.boot_vcpus = config.cpus.max_vcpus = 2
+    with pytest.raises(ConfigError, match="pych's vhost-user-net has one queue pair"):
+        config.validate(check_support=False)

@@ -251,6 +251,9 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("NetConfig", "mac"): ("12:34:56:78:9a:bc", {}),
     ("NetConfig", "host_mac"): ("12:34:56:78:9a:bd", {}),
     ("NetConfig", "mtu"): (1500, {}),
+    ("NetConfig", "vhost_user"): (True, {"vhost_socket": "/s"}),
+    ("NetConfig", "vhost_socket"): ("/s", {"vhost_user": True}),
+    ("NetConfig", "vhost_mode"): ("Server", {"vhost_user": True, "vhost_socket": "/s"}),
     ("NetConfig", "queue_size"): (512, {}),
     ("NetConfig", "num_queues"): (4, {}),
     ("NetConfig", "fds"): ([7], {}),            # from JSON: -1, dropped by vm.create
@@ -468,8 +471,8 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
         status, answer = _request(vmm, "vm.add-disk", {"path": "/b", "sparse": False})
         assert status == 400 and answer[-1].startswith(
             'disks[0].sparse=false is not supported by pych: pych does not preallocate')
-        status, answer = _request(vmm, "vm.add-net", {"num_queues": 4})
-        assert status == 400 and answer[-1].startswith("net[0].num_queues=4 is not supported")
+        status, answer = _request(vmm, "vm.add-net", {"iommu": True})
+        assert status == 400 and answer[-1].startswith("net[0].iommu=true is not supported")
         assert devices.calls == [] and vmm.config.disks is None and vmm.config.net is None
         assert _request(vmm, "vm.add-disk", {"path": "/b"})[0] == 200
     finally:
@@ -566,8 +569,8 @@ _cli("--net", {"tap": "tap=t0", "ip": "ip=192.168.1.1,mask=255.255.255.0",
                "mask": "mask=255.255.255.0,ip=192.168.1.1", "mac": "mac=12:34:56:78:9a:bc",
                "host_mac": "host_mac=12:34:56:78:9a:bd", "mtu": "mtu=1500",
                "num_queues": "num_queues=4", "queue_size": "queue_size=512",
-               "vhost_user": "vhost_user=on", "socket": "socket=/s",
-               "vhost_mode": "vhost_mode=server", "fd": "fd=[7]",
+               "vhost_user": "vhost_user=on,socket=/s", "socket": "socket=/s,vhost_user=on",
+               "vhost_mode": "vhost_mode=server,vhost_user=on,socket=/s", "fd": "fd=[7]",
                **{key: f"{key}=100" for key in RATE_LIMITER_KEYS.keys},
                "offload_tso": "offload_tso=off", "offload_ufo": "offload_ufo=off",
                "offload_csum": "offload_csum=off,offload_tso=off,offload_ufo=off",

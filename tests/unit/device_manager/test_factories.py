@@ -50,3 +50,38 @@ def test_kinds_pych_cannot_hot_plug_are_refused_and_leave_nothing(kind):
         assert set(m.dm.device_tree()) == {"__rng", "_virtio-pci-__rng"}
     finally:
         m.close()
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="TAP TESTS NOT RUN: need root")
+def test_a_net_with_two_pairs_gets_two_tap_queues_by_name_and_by_fd():
+    """``num_queues=4``: two queues of one IFF_MULTI_QUEUE tap, created by pych or passed as
+    ``fd=[a,b]`` (duplicated: the caller's fds stay open)."""
+    import os
+
+    from pych.config import NetConfig
+    from pych.device_manager.factories import FactoryContext, make_net
+    from pych.devices.net.tap import open_queues
+
+    from tests.unit.devices.net.test_tap import in_new_netns
+
+    def run():
+        created = make_net(NetConfig(num_queues=4), "_net0", FactoryContext(mmio64=None))
+        try:
+            by_name = [t.name for t in created.taps]
+        finally:
+            created.shutdown()
+        caller = open_queues("mq0", 2)
+        try:
+            given = make_net(NetConfig(num_queues=4, fds=[t.fd for t in caller]), "_net1",
+                             FactoryContext(mmio64=None))
+            by_fd = ([t.name for t in given.taps], [t.fd for t in given.taps])
+            given.shutdown()
+            still_open = all(os.fstat(t.fd) for t in caller)
+        finally:
+            for t in caller:
+                t.close()
+        return by_name, by_fd, [t.fd for t in caller], still_open
+
+    by_name, (names, fds), caller_fds, still_open = in_new_netns(run)
+    assert len(by_name) == 2 and by_name[0] == by_name[1]
+    assert names == ["mq0", "mq0"] and set(fds).isdisjoint(caller_fds) and still_open

@@ -284,7 +284,7 @@ def test_a_failed_add_closes_the_received_fds_at_once():
             attempts = [({}, lambda: [r]),                           # not a tap
                         ({"tap": "other"}, lambda: tap_fds(1)),      # a name and an fd
                         ({}, lambda: tap_fds(2)),                    # 2 fds, 1 queue pair
-                        ({"num_queues": 4}, lambda: tap_fds(2)),     # 2 queue pairs: refused
+                        ({"num_queues": 4}, lambda: tap_fds(2)),     # 2 pairs, 1 vCPU
                         ({"pci_device_id": 1}, lambda: tap_fds(1))]  # the rng's slot
             for body, make in attempts:
                 fds = make()
@@ -303,7 +303,7 @@ def test_a_failed_add_closes_the_received_fds_at_once():
     assert nets is None and scan == (0, 0)                 # nothing recorded or announced
     expected = [(400, r"fd \d+ is not a tap"), (400, "give tap= or fd=, not both"),
                 (400, r"does not match the number of FDs \(4\)"),
-                (400, r"net\[0\]\.num_queues=4 is not supported by pych"),
+                (400, r"Queue count \(4\) must not exceed boot vCPUs \(1\)"),
                 (500, "already used: 1")]
     assert len(outcomes) == len(expected)
     for (status, message, after, nothing_kept), (want, pattern) in zip(outcomes, expected):

@@ -107,3 +107,46 @@ def test_an_unnamed_tap_gets_the_first_free_vmtap_name():
             second.close()
 
     assert in_new_netns(scenario) == ("vmtap0", "vmtap1")
+
+
+def test_queues_of_a_multi_queue_tap_by_name_and_by_fd():
+    from pych.devices.net.tap import (IFF_MULTI_QUEUE, open_queues, queues_from_fds,
+                                      tap_fd_flags)
+
+    def run():
+        before = fds()
+        taps = open_queues(None, 2)
+        try:
+            names = {t.name for t in taps}
+            flags = [tap_fd_flags(t.fd) & IFF_MULTI_QUEUE for t in taps]
+            # by fd, as a caller passes them (fd=[a,b]): duplicates of both, one tap
+            from_fds = queues_from_fds([t.fd for t in taps])
+            dup_names = [t.name for t in from_fds]
+            for t in from_fds:
+                t.close()
+            # a detached queue can be attached again
+            taps[1].set_queue_enabled(False)
+            taps[1].set_queue_enabled(True)
+            # a plain (single-queue) tap's fd cannot stand for one of several pairs
+            single = Tap("single0")
+            try:
+                with pytest.raises(TapError, match="IFF_MULTI_QUEUE"):
+                    queues_from_fds([single.fd, taps[0].fd])
+            finally:
+                single.close()
+            with pytest.raises(TapError, match="queues of one tap"):
+                other = open_queues("other0", 2)
+                try:
+                    queues_from_fds([taps[0].fd, other[0].fd])
+                finally:
+                    for t in other:
+                        t.close()
+        finally:
+            for t in taps:
+                t.close()
+        return names, flags, dup_names, links(), fds() == before
+
+    names, flags, dup_names, after, no_fd_left = in_new_netns(run)
+    assert len(names) == 1 and all(flags), (names, flags)
+    assert dup_names == [next(iter(names))] * 2
+    assert after == ["lo"] and no_fd_left

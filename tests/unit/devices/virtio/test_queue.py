@@ -374,3 +374,28 @@ def test_a_guest_resetting_in_a_loop_cannot_flood_the_log(mem, caplog):
         assert q.errors[QueueError.DESCRIPTOR_OUT_OF_RANGE] == 1
     lines = [r for r in caplog.records if "flood-q0" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_add_used_batch_publishes_every_element_with_one_index_store(mem):
+    mq, q = make(mem)
+    heads = [mq.add_chain(writable=[8]) for _ in range(3)]
+    chains = [q.pop() for _ in heads]
+    stores = []
+
+    class Spy:
+        def __init__(self, ring):
+            self.ring = ring
+
+        def __getitem__(self, i):
+            return self.ring[i]
+
+        def __setitem__(self, i, value):
+            stores.append((i, value))
+            self.ring[i] = value
+
+    q._used = Spy(q._used)
+    q.add_used_batch([(c.head, 8) for c in chains])
+    assert stores == [(1, 3)]                   # used.idx written once, after the elements
+    assert mq.used() == [UsedElement(h, 8) for h in heads]
+    with pytest.raises(ValueError):
+        q.add_used_batch([(16, 0)])
