@@ -12,7 +12,7 @@ import threading
 from typing import Callable
 
 from pych.acpi import tables as acpi_tables
-from pych.arch.x86_64 import boot, layout, loader
+from pych.arch.x86_64 import boot, layout, loader, mptable
 from pych.arch.x86_64.cpuid import Topology
 from pych.cpu.manager import CpuManager
 from pych.device_manager.manager import DeviceManager
@@ -139,6 +139,7 @@ class Vm:
             mem, dsdt_body=self._dsdt_body(), boot_vcpus=self.cpus.boot_vcpus,
             max_vcpus=self.cpus.max_vcpus, apic_id=self.cpus.apic_id)
         boot.write_boot_info(mem, kernel, payload.cmdline or "", initramfs, rsdp)
+        mptable.write_mptable(mem, self.cpus.boot_vcpus, self.cpus.apic_id)
         if kernel.protocol == "linux64":
             boot.write_identity_page_tables(mem)
             boot.write_gdt(mem, boot.GDT_64)
