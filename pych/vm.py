@@ -12,7 +12,7 @@ import threading
 from typing import Callable
 
 from pych.acpi import tables as acpi_tables
-from pych.arch.x86_64 import boot, layout, loader, smbios
+from pych.arch.x86_64 import boot, layout, loader, mptable, smbios
 from pych.arch.x86_64.cpuid import Topology
 from pych.cpu.manager import CpuManager
 from pych.device_manager.manager import DeviceManager
@@ -208,6 +208,7 @@ class Vm:
             pci_segments=len(self.devices.segments))
         boot.write_boot_info(mem, kernel, payload.cmdline or "", initramfs, rsdp)
         smbios.write_smbios(mem, smbios.SmbiosStrings.from_platform(self.config.platform))
+        mptable.write_mptable(mem, self.cpus.boot_vcpus, self.cpus.apic_id)
         if kernel.protocol == "linux64":
             boot.write_identity_page_tables(mem)
             boot.write_gdt(mem, boot.GDT_64)

@@ -44,6 +44,16 @@ def test_possible_cpus_reach_max_and_only_boot_cpus_are_present(guest):
     assert re.search(r"Core\(s\) per socket:\s+2$", out, re.M), out
 
 
+def test_mp_table_found_at_once_and_the_madt_still_enumerates(guest):
+    # The MP floating pointer at 0x9FC00 ends the kernel's early scan before it walks the
+    # BIOS area; with ACPI present the MADT, not the MP table, describes CPUs and IOAPIC.
+    rc, out = guest.run("dmesg | grep -E 'MP-table|MultiProcessor|MPTABLE|ACPI \\(MADT\\)'")
+    assert rc == 0, out
+    assert "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]" in out, out
+    assert "Using ACPI (MADT) for SMP configuration information" in out, out
+    assert "MultiProcessor Specification" not in out and "MPTABLE" not in out, out
+
+
 def test_acpi_devices_seen_by_the_guest(guest):
     rc, out = guest.run("ls /sys/bus/acpi/devices/ | tr '\\n' ' '")
     assert rc == 0

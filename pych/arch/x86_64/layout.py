@@ -22,6 +22,7 @@ PDPTE_START = 0xA000
 PDE_START = 0xB000
 CMDLINE_START = 0x20000
 CMDLINE_MAX_SIZE = 0x10000
+MPTABLE_START = 0x9FC00         # MP floating pointer: the last KiB of base memory (mptable.py)
 EBDA_START = 0xA0000            # also where the ACPI tables start (RSDP first)
 RSDP_POINTER = EBDA_START
 SMBIOS_START = 0xF0000
