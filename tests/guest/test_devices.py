@@ -30,7 +30,7 @@ import pytest
 from pych.api.client import ApiClient
 
 from tests.support.guest import REPO, PychGuest
-from tests.support.netns import in_netns
+from tests.support.netns import in_netns, tcp_receive_md5
 from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
 
 NETNS = f"pych-devices-{os.getpid()}"
@@ -62,17 +62,6 @@ def tcp_send(data: bytes, port: int, deadline: float) -> None:
         s.settimeout(120)
         s.sendall(data)
 
-
-def tcp_receive_md5(listener: socket.socket) -> tuple[int, str]:
-    with listener:
-        conn, _ = listener.accept()
-    with conn:
-        conn.settimeout(120)
-        digest, size = hashlib.md5(), 0
-        while chunk := conn.recv(1 << 16):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 # --- the guest --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pytest
 from pych.api.client import ApiClient
 
 from tests.support.guest import PychGuest
-from tests.support.netns import in_netns
+from tests.support.netns import in_netns, tcp_receive_md5
 
 NETNS = f"pych-netdp-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.250.1", "192.168.250.2"
@@ -44,17 +44,6 @@ VHOST_BOOT = ("52:54:00:d0:00:01", "dpdktap0", "192.168.251.1", "192.168.251.2")
 VHOST_HOTPLUG = ("52:54:00:d0:00:02", "dpdktap1", "192.168.252.1", "192.168.252.2")
 TESTPMD = shutil.which("dpdk-testpmd")
 
-
-def _receive_md5(listener: socket.socket) -> tuple[int, str]:
-    with listener:
-        conn, _ = listener.accept()
-    with conn:
-        conn.settimeout(180)
-        digest, size = hashlib.md5(), 0
-        while chunk := conn.recv(1 << 16):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _listen(port: int) -> socket.socket:
@@ -173,7 +162,7 @@ def test_two_queue_pairs_each_carry_traffic(guest):
     md5 = re.search(r"([0-9a-f]{32})\s+/tmp/out.bin", out).group(1)
     # one TCP stream from each vCPU: tx-0 from CPU 0, tx-1 from CPU 1
     listeners = [in_netns(NETNS, lambda p=p: _listen(p))() for p in (5100, 5101)]
-    waits = [in_netns(NETNS, lambda s=s: _receive_md5(s)) for s in listeners]
+    waits = [in_netns(NETNS, lambda s=s: tcp_receive_md5(s)) for s in listeners]
     rc, out = guest.run(
         f"taskset -c 0 nc {HOST_IP} 5100 < /tmp/out.bin & "
         f"taskset -c 1 nc {HOST_IP} 5101 < /tmp/out.bin & wait; echo sent", timeout=400)

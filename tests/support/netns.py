@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -57,3 +59,17 @@ def in_netns(name: str, fn: Callable[[], T]) -> Callable[..., T]:
             raise box["error"]
         return box["value"]
     return wait
+
+
+def tcp_receive_md5(listener: socket.socket, timeout: float = 180) -> tuple[int, str]:
+    """Accept one connection on ``listener`` (closed after) and read it to its end: the
+    number of bytes and their md5 (run it in the namespace with :func:`in_netns`)."""
+    with listener:
+        conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(timeout)
+        digest, size = hashlib.md5(), 0
+        while chunk := conn.recv(1 << 16):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
