@@ -319,10 +319,12 @@ class Vmm(ControlLoop, RequestHandler):
             self.vm_resume()
 
     def _restore_vm(self, config: VmConfig, manifest: dict, source, prefault: bool) -> None:
+        vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
-        vm = Vm(config, self.kvm, serial_port=self._serial_port(config),
-                vhost_user=self._vhost_user,
-                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail))
+        vm = vm_class(config, self.kvm, serial_port=self._serial_port(config),
+                      vhost_user=self._vhost_user,
+                      on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
+                      on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
         vm_box.append(vm)
 
         def load_memory(guest_memory) -> None:

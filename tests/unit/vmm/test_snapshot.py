@@ -87,3 +87,29 @@ def test_net_devices_given_fds_need_new_ones(tmp_path):
         RestoreConfig(source_url=f"file://{tmp_path}"), []))
     assert status == 400 and "net0 was given tap fds" in messages[-1], messages
     assert vmm.vm is None
+
+
+def test_a_restore_builds_its_vm_the_way_a_boot_does(tmp_path, monkeypatch):
+    """The restored VM is made by the same (lazily imported) class as a booted one, wired to
+    the VMM's guest events and device failures; it comes up paused. (A restore once reached
+    for a ``Vm`` name the lazy import had not bound yet.)"""
+    import pych.vm
+    import pych.vmm.vmm as vmm_module
+    from tests.unit.vmm.fakes import FakeVm, RecordingEvents
+
+    class RestorableVm(FakeVm):
+        def restore(self, state, load_memory):
+            self.calls.append(("restore", state))
+
+    monkeypatch.delitem(vmm_module.__dict__, "Vm", raising=False)   # as on a fresh start
+    monkeypatch.setattr(pych.vm, "Vm", RestorableVm)
+    config = vm_config().model_dump(mode="json")
+    manifest = {"format": fmt.FORMAT, "version": fmt.VERSION, "pych_version": "x",
+                "config": config, "state": {"marker": 1}, "memory": []}
+    manifest["sha256"] = fmt._checksum(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    vmm = Vmm(event_monitor=RecordingEvents())
+    monkeypatch.setattr(vmm, "_kvm", object(), raising=False)
+    vmm.vm_restore(RestoreConfig(source_url=f"file://{tmp_path}"), [])
+    assert isinstance(vmm.vm, RestorableVm) and vmm.vm.calls == [("restore", {"marker": 1})]
+    assert vmm.vm.on_guest_event is not None and vmm.state is VmState.Paused
