@@ -194,7 +194,7 @@ class FuzzGuest:
     def run(self, scenario_timeout: float = 600, on_scenario=None) -> list[ScenarioResult]:
         """Run every scenario, checking pych after each; returns what each measured."""
         try:
-            m = self.console.expect(re.compile(rb"FUZZ-GUEST seed=(\d+)"), 120)
+            m = self.console.expect(re.compile(rb"FUZZ-GUEST seed=(\d+) "), 120)
         except Exception as e:
             raise self.fail(f"the guest never started: {e}") from None
         if int(m.group(1)) != self.seed:
