@@ -24,7 +24,19 @@ log = logging.getLogger(__name__)
 _guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 HOTPLUG_SLOTS = 32
-"""DIMM slots per boot (the reference has 8). Slots are never reused within one boot."""
+"""Most DIMM slots a boot describes. Slots are never reused within one boot."""
+
+MIN_HOTPLUG_SLOTS = 8
+"""Fewest DIMM slots a boot with ACPI memory hot plug describes: the reference's fixed count."""
+
+
+def hotplug_slot_count(hotplug_size: int, granularity: int) -> int:
+    """DIMM slots for a hot plug window of ``hotplug_size``: one per ``granularity`` (128 MiB)
+    of it, at least the reference's 8 and at most 32. Every slot is a ``Mnnn`` device the guest
+    kernel evaluates at boot (~0.4 s each where guest ring 0 is emulated), so the DSDT only
+    describes as many as the window can use: a 1 GiB window has the reference's 8, a 4 GiB
+    window 32."""
+    return max(MIN_HOTPLUG_SLOTS, min(HOTPLUG_SLOTS, hotplug_size // granularity))
 
 OST_DEVICE_CHECK, OST_EJECT_REQUEST = 1, 3
 """``_OST`` source events (ACPI 6.5 §6.3.5): the insertion (the guest handled our

@@ -63,7 +63,9 @@ from pych.devices.virtio.mem import BLOCK_SIZE as VIRTIO_MEM_BLOCK_SIZE
 from pych.devices.virtio.mem import REGION_ALIGNMENT, VirtioMem, VirtioMemResizeError
 from pych.hypervisor.kvm import Vm
 from pych.memory.guest_memory import GuestMemory, MemoryRegion
-from pych.memory.hotplug import DimmSlot, MemoryHotplugController, memory_hotplug_stub_aml
+from pych.memory.hotplug import (
+    DimmSlot, MemoryHotplugController, hotplug_slot_count, memory_hotplug_stub_aml,
+)
 from pych.memory.layout import (HOTPLUG_ALIGNMENT, boot_ram_layout, hotplug_region_start,
                                 virtio_mem_layout)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError
@@ -161,8 +163,9 @@ class MemoryManager:
         size = self.config.hotplug_size
         if size and self.config.hotplug_method == "Acpi":
             self._window = (hotplug_region_start(self.guest_memory.end), size)
-            self.hotplug_controller = MemoryHotplugController(layout.ACPI_MEM_HOTPLUG_ADDR,
-                                                      on_eject=self._eject)
+            self.hotplug_controller = MemoryHotplugController(
+                layout.ACPI_MEM_HOTPLUG_ADDR, hotplug_slot_count(size, HOTPLUG_ALIGNMENT),
+                on_eject=self._eject)
             self.mmio.insert(layout.ACPI_MEM_HOTPLUG_ADDR, MemoryHotplugController.SIZE,
                              self.hotplug_controller)
             return self.guest_memory

@@ -156,6 +156,15 @@ def test_slots_run_out_after_the_last_one(manager):
     assert mm.actual_size == 256 * MiB + HOTPLUG_SLOTS * 128 * MiB
 
 
+@pytest.mark.parametrize("window, slots", [(128 * MiB, 8), (GiB, 8), (2 * GiB, 16),
+                                            (4 * GiB, 32), (64 * GiB, 32)])
+def test_the_dsdt_describes_only_the_slots_the_window_can_use(manager, window, slots):
+    controller = manager(hotplug_size=window).hotplug_controller
+    assert len(controller.slots) == slots
+    aml = controller.to_aml()
+    assert f"M{slots - 1:03d}".encode() in aml and f"M{slots:03d}".encode() not in aml
+
+
 # --- live DIMM removal (beyond the reference) -----------------------------------------------
 def test_reductions_eject_the_newest_dimms_that_fit(manager):
     mm = manager(hotplug_size=1 * GiB)
@@ -241,9 +250,10 @@ def test_dimm_slots_are_described_only_with_acpi_memory_hot_plug(manager):
     for fields in ({}, {"hotplug_method": "VirtioMem", "hotplug_size": 512 * MiB}):
         aml = manager(**fields).to_aml()
         assert b"MHPC" in aml and not dimm.search(aml), fields
-    aml = manager(hotplug_size=1024 * MiB).to_aml()
+    aml = manager(hotplug_size=4096 * MiB).to_aml()
     assert {m.group() for m in dimm.finditer(aml)} == {f"M{i:03d}".encode()
                                                        for i in range(HOTPLUG_SLOTS)}
+
 
 def _vm_flags(address: int) -> set[str]:
     """The VmFlags of this process's mapping that holds ``address``."""
