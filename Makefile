@@ -23,14 +23,19 @@ guest: deps
 
 # tests/unit/test_wheel.py builds the wheel (setuptools from the package index) and installs it
 # into a fresh venv; PYTEST_ARGS="-m 'not wheel'" leaves it out where there is no index.
+# The suite runs on TEST_WORKERS pytest-xdist workers (default 2, the CI machine's cores), one
+# module per worker at a time (--dist loadfile: a module's booted guests are shared by its tests),
+# modules handed out longest first (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder,)
 test: deps venv guest
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(XDIST) $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test-guest: deps venv guest
-	$(PY) -m pytest -ra tests/guest $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(XDIST) tests/guest $(PYTEST_ARGS)
 
 demo: deps venv guest
 	@$(PY) scripts/demo.py
