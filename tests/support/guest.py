@@ -13,6 +13,7 @@ import re
 import select
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -111,6 +112,10 @@ class Console:
             self.log.close()
 
 
+SHELL_RESTARTED = b"pych-guest: shell exited, restarting it"
+"""What the test guest's init (guest/init) prints when its console shell has ended."""
+
+
 class Shell:
     """Runs commands in the guest's console shell and returns (exit code, output)."""
 
@@ -123,13 +128,28 @@ class Shell:
         c.send("\n")
         self.run("stty -echo 2>/dev/null; PS1=''; export PS1", timeout=timeout, check=False)
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
+    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
+            again_if_shell_restarts: bool = False) -> tuple[int, str]:
+        """Run ``cmd``; (exit code, output). If the guest's console shell dies while ``cmd``
+        runs (the test guest's init prints SHELL_RESTARTED and starts a new one), the command
+        is lost: a GuestError says so at once, or, for a command that may safely run twice
+        (``again_if_shell_restarts``: a poll), it is sent once more to the new shell."""
         c = self.console
         tag = uuid.uuid4().hex[:12]
         start = len(c.buf)
         # The marker is assembled by printf, so the command's own echo never matches it.
         c.send(f"{cmd}\nprintf '@@%s@@%d@@\\n' {tag} $?\n")
-        m = c.expect(re.compile(rb"@@" + tag.encode() + rb"@@(\d+)@@"), timeout, start)
+        m = c.expect(re.compile(rb"@@" + tag.encode() + rb"@@(\d+)@@|" + SHELL_RESTARTED),
+                     timeout, start)
+        if m.group(0) == SHELL_RESTARTED:
+            if not again_if_shell_restarts:
+                raise GuestError(f"the guest's shell exited while running {cmd!r}; "
+                                 f"last output: {c.tail()!r}")
+            print(f"guest shell restarted while running {cmd!r}: sending it again",
+                  file=sys.stderr)
+            c.expect(b"built-in commands", 60, m.end())
+            self.prepare()
+            return self.run(cmd, timeout, check)
         out = c.buf[start:m.start()].decode(errors="replace").replace("\r", "")
         lines = [ln for ln in out.split("\n")
                  if not (ln.startswith(cmd.split("\n")[0]) and ln.strip() == cmd.strip())]
@@ -188,8 +208,10 @@ class PychGuest:
         self.shell.prepare()
         return took
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, check)
+    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
+            again_if_shell_restarts: bool = False) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check,
+                              again_if_shell_restarts=again_if_shell_restarts)
 
     def pych_log(self) -> str:
         try:

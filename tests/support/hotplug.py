@@ -18,7 +18,8 @@ def wait_in_guest(guest, condition: str, limit: int = 300,
     ``limit`` s; returns (rc, output) of its last evaluation, rc 0 once it became true."""
     steps = round(limit / interval)
     return guest.run(f"i=0; until {condition}; do [ $i -ge {steps} ] && break; "
-                     f"sleep {interval}; i=$((i+1)); done; {condition}", timeout=limit + 120)
+                     f"sleep {interval}; i=$((i+1)); done; {condition}", timeout=limit + 120,
+                     again_if_shell_restarts=True)
 
 
 def events(guest, name: str) -> list[dict]:
