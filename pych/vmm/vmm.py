@@ -21,27 +21,28 @@ from typing import TYPE_CHECKING
 
 import pych
 from pych.api.handler import RequestHandler
-from pych.config import ConfigError, PciDeviceInfo, VmConfig
-from pych.config.kinds import kind_of
+from pych.config.errors import ConfigError
 from pych.devices.legacy.serial_backend import open_serial_backend
-from pych.devices.net.tap import TapError, tap_fd_name
 from pych.devices.vhost_user import VhostUserConnections
 from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState,
                          VmAlreadyCreated, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.fds import close_fds
-from pych.vmm.controllers import (ADD_DEVICE, PrebootController, RuntimeController,
-                                  VmController, close_net_fds)
 from pych.vmm.loop import ControlLoop
 from pych.vmm.manager_errors import domain_errors
 from pych.vmm.serial_port import SerialPort
 from pych.vmm.state import VmState
-from pych.memory.zones import prefault as prefault_region
-from pych.snapshot import format as snapshot_format
 
+# What a VM needs is imported with the VM: the configuration's models (pydantic), the
+# controllers, the device back-ends, KVM and the managers come with the first vm.create (or
+# a command line that configures a VM), so a VMM that only answers its API — vmm.ping on a
+# fresh pych — imports none of them (tests/unit/vmm/test_startup.py). The methods that need
+# them import them where they are used.
 if TYPE_CHECKING:
+    from pych.config import PciDeviceInfo, VmConfig
     from pych.hypervisor.kvm import Kvm
     from pych.vm import Vm
+    from pych.vmm.controllers import VmController
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Vmm(ControlLoop, RequestHandler):
         """The one place a request on a created VM is routed: no running VM, its configuration
         is all there is (pre-boot); a running or paused VM is acted on (runtime).
         VmNotCreated without a VM."""
+        from pych.vmm.controllers import PrebootController, RuntimeController
         config = self._created_config()
         if self.vm is None:
             return PrebootController(config)
@@ -241,6 +243,7 @@ class Vmm(ControlLoop, RequestHandler):
     def vm_delete(self) -> None:
         if self.config is None:
             return None
+        from pych.vmm.controllers import close_net_fds
         self._stop_vm()
         close_net_fds(self.config.net)
         self.config = None
@@ -275,6 +278,7 @@ class Vmm(ControlLoop, RequestHandler):
                                if self.state is VmState.Running else
                                f"VM is not in a state for this request (state: "
                                f"{self.state.value})")
+        from pych.snapshot import format as snapshot_format
         with domain_errors("Error creating VM snapshot"):
             destination = snapshot_format.directory_of(config.destination_url)
             state = self.vm.save_state()
@@ -288,6 +292,8 @@ class Vmm(ControlLoop, RequestHandler):
         snapshot's configuration (every hot plug applied) and state, and left paused
         (``resume: true``: running). ``net_fds`` give net devices that were given tap fds
         their new ones, in order. A refused or failed restore leaves no VM."""
+        from pych.config import VmConfig
+        from pych.snapshot import format as snapshot_format
         try:
             if self.config is not None:
                 raise VmAlreadyCreated("VM is already created")
@@ -328,6 +334,8 @@ class Vmm(ControlLoop, RequestHandler):
         vm_box.append(vm)
 
         def load_memory(guest_memory) -> None:
+            from pych.memory.zones import prefault as prefault_region
+            from pych.snapshot import format as snapshot_format
             snapshot_format.load_memory(source, manifest, guest_memory)
             if prefault:
                 for region in guest_memory.regions:
@@ -406,6 +414,8 @@ class Vmm(ControlLoop, RequestHandler):
         process, as the reference's does); the device works on a duplicate, so a reboot
         re-creates it on a fresh one. They are closed when the device is removed or the
         VM deleted, and at once if the add fails."""
+        from pych.devices.net.tap import TapError, tap_fd_name
+        from pych.vmm.controllers import ADD_DEVICE
         config.fds = list(fds) or None
         try:
             self._created_config()
@@ -427,6 +437,7 @@ class Vmm(ControlLoop, RequestHandler):
         return self._add_device(config)
 
     def vm_add_vsock(self, config) -> PciDeviceInfo | None:
+        from pych.vmm.controllers import ADD_DEVICE
         if self._created_config().vsock is not None:
             # the reference's 500: a second vsock is not a request it can serve
             raise InternalError(ADD_DEVICE, "Too many vsock devices: a VM has at most one")
@@ -436,6 +447,7 @@ class Vmm(ControlLoop, RequestHandler):
         """VFIO passthrough of the host PCI device ``config.path`` (docs/vfio.md). A path
         that is not a vfio-pci bound device, or a host without VFIO, is a BackendError with
         one line saying what to fix. A VFIO cdev passed with SCM_RIGHTS (iommufd) is refused."""
+        from pych.vmm.controllers import ADD_DEVICE
         if fds:
             close_fds(fds)
             raise InvalidRequest(ADD_DEVICE, "VFIO cdev fds passed with SCM_RIGHTS (iommufd) "
@@ -445,6 +457,7 @@ class Vmm(ControlLoop, RequestHandler):
     def _add_device(self, device) -> PciDeviceInfo | None:
         """Every ``vm.add-*``: the device's kind (the registry entry of its configuration
         model) and the controller of the VM's phase (see VmController.add_device)."""
+        from pych.config.kinds import kind_of
         return self._controller().add_device(kind_of(type(device)), device)
 
     def vm_remove_device(self, request) -> None:
@@ -456,6 +469,7 @@ class Vmm(ControlLoop, RequestHandler):
     def close(self) -> None:
         self._stop_vm()
         if self.config is not None:
+            from pych.vmm.controllers import close_net_fds
             close_net_fds(self.config.net)
         self._vhost_user.close()
         if self._serial is not None:
