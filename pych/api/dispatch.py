@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from pych.api.errors import body_errors, error_chain, not_supported, status_of
@@ -40,8 +39,7 @@ queues ``fn`` onto its control loop); must not return before ``fn`` has either r
 definitely dropped."""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()

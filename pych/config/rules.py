@@ -5,28 +5,27 @@
 They live apart from :mod:`pych.config.support` (the table of every field, keyed by the
 models) because they need no model: the command line reads them to know its options before
 any model — or pydantic — is imported, which a ``pych`` that only serves its API never does.
-:mod:`pych.config.support` re-exports every name here; read it as part of that table.
+:mod:`pych.config.support` re-exports every name here; read it as part of that table.  (The
+entries are NamedTuples rather than dataclasses for the same reason: ``dataclasses`` imports
+``inspect``, ~10 ms of pych's start-up.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["CLI_OPTIONS", "PROCESS_OPTIONS", "WORKS", "Entry", "Refused", "Works"]
 
 
-@dataclass(frozen=True)
-class Works:
+class Works(NamedTuple):
     """pych honours the field.  ``note``: a caveat worth knowing (what a default that pych
     cannot refuse does not do, how pych's behaviour differs in detail)."""
 
     note: str = ""
 
 
-@dataclass(frozen=True)
-class Refused:
+class Refused(NamedTuple):
     """pych does not implement the field: any value but the defaults is refused.
 
     ``reason`` completes ``<field>=<value> is not supported by pych: <reason>``.  ``accepts``

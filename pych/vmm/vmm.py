@@ -23,7 +23,6 @@ import pych
 from pych.api.handler import RequestHandler
 from pych.config.errors import ConfigError
 from pych.devices.legacy.serial_backend import open_serial_backend
-from pych.devices.vhost_user import VhostUserConnections
 from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState,
                          VmAlreadyCreated, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
@@ -40,6 +39,7 @@ from pych.vmm.state import VmState
 # them import them where they are used.
 if TYPE_CHECKING:
     from pych.config import PciDeviceInfo, VmConfig
+    from pych.devices.vhost_user import VhostUserConnections
     from pych.hypervisor.kvm import Kvm
     from pych.vm import Vm
     from pych.vmm.controllers import VmController
@@ -74,8 +74,16 @@ class Vmm(ControlLoop, RequestHandler):
         self._kvm: Kvm | None = None
         self._serial: SerialPort | None = None
         self._serial_spec: tuple | None = None
-        # vhost-user back-end connections (virtio-fs) handed from one boot to the next
-        self._vhost_user = VhostUserConnections()
+        # vhost-user back-end connections (virtio-fs) handed from one boot to the next; made
+        # with the first VM (see vhost_user_connections)
+        self._vhost_user: VhostUserConnections | None = None
+
+    @property
+    def vhost_user_connections(self) -> VhostUserConnections:
+        if self._vhost_user is None:
+            from pych.devices.vhost_user import VhostUserConnections
+            self._vhost_user = VhostUserConnections()
+        return self._vhost_user
 
     @property
     def kvm(self) -> Kvm:
@@ -133,7 +141,7 @@ class Vmm(ControlLoop, RequestHandler):
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
-                vhost_user=self._vhost_user,
+                vhost_user=self.vhost_user_connections,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
                 on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
         vm_box.append(vm)
@@ -172,7 +180,7 @@ class Vmm(ControlLoop, RequestHandler):
             self.request_exit(1)
             raise
         finally:
-            self._vhost_user.close()        # the connections the new VM did not take back
+            self.vhost_user_connections.close()   # those the new VM did not take back
         self.events.emit("vm", "rebooted")
 
     def _created_config(self) -> VmConfig:
@@ -328,7 +336,7 @@ class Vmm(ControlLoop, RequestHandler):
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(config, self.kvm, serial_port=self._serial_port(config),
-                      vhost_user=self._vhost_user,
+                      vhost_user=self.vhost_user_connections,
                       on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
                       on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
         vm_box.append(vm)
@@ -471,7 +479,8 @@ class Vmm(ControlLoop, RequestHandler):
         if self.config is not None:
             from pych.vmm.controllers import close_net_fds
             close_net_fds(self.config.net)
-        self._vhost_user.close()
+        if self._vhost_user is not None:
+            self._vhost_user.close()
         if self._serial is not None:
             self._serial.close()
             self._serial = None
