@@ -48,7 +48,7 @@ def _listed_class(key: type[Exception] | str) -> type[Exception] | None:
         return key
     module, _, name = key.rpartition(".")
     loaded = sys.modules.get(module)
-    return None if loaded is None else getattr(loaded, name)
+    return None if loaded is None else getattr(loaded, name, None)   # None: still importing
 
 
 def _validation_error() -> type[Exception] | None:

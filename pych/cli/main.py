@@ -103,8 +103,7 @@ _OPTION_MODELS: dict[str, str] = {
 }  # fmt: skip
 
 # The options whose help shows their model's CLI_DEFAULT.
-_HELP_DEFAULTS: dict[str, str] = {"cpus": "CpusConfig", "memory": "MemoryConfig",
-                                  "rng": "RngConfig"}
+_HELP_DEFAULTS = ("cpus", "memory", "rng")
 
 
 class CliError(Exception):
@@ -149,7 +148,7 @@ def _describe(action: argparse.Action) -> None:
 
     text = action.help
     if name in _HELP_DEFAULTS:
-        text += f" (default {getattr(pych.config, _HELP_DEFAULTS[name]).CLI_DEFAULT})"
+        text += f" (default {getattr(pych.config, _OPTION_MODELS[name]).CLI_DEFAULT})"
     if name not in SUPPORTED_OPTIONS:
         text += " [not supported yet]"
     elif support.option_refusal("-v" if name == "v" else f"--{name}") is not None:

@@ -35,7 +35,7 @@ from pych.vmm.state import VmState
 # What a VM needs is imported with the VM: the configuration's models (pydantic), the
 # controllers, the device back-ends, KVM and the managers come with the first vm.create (or
 # a command line that configures a VM), so a VMM that only answers its API — vmm.ping on a
-# fresh pych — imports none of them (tests/unit/vmm/test_startup.py). The methods that need
+# fresh pych — imports none of them (tests/unit/cli/test_process.py). The methods that need
 # them import them where they are used.
 if TYPE_CHECKING:
     from pych.config import PciDeviceInfo, VmConfig
