@@ -4,6 +4,11 @@ instructions — pych vs QEMU, who goes first rotating run by run.
 * process start → the control API answers: pych ``pych --api-socket S`` until ``GET
   vmm.ping`` is answered 200 (no VM); QEMU ``-M none -qmp unix:S`` until ``query-status``
   is answered (the QMP greeting and ``qmp_capabilities`` first, as any QMP client must).
+* where pych's start-up goes, in the same runs: exec → exit of its interpreter running
+  ``-c pass`` (the interpreter and its site-packages), and the import of the modules of the
+  no-VM start path (``pych.cli.main``, ``pych.cli.process``, ``pych.api.http``) timed inside
+  a fresh interpreter; the rest of the ping figure is building the argument parser, the VMM,
+  the server thread and its socket, and the first request.
 * exec → the guest's first I/O exit: a few-instruction PVH guest (``tests.support.
   microguest``: ``mov dx, 0x3f8; mov al, 'X'; out dx, al``, the same ELF for both) with
   256 MiB, until its ``X`` arrives on the VMM's serial output (pych ``--serial tty``, QEMU
@@ -40,6 +45,8 @@ from tests.support.guest import REPO  # noqa: E402
 from tests.support.microguest import build_elf, serial_then_poweroff  # noqa: E402
 
 PYCH = str(REPO / ".venv" / "bin" / "pych")
+PYTHON = str(REPO / ".venv" / "bin" / "python")     # pych's interpreter (its script's #!)
+START_PATH = "import pych.cli.main, pych.cli.process, pych.api.http"
 QEMU = "qemu-system-x86_64"
 TIMEOUT = 30
 
@@ -127,6 +134,27 @@ def first_output(cmd: list[str]) -> float:
         p.wait()
 
 
+def interpreter() -> float:
+    """exec → exit of pych's interpreter doing nothing (``-c pass``): its own start, with
+    site-packages, and its exit."""
+    t0 = time.monotonic()
+    subprocess.run([PYTHON, "-c", "pass"], stdin=subprocess.DEVNULL, env=ENV, check=True,
+                   timeout=TIMEOUT)
+    return time.monotonic() - t0
+
+
+def imports() -> float:
+    """The import of the no-VM start path's modules, timed inside a fresh interpreter."""
+    code = ("import time; t = time.perf_counter(); " + START_PATH
+            + "; print(time.perf_counter() - t)")
+    out = subprocess.run([PYTHON, "-c", code], stdin=subprocess.DEVNULL, env=ENV, check=True,
+                         timeout=TIMEOUT, capture_output=True, text=True).stdout
+    return float(out)
+
+
+PARTS = {"interpreter": interpreter, "imports": imports}
+
+
 def guest_pych(elf: Path) -> float:
     return first_output([PYCH, "--kernel", str(elf), "--memory", "size=256M", "--cpus", "boot=1",
                          "--serial", "tty", "--console", "off"])
@@ -150,6 +178,9 @@ def main() -> int:
     elf.write_bytes(build_elf(serial_then_poweroff(b"X")))
     rows = {"ping": (ping_pych, ping_qemu), "guest": (guest_pych, guest_qemu)}
     results: dict[str, dict[str, list[float]]] = {row: {"pych": [], "QEMU": []} for row in rows}
+    parts: dict[str, list[float]] = {part: [] for part in PARTS}
+    for measure in PARTS.values():             # warm-up
+        measure()
     for row, (pych, qemu) in rows.items():
         arg = work if row == "ping" else elf
         for what in ("pych", "QEMU"):          # a warm-up of each: page cache, not counted
@@ -159,12 +190,23 @@ def main() -> int:
                 t = (pych if who == "pych" else qemu)(arg)
                 results[row][who].append(t * 1000)
                 print(f"run {i + 1}: {row} {who}: {t * 1000:.0f} ms", flush=True)
+            if row == "ping":                  # pych's parts, in the same runs
+                for part, measure in PARTS.items():
+                    parts[part].append(measure() * 1000)
+                print(f"run {i + 1}: pych's interpreter {parts['interpreter'][-1]:.0f} ms, "
+                      f"the start path's imports {parts['imports'][-1]:.0f} ms", flush=True)
     table = markdown_table(
         ["figure", "pych (ms)", "QEMU (ms)", "pych / QEMU", "goal"],
         [["process start → control API answers (no VM): pych `vmm.ping`, QEMU `-M none` "
           "QMP `query-status`", stat(results["ping"]["pych"], ".0f"),
           stat(results["ping"]["QEMU"], ".0f"),
           ratio(results["ping"]["pych"], results["ping"]["QEMU"]), "pych ≤ 150 ms"],
+         ["… of which pych's interpreter alone: `python -c pass`, exec → exit",
+          stat(parts["interpreter"], ".0f"), "—", "—", "—"],
+         ["… of which importing the no-VM start path (`pych.cli.main`, `pych.cli.process`, "
+          "`pych.api.http`; timed in the process)", stat(parts["imports"], ".0f"), "—", "—",
+          "—"],
+
          ["exec → the guest's first I/O exit (few-instruction PVH ELF, 256 MiB; QEMU "
           "`-M microvm`)", stat(results["guest"]["pych"], ".0f"),
           stat(results["guest"]["QEMU"], ".0f"),

@@ -18,18 +18,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-import pydantic
-from pydantic_core import PydanticSerializationError
-
-from pych.api.errors import BODY_ERRORS, error_chain, not_supported, status_of
+from pych.api.errors import body_errors, error_chain, not_supported, status_of
 from pych.api.handler import RequestHandler
 from pych.fds import close_fds
 from pych.api.routes import BY_PATH, Route
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +39,7 @@ queues ``fn`` onto its control loop); must not return before ``fn`` has either r
 definitely dropped."""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
@@ -94,8 +92,9 @@ class Dispatcher:
 
     def _prepare(
         self, method: str, target: str, body: bytes | None
-    ) -> tuple[Route, pydantic.BaseModel | None]:
-        """The route and the body validated into its model."""
+    ) -> tuple[Route, BaseModel | None]:
+        """The route and the body validated into its model (imported by the first request
+        that needs it: pydantic is not imported before a request has a body)."""
         path = urlsplit(target).path
         route = BY_PATH.get(path)
         if route is None:
@@ -106,22 +105,23 @@ class Dispatcher:
                 ["Method Not Allowed", f"{path} only accepts {route.method}"],
                 headers=(("Allow", route.method),),
             )
-        if route.body is None:
+        if not route.takes_body:
             if body is not None:
                 raise Rejection(HTTPStatus.BAD_REQUEST, ["Bad Request", f"{path} takes no body"])
             return route, None
         if body is None:
             raise Rejection(
                 HTTPStatus.BAD_REQUEST,
-                ["Bad Request", f"{path} requires a JSON body ({route.body.__name__})"],
+                ["Bad Request", f"{path} requires a JSON body ({route.body_model.name})"],
             )
+        model = route.body
         try:
-            return route, route.body.model_validate_json(body)
-        except BODY_ERRORS as error:
+            return route, model.model_validate_json(body)
+        except body_errors() as error:
             status = status_of(error) or HTTPStatus.BAD_REQUEST
             raise Rejection(status, ["Failed to deserialize JSON", *error_chain(error)]) from None
 
-    def _invoke(self, route: Route, model: pydantic.BaseModel | None, fds: list[int]) -> Response:
+    def _invoke(self, route: Route, model: BaseModel | None, fds: list[int]) -> Response:
         entered = False
 
         def call(handler: RequestHandler) -> Any:
@@ -140,11 +140,11 @@ class Dispatcher:
         if result is None:
             return Response(route.empty_status)
         try:
-            if isinstance(result, pydantic.BaseModel):
+            if hasattr(type(result), "model_dump_json"):    # a pydantic model
                 payload = result.model_dump_json(exclude_none=True).encode()
             else:
                 payload = _compact_json(result)
-        except (TypeError, ValueError, PydanticSerializationError) as error:
+        except (TypeError, ValueError) as error:  # pydantic's serialization error is a ValueError
             logger.exception("%s returned a value that is not JSON-serialisable", route.endpoint)
             return error_response(
                 HTTPStatus.INTERNAL_SERVER_ERROR,

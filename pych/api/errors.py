@@ -16,15 +16,14 @@ per pydantic error, or ``str(error)``), then ``str()`` of each ``__cause__`` bel
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from http import HTTPStatus
 
-import pydantic
-
 from pych import errors
-from pych.config import ConfigConflict, ConfigError, validation_messages
+from pych.config.errors import ConfigConflict, ConfigError
 
-STATUS: Mapping[type[Exception], HTTPStatus] = {
+STATUS: Mapping[type[Exception] | str, HTTPStatus] = {
     errors.VmNotCreated: HTTPStatus.NOT_FOUND,
     errors.VmAlreadyCreated: HTTPStatus.CONFLICT,
     errors.InvalidState: HTTPStatus.METHOD_NOT_ALLOWED,
@@ -37,17 +36,38 @@ STATUS: Mapping[type[Exception], HTTPStatus] = {
     errors.InternalError: HTTPStatus.INTERNAL_SERVER_ERROR,
     ConfigConflict: HTTPStatus.CONFLICT,
     ConfigError: HTTPStatus.BAD_REQUEST,
-    pydantic.ValidationError: HTTPStatus.BAD_REQUEST,
+    "pydantic.ValidationError": HTTPStatus.BAD_REQUEST,
 }
+"""A class of a module pych imports only when needed is named, not imported (pydantic comes
+with the first request body): until its module is imported, nothing can raise it."""
 
-BODY_ERRORS: tuple[type[Exception], ...] = (pydantic.ValidationError, ConfigError)
-"""What validating a request body may raise (anything else there is a bug)."""
+
+def _listed_class(key: type[Exception] | str) -> type[Exception] | None:
+    """A key of :data:`STATUS` as its class; None for a named class not imported yet."""
+    if not isinstance(key, str):
+        return key
+    module, _, name = key.rpartition(".")
+    loaded = sys.modules.get(module)
+    return None if loaded is None else getattr(loaded, name, None)   # None: still importing
+
+
+def _validation_error() -> type[Exception] | None:
+    """pydantic's ``ValidationError`` if pydantic is imported (else nothing raises it)."""
+    return _listed_class("pydantic.ValidationError")
+
+
+def body_errors() -> tuple[type[Exception], ...]:
+    """What validating a request body may raise (anything else there is a bug); called once
+    the body's model, and so pydantic, is imported."""
+    return tuple(cls for cls in (_validation_error(), ConfigError) if cls is not None)
 
 
 def status_of(error: BaseException) -> HTTPStatus | None:
     """The status :data:`STATUS` gives ``error``'s nearest listed class; None if unlisted."""
+    statuses = {cls: status for key, status in STATUS.items()
+                if (cls := _listed_class(key)) is not None}
     for cls in type(error).__mro__:
-        status = STATUS.get(cls)
+        status = statuses.get(cls)
         if status is not None:
             return status
     return None
@@ -63,7 +83,8 @@ def error_chain(error: BaseException) -> list[str]:
     """``error``'s messages followed by its ``__cause__`` chain, outermost first."""
     if isinstance(error, errors.VmmError):
         own = list(error.messages)
-    elif isinstance(error, pydantic.ValidationError):
+    elif (validation_error := _validation_error()) and isinstance(error, validation_error):
+        from pych.config import validation_messages
         own = validation_messages(error)
     elif status_of(error) is not None:
         own = [str(error)]

@@ -5,8 +5,8 @@ Three layers, each ignorant of the others' concerns:
 * :class:`~pych.api.dispatch.Dispatcher` (its own module): from method, path, body and
   fds to a response, through the route table (:mod:`pych.api.routes`) and the status
   table (:mod:`pych.api.errors`).  It never touches a socket.
-* :class:`_Connection`: HTTP/1.1 framing on one keep-alive connection, built on
-  :class:`http.server.BaseHTTPRequestHandler`, reading through
+* :class:`_Connection`: HTTP/1.1 framing on one keep-alive connection (pych's own, as
+  the reference has its own ``micro_http``), reading through
   :class:`_ScmRightsReader` so that file descriptors passed with SCM_RIGHTS are
   kept rather than dropped by the kernel.
 * :class:`ApiServer`: the listening socket's life cycle (safe creation,
@@ -37,7 +37,6 @@ import stat
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 
 from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
@@ -52,6 +51,8 @@ SERVER_NAME = "pych API"
 MAX_BODY_SIZE = 4 << 20  # bytes; the reference's limit
 MAX_FDS_PER_REQUEST = 64
 _MAX_REQUEST_LINE = 64 * 1024
+_MAX_HEADER_LINE = 64 * 1024
+_MAX_HEADERS = 100
 _SOCKET_MODE = 0o600
 _CLOSE_GRACE = 1.0  # seconds close() lets requests in flight finish
 MAX_CONNECTIONS = 256
@@ -87,8 +88,7 @@ class _ScmRightsReader:
     been read in full, :meth:`take_fds` claims exactly its fds even if the
     client pipelines further requests behind it.
 
-    Implements just what :class:`BaseHTTPRequestHandler` uses: ``readline``,
-    ``read`` and ``close``.
+    Implements just what :class:`_Connection` uses: ``readline``, ``read`` and ``close``.
     """
 
     _CHUNK = 64 * 1024
@@ -163,18 +163,42 @@ class _ScmRightsReader:
         return True
 
 
-class _Connection(BaseHTTPRequestHandler):
-    """One client connection: a loop of keep-alive HTTP/1.1 requests."""
+class _BadRequest(Exception):
+    """A request line or header block the framing refuses: its status and what was wrong."""
 
-    protocol_version = "HTTP/1.1"
+    def __init__(self, status: HTTPStatus, detail: str | None = None) -> None:
+        super().__init__(status)
+        self.status, self.detail = status, detail
+
+
+def _http_date(now: float) -> str:
+    """RFC 9110's IMF-fixdate, ``Sun, 06 Nov 1994 08:49:37 GMT`` (no locale involved)."""
+    t = time.gmtime(now)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One client connection: a loop of keep-alive HTTP/1.1 requests.
+
+    The framing is pych's own, as Cloud Hypervisor's is (its ``micro_http``): the request line
+    (HTTP/1.0 and 1.1; 0.9 and 2 and later are refused), at most 100 header lines of at most
+    64 KiB each, ``Connection`` and ``Expect: 100-continue``, a body by ``Content-Length``.
+    The standard library's ``http.server`` would do the same but imports ``http.client``,
+    ``ssl`` and ``email`` with it, a sixth of pych's start-up (docs/benchmarks.md)."""
+
     server: _Server
-    rfile: _ScmRightsReader  # type: ignore[assignment]
 
     def setup(self) -> None:
         self.connection = self.request
         self.connection.settimeout(self.server.idle_timeout)   # a recv waiting longer ends it
         self.rfile = _ScmRightsReader(self.connection)
         self.wfile = self.connection.makefile("wb")  # buffered: one write per response
+        self.close_connection = True
         self.server.track(self.connection)
 
     def finish(self) -> None:
@@ -187,25 +211,106 @@ class _Connection(BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         try:
-            super().handle()
+            self._handle_one_request()
+            while not self.close_connection:
+                self._handle_one_request()
         except OSError as error:
             logger.debug("API connection dropped: %s", error)
 
-    def handle_one_request(self) -> None:
-        self.raw_requestline = self.rfile.readline(_MAX_REQUEST_LINE + 1)
-        if not self.raw_requestline:
+    def _handle_one_request(self) -> None:
+        self.close_connection = True              # until the request line says otherwise
+        raw_requestline = self.rfile.readline(_MAX_REQUEST_LINE + 1)
+        if not raw_requestline:
+            return
+        if len(raw_requestline) > _MAX_REQUEST_LINE:
+            self._send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return
+        try:
+            if not self._parse_request(raw_requestline):
+                return                            # a blank line: nothing to answer
+            if not self._expect_100():
+                return
+        except _BadRequest as bad:
+            self._send_error(bad.status, bad.detail)
+            return
+        response = self._serve()
+        logger.debug('"%s" %d', self.requestline, response.status)
+        self._send(response)
+
+    def _parse_request(self, raw_requestline: bytes) -> bool:
+        """The request line and headers into :attr:`command`, :attr:`path`, :attr:`headers`
+        (lower-case name → values) and :attr:`close_connection`; False for a blank line."""
+        self.requestline = str(raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        self.version = (1, 0)
+        if len(words) >= 3:
+            self.version = _http_version(words[-1])
+            self.close_connection = self.version < (1, 1)
+        if not 2 <= len(words) <= 3:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
+        if len(words) == 2:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+        self.command, self.path = words[:2]
+        if self.path.startswith("//"):        # not an absolute URI without a scheme
+            self.path = "/" + self.path.lstrip("/")
+        self.headers = self._read_headers()
+        connection = self._header("connection").lower()
+        if connection == "close":
             self.close_connection = True
-            return
-        if len(self.raw_requestline) > _MAX_REQUEST_LINE:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            return
-        if not self.parse_request():  # answers malformed requests itself
-            return
-        if self.request_version == "HTTP/0.9":
-            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
-            return
-        self._send(self._serve())
+        elif connection == "keep-alive":
+            self.close_connection = False
+        return True
+
+    def _read_headers(self) -> dict[str, list[str]]:
+        """The header block up to its blank line; a line folded onto the next (obsolete, RFC
+        9112 5.2) is joined to it. A line that is no header is refused (400)."""
+        lines: list[str] = []
+        while True:
+            line = self.rfile.readline(_MAX_HEADER_LINE + 1)
+            if len(line) > _MAX_HEADER_LINE:
+                raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            text = str(line, "iso-8859-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t") and lines:
+                lines[-1] += " " + text.strip()
+            else:
+                lines.append(text)
+            if len(lines) > _MAX_HEADERS:
+                raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                  f"Too many headers (more than {_MAX_HEADERS})")
+        headers: dict[str, list[str]] = {}
+        for text in lines:
+            name, colon, value = text.partition(":")
+            if not colon or not name or name != name.strip():
+                raise _BadRequest(HTTPStatus.BAD_REQUEST, f"Bad header line ({text[:80]!r})")
+            headers.setdefault(name.lower(), []).append(value.strip())
+        return headers
+
+    def _header(self, name: str) -> str:
+        """The first value of header ``name`` (lower case), or ``""``."""
+        return next(iter(self.headers.get(name, ())), "")
+
+    def _expect_100(self) -> bool:
+        """``Expect: 100-continue``: the client waits for a go-ahead before sending the body.
+        Refuse an oversized one now (False: answered), else send ``100 Continue``."""
+        if self._header("expect").lower() != "100-continue" or self.version < (1, 1):
+            return True
+        try:
+            size = self._content_length()
+        except Rejection as error:
+            self.close_connection = True
+            self._send(error.response)
+            return False
+        if size is not None and size > MAX_BODY_SIZE:
+            self.close_connection = True
+            self._send(self._too_large(size).response)
+            return False
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.wfile.flush()
+        return True
 
     def _serve(self) -> Response:
         try:
@@ -224,7 +329,7 @@ class _Connection(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes | None:
         """The request body, or None if there is none (no or zero Content-Length)."""
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in self.headers:
             raise Rejection(
                 HTTPStatus.LENGTH_REQUIRED,
                 ["Length Required", "Transfer-Encoding is not supported; send Content-Length"],
@@ -240,7 +345,7 @@ class _Connection(BaseHTTPRequestHandler):
         return body
 
     def _content_length(self) -> int | None:
-        values = {value.strip() for value in self.headers.get_all("Content-Length", ())}
+        values = set(self.headers.get("content-length", ()))
         if not values:
             return None
         value = values.pop()
@@ -255,54 +360,37 @@ class _Connection(BaseHTTPRequestHandler):
             ["Payload Too Large", f"Request body of {size} bytes exceeds {MAX_BODY_SIZE} bytes"],
         )
 
-    def handle_expect_100(self) -> bool:
-        # The client waits for our go-ahead before sending the body: refuse an
-        # oversized one now, and flush the interim response through our
-        # buffered wfile (the base class leaves it in the buffer).
-        try:
-            size = self._content_length()
-        except Rejection as error:
-            self.close_connection = True
-            self._send(error.response)
-            return False
-        if size is not None and size > MAX_BODY_SIZE:
-            self.close_connection = True
-            self._send(self._too_large(size).response)
-            return False
-        self.send_response_only(HTTPStatus.CONTINUE)
-        self.end_headers()
-        self.wfile.flush()
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors raised by the base class's request parsing, as JSON."""
+    def _send_error(self, status: HTTPStatus, detail: str | None = None) -> None:
+        """A request the framing refuses: its status, as JSON, and the connection closed."""
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # which has a status line to answer with
-        status = HTTPStatus(code)
-        self._send(error_response(status, [status.phrase, *([message] if message else [])]))
+        self._send(error_response(status, [status.phrase, *([detail] if detail else [])]))
 
     def _send(self, response: Response) -> None:
-        self.send_response(response.status)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if response.status != HTTPStatus.NO_CONTENT:
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(response.body)))
+        status = HTTPStatus(response.status)
+        head = [f"HTTP/1.1 {status.value} {status.phrase}", f"Server: {SERVER_NAME}",
+                f"Date: {_http_date(time.time())}"]
+        head += [f"{name}: {value}" for name, value in response.headers]
+        if status != HTTPStatus.NO_CONTENT:
+            head += ["Content-Type: application/json", f"Content-Length: {len(response.body)}"]
         if self.close_connection or self.server.closing:
-            self.send_header("Connection", "close")  # sets close_connection
-        self.end_headers()
-        self.wfile.write(response.body)
+            self.close_connection = True
+            head.append("Connection: close")
+        self.wfile.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + response.body)
         self.wfile.flush()
 
-    def version_string(self) -> str:
-        return SERVER_NAME
 
-    def address_string(self) -> str:
-        return "api-socket"  # AF_UNIX peers have no address (the default indexes it)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s", format % args)
+def _http_version(word: str) -> tuple[int, int]:
+    """``HTTP/1.1`` → (1, 1); 400 for anything else of that shape's misspellings, 505 for
+    HTTP/2 and later (which need a connection preface, not a request line)."""
+    numbers = word[5:].split(".") if word.startswith("HTTP/") else []
+    if (len(numbers) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10
+                                     for n in numbers)):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, f"Bad request version ({word!r})")
+    version = (int(numbers[0]), int(numbers[1]))
+    if version >= (2, 0):
+        raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                          f"Invalid HTTP version ({word[5:]})")
+    return version
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

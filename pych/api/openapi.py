@@ -34,7 +34,9 @@ ERROR_RESPONSE = {"$ref": "#/components/responses/Error"}
 def _error_description() -> str:
     by_status: dict[int, list[str]] = defaultdict(list)
     for error, status in STATUS.items():
-        by_status[status].append(error.__name__)
+        # a class named by its module ("pydantic.ValidationError") or the class itself
+        by_status[status].append(error.rpartition(".")[2] if isinstance(error, str)
+                                 else error.__name__)
     lines = [f"- {status} {HTTPStatus(status).phrase}: {', '.join(names)}"
              for status, names in sorted(by_status.items())]
     return ("The error chain, outermost first (\"Error from API\", or \"Failed to deserialize "

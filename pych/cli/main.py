@@ -19,40 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pych import seccomp
-from pych.config import (
-    BalloonConfig,
-    ConfigError,
-    ConsoleConfig,
-    CpusConfig,
-    DebugConsoleConfig,
-    DeviceConfig,
-    DiskConfig,
-    FsConfig,
-    GenericVhostUserConfig,
-    LandlockConfig,
-    MemoryConfig,
-    MemoryZoneConfig,
-    NetConfig,
-    NumaConfig,
-    PayloadConfig,
-    PciSegmentConfig,
-    PlatformConfig,
-    PmemConfig,
-    RateLimitGroupConfig,
-    RngConfig,
-    RtcConfig,
-    SerialConfig,
-    TpmConfig,
-    UserDeviceConfig,
-    VdpaConfig,
-    VmConfig,
-    VsockConfig,
-)
-from pych.config import support
+from pych.cli import without_pydantic_plugins
+from pych.config import rules
+from pych.config.errors import ConfigError
 from pych.config.grammar import OptionParserError
+
+if TYPE_CHECKING:
+    from pych.config import ConsoleConfig, RestoreConfig, VmConfig
 
 __all__ = [
     "SUPPORTED_CONSOLE_MODES",
@@ -68,9 +44,9 @@ __all__ = [
 # it gives) and the process options that work.  Everything else is rejected with one
 # message.
 SUPPORTED_OPTIONS: frozenset[str] = frozenset(
-    {option.lstrip("-") for option in support.CLI_OPTIONS}
-    | {option.lstrip("-") for option, rule in support.PROCESS_OPTIONS.items()
-       if isinstance(rule, support.Works)}
+    {option.lstrip("-") for option in rules.CLI_OPTIONS}
+    | {option.lstrip("-") for option, rule in rules.PROCESS_OPTIONS.items()
+       if isinstance(rule, rules.Works)}
 )
 
 # The --console modes (JSON spelling) pych implements.  While "Tty" is not
@@ -112,17 +88,22 @@ _VM_OPTIONS = (
 )
 _PAYLOAD_OPTIONS = ("kernel", "firmware")
 
-# The options read with a configuration model, by argparse dest.
-_OPTION_MODELS: dict[str, type[Any]] = {
-    "cpus": CpusConfig, "memory": MemoryConfig, "memory_zone": MemoryZoneConfig,
-    "rate_limit_group": RateLimitGroupConfig, "disk": DiskConfig, "net": NetConfig,
-    "rng": RngConfig, "balloon": BalloonConfig, "generic_vhost_user": GenericVhostUserConfig,
-    "fs": FsConfig, "pmem": PmemConfig, "serial": SerialConfig, "console": ConsoleConfig,
-    "debug_console": DebugConsoleConfig, "device": DeviceConfig, "user_device": UserDeviceConfig,
-    "vdpa": VdpaConfig, "vsock": VsockConfig, "numa": NumaConfig, "rtc": RtcConfig,
-    "pci_segment": PciSegmentConfig, "platform": PlatformConfig, "tpm": TpmConfig,
-    "landlock_rules": LandlockConfig,
+# The options read with a configuration model, by argparse dest: the model's name in
+# pych.config (imported only when a VM is configured on the command line).
+_OPTION_MODELS: dict[str, str] = {
+    "cpus": "CpusConfig", "memory": "MemoryConfig", "memory_zone": "MemoryZoneConfig",
+    "rate_limit_group": "RateLimitGroupConfig", "disk": "DiskConfig", "net": "NetConfig",
+    "rng": "RngConfig", "balloon": "BalloonConfig",
+    "generic_vhost_user": "GenericVhostUserConfig", "fs": "FsConfig", "pmem": "PmemConfig",
+    "serial": "SerialConfig", "console": "ConsoleConfig", "debug_console": "DebugConsoleConfig",
+    "device": "DeviceConfig", "user_device": "UserDeviceConfig", "vdpa": "VdpaConfig",
+    "vsock": "VsockConfig", "numa": "NumaConfig", "rtc": "RtcConfig",
+    "pci_segment": "PciSegmentConfig", "platform": "PlatformConfig", "tpm": "TpmConfig",
+    "landlock_rules": "LandlockConfig",
 }  # fmt: skip
+
+# The options whose help shows their model's CLI_DEFAULT.
+_HELP_DEFAULTS = ("cpus", "memory", "rng")
 
 
 class CliError(Exception):
@@ -130,10 +111,49 @@ class CliError(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """Raises :class:`CliError` instead of printing usage and exiting."""
+    """Raises :class:`CliError` instead of printing usage and exiting.
+
+    The help says what pych does with each option (``[not supported by pych]``, from the
+    support table) and the defaults of the options read with a model: both come from the
+    models, so they are added only when the help is shown — parsing needs no model, and a
+    ``pych --api-socket`` does not import pydantic."""
+
+    _described = False
 
     def error(self, message: str) -> NoReturn:
         raise CliError(message)
+
+    def format_help(self) -> str:
+        if not self._described:
+            for action in self._actions:
+                _describe(action)
+            self._described = True
+        return super().format_help()
+
+
+def _option_name(action: argparse.Action) -> str | None:
+    """The reference name of an option (``v`` for ``-v``); None for ``--help``."""
+    if not action.option_strings or action.dest == "help":
+        return None
+    return "v" if action.option_strings == ["-v"] else action.option_strings[-1].lstrip("-")
+
+
+def _describe(action: argparse.Action) -> None:
+    """Complete an option's help: its model's default, and whether pych supports it."""
+    name = _option_name(action)
+    if name is None or action.help is None:
+        return
+    import pych.config
+    from pych.config import support
+
+    text = action.help
+    if name in _HELP_DEFAULTS:
+        text += f" (default {getattr(pych.config, _OPTION_MODELS[name]).CLI_DEFAULT})"
+    if name not in SUPPORTED_OPTIONS:
+        text += " [not supported yet]"
+    elif support.option_refusal("-v" if name == "v" else f"--{name}") is not None:
+        text += " [not supported by pych]"
+    action.help = text
 
 
 class _StoreOnce(argparse.Action):
@@ -183,15 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
 
-    def describe(name: str, help_text: str) -> str:
-        if name not in SUPPORTED_OPTIONS:
-            return f"{help_text} [not supported yet]"
-        refused = support.option_refusal("-v" if name == "v" else f"--{name}")
-        return help_text if refused is None else f"{help_text} [not supported by pych]"
-
     def single(name: str, help_text: str, **kwargs: Any) -> None:
         parser.add_argument(
-            f"--{name}", action=_StoreOnce, help=describe(name, help_text), **kwargs
+            f"--{name}", action=_StoreOnce, help=help_text, **kwargs
         )
 
     def multiple(name: str, help_text: str) -> None:
@@ -200,12 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
             nargs="+",
             action="extend",
             metavar="CONFIG",
-            help=describe(name, help_text),
+            help=help_text,
         )
 
     def flag(name: str, help_text: str) -> None:
         parser.add_argument(
-            f"--{name}", action="store_true", default=None, help=describe(name, help_text)
+            f"--{name}", action="store_true", default=None, help=help_text
         )
 
     single("api-socket", "HTTP API socket (UNIX domain socket): path=<path> or fd=<fd>")
@@ -216,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cpus",
         "boot=<boot_vcpus>,max=<max_vcpus>,topology=<threads>:<cores>:<dies>:<packages>,"
         "kvm_hyperv=on|off,max_phys_bits=<bits>,affinity=[<vcpu>@[<host cpus>],...],"
-        "features=[amx],nested=on|off,core_scheduling=vm|vcpu|off "
-        f"(default {CpusConfig.CLI_DEFAULT})",
+        "features=[amx],nested=on|off,core_scheduling=vm|vcpu|off",
     )
     single("debug-console", "off|pty|tty|file=<path>,iobase=<port in hex>")
     multiple("device", "VFIO device: path=<sysfs path>|fd=<fd>,iommu=on|off,id=...")
@@ -240,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "memory",
         "size=<size>,mergeable=on|off,shared=on|off,hugepages=on|off,hugepage_size=<size>,"
         "hotplug_method=acpi|virtio-mem,hotplug_size=<size>,hotplugged_size=<size>,"
-        f"prefault=on|off,reserve=on|off,thp=on|off (default {MemoryConfig.CLI_DEFAULT})",
+        "prefault=on|off,reserve=on|off,thp=on|off",
     )
     multiple("memory-zone", "id=<id>,size=<size>,file=<path>,shared=on|off,hotplug_size=<size>,...")
     multiple("net", "tap=<if>,ip=<ip>,mask=<mask>,mac=<mac>,fd=[<fd>,...],num_queues=<n>,...")
@@ -257,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --rng and --rtc may be given bare: defaults.
     single(
         "rng",
-        f"src=<entropy source>,iommu=on|off,... (default {RngConfig.CLI_DEFAULT})",
+        "src=<entropy source>,iommu=on|off,...",
         nargs="?",
         const="",
     )
@@ -272,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     single("tpm", "socket=<swtpm socket>")
     multiple("user-device", "socket=<path>,id=<id>,pci_segment=<n>,pci_device_id=<n>")
     parser.add_argument(
-        "-v", action="count", default=None, help=describe("v", "More logging (repeat for more)")
+        "-v", action="count", default=None, help="More logging (repeat for more)"
     )
     multiple("vdpa", "path=<device>,num_queues=<n>,iommu=on|off,id=...")
     parser.add_argument(
@@ -280,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version",
         action="store_true",
         default=None,
-        help=describe("version", "Print version"),
+        help="Print version",
     )
     single("vsock", "cid=<cid>,socket=<path>,iommu=on|off,id=...")
     flag("watchdog", "Enable the virtio watchdog")
@@ -314,6 +327,41 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
             if name in given:
                 raise CliError(f"--{name} needs a payload: give --kernel or --firmware")
         return None
+    return _vm_config(args)
+
+
+def _vm_config(args: argparse.Namespace) -> VmConfig:
+    """The VM options of a command line with a payload, read with their models (imported
+    here: only a VM configured on the command line needs them)."""
+    import pych.config
+    from pych.config import (
+        BalloonConfig,
+        ConsoleConfig,
+        CpusConfig,
+        DebugConsoleConfig,
+        DeviceConfig,
+        DiskConfig,
+        FsConfig,
+        GenericVhostUserConfig,
+        LandlockConfig,
+        MemoryConfig,
+        NetConfig,
+        NumaConfig,
+        PayloadConfig,
+        PciSegmentConfig,
+        PlatformConfig,
+        PmemConfig,
+        RateLimitGroupConfig,
+        RngConfig,
+        RtcConfig,
+        SerialConfig,
+        TpmConfig,
+        UserDeviceConfig,
+        VdpaConfig,
+        VmConfig,
+        VsockConfig,
+        support,
+    )
 
     def each(parse: Callable[[str], Any], values: Sequence[str] | None) -> list[Any] | None:
         return None if values is None else [parse(value) for value in values]
@@ -324,8 +372,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
     for dest, model in _OPTION_MODELS.items():
         value = getattr(args, dest)
         for text in value if isinstance(value, list) else () if value is None else (value,):
-            support.check_cli_keys(model, text)
-    console = ConsoleConfig.parse(_or(args.console, _default_console()))
+            support.check_cli_keys(getattr(pych.config, model), text)
+    console = ConsoleConfig.parse(_or(args.console, _default_console(ConsoleConfig)))
     if console.mode not in SUPPORTED_CONSOLE_MODES:
         raise CliError(
             f"--console {console.mode.lower()} is not supported yet (supported: "
@@ -376,7 +424,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig | None:
     return config
 
 
-def _restore_from_args(args: argparse.Namespace, config: VmConfig | None):
+def _restore_from_args(args: argparse.Namespace,
+                       config: VmConfig | None) -> RestoreConfig | None:
     """``--restore source_url=...``: the ``RestoreConfig``; it restores a whole VM, so it
     takes no payload or other VM option (the snapshot has the configuration)."""
     if args.restore is None:
@@ -384,7 +433,7 @@ def _restore_from_args(args: argparse.Namespace, config: VmConfig | None):
     if config is not None:
         raise CliError("--restore cannot be combined with --kernel or --firmware: the "
                        "snapshot holds the VM's configuration")
-    from pych.config import RestoreConfig
+    from pych.config import RestoreConfig, support
     support.check_cli_keys(RestoreConfig, args.restore)
     return RestoreConfig.parse(args.restore)
 
@@ -393,9 +442,9 @@ def _or(value: str | None, default: str) -> str:
     return default if value is None else value
 
 
-def _default_console() -> str:
+def _default_console(console: type[ConsoleConfig]) -> str:
     """The reference's default (tty) once pych has it, else off."""
-    return ConsoleConfig.CLI_DEFAULT if "Tty" in SUPPORTED_CONSOLE_MODES else "off"
+    return console.CLI_DEFAULT if "Tty" in SUPPORTED_CONSOLE_MODES else "off"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -404,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     A bad command line or configuration prints ``pych: error: <message>`` on
     one line and returns 2.
     """
+    without_pydantic_plugins()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv:

@@ -1,10 +1,12 @@
 """Options of the ``pych`` process itself, outside the VM configuration: where the API
-listens (``--api-socket``) and where events go (``--event-monitor``)."""
+listens (``--api-socket``) and where events go (``--event-monitor``).
+
+They are read on every start, so they are NamedTuples, not dataclasses (``dataclasses``
+imports ``inspect``: ~10 ms of start-up, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Self
+from typing import NamedTuple, Self
 
 from pych.config import OptionError
 from pych.config.grammar import OptionParser, OptionParserError, parse_integer
@@ -12,8 +14,7 @@ from pych.config.grammar import OptionParser, OptionParserError, parse_integer
 __all__ = ["ApiSocketOption", "EventMonitorOption"]
 
 
-@dataclass(frozen=True)
-class ApiSocketOption:
+class ApiSocketOption(NamedTuple):
     """``--api-socket path=P``, ``fd=N`` or a bare path ``P``."""
 
     path: str | None = None
@@ -34,8 +35,7 @@ class ApiSocketOption:
         return cls(path=opts.get("path") or text)
 
 
-@dataclass(frozen=True)
-class EventMonitorOption:
+class EventMonitorOption(NamedTuple):
     """``--event-monitor path=P`` or ``fd=N``."""
 
     path: str | None = None

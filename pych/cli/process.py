@@ -13,7 +13,7 @@ import sys
 
 from pych import seccomp
 from pych.cli.options import ApiSocketOption, EventMonitorOption
-from pych.config import ConfigError
+from pych.config.errors import ConfigError
 from pych.errors import VmmError
 from pych.threads import set_native_name
 from pych.event_monitor import EventMonitor

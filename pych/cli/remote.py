@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 from pych.api.client import ApiClient
 from pych.api.routes import ROUTES, Route
+from pych.cli import without_pydantic_plugins
 from pych.config import VmResize, support
 from pych.config.grammar import parse_byte_size
 
@@ -345,6 +346,7 @@ def _server_error_chain(status: int, body: bytes) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    without_pydantic_plugins()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error argparse has reported

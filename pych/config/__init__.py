@@ -3,7 +3,8 @@
 Split by resource, as Cloud Hypervisor's ``vm_config.rs`` and Firecracker's ``vmm_config/``:
 
 ========================  ===============================================================
-:mod:`~.base`             the JSON (serde) rules, scalar types, errors, validation-error
+:mod:`~.errors`           the configuration errors (no pydantic)
+:mod:`~.base`             the JSON (serde) rules, scalar types, validation-error
                           formatting, and how a model declares its CLI keys
 :mod:`~.grammar`          the ``key=value,...`` option grammar and its typed values
 :mod:`~.machine`          vCPUs, payload, platform, PCI segments, NUMA, Landlock
@@ -18,130 +19,122 @@ Split by resource, as Cloud Hypervisor's ``vm_config.rs`` and Firecracker's ``vm
 ========================  ===============================================================
 
 Every public model, error and helper is importable from here: ``from pych.config import
-DiskConfig``.
+DiskConfig``.  The names are resolved when first used (PEP 562), each importing only its own
+module: the errors (:mod:`~.errors`) and the command line's tables (:mod:`~.rules`) come
+without pydantic, so a ``pych`` that only serves its API never imports it; the first model
+used imports pydantic and its module's models.
 """
 
-from pych.config.api import (
-    DeviceNode,
-    PciDeviceInfo,
-    ReceiveMigrationData,
-    RestoreConfig,
-    RestoredNetConfig,
-    RestoredVfioConfig,
-    SendMigrationData,
-    VmCoredumpData,
-    VmCounters,
-    VmInfo,
-    VmMemoryZoneUpdateData,
-    VmmPingResponse,
-    VmRemoveDevice,
-    VmResize,
-    VmResizeDisk,
-    VmResizeZone,
-    VmSnapshotConfig,
-)
-from pych.config.backends import (
-    DeviceConfig,
-    GenericVhostUserConfig,
-    TpmConfig,
-    UserDeviceConfig,
-    VdpaConfig,
-)
-from pych.config.base import (
-    ConfigConflict,
-    ConfigError,
-    DuplicateDevicePath,
-    IdentifierNotUnique,
-    OptionError,
-    describe_validation_error,
-    validation_messages,
-)
-from pych.config.devices import (
-    BalloonConfig,
-    ConsoleConfig,
-    DebugConsoleConfig,
-    PciDeviceConfig,
-    RateLimiterConfig,
-    RateLimitGroupConfig,
-    RngConfig,
-    RtcConfig,
-    SerialConfig,
-    TokenBucket,
-)
-from pych.config.machine import (
-    CpuAffinity,
-    CpuFeatures,
-    CpusConfig,
-    CpuTopology,
-    LandlockConfig,
-    NumaConfig,
-    NumaDistance,
-    PayloadConfig,
-    PciSegmentConfig,
-    PlatformConfig,
-)
-from pych.config.memory import MemoryConfig, MemoryZoneConfig
-from pych.config.net import NetConfig, VsockConfig
-from pych.config.storage import DiskConfig, FsConfig, PmemConfig, VirtQueueAffinity
-from pych.config.vm import VmConfig
+from __future__ import annotations
 
-__all__ = [
-    "BalloonConfig",
-    "ConfigConflict",
-    "ConfigError",
-    "ConsoleConfig",
-    "CpuAffinity",
-    "CpuFeatures",
-    "CpuTopology",
-    "CpusConfig",
-    "DebugConsoleConfig",
-    "DeviceConfig",
-    "DeviceNode",
-    "DiskConfig",
-    "DuplicateDevicePath",
-    "FsConfig",
-    "GenericVhostUserConfig",
-    "IdentifierNotUnique",
-    "LandlockConfig",
-    "MemoryConfig",
-    "MemoryZoneConfig",
-    "NetConfig",
-    "NumaConfig",
-    "NumaDistance",
-    "OptionError",
-    "PayloadConfig",
-    "PciDeviceConfig",
-    "PciDeviceInfo",
-    "PciSegmentConfig",
-    "PlatformConfig",
-    "PmemConfig",
-    "RateLimitGroupConfig",
-    "RateLimiterConfig",
-    "ReceiveMigrationData",
-    "RestoreConfig",
-    "RestoredNetConfig",
-    "RestoredVfioConfig",
-    "RngConfig",
-    "RtcConfig",
-    "SendMigrationData",
-    "SerialConfig",
-    "TokenBucket",
-    "TpmConfig",
-    "UserDeviceConfig",
-    "VdpaConfig",
-    "VirtQueueAffinity",
-    "VmConfig",
-    "VmCoredumpData",
-    "VmCounters",
-    "VmInfo",
-    "VmMemoryZoneUpdateData",
-    "VmRemoveDevice",
-    "VmResize",
-    "VmResizeDisk",
-    "VmResizeZone",
-    "VmSnapshotConfig",
-    "VmmPingResponse",
-    "VsockConfig",
-    "describe_validation_error",
-    "validation_messages",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pych.config.api import (
+        DeviceNode,
+        PciDeviceInfo,
+        ReceiveMigrationData,
+        RestoreConfig,
+        RestoredNetConfig,
+        RestoredVfioConfig,
+        SendMigrationData,
+        VmCoredumpData,
+        VmCounters,
+        VmInfo,
+        VmMemoryZoneUpdateData,
+        VmmPingResponse,
+        VmRemoveDevice,
+        VmResize,
+        VmResizeDisk,
+        VmResizeZone,
+        VmSnapshotConfig,
+    )
+    from pych.config.backends import (
+        DeviceConfig,
+        GenericVhostUserConfig,
+        TpmConfig,
+        UserDeviceConfig,
+        VdpaConfig,
+    )
+    from pych.config.base import (
+        describe_validation_error,
+        validation_messages,
+    )
+    from pych.config.devices import (
+        BalloonConfig,
+        ConsoleConfig,
+        DebugConsoleConfig,
+        PciDeviceConfig,
+        RateLimiterConfig,
+        RateLimitGroupConfig,
+        RngConfig,
+        RtcConfig,
+        SerialConfig,
+        TokenBucket,
+    )
+    from pych.config.errors import (
+        ConfigConflict,
+        ConfigError,
+        DuplicateDevicePath,
+        IdentifierNotUnique,
+        OptionError,
+    )
+    from pych.config.machine import (
+        CpuAffinity,
+        CpuFeatures,
+        CpusConfig,
+        CpuTopology,
+        LandlockConfig,
+        NumaConfig,
+        NumaDistance,
+        PayloadConfig,
+        PciSegmentConfig,
+        PlatformConfig,
+    )
+    from pych.config.memory import MemoryConfig, MemoryZoneConfig
+    from pych.config.net import NetConfig, VsockConfig
+    from pych.config.storage import DiskConfig, FsConfig, PmemConfig, VirtQueueAffinity
+    from pych.config.vm import VmConfig
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "api": ("DeviceNode", "PciDeviceInfo", "ReceiveMigrationData", "RestoreConfig",
+            "RestoredNetConfig", "RestoredVfioConfig", "SendMigrationData", "VmCoredumpData",
+            "VmCounters", "VmInfo", "VmMemoryZoneUpdateData", "VmmPingResponse",
+            "VmRemoveDevice", "VmResize", "VmResizeDisk", "VmResizeZone", "VmSnapshotConfig"),
+    "backends": ("DeviceConfig", "GenericVhostUserConfig", "TpmConfig", "UserDeviceConfig",
+                 "VdpaConfig"),
+    "base": ("describe_validation_error", "validation_messages"),
+    "devices": ("BalloonConfig", "ConsoleConfig", "DebugConsoleConfig", "PciDeviceConfig",
+                "RateLimiterConfig", "RateLimitGroupConfig", "RngConfig", "RtcConfig",
+                "SerialConfig", "TokenBucket"),
+    "errors": ("ConfigConflict", "ConfigError", "DuplicateDevicePath", "IdentifierNotUnique",
+               "OptionError"),
+    "machine": ("CpuAffinity", "CpuFeatures", "CpusConfig", "CpuTopology", "LandlockConfig",
+                "NumaConfig", "NumaDistance", "PayloadConfig", "PciSegmentConfig",
+                "PlatformConfig"),
+    "memory": ("MemoryConfig", "MemoryZoneConfig"),
+    "net": ("NetConfig", "VsockConfig"),
+    "storage": ("DiskConfig", "FsConfig", "PmemConfig", "VirtQueueAffinity"),
+    "vm": ("VmConfig",),
+}
+"""Each public name, by the module of this package that defines it."""
+
+_MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items()
+                              for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """``pych.config.DiskConfig``: imported from its module the first time it is asked for."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,6 @@
-"""What every configuration model shares: the JSON rules, the scalar types, the errors,
-and the way a model declares its command line form.
+"""What every configuration model shares: the JSON rules, the scalar types, the errors
+(defined in :mod:`pych.config.errors`, which needs no pydantic), and the way a model declares
+its command line form.
 
 **JSON.**  One model per schema of Cloud Hypervisor's OpenAPI contract, with the schema's
 names and JSON field names.  Where the contract and the reference implementation
@@ -82,6 +83,13 @@ from pych.config.grammar import (
     parse_toggle,
     parse_tuple_list,
 )
+from pych.config.errors import (  # noqa: F401 - the errors are part of this module's names
+    ConfigConflict,
+    ConfigError,
+    DuplicateDevicePath,
+    IdentifierNotUnique,
+    OptionError,
+)
 
 __all__ = [
     "ApiModel",
@@ -102,30 +110,6 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # Errors
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid.  The API answers 400 Bad Request."""
-
-
-class OptionError(ConfigError, OptionParserError):
-    """A CLI option string could not be turned into a configuration."""
-
-
-class ConfigConflict(ConfigError):
-    """The configuration reuses something that must be unique (HTTP 409)."""
-
-
-class IdentifierNotUnique(ConfigConflict):
-    def __init__(self, identifier: str) -> None:
-        super().__init__(f"Identifier {identifier} is not unique")
-        self.identifier = identifier
-
-
-class DuplicateDevicePath(ConfigConflict):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"Duplicated device path: {path}")
-        self.path = path
 
 
 def validation_messages(err: ValidationError) -> list[str]:

@@ -29,6 +29,11 @@ A model reached only through refused fields (``vdpa``'s ``VdpaConfig``, the rate
 checks the committed page is current); tests/unit/config/test_support.py sets every field and
 every CLI key to a non-default value and checks each is honoured or refused, so a field added
 to a model without an entry here fails the tests rather than being silently ignored.
+
+The entries (:class:`Works`, :class:`Refused`) and the tables of the command line's options
+(:data:`CLI_OPTIONS`, :data:`PROCESS_OPTIONS`) are defined in :mod:`pych.config.rules`, which
+needs no model, and are part of this module's names: the command line reads them before any
+model is imported.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from __future__ import annotations
 import json
 import typing
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -67,6 +71,15 @@ from pych.config.machine import (
 from pych.config.memory import MemoryConfig, MemoryZoneConfig
 from pych.config.net import NetConfig, VsockConfig
 from pych.config.storage import DiskConfig, FsConfig, PmemConfig
+from pych.config.rules import (  # noqa: F401 - part of the table's names
+    CLI_OPTIONS,
+    PROCESS_OPTIONS,
+    WORKS,
+    Entry,
+    Refused,
+    Works,
+    _dump,
+)
 from pych.config.vm import VmConfig
 
 __all__ = [
@@ -84,49 +97,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Entries
-
-
-@dataclass(frozen=True)
-class Works:
-    """pych honours the field.  ``note``: a caveat worth knowing (what a default that pych
-    cannot refuse does not do, how pych's behaviour differs in detail)."""
-
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Refused:
-    """pych does not implement the field: any value but the defaults is refused.
-
-    ``reason`` completes ``<field>=<value> is not supported by pych: <reason>``.  ``accepts``
-    adds values that are accepted besides the field's default, ``null`` and ``[]`` (values
-    that ask for nothing pych lacks); ``accepted`` says in words what is accepted, for the
-    page (derived from the default if empty); ``note`` is a caveat about what is accepted.
-    ``cli``: the command line spelling of the refusal's subject when it is not
-    ``<option> <key>=<value>`` (a flag, a whole option, a key of another option), given the
-    refused value.
-    """
-
-    reason: str
-    accepts: Callable[[Any], bool] | None = None
-    accepted: str = ""
-    note: str = ""
-    cli: Callable[[Any], str] | None = None
-
-    def allows(self, value: Any, default: Any) -> bool:
-        if value is None or value == [] or _same(value, default):
-            return True
-        return self.accepts is not None and self.accepts(value)
-
-
-Entry = Works | Refused
-
-
-def _same(value: Any, default: Any) -> bool:
-    if isinstance(value, BaseModel) or isinstance(default, BaseModel):
-        return _dump(value) == _dump(default)
-    return value == default and type(value) is type(default)
+# Entries (Works, Refused) are pych.config.rules's, with the command line's option tables
 
 
 def _one_of(*values: Any) -> Callable[[Any], bool]:
@@ -137,8 +108,6 @@ def _option(text: str) -> Callable[[Any], str]:
     """A refusal spelled as a whole option (``--vdpa``), whatever the value."""
     return lambda value: text
 
-
-WORKS = Works()
 
 # Reasons shared by several entries.
 NO_IOMMU = "pych has no virtual IOMMU"
@@ -454,59 +423,6 @@ ignores it), and the rate limiter's ``bw_*``/``ops_*`` keys, which the grammar d
 a word when a bucket lacks its size or refill time (as the reference does)."""
 
 
-CLI_OPTIONS: Mapping[str, str] = {
-    "--kernel": "payload.kernel",
-    "--firmware": "payload.firmware",
-    "--cmdline": "payload.cmdline",
-    "--initramfs": "payload.initramfs",
-    "--cpus": "cpus",
-    "--memory": "memory",
-    "--memory-zone": "memory.zones",
-    "--disk": "disks",
-    "--net": "net",
-    "--rng": "rng",
-    "--balloon": "balloon",
-    "--fs": "fs",
-    "--pmem": "pmem",
-    "--vsock": "vsock",
-    "--device": "devices",
-    "--user-device": "user_devices",
-    "--vdpa": "vdpa",
-    "--generic-vhost-user": "generic_vhost_user",
-    "--serial": "serial",
-    "--console": "console",
-    "--debug-console": "debug_console",
-    "--numa": "numa",
-    "--platform": "platform",
-    "--pci-segment": "pci_segments",
-    "--rate-limit-group": "rate_limit_groups",
-    "--rtc": "rtc",
-    "--tpm": "tpm",
-    "--pvpanic": "pvpanic",
-    "--watchdog": "watchdog",
-    "--landlock": "landlock_enable",
-    "--landlock-rules": "landlock_rules",
-}
-"""Every ``pych`` option that configures the VM, with the :class:`VmConfig` field it fills:
-the table above decides what of it works."""
-
-PROCESS_OPTIONS: Mapping[str, Entry] = {
-    "--api-socket": WORKS,
-    "--event-monitor": WORKS,
-    "--log-file": WORKS,
-    "-v": WORKS,
-    "--version": WORKS,
-    "--seccomp": Works("pych's own filter, installed on the vCPU threads"),
-    "--log-format": Refused("pych writes its log lines in one format"),
-    "--no-shutdown": Refused("pych exits when the guest powers off"),
-    "--restore": Works("a pych snapshot (docs/snapshot.md): source_url=file:///<dir>, prefault, "
-                       "net_fds, resume; memory_restore_mode=ondemand, vfio_fds, iommufd_fd "
-                       "and zone_updates are refused"),
-}
-"""The options of the ``pych`` process itself (no VM configuration): the command line
-accepts those that work and refuses the others (``--restore is not supported yet``)."""
-
-
 SUPPORT: Mapping[type[ApiModel], Mapping[str, Entry]] = {VmConfig: _VM, **_MODELS}
 """Per model, every field: :class:`Works` or :class:`Refused`."""
 
@@ -525,14 +441,6 @@ def option_refusal(option: str) -> Refused | None:
 
 # --------------------------------------------------------------------------
 # The refusal
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
-    if isinstance(value, list):
-        return [_dump(item) for item in value]
-    return value
 
 
 def _json(value: Any) -> str:

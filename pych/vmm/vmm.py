@@ -21,27 +21,28 @@ from typing import TYPE_CHECKING
 
 import pych
 from pych.api.handler import RequestHandler
-from pych.config import ConfigError, PciDeviceInfo, VmConfig
-from pych.config.kinds import kind_of
+from pych.config.errors import ConfigError
 from pych.devices.legacy.serial_backend import open_serial_backend
-from pych.devices.net.tap import TapError, tap_fd_name
-from pych.devices.vhost_user import VhostUserConnections
 from pych.errors import (BackendError, InternalError, InvalidRequest, InvalidState,
                          VmAlreadyCreated, VmNotCreated)
 from pych.event_monitor import EventMonitor, NullEventMonitor
 from pych.fds import close_fds
-from pych.vmm.controllers import (ADD_DEVICE, PrebootController, RuntimeController,
-                                  VmController, close_net_fds)
 from pych.vmm.loop import ControlLoop
 from pych.vmm.manager_errors import domain_errors
 from pych.vmm.serial_port import SerialPort
 from pych.vmm.state import VmState
-from pych.memory.zones import prefault as prefault_region
-from pych.snapshot import format as snapshot_format
 
+# What a VM needs is imported with the VM: the configuration's models (pydantic), the
+# controllers, the device back-ends, KVM and the managers come with the first vm.create (or
+# a command line that configures a VM), so a VMM that only answers its API — vmm.ping on a
+# fresh pych — imports none of them (tests/unit/cli/test_process.py). The methods that need
+# them import them where they are used.
 if TYPE_CHECKING:
+    from pych.config import PciDeviceInfo, VmConfig
+    from pych.devices.vhost_user import VhostUserConnections
     from pych.hypervisor.kvm import Kvm
     from pych.vm import Vm
+    from pych.vmm.controllers import VmController
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,16 @@ class Vmm(ControlLoop, RequestHandler):
         self._kvm: Kvm | None = None
         self._serial: SerialPort | None = None
         self._serial_spec: tuple | None = None
-        # vhost-user back-end connections (virtio-fs) handed from one boot to the next
-        self._vhost_user = VhostUserConnections()
+        # vhost-user back-end connections (virtio-fs) handed from one boot to the next; made
+        # with the first VM (see vhost_user_connections)
+        self._vhost_user: VhostUserConnections | None = None
+
+    @property
+    def vhost_user_connections(self) -> VhostUserConnections:
+        if self._vhost_user is None:
+            from pych.devices.vhost_user import VhostUserConnections
+            self._vhost_user = VhostUserConnections()
+        return self._vhost_user
 
     @property
     def kvm(self) -> Kvm:
@@ -132,7 +141,7 @@ class Vmm(ControlLoop, RequestHandler):
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
-                vhost_user=self._vhost_user,
+                vhost_user=self.vhost_user_connections,
                 on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
                 on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
         vm_box.append(vm)
@@ -171,7 +180,7 @@ class Vmm(ControlLoop, RequestHandler):
             self.request_exit(1)
             raise
         finally:
-            self._vhost_user.close()        # the connections the new VM did not take back
+            self.vhost_user_connections.close()   # those the new VM did not take back
         self.events.emit("vm", "rebooted")
 
     def _created_config(self) -> VmConfig:
@@ -194,6 +203,7 @@ class Vmm(ControlLoop, RequestHandler):
         """The one place a request on a created VM is routed: no running VM, its configuration
         is all there is (pre-boot); a running or paused VM is acted on (runtime).
         VmNotCreated without a VM."""
+        from pych.vmm.controllers import PrebootController, RuntimeController
         config = self._created_config()
         if self.vm is None:
             return PrebootController(config)
@@ -241,6 +251,7 @@ class Vmm(ControlLoop, RequestHandler):
     def vm_delete(self) -> None:
         if self.config is None:
             return None
+        from pych.vmm.controllers import close_net_fds
         self._stop_vm()
         close_net_fds(self.config.net)
         self.config = None
@@ -275,6 +286,7 @@ class Vmm(ControlLoop, RequestHandler):
                                if self.state is VmState.Running else
                                f"VM is not in a state for this request (state: "
                                f"{self.state.value})")
+        from pych.snapshot import format as snapshot_format
         with domain_errors("Error creating VM snapshot"):
             destination = snapshot_format.directory_of(config.destination_url)
             state = self.vm.save_state()
@@ -288,6 +300,8 @@ class Vmm(ControlLoop, RequestHandler):
         snapshot's configuration (every hot plug applied) and state, and left paused
         (``resume: true``: running). ``net_fds`` give net devices that were given tap fds
         their new ones, in order. A refused or failed restore leaves no VM."""
+        from pych.config import VmConfig
+        from pych.snapshot import format as snapshot_format
         try:
             if self.config is not None:
                 raise VmAlreadyCreated("VM is already created")
@@ -322,12 +336,14 @@ class Vmm(ControlLoop, RequestHandler):
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(config, self.kvm, serial_port=self._serial_port(config),
-                      vhost_user=self._vhost_user,
+                      vhost_user=self.vhost_user_connections,
                       on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
                       on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
         vm_box.append(vm)
 
         def load_memory(guest_memory) -> None:
+            from pych.memory.zones import prefault as prefault_region
+            from pych.snapshot import format as snapshot_format
             snapshot_format.load_memory(source, manifest, guest_memory)
             if prefault:
                 for region in guest_memory.regions:
@@ -406,6 +422,8 @@ class Vmm(ControlLoop, RequestHandler):
         process, as the reference's does); the device works on a duplicate, so a reboot
         re-creates it on a fresh one. They are closed when the device is removed or the
         VM deleted, and at once if the add fails."""
+        from pych.devices.net.tap import TapError, tap_fd_name
+        from pych.vmm.controllers import ADD_DEVICE
         config.fds = list(fds) or None
         try:
             self._created_config()
@@ -427,6 +445,7 @@ class Vmm(ControlLoop, RequestHandler):
         return self._add_device(config)
 
     def vm_add_vsock(self, config) -> PciDeviceInfo | None:
+        from pych.vmm.controllers import ADD_DEVICE
         if self._created_config().vsock is not None:
             # the reference's 500: a second vsock is not a request it can serve
             raise InternalError(ADD_DEVICE, "Too many vsock devices: a VM has at most one")
@@ -436,6 +455,7 @@ class Vmm(ControlLoop, RequestHandler):
         """VFIO passthrough of the host PCI device ``config.path`` (docs/vfio.md). A path
         that is not a vfio-pci bound device, or a host without VFIO, is a BackendError with
         one line saying what to fix. A VFIO cdev passed with SCM_RIGHTS (iommufd) is refused."""
+        from pych.vmm.controllers import ADD_DEVICE
         if fds:
             close_fds(fds)
             raise InvalidRequest(ADD_DEVICE, "VFIO cdev fds passed with SCM_RIGHTS (iommufd) "
@@ -445,6 +465,7 @@ class Vmm(ControlLoop, RequestHandler):
     def _add_device(self, device) -> PciDeviceInfo | None:
         """Every ``vm.add-*``: the device's kind (the registry entry of its configuration
         model) and the controller of the VM's phase (see VmController.add_device)."""
+        from pych.config.kinds import kind_of
         return self._controller().add_device(kind_of(type(device)), device)
 
     def vm_remove_device(self, request) -> None:
@@ -456,8 +477,10 @@ class Vmm(ControlLoop, RequestHandler):
     def close(self) -> None:
         self._stop_vm()
         if self.config is not None:
+            from pych.vmm.controllers import close_net_fds
             close_net_fds(self.config.net)
-        self._vhost_user.close()
+        if self._vhost_user is not None:
+            self._vhost_user.close()
         if self._serial is not None:
             self._serial.close()
             self._serial = None

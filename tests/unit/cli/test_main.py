@@ -382,6 +382,18 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--kernel" in capsys.readouterr().err
 
 
+def test_the_help_says_what_pych_does_with_each_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """Added when the help is shown (it needs the models; parsing does not)."""
+    from pych.config import CpusConfig
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"(default {CpusConfig.CLI_DEFAULT})" in help_text
+    assert "--tpm TPM socket=<swtpm socket> [not supported by pych]" in help_text
+    assert "Do not exit the VMM when the guest shuts down [not supported yet]" in help_text
+    assert "HTTP API socket (UNIX domain socket): path=<path> or fd=<fd> " in help_text
+    assert "fd=<fd> [not" not in help_text
+
+
 def test_main_handles_keyboard_interrupt(monkeypatch: pytest.MonkeyPatch, vmm: list[Any]) -> None:
     def interrupted(config: Any, args: Any, restore: Any = None) -> int:
         raise KeyboardInterrupt
