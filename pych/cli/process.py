@@ -54,6 +54,9 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
                       on_violation=on_seccomp_violation)        # vCPU threads install it
     try:
         vmm.events.emit("vmm", "starting")
+        if config is not None and config.landlock_enable:
+            if (status := _landlock(config, api_opt)) is not None:
+                return status
         if api_opt is not None:
             from pych.api.http import ApiServer
             try:
@@ -87,6 +90,27 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
         if server is not None:
             server.close()
         vmm.close()
+
+
+def _landlock(config, api_opt) -> int | None:
+    """``--landlock``: sandbox the process to what ``config`` names before any thread starts
+    (the API server's, the vCPUs', the devices'), so every thread is inside.  A configuration
+    that is not valid is left to ``vm.create`` to report; returns the exit status if the
+    sandbox cannot be set up."""
+    from pych import landlock
+
+    try:
+        config.model_copy(deep=True).validate()
+    except ConfigError:
+        return None
+    try:
+        rules = landlock.rules_for(config, api_opt.path if api_opt is not None else None)
+        landlock.restrict(rules)
+    except landlock.LandlockError as e:
+        print(f"pych: error: --landlock: {e}", file=sys.stderr)
+        return 1
+    log.info("landlock: pych is sandboxed to %d paths", len(rules))
+    return None
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
