@@ -146,6 +146,13 @@ def _socket(rules: list[Rule], path: str | None, why: str) -> None:
         _add(rules, os.path.dirname(os.path.abspath(path)), "rw", why + " (to create)")
 
 
+def _listening(rules: list[Rule], path: str | None, why: str) -> None:
+    """A Unix socket pych listens on: it removes a stale one and binds it again, in its
+    directory."""
+    if path:
+        _add(rules, os.path.dirname(os.path.abspath(path)), "rw", why)
+
+
 def _created_file(rules: list[Rule], path: str | None, why: str) -> None:
     if not path:
         return
@@ -164,7 +171,7 @@ def _output(rules: list[Rule], output, name: str) -> None:
     elif output.mode == "File":
         _created_file(rules, output.file, f"{name} file")
     elif output.mode == "Socket":
-        _socket(rules, output.socket, f"{name} socket")
+        _listening(rules, output.socket, f"{name} socket")
 
 
 def rules_for(config, api_socket: str | None = None) -> list[Rule]:
@@ -195,7 +202,7 @@ def rules_for(config, api_socket: str | None = None) -> list[Rule]:
         for device in config.devices:
             _add(rules, device.path, "rw", "VFIO device")
     if config.vsock is not None:
-        _socket(rules, config.vsock.socket, "vsock")
+        _listening(rules, config.vsock.socket, "vsock")
     if any(disk.path and not disk.vhost_user and _needs_storage_daemon(disk.path)
            for disk in config.disks or ()):
         _add(rules, tempfile.gettempdir(), "rw", "qemu-storage-daemon's socket")
