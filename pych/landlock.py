@@ -14,7 +14,8 @@ write right (write, truncate, create and remove entries, rename/link across dire
 and each path of the configuration gets a rule: the payload read-only, disks, memory zone
 files, pmem files, sockets and console/serial files read-write, a socket still to be
 created its directory.  Beyond the reference, a Python VMM also needs to read its own code
-(``sys.path``, the interpreter's prefixes: modules are imported lazily) and to open
+(``sys.path``, the interpreter's prefixes, and the system's ``/usr`` and ``/lib``: modules
+and C extensions are loaded lazily, qemu-storage-daemon is run) and to open
 ``/dev/kvm`` again when the guest reboots; ``/dev/net/tun`` is always allowed (``vm.add-net``
 of a VM booted without a NIC works, as without Landlock).  Device ioctls and TCP are not
 restricted (not handled), as in the reference.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["LandlockError", "Rule", "abi_version", "access_bits", "active", "allowed",
-           "check_allowed", "restrict", "rules_for"]
+           "check_allowed", "own_rules", "restrict", "rules_for"]
 
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_ADD_RULE = 445
@@ -206,22 +207,33 @@ def rules_for(config, api_socket: str | None = None) -> list[Rule]:
     if any(disk.path and not disk.vhost_user and _needs_storage_daemon(disk.path)
            for disk in config.disks or ()):
         _add(rules, tempfile.gettempdir(), "rw", "qemu-storage-daemon's socket")
-    # pych itself
+    rules += own_rules(api_socket)
+    for rule in config.landlock_rules or ():
+        _add(rules, rule.path, rule.access, "--landlock-rules")
+    return [rule for rule in rules if not rule.optional or os.path.exists(rule.path)]
+
+
+def own_rules(api_socket: str | None = None) -> list[Rule]:
+    """What pych itself needs under any configuration (those of these paths the host has)."""
+    rules: list[Rule] = []
     own = [("/dev/kvm", "rw", "KVM (a reboot opens it again)"),
            ("/dev/net/tun", "rw", "taps"),
            ("/dev/null", "rw", "child processes' standard streams"),
            ("/proc/self", "rw", "pych's own /proc entries"),
            ("/sys/kernel/mm/hugepages", "r", "huge page pools"),
-           ("/etc/ld.so.cache", "r", "qemu-storage-daemon's libraries")]
+           ("/etc/ld.so.cache", "r", "shared libraries"),
+           # the system's programs and shared libraries, read-only: C extensions are loaded
+           # lazily too (pydantic-core needs libgcc_s), qemu-storage-daemon is run
+           ("/usr", "r", "the system's programs and libraries"),
+           ("/lib", "r", "the system's libraries"),
+           ("/lib64", "r", "the system's libraries")]
     if api_socket:
         own.append((os.path.dirname(os.path.abspath(api_socket)), "w",
                     "the API socket (removed at exit)"))
     own += [(path, "r", "pych's Python code") for path in _python_paths()]
     for path, access, why in own:
         _add(rules, path, access, why, optional=True)
-    for rule in config.landlock_rules or ():
-        _add(rules, rule.path, rule.access, "--landlock-rules")
-    return [rule for rule in rules if not rule.optional or os.path.exists(rule.path)]
+    return [rule for rule in rules if os.path.exists(rule.path)]
 
 
 def _needs_storage_daemon(path: str) -> bool:
