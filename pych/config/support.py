@@ -465,7 +465,8 @@ _VM: dict[str, Entry] = {
         "/dev/net/tun, /dev/null, /proc/self, the API socket's directory). A `vm.add-*` of a "
         "path outside is refused, naming it. In `vm.create`/`vm.restore` bodies it is refused "
         "unless pych was started with --landlock: threads already running (the API server's) "
-        "cannot be sandboxed."),
+        "cannot be sandboxed. `--restore` of a snapshot taken under --landlock is sandboxed "
+        "again before its threads start (its configuration's paths, the snapshot read-only)."),
     "landlock_rules": Works(
         "Each rule (`path=`, `access=r|w|rw`) is added to the --landlock ruleset: `r` reads "
         "and executes, `w` writes, creates, removes and truncates beneath `path`. The path "
