@@ -69,14 +69,19 @@ def test_free_unreserved_pages_must_cover_the_ram(pools):
         hugepages.check_available([("--memory", GiB, GiB)])
 
 
-def test_a_size_the_host_does_not_offer_is_refused_by_name(pools):
+def test_a_size_the_host_does_not_offer_is_refused_by_name(pools, tmp_path, monkeypatch):
     pools({2 * MiB: (0, 0, 0)})
     with pytest.raises(hugepages.HugePageError,
                        match=r"^--memory hugepage_size=1073741824: the host offers huge pages "
                              r"of 2 MiB only$"):
         hugepages.page_size(GiB, "--memory")
-    assert hugepages.page_size(None, "--memory") == hugepages.default_size() or \
-        hugepages.default_size() != 2 * MiB
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(hugepages, "MEMINFO", meminfo)
+    meminfo.write_text("MemTotal: 100 kB\nHugepagesize:       2048 kB\n")
+    assert hugepages.page_size(None, "--memory") == 2 * MiB      # the host's default size
+    meminfo.write_text("Hugepagesize:    1048576 kB\n")
+    with pytest.raises(hugepages.HugePageError, match="hugepage_size=1073741824"):
+        hugepages.page_size(None, "--memory-zone z")
 
 
 def test_vm_create_checks_the_pool_and_builds_nothing(pools, monkeypatch):
