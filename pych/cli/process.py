@@ -54,6 +54,15 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
                       on_violation=on_seccomp_violation)        # vCPU threads install it
     try:
         vmm.events.emit("vmm", "starting")
+        if config is not None and config.landlock_enable:
+            if (status := _landlock(config, api_opt)) is not None:
+                return status
+        elif restore is not None:
+            snapshot = _snapshot_config(restore)
+            if snapshot is not None and snapshot[1].landlock_enable:
+                source, restored = snapshot
+                if (status := _landlock(restored, api_opt, source)) is not None:
+                    return status
         if api_opt is not None:
             from pych.api.http import ApiServer
             try:
@@ -87,6 +96,44 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
         if server is not None:
             server.close()
         vmm.close()
+
+
+def _snapshot_config(restore):
+    """``(directory, configuration)`` of the snapshot ``--restore`` names, or None when it
+    cannot be read (``vm_restore`` then says why)."""
+    from pych.config import VmConfig
+    from pych.snapshot import format as snapshot_format
+
+    try:
+        source = snapshot_format.directory_of(restore.source_url)
+        manifest = snapshot_format.read_manifest(source)
+        return source, VmConfig.model_validate(manifest["config"])
+    except Exception:           # noqa: BLE001 - reported by vm_restore, with its words
+        return None
+
+
+def _landlock(config, api_opt, snapshot=None) -> int | None:
+    """``--landlock`` (or a snapshot taken under it): sandbox the process to what
+    ``config`` names, and the snapshot directory ``snapshot`` read-only, before any thread
+    starts (the API server's, the vCPUs', the devices'), so every thread is inside.  A
+    configuration that is not valid is left to ``vm.create`` to report; returns the exit
+    status if the sandbox cannot be set up."""
+    from pych import landlock
+
+    try:
+        config.model_copy(deep=True).validate()
+    except ConfigError:
+        return None
+    try:
+        rules = landlock.rules_for(config, api_opt.path if api_opt is not None else None)
+        if snapshot is not None:
+            rules.append(landlock.Rule(str(snapshot), "r", "the snapshot restored"))
+        landlock.restrict(rules)
+    except landlock.LandlockError as e:
+        print(f"pych: error: --landlock: {e}", file=sys.stderr)
+        return 1
+    log.info("landlock: pych is sandboxed to %d paths", len(rules))
+    return None
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

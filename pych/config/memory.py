@@ -112,11 +112,16 @@ class MemoryConfig(CliModel):
             _check_hugepage_size(self.hugepages, self.hugepage_size)
         if self.shared and self.mergeable:
             raise ConfigError("Invalid to set both 'mergeable' and 'shared' for memory")
+        virtio_mem = self.hotplug_method == "VirtioMem"
+        _check_backing("memory", self.hugepages, self.mergeable, None,
+                       bool(self.hotplug_size) and virtio_mem and not self.zones)
         for zone in self.zones or ():
             if zone.shared and zone.mergeable:
                 raise ConfigError("Invalid to set both 'mergeable' and 'shared' for memory")
             if zone.hugepage_size is not None:
                 _check_hugepage_size(zone.hugepages, zone.hugepage_size)
+            _check_backing(f"memory zone {zone.id!r}", zone.hugepages, zone.mergeable,
+                           zone.file, bool(zone.hotplug_size))
 
         if self.size == 0:
             if not self.zones:
@@ -168,12 +173,42 @@ class MemoryConfig(CliModel):
 
         page_size = os.sysconf("SC_PAGE_SIZE")
         for what, size, hugepages, hugepage_size in regions:
+            if hugepages and hugepage_size is None:
+                from pych.memory.hugepages import default_size
+
+                hugepage_size = default_size()
             alignment = hugepage_size if hugepages and hugepage_size else page_size
             if size % alignment:
                 raise ConfigError(
                     f"Memory size is misaligned with default page size or its hugepage size: "
                     f"{what} size {size} is not a multiple of {alignment}"
                 )
+
+
+def _check_backing(what: str, hugepages: bool, mergeable: bool, file: str | None,
+                   virtio_mem: bool) -> None:
+    """The backings pych refuses together, naming them: huge pages or KSM with a virtio-mem
+    region (pych discards unplugged blocks of a shared memfd), huge pages with a ``file``
+    (a file on a hugetlbfs mount is mapped as it is: give it without hugepages=on), KSM
+    with huge pages (KSM does not merge them)."""
+    def refuse(subject: str, reason: str) -> None:
+        raise ConfigError(f"{what}: {subject} is not supported by pych: {reason}")
+
+    if hugepages and mergeable:
+        refuse("mergeable=on with hugepages=on",
+               "KSM merges only ordinary anonymous pages, never huge pages")
+    if hugepages and file is not None:
+        refuse("hugepages=on with a file",
+               "pych backs hugepages=on with a hugetlbfs memfd of its own; a file on a "
+               "hugetlbfs mount is used as it is without hugepages=on")
+    if virtio_mem and hugepages:
+        refuse("hugepages=on with virtio-mem hot plug (hotplug_size)",
+               "pych's virtio-mem regions are ordinary memfds; use hotplug_method=acpi "
+               "(DIMMs of huge pages) or no hugepages")
+    if virtio_mem and mergeable:
+        refuse("mergeable=on with virtio-mem hot plug (hotplug_size)",
+               "pych's virtio-mem regions are shared memfds, which KSM does not merge; use "
+               "hotplug_method=acpi (mergeable DIMMs)")
 
 
 def _check_hugepage_size(hugepages: bool, hugepage_size: int) -> None:

@@ -61,6 +61,7 @@ from pych.config.devices import (
 )
 from pych.config.machine import (
     CpuAffinity,
+    LandlockConfig,
     CpuFeatures,
     CpusConfig,
     CpuTopology,
@@ -121,7 +122,19 @@ _LIMITER_NOTE = (
     "refill_time 0 limits nothing.")
 _GROUP_NOTE = ("One limiter per group, shared by every disk naming it (boot and hot-added) "
                "for the boot.")
-NO_HUGEPAGES = "pych backs guest RAM with ordinary memfds, not huge pages (hugetlbfs)"
+_HUGEPAGES_NOTE = (
+    "The RAM is a hugetlbfs memfd (MFD_HUGETLB) in pages of `hugepage_size` (default: the "
+    "host's `Hugepagesize`; a size the host does not offer is refused), mapped shared, so "
+    "its pages are reserved from the host's pool when mapped. `vm.create` (and the command "
+    "line) is refused, naming the option, when the pool has fewer free pages "
+    "(HugePages_Free less HugePages_Rsvd) than the RAM needs. Not with virtio-mem hot plug, "
+    "a `file`, or `mergeable=on` (each refused by name). ")
+_MERGEABLE_NOTE = (
+    "madvise(MADV_MERGEABLE) on the RAM (`mg` in /proc/<pid>/smaps), which is then private "
+    "anonymous memory (KSM merges no other kind), so no vhost-user back-end can map it: "
+    "vhost-user devices and virtio-fs are refused with it (as the reference refuses "
+    "`mergeable` with `shared`), and so is virtio-mem hot plug. KSM runs when the host's "
+    "/sys/kernel/mm/ksm/run is 1. ")
 
 
 _FILE_NOTE = "Used in mode `File` only, as in the reference."
@@ -180,15 +193,19 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
     },
     MemoryConfig: {
         "size": WORKS,
-        "mergeable": Refused("pych does not mark guest RAM mergeable (KSM, MADV_MERGEABLE)"),
+        "mergeable": Works(_MERGEABLE_NOTE + "Applies to the RAM of `--memory` and its ACPI "
+                           "DIMMs; on the command line, zones inherit it."),
         "hotplug_method": WORKS,
         "hotplug_size": WORKS,
         "hotplugged_size": WORKS,
         "shared": Works(
             "pych's RAM is always a memfd mapped shared (so vhost-user back ends can map it "
             "without shared=on); shared=off is accepted and changes nothing."),
-        "hugepages": Refused(NO_HUGEPAGES),
-        "hugepage_size": Refused(NO_HUGEPAGES),
+        "hugepages": Works(_HUGEPAGES_NOTE + "Applies to the RAM of `--memory` and to its "
+                           "ACPI DIMMs: a DIMM the pool cannot give is refused at vm.resize; "
+                           "snapshots and restores keep the backing."),
+        "hugepage_size": Works("2M or 1G (what the host offers in "
+                               "/sys/kernel/mm/hugepages); needs hugepages=on."),
         "prefault": Works("Every page is faulted in at boot (MADV_POPULATE_WRITE)."),
         "reserve": Refused(
             "pych maps guest RAM from a memfd without reserving swap space for it up front"),
@@ -205,15 +222,17 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         "size": WORKS,
         "file": WORKS,
         "shared": Works("Without `file` the zone's memfd is mapped shared either way."),
-        "hugepages": Refused(NO_HUGEPAGES),
-        "hugepage_size": Refused(NO_HUGEPAGES),
+        "hugepages": Works(_HUGEPAGES_NOTE),
+        "hugepage_size": Works("2M or 1G (what the host offers in "
+                               "/sys/kernel/mm/hugepages); needs hugepages=on."),
         "host_numa_node": Refused("pych does not bind guest RAM to host NUMA nodes (mbind)"),
         "hotplug_size": WORKS,
         "hotplugged_size": WORKS,
         "prefault": Works("Every page is faulted in at boot (MADV_POPULATE_WRITE)."),
         "reserve": Refused(
             "pych maps guest RAM from a memfd without reserving swap space for it up front"),
-        "mergeable": Refused("pych does not mark guest RAM mergeable (KSM, MADV_MERGEABLE)"),
+        "mergeable": Works(_MERGEABLE_NOTE + "A zone backed by a `file` (mapped private "
+                           "without shared=on) gets the advice on its mapping."),
     },
     PayloadConfig: {
         "firmware": Refused(
@@ -345,6 +364,7 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         offload_ufo=WORKS,
         offload_csum=WORKS,
     ),
+    LandlockConfig: {"path": WORKS, "access": WORKS},
     RateLimitGroupConfig: {"id": WORKS, "rate_limiter_config": Works(_LIMITER_NOTE)},
     RateLimiterConfig: {"bandwidth": WORKS, "ops": WORKS},
     TokenBucket: {"size": WORKS, "one_time_burst": WORKS, "refill_time": WORKS},
@@ -405,10 +425,21 @@ _VM: dict[str, Entry] = {
         "Each entry's fields: see PciSegmentConfig."),
     "platform": WORKS,
     "tpm": Refused("pych has no TPM device", cli=_option("--tpm")),
-    "landlock_enable": Refused("pych does not sandbox itself with Landlock",
-                               cli=_option("--landlock")),
-    "landlock_rules": Refused("pych does not sandbox itself with Landlock",
-                              cli=_option("--landlock-rules")),
+    "landlock_enable": Works(
+        "`--landlock`: before it starts any thread, pych restricts the whole process with "
+        "Landlock (ABI 3 file system rights, pych/landlock.py) to the paths the configuration "
+        "names, as the reference's rules (payload read-only; disks, zone and pmem files, "
+        "sockets, console/serial files read-write; a socket or file still to be created: its "
+        "directory), plus what pych itself needs (its Python code read-only, /dev/kvm, "
+        "/dev/net/tun, /dev/null, /proc/self, the API socket's directory). A `vm.add-*` of a "
+        "path outside is refused, naming it. In `vm.create`/`vm.restore` bodies it is refused "
+        "unless pych was started with --landlock: threads already running (the API server's) "
+        "cannot be sandboxed. `--restore` of a snapshot taken under --landlock is sandboxed "
+        "again before its threads start (its configuration's paths, the snapshot read-only)."),
+    "landlock_rules": Works(
+        "Each rule (`path=`, `access=r|w|rw`) is added to the --landlock ruleset: `r` reads "
+        "and executes, `w` writes, creates, removes and truncates beneath `path`. The path "
+        "must exist."),
 }
 
 

@@ -108,8 +108,14 @@ class VmConfig(ApiModel):
         """Whether a vhost-user back-end (virtiofsd) can map all of pych's guest RAM. pych
         backs RAM with memfds mapped shared, which always are, so unlike the reference
         (whose default RAM is private) ``--fs`` needs no ``shared=on``; only a memory zone
-        backed by a ``file`` without ``shared=on`` is mapped private."""
-        return all(zone.shared or zone.file is None for zone in self.memory.zones or ())
+        backed by a ``file`` without ``shared=on`` is mapped private, and RAM with
+        ``mergeable=on`` (zones without a ``file``, ``--memory``'s own RAM and DIMMs) is
+        private anonymous memory, the only kind KSM merges."""
+        if self.memory.mergeable and not self.memory.hugepages:
+            return False
+        return all((zone.shared or zone.file is None)
+                   and not (zone.mergeable and zone.file is None and not zone.hugepages)
+                   for zone in self.memory.zones or ())
 
     def identifiers(self) -> frozenset[str]:
         """Every id the configuration uses: its devices', rate-limit groups' and memory
@@ -233,6 +239,10 @@ class VmConfig(ApiModel):
         if self.platform is not None:
             self.platform._validate()
             iommu |= self.platform.iommu_segments is not None
+        if self.landlock_rules and not self.landlock_enable:
+            raise ConfigError(
+                "landlock_rules (--landlock-rules) need landlock_enable (--landlock): "
+                "without it they sandbox nothing")
         for rule in self.landlock_rules or ():
             rule._validate()
 

@@ -73,17 +73,29 @@ class GuestMemory:
         return mem
 
     def add_region(self, gpa: int, size: int, *, fd: int | None = None, fd_offset: int = 0,
-                   name: str = "ram", readonly: bool = False, shared: bool = True) -> MemoryRegion:
+                   name: str = "ram", readonly: bool = False, shared: bool = True,
+                   hugepage_size: int | None = None) -> MemoryRegion:
+        """Map ``size`` bytes at ``gpa``: from ``fd`` (at ``fd_offset``); from a new memfd of
+        its own when ``fd`` is None (a hugetlbfs one in pages of ``hugepage_size`` if
+        given); private anonymous memory when ``fd`` is -1 (``shared`` is then ignored).
+        Raises OSError if the mapping fails (ENOMEM: a huge page pool too small)."""
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
         owns_fd = fd is None
         if fd is None:
-            fd = os.memfd_create(f"pych-{name}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
+            if hugepage_size:
+                from pych.memory.hugepages import memfd
+                fd = memfd(f"pych-{name}", size, hugepage_size)
+            else:
+                fd = os.memfd_create(f"pych-{name}", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size)
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
-        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        flags = mmap.MAP_SHARED if shared and fd >= 0 else mmap.MAP_PRIVATE
         try:
-            mm = mmap.mmap(fd, size, flags=flags, prot=prot, offset=fd_offset)
+            if fd < 0:
+                mm = mmap.mmap(-1, size, flags=flags, prot=prot)
+            else:
+                mm = mmap.mmap(fd, size, flags=flags, prot=prot, offset=fd_offset)
         except Exception:
             if owns_fd:
                 os.close(fd)

@@ -69,7 +69,9 @@ from pych.memory.hotplug import (
 from pych.memory.layout import (HOTPLUG_ALIGNMENT, boot_ram_layout, hotplug_region_start,
                                 virtio_mem_layout)
 from pych.memory.resize import InvalidMemoryResize, MemoryResizeError
-from pych.memory.zones import (DEFAULT_MEMORY_ZONE, MemoryZone, VirtioMemZone, prefault,
+from pych.memory import hugepages
+from pych.memory.zones import (DEFAULT_MEMORY_ZONE, MemoryZone, VirtioMemZone,
+                               dimm_hugepage_size, map_error, mergeable, prefault,
                                transparent_huge_pages, zone_specs)
 from pych.snapshot.state import NotSnapshottable
 
@@ -143,21 +145,26 @@ class MemoryManager:
         window only; with virtio-mem one region per zone with a ``hotplug_size``, placed by
         :func:`virtio_mem_layout`, mapped but not populated, with its device.
 
-        Raises ValueError for what pych cannot back (huge pages, a host NUMA node, a
-        missing or short ``file``) and for a virtio-mem ``hotplug_size`` that is not a
+        Raises ValueError for what pych cannot back (a host NUMA node, a missing or short
+        ``file``, huge pages the host's pool cannot give) and for a virtio-mem ``hotplug_size`` that is not a
         multiple of 128 MiB."""
         specs = zone_specs(self.config)
         for spec in specs:
             self.zones[spec.id] = MemoryZone(spec)
         for i, piece in enumerate(boot_ram_layout([(s.id, s.size) for s in specs])):
             zone = self.zones[piece.zone]
-            region = self.guest_memory.add_region(piece.gpa, piece.size, fd=zone.fd,
-                                         fd_offset=piece.offset, name=f"ram{i}",
-                                         shared=zone.shared_mapping)
+            try:
+                region = self.guest_memory.add_region(piece.gpa, piece.size, fd=zone.fd,
+                                                      fd_offset=piece.offset, name=f"ram{i}",
+                                                      shared=zone.shared_mapping)
+            except OSError as e:
+                raise map_error(e, zone.spec.option, zone.hugepage_size, piece.size) from None
             zone.regions.append(region)
             region.slot = self.kvm_vm.add_memory(piece.gpa, piece.size, region.host_addr)
             if zone.spec.thp:
                 transparent_huge_pages(region, zone.spec.option)
+            if zone.spec.mergeable:
+                mergeable(region, zone.spec.option)
             if zone.spec.prefault:
                 prefault(region, zone.spec.option)
         size = self.config.hotplug_size
@@ -270,8 +277,7 @@ class MemoryManager:
         finally:
             self.config = live
         for slot, dimm in sorted(saved["dimms"].items(), key=lambda item: int(item[0])):
-            region = self.guest_memory.add_region(dimm["gpa"], dimm["size"], name=f"dimm{slot}")
-            region.slot = self.kvm_vm.add_memory(region.gpa, region.size, region.host_addr)
+            region = self._add_dimm_region(dimm["gpa"], dimm["size"], int(slot))
             self._dimm_regions[int(slot)] = region
         self._dimms = saved["dimms_used"]
 
@@ -297,14 +303,7 @@ class MemoryManager:
             return self._request_removal(plan, self._current(plan), desired)
         gpa, increase = plan
         index = self._dimms
-        region = self.guest_memory.add_region(gpa, increase, name=f"dimm{index}")
-        try:
-            if self.config.thp:
-                transparent_huge_pages(region, "--memory")
-            region.slot = self.kvm_vm.add_memory(gpa, increase, region.host_addr)
-        except Exception:
-            self.guest_memory.remove_region(region)
-            raise
+        region = self._add_dimm_region(gpa, increase, index)
         self._dimms += 1
         self._dimm_regions[index] = region
         for added, _ in self._region_listeners:
@@ -313,6 +312,27 @@ class MemoryManager:
         log.info("memory: DIMM %d at %#x, %d MiB", index, gpa, increase // layout.MiB)
         self.notify(AcpiNotification.MEMORY)
         return True
+
+    def _add_dimm_region(self, gpa: int, size: int, index: int) -> MemoryRegion:
+        """DIMM ``index``'s RAM, mapped and registered: backed as ``--memory`` says (huge
+        pages, private mergeable memory, or a memfd of its own with the THP advice)."""
+        hugepage_size = dimm_hugepage_size(self.config)
+        try:
+            region = self.guest_memory.add_region(
+                gpa, size, fd=-1 if self.config.mergeable else None,
+                name=f"dimm{index}", hugepage_size=hugepage_size)
+        except OSError as e:
+            raise map_error(e, "--memory", hugepage_size, size) from None
+        try:
+            if self.config.thp and not hugepage_size:
+                transparent_huge_pages(region, "--memory")
+            if self.config.mergeable:
+                mergeable(region, "--memory")
+            region.slot = self.kvm_vm.add_memory(gpa, size, region.host_addr)
+        except Exception:
+            self.guest_memory.remove_region(region)
+            raise
+        return region
 
     def check_resize(self, desired: int) -> None:
         """What :meth:`resize` would refuse, without doing anything."""
@@ -352,6 +372,13 @@ class MemoryManager:
             raise MemoryResizeError(
                 f"no memory hot plug slot left: all {self._dimms} slots of this boot are used "
                 f"(the next boot starts with the current size as boot RAM)")
+        if self.config.hugepages:
+            try:
+                hugepages.check_available(
+                    [("--memory", dimm_hugepage_size(self.config), increase)])
+            except hugepages.HugePageError as e:
+                raise MemoryResizeError(f"cannot plug a DIMM of {increase >> 20} MiB: {e}") \
+                    from None
         return gpa, increase
 
     def _request_removal(self, slots: list[DimmSlot], current: int, desired: int) -> bool:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from pych.devices.virtio.mem import VirtioMem
+from pych.memory import hugepages
 from pych.memory.guest_memory import MemoryRegion
 
 DEFAULT_MEMORY_ZONE = "mem0"
@@ -33,6 +34,8 @@ class ZoneSpec:
     prefault: bool = False
     option: str = "--memory"            # what the user wrote, for error messages
     thp: bool = True                    # --memory thp: MADV_HUGEPAGE on its RAM
+    hugepage_size: int | None = None    # hugepages=on: None is the host's default size
+    mergeable: bool = False             # MADV_MERGEABLE (KSM) on its RAM
 
 
 def zone_specs(memory) -> list[ZoneSpec]:
@@ -40,14 +43,31 @@ def zone_specs(memory) -> list[ZoneSpec]:
     if memory.zones:
         return [ZoneSpec(z.id, z.size, z.hotplug_size, z.hotplugged_size, z.file, z.shared,
                          z.hugepages, z.host_numa_node, z.prefault, f"--memory-zone {z.id}",
-                         thp=memory.thp and z.file is None)
+                         thp=memory.thp and z.file is None and not z.hugepages,
+                         hugepage_size=z.hugepage_size, mergeable=z.mergeable)
                 for z in memory.zones]
     virtio_mem = memory.hotplug_method == "VirtioMem"
     return [ZoneSpec(DEFAULT_MEMORY_ZONE, memory.size,
                      memory.hotplug_size if virtio_mem else None,
                      memory.hotplugged_size if virtio_mem else None,
                      shared=memory.shared, hugepages=memory.hugepages, prefault=memory.prefault,
-                     thp=memory.thp)]
+                     thp=memory.thp and not memory.hugepages,
+                     hugepage_size=memory.hugepage_size, mergeable=memory.mergeable)]
+
+
+def hugepage_needs(memory) -> list[tuple[str, int, int]]:
+    """``(option, huge page size, bytes)`` of each zone's boot RAM backed by huge pages
+    (:func:`pych.memory.hugepages.check_available` checks the host has them); raises
+    :class:`~pych.memory.hugepages.HugePageError` for a size the host does not offer."""
+    return [(spec.option, hugepages.page_size(spec.hugepage_size, spec.option), spec.size)
+            for spec in zone_specs(memory) if spec.hugepages and spec.size]
+
+
+def dimm_hugepage_size(memory) -> int | None:
+    """The huge page size of ACPI DIMMs (``--memory hugepages=on``), else None."""
+    if not memory.hugepages:
+        return None
+    return hugepages.page_size(memory.hugepage_size, "--memory")
 
 
 @dataclass
@@ -76,15 +96,22 @@ class MemoryZone:
         what = spec.option
         # Refused at the request (pych.config.support); kept so a zone is never backed other
         # than it asks.
-        if spec.hugepages:
-            raise ValueError(f"{what}: huge pages (hugepages=on) are not supported by pych yet")
         if spec.host_numa_node is not None:
             raise ValueError(f"{what}: host_numa_node is not supported by pych yet")
         self.shared_mapping = True          # a memfd is always mapped shared
-        self.fd = -1
+        self.fd = -1                        # with a size: anonymous memory (mergeable=on)
+        self.hugepage_size: int | None = None
         if spec.file is not None:
             self.fd = _open_backing_file(what, spec.file, spec.size, spec.shared)
             self.shared_mapping = spec.shared
+        elif spec.hugepages:
+            self.hugepage_size = hugepages.page_size(spec.hugepage_size, what)
+            if spec.size:
+                self.fd = hugepages.memfd(f"pych-{spec.id}", spec.size, self.hugepage_size)
+        elif spec.mergeable:
+            # KSM merges only private anonymous pages: this zone's RAM is private to pych
+            # (no vhost-user back-end can map it; refused at the request).
+            self.shared_mapping = False
         elif spec.size:
             self.fd = os.memfd_create(f"pych-{spec.id}", os.MFD_CLOEXEC)
             try:
@@ -130,6 +157,27 @@ def transparent_huge_pages(region: MemoryRegion, what: str) -> None:
     except OSError as e:
         raise ValueError(f"{what}: cannot ask for transparent huge pages (thp=on): "
                          f"{e.strerror}") from None
+
+
+def mergeable(region: MemoryRegion, what: str) -> None:
+    """``mergeable=on``: let KSM merge identical pages of ``region`` (``MADV_MERGEABLE``; the
+    mapping then carries ``mg`` in ``/proc/<pid>/smaps``; KSM itself runs when the host's
+    ``/sys/kernel/mm/ksm/run`` is 1)."""
+    try:
+        region.mmap.madvise(mmap.MADV_MERGEABLE)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot mark guest RAM mergeable (mergeable=on): "
+                         f"{e.strerror}") from None
+
+
+def map_error(e: OSError, what: str, hugepage_size: int | None, size: int) -> ValueError:
+    """The error of mapping ``size`` bytes of RAM for ``what`` that failed with ``e``: with
+    huge pages, ENOMEM means the host's pool ran short (reserved at mmap)."""
+    if hugepage_size and e.errno in (12, 28):                  # ENOMEM, ENOSPC
+        return ValueError(f"{what} hugepages=on: the host has too few free huge pages of "
+                          f"{hugepage_size >> 20} MiB for {size >> 20} MiB of guest RAM "
+                          f"({e.strerror}; see HugePages_Free in /proc/meminfo)")
+    return ValueError(f"{what}: cannot map {size >> 20} MiB of guest RAM: {e.strerror}")
 
 
 def prefault(region: MemoryRegion, what: str) -> None:

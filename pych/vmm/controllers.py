@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pych.config import NetConfig, PciDeviceInfo, VmConfig, VmResize, kinds
+from pych.config import ConfigError, NetConfig, PciDeviceInfo, VmConfig, VmResize, kinds
 from pych.config.kinds import DeviceKind
 from pych.errors import InvalidRequest, NotFound
 from pych.fds import close_fds
@@ -167,6 +167,7 @@ class VmController(ABC):
         candidate = self.config.model_copy(deep=True)
         kind.append(candidate, device.model_copy())
         candidate.validate()
+        _check_landlock(kind, device)
         added = self._plug(kind, device)
         if added is None:
             kind.append(self.config, device)
@@ -340,3 +341,28 @@ def close_net_fds(devices: Iterable[Any] | None) -> None:
         if isinstance(device, NetConfig) and device.fds:
             fds, device.fds = device.fds, None
             close_fds(fd for fd in fds if fd >= 0)
+
+
+def _check_landlock(kind: DeviceKind, device: Any) -> None:
+    """Under ``--landlock``, a device whose files lie outside the sandbox is refused by
+    name (the kernel would deny pych opening them: EACCES from deep in the device's
+    set-up), as the ``landlock_rules`` of the command line decide."""
+    from pych import landlock
+
+    if not landlock.active():
+        return
+    def probe(*devices: Any) -> VmConfig:
+        config = VmConfig.model_construct(**{
+            name: field.get_default(call_default_factory=True)
+            for name, field in VmConfig.model_fields.items()})
+        for added in devices:
+            kind.append(config, added)
+        return config
+
+    base = set(landlock.rules_for(probe()))
+    wanted = [rule for rule in landlock.rules_for(probe(device)) if rule not in base]
+    try:
+        landlock.check_allowed((f"vm.add-{kind.name}: {rule.why}", rule.path, rule.access)
+                               for rule in wanted)
+    except landlock.LandlockError as e:
+        raise ConfigError(str(e)) from None

@@ -231,6 +231,7 @@ class Vmm(ControlLoop, RequestHandler):
                 net.fds = None
         config.validate()
         _check_payload_files(config)
+        _check_host(config)
         self.config = config
         self._become(VmState.Created)
 
@@ -318,6 +319,7 @@ class Vmm(ControlLoop, RequestHandler):
                 leftover = _take_net_fds(config, restore.net_fds, fds)
                 config.validate()
                 _check_payload_files(config)
+                _check_host(config)
                 self._restore_vm(config, manifest, source, restore.prefault)
         except BaseException:
             close_fds(fds)
@@ -527,6 +529,26 @@ def _take_net_fds(config: VmConfig, net_fds, fds: list[int]) -> list[int]:
             raise InvalidRequest(f"vm.restore: net device {net.id} was given tap fds; give "
                                  "its new ones with net_fds")
     return rest
+
+
+def _check_host(config: VmConfig) -> None:
+    """What the configuration asks of the host, checked when the VM is created (a
+    ConfigError naming the option, rather than a failed boot): enough free huge pages for
+    the RAM with ``hugepages=on``; and ``landlock_enable`` only in a process ``--landlock``
+    sandboxed before it started its threads (pych cannot sandbox threads already running,
+    such as the API server's)."""
+    from pych import landlock
+    from pych.memory import hugepages
+    from pych.memory.zones import dimm_hugepage_size, hugepage_needs
+
+    hugepages.check_available(hugepage_needs(config.memory))
+    dimm_hugepage_size(config.memory)
+    if config.landlock_enable and not landlock.active():
+        raise ConfigError(
+            "landlock_enable=true is not supported by pych: in a vm.create or vm.restore "
+            "body it would sandbox only the threads started afterwards (not the API "
+            "server's); start pych with --landlock (and --landlock-rules) and the VM's "
+            "options on its command line, which sandboxes the whole process")
 
 
 def _check_payload_files(config: VmConfig) -> None:

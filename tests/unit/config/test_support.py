@@ -184,7 +184,7 @@ PLACES: dict[str, tuple[str, dict[str, Any]]] = {
     "PciSegmentConfig": ("pci_segments[0]", {}),
     "NumaConfig": ("numa[0]", {}),
     "NumaDistance": ("numa[0].distances[0]", {"numa": [{"guest_numa_id": 0, "cpus": [0]}]}),
-    "LandlockConfig": ("landlock_rules[0]", {}),
+    "LandlockConfig": ("landlock_rules[0]", {"landlock_enable": True}),
     "RateLimitGroupConfig": ("rate_limit_groups[0]", {}),
     "RateLimiterConfig": ("disks[0].rate_limiter_config", {"disks": [{"path": "/d"}]}),
     "TokenBucket": ("disks[0].rate_limiter_config.bandwidth",
@@ -231,11 +231,9 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("MemoryConfig", "hotplugged_size"): (128 * MiB, {"hotplug_size": 1024 * MiB,
                                                       "hotplug_method": "VirtioMem"}),
     ("MemoryConfig", "zones"): ([{"id": "z", "size": 256 * MiB}], {"size": 0}),
-    ("MemoryConfig", "hugepage_size"): (2 * MiB, {}),
     ("MemoryZoneConfig", "size"): (512 * MiB, {}),
     ("MemoryZoneConfig", "hotplug_size"): (512 * MiB, {}),
     ("MemoryZoneConfig", "hotplugged_size"): (128 * MiB, {"hotplug_size": 512 * MiB}),
-    ("MemoryZoneConfig", "hugepage_size"): (2 * MiB, {}),
     ("PayloadConfig", "initramfs"): (READABLE, {}),
     ("PayloadConfig", "kernel"): (READABLE, {}),
     ("DiskConfig", "queue_size"): (256, {}),
@@ -277,6 +275,15 @@ VALUES: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {
     ("DebugConsoleConfig", "iobase"): (0x3F8, {}),
     ("PciSegmentConfig", "pci_segment"): (1, {}),
     ("PlatformConfig", "num_pci_segments"): (17, {}),       # 1 to 16 work
+    ("LandlockConfig", "path"): ("/tmp", {}),
+    ("LandlockConfig", "access"): ("rw", {}),
+    ("VmConfig", "landlock_rules"): ([{"path": "/", "access": "r"}], {"landlock_enable": True}),
+    ("MemoryConfig", "mergeable"): (True, {}),
+    ("MemoryZoneConfig", "mergeable"): (True, {}),
+    ("MemoryConfig", "hugepages"): (True, {}),
+    ("MemoryZoneConfig", "hugepages"): (True, {}),
+    ("MemoryConfig", "hugepage_size"): (2 * MiB, {"hugepages": True}),
+    ("MemoryZoneConfig", "hugepage_size"): (2 * MiB, {"hugepages": True}),
 }
 
 # What else the vm.create body needs for a value (a field naming something elsewhere).
@@ -326,7 +333,12 @@ def expected(name: str, field: str) -> tuple[str, str | None]:
 
 def vm_create(body: dict[str, Any], monkeypatch) -> None:
     """``vm.create`` of ``body`` (JSON) as the API serves it: validated into a VmConfig the
-    way the HTTP server does, then the VMM's vm_create."""
+    way the HTTP server does, then the VMM's vm_create.  As in a pych started with
+    ``--landlock`` (which vm.create's landlock_enable needs: test_landlock_enable_needs_a
+    _sandboxed_process) with a free huge page pool (which hugepages=on needs:
+    tests/unit/memory/test_hugepages.py)."""
+    monkeypatch.setattr("pych.landlock._domain", [])
+    monkeypatch.setattr("pych.memory.hugepages.pool", lambda size: (1024, 1024, 0))
     vmm = fake_vmm(monkeypatch)
     try:
         vmm.vm_create(VmConfig.model_validate_json(json.dumps(body)))
@@ -481,15 +493,35 @@ def test_vm_create_and_add_disk_refuse_over_the_api(monkeypatch):
 
 def test_a_memory_backing_pych_lacks_is_refused_at_create_not_at_boot(monkeypatch):
     vmm = fake_vmm(monkeypatch)
+    monkeypatch.setattr("pych.memory.hugepages.pool", lambda size: (10, 10, 0))
     try:
         for memory, message in (
-            ({"size": 256 * MiB, "hugepages": True}, "memory.hugepages=true"),
             ({"size": 0, "zones": [{"id": "z", "size": 256 * MiB, "host_numa_node": 0}]},
-             "memory.zones[0].host_numa_node=0"),
+             "memory.zones[0].host_numa_node=0 is not supported by pych: "),
+            # the host's pool (10 free) cannot back 256 MiB of 2 MiB pages
+            ({"size": 256 * MiB, "hugepages": True, "hugepage_size": 2 * MiB},
+             "--memory hugepages=on: the guest RAM needs 128 huge pages of 2 MiB, the host "
+             "has 10 free"),
         ):
             status, answer = _request(vmm, "vm.create", {**BASE, "memory": memory})
-            assert status == 400 and answer[-1].startswith(
-                f"{message} is not supported by pych: "), answer
+            assert status == 400 and answer[-1].startswith(message), answer
+            assert vmm.config is None
+    finally:
+        vmm.close()
+
+
+def test_landlock_enable_needs_a_sandboxed_process(monkeypatch):
+    """vm.create's landlock_enable is refused by name in a pych not started with
+    --landlock: it could not sandbox the threads already running."""
+    vmm = fake_vmm(monkeypatch)
+    try:
+        status, answer = _request(vmm, "vm.create", {**BASE, "landlock_enable": True})
+        assert status == 400 and answer[-1].startswith(
+            "landlock_enable=true is not supported by pych: "), answer
+        assert vmm.config is None
+        status, answer = _request(vmm, "vm.create", {
+            **BASE, "landlock_rules": [{"path": "/", "access": "r"}]})
+        assert status == 400 and "need landlock_enable" in answer[-1], answer
     finally:
         vmm.close()
 
@@ -539,12 +571,12 @@ _cli("--memory", {"size": "size=1G", "mergeable": "mergeable=on",
                   "hotplugged_size": "hotplug_method=virtio-mem,hotplug_size=1G,"
                                      "hotplugged_size=128M",
                   "shared": "shared=on", "hugepages": "hugepages=on",
-                  "hugepage_size": "hugepage_size=2M", "prefault": "prefault=on",
+                  "hugepage_size": "hugepages=on,hugepage_size=2M", "prefault": "prefault=on",
                   "reserve": "reserve=on", "thp": "thp=off", "file": "file=/dev/shm/x"},
      base="size=256M")
 _cli("--memory-zone", {"id": "id=z", "size": "size=512M", "file": "file=/f",
                        "shared": "shared=on", "hugepages": "hugepages=on",
-                       "hugepage_size": "hugepage_size=2M",
+                       "hugepage_size": "hugepages=on,hugepage_size=2M",
                        "host_numa_node": "host_numa_node=0", "hotplug_size": "hotplug_size=1G",
                        "hotplugged_size": "hotplug_size=1G,hotplugged_size=128M",
                        "prefault": "prefault=on", "reserve": "reserve=on",
@@ -633,6 +665,9 @@ _cli("--rate-limit-group", {key: f"id=g,bw_size=1,bw_refill_time=1,{key}=5"
 _cli("--rtc", {**_PCI})
 _cli("--tpm", {"socket": "socket=/t"})
 _cli("--landlock-rules", {"path": "path=/,access=r", "access": "path=/,access=rw"})
+for _key in ("path", "access"):                     # rules sandbox nothing without it
+    CLI_CASES["--landlock-rules", _key] = (CLI_CASES["--landlock-rules", _key][0],
+                                           ["--landlock"])
 
 CLI_CASES["--disk", "rate_limit_group"] = (
     "path=/d,rate_limit_group=g", ["--rate-limit-group", "id=g,bw_size=1,bw_refill_time=1"])

@@ -99,7 +99,6 @@ def test_a_zone_can_be_backed_by_a_file_shared_or_private(zones_manager, tmp_pat
 
 
 @pytest.mark.parametrize("zone, message", [
-    ({"hugepages": True}, "huge pages"),
     ({"host_numa_node": 0}, "host_numa_node"),
     ({"file": "/nonexistent/pych"}, "cannot open the backing file"),
     ({"file": "/"}, "is a directory"),
@@ -113,17 +112,6 @@ def test_a_file_shorter_than_its_zone_is_refused(zones_manager, tmp_path):
     (tmp_path / "f").write_bytes(bytes(MiB))
     with pytest.raises(ValueError, match="has 1048576 bytes, fewer than"):
         zones_manager([{"id": "z", "size": 64 * MiB, "file": str(tmp_path / "f")}])
-
-
-def test_memory_hugepages_are_refused_not_ignored():
-    mm = MemoryManager(VmConfig.model_validate({"payload": {"kernel": __file__}, "memory": {
-        "size": 64 * MiB, "hugepages": True}}).memory, FakeKvmVm(), Bus("mmio"),
-        notify=lambda event: None)
-    try:
-        with pytest.raises(ValueError, match="--memory: huge pages"):
-            mm.create_boot_memory()
-    finally:
-        mm.close()
 
 
 @pytest.mark.parametrize("zones, message", [
