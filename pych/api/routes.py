@@ -215,9 +215,10 @@ ROUTES: tuple[Route, ...] = (
              RemoteCommand("restore", "Restore VM from a snapshot", syntax="restore")),
     _put("vm.coredump", VmCoredumpData, None,
          RemoteCommand("coredump", "Create a coredump from VM", url=True)),
-    _put("vm.send-migration", SendMigrationData, None,
+    _put("vm.send-migration", SendMigrationData, lambda h, config: h.vm_send_migration(config),
          RemoteCommand("send-migration", "Initiate a VM migration", syntax="send migration")),
-    _put_fds("vm.receive-migration", ReceiveMigrationData, None,  # fds: VFIO, then iommufd
+    _put_fds("vm.receive-migration", ReceiveMigrationData,  # fds: VFIO, then iommufd (refused)
+             lambda h, config, fds: h.vm_receive_migration(config, fds),
              RemoteCommand("receive-migration", "Receive a VM migration",
                            syntax="receive migration")),
 )

@@ -51,6 +51,7 @@ each virtio-mem block when the guest plugs it and before its memory is discarded
 
 from __future__ import annotations
 
+import os
 import functools
 import logging
 from dataclasses import dataclass
@@ -145,8 +146,9 @@ class MemoryManager:
         missing or short ``file``) and for a virtio-mem ``hotplug_size`` that is not a
         multiple of 128 MiB."""
         specs = zone_specs(self.config)
+        adopt = getattr(self, "_adopt_fds", None) or {}
         for spec in specs:
-            self.zones[spec.id] = MemoryZone(spec)
+            self.zones[spec.id] = MemoryZone(spec, adopt.pop(f"zone:{spec.id}", None))
         for i, piece in enumerate(boot_ram_layout([(s.id, s.size) for s in specs])):
             zone = self.zones[piece.zone]
             region = self.guest_memory.add_region(piece.gpa, piece.size, fd=zone.fd,
@@ -233,8 +235,7 @@ class MemoryManager:
         """The layout of this boot's RAM: each zone's boot RAM as booted (the configuration
         may already say more, for the next boot) and every plugged DIMM (the ``MHPC`` block
         is a bus device, saved with the others). The contents are saved region by region (:meth:`saved_regions`)."""
-        if self.virtio_mem_zones:
-            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
+        self.check_saveable()
         return {
             "zones": {zone_id: sum(r.size for r in zone.regions)
                       for zone_id, zone in self.zones.items()},
@@ -242,6 +243,11 @@ class MemoryManager:
                       for slot, r in self._dimm_regions.items()},
             "dimms_used": self._dimms,
         }
+
+    def check_saveable(self) -> None:
+        """NotSnapshottable for RAM pych cannot save yet (virtio-mem's)."""
+        if self.virtio_mem_zones:
+            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
 
     def saved_regions(self) -> list[tuple[MemoryRegion, bool]]:
         """Each RAM region, and whether a snapshot copies it: not a region mapped shared
@@ -251,9 +257,37 @@ class MemoryManager:
                         if zone.spec.file and zone.spec.shared for r in zone.regions}
         return [(r, id(r) not in shared_files) for r in self.guest_memory.regions]
 
-    def restore_state(self, saved: dict) -> None:
+    def shared_fds(self) -> tuple[dict[str, int], list[int]]:
+        """For a local migration: each zone's and DIMM's memfd, as ``{"zone:<id>" or
+        "dimm<slot>": index}`` into the list of fds returned with it (not duplicated)."""
+        names: dict[str, int] = {}
+        fds: list[int] = []
+        for zone_id, zone in self.zones.items():
+            if zone.fd >= 0:
+                names[f"zone:{zone_id}"] = len(fds)
+                fds.append(zone.fd)
+        for slot, region in self._dimm_regions.items():
+            names[f"dimm{slot}"] = len(fds)
+            fds.append(region.fd)
+        return names, fds
+
+    def restore_state(self, saved: dict, fds: dict[str, int] | None = None) -> None:
         """Map this boot's RAM as a snapshot had it (instead of :meth:`create_boot_memory`):
-        each zone's boot RAM at its booted size, then every DIMM in its slot. The contents are loaded by the caller."""
+        each zone's boot RAM at its booted size, then every DIMM in its slot. The contents
+        are loaded by the caller. ``fds`` (a local migration, see :meth:`shared_fds`): map
+        these memfds (taken over, closed with the memory) instead of new ones."""
+        self._adopt_fds = dict(fds or {})
+        try:
+            self._restore_layout(saved)
+        finally:
+            for fd in self._adopt_fds.values():     # not used: still ours to close
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._adopt_fds = {}
+
+    def _restore_layout(self, saved: dict) -> None:
         live = self.config
         zones = saved["zones"]
         if live.zones:
@@ -267,7 +301,15 @@ class MemoryManager:
         finally:
             self.config = live
         for slot, dimm in sorted(saved["dimms"].items(), key=lambda item: int(item[0])):
-            region = self.guest_memory.add_region(dimm["gpa"], dimm["size"], name=f"dimm{slot}")
+            fd = self._adopt_fds.pop(f"dimm{slot}", None)
+            try:
+                region = self.guest_memory.add_region(dimm["gpa"], dimm["size"],
+                                                      name=f"dimm{slot}", fd=fd)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            region.owns_fd = True
             region.slot = self.kvm_vm.add_memory(region.gpa, region.size, region.host_addr)
             self._dimm_regions[int(slot)] = region
         self._dimms = saved["dimms_used"]

@@ -68,7 +68,9 @@ class MemoryZone:
     of boot RAM mapped from it, and its virtio-mem region, if any. Raises ValueError when
     the zone asks for a backing pych cannot give."""
 
-    def __init__(self, spec: ZoneSpec):
+    def __init__(self, spec: ZoneSpec, fd: int | None = None):
+        """``fd``: back the zone with this memfd (taken over; a local migration's), not a
+        new one."""
         self.spec = spec
         self.id = spec.id
         self.regions: list[MemoryRegion] = []
@@ -82,7 +84,9 @@ class MemoryZone:
             raise ValueError(f"{what}: host_numa_node is not supported by pych yet")
         self.shared_mapping = True          # a memfd is always mapped shared
         self.fd = -1
-        if spec.file is not None:
+        if fd is not None:
+            self.fd = fd
+        elif spec.file is not None:
             self.fd = _open_backing_file(what, spec.file, spec.size, spec.shared)
             self.shared_mapping = spec.shared
         elif spec.size:

@@ -58,6 +58,12 @@ class kvm_userspace_memory_region(Struct):
                 ("memory_size", c_uint64), ("userspace_addr", c_uint64)]
 
 
+class kvm_dirty_log(Struct):
+    """``struct kvm_dirty_log``: a memslot and the address of the bitmap KVM fills (one bit
+    per 4 KiB page of the slot, in 64-bit words)."""
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
 class kvm_regs(Struct):
     _fields_ = [(n, c_uint64) for n in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -249,6 +255,7 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
