@@ -349,16 +349,16 @@ class Vmm(ControlLoop, RequestHandler):
             endpoint = _check_send_migration(request, config, vm)
         from pych.migration import protocol, sender
         from pych.migration.vm_side import VmSource
-        serial = self._serial
-        spec = self._serial_spec
-        source = VmSource(vm, config, serial,
-                          (lambda: open_serial_backend(spec[0], spec[1])) if serial else None)
         try:
             channel = protocol.Channel(protocol.connect(endpoint),
                                        timeout=min(request.timeout_s, 600))
         except protocol.MigrationError as e:
             raise InternalError("Error sending migration", str(e)) from None
+        serial = self._serial
+        spec = self._serial_spec
         try:
+            source = VmSource(vm, config, serial,
+                              (lambda: open_serial_backend(spec[0], spec[1])) if serial else None)
             stats = sender.send(channel, source, local=request.local,
                                 downtime_ms=request.downtime_ms, timeout_s=request.timeout_s)
         except sender.OutcomeUnknown as e:
