@@ -364,9 +364,11 @@ class Vmm(ControlLoop, RequestHandler):
         except sender.OutcomeUnknown as e:
             self._become(VmState.Paused)
             raise InternalError("Error sending migration", str(e)) from None
-        except protocol.MigrationError as e:
+        except Exception as e:  # noqa: BLE001 - the protocol's, or the VM's (KVM, a device)
+            if not isinstance(e, protocol.MigrationError):
+                log.exception("migration to %s failed", endpoint)
             log.error("migration to %s failed, the VM runs on here: %s", endpoint, e)
-            raise InternalError("Error sending migration", str(e)) from None
+            raise InternalError("Error sending migration", str(e) or type(e).__name__) from None
         finally:
             channel.close()
         figures = stats.as_dict()
@@ -414,12 +416,14 @@ class Vmm(ControlLoop, RequestHandler):
         try:
             target, stats = receiver.receive(
                 channel, lambda body, fds: self._incoming_vm(body, fds, built))
-        except protocol.MigrationError as e:
+        except Exception as e:  # noqa: BLE001 - the protocol's, or the VM's (KVM, a device)
+            if not isinstance(e, protocol.MigrationError):
+                log.exception("migration from %s failed", endpoint)
             log.error("migration from %s failed, no VM was kept: %s", endpoint, e)
             port = built.get("console")
             if port is not None:
                 port.close()
-            raise InternalError("Error receiving migration", str(e)) from None
+            raise InternalError("Error receiving migration", str(e) or type(e).__name__) from None
         finally:
             channel.close()
         self.config, self.vm = built["config"], target.vm

@@ -136,19 +136,20 @@ class Receiver:
         self._log.close()
 
 
-def wait_listening(url: str, timeout: float = 30) -> None:
+def listening(url: str) -> bool:
+    """Someone listens on ``url`` (a Unix socket file is there; a TCP port is in LISTEN in
+    /proc/net/tcp: connecting to find out would be taken for the migration itself)."""
     endpoint = protocol.parse_url(url)
+    if endpoint.kind == "unix":
+        return Path(endpoint.path).exists()
+    with open("/proc/net/tcp") as f:
+        return any(fields[1].endswith(f":{endpoint.port:04X}") and fields[3] == "0A"
+                   for fields in (line.split() for line in list(f)[1:]))
+
+
+def wait_listening(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if endpoint.kind == "unix" and Path(endpoint.path).exists():
-                return
-            if endpoint.kind == "tcp":
-                with socket.create_connection((endpoint.host, endpoint.port), timeout=1) as s:
-                    s.close()
-                return
-        except OSError:
-            pass
+    while not listening(url):
         assert time.monotonic() < deadline, f"nobody listens on {url}"
         time.sleep(0.05)
 
@@ -194,7 +195,9 @@ def test_a_receiver_that_hangs_up_halfway_leaves_the_source_running(guest, tmp_p
     status, text = api(guest.api_path, "vm.send-migration", {"destination_url": f"unix:{path}"})
     thread.join(60)
     listener.close()
-    assert status == 500 and "receiver went away" in text, text
+    # the receiver is gone while the RAM is sent (or, had it all fit in the socket buffers,
+    # when the source asks it to take the state)
+    assert status == 500 and re.search("receiver went away|truncated", text), text
     assert got["HELLO"]["format"] == "pych-migration"
     assert got["CONFIG"]["config"]["cpus"]["boot_vcpus"] == 2
     status, vm = info(guest.api_path)
