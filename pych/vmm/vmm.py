@@ -350,10 +350,11 @@ class Vmm(ControlLoop, RequestHandler):
         from pych.migration import protocol, sender
         from pych.migration.vm_side import VmSource
         try:
-            channel = protocol.Channel(protocol.connect(endpoint),
-                                       timeout=min(request.timeout_s, 600))
+            sock = protocol.connect(endpoint, timeout=CONNECT_TIMEOUT)
         except protocol.MigrationError as e:
-            raise InternalError("Error sending migration", str(e)) from None
+            # nobody listens there: the caller's to fix (the reference answers 500)
+            raise BackendError("Error sending migration", str(e)) from None
+        channel = protocol.Channel(sock, timeout=min(request.timeout_s, 600))
         serial = self._serial
         spec = self._serial_spec
         try:
@@ -614,6 +615,8 @@ def _refuse_restore_fields(restore) -> None:
             raise InvalidRequest(f"vm.restore {name} is not supported by pych: {why}")
 
 
+CONNECT_TIMEOUT = 10.0
+"""How long ``vm.send-migration`` tries to reach the receiver."""
 RECEIVE_ACCEPT_TIMEOUT = 600.0
 """How long ``vm.receive-migration`` waits for the sender (and then for each message)."""
 

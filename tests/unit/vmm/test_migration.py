@@ -71,10 +71,10 @@ def test_devices_the_snapshot_refuses_are_refused_for_migration_by_name(tmp_path
     assert vmm.state is VmState.Running
 
 
-def test_a_destination_nobody_listens_on_is_500_and_the_vm_runs_on(tmp_path):
+def test_a_destination_nobody_listens_on_is_400_and_the_vm_runs_on(tmp_path):
     vmm = booted()
     status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/nobody"))
-    assert status == 500 and messages[0] == "Error sending migration", messages
+    assert status == 400 and messages[0] == "Error sending migration", messages
     assert f"cannot connect to unix:{tmp_path}/nobody" in messages[-1]
     assert vmm.state is VmState.Running and vmm.exit_code is None
 
