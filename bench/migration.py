@@ -8,7 +8,7 @@ Per run, who goes first rotating:
   pych over a Unix socket (pre-copy), on to another over TCP on 127.0.0.1, and on to another
   with ``local`` (guest RAM's memfds passed, nothing copied). Figures: the source's
   ``VM migrated ...: downtime X ms, total Y ms`` log line (downtime: from pausing the vCPUs on
-  the source to the destination's answer that it resumed them).
+  the source to the destination letting its vCPUs run, both on this host's monotonic clock).
 * pych, 1 GiB: the same guest with 1 GiB, migrated over a Unix socket, then with ``local``:
   the copy grows with what the guest touched, ``local`` does not.
 * QEMU q35, 256 MiB: the same guest and loop, ``migrate`` (QMP) to a QEMU started with
@@ -267,8 +267,8 @@ def main() -> int:
                            "QEMU downtime (ms)", "QEMU total (ms)", "downtime pych / QEMU"],
                           rows)
     body += ("\n\nThe guest writes memory throughout (a counter in tmpfs, 10×/s). pych's "
-             "downtime: from pausing the source's vCPUs to the destination's answer that it "
-             "resumed them; QEMU's: `query-migrate`'s `downtime`. Goal: downtime ≤ QEMU's; "
+             "downtime: from pausing the source's vCPUs to the destination letting its vCPUs "
+             "run; QEMU's: `query-migrate`'s `downtime`. Goal: downtime ≤ QEMU's; "
              "`local` independent of guest RAM size.")
     run.write(body, no_write=args.no_write)
     return 0

@@ -11,6 +11,7 @@ refusal of the target, ABANDON — closes what was built (nothing is left half-b
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Protocol
 
 from pych.migration.protocol import Channel, MigrationError, Msg, check_hello
@@ -86,7 +87,8 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
         _close_unexpected(fds)
         _expect(kind, Msg.COMPLETE, body)
         target.resume()
-        channel.answer_ok()
+        # when the vCPUs were let run (CLOCK_MONOTONIC: the sender's own clock on this host)
+        channel.answer_ok({"resumed_at": time.monotonic()})
         return target, stats
     except BaseException as error:
         if isinstance(error, Refused):

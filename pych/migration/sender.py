@@ -155,13 +155,20 @@ def send(channel: Channel, source: Source, *, local: bool = False, downtime_ms: 
         source.hand_over_console()
         console_given = True
         try:
-            channel.request(Msg.COMPLETE, {})
+            answer = channel.request(Msg.COMPLETE, {})
         except PeerRefused:
             raise
         except MigrationError as e:
             raise OutcomeUnknown(f"{e}; the receiver may be running the guest: the source "
                                  "VM is left paused") from None
-        stats.downtime_ms = (clock() - paused_at) * 1000
+        now = clock()
+        stats.downtime_ms = (now - paused_at) * 1000
+        resumed = answer.get("resumed_at")
+        if clock is time.monotonic and isinstance(resumed, (int, float)) \
+                and paused_at <= resumed <= now:
+            # the receiver is on this host (its monotonic clock is ours): downtime ends when
+            # its vCPUs were let run, not when its answer came back
+            stats.downtime_ms = (resumed - paused_at) * 1000
         stats.total_ms = (clock() - started) * 1000
         if logging_on:
             source.stop_dirty_log()
