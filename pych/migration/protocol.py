@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +53,17 @@ class Msg(enum.IntEnum):
     ABANDON = 7        # S->R {reason}: the sender gives up; the receiver drops what it built
     OK = 8             # R->S {...}
     ERROR = 9          # R->S {error}
+    VERIFY = 10        # S->R {blocks: [[gpa, length], ...]} (paused): the receiver answers
+    #                    {sums: [crc32, ...]} of its bytes; the sender sends again what differs
 
 
-ANSWERED = frozenset({Msg.HELLO, Msg.CONFIG, Msg.STATE, Msg.COMPLETE})
+def block_sums(blocks, view_of) -> list[list[int]]:
+    """``[[gpa, length, crc32], ...]`` of ``blocks`` (``(gpa, length)`` pairs) as
+    ``view_of(gpa, length)`` holds them."""
+    return [[gpa, length, zlib.crc32(view_of(gpa, length))] for gpa, length in blocks]
+
+
+ANSWERED = frozenset({Msg.HELLO, Msg.CONFIG, Msg.VERIFY, Msg.STATE, Msg.COMPLETE})
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable, Protocol
 
-from pych.migration.protocol import Channel, MigrationError, Msg, check_hello
+from pych.migration.protocol import Channel, MigrationError, Msg, block_sums, check_hello
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,16 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
                 stats["memory_bytes"] += channel.receive_memory(length, target.view)
                 continue
             body = channel.receive_json(length, kind)
+            if kind is Msg.VERIFY and not stats["local"]:
+                blocks = body.get("blocks")
+                if not isinstance(blocks, list):
+                    raise Refused("VERIFY message without blocks")
+                try:
+                    mine = block_sums([(int(g), int(n)) for g, n in blocks], target.view)
+                except (TypeError, ValueError) as e:
+                    raise Refused(f"VERIFY message with malformed blocks: {e}") from None
+                channel.answer_ok({"sums": [crc for _, _, crc in mine]})
+                continue
             _expect(kind, Msg.STATE, body)
             break
         try:

@@ -104,6 +104,17 @@ class VmSource:
                 runs.append((region.gpa + start, view[start:start + length]))
         return runs
 
+    def blocks(self) -> list[tuple[int, int]]:
+        """Every allocated 1 MiB chunk of RAM, ``(gpa, length)`` (what VERIFY checks)."""
+        return [(region.gpa + offset, min(CHUNK, region.size - offset))
+                for region in self._regions for offset in _allocated_chunks(region)]
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        for region in self._regions:
+            if region.gpa <= gpa and gpa + length <= region.end:
+                return memoryview(region.mmap)[gpa - region.gpa:gpa - region.gpa + length]
+        raise MigrationError(f"{gpa:#x}+{length:#x} is not in the VM's RAM")
+
     def dirty_memory(self, final: bool = False) -> list[tuple[int, memoryview]]:
         """The pages written since the last call: KVM's log of each RAM slot and the pages
         device models wrote (``final``: or ever viewed, see GuestMemory.take_written)."""

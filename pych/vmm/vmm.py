@@ -375,7 +375,8 @@ class Vmm(ControlLoop, RequestHandler):
         figures = stats.as_dict()
         log.info("VM migrated to %s: downtime %.1f ms, total %.1f ms, %d rounds, %d MiB of "
                  "RAM sent%s", endpoint, stats.downtime_ms, stats.total_ms, stats.rounds,
-                 stats.memory_bytes >> 20, " (local: memory passed by fd)" if request.local else "")
+                 stats.memory_bytes >> 20, " (local: memory passed by fd)" if request.local else
+                 f" ({stats.unlogged_bytes >> 10} KiB of it found by VERIFY, not by the dirty log)")
         self.events.emit("vm", "migrated", figures)
         self._stop_vm()
         if self._serial is not None:

@@ -56,6 +56,12 @@ class FakeSource:
         pages, self.dirty = sorted(self.dirty), set()
         return [(p * PAGE, memoryview(self.ram)[p * PAGE:(p + 1) * PAGE]) for p in pages]
 
+    def blocks(self):
+        return [(gpa, 16 * PAGE) for gpa in range(0, RAM, 16 * PAGE)]
+
+    def view(self, gpa, n):
+        return memoryview(self.ram)[gpa:gpa + n]
+
     def pause(self):
         self.calls.append("pause")
 
@@ -301,7 +307,10 @@ def test_no_answer_to_complete_leaves_the_source_paused(channels):
             if kind is Msg.MEMORY:
                 right.receive_memory(length, lambda gpa, n: memoryview(bytearray(n)))
                 continue
-            right.receive_json(length, kind)
+            body = right.receive_json(length, kind)
+            if kind is Msg.VERIFY:
+                right.answer_ok({"sums": [0] * len(body["blocks"])})
+                continue
             right.answer_ok()                      # STATE accepted
             break
         right.receive()                            # COMPLETE, then gone without answering
@@ -323,3 +332,19 @@ def test_a_migration_that_does_not_converge_is_cancelled(channels):
         sender.send(left, source, downtime_ms=1, timeout_s=250, clock=lambda: next(ticks))
     thread.join(10)
     assert out["target"].closed and "pause" not in source.calls
+
+
+def test_pages_written_without_the_dirty_log_are_found_by_verify_and_sent_again(channels):
+    left, right = channels
+    source = FakeSource()
+    original_pause = source.pause
+
+    def pause_after_a_hidden_write():
+        source.ram[5 * PAGE:5 * PAGE + 8] = b"unlogged"     # not in any dirty round
+        original_pause()
+    source.pause = pause_after_a_hidden_write
+    thread, out = run_receiver(right)
+    stats = sender.send(left, source)
+    thread.join(10)
+    assert out["result"][0].ram == source.ram
+    assert stats.unlogged_bytes == 16 * PAGE                # the one block that held it
