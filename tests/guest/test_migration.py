@@ -31,7 +31,9 @@ from tests.support.guest import REPO, Console, Shell, guest_artifacts
 
 MiB = 1 << 20
 GUEST_WAIT = 600
-COUNT = "cat /mnt/m/counter; echo var=$MIGVAR; nproc; md5sum < /dev/vda | cut -c1-32"
+COUNT = "cat /mnt/m/counter; echo var=$MIGVAR; nproc"
+# the disk's first 64 KiB (the guest's kernel code is emulated here: a whole-disk md5 is slow)
+DISK = "dd if=/dev/vda bs=64k count=1 2>/dev/null | md5sum | cut -c1-32"
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,7 @@ def test_a_receiver_that_hangs_up_halfway_leaves_the_source_running(guest, tmp_p
     time.sleep(1)
     later, _ = counter(guest)
     assert before <= after < later, (before, after, later)    # it counts on, unharmed
-    assert rest[:2] == [rest[0], "2"] and rest[0].startswith("var=kept-"), rest
+    assert rest[1] == "2" and rest[0].startswith("var=kept-"), rest
 
 
 def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
@@ -256,7 +258,9 @@ def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
     # the loop continued: not restarted (it would count from 1), and still counting
     assert before <= after < later, (before, after, later)
     assert rest[0].startswith("var=kept-") and rest[1] == "2", rest
-    return rest
+    rc, md5 = receiver.run(DISK, timeout=GUEST_WAIT)
+    assert rc == 0, md5
+    return rest + [md5]
 
 
 def source_log_figures(log: str) -> tuple[float, float]:
@@ -267,7 +271,8 @@ def source_log_figures(log: str) -> tuple[float, float]:
 
 def test_migration_over_a_unix_socket(guest, disk):
     before, rest = counter(guest)
-    guest.disk_md5 = rest[2]
+    rc, guest.disk_md5 = guest.run(DISK, timeout=GUEST_WAIT)
+    assert rc == 0 and len(guest.disk_md5) == 32, guest.disk_md5
     url = guest.dst1_url
     rest = hop(guest.api_path, guest.proc, guest.dst1, url, guest.serial_path, before)
     assert rest[2] == guest.disk_md5
