@@ -89,24 +89,49 @@ class Vm:
         try:
             self._assemble(saved)
             load_memory(self.guest_memory)
-            # vCPUs (LAPICs) and the irqchip first: a device restarting its queues may
-            # interrupt the guest at once, and that must not be overwritten.
-            self.cpus.restore_state(saved["cpus"])
-            for chip in saved["irqchip"]:
-                self.kvm_vm.set_irqchip(bytes.fromhex(chip))
-            self.kvm_vm.set_pit2(bytes.fromhex(saved["pit"]))
-            self.devices.restore_state(saved["devices"])
-            devices = self._bus_devices()
-            if set(devices) != set(saved["bus"]):
-                raise VmError("the snapshot's platform devices are not this VM's: "
-                              f"{sorted(set(devices) ^ set(saved['bus']))}")
-            for key, device in devices.items():
-                device.restore_state(saved["bus"][key])
-            self._paused_clock = saved["clock"]
-            self._paused_tsc = {int(i): tsc for i, tsc in saved["tsc"].items()}
+            self._restore_state(saved)
         except Exception:
             self.close()
             raise
+
+    # --- live migration: RAM first, the rest once the sender paused (pych.migration) --------
+    def prepare_incoming(self, layout: dict, fds: dict[str, int] | None = None) -> None:
+        """The KVM VM and guest RAM laid out as the sender's (``layout["memory"]``, its
+        :meth:`MemoryManager.save_state`), to receive its contents; ``fds`` (a local
+        migration): map the sender's own memfds (region or zone name to fd, taken over)."""
+        try:
+            self._assemble_memory(layout, fds)
+        except Exception:
+            self.close()
+            raise
+
+    def finish_incoming(self, saved: dict) -> None:
+        """After :meth:`prepare_incoming` and the RAM: the devices at their slots, the vCPUs,
+        and everyone's state, as :meth:`restore` does; the VM stays paused."""
+        try:
+            self._assemble_devices(saved)
+            self._restore_state(saved)
+        except Exception:
+            self.close()
+            raise
+
+    def _restore_state(self, saved: dict) -> None:
+        """The vCPUs', irqchip's, PIT's, devices' and bus devices' state of ``saved``."""
+        # vCPUs (LAPICs) and the irqchip first: a device restarting its queues may
+        # interrupt the guest at once, and that must not be overwritten.
+        self.cpus.restore_state(saved["cpus"])
+        for chip in saved["irqchip"]:
+            self.kvm_vm.set_irqchip(bytes.fromhex(chip))
+        self.kvm_vm.set_pit2(bytes.fromhex(saved["pit"]))
+        self.devices.restore_state(saved["devices"])
+        devices = self._bus_devices()
+        if set(devices) != set(saved["bus"]):
+            raise VmError("the snapshot's platform devices are not this VM's: "
+                          f"{sorted(set(devices) ^ set(saved['bus']))}")
+        for key, device in devices.items():
+            device.restore_state(saved["bus"][key])
+        self._paused_clock = saved["clock"]
+        self._paused_tsc = {int(i): tsc for i, tsc in saved["tsc"].items()}
 
     def save_state(self) -> dict:
         """The VM's state for a snapshot; the VM must be paused (:meth:`pause`). The guest
@@ -134,6 +159,10 @@ class Vm:
     def _assemble(self, saved: dict | None) -> None:
         """The KVM VM, memory, platform and PCI devices and the CPU manager: from the
         configuration (a boot), or as the snapshot state ``saved`` has them (a restore)."""
+        self._assemble_memory(saved)
+        self._assemble_devices(saved)
+
+    def _assemble_memory(self, saved: dict | None, fds: dict[str, int] | None = None) -> None:
         cfg = self.config
         kvm_vm = self.kvm_vm = self.kvm.create_vm()
         kvm_vm.set_tss_address(layout.TSS_ADDRESS)
@@ -148,7 +177,10 @@ class Vm:
         if saved is None:
             self.memory.create_boot_memory()
         else:
-            self.memory.restore_state(saved["memory"])
+            self.memory.restore_state(saved["memory"], fds)
+
+    def _assemble_devices(self, saved: dict | None) -> None:
+        cfg, kvm_vm = self.config, self.kvm_vm
         self._create_legacy_devices()
         self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
         self.devices = DeviceManager(

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
         NetConfig,
         PciDeviceInfo,
         PmemConfig,
+        ReceiveMigrationData,
         RestoreConfig,
+        SendMigrationData,
         VmConfig,
         VmRemoveDevice,
         VmResize,
@@ -181,3 +183,15 @@ class RequestHandler(Protocol):
         """``PUT /vm.restore``: a paused VM from the snapshot at ``source_url``; ``fds``
         are net devices' new tap fds (``net_fds``)."""
         raise _unsupported("vm.restore", fds)
+
+    # -- live migration -------------------------------------------------------
+
+    def vm_send_migration(self, config: SendMigrationData) -> None:
+        """``PUT /vm.send-migration``: migrate the running VM to ``destination_url``; 204
+        once the destination runs it (this VMM then exits)."""
+        raise _unsupported("vm.send-migration")
+
+    def vm_receive_migration(self, config: ReceiveMigrationData, fds: list[int]) -> None:
+        """``PUT /vm.receive-migration``: listen at ``receiver_url`` and run the VM a sender
+        migrates here; 204 once it runs. ``fds`` (VFIO's) are refused."""
+        raise _unsupported("vm.receive-migration", fds)

@@ -254,9 +254,12 @@ ROUTES: tuple[Route, ...] = (
              RemoteCommand("restore", "Restore VM from a snapshot", syntax="restore")),
     _put("vm.coredump", models.VmCoredumpData, None,
          RemoteCommand("coredump", "Create a coredump from VM", url=True)),
-    _put("vm.send-migration", models.SendMigrationData, None,
+    _put("vm.send-migration", models.SendMigrationData,
+         lambda h, config: h.vm_send_migration(config),
          RemoteCommand("send-migration", "Initiate a VM migration", syntax="send migration")),
-    _put_fds("vm.receive-migration", models.ReceiveMigrationData, None,  # fds: VFIO, then iommufd
+    # fds: VFIO, then iommufd (refused)
+    _put_fds("vm.receive-migration", models.ReceiveMigrationData,
+             lambda h, config, fds: h.vm_receive_migration(config, fds),
              RemoteCommand("receive-migration", "Receive a VM migration",
                            syntax="receive migration")),
 )

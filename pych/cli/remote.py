@@ -266,6 +266,32 @@ def wait_for_device_removal(client: ApiClient, dev_id: str,
     _poll_vm_info(client, behind, timeout, interval, f"the guest to eject device {dev_id}")
 
 
+def _migration(url_field: str, local: bool) -> Callable[[Route, argparse.ArgumentParser], Builder]:
+    """``send-migration [--local] <url>`` / ``receive-migration <url>`` (ch-remote's forms),
+    or the one ``key=value,...`` argument (``destination_url=unix:/m,local=on``)."""
+
+    def arguments(route: Route, sub: argparse.ArgumentParser) -> Builder:
+        configured = _configured(route, sub)       # the one argument: a URL or key=value,...
+        if local:
+            sub.add_argument("--local", action="store_true",
+                             help="pass guest memory by file descriptor (needs --memory "
+                                  "shared=on and a unix: URL)")
+
+        def build(args: argparse.Namespace) -> _Request:
+            if "=" not in args.config:
+                args.config = f"{url_field}={args.config}"
+            request = configured(args)
+            if getattr(args, "local", False):
+                body = json.loads(request.body)
+                body["local"] = True
+                request = _Request(route, json.dumps(body), request.fds)
+            return request
+
+        return build
+
+    return arguments
+
+
 # Subcommands whose arguments are their own (not one configuration or URL), by name.
 SPECIAL_COMMANDS: dict[str, Callable[[Route, argparse.ArgumentParser], Builder]] = {
     "create": _create,
@@ -273,6 +299,8 @@ SPECIAL_COMMANDS: dict[str, Callable[[Route, argparse.ArgumentParser], Builder]]
     "resize-zone": _resize_zone,
     "resize-disk": _resize_disk,
     "remove-device": _remove_device,
+    "send-migration": _migration("destination_url", local=True),
+    "receive-migration": _migration("receiver_url", local=False),
 }
 
 

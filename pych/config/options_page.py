@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pych.config.base import ApiModel, CliModel, _grammar
 from pych.config.devices import RATE_LIMITER_KEYS
-from pych.config.support import (CLI_KEYS, CLI_OPTIONS, PROCESS_OPTIONS, SUPPORT, Entry, Refused,
+from pych.config.support import (CLI_KEYS, CLI_OPTIONS, ENDPOINT_REFUSALS, PROCESS_OPTIONS,
+                                 SUPPORT, Entry, Refused,
                                  Works, _field_path, _json, _models_of_annotation)
 from pych.config.vm import VmConfig
 
@@ -218,7 +219,11 @@ def markdown() -> str:
         if route.body is None or route.body in device_models:
             continue
         fields = _code(list(route.body.model_fields))
-        status = ("works: every field" if route.implemented
+        refusals = ENDPOINT_REFUSALS.get(route.endpoint, {})
+        status = ("works: every field" if route.implemented and not refusals
+                  else "works; refused (400) when given: " + "; ".join(
+                      f"`{name}`: {why}" for name, why in refusals.items())
+                  if route.implemented
                   else f"refused as a whole: answers 500 \"{route.endpoint} is not supported "
                        "by pych yet\"")
         out.append(f"| `{route.endpoint}` | {route.body.__name__}: {fields} | {status} |")

@@ -454,6 +454,27 @@ ignores it), and the rate limiter's ``bw_*``/``ops_*`` keys, which the grammar d
 a word when a bucket lacks its size or refill time (as the reference does)."""
 
 
+ENDPOINT_REFUSALS: Mapping[str, Mapping[str, str]] = {
+    "vm.send-migration": {
+        "tls_dir": "pych migrates without TLS",
+        "memory_mode": "pych migrates by pre-copy only (memory_mode=Postcopy is refused)",
+        "connections": "pych sends over one connection (connections > 1 is refused)",
+        "preserve_source": "the source VM ends once the destination runs it",
+        "timeout_strategy": "a migration that does not converge within timeout_s is "
+                            "cancelled (Ignore is refused)",
+    },
+    "vm.receive-migration": {
+        "tls_dir": "pych migrates without TLS",
+        "memory_mode": "pych migrates by pre-copy only (memory_mode=Postcopy is refused)",
+        "vfio_fds": "pych cannot migrate VFIO devices",
+        "iommufd_fd": "pych does not use iommufd",
+        "zone_updates": "pych does not bind memory zones to host NUMA nodes",
+    },
+}
+"""Fields of endpoint bodies (not configurations) that pych refuses by name when given a value
+other than the default: the endpoint, the field, why. docs/options.md lists them."""
+
+
 SUPPORT: Mapping[type[ApiModel], Mapping[str, Entry]] = {VmConfig: _VM, **_MODELS}
 """Per model, every field: :class:`Works` or :class:`Refused`."""
 

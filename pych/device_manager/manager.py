@@ -247,29 +247,54 @@ class DeviceManager:
         counter (the ``PHPR`` block is a bus device, saved with the others). Raises NotSnapshottable for a device pych cannot save
         yet, and while a removal is pending (the guest may eject the device at any time)."""
         with self._lock:
-            if self._pending_removal:
-                raise NotSnapshottable("a device removal is pending (the guest has not ejected "
-                                 f"{', '.join(sorted(self._pending_removal))} yet): retry "
-                                 "once it has")
-            if self.vfio_devices:
-                raise NotSnapshottable("VFIO devices cannot be snapshotted "
-                                 f"({', '.join(self.vfio_devices)})")
-            for dev_id in self.devices:
-                kind = self._kinds.get(dev_id)
-                name = kind.name if kind is not None else "virtio-mem"
-                if isinstance(self.devices[dev_id].device, VhostUserDevice):
-                    raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot devices "
-                                           "served by a vhost-user back-end yet")
-                if name not in self.SNAPSHOT_KINDS:
-                    raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
-                                     f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+            self._check_saveable()
             return {
-                "slots": {dev_id: {"slot": self._location(d)[1],
-                                   "bar64": d.config.bar(0).is_64bit}
-                          for dev_id, d in self.devices.items()},
+                "slots": self._slots(),
                 "devices": {dev_id: d.save_state() for dev_id, d in self.devices.items()},
                 "id_counter": self._id_counter,
             }
+
+    def slots(self) -> dict:
+        """Each device's PCI slot and BAR width (where a restore places it)."""
+        with self._lock:
+            return self._slots()
+
+    def _slots(self) -> dict:
+        return {dev_id: {"slot": self._location(d)[1], "bar64": d.config.bar(0).is_64bit}
+                for dev_id, d in self.devices.items()}
+
+    def check_saveable(self) -> None:
+        """What :meth:`save_state` would refuse (NotSnapshottable), for a VM still running
+        (a live migration checks it when asked, before it starts)."""
+        with self._lock:
+            self._check_saveable()
+
+    def _check_saveable(self) -> None:
+        """(``self._lock`` held) NotSnapshottable for what pych cannot save yet."""
+        if self._pending_removal:
+            raise NotSnapshottable("a device removal is pending (the guest has not ejected "
+                             f"{', '.join(sorted(self._pending_removal))} yet): retry "
+                             "once it has")
+        if self.vfio_devices:
+            raise NotSnapshottable("VFIO devices cannot be snapshotted "
+                             f"({', '.join(self.vfio_devices)})")
+        for dev_id in self.devices:
+            kind = self._kinds.get(dev_id)
+            name = kind.name if kind is not None else "virtio-mem"
+            if isinstance(self.devices[dev_id].device, VhostUserDevice):
+                raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot devices "
+                                       "served by a vhost-user back-end yet")
+            if name not in self.SNAPSHOT_KINDS:
+                raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
+                                 f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+
+    def disk_images(self) -> list:
+        """The image files of the in-process disks (for a live migration to hand their locks
+        over to the receiver)."""
+        with self._lock:
+            devices = [d.device for d in self.devices.values()]
+        return [device.image for device in devices
+                if hasattr(getattr(device, "image", None), "relock")]
 
     def restore_state(self, saved: dict) -> None:
         """After :meth:`create_boot_devices` placed the devices at their saved slots: each

@@ -63,6 +63,39 @@ class GuestMemory:
     def __init__(self) -> None:
         self._regions: tuple[MemoryRegion, ...] = ()
         self._lock = threading.Lock()
+        self._written: set[int] | None = None      # page numbers, while tracking writes
+        self._written_lock = threading.Lock()
+
+    # --- device writes (live migration) -----------------------------------------------
+    def track_writes(self, enabled: bool) -> None:
+        """Record the pages devices may write through this object, for a live migration
+        (KVM's dirty log sees only the vCPUs' writes): every :meth:`write`, and every
+        :meth:`view` (which may be written through later: its pages are also kept until the
+        end, see :meth:`take_written`)."""
+        with self._written_lock:
+            self._written = set() if enabled else None
+            self._viewed: set[int] = set()
+
+    def take_written(self, *, final: bool = False) -> set[int]:
+        """The page numbers (``gpa >> 12``) written or viewed since the last call; ``final``
+        (the VM paused): also every page viewed since tracking began, so a buffer a device
+        filled through a view after its page was sent is sent again, before (or with) the
+        used ring entry that completes it."""
+        with self._written_lock:
+            taken = self._written or set()
+            if self._written is not None:
+                self._written = set()
+                if final:
+                    taken |= self._viewed
+        return taken
+
+    def _mark(self, gpa: int, length: int, viewed: bool) -> None:
+        pages = range(gpa >> 12, ((gpa + max(length, 1) - 1) >> 12) + 1)
+        with self._written_lock:
+            if self._written is not None:
+                self._written.update(pages)
+                if viewed:
+                    self._viewed.update(pages)
 
     # --- construction -----------------------------------------------------------------
     @classmethod
@@ -155,6 +188,8 @@ class GuestMemory:
             raise GuestMemoryError(f"negative length at {gpa:#x}")
         r = self.region_for(gpa, max(length, 1))
         off = gpa - r.gpa
+        if self._written is not None:
+            self._mark(gpa, length, True)
         return memoryview(r.mmap)[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -167,6 +202,8 @@ class GuestMemory:
         r = self.region_for(gpa, max(n, 1))
         off = gpa - r.gpa
         r.mmap[off:off + n] = data
+        if self._written is not None:
+            self._mark(gpa, n, False)
 
     def read_u8(self, gpa: int) -> int:
         return self.read(gpa, 1)[0]

@@ -51,6 +51,7 @@ each virtio-mem block when the guest plugs it and before its memory is discarded
 
 from __future__ import annotations
 
+import os
 import functools
 import logging
 from dataclasses import dataclass
@@ -149,8 +150,9 @@ class MemoryManager:
         ``file``, huge pages the host's pool cannot give) and for a virtio-mem ``hotplug_size`` that is not a
         multiple of 128 MiB."""
         specs = zone_specs(self.config)
+        adopt = getattr(self, "_adopt_fds", None) or {}
         for spec in specs:
-            self.zones[spec.id] = MemoryZone(spec)
+            self.zones[spec.id] = MemoryZone(spec, adopt.pop(f"zone:{spec.id}", None))
         for i, piece in enumerate(boot_ram_layout([(s.id, s.size) for s in specs])):
             zone = self.zones[piece.zone]
             try:
@@ -243,8 +245,7 @@ class MemoryManager:
         """The layout of this boot's RAM: each zone's boot RAM as booted (the configuration
         may already say more, for the next boot) and every plugged DIMM (the ``MHPC`` block
         is a bus device, saved with the others). The contents are saved region by region (:meth:`saved_regions`)."""
-        if self.virtio_mem_zones:
-            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
+        self.check_saveable()
         return {
             "zones": {zone_id: sum(r.size for r in zone.regions)
                       for zone_id, zone in self.zones.items()},
@@ -252,6 +253,11 @@ class MemoryManager:
                       for slot, r in self._dimm_regions.items()},
             "dimms_used": self._dimms,
         }
+
+    def check_saveable(self) -> None:
+        """NotSnapshottable for RAM pych cannot save yet (virtio-mem's)."""
+        if self.virtio_mem_zones:
+            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
 
     def saved_regions(self) -> list[tuple[MemoryRegion, bool]]:
         """Each RAM region, and whether a snapshot copies it: not a region mapped shared
@@ -261,9 +267,37 @@ class MemoryManager:
                         if zone.spec.file and zone.spec.shared for r in zone.regions}
         return [(r, id(r) not in shared_files) for r in self.guest_memory.regions]
 
-    def restore_state(self, saved: dict) -> None:
+    def shared_fds(self) -> tuple[dict[str, int], list[int]]:
+        """For a local migration: each zone's and DIMM's memfd, as ``{"zone:<id>" or
+        "dimm<slot>": index}`` into the list of fds returned with it (not duplicated)."""
+        names: dict[str, int] = {}
+        fds: list[int] = []
+        for zone_id, zone in self.zones.items():
+            if zone.fd >= 0:
+                names[f"zone:{zone_id}"] = len(fds)
+                fds.append(zone.fd)
+        for slot, region in self._dimm_regions.items():
+            names[f"dimm{slot}"] = len(fds)
+            fds.append(region.fd)
+        return names, fds
+
+    def restore_state(self, saved: dict, fds: dict[str, int] | None = None) -> None:
         """Map this boot's RAM as a snapshot had it (instead of :meth:`create_boot_memory`):
-        each zone's boot RAM at its booted size, then every DIMM in its slot. The contents are loaded by the caller."""
+        each zone's boot RAM at its booted size, then every DIMM in its slot. The contents
+        are loaded by the caller. ``fds`` (a local migration, see :meth:`shared_fds`): map
+        these memfds (taken over, closed with the memory) instead of new ones."""
+        self._adopt_fds = dict(fds or {})
+        try:
+            self._restore_layout(saved)
+        finally:
+            for fd in self._adopt_fds.values():     # not used: still ours to close
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._adopt_fds = {}
+
+    def _restore_layout(self, saved: dict) -> None:
         live = self.config
         zones = saved["zones"]
         if live.zones:
@@ -277,7 +311,8 @@ class MemoryManager:
         finally:
             self.config = live
         for slot, dimm in sorted(saved["dimms"].items(), key=lambda item: int(item[0])):
-            region = self._add_dimm_region(dimm["gpa"], dimm["size"], int(slot))
+            region = self._add_dimm_region(dimm["gpa"], dimm["size"], int(slot),
+                                           adopt_fd=self._adopt_fds.pop(f"dimm{slot}", None))
             self._dimm_regions[int(slot)] = region
         self._dimms = saved["dimms_used"]
 
@@ -313,16 +348,26 @@ class MemoryManager:
         self.notify(AcpiNotification.MEMORY)
         return True
 
-    def _add_dimm_region(self, gpa: int, size: int, index: int) -> MemoryRegion:
+    def _add_dimm_region(self, gpa: int, size: int, index: int, *,
+                         adopt_fd: int | None = None) -> MemoryRegion:
         """DIMM ``index``'s RAM, mapped and registered: backed as ``--memory`` says (huge
-        pages, private mergeable memory, or a memfd of its own with the THP advice)."""
+        pages, private mergeable memory, or a memfd of its own with the THP advice), or by
+        ``adopt_fd``, the DIMM's memfd passed by a local migration's sender (then ours)."""
         hugepage_size = dimm_hugepage_size(self.config)
+        fd = adopt_fd if adopt_fd is not None else (-1 if self.config.mergeable else None)
         try:
             region = self.guest_memory.add_region(
-                gpa, size, fd=-1 if self.config.mergeable else None,
-                name=f"dimm{index}", hugepage_size=hugepage_size)
+                gpa, size, fd=fd, name=f"dimm{index}", hugepage_size=hugepage_size)
         except OSError as e:
+            if adopt_fd is not None:
+                os.close(adopt_fd)
             raise map_error(e, "--memory", hugepage_size, size) from None
+        except BaseException:
+            if adopt_fd is not None:
+                os.close(adopt_fd)
+            raise
+        if adopt_fd is not None:
+            region.owns_fd = True
         try:
             if self.config.thp and not hugepage_size:
                 transparent_huge_pages(region, "--memory")

@@ -88,7 +88,9 @@ class MemoryZone:
     of boot RAM mapped from it, and its virtio-mem region, if any. Raises ValueError when
     the zone asks for a backing pych cannot give."""
 
-    def __init__(self, spec: ZoneSpec):
+    def __init__(self, spec: ZoneSpec, fd: int | None = None):
+        """``fd``: back the zone with this memfd (taken over; a local migration's), not a
+        new one."""
         self.spec = spec
         self.id = spec.id
         self.regions: list[MemoryRegion] = []
@@ -101,11 +103,16 @@ class MemoryZone:
         self.shared_mapping = True          # a memfd is always mapped shared
         self.fd = -1                        # with a size: anonymous memory (mergeable=on)
         self.hugepage_size: int | None = None
-        if spec.file is not None:
+        if spec.hugepages:
+            self.hugepage_size = hugepages.page_size(spec.hugepage_size, what)
+        if fd is not None:                  # passed by a local migration's sender
+            self.fd = fd
+            if spec.file is not None:
+                self.shared_mapping = spec.shared
+        elif spec.file is not None:
             self.fd = _open_backing_file(what, spec.file, spec.size, spec.shared)
             self.shared_mapping = spec.shared
         elif spec.hugepages:
-            self.hugepage_size = hugepages.page_size(spec.hugepage_size, what)
             if spec.size:
                 self.fd = hugepages.memfd(f"pych-{spec.id}", spec.size, self.hugepage_size)
         elif spec.mergeable:

@@ -30,6 +30,17 @@ class SerialPort:
     def detach(self) -> None:
         self._uart = None
 
+    def release(self) -> None:
+        """Close the host end, the UART staying attached (a live migration hands the host
+        end to the receiver: its socket path, file or terminal)."""
+        self.backend.close()
+
+    def reopen(self, backend: SerialBackend) -> None:
+        """Carry on with ``backend`` as the host end (after :meth:`release`, or for a VM
+        received by migration, which opens the host end when it takes over)."""
+        self.backend = backend
+        backend.start(self)
+
     def close(self) -> None:
         self._uart = None
         self.backend.close()

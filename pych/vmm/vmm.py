@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from typing import TYPE_CHECKING
 
@@ -354,6 +355,138 @@ class Vmm(ControlLoop, RequestHandler):
         vm.restore(manifest["state"], load_memory)
         self.vm = vm
 
+    # --- live migration (docs/snapshot.md, "Live migration") ----------------------------------
+    def vm_send_migration(self, request) -> None:
+        """Migrate the running VM to the pych listening at ``destination_url`` (pre-copy with
+        dirty logging; ``local``: guest RAM's memfds passed, not copied). On success the
+        VM here ends and pych exits, as the reference's does; on failure the VM runs on,
+        unchanged."""
+        vm = self._running_vm(VmState.Running)
+        config = self._created_config()
+        with domain_errors("Error sending migration"):
+            endpoint = _check_send_migration(request, config, vm)
+        from pych.migration import protocol, sender
+        from pych.migration.vm_side import VmSource
+        try:
+            sock = protocol.connect(endpoint, timeout=CONNECT_TIMEOUT)
+        except protocol.MigrationError as e:
+            # nobody listens there: the caller's to fix (the reference answers 500)
+            raise BackendError("Error sending migration", str(e)) from None
+        channel = protocol.Channel(sock, timeout=min(request.timeout_s, 600))
+        serial = self._serial
+        spec = self._serial_spec
+        try:
+            source = VmSource(vm, config, serial,
+                              (lambda: open_serial_backend(spec[0], spec[1])) if serial else None)
+            stats = sender.send(channel, source, local=request.local,
+                                downtime_ms=request.downtime_ms, timeout_s=request.timeout_s)
+        except sender.OutcomeUnknown as e:
+            self._become(VmState.Paused)
+            raise InternalError("Error sending migration", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the protocol's, or the VM's (KVM, a device)
+            if not isinstance(e, protocol.MigrationError):
+                log.exception("migration to %s failed", endpoint)
+            log.error("migration to %s failed, the VM runs on here: %s", endpoint, e)
+            raise InternalError("Error sending migration", str(e) or type(e).__name__) from None
+        finally:
+            channel.close()
+        figures = stats.as_dict()
+        log.info("VM migrated to %s: downtime %.1f ms, total %.1f ms, %d rounds, %d MiB of "
+                 "RAM sent%s", endpoint, stats.downtime_ms, stats.total_ms, stats.rounds,
+                 stats.memory_bytes >> 20, " (local: memory passed by fd)" if request.local else
+                 f" ({stats.unlogged_bytes >> 10} KiB of it found by VERIFY, not by the dirty log)")
+        self.events.emit("vm", "migrated", figures)
+        self._stop_vm()
+        if self._serial is not None:
+            self._serial.close()
+            self._serial = self._serial_spec = None
+        self.request_exit(0)
+
+    def vm_receive_migration(self, request, fds: list[int]) -> None:
+        """On a pych without a VM: listen at ``receiver_url``, receive the VM a
+        ``vm.send-migration`` sends, and run it. A refused, broken or abandoned migration
+        leaves no VM."""
+        close_fds(fds)
+        if self.config is not None:
+            raise VmAlreadyCreated("VM is already created")
+        from pych.migration import protocol, receiver
+        with domain_errors("Error receiving migration"):
+            endpoint = _check_receive_migration(request, fds)
+        try:
+            listener = protocol.listen(endpoint)
+        except protocol.MigrationError as e:
+            raise BackendError("Error receiving migration", str(e)) from None
+        try:
+            listener.settimeout(RECEIVE_ACCEPT_TIMEOUT)
+            try:
+                conn, _ = listener.accept()
+            except OSError as e:
+                raise InternalError("Error receiving migration",
+                                    f"no sender connected to {endpoint}: {e}") from None
+        finally:
+            listener.close()
+            if endpoint.kind == "unix":
+                try:
+                    os.unlink(endpoint.path)
+                except OSError:
+                    pass
+        channel = protocol.Channel(conn, timeout=RECEIVE_ACCEPT_TIMEOUT)
+        built: dict = {}
+        started = time.monotonic()
+        try:
+            target, stats = receiver.receive(
+                channel, lambda body, fds: self._incoming_vm(body, fds, built))
+        except Exception as e:  # noqa: BLE001 - the protocol's, or the VM's (KVM, a device)
+            if not isinstance(e, protocol.MigrationError):
+                log.exception("migration from %s failed", endpoint)
+            log.error("migration from %s failed, no VM was kept: %s", endpoint, e)
+            port = built.get("console")
+            if port is not None:
+                port.close()
+            raise InternalError("Error receiving migration", str(e) or type(e).__name__) from None
+        finally:
+            channel.close()
+        self.config, self.vm = built["config"], target.vm
+        if built.get("console") is not None:
+            self._serial, self._serial_spec = built["console"], built["spec"]
+        self._become(VmState.Created)
+        self._become(VmState.Running)
+        stats["total_ms"] = round((time.monotonic() - started) * 1000, 1)
+        log.info("VM received by migration from %s in %.1f ms (%d MiB of RAM%s)", endpoint,
+                 stats["total_ms"], stats["memory_bytes"] >> 20,
+                 ", local: memory passed by fd" if stats["local"] else "")
+        self.events.emit("vm", "migration-received", stats)
+
+    def _incoming_vm(self, body: dict, fds: list[int], built: dict):
+        """The receiver's VM, its RAM mapped (from the sender's memfds with ``fds``)."""
+        from pych.devices.legacy.serial_backend import NullBackend
+        from pych.migration.vm_side import VmTarget
+        try:
+            config = VmConfig.model_validate(body["config"])
+            config.validate()
+            names = (body.get("shared") or {}).get("fds") or {}
+            if sorted(names.values()) != list(range(len(fds))):
+                raise ValueError("the memory fds named are not the ones passed")
+            mapping = {name: fds[index] for name, index in names.items()}
+        except BaseException:
+            close_fds(fds)
+            raise
+        mode = config.serial.mode.lower()
+        port = None
+        if mode != "off":
+            spec = (mode, config.serial.file or config.serial.socket)
+            port = SerialPort(NullBackend())
+            built.update(console=port, spec=spec)
+        vm_class = globals().get("Vm") or __getattr__("Vm")
+        vm_box: list[Vm] = []
+        vm = vm_class(config, self.kvm, serial_port=port, vhost_user=self._vhost_user,
+                      on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
+                      on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
+        vm_box.append(vm)
+        vm.prepare_incoming(body["layout"], mapping)
+        built["config"] = config
+        return VmTarget(vm, port, (lambda: open_serial_backend(*built["spec"])) if port else None)
+
     def vm_nmi(self) -> None:
         self._running_vm(VmState.Running).nmi()
 
@@ -506,6 +639,75 @@ def _refuse_restore_fields(restore) -> None:
     for name, (given, why) in refused.items():
         if given:
             raise InvalidRequest(f"vm.restore {name} is not supported by pych: {why}")
+
+
+CONNECT_TIMEOUT = 10.0
+"""How long ``vm.send-migration`` tries to reach the receiver."""
+RECEIVE_ACCEPT_TIMEOUT = 600.0
+"""How long ``vm.receive-migration`` waits for the sender (and then for each message)."""
+
+
+def _check_send_migration(request, config: VmConfig, vm):
+    """What ``vm.send-migration`` refuses at once (InvalidRequest, the VM untouched): the
+    fields pych does not do, a bad URL, ``local`` over TCP or without shared memory, and
+    every device the snapshot refuses; the parsed destination otherwise."""
+    from pych.migration import protocol
+    _refuse_fields("vm.send-migration", {
+        "tls_dir": request.tls_dir is not None,
+        "memory_mode": request.memory_mode != "Precopy",
+        "connections": request.connections != 1,
+        "preserve_source": request.preserve_source,
+        "timeout_strategy": request.timeout_strategy != "Cancel",
+    })
+    try:
+        endpoint = protocol.parse_url(request.destination_url)
+    except protocol.MigrationError as e:
+        raise InvalidRequest(str(e)) from None
+    if request.local:
+        if endpoint.kind != "unix":
+            raise InvalidRequest(f"local migration needs a unix: URL, not {endpoint}: guest "
+                                 "RAM's file descriptors are passed over a Unix socket "
+                                 "(SCM_RIGHTS)")
+        zones = config.memory.zones or ()
+        shared = all(z.shared for z in zones) if zones else config.memory.shared
+        if not shared:
+            raise InvalidRequest("local migration needs guest RAM shared with the receiver: "
+                                 "start the VM with --memory shared=on (as the reference)")
+        if any(z.file for z in zones):
+            raise InvalidRequest("local migration of memory zones backed by a file= is not "
+                                 "supported by pych: give the zones no file")
+    for net in config.net or ():
+        raise InvalidRequest(f"device {net.id}: pych cannot migrate net devices yet (the tap "
+                             "would have to be handed over to the receiver)")
+    vm.memory.check_saveable()
+    vm.devices.check_saveable()
+    return endpoint
+
+
+def _refuse_fields(endpoint: str, given: dict[str, bool]) -> None:
+    """InvalidRequest naming the first field of ``given`` that was given and that
+    ``ENDPOINT_REFUSALS`` (pych/config/support.py) refuses for ``endpoint``."""
+    from pych.config.support import ENDPOINT_REFUSALS
+    reasons = ENDPOINT_REFUSALS[endpoint]
+    assert set(given) == set(reasons), endpoint
+    for name, is_given in given.items():
+        if is_given:
+            raise InvalidRequest(f"{endpoint} {name} is not supported by pych: {reasons[name]}")
+
+
+def _check_receive_migration(request, fds: list[int]):
+    from pych.migration import protocol
+    _refuse_fields("vm.receive-migration", {
+        "tls_dir": request.tls_dir is not None,
+        "memory_mode": request.memory_mode != "Precopy",
+        "vfio_fds": bool(request.vfio_fds) or bool(fds),
+        "iommufd_fd": request.iommufd_fd is not None,
+        "zone_updates": bool(request.zone_updates),
+    })
+    try:
+        return protocol.parse_url(request.receiver_url)
+    except protocol.MigrationError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _take_net_fds(config: VmConfig, net_fds, fds: list[int]) -> list[int]:

@@ -114,8 +114,9 @@ class DiskImage:
             self.size = os.lseek(self.fd, 0, os.SEEK_END)      # works for block devices too
             if direct:
                 self._probe_direct()
-            if lock:
-                self._lock(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK)
+            self._lock_type = (fcntl.F_RDLCK if readonly else fcntl.F_WRLCK) if lock else None
+            if self._lock_type is not None:
+                self._lock(self._lock_type)
         except BaseException:
             os.close(self.fd)
             raise
@@ -150,9 +151,16 @@ class DiskImage:
                             self.path, e.strerror)
 
     def unlock(self) -> None:
-        """Drop the lock early (the reference releases it at remove-device time)."""
+        """Drop the lock early (the reference releases it at remove-device time; a live
+        migration hands it to the receiver)."""
         if self.fd >= 0:
             self._lock(fcntl.F_UNLCK)
+
+    def relock(self) -> None:
+        """Take the lock again after :meth:`unlock` (a migration that failed): DiskLockError
+        if another process took it meanwhile."""
+        if self.fd >= 0 and getattr(self, "_lock_type", None) is not None:
+            self._lock(self._lock_type)
 
     def close(self) -> None:
         """Flush a writable image to stable storage, then close it (and so drop its lock):

@@ -58,6 +58,12 @@ class kvm_userspace_memory_region(Struct):
                 ("memory_size", c_uint64), ("userspace_addr", c_uint64)]
 
 
+class kvm_dirty_log(Struct):
+    """``struct kvm_dirty_log``: a memslot and the address of the bitmap KVM fills (one bit
+    per 4 KiB page of the slot, in 64-bit words)."""
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
 class kvm_regs(Struct):
     _fields_ = [(n, c_uint64) for n in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -249,6 +255,7 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
@@ -296,6 +303,7 @@ SIZED_IOCTLS = {
     "KVM_GET_MSR_INDEX_LIST": (KVM_GET_MSR_INDEX_LIST, kvm_msr_list, 4),
     "KVM_GET_SUPPORTED_CPUID": (KVM_GET_SUPPORTED_CPUID, kvm_cpuid2, 8),
     "KVM_SET_USER_MEMORY_REGION": (KVM_SET_USER_MEMORY_REGION, kvm_userspace_memory_region, 32),
+    "KVM_GET_DIRTY_LOG": (KVM_GET_DIRTY_LOG, kvm_dirty_log, 16),
     "KVM_IRQ_LINE": (KVM_IRQ_LINE, kvm_irq_level, 8),
     "KVM_SET_GSI_ROUTING": (KVM_SET_GSI_ROUTING, kvm_irq_routing, 8),
     "KVM_IRQFD": (KVM_IRQFD, kvm_irqfd, 32),
@@ -326,6 +334,7 @@ KNOWN_REQUEST_VALUES = {
     "KVM_CREATE_VM": (KVM_CREATE_VM, 0xAE01),
     "KVM_GET_REGS": (KVM_GET_REGS, 0x8090AE81),
     "KVM_SET_USER_MEMORY_REGION": (KVM_SET_USER_MEMORY_REGION, 0x4020AE46),
+    "KVM_GET_DIRTY_LOG": (KVM_GET_DIRTY_LOG, 0x4010AE42),
     "KVM_GET_SUPPORTED_CPUID": (KVM_GET_SUPPORTED_CPUID, 0xC008AE05),
     "KVM_SET_CPUID2": (KVM_SET_CPUID2, 0x4008AE90),
     "KVM_IRQFD": (KVM_IRQFD, 0x4020AE76),

@@ -111,6 +111,7 @@ class Vm:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._routes: dict[int, b.kvm_irq_routing_entry] = {}
+        self._memslots: dict[int, b.kvm_userspace_memory_region] = {}
 
     # --- memory ----------------------------------------------------------------------------
     def add_memory(self, gpa: int, size: int, host_addr: int, *, readonly: bool = False) -> int:
@@ -127,6 +128,8 @@ class Vm:
             with self._lock:
                 self._free_slots.append(slot)
             raise
+        with self._lock:
+            self._memslots[slot] = region
         return slot
 
     def remove_memory(self, slot: int, gpa: int) -> None:
@@ -134,6 +137,34 @@ class Vm:
         _ioctl(self.fd, b.KVM_SET_USER_MEMORY_REGION, region)
         with self._lock:
             self._free_slots.append(slot)
+            self._memslots.pop(slot, None)
+
+    # --- dirty page logging (live migration) --------------------------------------------------
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        """Turn ``KVM_MEM_LOG_DIRTY_PAGES`` on or off for memslot ``slot`` (the same region
+        registered again with the flag changed: KVM's flags-only update, allowed while the
+        vCPUs run). Turning it on starts from a clean log."""
+        with self._lock:
+            region = self._memslots[slot]
+            flags = region.flags | b.KVM_MEM_LOG_DIRTY_PAGES if enabled else \
+                region.flags & ~b.KVM_MEM_LOG_DIRTY_PAGES
+            update = b.kvm_userspace_memory_region(
+                slot=slot, flags=flags, guest_phys_addr=region.guest_phys_addr,
+                memory_size=region.memory_size, userspace_addr=region.userspace_addr)
+            _ioctl(self.fd, b.KVM_SET_USER_MEMORY_REGION, update)
+            self._memslots[slot] = update
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """The pages of memslot ``slot`` the guest wrote since the last call (or since
+        logging was turned on), one bit per 4 KiB page, bit ``n`` of the little-endian bitmap
+        for page ``n``; KVM clears the log as it hands it over."""
+        with self._lock:
+            size = self._memslots[slot].memory_size
+        pages = size // 4096
+        bitmap = ctypes.create_string_buffer((pages + 63) // 64 * 8)
+        _ioctl(self.fd, b.KVM_GET_DIRTY_LOG,
+               b.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap)))
+        return bitmap.raw
 
     @property
     def memslots_in_use(self) -> int:

@@ -220,7 +220,7 @@ def test_every_route_names_a_handler_method_and_every_endpoint_has_a_route():
 def test_the_unimplemented_routes_are_the_ones_pych_does_not_support_yet():
     assert {route.endpoint for route in NOT_IMPLEMENTED} == {
         "vm.add-vdpa", "vm.add-user-device", "vm.add-generic-vhost-user",
-        "vm.coredump", "vm.send-migration", "vm.receive-migration"}
+        "vm.coredump"}
 
 
 def test_the_add_routes_match_the_device_kind_registry():
@@ -738,7 +738,7 @@ def test_fds_sent_where_none_are_taken_are_closed(api, request_line):
     ("endpoint", "model"),
     [("vm.add-net", "NetConfig"),            # a protocol method the handler does not define
      ("vm.restore", "RestoreConfig"),        # routes without a handler
-     ("vm.receive-migration", "ReceiveMigrationData"),
+     ("vm.receive-migration", "ReceiveMigrationData"),   # BareHandler: refused, fds closed
      ("vm.snapshot", "VmSnapshotConfig")],
 )
 def test_fds_refused_by_an_unimplemented_endpoint_are_closed(sockdir, endpoint, model):

@@ -459,3 +459,20 @@ def test_each_subcommand_sends_its_routes_request(vmm, wire, tmp_path, monkeypat
         route.body.model_validate(body)
     if not route.implemented:
         assert status == 1 and f"{route.endpoint} is not supported by pych yet" in err
+
+
+@pytest.mark.parametrize(("args", "body"), [
+    (["send-migration", "unix:/run/m.sock"], {"destination_url": "unix:/run/m.sock"}),
+    (["send-migration", "--local", "unix:/run/m.sock"],
+     {"destination_url": "unix:/run/m.sock", "local": True}),
+    (["send-migration", "destination_url=tcp:127.0.0.1:6000,downtime_ms=50"],
+     {"destination_url": "tcp:127.0.0.1:6000", "downtime_ms": 50}),
+    (["receive-migration", "tcp:127.0.0.1:6000"], {"receiver_url": "tcp:127.0.0.1:6000"}),
+])
+def test_migration_subcommands_take_ch_remotes_url_form_and_the_key_value_form(vmm, wire, args,
+                                                                               body):
+    _, path = vmm
+    remote(path, *args)
+    ((method, endpoint, sent, _),) = wire
+    assert (method, endpoint) == ("PUT", f"vm.{args[0]}")
+    assert {k: v for k, v in sent.items() if k in body} == body

@@ -805,7 +805,12 @@ def test_other_bodies_are_whole_endpoints():
     implemented = {name for name in OTHER_BODIES if name in by_body
                    and by_body[name].implemented}
     assert implemented == {"VmResize", "VmResizeZone", "VmResizeDisk", "VmRemoveDevice",
-                           "VmSnapshotConfig", "RestoreConfig"}
+                           "VmSnapshotConfig", "RestoreConfig", "SendMigrationData",
+                           "ReceiveMigrationData"}
+    # the migration bodies' refused fields: one table, each a field of its body
+    for endpoint, fields in support.ENDPOINT_REFUSALS.items():
+        route = next(route for route in ROUTES if route.endpoint == endpoint)
+        assert set(fields) <= set(route.body.model_fields), endpoint
     # restore's fields: tests/unit/vmm/test_snapshot.py; its sub-bodies: net_fds works, the
     # others are refused with their field (vmm)
     for name in OTHER_BODIES - implemented - {"RestoredNetConfig", "RestoredVfioConfig",

@@ -1,0 +1,185 @@
+"""A pych :class:`~pych.vm.Vm` as the sender's :class:`~pych.migration.sender.Source` and the
+receiver's :class:`~pych.migration.receiver.Target`: where the migration protocol meets the
+VM's memory (KVM dirty logging and the device-write tracking of
+:class:`~pych.memory.guest_memory.GuestMemory`), its state (the snapshot's ``save_state`` /
+``restore_state`` pairs), its disk image locks and the host end of its serial port."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from pych.memory.guest_memory import PAGE_SIZE, GuestMemoryError
+from pych.migration.protocol import MAX_MEMORY, MigrationError
+from pych.snapshot.format import CHUNK, _allocated_chunks
+
+log = logging.getLogger(__name__)
+_ZERO = bytes(CHUNK)
+PAGE_SHIFT = 12
+
+
+def bitmap_pages(bitmap: bytes, first_page: int) -> list[int]:
+    """The page numbers whose bits are set in KVM's dirty ``bitmap`` (64-bit little-endian
+    words, bit n for page ``first_page + n``)."""
+    pages: list[int] = []
+    words = memoryview(bitmap).cast("Q")
+    for index, word in enumerate(words):
+        if not word:
+            continue
+        base = first_page + index * 64
+        while word:
+            low = word & -word
+            pages.append(base + low.bit_length() - 1)
+            word ^= low
+    return pages
+
+
+def page_runs(pages, limit: int = MAX_MEMORY) -> list[tuple[int, int]]:
+    """Sorted page numbers as ``(gpa, length)`` runs of contiguous pages, none longer than
+    ``limit`` bytes."""
+    runs: list[list[int]] = []
+    for page in sorted(pages):
+        gpa = page << PAGE_SHIFT
+        if runs and runs[-1][0] + runs[-1][1] == gpa and runs[-1][1] < limit:
+            runs[-1][1] += PAGE_SIZE
+        else:
+            runs.append([gpa, PAGE_SIZE])
+    return [(gpa, n) for gpa, n in runs]
+
+
+class VmSource:
+    """The running VM being sent. ``console`` is the VMM's serial port (None without one)
+    and ``reopen_console`` opens its host end again (a migration that failed late)."""
+
+    def __init__(self, vm, config, console=None, reopen_console: Callable | None = None):
+        self.vm = vm
+        self._config = config
+        self.console = console
+        self._reopen_console = reopen_console
+        self._regions = [r for r, copy in vm.memory.saved_regions() if copy and r.slot is not None]
+
+    def config(self) -> dict:
+        return self._config.model_dump(mode="json")
+
+    def layout(self) -> dict:
+        """What the receiver builds before the memory comes: the RAM layout and each
+        device's slot (compared again once paused: nothing may have changed)."""
+        return {"memory": self.vm.memory.save_state(), "devices": {"slots": self.vm.devices.slots()}}
+
+    def shared_memory(self) -> tuple[dict, list[int]]:
+        names, fds = self.vm.memory.shared_fds()
+        return {"fds": names}, fds
+
+    # --- memory --------------------------------------------------------------------------
+    def start_dirty_log(self) -> None:
+        self.vm.guest_memory.track_writes(True)
+        for region in self._regions:
+            self.vm.kvm_vm.set_dirty_logging(region.slot, True)
+
+    def stop_dirty_log(self) -> None:
+        for region in self._regions:
+            try:
+                self.vm.kvm_vm.set_dirty_logging(region.slot, False)
+            except Exception:  # noqa: BLE001 - a slot the guest ejected meanwhile
+                log.warning("cannot turn dirty logging off on %s", region.name)
+        self.vm.guest_memory.track_writes(False)
+
+    def all_memory(self) -> list[tuple[int, memoryview]]:
+        """Every allocated, non-zero 1 MiB chunk of RAM (the receiver's RAM is zero)."""
+        runs: list[tuple[int, memoryview]] = []
+        for region in self._regions:
+            view = memoryview(region.mmap)
+            start = length = 0
+            for offset in _allocated_chunks(region):
+                if region.mmap[offset:offset + CHUNK] == _ZERO[:min(CHUNK, region.size - offset)]:
+                    continue
+                n = min(CHUNK, region.size - offset)
+                if length and start + length == offset and length < MAX_MEMORY:
+                    length += n
+                    continue
+                if length:
+                    runs.append((region.gpa + start, view[start:start + length]))
+                start, length = offset, n
+            if length:
+                runs.append((region.gpa + start, view[start:start + length]))
+        return runs
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Every allocated 1 MiB chunk of RAM, ``(gpa, length)`` (what VERIFY checks)."""
+        return [(region.gpa + offset, min(CHUNK, region.size - offset))
+                for region in self._regions for offset in _allocated_chunks(region)]
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        for region in self._regions:
+            if region.gpa <= gpa and gpa + length <= region.end:
+                return memoryview(region.mmap)[gpa - region.gpa:gpa - region.gpa + length]
+        raise MigrationError(f"{gpa:#x}+{length:#x} is not in the VM's RAM")
+
+    def dirty_memory(self, final: bool = False) -> list[tuple[int, memoryview]]:
+        """The pages written since the last call: KVM's log of each RAM slot and the pages
+        device models wrote (``final``: or ever viewed, see GuestMemory.take_written)."""
+        written = self.vm.guest_memory.take_written(final=final)
+        runs: list[tuple[int, memoryview]] = []
+        for region in self._regions:
+            first = region.gpa >> PAGE_SHIFT
+            last = region.end >> PAGE_SHIFT
+            pages = set(bitmap_pages(self.vm.kvm_vm.get_dirty_log(region.slot), first))
+            pages.update(p for p in written if first <= p < last)
+            view = memoryview(region.mmap)
+            for gpa, n in page_runs(pages):
+                off = gpa - region.gpa
+                runs.append((gpa, view[off:off + n]))
+        return runs
+
+    # --- the VM ------------------------------------------------------------------------------
+    def pause(self) -> None:
+        self.vm.pause()
+
+    def resume(self) -> None:
+        self.vm.resume()
+
+    def save_state(self) -> dict:
+        return self.vm.save_state()
+
+    def release_backends(self) -> None:
+        for image in self.vm.devices.disk_images():
+            image.unlock()
+
+    def retake_backends(self) -> None:
+        for image in self.vm.devices.disk_images():
+            image.relock()
+
+    def hand_over_console(self) -> None:
+        if self.console is not None:
+            self.console.release()
+
+    def retake_console(self) -> None:
+        if self.console is not None and self._reopen_console is not None:
+            self.console.reopen(self._reopen_console())
+
+
+class VmTarget:
+    """The VM a migration builds on the receiver. ``open_console`` opens the host end of its
+    serial port when it takes over (the sender released it), None without one."""
+
+    def __init__(self, vm, console=None, open_console: Callable | None = None):
+        self.vm = vm
+        self.console = console
+        self._open_console = open_console
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        try:
+            return self.vm.guest_memory.view(gpa, length)
+        except GuestMemoryError as e:
+            raise MigrationError(f"the sender sent memory outside the VM's RAM: {e}") from None
+
+    def finish(self, state: dict) -> None:
+        self.vm.finish_incoming(state)
+
+    def resume(self) -> None:
+        if self.console is not None and self._open_console is not None:
+            self.console.reopen(self._open_console())
+        self.vm.resume()
+
+    def close(self) -> None:
+        self.vm.close()
