@@ -459,6 +459,7 @@ class Vmm(ControlLoop, RequestHandler):
 
     def _incoming_vm(self, body: dict, fds: list[int], built: dict):
         """The receiver's VM, its RAM mapped (from the sender's memfds with ``fds``)."""
+        from pych.config import VmConfig
         from pych.devices.legacy.serial_backend import NullBackend
         from pych.migration.vm_side import VmTarget
         try:

@@ -130,3 +130,38 @@ def test_a_receiver_fed_a_truncated_stream_keeps_no_vm(tmp_path):
     assert int(status_of(errors[0])) == 500 and "truncated" in errors[0].messages[-1]
     assert vmm.config is None and vmm.vm is None and vmm.state is VmState.NotCreated
     assert not (tmp_path / "m").exists()                # the socket file is removed
+
+
+def test_a_receiver_refuses_a_bad_configuration_by_what_is_wrong_and_keeps_no_vm(tmp_path):
+    """The receiver validates the sender's configuration itself (with the models it loads on
+    first use: the receiver started with no VM has none loaded yet)."""
+    vmm = Vmm()
+    url = f"unix:{tmp_path}/m"
+    errors: list = []
+
+    def run():
+        try:
+            vmm.vm_receive_migration(ReceiveMigrationData(receiver_url=url), [])
+        except VmmError as e:
+            errors.append(e)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "m").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    while True:                          # the socket file exists from bind(), before listen()
+        try:
+            channel = protocol.Channel(protocol.connect(protocol.parse_url(url)))
+            break
+        except protocol.MigrationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    channel.request(protocol.Msg.HELLO, protocol.hello(False))
+    with pytest.raises(protocol.PeerRefused) as refused:
+        channel.request(protocol.Msg.CONFIG, {"config": {"cpus": {"boot_vcpus": 0}},
+                                              "layout": {}, "shared": {}})
+    channel.close()
+    thread.join(10)
+    assert "boot_vcpus" in str(refused.value) and "not defined" not in str(refused.value)
+    assert vmm.config is None and vmm.vm is None and vmm.state is VmState.NotCreated
