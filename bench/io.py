@@ -329,7 +329,9 @@ def bench_qemu(workdir: Path, images: dict[str, Path], tool_size: int, args) -> 
     subprocess.run([*ns, "addr", "add", f"{HOST_IP}/24", "dev", QEMU_TAP], check=True)
     subprocess.run([*ns, "link", "set", QEMU_TAP, "up"], check=True)
     cmd = qemu_command(guest_artifacts(), machine="microvm,acpi=on,pcie=on,memory-backend=mem")
-    cmd += ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+    # debug-threads: QEMU names its vCPU threads ("CPU 0/KVM") only when asked
+    cmd += ["-name", "io-bench,debug-threads=on",
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
             "-drive", f"file={images['raw']},format=raw,if=none,id=raw,cache=writeback",
             "-device", "virtio-blk-pci,drive=raw",
             "-chardev", f"socket,id=vu,path={qsd.socket}",
