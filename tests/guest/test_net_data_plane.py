@@ -97,7 +97,7 @@ def queue_interrupts(text: str) -> dict[str, int]:
     return multi_queue
 
 
-class Testpmd:
+class DpdkTestpmd:
     """dpdk-testpmd in the namespace, without huge pages (``--no-huge``), io forwarding on
     one forwarding lcore, niced (it busy-polls): ``vdevs`` its ports, ``extra`` more
     testpmd options. Started once ``wait_for`` exists; ``taps`` (name, host address) are
@@ -169,7 +169,7 @@ def testpmd(netns, tmp_path_factory):
     once the NIC is hot-plugged), port 3 tap ``dpdktap1``; io forwarding 0<->1 and 2<->3."""
     d = tmp_path_factory.mktemp("testpmd")
     boot_sock, hot_sock = str(d / "boot.sock"), str(d / "hot.sock")
-    pmd = Testpmd(netns, d, f"pych-{os.getpid()}",
+    pmd = DpdkTestpmd(netns, d, f"pych-{os.getpid()}",
                   [f"net_vhost0,iface={boot_sock},client=0", f"net_tap0,iface={VHOST_BOOT[1]}",
                    f"net_vhost1,iface={hot_sock},client=1",
                    f"net_tap1,iface={VHOST_HOTPLUG[1]}"],
@@ -312,7 +312,7 @@ def test_vhost_user_net_with_two_queue_pairs_carries_traffic_on_both(guest, netn
     frames on both queues each way."""
     d = testpmd["dir"]
     sock = str(d / "mq.sock")
-    pmd = Testpmd(netns, d, f"pych-mq-{os.getpid()}",
+    pmd = DpdkTestpmd(netns, d, f"pych-mq-{os.getpid()}",
                   [f"net_vhost2,iface={sock},client=0,queues=2", f"net_tap2,iface={VHOST_MQ[1]}"],
                   sock, [(VHOST_MQ[1], VHOST_MQ[2])], extra=("--rxq=2", "--txq=2"))
     try:
