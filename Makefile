@@ -55,6 +55,7 @@ bench: deps venv guest
 	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/hotplug.py --kind memory
 	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/block.py
 	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/migration.py
+	BENCH_RUNS=$(BENCH_RUNS) $(PY) bench/io.py
 
 # scripts/soak.py: N hot plug cycles on a real guest, checking pych for fd, thread, memslot
 # and heap growth (hours here; CI runs a few cycles in tests/guest/test_soak.py)

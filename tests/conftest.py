@@ -31,7 +31,7 @@ MODULE_MINUTES = {     # the trial run of 2026-12-07 (2 workers, with other work
     "tests/guest/test_durability.py": 17.9, "tests/guest/test_cpu_hotplug_seed.py": 9.0,
     "tests/guest/test_pci_segments.py": 8.0, "tests/guest/test_reference_flows.py": 7.0,
     "tests/guest/test_vhost_user_blk.py": 6.7, "tests/guest/test_devices.py": 5.9,
-    "tests/guest/test_cpu_hotplug.py": 5.4, "tests/guest/test_net_data_plane.py": 5.1,
+    "tests/guest/test_cpu_hotplug.py": 5.4, "tests/guest/test_net_data_plane.py": 8.5,
     "tests/guest/test_memory_hotplug.py": 4.6, "tests/guest/test_boot.py": 4.5,
     "tests/guest/test_virtio_mem.py": 4.1, "tests/guest/test_pci_hotplug.py": 3.6,
     "tests/guest/test_pci_hotplug_stress.py": 3.4, "tests/guest/test_honoured_options.py": 3.3,

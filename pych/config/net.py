@@ -130,10 +130,11 @@ class NetConfig(PciDeviceConfig):
         check_queue_size(self.queue_size)
         if self.vhost_user:
             check_no_iommu(self)
-            if self.num_queues != 2:
-                # pych's vhost-user-net has one queue pair and no control queue.
-                raise ConfigError(f"num_queues={self.num_queues} with vhost_user: pych's "
-                                  "vhost-user-net has one queue pair (num_queues=2)")
+            if self.num_queues % 2:
+                # 2 × queue pairs; the reference would hand the back-end an odd ring count.
+                raise ConfigError(f"num_queues={self.num_queues} with vhost_user: a "
+                                  "vhost-user net has 2 queues per queue pair (an even "
+                                  "num_queues)")
             if self.fds is not None or self.tap is not None:
                 raise ConfigError("A vhost-user net has no tap: give socket=, not tap= or fd=")
         if self.mtu is not None and self.mtu < VIRTIO_NET_MIN_MTU:

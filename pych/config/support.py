@@ -347,8 +347,10 @@ _MODELS: dict[type[ApiModel], dict[str, Entry]] = {
         queue_size=WORKS,
         vhost_user=Works(
             "vhost-user-net: the back-end at `socket` (DPDK's vhost PMD, OVS-DPDK, ...) serves "
-            "the queues straight in guest memory; one queue pair (`num_queues=2`, other "
-            "values refused with vhost_user); the offloads it offers, masked by `offload_*`; "
+            "the queues straight in guest memory; `num_queues` = 2 × queue pairs (even), "
+            "one vring pair each, several needing the back-end's multiqueue "
+            "(VHOST_USER_PROTOCOL_F_MQ, GET_QUEUE_NUM); the control queue is pych's; "
+            "the offloads it offers, masked by `offload_*`; "
             "no `shared=on` needed (pych's RAM is always shareable)"),
         vhost_socket=WORKS,
         vhost_mode=Works(

@@ -189,12 +189,14 @@ def _vhost_user_net(net, name: str, ctx: FactoryContext) -> VhostUserNet:
     parked = ctx.vhost_user.take(name, net.vhost_socket) if ctx.vhost_user else None
     connect = accept_backend if net.vhost_mode == "Server" else VhostUserFrontend.connect
     device = VhostUserNet(net.vhost_socket, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
+                          pairs=net.num_queues // 2,
                           offload_csum=net.offload_csum, offload_tso=net.offload_tso,
                           offload_ufo=net.offload_ufo, name=name, connect=connect,
                           connection=parked)
     net.mac = format_mac(mac)
-    log.info("%s: vhost-user backend at %s (%s), mac %s", name, net.vhost_socket,
-             net.vhost_mode.lower(), net.mac)
+    log.info("%s: vhost-user backend at %s (%s), %d queue pair%s, mac %s", name,
+             net.vhost_socket, net.vhost_mode.lower(), device.pairs,
+             "" if device.pairs == 1 else "s", net.mac)
     return device
 
 

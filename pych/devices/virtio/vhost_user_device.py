@@ -19,6 +19,9 @@ memory, through one :class:`~pych.devices.vhost_user.VhostUserFrontend` connecti
   exit; the call eventfd is the KVM irqfd of the queue's MSI-X vector, so the back-end
   interrupts the guest directly. Without MSI-X (or a vector) pych relays: the back-end
   writes a pych eventfd and pych raises the interrupt the transport's way (INTx);
+* a queue the device serves itself (:meth:`VhostUserDevice.serves_queue`: virtio-net's
+  control queue, as in the reference) is not handed over; its kicks are served on the
+  device's monitor thread;
 * a driver reset (status 0) stops every ring with GET_VRING_BASE; removal also hangs up;
 * guest RAM hot plug while the device runs updates the back-end's memory table
   (ADD_MEM_REG / REM_MEM_REG with CONFIGURE_MEM_SLOTS, else a new SET_MEM_TABLE);
@@ -35,6 +38,7 @@ nothing on its control loop waits for a back-end except a request, which times o
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -133,7 +137,7 @@ class VhostUserDevice(VirtioDevice):
                 backend.set_protocol_features(backend.get_protocol_features()
                                               & self.wanted_protocol_features)
             self.protocol_features = backend.protocol_features
-        wanted = len(self.queue_max_sizes)
+        wanted = self.backend_queue_count()
         if self.protocol_features & ProtocolFeature.MQ:
             served = backend.get_queue_num()
             if served < wanted:
@@ -149,7 +153,22 @@ class VhostUserDevice(VirtioDevice):
 
     def _too_few_queues(self, served: int) -> str:
         return (f"the vhost-user backend at {self.socket_path} serves {served} queues, but "
-                f"this device needs {len(self.queue_max_sizes)}")
+                f"this device needs {self.backend_queue_count()}")
+
+    def backend_queue_count(self) -> int:
+        """How many queues the back-end must serve (GET_QUEUE_NUM); all of them by
+        default. A device that serves some queues itself (:meth:`serves_queue`: the net
+        device's control queue) counts the others."""
+        return len(self.queue_max_sizes)
+
+    def serves_queue(self, index: int) -> bool:
+        """True for a queue pych serves itself rather than the back-end (none by
+        default); its kicks go to :meth:`queue_kicked` on the monitor thread."""
+        return False
+
+    def queue_kicked(self, index: int) -> None:
+        """The driver notified queue ``index``, one pych serves itself (monitor thread)."""
+        raise NotImplementedError
 
     def _negotiate_device(self) -> None:
         """Read what the device needs beyond the common negotiation (a subclass's hook)."""
@@ -177,7 +196,7 @@ class VhostUserDevice(VirtioDevice):
             self.mem, self.interrupt = mem, interrupt
             self.queues = {q.index: q for q in queues}
             self._relay_fds = {q.index: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                               for q in queues}
+                               for q in queues if not self.serves_queue(q.index)}
             try:
                 self._start_backend()
             except BaseException as e:
@@ -187,9 +206,12 @@ class VhostUserDevice(VirtioDevice):
                     raise ActivationError(f"{self.name}: {e}") from None
                 raise
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            own = {q.kick_fd: functools.partial(self._own_queue_kicked, q.kick_fd, q.index)
+                   for q in queues if self.serves_queue(q.index)}
             self._monitor = NamedThread(
                 target=self._watch, name=self.name, daemon=True,
-                args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), interrupt))
+                args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), interrupt,
+                      own))
             self._monitor.start()
         log.info("%s: the vhost-user backend at %s serves queues %s", self.name,
                  self.socket_path, sorted(self.queues))
@@ -295,6 +317,8 @@ class VhostUserDevice(VirtioDevice):
         backend.set_features(self.backend_features_to_set())
         self._sync_memory()
         for index, q in sorted(self.queues.items()):
+            if self.serves_queue(index):
+                continue
             vq = q.queue
             backend.set_vring_num(index, vq.size)
             backend.set_vring_base(index, vq.next_avail)
@@ -378,13 +402,21 @@ class VhostUserDevice(VirtioDevice):
             self._mapped = wanted
 
     # --- the monitor thread -------------------------------------------------------------------
+    def _own_queue_kicked(self, kick_fd: int, index: int) -> None:
+        drain_eventfd(kick_fd)
+        self.queue_kicked(index)
+
     def _watch(self, stop_fd: int, relays: dict[int, int], backend_fd: int,
-               interrupt: VirtioInterrupt) -> None:
-        """Relay the back-end's calls that have no irqfd, and notice it hanging up."""
+               interrupt: VirtioInterrupt,
+               own: dict[int, Callable[[], None]] | None = None) -> None:
+        """Relay the back-end's calls that have no irqfd, serve the queues pych serves
+        itself (``own``: kick fd → handler), and notice the back-end hanging up."""
         poller = select.poll()
         poller.register(stop_fd, select.POLLIN)
         by_fd = {fd: index for index, fd in relays.items()}
-        handlers: dict[int, Callable[[], None]] = {}
+        handlers: dict[int, Callable[[], None]] = dict(own or {})
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         if backend_fd >= 0:
@@ -404,7 +436,8 @@ class VhostUserDevice(VirtioDevice):
                     try:
                         handlers[fd]()
                     except Exception:  # noqa: BLE001 - a guest's bad ring must not end pych
-                        log.exception("%s: serving the failed device's queue", self.name)
+                        log.exception("%s: serving a queue pych serves itself; it is "
+                                      "served no more", self.name)
                         poller.unregister(fd)
                 elif drain_eventfd(fd):
                     interrupt.notify_queue(by_fd[fd])

@@ -2,11 +2,22 @@
 vhost PMD, OVS-DPDK, ...), so no frame passes through pych (see
 :mod:`pych.devices.virtio.vhost_user_device`).
 
-pych keeps the configuration space (MAC, link status, MTU) and offers the net feature bits
-the back-end offers among the checksum and segmentation offloads and mergeable receive
-buffers, with VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS (and VIRTIO_NET_F_MTU) from pych
-itself; only the bits the back-end offered are passed on to it (SET_FEATURES), since a
-back-end refuses bits it does not know. One queue pair: receiveq 0 and transmitq 1.
+pych keeps the configuration space (MAC, link status, MTU, ``max_virtqueue_pairs``) and
+offers the net feature bits the back-end offers among the checksum and segmentation
+offloads and mergeable receive buffers, with VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS (and
+VIRTIO_NET_F_MTU) from pych itself; only the bits the back-end offered are passed on to it
+(SET_FEATURES), since a back-end refuses bits it does not know.
+
+Queue pairs (``num_queues`` = 2 × pairs, as in the reference): queues ``2i`` (receiveq) and
+``2i + 1`` (transmitq) of pair ``i`` are the back-end's, one vring pair each. More than one
+pair needs the back-end's VHOST_USER_PROTOCOL_F_MQ (pych asks GET_QUEUE_NUM and refuses the
+device if the back-end serves fewer than ``num_queues`` rings, as the reference does) and its
+VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ, which pych then offers the driver with
+``max_virtqueue_pairs`` = pairs. The control queue (last, ``2 × pairs``) is served by pych,
+as the reference and QEMU do, whenever the back-end offers VIRTIO_NET_F_CTRL_VQ:
+``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` enables the rings of the pairs the driver uses and
+disables the others' (SET_VRING_ENABLE, as QEMU does; the reference only acknowledges it),
+so the back-end sends nothing to a receive queue the driver does not poll.
 
 ``vhost_mode`` is the reference's: ``Client`` (the default) connects to the back-end's
 listening socket; ``Server`` makes pych listen at the socket path and wait for the
@@ -17,6 +28,7 @@ never comes fails the boot or the ``vm.add-net`` with a message instead of hangi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -27,12 +39,16 @@ from pych.devices.vhost_user import (VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFea
                                      VhostUserError, VhostUserFrontend)
 
 from .device import VirtioDeviceType
-from .net import (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+from .queue import DescriptorChain
+from .net import (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR,
+                  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_OK, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
                   VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
                   VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
                   VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
                   VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP)
 from .vhost_user_device import VhostUserDevice
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 256
 #: How long pych waits in server mode for the back-end to connect.
@@ -81,9 +97,9 @@ def accept_backend(path: str, *, timeout: float = ACCEPT_TIMEOUT) -> VhostUserFr
 
 
 class VhostUserNet(VhostUserDevice):
-    """A virtio-net device (one queue pair of ``queue_size``) served by the vhost-user
-    back-end at ``socket_path``; ``mac``, ``mtu`` and the ``offload_*`` switches as for
-    :class:`~pych.devices.virtio.net.VirtioNet`."""
+    """A virtio-net device (``pairs`` queue pairs of ``queue_size``) served by the
+    vhost-user back-end at ``socket_path``; ``mac``, ``mtu`` and the ``offload_*`` switches
+    as for :class:`~pych.devices.virtio.net.VirtioNet`."""
 
     device_type = VirtioDeviceType.NET
     what = "vhost-user-net"
@@ -92,15 +108,23 @@ class VhostUserNet(VhostUserDevice):
     device_features: ClassVar[int] = _CSUM | _TSO | _UFO | VIRTIO_NET_F_MRG_RXBUF
 
     def __init__(self, socket_path: str, *, mac: bytes, mtu: int | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, offload_csum: bool = True,
-                 offload_tso: bool = True, offload_ufo: bool = True, name: str = "net",
+                 queue_size: int = DEFAULT_QUEUE_SIZE, pairs: int = 1,
+                 offload_csum: bool = True, offload_tso: bool = True,
+                 offload_ufo: bool = True, name: str = "net",
                  connect: Callable[[str], VhostUserFrontend] = VhostUserFrontend.connect,
                  connection: VhostUserFrontend | None = None) -> None:
         if len(mac) != 6:
             raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+        if pairs < 1:
+            raise ValueError(f"a net device needs a queue pair, not {pairs}")
         self.mac = mac
         self.mtu = mtu
-        super().__init__(socket_path, queue_sizes=[queue_size, queue_size], name=name,
+        self.pairs = pairs
+        self.ctrlq = 2 * pairs
+        self.active_pairs = pairs          # as the driver last set it (VQ_PAIRS_SET)
+        self.ctrl_errors = 0
+        self._queue_size = queue_size
+        super().__init__(socket_path, queue_sizes=[queue_size] * (2 * pairs), name=name,
                          connect=connect, connection=connection)
         # The offload switches take bits away (TSO and UFO need checksum offload).
         if not offload_csum:
@@ -117,6 +141,69 @@ class VhostUserNet(VhostUserDevice):
     def __repr__(self) -> str:
         return f"<VhostUserNet {self.name} socket={self.socket_path}>"
 
+    def backend_queue_count(self) -> int:
+        return 2 * self.pairs
+
+    def _negotiate_device(self) -> None:
+        """The control queue (pych's) when the back-end offers it; several pairs need the
+        back-end's multiqueue."""
+        offered = self.backend_features
+        if self.pairs > 1:
+            missing = [name for name, ok in (
+                ("the vhost-user protocol feature MQ",
+                 self.protocol_features & ProtocolFeature.MQ),
+                ("VIRTIO_NET_F_MQ", offered & VIRTIO_NET_F_MQ),
+                ("VIRTIO_NET_F_CTRL_VQ", offered & VIRTIO_NET_F_CTRL_VQ)) if not ok]
+            if missing:
+                raise VhostUserError(
+                    f"num_queues={2 * self.pairs} needs {' and '.join(missing)}, which the "
+                    f"vhost-user backend at {self.socket_path} does not offer")
+            self.avail_features |= VIRTIO_NET_F_MQ
+        if offered & VIRTIO_NET_F_CTRL_VQ:
+            self.avail_features |= VIRTIO_NET_F_CTRL_VQ
+            self.queue_max_sizes = (*self.queue_max_sizes, self._queue_size)
+
+    def serves_queue(self, index: int) -> bool:
+        return index == self.ctrlq
+
+    def queue_kicked(self, index: int) -> None:
+        self.process_queue(index)
+
+    def handle_chain(self, index: int, chain: DescriptorChain) -> int:
+        """One control queue command: class, command and data readable, one ack byte
+        writable."""
+        data = chain.reader().read(chain.readable_len)
+        ok = len(data) >= 2 and self._control(data[0], data[1], data[2:])
+        if not ok:
+            self.ctrl_errors += 1
+            if self.ctrl_errors == 1:
+                log.warning("%s: refused control command %s; further refusals are only "
+                            "counted", self.name, data[:2].hex())
+        return chain.writer().write(bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
+
+    def _control(self, cls: int, command: int, payload: bytes) -> bool:
+        if (cls, command) != (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
+            return False
+        if not self.has_feature(VIRTIO_NET_F_MQ) or len(payload) < 2:
+            return False
+        pairs = int.from_bytes(payload[:2], "little")
+        if not 1 <= pairs <= self.pairs:
+            return False
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            try:
+                for index in self._started:
+                    self._backend.set_vring_enable(index, index // 2 < pairs)
+            except VhostUserError as e:
+                log.error("%s: cannot switch to %d queue pair(s): %s", self.name, pairs, e)
+                return False
+        self.active_pairs = pairs
+        log.info("%s: the driver uses %d of %d queue pairs", self.name, pairs, self.pairs)
+        return True
+
+    def reset(self) -> None:
+        super().reset()
+        self.active_pairs = self.pairs          # activation enables every ring again
+
     def backend_features_to_set(self) -> int:
         """What SET_FEATURES tells the back-end: the driver's choice among the bits the
         back-end offered (MAC, STATUS and MTU are pych's), and protocol features."""
@@ -124,4 +211,4 @@ class VhostUserNet(VhostUserDevice):
                 | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES))
 
     def config_bytes(self) -> bytes:
-        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu or 0)
+        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, self.pairs, self.mtu or 0)

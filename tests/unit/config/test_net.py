@@ -109,8 +109,12 @@ def test_vsock() -> None:
         vm(vsock={"cid": 2**32 - 1, "socket": "/v"}).validate()
 
 
-def test_vhost_user_net_has_one_queue_pair() -> None:
+def test_vhost_user_net_takes_queue_pairs() -> None:
     config = vm(net=[NetConfig.parse("vhost_user=on,socket=/s,num_queues=4").model_dump()])
     config.cpus.boot_vcpus = config.cpus.max_vcpus = 2
-    with pytest.raises(ConfigError, match="pych's vhost-user-net has one queue pair"):
+    config.validate(check_support=False)
+    config = vm(net=[NetConfig.parse("vhost_user=on,socket=/s,num_queues=3").model_dump()])
+    config.cpus.boot_vcpus = config.cpus.max_vcpus = 2
+    with pytest.raises(ConfigError, match="num_queues=3 with vhost_user: a vhost-user net "
+                                          "has 2 queues per queue pair"):
         config.validate(check_support=False)
