@@ -9,8 +9,7 @@ event the pipe or socket has no room for is dropped and counted (:attr:`EventMon
 instead of waiting. The first drop of a stall is logged once, and when the reader catches up
 the count of what it missed is logged once. A line is never cut: the tail of an event the
 descriptor took only in part is written before anything else, and new events are dropped
-until it is out. (The reference writes with a blocking ``write`` and stalls its control loop
-behind a reader that stopped.)
+until it is out.
 """
 
 from __future__ import annotations

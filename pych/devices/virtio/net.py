@@ -37,8 +37,7 @@ fails the device once (:attr:`VirtioNet.failure`, which ``vm.info`` shows in
 its link down: the status field loses ``VIRTIO_NET_S_LINK_UP`` and the driver gets a
 configuration change interrupt, so the guest sees NO-CARRIER. From then on the workers stop
 polling the dead fds; transmitted frames are completed and counted as dropped, receive
-buffers stay posted. ``vm.remove-device`` removes it as any NIC. (The reference's tap
-worker reports an error and its queue stops; the link stays up.)
+buffers stay posted. ``vm.remove-device`` removes it as any NIC.
 """
 
 from __future__ import annotations
