@@ -27,7 +27,7 @@ from pych.devices.pci.msix import MSIX_CONTROL_ENABLE
 from pych.devices.vhost_user import (FLAG_NEED_REPLY, SINGLE_MEM_REGION, VRING_ADDR,
                                      VHOST_USER_F_PROTOCOL_FEATURES, MEM_TABLE_HEADER,
                                      ProtocolFeature, Request, VhostUserError)
-from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
+from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, ActivationError, VIRTIO_F_INDIRECT_DESC,
                                         VIRTIO_F_VERSION_1, DeviceStatus, VirtioDeviceType,
                                         drain_eventfd)
 from pych.devices.virtio.fs import VirtioFs
@@ -414,6 +414,8 @@ def test_virtiofsd_gone_mid_io_fails_its_requests_and_later_ones(backend):
         (element,) = h.wait_used(1, 1)
         assert element.id == later and fuse_reply(h, 1, later) == (16, -5, 16)
         assert fs.failed_requests == 4 and failures == [failures[0]]
+        with pytest.raises(ActivationError, match="fs: the vhost-user backend at fake.sock"):
+            fs.activate(h.mem, [], h.interrupt)                      # no second activation
     assert not fs.active
 
 
