@@ -45,10 +45,10 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import threading
 import os
 import select
 import struct
+import threading
 from collections.abc import Callable, Sequence
 
 from pych.devices.rate_limiter import RateLimiter
