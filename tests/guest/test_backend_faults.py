@@ -154,6 +154,7 @@ def mounts(workdir):
         (full / "disk.raw").touch()
         os.truncate(full / "disk.raw", 8 * MiB)
         fs_image = workdir / "eio.ext4"
+        fs_image.touch()
         os.truncate(fs_image, 32 * MiB)
         sh("mkfs.ext4", "-q", "-F", str(fs_image))
         sh("mount", "-o", "loop", str(fs_image), str(eio))
