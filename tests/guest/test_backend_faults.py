@@ -200,10 +200,13 @@ def guest(netns, workdir, mounts, share):
 
 
 def device_ids(guest) -> dict[str, str]:
-    """kind → id of the boot devices, from vm.info's configuration."""
-    config = vm_info(guest)["config"]
-    return {"full": config["disks"][0]["id"], "eio": config["disks"][1]["id"],
-            "net": config["net"][0]["id"], "fs": config["fs"][0]["id"]}
+    """kind → id of the boot devices, read from vm.info's configuration once (before any
+    of them is removed)."""
+    if not hasattr(guest, "ids"):
+        config = vm_info(guest)["config"]
+        guest.ids = {"full": config["disks"][0]["id"], "eio": config["disks"][1]["id"],
+                     "net": config["net"][0]["id"], "fs": config["fs"][0]["id"]}
+    return guest.ids
 
 
 class ConsoleClient:
@@ -254,6 +257,7 @@ def remove(guest, dev_id: str) -> None:
 
 
 def test_every_device_works_before_the_faults(guest, share):
+    assert len(set(device_ids(guest).values())) == 4
     client = ConsoleClient(guest.console_path)
     guest.console_client = client
     rc, out = guest.run(
