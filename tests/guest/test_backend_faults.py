@@ -381,13 +381,13 @@ def test_console_and_serial_clients_vanish_and_come_back(guest):
     client.close()                                        # the console's client goes away
     # with no client, and then with one that never reads, the guest's output is dropped:
     # its writes complete (they would block behind a reader otherwise)
-    # (hvc0 moves ~100 KB/s in this guest, so the sizes stay small; the backlog bound and
+    # (hvc0 moves only a few KB/s in this guest, so the sizes stay small; the backlog bound and
     # its drops are in tests/unit/devices/legacy/test_serial_backend.py)
-    rc, out = guest.run("yes console-filler-line | head -c 65536 > /dev/hvc0 && echo w1",
+    rc, out = guest.run("yes console-filler-line | head -c 4096 > /dev/hvc0 && echo w1",
                         timeout=300)
     assert "w1" in out, out
     stalled = ConsoleClient(guest.console_path)
-    rc, out = guest.run("yes console-filler-line | head -c 262144 > /dev/hvc0 && echo w2",
+    rc, out = guest.run("yes console-filler-line | head -c 16384 > /dev/hvc0 && echo w2",
                         timeout=300)
     assert "w2" in out, out
     # a new client replaces the stalled one and gets the live output
