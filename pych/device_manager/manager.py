@@ -335,7 +335,7 @@ class DeviceManager:
             pci_dev.shutdown()
             raise
         pci_dev.intx = self.irq_line(layout.pci_intx_irq(slot))
-        if isinstance(device, VhostUserDevice):
+        if hasattr(device, "on_failure"):         # a device whose back-end can go away
             device.on_failure = self.on_device_failed
         address = bdf(segment, slot)
         self.devices[dev_id] = pci_dev

@@ -6,6 +6,13 @@ The image is locked with an open-file-description lock (``F_OFD_SETLK``) as soon
 is opened, exclusive for read-write and shared for read-only, so two VMs (or two disks
 of one VM) cannot write the same image.  A read-only disk offers ``VIRTIO_BLK_F_RO`` and
 fails every write with ``VIRTIO_BLK_S_IOERR``.
+
+A host I/O error (``ENOSPC`` from an image on a full filesystem, ``EIO`` from a failing
+device) fails that request with ``VIRTIO_BLK_S_IOERR`` (counted in ``io_errors``, logged at
+most once per 10 s per kind), and the disk stays as it is: it is not marked failed in
+``vm.info`` and no event is emitted, since the next request may well succeed (space freed,
+a transient error), as with the reference, which completes the request with IOERR and
+keeps the device. Only a back-end that is gone for good fails a device (vhost-user disks).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from collections.abc import Callable
 
 from pych.devices.disk_format import UNKNOWN, check_image
 from pych.devices.rate_limiter import RateLimiter
+from pych.guest_log import GuestLog
 
 from .device import VirtioDevice, VirtioDeviceType
 from .queue import ChainReader, ChainWriter, DescriptorChain
 
 log = logging.getLogger(__name__)
+_guest_log = GuestLog(log)       # what the guest can repeat at will is rate-limited
 
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
@@ -440,8 +449,9 @@ class VirtioBlock(VirtioDevice):
             status = self._execute(request, sector, reader, data)
         except OSError as e:
             self.io_errors += 1
-            log.warning("%s: I/O error on request type %d at sector %d: %s",
-                        self.name, request, sector, e.strerror or e)
+            _guest_log.warning("%s: I/O error on request type %d at sector %d: %s",
+                               self.name, request, sector, e.strerror or e,
+                               kind=(self.name, e.errno))
             status = BlockStatus.IOERR
         status_view[0] = status
         return data.written + 1

@@ -22,8 +22,14 @@ registers) and hands everything on the data path to the back-end at ``socket``:
 * guest RAM hot plug while the device runs updates the back-end's memory table
   (ADD_MEM_REG / REM_MEM_REG with CONFIGURE_MEM_SLOTS, else a new SET_MEM_TABLE).
 
-If the back-end hangs up while the device runs, pych logs it once and sets
-DEVICE_NEEDS_RESET; requests already queued stay unanswered, as under the reference.
+If the back-end hangs up while the device runs (virtiofsd killed), pych logs it once,
+records the failure (``vm.info`` ``devices_failed``, a ``device-failed`` event), sets
+DEVICE_NEEDS_RESET and takes the rings over: the FUSE requests virtiofsd left unanswered
+(those between the used and the available index: virtiofsd keeps no in-flight record) and
+every later one are answered ``-EIO`` (a ``fuse_out_header`` with the request's
+``unique``; FORGETs, which have no reply, are just returned), so a guest process reading or
+writing the share gets ``Input/output error`` instead of waiting forever. The reference
+leaves them unanswered (the guest's I/O hangs). Removal works as for a healthy share.
 
 Reboot. pych rebuilds the whole VM on a guest reboot or ``vm.reboot`` (``pych/vmm/vmm.py``),
 but virtiofsd serves one front-end connection and exits when it closes, so the device must
@@ -75,14 +81,15 @@ shareable: ``--fs`` needs no memory option.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 from collections.abc import Callable
 
 from pych.devices.vhost_user import ProtocolFeature, VhostUserFrontend
 
-from .device import VirtioDeviceType
-from .queue import MAX_QUEUE_SIZE
+from .device import VirtioDeviceType, VirtioInterrupt
+from .queue import MAX_QUEUE_SIZE, DescriptorChain
 from .vhost_user_device import VhostUserDevice
 
 log = logging.getLogger(__name__)
@@ -96,6 +103,8 @@ WANTED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                             | ProtocolFeature.CONFIGURE_MEM_SLOTS)
 
 _CONFIG = struct.Struct(f"<{TAG_LEN}sI")       # tag, num_request_queues
+_FUSE_IN_HEADER = struct.Struct("<IIQ")        # len, opcode, unique (then nodeid, uid, ...)
+_FUSE_OUT_HEADER = struct.Struct("<IiQ")       # len, error (-errno), unique
 
 
 def _check_parameters(tag: str, num_request_queues: int, queue_size: int, name: str) -> None:
@@ -133,6 +142,7 @@ class VirtioFs(VhostUserDevice):
             raise
         self.tag = tag
         self.num_request_queues = num_request_queues
+        self.failed_requests = 0           # FUSE requests answered -EIO after a failure
         super().__init__(socket_path, queue_sizes=[queue_size] * (1 + num_request_queues),
                          name=name, connect=connect, connection=connection)
 
@@ -147,3 +157,20 @@ class VirtioFs(VhostUserDevice):
     # --- configuration space ----------------------------------------------------------------
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.tag.encode(), self.num_request_queues)
+
+    # --- the back-end is gone ---------------------------------------------------------------
+    def _backend_lost(self, interrupt: VirtioInterrupt) -> dict[int, Callable[[], None]]:
+        """virtiofsd hung up: answer what it left and everything after with -EIO."""
+        interrupt.needs_reset()
+        return self._take_over_rings(self._guess_inflight)
+
+    def _fail_request(self, chain: DescriptorChain) -> int:
+        """Answer one FUSE request ``-EIO``; returns the used length (0 for a request
+        without a reply, such as FORGET, or one too short to answer)."""
+        self.failed_requests += 1
+        header = chain.reader().read(_FUSE_IN_HEADER.size)
+        writer = chain.writer()
+        if len(header) < _FUSE_IN_HEADER.size or writer.remaining < _FUSE_OUT_HEADER.size:
+            return 0
+        _, _, unique = _FUSE_IN_HEADER.unpack(header)
+        return writer.write(_FUSE_OUT_HEADER.pack(_FUSE_OUT_HEADER.size, -errno.EIO, unique))

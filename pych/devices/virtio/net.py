@@ -30,15 +30,25 @@ driver's next kick.
 
 ``VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`` detaches the tap queues of the pairs the driver
 stopped using (``TUNSETQUEUE``), so the kernel steers frames only to the pairs in use.
+
+The tap going away under a running NIC (``ip link del``: its fds then answer ``EBADFD``)
+fails the device once (:attr:`VirtioNet.failure`, which ``vm.info`` shows in
+``devices_failed``; ``on_failure`` makes the VMM emit a ``device-failed`` event) and takes
+its link down: the status field loses ``VIRTIO_NET_S_LINK_UP`` and the driver gets a
+configuration change interrupt, so the guest sees NO-CARRIER. From then on the workers stop
+polling the dead fds; transmitted frames are completed and counted as dropped, receive
+buffers stay posted. ``vm.remove-device`` removes it as any NIC.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
 import struct
+import threading
 from collections.abc import Callable, Sequence
 
 from pych.devices.rate_limiter import RateLimiter
@@ -104,6 +114,10 @@ _GUEST_OFFLOADS = (
 _GUEST_OFFLOAD_FEATURES = 0
 for _feature, _ in _GUEST_OFFLOADS:
     _GUEST_OFFLOAD_FEATURES |= _feature
+
+
+#: What a tap fd answers once its interface was deleted (``tun_get`` finds no device).
+TAP_GONE_ERRNOS = frozenset({errno.EBADFD, errno.ENODEV, errno.ENXIO})
 
 
 def parse_mac(text: str) -> bytes:
@@ -193,6 +207,7 @@ class _QueuePair:
         self._tap_events = select.epoll(1)
         self._tap_events.register(tap.fd, select.EPOLLIN)
         self._tap_polled = True
+        self._tap_gone = False                 # the tap was deleted: its fd is dead
         # Rate limiting (None: no check per frame at all). Receive learns a frame's size
         # only once it has read it, so it waits while the limiter is empty and charges after.
         self.rx_rate_limiter = rx_rate_limiter
@@ -276,12 +291,18 @@ class _QueuePair:
 
     def _send(self, chain: DescriptorChain) -> None:
         """Transmit one frame (header included) to the tap."""
+        if self._tap_gone:
+            self.tx_dropped += 1
+            return
         try:
             sent = os.writev(self.tap.fd, chain.readable_views())
             self.tx_frames += 1
             self.tx_bytes += max(0, sent - VNET_HDR_SIZE)
         except OSError as e:                   # a full tap queue or a malformed frame
             self.tx_dropped += 1
+            if e.errno in TAP_GONE_ERRNOS:
+                self._lost(e)
+                return
             if self.tx_dropped == 1:
                 log.warning("%s: dropped a transmitted frame (%s); further drops are only "
                             "counted", self.device.name, e.strerror)
@@ -291,7 +312,7 @@ class _QueuePair:
         """Move frames from the tap into receive chains until either runs out."""
         device = self.device
         active = device.queues.get(self.rxq)
-        if active is None:
+        if active is None or self._tap_gone:
             self._poll_tap(False)              # the driver did not enable receiving
             return
         queue = active.queue
@@ -306,6 +327,9 @@ class _QueuePair:
                 device.wake_after(wait)
                 break
             if not self._fill_rx_chains(queue, needed):
+                if self._tap_deleted():        # EPOLLERR, which no event mask turns off
+                    self._lost(OSError(errno.EBADFD, os.strerror(errno.EBADFD)))
+                    break
                 self._poll_tap(False)          # until the driver kicks with new buffers
                 break
             try:
@@ -313,6 +337,9 @@ class _QueuePair:
             except BlockingIOError:
                 break                          # the chains wait for the next frame
             except OSError as e:               # whatever else the tap refuses of the buffers
+                if e.errno in TAP_GONE_ERRNOS:
+                    self._lost(e)
+                    break
                 self._return_rx_chains(queue, e.strerror)
                 filled += 1
                 continue
@@ -402,9 +429,29 @@ class _QueuePair:
         return used
 
     def _poll_tap(self, enabled: bool) -> None:
+        if self._tap_gone:
+            return
         if enabled != self._tap_polled and not self._tap_events.closed:
             self._tap_events.modify(self.tap.fd, select.EPOLLIN if enabled else 0)
             self._tap_polled = enabled
+
+    def _tap_deleted(self) -> bool:
+        """Whether the tap fd reports an error (a deleted tun device: ``tun_chr_poll``)."""
+        poller = select.poll()
+        poller.register(self.tap.fd, select.POLLIN)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+    def _lost(self, error: OSError) -> None:
+        """The tap was deleted: stop polling its fd (a dead tun fd reports EPOLLERR even
+        when no event is asked for) and fail the device."""
+        self._tap_gone = True
+        if not self._tap_events.closed:
+            try:
+                self._tap_events.unregister(self.tap.fd)
+            except OSError:
+                pass
+        self._tap_polled = False
+        self.device.tap_lost(self, error)
 
 
 class VirtioNet(VirtioDevice):
@@ -434,6 +481,11 @@ class VirtioNet(VirtioDevice):
         self.pairs = [_QueuePair(self, i, tap, make(), make()) for i, tap in enumerate(taps)]
         self.active_pairs = pairs              # as the driver last set it (VQ_PAIRS_SET)
         self.ctrl_errors = 0
+        #: Why the NIC stopped working (its tap was deleted), or None.
+        self.failure: str | None = None
+        #: Told ``(device name, failure)`` once, from a worker thread, when it fails.
+        self.on_failure: Callable[[str, str], None] | None = None
+        self._failure_lock = threading.Lock()
 
     @property
     def tap(self) -> Tap:
@@ -471,7 +523,24 @@ class VirtioNet(VirtioDevice):
 
     # --- config space -------------------------------------------------------------------------
     def config_bytes(self) -> bytes:
-        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, len(self.pairs), self.mtu or 0)
+        status = VIRTIO_NET_S_LINK_UP if self.failure is None else 0
+        return _CONFIG.pack(self.mac, status, len(self.pairs), self.mtu or 0)
+
+    def tap_lost(self, pair: _QueuePair, error: OSError) -> None:
+        """Queue pair ``pair``'s tap queue is dead (the tap was deleted; on its worker):
+        fail the device once, take the link down and tell the driver."""
+        with self._failure_lock:
+            if self.failure is not None:
+                return
+            self.failure = f"the tap {pair.tap.name} is gone ({error.strerror}); link down"
+        log.error("%s: %s; the device has failed", self.name, self.failure)
+        self.config_changed()
+        on_failure = self.on_failure
+        if on_failure is not None:
+            try:
+                on_failure(self.name, self.failure)
+            except Exception:  # noqa: BLE001 - a reporting problem must not stop the worker
+                log.exception("%s: reporting the failure", self.name)
 
     def rx_frame_max(self) -> int:
         """The most bytes one frame from the tap can take, header included."""

@@ -20,26 +20,23 @@ stays failed (``vm.info`` shows it); ``vm.remove-device`` removes it as any othe
 
 from __future__ import annotations
 
-import functools
 import logging
 import mmap
 import os
 import struct
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import ClassVar
 
 from pych.devices.storage_daemon import StorageDaemon
 from pych.devices.vhost_user import ProtocolFeature, VhostUserError, VhostUserFrontend
-from pych.memory.guest_memory import GuestMemory
 
 from .block import (_CONFIG_SIZE, SECTOR_SHIFT, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
                     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
                     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
                     VIRTIO_BLK_F_WRITE_ZEROES, BlockStatus)
-from .device import (ActivationError, ActiveQueue, VirtioDeviceType, VirtioInterrupt,
-                     drain_eventfd)
-from .queue import MAX_QUEUE_SIZE, DescriptorChain, VirtqueueError
+from .device import VirtioDeviceType, VirtioInterrupt
+from .queue import MAX_QUEUE_SIZE, DescriptorChain
 from .vhost_user_device import VhostUserDevice
 
 log = logging.getLogger(__name__)
@@ -188,12 +185,6 @@ class VhostUserBlock(VhostUserDevice):
         return self.failure
 
     # --- in-flight tracking -----------------------------------------------------------------
-    def activate(self, mem: GuestMemory, queues: Sequence[ActiveQueue],
-                 interrupt: VirtioInterrupt) -> None:
-        if self.failure is not None:
-            raise ActivationError(f"{self.name}: {self.failure}")
-        super().activate(mem, queues, interrupt)
-
     def _start_backend(self) -> None:
         if self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
             self._set_up_inflight()
@@ -225,53 +216,17 @@ class VhostUserBlock(VhostUserDevice):
 
     # --- the back-end is gone -----------------------------------------------------------------
     def _backend_lost(self, interrupt: VirtioInterrupt) -> dict[int, Callable[[], None]]:
-        """Take the rings over: complete what the back-end had in flight, and everything
-        the guest sends from now on, with IOERR (on the monitor thread, which becomes the
-        device's worker: it polls the queues' kick eventfds from now on)."""
+        """Take the rings over (:meth:`VhostUserDevice._take_over_rings`): complete what the
+        back-end had in flight (from its in-flight record when it keeps one, else guessed
+        in order), and everything the guest sends from now on, with IOERR."""
         inflight = self._inflight
-        region = inflight[0] if inflight is not None else None
-        queue_region = inflight[2] // len(self.queue_max_sizes) if inflight is not None else 0
-        for index, q in sorted(self.queues.items()):
-            vq = q.queue
-            used_idx = vq.used_idx()
-            if region is not None:
-                pending = self._inflight_heads(region, index * queue_region, used_idx, vq.size)
-            else:
-                pending = self._guess_inflight(vq, used_idx)
-            vq.take_over(used_idx + len(pending))
-            for head in pending:
-                try:
-                    chain = vq.chain(head)
-                except VirtqueueError as e:
-                    log.warning("%s: in-flight request %d: %s", self.name, head, e)
-                    vq.add_used(head, 0)
-                    continue
-                vq.add_used(head, self._fail_request(chain))
-            self._fail_queue(index)
-        return {q.kick_fd: functools.partial(self._kicked_failed, q.kick_fd, index)
-                for index, q in self.queues.items()}
-
-    def _kicked_failed(self, fd: int, index: int) -> None:
-        drain_eventfd(fd)
-        self._fail_queue(index)
-
-    def _guess_inflight(self, vq, used_idx: int) -> list[int]:
-        """Without the back-end's in-flight record (qemu-storage-daemon 7.2 does not offer
-        INFLIGHT_SHMFD): the requests between the used and the available index, which are
-        exactly the unanswered ones when the back-end answered in order (it took every
-        available request: qemu-storage-daemon does on each kick)."""
-        avail_idx = vq.avail_idx()
-        count = (avail_idx - used_idx) & 0xFFFF
-        if count > vq.size:
-            return []
-        heads = [vq.avail_entry(used_idx + i) for i in range(count)]
-        if len(set(heads)) != len(heads):
-            log.error("%s: cannot tell which requests the back-end left unanswered",
-                      self.name)
-            return []
-        log.warning("%s: the back-end kept no in-flight record; failing the %d requests "
-                    "it had not answered, assuming it answered in order", self.name, count)
-        return heads
+        if inflight is None:
+            return self._take_over_rings(self._guess_inflight)
+        region = inflight[0]
+        queue_region = inflight[2] // len(self.queue_max_sizes)
+        return self._take_over_rings(
+            lambda index, vq, used_idx: self._inflight_heads(region, index * queue_region,
+                                                             used_idx, vq.size))
 
     @staticmethod
     def _inflight_heads(region: mmap.mmap, base: int, used_idx: int, size: int) -> list[int]:
@@ -296,14 +251,3 @@ class VhostUserBlock(VhostUserDevice):
             return 0
         writable[-1][-1:][0] = BlockStatus.IOERR
         return 1
-
-    def _fail_queue(self, index: int) -> None:
-        """Answer whatever is available on queue ``index`` with IOERR, then interrupt."""
-        vq = self.queues[index].queue
-        while True:
-            vq.disable_notification()
-            for chain in vq:
-                vq.add_used(chain.head, self._fail_request(chain))
-            if not vq.enable_notification():
-                break
-        self.interrupt.notify_queue(index)

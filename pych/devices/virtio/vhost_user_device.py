@@ -31,8 +31,10 @@ memory, through one :class:`~pych.devices.vhost_user.VhostUserFrontend` connecti
 If the back-end hangs up while the device runs, pych logs it once, records the failure
 (:attr:`VhostUserDevice.failure`, which ``vm.info`` shows), tells ``on_failure`` (the VMM
 emits an event) and sets DEVICE_NEEDS_RESET; a subclass may do more
-(:meth:`VhostUserDevice._backend_lost`: the block device fails the guest's requests itself
-so the guest's I/O ends with errors instead of waiting forever). The VMM stays as it was:
+(:meth:`VhostUserDevice._backend_lost`: the block and fs devices take the rings over with
+:meth:`VhostUserDevice._take_over_rings` and fail the guest's requests themselves, so the
+guest's I/O ends with errors instead of waiting forever). A failed device is not activated
+again (a driver reset and DRIVER_OK set NEEDS_RESET); removing it works as for any device. The VMM stays as it was:
 nothing on its control loop waits for a back-end except a request, which times out.
 """
 
@@ -54,7 +56,8 @@ from pych.threads import NamedThread
 
 from .device import (RING_FEATURES, VIRTIO_F_VERSION_1, ActivationError, ActiveQueue,
                      VirtioDevice, VirtioInterrupt, drain_eventfd)
-from .queue import avail_ring_size, desc_table_size, used_ring_size
+from .queue import (DescriptorChain, Virtqueue, VirtqueueError, avail_ring_size,
+                    desc_table_size, used_ring_size)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +189,8 @@ class VhostUserDevice(VirtioDevice):
                  interrupt: VirtioInterrupt) -> None:
         """Hand the enabled queues to the back-end (the driver set DRIVER_OK)."""
         with self._lock:
+            if self.failure is not None:
+                raise ActivationError(f"{self.name}: {self.failure}")
             if self._monitor is not None:
                 raise ActivationError(f"{self.name}: already active")
             if not queues:
@@ -470,3 +475,67 @@ class VhostUserDevice(VirtioDevice):
         the event sources (fd: handler) the monitor thread then polls too."""
         interrupt.needs_reset()
         return {}
+
+    # --- serving the rings of a failed device (for subclasses that answer with errors) -----
+    def _fail_request(self, chain: DescriptorChain) -> int:
+        """Answer one request of the failed device with the device type's error; returns
+        the used length. Subclasses that take the rings over implement it."""
+        raise NotImplementedError
+
+    def _take_over_rings(self, pending: Callable[[int, Virtqueue, int], list[int]]
+                         ) -> dict[int, Callable[[], None]]:
+        """Take the rings over from a back-end that hung up (on the monitor thread, which
+        becomes the device's worker): complete the requests it left unanswered —
+        ``pending(index, queue, used_idx)`` names their heads, oldest first — and everything
+        the guest sends from now on with :meth:`_fail_request`, so the guest's I/O ends
+        with errors instead of waiting forever. Returns the kick eventfds to poll."""
+        for index, q in sorted(self.queues.items()):
+            vq = q.queue
+            used_idx = vq.used_idx()
+            heads = pending(index, vq, used_idx)
+            vq.take_over(used_idx + len(heads))
+            for head in heads:
+                try:
+                    chain = vq.chain(head)
+                except VirtqueueError as e:
+                    log.warning("%s: in-flight request %d: %s", self.name, head, e)
+                    vq.add_used(head, 0)
+                    continue
+                vq.add_used(head, self._fail_request(chain))
+            self._fail_queue(index)
+        return {q.kick_fd: functools.partial(self._kicked_failed, q.kick_fd, index)
+                for index, q in self.queues.items()}
+
+    def _kicked_failed(self, fd: int, index: int) -> None:
+        drain_eventfd(fd)
+        self._fail_queue(index)
+
+    def _guess_inflight(self, index: int, vq: Virtqueue, used_idx: int) -> list[int]:
+        """Without the back-end's in-flight record: the requests between the used and the
+        available index, which are exactly the unanswered ones when the back-end answered
+        in order (it took every available request, as libvhost-user back-ends do on each
+        kick). A back-end that answered out of order may leave a request unanswered here."""
+        avail_idx = vq.avail_idx()
+        count = (avail_idx - used_idx) & 0xFFFF
+        if count > vq.size:
+            return []
+        heads = [vq.avail_entry(used_idx + i) for i in range(count)]
+        if len(set(heads)) != len(heads):
+            log.error("%s: cannot tell which requests the back-end left unanswered",
+                      self.name)
+            return []
+        if count:
+            log.warning("%s: the back-end kept no in-flight record; failing the %d requests "
+                        "it had not answered, assuming it answered in order", self.name, count)
+        return heads
+
+    def _fail_queue(self, index: int) -> None:
+        """Answer whatever is available on queue ``index`` as failed, then interrupt."""
+        vq = self.queues[index].queue
+        while True:
+            vq.disable_notification()
+            for chain in vq:
+                vq.add_used(chain.head, self._fail_request(chain))
+            if not vq.enable_notification():
+                break
+        self.interrupt.notify_queue(index)

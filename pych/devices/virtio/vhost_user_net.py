@@ -23,6 +23,9 @@ so the back-end sends nothing to a receive queue the driver does not poll.
 listening socket; ``Server`` makes pych listen at the socket path and wait for the
 back-end to connect (:func:`accept_backend`), with a bound on the wait so a back-end that
 never comes fails the boot or the ``vm.add-net`` with a message instead of hanging pych.
+
+A back-end that hangs up while the NIC runs fails it (``vm.info``, a ``device-failed``
+event, NEEDS_RESET) and takes its link down, so the guest sees NO-CARRIER.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ from typing import ClassVar
 from pych.devices.vhost_user import (VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature,
                                      VhostUserError, VhostUserFrontend)
 
-from .device import VirtioDeviceType
+from .device import VirtioDeviceType, VirtioInterrupt
 from .queue import DescriptorChain
 from .net import (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR,
-                  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_OK, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+                  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_OK, VIRTIO_NET_F_CSUM,
+                  VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
                   VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
                   VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
                   VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
@@ -211,4 +215,12 @@ class VhostUserNet(VhostUserDevice):
                 | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES))
 
     def config_bytes(self) -> bytes:
-        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, self.pairs, self.mtu or 0)
+        status = VIRTIO_NET_S_LINK_UP if self.failure is None else 0
+        return _CONFIG.pack(self.mac, status, self.pairs, self.mtu or 0)
+
+    def _backend_lost(self, interrupt: VirtioInterrupt) -> dict[int, Callable[[], None]]:
+        """The back-end hung up: NEEDS_RESET, and the link goes down (the status field
+        loses LINK_UP, with a configuration change interrupt), as for a deleted tap."""
+        sources = super()._backend_lost(interrupt)
+        self.config_changed()
+        return sources

@@ -1,5 +1,6 @@
 """The --serial backends, exercised through real fds, sockets and pseudo-terminals."""
 
+import logging
 import os
 import socket
 import termios
@@ -187,6 +188,34 @@ def test_socket_reconnect_and_replacement(tmp_path):
             assert uart.wait_for(b"ab") == b"ab"
             backend.write(b"three")
             assert recv_exactly(third, 5) == b"three"
+    finally:
+        backend.close()
+
+
+def test_socket_client_that_stops_reading_never_blocks_the_guest(tmp_path, caplog):
+    """A client connects and never reads: the guest's output (the UART's writes) goes on
+    at once, the oldest beyond the backlog limit is dropped and logged, and a new client
+    replaces the stalled one and gets the live output."""
+    caplog.set_level(logging.WARNING, logger="pych.devices.legacy.serial_backend")
+    path = tmp_path / "serial.sock"
+    backend = SocketBackend(str(path))
+    try:
+        backend.start(FakeUart())
+        stalled = connect(path)
+        backend.write(b"hello")
+        assert recv_exactly(stalled, 5) == b"hello"      # attached; it reads no more
+        chunk = b"x" * 4095 + b"\n"
+        start = time.monotonic()
+        for _ in range(1024):                           # 4 MiB, 4x the backlog limit
+            backend.write(chunk)
+        assert time.monotonic() - start < TIMEOUT
+        with connect(path) as fresh:
+            backend.write(b"live")
+            data = b""
+            while not data.endswith(b"live"):
+                data += fresh.recv(65536)
+        stalled.close()
+        assert "output reader fell behind" in caplog.text
     finally:
         backend.close()
 

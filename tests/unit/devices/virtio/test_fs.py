@@ -27,7 +27,7 @@ from pych.devices.pci.msix import MSIX_CONTROL_ENABLE
 from pych.devices.vhost_user import (FLAG_NEED_REPLY, SINGLE_MEM_REGION, VRING_ADDR,
                                      VHOST_USER_F_PROTOCOL_FEATURES, MEM_TABLE_HEADER,
                                      ProtocolFeature, Request, VhostUserError)
-from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
+from pych.devices.virtio.device import (VIRTIO_F_EVENT_IDX, ActivationError, VIRTIO_F_INDIRECT_DESC,
                                         VIRTIO_F_VERSION_1, DeviceStatus, VirtioDeviceType,
                                         drain_eventfd)
 from pych.devices.virtio.fs import VirtioFs
@@ -365,6 +365,58 @@ def test_relayed_calls_and_a_backend_hanging_up(backend):
         backend.sock.shutdown(2)                                     # virtiofsd died
         assert h.interrupt.wait(lambda i: i.reset_requested)
     assert not fs.active                                             # shutdown still completes
+
+
+FUSE_READ, FUSE_FORGET = 15, 2
+
+
+REPLIES: dict[tuple[int, int], int] = {}          # (queue, head): its reply buffer
+
+
+def fuse_request(h: DeviceHarness, queue: int, opcode: int, unique: int,
+                 reply: int = 16 + 4096) -> int:
+    """A FUSE request on ``queue``: a fuse_in_header (40 bytes) and a reply buffer of
+    ``reply`` bytes (none for a FORGET)."""
+    header = struct.pack("<IIQQIIII", 40, opcode, unique, 1, 0, 0, 0, 0)
+    head = h.queue(queue).add_chain([header], [reply] if reply else [])
+    if reply:
+        REPLIES[queue, head] = h.queue(queue).writable_buffers(head)[0][0]
+    return head
+
+
+def fuse_reply(h: DeviceHarness, queue: int, head: int) -> tuple[int, int, int]:
+    return struct.unpack("<IiQ", h.mem.read(REPLIES[queue, head], 16))
+
+
+def test_virtiofsd_gone_mid_io_fails_its_requests_and_later_ones(backend):
+    """virtiofsd killed with requests in flight: pych answers them, and every later one,
+    -EIO (the guest's read ends with an error instead of hanging), reports the failure
+    once, and a driver that activates again is refused."""
+    failures = []
+    fs = make_fs(backend)
+    fs.on_failure = lambda name, why: failures.append((name, why))
+    with DeviceHarness(fs, queue_size=16) as h:
+        assert backend.wait_for(lambda b: b.of(Request.SET_VRING_KICK))
+        pending = [fuse_request(h, 1, FUSE_READ, unique) for unique in (10, 12)]
+        forget = fuse_request(h, 0, FUSE_FORGET, 14, reply=0)
+        backend.sock.shutdown(2)                                     # virtiofsd killed
+        assert h.interrupt.wait(lambda i: i.reset_requested)
+        used = h.wait_used(1, 2)
+        assert [e.id for e in used] == pending and {e.length for e in used} == {16}
+        assert [fuse_reply(h, 1, head) for head in pending] == [(16, -5, 10), (16, -5, 12)]
+        (element,) = h.wait_used(0, 1)
+        assert (element.id, element.length) == (forget, 0)             # FORGET: no reply
+        assert failures == [("fs", "the vhost-user backend at fake.sock hung up")]
+        assert fs.failure == failures[0][1]
+        # a request after the failure is answered at once, through the kick eventfd
+        later = fuse_request(h, 1, FUSE_READ, 16)
+        h.kick(1)
+        (element,) = h.wait_used(1, 1)
+        assert element.id == later and fuse_reply(h, 1, later) == (16, -5, 16)
+        assert fs.failed_requests == 4 and failures == [failures[0]]
+        with pytest.raises(ActivationError, match="fs: the vhost-user backend at fake.sock"):
+            fs.activate(h.mem, [], h.interrupt)                      # no second activation
+    assert not fs.active
 
 
 # --- hot plug through the device manager and the VMM -------------------------------------------

@@ -3,6 +3,7 @@
 import os
 import socket
 import struct
+import time
 
 import pytest
 
@@ -361,3 +362,50 @@ def test_mergeable_gso_frame_needs_64k_of_buffers(tap):
         assert sum(u[1] for u in used) == 60012
         data = b"".join(mq.read_writable(bufs[hd]) for hd in heads[:15])
         assert data[10:12] == struct.pack("<H", 15) and data[12:60012] == frame
+
+
+# --- the tap deleted under a running NIC (a real tap in a private network namespace) ----------
+def _needs_taps():
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("TAP TEST NOT RUN: it needs root and /dev/net/tun")
+
+
+def test_a_deleted_tap_fails_the_nic_once_and_takes_its_link_down():
+    """``ip link del`` of the tap: the worker notices (EBADFD / EPOLLERR) instead of
+    spinning, the device fails once (reported), its status loses LINK_UP with a config
+    interrupt, transmitted frames are completed as dropped, and shutdown still works."""
+    _needs_taps()
+    from pyroute2 import IPRoute
+
+    from pych.devices.net.tap import Tap
+    from tests.unit.devices.net.test_tap import in_new_netns
+
+    def scenario():
+        tap = Tap("pychgone0")
+        failures = []
+        device = VirtioNet(tap, mac=MAC, name="_net3")
+        device.on_failure = lambda name, why: failures.append((name, why))
+        with DeviceHarness(device, features=one_frame_per_chain(device)) as h:
+            h.queue(RECEIVEQ).add_chain(writable=[1526])
+            h.kick(RECEIVEQ)
+            assert device.config_bytes()[6:8] == struct.pack("<H", 1)       # link up
+            with IPRoute() as ipr:
+                ipr.link("del", index=ipr.link_lookup(ifname="pychgone0")[0])
+            assert h.interrupt.wait(lambda i: i.config_notifications == 1)
+            why = "the tap pychgone0 is gone (File descriptor in bad state); link down"
+            assert failures == [("_net3", why)] and device.failure == why
+            assert device.config_bytes()[6:8] == struct.pack("<H", 0)       # link down
+            frame = b"\xff" * 6 + MAC + b"\x08\x00" + b"payload"
+            heads = [h.queue(TRANSMITQ).add_chain([HEADER + frame]) for _ in range(3)]
+            h.kick(TRANSMITQ)
+            assert [e.id for e in h.wait_used(TRANSMITQ, 3)] == heads      # not stuck
+            assert device.tx_dropped == 3 and device.tx_frames == 0
+            h.kick(RECEIVEQ)                                               # a kick is harmless
+            time_before = os.times()
+            time.sleep(0.5)
+            busy = sum(os.times()[:2]) - sum(time_before[:2])
+            assert busy < 0.3, f"the workers spin on the dead tap ({busy:.2f} s of CPU)"
+            assert failures == [("_net3", why)]                             # reported once
+        return device.tap.fd
+
+    assert in_new_netns(scenario) == -1                                   # closed on shutdown

@@ -197,3 +197,16 @@ def test_client_mode_without_a_backend_names_the_socket(tmp_path):
     with pytest.raises(VhostUserError, match="vhost-user-net _net1: cannot connect to the "
                        "vhost-user backend at .*absent.sock"):
         VhostUserNet(str(tmp_path / "absent.sock"), mac=MAC, name="_net1")
+
+
+def test_a_backend_that_hangs_up_takes_the_link_down(backend):
+    failures = []
+    net = make(backend)
+    net.on_failure = lambda name, why: failures.append(why)
+    with DeviceHarness(net, queue_size=16) as h:
+        assert backend.wait_for(lambda b: b.of(Request.SET_VRING_KICK))
+        assert struct.unpack_from("<H", net.config_bytes(), 6)[0] == 1     # link up
+        backend.sock.shutdown(socket.SHUT_RDWR)                           # the back-end died
+        assert h.interrupt.wait(lambda i: i.reset_requested and i.config_notifications == 1)
+        assert struct.unpack_from("<H", net.config_bytes(), 6)[0] == 0     # link down
+        assert failures == [net.failure] and "hung up" in net.failure
