@@ -596,14 +596,7 @@ class VirtioNet(VirtioDevice):
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         """Serve one control queue command: class, command and data readable, one ack
         byte writable."""
-        data = chain.reader().read(chain.readable_len)
-        ok = len(data) >= 2 and self._control(data[0], data[1], data[2:])
-        if not ok:
-            self.ctrl_errors += 1
-            if self.ctrl_errors == 1:
-                log.warning("%s: refused control command %s; further refusals are only "
-                            "counted", self.name, data[:2].hex())
-        return chain.writer().write(bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
+        return answer_control_command(self, chain, self._control)
 
     def _control(self, cls: int, command: int, payload: bytes) -> bool:
         if (cls, command) == (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):
@@ -634,3 +627,20 @@ class VirtioNet(VirtioDevice):
             except TapError as e:
                 if "Invalid argument" not in str(e):   # already in that state
                     log.warning("%s: %s", self.name, e)
+
+
+def answer_control_command(device, chain: DescriptorChain,
+                           control: Callable[[int, int, bytes], bool]) -> int:
+    """One virtio-net control queue command (class, command and data readable, one ack byte
+    writable), carried out by ``control(class, command, data)``; returns the used length. A
+    refused command is answered VIRTIO_NET_ERR and counted in ``device.ctrl_errors``, logged
+    the first time only (a guest can repeat it at will). virtio-net and vhost-user-net (which
+    serves its control queue itself) share it."""
+    data = chain.reader().read(chain.readable_len)
+    ok = len(data) >= 2 and control(data[0], data[1], data[2:])
+    if not ok:
+        device.ctrl_errors += 1
+        if device.ctrl_errors == 1:
+            log.warning("%s: refused control command %s; further refusals are only counted",
+                        device.name, data[:2].hex())
+    return chain.writer().write(bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))

@@ -43,9 +43,9 @@ from pych.devices.vhost_user import (VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFea
 
 from .device import VirtioDeviceType, VirtioInterrupt
 from .queue import DescriptorChain
-from .net import (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR,
-                  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_OK, VIRTIO_NET_F_CSUM,
-                  VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+from .net import (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CSUM,
+                  VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+                  VIRTIO_NET_F_MQ, answer_control_command,
                   VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
                   VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
                   VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
@@ -176,14 +176,7 @@ class VhostUserNet(VhostUserDevice):
     def handle_chain(self, index: int, chain: DescriptorChain) -> int:
         """One control queue command: class, command and data readable, one ack byte
         writable."""
-        data = chain.reader().read(chain.readable_len)
-        ok = len(data) >= 2 and self._control(data[0], data[1], data[2:])
-        if not ok:
-            self.ctrl_errors += 1
-            if self.ctrl_errors == 1:
-                log.warning("%s: refused control command %s; further refusals are only "
-                            "counted", self.name, data[:2].hex())
-        return chain.writer().write(bytes([VIRTIO_NET_OK if ok else VIRTIO_NET_ERR]))
+        return answer_control_command(self, chain, self._control)
 
     def _control(self, cls: int, command: int, payload: bytes) -> bool:
         if (cls, command) != (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET):

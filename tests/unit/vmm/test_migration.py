@@ -107,7 +107,9 @@ def test_receive_needs_a_pych_without_a_vm_and_closes_fds(tmp_path):
     os.close(r)
 
 
-def test_a_receiver_fed_a_truncated_stream_keeps_no_vm(tmp_path):
+def receiving(tmp_path) -> tuple[Vmm, threading.Thread, list, protocol.Channel]:
+    """A pych without a VM receiving at ``unix:<tmp_path>/m`` on a thread (the errors it
+    answers collect in the list), and a sender's channel to it, past HELLO."""
     vmm = Vmm()
     url = f"unix:{tmp_path}/m"
     errors: list = []
@@ -120,11 +122,19 @@ def test_a_receiver_fed_a_truncated_stream_keeps_no_vm(tmp_path):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not (tmp_path / "m").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    channel = protocol.Channel(protocol.connect(protocol.parse_url(url)))
+    while True:                          # the socket file exists from bind(), before listen()
+        try:
+            channel = protocol.Channel(protocol.connect(protocol.parse_url(url)))
+            break
+        except protocol.MigrationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     channel.request(protocol.Msg.HELLO, protocol.hello(False))
+    return vmm, thread, errors, channel
+
+
+def test_a_receiver_fed_a_truncated_stream_keeps_no_vm(tmp_path):
+    vmm, thread, errors, channel = receiving(tmp_path)
     channel.close()                                     # gone before CONFIG
     thread.join(10)
     assert int(status_of(errors[0])) == 500 and "truncated" in errors[0].messages[-1]
@@ -135,29 +145,7 @@ def test_a_receiver_fed_a_truncated_stream_keeps_no_vm(tmp_path):
 def test_a_receiver_refuses_a_bad_configuration_by_what_is_wrong_and_keeps_no_vm(tmp_path):
     """The receiver validates the sender's configuration itself (with the models it loads on
     first use: the receiver started with no VM has none loaded yet)."""
-    vmm = Vmm()
-    url = f"unix:{tmp_path}/m"
-    errors: list = []
-
-    def run():
-        try:
-            vmm.vm_receive_migration(ReceiveMigrationData(receiver_url=url), [])
-        except VmmError as e:
-            errors.append(e)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "m").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    while True:                          # the socket file exists from bind(), before listen()
-        try:
-            channel = protocol.Channel(protocol.connect(protocol.parse_url(url)))
-            break
-        except protocol.MigrationError:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    channel.request(protocol.Msg.HELLO, protocol.hello(False))
+    vmm, thread, errors, channel = receiving(tmp_path)
     with pytest.raises(protocol.PeerRefused) as refused:
         channel.request(protocol.Msg.CONFIG, {"config": {"cpus": {"boot_vcpus": 0}},
                                               "layout": {}, "shared": {}})
