@@ -188,8 +188,9 @@ class Sandbox:
         self.shell: Shell | None = None
         self.console: Console | None = None
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, check)
+    def run(self, cmd: str, timeout: float = 120, check: bool = False,
+            **kwargs) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check, **kwargs)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -114,8 +114,8 @@ class Receiver:
         assert self.result is not None, f"vm.receive-migration did not answer: {self.log()}"
         return self.result
 
-    def run(self, cmd: str, timeout: float = 120):
-        return self.shell.run(cmd, timeout)
+    def run(self, cmd: str, timeout: float = 120, **kwargs):
+        return self.shell.run(cmd, timeout, **kwargs)
 
     def attach_console(self, serial_path: str) -> None:
         self.console = Console.connect_unix(serial_path, 60, alive=lambda: self.proc.poll() is None)

@@ -70,8 +70,8 @@ class ColdStartedGuest:
         self.shell = Shell(self.console)
         self.shell.prepare()
 
-    def run(self, cmd: str, timeout: float = 120) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout)
+    def run(self, cmd: str, timeout: float = 120, **kwargs) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, **kwargs)
 
     def events(self, name: str) -> list[dict]:
         return [e for e in map(json.loads, self.events_path.read_text().splitlines())
