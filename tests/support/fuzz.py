@@ -90,6 +90,7 @@ HOST_SIDE_EFFECTS = {"/vm.add-net", "/vm.add-pmem", "/vm.add-vsock"}
 _EXTRA_STATUSES = {"/vm.create": {409}, "/vm.boot": {409}, "/vm.counters": {405},
                    "/vm.resize-disk": {405},       # a disk of a VM that is not running
                    "/vm.receive-migration": {409},  # into a pych that already has a VM
+                   "/vm.send-migration": {405},    # of a VM that is not running
                    "/vm.nmi": {405}, "/vmm.shutdown": {200}}
 
 
