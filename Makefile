@@ -43,7 +43,8 @@ demo: deps venv guest
 # Every bench script measures pych and its peer (QEMU) in turn, who goes first rotating, and
 # writes its own table into docs/benchmarks.md (between <!-- bench:NAME --> markers) with the
 # date, commit, run count and the host's load average before and after. BENCH_RUNS: runs per
-# VMM (3 or more for a figure worth recording; fewer is marked as a smoke run).
+# VMM (3 or more for a figure worth recording; fewer is marked as a smoke run). BENCH_HOST_NOTE:
+# what else the host was doing, written into each table's header.
 BENCH_RUNS ?= 3
 bench: deps venv guest
 	$(PY) -m pip install -q -e '.[test,bench]'

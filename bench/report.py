@@ -78,6 +78,13 @@ def ratio(pych: Sequence[float], peer: Sequence[float], fmt: str = ".2f") -> str
     return text
 
 
+def host_note() -> str:
+    """What else the host was doing, as whoever ran the benchmark says in ``BENCH_HOST_NOTE``
+    (the load average shows how busy it was, not with what)."""
+    note = os.environ.get("BENCH_HOST_NOTE", "").strip()
+    return f" Also running on the host: {note}." if note else ""
+
+
 class Run:
     """One script's measurement session: records the load and date when it starts."""
 
@@ -99,7 +106,7 @@ class Run:
         return (f"`{self.command}` — {self.started:%Y-%m-%d %H:%M} UTC, commit {self.commit}, "
                 f"{self.runs} run(s) per VMM, who goes first rotating{smoke}. "
                 f"Host load average (1/5/15 min) before {self.load_before}, after {load_after} "
-                f"on {os.cpu_count()} CPUs.")
+                f"on {os.cpu_count()} CPUs.{host_note()}")
 
     def write(self, body: str, *, no_write: bool = False) -> str:
         """Print the section and put it between its markers in docs/benchmarks.md."""
