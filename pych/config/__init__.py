@@ -27,8 +27,9 @@ used imports pydantic and its module's models.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pych import lazy
 
 if TYPE_CHECKING:
     from pych.config.api import (
@@ -126,15 +127,4 @@ _MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items()
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str) -> Any:
-    """``pych.config.DiskConfig``: imported from its module the first time it is asked for."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy.exports(__name__, _MODULE_OF)
