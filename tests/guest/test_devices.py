@@ -21,7 +21,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 
 
@@ -31,7 +30,7 @@ from pych.api.client import ApiClient
 
 from tests.support.guest import REPO, PychGuest
 from tests.support.netns import in_netns, tcp_receive_md5
-from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
+from tests.support.vsock import build_vsockcat_disk, vsock_from_guest, vsock_to_guest
 
 NETNS = f"pych-devices-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.249.1", "192.168.249.2"
@@ -247,26 +246,11 @@ def test_vsock_host_to_guest_and_guest_to_host(guest):
     rc, out = guest.run("wait; md5sum /tmp/vsock.bin")
     assert rc == 0 and out.split()[0] == hashlib.md5(payload).hexdigest(), out
 
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{guest.files['vsock']}_5678")
-    listener.listen(1)
-    listener.settimeout(120)
-    received = []
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(60)
-            while chunk := conn.recv(4096):
-                received.append(chunk)
-            conn.sendall(b"ack-from-host")
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    rc, out = guest.run("echo hello-host | /tmp/vsockcat c 2 5678")
-    server.join(60)
-    listener.close()
-    assert (rc, out) == (0, "ack-from-host")
-    assert b"".join(received) == b"hello-host\n"
+    result, received = vsock_from_guest(
+        guest.files["vsock"], 5678, lambda: guest.run("echo hello-host | /tmp/vsockcat c 2 5678"),
+        b"ack-from-host")
+    assert result == (0, "ack-from-host")
+    assert received == b"hello-host\n"
 
 
 def test_balloon_inflate_lowers_memtotal_and_deflate_restores_it(guest):

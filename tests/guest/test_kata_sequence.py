@@ -28,25 +28,20 @@ which is Kata's own bound (``clhStopSandboxTimeout``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
-
-from tests.support.guest import (READY, REPO, Console, GuestError, Shell, guest_artifacts,
-                                 guest_cmdline)
+from tests.support.guest import ApiOnlyPych, guest_artifacts, guest_cmdline
 from tests.support.hotplug import wait_in_guest
-from tests.support.netns import in_netns
+from tests.support.netns import in_netns, open_tap_queue
 from tests.support.virtiofsd import VIRTIOFSD, Virtiofsd
 
 NETNS = f"pych-kata-{os.getpid()}"
@@ -142,16 +137,6 @@ def http(api: str, method: str, endpoint: str, body: dict | None = None,
     return int(head.split()[1]), rest.decode()
 
 
-def open_tap_queue(name: str) -> int:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
-                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 # --- the sandbox ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -175,43 +160,15 @@ def share(files):
     d.stop()
 
 
-class Sandbox:
-    """pych as Kata launches it, in the module's network namespace."""
-
-    def __init__(self, files: dict, netns: str) -> None:
-        self.files, self.api = files, files["api"]
-        self.log = open(files["dir"] / "pych.log", "wb")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, str(REPO / ".venv" / "bin" / "pych"),
-             "--api-socket", self.api], stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT)                       # ip netns exec exec()s: same pid
-        self.shell: Shell | None = None
-        self.console: Console | None = None
-
-    def run(self, cmd: str, timeout: float = 120, check: bool = False,
-            **kwargs) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, check, **kwargs)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.console is not None:
-            self.console.close()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def sandbox(files, share, netns):
-    box = Sandbox(files, netns)
+    """pych as Kata launches it (only ``--api-socket``), in the module's network namespace."""
+    box = ApiOnlyPych(files["dir"], netns=netns, api_path=files["api"])
+    box.api = box.api_path
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(box.api):
-            assert box.proc.poll() is None and time.monotonic() < deadline, "no API socket"
-            time.sleep(0.05)
         yield box
     finally:
-        box.stop()
+        box.stop(timeout=0)             # Kata's own end is the vmm.shutdown test
 
 
 # --- the sequence ---------------------------------------------------------------------------------
@@ -238,14 +195,7 @@ def test_boot_and_the_share_on_segment_1(sandbox, files):
     assert info["state"] == "Running"
     fs_id = info["config"]["fs"][0]["id"]
     assert info["device_tree"][f"_virtio-pci-{fs_id}"]["pci_bdf"] == "0001:00:00.0", info
-    sandbox.console = Console.connect_unix(files["serial"], 30, files["dir"] / "console.log",
-                                           alive=lambda: sandbox.proc.poll() is None)
-    sandbox.shell = Shell(sandbox.console)
-    try:
-        sandbox.console.expect(READY, 600)
-    except GuestError as e:
-        raise GuestError(f"{e}\n{(files['dir'] / 'pych.log').read_text()[-2000:]}") from None
-    sandbox.shell.prepare()
+    sandbox.attach_console(files["serial"], wait_ready=True, timeout=600)
     rc, out = sandbox.run(
         "lspci -D -n; mkdir -p /mnt/shared && mount -t virtiofs kataShared /mnt/shared && "
         f"cat /mnt/shared/{SHARED_FILE}; ip -o link", timeout=300)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.guest import REPO, vm_info
-from tests.support.hotplug import wait_for_events, wait_in_guest
+from tests.support.hotplug import curl, wait_for_events, wait_in_guest
 from tests.support.host import lock_is_free
 
 DISK_SIZE = 4 << 20
@@ -50,16 +50,6 @@ def guest(guest_factory, workdir):
     g.events_path = workdir / "events"
     return g
 
-
-def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
-    """The document's curl line: PUT with a JSON body; returns (HTTP status, body)."""
-    out = subprocess.run(
-        ["curl", "-s", "-H", "Accept: application/json", "-H", "Content-Type: application/json",
-         "-XPUT", "--unix-socket", guest.api_path, "-d", json.dumps(body),
-         "-w", "\n%{http_code}", f"http://localhost/api/v1/{endpoint}"],
-        capture_output=True, text=True, timeout=120, check=True).stdout
-    text, _, status = out.rpartition("\n")
-    return int(status), text
 
 
 def pych_holds(guest, path: Path) -> bool:

@@ -22,27 +22,21 @@ in order and share the guest; nothing is timed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-import socket
-import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
-
 from tests.support.guest import REPO, PychGuest, vm_info
 from tests.support.host import settled_resources
-from tests.support.hotplug import wait_for_events, wait_in_guest
-from tests.support.netns import in_netns
-from tests.support.vsock import build_vsockcat_disk, vsock_to_guest
+from tests.support.hotplug import curl, wait_for_events, wait_in_guest
+from tests.support.netns import in_netns, open_tap_queue
+from tests.support.vsock import build_vsockcat_disk, vsock_from_guest, vsock_to_guest
 
 NETNS = f"pych-hotplug-{os.getpid()}"
 HOST_IP, GUEST_IP = "192.168.249.1", "192.168.249.2"
@@ -64,19 +58,6 @@ IF_UP = ('up() { for d in /sys/class/net/eth*; do read a < $d/address; '
 
 
 # --- host side ----------------------------------------------------------------------------------
-def open_tap_queue(name: str) -> int:
-    """What a manager such as Kata does before handing a tap to the VMM: open
-    /dev/net/tun and attach it to (creating) interface ``name``; returns the fd. Call it
-    in the module's network namespace."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
-                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 def pych_remote(guest, *args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / ".venv" / "bin" / "pych-remote"), "--api-socket",
@@ -89,17 +70,6 @@ def links() -> set[str]:
                          check=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
-
-def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
-    """The document's curl line, verbatim but for the socket and the body; returns the
-    HTTP status and the response body."""
-    out = subprocess.run(
-        ["curl", "-H", "Accept: application/json", "-H", "Content-Type: application/json",
-         "-i", "-XPUT", "--unix-socket", guest.api_path, "-d", json.dumps(body),
-         f"http://localhost/api/v1/{endpoint}"],
-        capture_output=True, text=True, timeout=120, check=True).stdout
-    head, _, text = out.replace("\r\n", "\n").partition("\n\n")
-    return int(head.split()[1]), text
 
 
 def holds(pid: int, path: Path) -> bool:
@@ -214,29 +184,11 @@ def test_hot_added_vsock_streams_both_ways(guest, files):
     rc, out = guest.run("wait; wc -c < /tmp/vsock.bin; md5sum < /tmp/vsock.bin")
     assert rc == 0 and out.split()[:2] == [str(len(payload)), hashlib.md5(payload).hexdigest()], out
 
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(f"{files['vsock']}_5678")
-    listener.listen(1)
-    listener.settimeout(120)
-    received = []
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(60)
-            while chunk := conn.recv(4096):
-                received.append(chunk)
-            conn.sendall(b"ack-from-host")
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        rc, out = guest.run("echo hello-host | /tmp/vsockcat c 2 5678")
-        server.join(60)
-    finally:
-        listener.close()
-        os.unlink(f"{files['vsock']}_5678")
-    assert (rc, out) == (0, "ack-from-host")
-    assert b"".join(received) == b"hello-host\n"
+    result, received = vsock_from_guest(
+        files["vsock"], 5678, lambda: guest.run("echo hello-host | /tmp/vsockcat c 2 5678"),
+        b"ack-from-host")
+    assert result == (0, "ack-from-host")
+    assert received == b"hello-host\n"
 
 
 def test_an_fd_that_is_not_a_tap_is_refused_clearly_and_not_kept(guest):

@@ -14,90 +14,16 @@ removing ``__rng`` (500, not removable) and a second vsock (500, at most one).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from pych.api.client import ApiClient
-
-from tests.support.guest import READY, Console, Shell, guest_artifacts, guest_cmdline
+from tests.support.guest import ApiOnlyPych, guest_artifacts, guest_cmdline
 from tests.support.host import settled_resources
-from tests.support.hotplug import wait_in_guest
+from tests.support.hotplug import wait_for_events, wait_in_guest
 
 CYCLES = 20
 DISK_SIZE = 1 << 20
-
-
-class ColdStartedGuest:
-    """pych started with only --api-socket; the VM is created, given a disk and booted
-    over the API."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.api_path = str(workdir / "api.sock")
-        self.serial_path = str(workdir / "serial.sock")
-        self.events_path = workdir / "events.json"
-        self._log = open(workdir / "pych.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pych", "--api-socket", self.api_path,
-             "--event-monitor", f"path={self.events_path}"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.api_path):
-            assert self.proc.poll() is None, (workdir / "pych.log").read_text()
-            assert time.monotonic() < deadline, "the API socket never appeared"
-            time.sleep(0.05)
-        self.api = ApiClient(self.api_path)
-        self.console: Console | None = None
-        self.shell: Shell | None = None
-
-    def put(self, endpoint: str, body: dict | None = None) -> tuple[int, str]:
-        status, data = self.api.put(endpoint, body)
-        return status, data.decode()
-
-    def info(self) -> dict:
-        return json.loads(self.api.get("vm.info")[1])
-
-    def boot(self) -> None:
-        status, body = self.put("vm.boot")
-        assert status == 204, body
-        self.console = Console.connect_unix(self.serial_path, 30, self.workdir / "console.log")
-        self.console.expect(READY, 300)
-        self.shell = Shell(self.console)
-        self.shell.prepare()
-
-    def run(self, cmd: str, timeout: float = 120, **kwargs) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, **kwargs)
-
-    def events(self, name: str) -> list[dict]:
-        return [e for e in map(json.loads, self.events_path.read_text().splitlines())
-                if e["event"] == name]
-
-    def wait_for_events(self, name: str, count: int, limit: float = 300) -> list[dict]:
-        deadline = time.monotonic() + limit
-        while len(found := self.events(name)) < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return found
-
-    def resources(self, expected: tuple[int, int] | None = None) -> tuple[int, int]:
-        """(open fds, threads) of the pych process once settled (tests.support.host)."""
-        return settled_resources(self.proc.pid, expected)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.console is not None:
-            self.console.close()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +41,9 @@ def disks(workdir) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def guest(workdir, disks):
-    g = ColdStartedGuest(workdir)
+    g = ApiOnlyPych(workdir, extra_args=["--event-monitor", f"path={workdir / 'events.json'}"])
+    g.events_path = workdir / "events.json"
+    g.serial_path = str(workdir / "serial.sock")
     try:
         art = guest_artifacts()
         status, body = g.put("vm.create", {
@@ -128,7 +56,9 @@ def guest(workdir, disks):
         })
         assert status == 204, body
         g.cold_add = g.put("vm.add-disk", {"path": str(disks[0]), "id": "cold"})
-        g.boot()
+        status, body = g.put("vm.boot")
+        assert status == 204, body
+        g.attach_console(g.serial_path, wait_ready=True)
         yield g
     finally:
         g.stop()
@@ -153,13 +83,13 @@ def test_twenty_add_remove_cycles_keep_fds_and_threads_constant(guest, disks):
         assert rc == 0, f"cycle {cycle}: the guest never saw the added disk"
         status, body = guest.put("vm.remove-device", {"id": dev_id})
         assert (status, body) == (204, ""), f"cycle {cycle}"
-        removed = guest.wait_for_events("device-removed", cycle + 1)
+        removed = wait_for_events(guest, "device-removed", cycle + 1, limit=300)
         assert len(removed) == cycle + 1, f"cycle {cycle}: no device-removed for {dev_id}"
         assert removed[-1]["properties"]["id"] == dev_id
         rc, _ = wait_in_guest(guest, "[ ! -e /sys/block/vdb ]", interval=0.5)
         assert rc == 0, f"cycle {cycle}: the guest kept the removed disk"
         # the first cycle's settled figures are the bound every later cycle is held to
-        samples.append(guest.resources(samples[0] if samples else None))
+        samples.append(settled_resources(guest.proc.pid, samples[0] if samples else None))
     assert samples[1:] == samples[:1] * (CYCLES - 1), \
         f"fds/threads per cycle (fds, threads): {samples}"
     info = guest.info()

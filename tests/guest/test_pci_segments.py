@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.support.guest import PychGuest, vm_info
-from tests.support.hotplug import wait_for_events, wait_in_guest
+from tests.support.hotplug import curl, wait_for_events, wait_in_guest
 from tests.support.host import lock_is_free
 
 NETNS = f"pych-segments-{os.getpid()}"
@@ -42,16 +41,6 @@ def pattern(size: int, seed: int) -> bytes:
     return b"".join(hashlib.sha256(seed.to_bytes(4, "little") + i.to_bytes(4, "little")).digest()
                     for i in range(size // 32))
 
-
-def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
-    """PUT ``body`` to ``endpoint`` with curl on the API socket: (HTTP status, body)."""
-    out = subprocess.run(
-        ["curl", "-s", "-H", "Content-Type: application/json", "-XPUT", "--unix-socket",
-         guest.api_path, "-d", json.dumps(body), "-w", "\n%{http_code}",
-         f"http://localhost/api/v1/{endpoint}"],
-        capture_output=True, text=True, timeout=120, check=True).stdout
-    text, _, status = out.rpartition("\n")
-    return int(status), text
 
 
 def lspci(guest) -> dict[str, str]:

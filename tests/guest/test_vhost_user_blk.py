@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.guest import vm_info
-from tests.support.hotplug import events, wait_in_guest
+from tests.support.hotplug import curl, events, wait_in_guest
 
 QSD = "/usr/bin/qemu-storage-daemon"
 MiB = 1 << 20
@@ -129,16 +129,6 @@ def guest(workdir, images, guest_factory):
     g.events_path = workdir / "events"
     return g
 
-
-def curl(guest, endpoint: str, body: dict | None = None, method: str = "PUT") -> tuple[int, str]:
-    args = ["curl", "-s", "-H", "Accept: application/json", f"-X{method}",
-            "--unix-socket", guest.api_path, "-w", "\n%{http_code}"]
-    if body is not None:
-        args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    out = subprocess.run([*args, f"http://localhost/api/v1/{endpoint}"], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    text, _, status = out.rpartition("\n")
-    return int(status), text
 
 
 def wait_until(predicate, limit: float) -> bool:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.guest import vm_info
-from tests.support.hotplug import events, wait_in_guest
+from tests.support.hotplug import curl, events, wait_in_guest
 from tests.support.virtiofsd import VIRTIOFSD, Virtiofsd
 
 HOST_FILE_SIZE = 256 * 1024
@@ -70,15 +69,6 @@ def guest(workdir, boot_share, guest_factory):          # pych stops before the 
     g.events_path = workdir / "events"
     return g
 
-
-def curl(guest, endpoint: str, body: dict) -> tuple[int, str]:
-    out = subprocess.run(
-        ["curl", "-s", "-H", "Accept: application/json", "-H", "Content-Type: application/json",
-         "-XPUT", "--unix-socket", guest.api_path, "-d", json.dumps(body),
-         "-w", "\n%{http_code}", f"http://localhost/api/v1/{endpoint}"],
-        capture_output=True, text=True, timeout=120, check=True).stdout
-    text, _, status = out.rpartition("\n")
-    return int(status), text
 
 
 def pych_fds(guest) -> int:

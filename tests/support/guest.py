@@ -245,6 +245,83 @@ class PychGuest:
         self.stop()
 
 
+
+class ApiOnlyPych:
+    """A pych started with only ``--api-socket`` (plus ``extra_args``; in network namespace
+    ``netns`` if given): a client creates and boots its VM over the API, as Kata Containers
+    does, or it receives a migrated one. Once a guest runs in it, :meth:`attach_console`
+    connects to the serial socket that VM's configuration names, and :meth:`run` drives the
+    guest's shell as :class:`PychGuest` does."""
+
+    def __init__(self, workdir: Path, name: str = "pych", *, extra_args: list[str] | None = None,
+                 netns: str | None = None, api_path: str | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.api_path = api_path or str(self.workdir / f"{name}.api")
+        self.log_path = self.workdir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        args = [str(REPO / ".venv" / "bin" / "pych"), "--api-socket", self.api_path,
+                *(extra_args or [])]
+        if netns:
+            args = ["ip", "netns", "exec", netns, *args]     # it exec()s: the same pid
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.api_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise GuestError(f"pych did not start: {self.log()}")
+            time.sleep(0.05)
+        self.console: Console | None = None
+        self.shell: Shell | None = None
+
+    def put(self, endpoint: str, body: dict | None = None) -> tuple[int, str]:
+        from pych.api.client import ApiClient
+        status, data = ApiClient(self.api_path).put(endpoint, body)
+        return status, data.decode()
+
+    def info(self) -> dict:
+        from pych.api.client import ApiClient
+        return json.loads(ApiClient(self.api_path).get("vm.info")[1])
+
+    def attach_console(self, serial_path: str, *, wait_ready: bool = False,
+                       timeout: float = 300) -> None:
+        """Connect to the guest's serial socket; with ``wait_ready`` (a VM just booted), wait
+        for its GUEST-READY line first. Then prepare its shell."""
+        self.console = Console.connect_unix(serial_path, 60, self.workdir / "console.log",
+                                            alive=lambda: self.proc.poll() is None)
+        if wait_ready:
+            try:
+                self.console.expect(READY, timeout)
+            except GuestError as e:
+                raise GuestError(f"{e}\npych log: {self.log()}") from None
+        self.shell = Shell(self.console)
+        self.shell.prepare()
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
+            again_if_shell_restarts: bool = False) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check,
+                              again_if_shell_restarts=again_if_shell_restarts)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL if pych has not ended within ``timeout`` s."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.console is not None:
+            self.console.close()
+        self._log.close()
+
 def qemu_command(art: dict[str, Path], *, machine: str = "microvm,acpi=on", memory: str = "256M",
                  smp: str = "1", cmdline: str | None = None) -> list[str]:
     return ["qemu-system-x86_64", "-M", machine, "-enable-kvm",

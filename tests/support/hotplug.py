@@ -3,12 +3,14 @@
 ``wait_in_guest`` polls a shell condition inside the guest in one command (acpiphp can take
 tens of seconds to probe or release a device where guest kernel code is emulated); ``events``
 and ``wait_for_events`` read the JSON lines of the file the guest's ``--event-monitor
-path=...`` writes, which tests keep as ``guest.events_path``.
+path=...`` writes, which tests keep as ``guest.events_path``; ``curl`` sends a request the
+way the user's document does, with curl on the API socket.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 
@@ -38,3 +40,16 @@ def wait_for_events(guest, name: str, count: int, limit: float = 120) -> list[di
     while len(found := events(guest, name)) < count and time.monotonic() < deadline:
         time.sleep(0.2)
     return found
+
+
+def curl(guest, endpoint: str, body: dict | None = None, method: str = "PUT") -> tuple[int, str]:
+    """``curl -X<method> --unix-socket <guest.api_path> http://localhost/api/v1/<endpoint>``
+    with ``body`` as JSON, as the user's document writes it; returns (HTTP status, body)."""
+    args = ["curl", "-s", "-H", "Accept: application/json", f"-X{method}",
+            "--unix-socket", guest.api_path, "-w", "\n%{http_code}"]
+    if body is not None:
+        args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    out = subprocess.run([*args, f"http://localhost/api/v1/{endpoint}"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    text, _, status = out.rpartition("\n")
+    return int(status), text

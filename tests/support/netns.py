@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -73,3 +75,18 @@ def tcp_receive_md5(listener: socket.socket, timeout: float = 180) -> tuple[int,
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+def open_tap_queue(name: str) -> int:
+    """What a manager such as Kata does before handing a tap to the VMM: open /dev/net/tun
+    and attach it to (creating) interface ``name``; returns the fd. Call it in the network
+    namespace the tap belongs in (``in_netns``)."""
+    from pych.devices.net.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
