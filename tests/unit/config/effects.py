@@ -478,21 +478,6 @@ def _uuid(tmp, mp):
         assert uuid.UUID(given).bytes_le in smbios_table(vm)
 
 
-@probe("PlatformConfig.vfio_p2p_dma")
-def _vfio_p2p_dma(tmp, mp):
-    """``off`` is what pych does: the VFIO container maps guest RAM only, never a device's
-    BARs (pych/devices/vfio: the DMA map follows the memory manager's RAM ranges)."""
-    import inspect
-
-    from pych.device_manager import manager
-    source = inspect.getsource(manager.DeviceManager._add_vfio_device)
-    assert "ram=self.dma_ranges" in source
-    with built_vm(tmp, mp, platform={"vfio_p2p_dma": False}) as vm:
-        ranges = vm.memory.dma_ranges
-        assert ranges and all(r.gpa < layout.MEM_32BIT_RESERVED_START or r.gpa >= 4 * GiB
-                              for r in (ranges() if callable(ranges) else ranges))
-
-
 # --- PCI segments -----------------------------------------------------------------------------
 
 
@@ -1224,3 +1209,157 @@ def _vhost_user_disk(tmp, mp):
 
 
 PROBES["DiskConfig.vhost_user"] = PROBES["DiskConfig.vhost_socket"] = _vhost_user_disk
+
+
+# --- VFIO (on the fake VFIO kernel of tests/unit/devices/vfio) --------------------------------
+
+@contextlib.contextmanager
+def vfio_machine(tmp: Path, platform: dict | None = None,
+                 **device: Any) -> Iterator[tuple[Any, Any, str]]:
+    """A device manager with one VFIO boot device (``device`` on top of its sysfs path) on
+    the fake VFIO kernel: (machine, kernel, device id)."""
+    from tests.support.machines import vm_config
+    from tests.unit.devices.vfio.test_vfio import FakeVfioKernel, sysfs_device
+
+    from tests.support.fakes import RecordingMemslots
+    from tests.support.machines import DeviceManagerMachine
+    from tests.unit.devices.vfio.test_vfio import EventfdMsi
+
+    kernel = FakeVfioKernel()
+    path = sysfs_device(tmp / "sys")
+    m = DeviceManagerMachine(vm_config(devices=[{"path": path, **device}],
+                                       platform={"num_pci_segments": 2,
+                                                 **(platform or {})}),
+                             ram=[(0, 8 * MiB), (1 << 32, 4 * MiB)], msi=EventfdMsi(),
+                             memslots=RecordingMemslots(), vfio_kernel=kernel,
+                             mmio64=(1 << 40, 1 << 36))
+    try:
+        dev_id, = m.dm.vfio_devices
+        yield m, kernel, dev_id
+    finally:
+        m.close()
+
+
+def _vfio(device: dict, check: Callable[[Any, Any, str], None]) -> Probe:
+    def run(tmp, mp):
+        with vfio_machine(tmp, **device) as (m, kernel, dev_id):
+            check(m, kernel, dev_id)
+    return run
+
+
+def _vfio_bdf(m, dev_id) -> str:
+    return m.dm.device_tree()[dev_id]["pci_bdf"]
+
+
+PROBES["VmConfig.devices"] = PROBES["DeviceConfig.path"] = _vfio(
+    {}, lambda m, k, d: sorted(k.fds.values()) == ["container", "device", "group"]
+    and _vfio_bdf(m, d) == "0000:00:02.0" or _fail((k.fds, _vfio_bdf(m, d))))
+PROBES["DeviceConfig.id"] = _vfio(
+    {"id": "probe-vfio"}, lambda m, k, d: d == "probe-vfio" and _vfio_bdf(m, d) or _fail(d))
+PROBES["DeviceConfig.pci_segment"] = _vfio(
+    {"pci_segment": 1}, lambda m, k, d: _vfio_bdf(m, d) == "0001:00:00.0" or _fail(d))
+PROBES["DeviceConfig.pci_device_id"] = _vfio(
+    {"pci_device_id": 9}, lambda m, k, d: _vfio_bdf(m, d) == "0000:00:09.0" or _fail(d))
+
+
+@probe("DeviceConfig.x_exclude_mmap_bars")
+def _exclude_mmap_bars(tmp, mp):
+    with vfio_machine(tmp / "a") as (m, kernel, dev_id):
+        mapped = set(m.dm.vfio_devices[dev_id]._mapped)
+    assert 2 in mapped                  # BAR 2 is mmapped (BAR 0 holds the MSI-X table)
+    with vfio_machine(tmp / "b", x_exclude_mmap_bars=[2]) as (m, kernel, dev_id):
+        assert set(m.dm.vfio_devices[dev_id]._mapped) == mapped - {2}
+
+
+@probe("PlatformConfig.vfio_p2p_dma")
+def _vfio_p2p_dma(tmp, mp):
+    """``off`` is what pych does: the container maps guest RAM for DMA, no device BAR."""
+    with vfio_machine(tmp, platform={"vfio_p2p_dma": False}) as (m, kernel, dev_id):
+        assert m.dm.config.platform.vfio_p2p_dma is False
+        assert kernel.dma == {r.gpa: (r.host_addr, r.size) for r in m.mem.regions}
+
+
+# --- serial port, through the VMM that owns its host end -------------------------------------
+
+def _serial(serial: dict, check: Callable[[Any, Any], None]) -> Probe:
+    def run(tmp, mp):
+        from tests.unit.vmm.fakes import fake_vmm
+        vmm = fake_vmm(mp)
+        cfg = config(tmp, serial={k: (str(tmp / v) if k in ("file", "socket") else v)
+                                  for k, v in serial.items()})
+        port = vmm._serial_port(cfg)
+        try:
+            with built_vm(tmp, mp, vcpus=False, serial_port=port, _config=cfg) as vm:
+                check(vm, cfg)
+        finally:
+            if port is not None:
+                port.close()
+            vmm.close()
+    return run
+
+
+def _uart_writes_file(vm, cfg):
+    for byte in b"probe\n":
+        vm.pio.write(layout.COM1_PORT, 1, byte)
+    for _ in range(400):
+        if Path(cfg.serial.file).read_bytes() == b"probe\n":
+            return
+        __import__("time").sleep(0.005)
+    raise AssertionError(Path(cfg.serial.file).read_bytes())
+
+
+def _uart_serves_socket(vm, cfg):
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    try:
+        client.connect(cfg.serial.socket)
+        __import__("time").sleep(0.05)
+        for byte in b"probe\n":
+            vm.pio.write(layout.COM1_PORT, 1, byte)
+        got = b""
+        while not got.endswith(b"probe\n"):
+            got += client.recv(64)
+    finally:
+        client.close()
+
+
+def _no_uart(vm, cfg):
+    assert vm.serial is None and vm.pio.read(layout.COM1_PORT + 5, 1) in (0, 0xFF)
+    assert b"COM1" not in acpi_tables(vm)["DSDT"]
+
+
+PROBES["VmConfig.serial"] = PROBES["SerialConfig.file"] = _serial(
+    {"mode": "File", "file": "serial.out"}, _uart_writes_file)
+PROBES["SerialConfig.socket"] = _serial({"mode": "Socket", "socket": "serial.sock"},
+                                        _uart_serves_socket)
+PROBES["SerialConfig.mode"] = _serial({"mode": "Off"}, _no_uart)
+
+
+# --- landlock -------------------------------------------------------------------------------------
+
+def _landlock_rules(tmp, mp, **fields) -> list:
+    """The rules ``pych --landlock`` restricts the process to (restrict recorded)."""
+    from pych import landlock
+    from pych.cli import process
+    recorded: list = []
+    mp.setattr(landlock, "restrict", lambda rules: recorded.append(list(rules)))
+    cfg = config(tmp, **fields)
+    assert process._landlock(cfg, None) is None
+    return recorded
+
+
+PROBES["VmConfig.landlock_enable"] = ShownBy(
+    "tests/guest/test_memory_backing_landlock.py::"
+    "test_the_kernel_denies_pych_a_snapshot_outside_and_allows_one_inside",
+    "the kernel itself denies pych, started with --landlock, a path outside its "
+    "configuration: only a sandboxed process shows it (the rules it gets: the "
+    "VmConfig.landlock_rules probe)")
+
+
+@probe("VmConfig.landlock_rules", "LandlockConfig.path", "LandlockConfig.access")
+def _landlock_rule(tmp, mp):
+    allowed = tmp / "allowed"
+    allowed.mkdir()
+    rules, = _landlock_rules(tmp, mp, landlock_enable=True,
+                             landlock_rules=[{"path": str(allowed), "access": "rw"}])
+    assert any(rule.path == str(allowed) and rule.access == "rw" for rule in rules)

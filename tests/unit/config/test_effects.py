@@ -26,3 +26,8 @@ def test_every_field_that_works_has_a_probe():
 @pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)])
 def test_probe(key, tmp_path, monkeypatch):
     PROBES[key](tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if isinstance(PROBES[k], ShownBy)])
+def test_a_field_shown_in_a_guest_names_a_test_that_exists(key):
+    assert PROBES[key].exists(), PROBES[key].test
