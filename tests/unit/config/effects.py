@@ -360,6 +360,7 @@ def nothing_to_honour(model_name: str, field: str, sub: str | None = None) -> Pr
         assert values == [default], (field, values)
         with pytest.raises(ValidationError):
             model.model_validate({**_MINIMAL.get(model_name, {}), field: f"not-{default}"})
+    check.nothing_to_honour = True
     return check
 
 
@@ -1363,3 +1364,117 @@ def _landlock_rule(tmp, mp):
     rules, = _landlock_rules(tmp, mp, landlock_enable=True,
                              landlock_rules=[{"path": str(allowed), "access": "rw"}])
     assert any(rule.path == str(allowed) and rule.access == "rw" for rule in rules)
+
+
+# ==========================================================================
+# The command line: each key lands in the field it fills (whose probe shows the effect)
+
+
+def _cli_instance(cfg: VmConfig, option: str) -> Any:
+    from pych.config import support
+    node: Any = cfg
+    for name in support.CLI_OPTIONS[option].split("."):
+        node = getattr(node, name)
+        if isinstance(node, list):
+            node = node[-1]
+    return node
+
+
+def _cli_default(model: type, field: str) -> Any:
+    from pydantic_core import PydanticUndefined
+    default = model.model_fields[field].get_default(call_default_factory=True)
+    if default is PydanticUndefined and getattr(model, "CLI_DEFAULT", None):
+        default = getattr(model.parse(model.CLI_DEFAULT), field)
+    return default
+
+
+_BUCKETS = {"bw": "bandwidth", "ops": "ops"}
+
+
+def cli_probe(option: str, key: str) -> Probe:
+    """``option key=...`` (test_support's case) lands in its field with the value given: a
+    key the parser dropped, or one that filled another field, fails.  The field's own probe
+    (required here) shows what pych does with it."""
+    def run(tmp: Path, mp: pytest.MonkeyPatch) -> None:
+        from pych.cli.main import build_parser, config_from_args
+        from pych.config.devices import RATE_LIMITER_KEYS
+        from tests.unit.config.test_support import CLI_CASES, _cli_keys, _option_model
+
+        text, extra = CLI_CASES[option, key]
+        model = _option_model(option)
+        field = _cli_keys(model)[key]
+        field_probe = PROBES[f"{model.__name__}.{field}"]
+        if getattr(field_probe, "nothing_to_honour", False):
+            field_probe(tmp, mp)          # its one value is refused, or is the default
+            return
+        if key in RATE_LIMITER_KEYS.keys:   # a whole bucket, each key its own value
+            prefix = key.split("_")[0]
+            text = ",".join(part for part in text.split(",")
+                            if part.split("=")[0] not in RATE_LIMITER_KEYS.keys)
+            bucket_keys = (f"{prefix}_size=1001,{prefix}_one_time_burst=1002,"
+                           f"{prefix}_refill_time=1003")
+            text = f"{text},{bucket_keys}" if text else bucket_keys
+        argv = ["--kernel", _fake_kernel(tmp),
+                *(["--cpus", "boot=2"] if option != "--cpus" else []),
+                *(["--platform", "num_pci_segments=2"] if option != "--platform" else []),
+                *extra, option, text]
+        cfg = config_from_args(build_parser().parse_args(argv))
+        instance = _cli_instance(cfg, option)
+        value = getattr(instance, field)
+        serial_like = model.__name__ in ("SerialConfig", "ConsoleConfig", "DebugConsoleConfig")
+        if key in RATE_LIMITER_KEYS.keys:
+            prefix, rest = key.split("_", 1)
+            bucket = getattr(value, _BUCKETS[prefix])
+            expected = {"size": 1001, "one_time_burst": 1002, "refill_time": 1003}[rest]
+            assert getattr(bucket, rest) == expected, (key, bucket)
+        elif serial_like and key in ("off", "null", "pty", "tty"):
+            assert value.lower() == key, (key, value)
+        elif serial_like and key in ("file", "socket"):
+            assert instance.mode.lower() == key and value, (key, instance)
+        else:
+            default = _cli_default(model, field)
+            assert value is not None and value != default, (option, key, value, default)
+    return run
+
+
+def _cli_cases() -> list[tuple[str, str]]:
+    """Every (option, key) whose test_support case the table says works."""
+    from pych.config import support
+    from tests.unit.config.test_support import CLI_CASES, _cli_keys, _option_model
+
+    found = []
+    for option, key in CLI_CASES:
+        model = _option_model(option)
+        field = _cli_keys(model)[key]
+        if (support.option_refusal(option) is None and field is not None
+                and (model, key) not in support.CLI_KEYS
+                and isinstance(SUPPORT[model][field], support.Works)):
+            found.append((option, key))
+    return found
+
+
+for _option, _key in _cli_cases():
+    PROBES[f"{_option} {_key}"] = cli_probe(_option, _key)
+
+
+def _value_option(option: str, argv: list[str], check: Callable[[VmConfig], bool]) -> Probe:
+    def run(tmp: Path, mp: pytest.MonkeyPatch) -> None:
+        from pych.cli.main import build_parser, config_from_args
+        kernel = _fake_kernel(tmp)
+        given = [kernel if arg == "KERNEL" else arg for arg in argv]
+        if option != "--kernel":
+            given = ["--kernel", kernel, *given]
+        cfg = config_from_args(build_parser().parse_args(given))
+        assert check(cfg), (option, cfg)
+    return run
+
+
+PROBES["--kernel"] = _value_option("--kernel", ["--kernel", "KERNEL"],
+                                   lambda c: c.payload.kernel.endswith("vmlinux"))
+PROBES["--cmdline"] = _value_option("--cmdline", ["--cmdline", "probe=1"],
+                                    lambda c: c.payload.cmdline == "probe=1")
+PROBES["--initramfs"] = _value_option("--initramfs", ["--initramfs", __file__],
+                                      lambda c: c.payload.initramfs == __file__)
+PROBES["--pvpanic"] = _value_option("--pvpanic", ["--pvpanic"], lambda c: c.pvpanic is True)
+PROBES["--landlock"] = _value_option("--landlock", ["--landlock"],
+                                     lambda c: c.landlock_enable is True)

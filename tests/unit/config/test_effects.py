@@ -1,13 +1,16 @@
 """Every field and CLI key the support table says works has a probe of its effect
-(tests/unit/config/effects.py), and each probe passes."""
+(tests/unit/config/effects.py), and each probe passes: a value pych silently ignored would
+fail its probe."""
 
 from __future__ import annotations
 
 import pytest
 
+from pych.config import support
 from pych.config.support import SUPPORT, Works
 
-from tests.unit.config.effects import PROBES, ShownBy
+from tests.unit.config.effects import PROBES, ShownBy, _cli_cases
+from tests.unit.config.test_support import CLI_CASES, _cli_keys, _option_model
 
 
 def works_fields() -> list[str]:
@@ -16,6 +19,9 @@ def works_fields() -> list[str]:
 
 
 FIELD_PROBES = sorted(key for key in PROBES if not key.startswith("--"))
+CLI_PROBES = sorted(key for key in PROBES if key.startswith("--"))
+VALUE_OPTIONS = {option for option in support.CLI_OPTIONS if _option_model(option) is None
+                 and support.option_refusal(option) is None}
 
 
 def test_every_field_that_works_has_a_probe():
@@ -23,11 +29,34 @@ def test_every_field_that_works_has_a_probe():
     assert sorted(set(FIELD_PROBES) - set(works_fields())) == []
 
 
-@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)])
+def test_every_cli_key_that_works_has_a_probe():
+    """Each key whose case test_support accepts (option not refused, field Works) and each
+    option that takes a value of its own (``--kernel``, ``--pvpanic``)."""
+    accepted = {f"{option} {key}" for option, key in CLI_CASES
+                if support.option_refusal(option) is None
+                and (field := _cli_keys(_option_model(option))[key]) is not None
+                and (_option_model(option), key) not in support.CLI_KEYS
+                and isinstance(SUPPORT[_option_model(option)][field], Works)}
+    assert accepted == {f"{option} {key}" for option, key in _cli_cases()}
+    assert set(CLI_PROBES) == accepted | VALUE_OPTIONS
+
+
+@pytest.mark.parametrize("key", [k for k in sorted(PROBES) if not isinstance(PROBES[k], ShownBy)])
 def test_probe(key, tmp_path, monkeypatch):
     PROBES[key](tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if isinstance(PROBES[k], ShownBy)])
+@pytest.mark.parametrize("key", [k for k in sorted(PROBES) if isinstance(PROBES[k], ShownBy)])
 def test_a_field_shown_in_a_guest_names_a_test_that_exists(key):
     assert PROBES[key].exists(), PROBES[key].test
+
+
+def test_a_probe_fails_when_its_field_is_ignored(tmp_path, monkeypatch):
+    """The probes can fail: with ``direct`` dropped on the way to the disk, its probe does."""
+    from pych.device_manager import factories
+
+    real = factories.VirtioBlock
+    monkeypatch.setattr(factories, "VirtioBlock",
+                        lambda *args, **kw: real(*args, **{**kw, "direct": False}))
+    with pytest.raises(AssertionError):
+        PROBES["DiskConfig.direct"](tmp_path, monkeypatch)
