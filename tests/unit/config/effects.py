@@ -184,7 +184,7 @@ def config(tmp: Path, **fields: Any) -> VmConfig:
     """A VM configuration (2 of 4 vCPUs, 64 MiB, fake PVH kernel, serial and console off,
     two PCI segments) with ``fields`` (JSON) on top."""
     payload = {"kernel": _fake_kernel(tmp), **fields.pop("payload", {})}
-    body = {"cpus": {"boot_vcpus": 2, "max_vcpus": 4}, "memory": {"size": 64 * MiB},
+    body = {"cpus": {"boot_vcpus": 2, "max_vcpus": 4}, "memory": {"size": 32 * MiB},
             "serial": {"mode": "Off"}, "console": {"mode": "Off"},
             "platform": {"num_pci_segments": 2}, **fields, "payload": payload}
     return VmConfig.model_validate(json.loads(json.dumps(body)))
@@ -418,9 +418,9 @@ PROBES["VmConfig.debug_console"] = nothing_to_honour("VmConfig", "debug_console"
 def _kernel(tmp, mp):
     from tests.unit.arch.x86_64.test_boot import _fake_elf
     kernel = tmp / "other-vmlinux"
-    kernel.write_bytes(_fake_elf(paddr=0x2000000, entry=0x2000042))
+    kernel.write_bytes(_fake_elf(paddr=0x1800000, entry=0x1800042))
     with built_vm(tmp, mp, payload={"kernel": str(kernel)}) as vm:
-        assert vm.guest_memory.read(0x2000000, 4) == b"\x90" * 4
+        assert vm.guest_memory.read(0x1800000, 4) == b"\x90" * 4
         assert vm.guest_memory.read(0x1000000, 4) != b"\x90" * 4
 
 
@@ -521,15 +521,15 @@ def _memory_size(tmp, mp):
 
 @probe("MemoryConfig.hotplug_size")
 def _memory_hotplug_size(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "hotplug_size": 512 * MiB}) as vm:
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "hotplug_size": 512 * MiB}) as vm:
         assert vm.memory.hotplug_window[1] == 512 * MiB
-        assert vm.memory.resize(64 * MiB + 256 * MiB)          # a DIMM fits the window
-        assert vm.memory.actual_size == 320 * MiB
+        assert vm.memory.resize(32 * MiB + 256 * MiB)          # a DIMM fits the window
+        assert vm.memory.actual_size == 288 * MiB
 
 
 @probe("MemoryConfig.hotplug_method")
 def _memory_hotplug_method(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "hotplug_size": 256 * MiB,
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "hotplug_size": 256 * MiB,
                                    "hotplug_method": "VirtioMem"}) as vm:
         zones = vm.memory.virtio_mem_zones
         assert len(zones) == 1 and zones[0].region.size == 256 * MiB
@@ -538,7 +538,7 @@ def _memory_hotplug_method(tmp, mp):
 
 @probe("MemoryConfig.hotplugged_size")
 def _memory_hotplugged_size(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "hotplug_size": 256 * MiB,
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "hotplug_size": 256 * MiB,
                                    "hotplug_method": "VirtioMem",
                                    "hotplugged_size": 128 * MiB}) as vm:
         zone = vm.memory.virtio_mem_zones[0]
@@ -548,7 +548,7 @@ def _memory_hotplugged_size(tmp, mp):
 
 @probe("MemoryConfig.mergeable")
 def _memory_mergeable(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "mergeable": True}) as vm:
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "mergeable": True}) as vm:
         assert all("mg" in vm_flags(r.host_addr)[0] for r in ram(vm))
     with built_vm(tmp, mp) as vm:
         assert not any("mg" in vm_flags(r.host_addr)[0] for r in ram(vm))
@@ -557,7 +557,7 @@ def _memory_mergeable(tmp, mp):
 @probe("MemoryConfig.shared")
 def _memory_shared(tmp, mp):
     """``shared=on`` is what pych always does: guest RAM is a memfd mapped shared."""
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "shared": True}) as vm:
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "shared": True}) as vm:
         for region in ram(vm):
             flags, name = vm_flags(region.host_addr)
             assert "sh" in flags and "memfd:" in name, (flags, name)
@@ -584,8 +584,8 @@ def _recorded_hugepage_memfds(mp) -> list[tuple]:
 @probe("MemoryConfig.hugepages")
 def _memory_hugepages(tmp, mp):
     calls = _recorded_hugepage_memfds(mp)
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "hugepages": True}):
-        assert calls == [("pych-mem0", 64 * MiB, 2 * MiB)]
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "hugepages": True}):
+        assert calls == [("pych-mem0", 32 * MiB, 2 * MiB)]
 
 
 @probe("MemoryConfig.hugepage_size")
@@ -597,7 +597,7 @@ def _memory_hugepage_size(tmp, mp):
 
 @probe("MemoryConfig.prefault")
 def _memory_prefault(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "prefault": True}) as vm:
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "prefault": True}) as vm:
         region = _regions(vm)["ram0"] if "ram0" in _regions(vm) else ram(vm)[0]
         assert resident(region.host_addr, region.size) == region.size // mmap.PAGESIZE
     with built_vm(tmp, mp) as vm:
@@ -607,7 +607,7 @@ def _memory_prefault(tmp, mp):
 
 @probe("MemoryConfig.thp")
 def _memory_thp(tmp, mp):
-    with built_vm(tmp, mp, memory={"size": 64 * MiB, "thp": False}) as vm:
+    with built_vm(tmp, mp, memory={"size": 32 * MiB, "thp": False}) as vm:
         assert not any("hg" in vm_flags(r.host_addr)[0] for r in ram(vm))
     with built_vm(tmp, mp) as vm:
         assert all("hg" in vm_flags(r.host_addr)[0] for r in ram(vm))
@@ -616,7 +616,7 @@ def _memory_thp(tmp, mp):
 # --- zones ------------------------------------------------------------------------------------
 
 def _zoned(zone: dict, **memory: Any) -> dict:
-    return {"memory": {"size": 0, **memory, "zones": [{"id": "z0", "size": 64 * MiB, **zone}]}}
+    return {"memory": {"size": 0, **memory, "zones": [{"id": "z0", "size": 32 * MiB, **zone}]}}
 
 
 @probe("MemoryConfig.zones", "MemoryZoneConfig.id", "MemoryZoneConfig.size")
@@ -629,31 +629,40 @@ def _zone(tmp, mp):
 @probe("MemoryZoneConfig.file")
 def _zone_file(tmp, mp):
     backing = tmp / "zone.mem"
-    backing.write_bytes(b"ZONEFILE" + bytes(64 * MiB - 8))
+    with open(backing, "wb") as f:
+        f.truncate(32 * MiB)
+        f.write(b"ZONEFILE")
     with built_vm(tmp, mp, **_zoned({"file": str(backing)})) as vm:
         assert vm.guest_memory.read(0, 8) == b"ZONEFILE"
         assert str(backing) in vm_flags(ram(vm)[0].host_addr)[1]
 
 
+def _read(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
 @probe("MemoryZoneConfig.shared")
 def _zone_shared(tmp, mp):
     backing = tmp / "zone.mem"
-    backing.write_bytes(bytes(64 * MiB))
+    with open(backing, "wb") as f:
+        f.truncate(32 * MiB)
     with built_vm(tmp, mp, **_zoned({"file": str(backing), "shared": True})) as vm:
         assert "sh" in vm_flags(ram(vm)[0].host_addr)[0]
         vm.guest_memory.write(0x1000, b"WRITTEN")
-    assert backing.read_bytes()[0x1000:0x1007] == b"WRITTEN"      # reached the file
+    assert _read(backing, 0x1000, 7) == b"WRITTEN"      # reached the file
     with built_vm(tmp, mp, **_zoned({"file": str(backing)})) as vm:
         assert "sh" not in vm_flags(ram(vm)[0].host_addr)[0]
         vm.guest_memory.write(0x2000, b"PRIVATE")
-    assert backing.read_bytes()[0x2000:0x2007] == bytes(7)
+    assert _read(backing, 0x2000, 7) == bytes(7)
 
 
 @probe("MemoryZoneConfig.hugepages")
 def _zone_hugepages(tmp, mp):
     calls = _recorded_hugepage_memfds(mp)
     with built_vm(tmp, mp, **_zoned({"hugepages": True})):
-        assert calls == [("pych-z0", 64 * MiB, 2 * MiB)]
+        assert calls == [("pych-z0", 32 * MiB, 2 * MiB)]
 
 
 @probe("MemoryZoneConfig.hugepage_size")

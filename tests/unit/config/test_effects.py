@@ -41,12 +41,34 @@ def test_every_cli_key_that_works_has_a_probe():
     assert set(CLI_PROBES) == accepted | VALUE_OPTIONS
 
 
-@pytest.mark.parametrize("key", [k for k in sorted(PROBES) if not isinstance(PROBES[k], ShownBy)])
+@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)])
 def test_probe(key, tmp_path, monkeypatch):
     PROBES[key](tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("key", [k for k in sorted(PROBES) if isinstance(PROBES[k], ShownBy)])
+def _by_option() -> dict[str, list[str]]:
+    options: dict[str, list[str]] = {}
+    for key in CLI_PROBES:
+        options.setdefault(key.split(" ")[0], []).append(key)
+    return options
+
+
+@pytest.mark.parametrize("option", sorted(_by_option()))
+def test_cli_probes(option, tmp_path):
+    """The probes of one option's keys (one test per option: they are quick)."""
+    failed = []
+    for key in _by_option()[option]:
+        work = tmp_path / key.replace(" ", "_")
+        work.mkdir()
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            try:
+                PROBES[key](work, monkeypatch)
+            except Exception as e:          # noqa: BLE001 - reported below, key by key
+                failed.append(f"{key}: {type(e).__name__}: {e}")
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if isinstance(PROBES[k], ShownBy)])
 def test_a_field_shown_in_a_guest_names_a_test_that_exists(key):
     assert PROBES[key].exists(), PROBES[key].test
 
