@@ -79,6 +79,31 @@ class ShownBy:
 
 PROBES: dict[str, Probe | ShownBy] = {}
 
+IGNORED: set[str] = set()
+"""Fields (``Model.field``) to drop on the way to the VM (set back to their default after
+validation), as a pych that silently ignored them would: test_effects.py checks each probe
+then fails."""
+
+
+def _drop_ignored(cfg: Any) -> Any:
+    """``cfg`` with every field in :data:`IGNORED` set back to its default, everywhere."""
+    from pych.config.base import ApiModel
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        if not isinstance(node, ApiModel):
+            return
+        for name, info in type(node).model_fields.items():
+            if f"{type(node).__name__}.{name}" in IGNORED:
+                node.__dict__[name] = info.get_default(call_default_factory=True)
+            else:
+                walk(getattr(node, name))
+    if IGNORED:
+        walk(cfg)
+    return cfg
+
 
 def probe(*keys: str) -> Callable[[Probe], Probe]:
     """Register the decorated function as the probe of ``keys`` (``Model.field``)."""
@@ -201,6 +226,7 @@ def built_vm(tmp: Path, mp: pytest.MonkeyPatch, *, serial_port=None, vcpus: bool
     mp.setattr(cpu_manager, "VcpuThread", FakeVcpuThread)
     cfg = fields.pop("_config", None) or config(tmp, **fields)
     cfg.validate()
+    _drop_ignored(cfg)
     vm = Vm(cfg, RecordingKvm(), on_exit=lambda kind, detail: None, serial_port=serial_port,
             on_guest_event=lambda event: None)
     try:
@@ -769,8 +795,40 @@ for _model in _PCI_MODELS:
     PROBES[f"{_model}.id"] = with_device(_model, {"id": "probe-id"}, _id)
     PROBES[f"{_model}.pci_segment"] = with_device(_model, {"pci_segment": 1}, _segment)
     PROBES[f"{_model}.pci_device_id"] = with_device(_model, {"pci_device_id": 7}, _slot)
-    PROBES[f"VmConfig.{_KINDS[_model][0]}"] = with_device(
-        _model, {}, lambda vm, dev_id, b: vm.devices.devices[dev_id].device.device_type > 0)
+
+
+def _kind_is(device_type: str, given: dict | None = None,
+             then: Callable[[Any], None] = lambda device: None) -> Callable:
+    """The device built is a virtio device of ``device_type`` (and ``then(device)``)."""
+    from pych.devices.virtio.device import VirtioDeviceType
+
+    def check(vm, dev_id, b):
+        device = vm.devices.devices[dev_id].device
+        assert device.device_type == VirtioDeviceType[device_type], device
+        then(device)
+    return check
+
+
+def _sink_is_null(console) -> None:
+    assert type(console.sink).__name__ == "NullBackend", console.sink
+
+
+def _src_is_random(rng) -> None:
+    assert os.readlink(f"/proc/self/fd/{rng._fd}") == "/dev/random"
+
+
+# The VmConfig fields that hold devices: a device of the kind is built from a value other
+# than the default (rng: another source; console: null instead of tty).
+PROBES["VmConfig.disks"] = with_device("DiskConfig", {}, _kind_is("BLOCK"))
+PROBES["VmConfig.net"] = with_device("NetConfig", {}, _kind_is("NET"))
+PROBES["VmConfig.rng"] = with_device("RngConfig", {"src": "/dev/random"},
+                                     _kind_is("RNG", then=_src_is_random))
+PROBES["VmConfig.balloon"] = with_device("BalloonConfig", {}, _kind_is("BALLOON"))
+PROBES["VmConfig.console"] = with_device("ConsoleConfig", {"mode": "Null"},
+                                         _kind_is("CONSOLE", then=_sink_is_null))
+PROBES["VmConfig.fs"] = with_device("FsConfig", {}, _kind_is("FS"))
+PROBES["VmConfig.pmem"] = with_device("PmemConfig", {}, _kind_is("PMEM"))
+PROBES["VmConfig.vsock"] = with_device("VsockConfig", {}, _kind_is("VSOCK"))
 
 
 def _dev(vm, dev_id):
@@ -1237,9 +1295,9 @@ def vfio_machine(tmp: Path, platform: dict | None = None,
 
     kernel = FakeVfioKernel()
     path = sysfs_device(tmp / "sys")
-    m = DeviceManagerMachine(vm_config(devices=[{"path": path, **device}],
-                                       platform={"num_pci_segments": 2,
-                                                 **(platform or {})}),
+    m = DeviceManagerMachine(_drop_ignored(vm_config(devices=[{"path": path, **device}],
+                                                     platform={"num_pci_segments": 2,
+                                                               **(platform or {})})),
                              ram=[(0, 8 * MiB), (1 << 32, 4 * MiB)], msi=EventfdMsi(),
                              memslots=RecordingMemslots(), vfio_kernel=kernel,
                              mmio64=(1 << 40, 1 << 36))
@@ -1285,7 +1343,6 @@ def _exclude_mmap_bars(tmp, mp):
 def _vfio_p2p_dma(tmp, mp):
     """``off`` is what pych does: the container maps guest RAM for DMA, no device BAR."""
     with vfio_machine(tmp, platform={"vfio_p2p_dma": False}) as (m, kernel, dev_id):
-        assert m.dm.config.platform.vfio_p2p_dma is False
         assert kernel.dma == {r.gpa: (r.host_addr, r.size) for r in m.mem.regions}
 
 
@@ -1295,8 +1352,8 @@ def _serial(serial: dict, check: Callable[[Any, Any], None]) -> Probe:
     def run(tmp, mp):
         from tests.unit.vmm.fakes import fake_vmm
         vmm = fake_vmm(mp)
-        cfg = config(tmp, serial={k: (str(tmp / v) if k in ("file", "socket") else v)
-                                  for k, v in serial.items()})
+        cfg = _drop_ignored(config(tmp, serial={
+            k: (str(tmp / v) if k in ("file", "socket") else v) for k, v in serial.items()}))
         port = vmm._serial_port(cfg)
         try:
             with built_vm(tmp, mp, vcpus=False, serial_port=port, _config=cfg) as vm:
@@ -1353,7 +1410,7 @@ def _landlock_rules(tmp, mp, **fields) -> list:
     from pych.cli import process
     recorded: list = []
     mp.setattr(landlock, "restrict", lambda rules: recorded.append(list(rules)))
-    cfg = config(tmp, **fields)
+    cfg = _drop_ignored(config(tmp, **fields))
     assert process._landlock(cfg, None) is None
     return recorded
 

@@ -9,6 +9,7 @@ import pytest
 from pych.config import support
 from pych.config.support import SUPPORT, Works
 
+from tests.unit.config import effects
 from tests.unit.config.effects import PROBES, ShownBy, _cli_cases
 from tests.unit.config.test_support import CLI_CASES, _cli_keys, _option_model
 
@@ -82,3 +83,31 @@ def test_a_probe_fails_when_its_field_is_ignored(tmp_path, monkeypatch):
                         lambda *args, **kw: real(*args, **{**kw, "direct": False}))
     with pytest.raises(AssertionError):
         PROBES["DiskConfig.direct"](tmp_path, monkeypatch)
+
+
+# Fields whose value is what pych does whatever it is given (the table's note says so): their
+# probe shows pych's behaviour is the value's, and passes with the value dropped too.
+ALWAYS_SO = {
+    "MemoryConfig.shared",              # guest RAM is always a memfd mapped shared
+    "PlatformConfig.vfio_p2p_dma",      # off: only guest RAM is mapped for DMA
+    "DiskConfig.disable_io_uring",      # one I/O engine: preadv/pwritev
+    "DiskConfig.disable_aio",
+    "DiskConfig.lock_granularity",      # the whole image is always locked
+    "DiskConfig.backing_files",         # qemu-storage-daemon always follows them
+    # Determined by max_vcpus and the other parts (their product must be max_vcpus, or the
+    # configuration is refused): the APIC ids of the second package's vCPUs show it.
+    "CpuTopology.packages",
+}
+
+
+@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)
+                                 and not getattr(PROBES[k], "nothing_to_honour", False)])
+def test_a_probe_fails_when_its_field_is_dropped(key, tmp_path, monkeypatch):
+    """Each probe, run with its field set back to its default on the way to the VM (as a
+    pych that ignored it would), fails: the probes can tell."""
+    monkeypatch.setattr(effects, "IGNORED", {key})
+    if key in ALWAYS_SO:
+        PROBES[key](tmp_path, monkeypatch)
+        return
+    with pytest.raises((Exception, pytest.fail.Exception)):   # an assertion, or the build
+        PROBES[key](tmp_path, monkeypatch)
