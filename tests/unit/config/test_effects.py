@@ -42,9 +42,36 @@ def test_every_cli_key_that_works_has_a_probe():
     assert set(CLI_PROBES) == accepted | VALUE_OPTIONS
 
 
+# Fields whose value is what pych does whatever it is given (the table's note says so): their
+# probe shows pych's behaviour is the value's, and passes with the value dropped too.
+ALWAYS_SO = {
+    "MemoryConfig.shared",              # guest RAM is always a memfd mapped shared
+    "PlatformConfig.vfio_p2p_dma",      # off: only guest RAM is mapped for DMA
+    "DiskConfig.disable_io_uring",      # one I/O engine: preadv/pwritev
+    "DiskConfig.disable_aio",
+    "DiskConfig.lock_granularity",      # the whole image is always locked
+    "DiskConfig.backing_files",         # qemu-storage-daemon always follows them
+    # Determined by max_vcpus and the other parts (their product must be max_vcpus, or the
+    # configuration is refused): the APIC ids of the second package's vCPUs show it.
+    "CpuTopology.packages",
+}
+
+
 @pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)])
 def test_probe(key, tmp_path, monkeypatch):
-    PROBES[key](tmp_path, monkeypatch)
+    """The field's probe passes; and, run with the field set back to its default on the way
+    to the VM (as a pych that ignored it would), it fails: the probe can tell."""
+    (tmp_path / "given").mkdir()
+    PROBES[key](tmp_path / "given", monkeypatch)
+    if getattr(PROBES[key], "nothing_to_honour", False):
+        return
+    (tmp_path / "dropped").mkdir()
+    monkeypatch.setattr(effects, "IGNORED", {key})
+    if key in ALWAYS_SO:
+        PROBES[key](tmp_path / "dropped", monkeypatch)
+        return
+    with pytest.raises((Exception, pytest.fail.Exception)):   # an assertion, or the build
+        PROBES[key](tmp_path / "dropped", monkeypatch)
 
 
 def _by_option() -> dict[str, list[str]]:
@@ -83,31 +110,3 @@ def test_a_probe_fails_when_its_field_is_ignored(tmp_path, monkeypatch):
                         lambda *args, **kw: real(*args, **{**kw, "direct": False}))
     with pytest.raises(AssertionError):
         PROBES["DiskConfig.direct"](tmp_path, monkeypatch)
-
-
-# Fields whose value is what pych does whatever it is given (the table's note says so): their
-# probe shows pych's behaviour is the value's, and passes with the value dropped too.
-ALWAYS_SO = {
-    "MemoryConfig.shared",              # guest RAM is always a memfd mapped shared
-    "PlatformConfig.vfio_p2p_dma",      # off: only guest RAM is mapped for DMA
-    "DiskConfig.disable_io_uring",      # one I/O engine: preadv/pwritev
-    "DiskConfig.disable_aio",
-    "DiskConfig.lock_granularity",      # the whole image is always locked
-    "DiskConfig.backing_files",         # qemu-storage-daemon always follows them
-    # Determined by max_vcpus and the other parts (their product must be max_vcpus, or the
-    # configuration is refused): the APIC ids of the second package's vCPUs show it.
-    "CpuTopology.packages",
-}
-
-
-@pytest.mark.parametrize("key", [k for k in FIELD_PROBES if not isinstance(PROBES[k], ShownBy)
-                                 and not getattr(PROBES[k], "nothing_to_honour", False)])
-def test_a_probe_fails_when_its_field_is_dropped(key, tmp_path, monkeypatch):
-    """Each probe, run with its field set back to its default on the way to the VM (as a
-    pych that ignored it would), fails: the probes can tell."""
-    monkeypatch.setattr(effects, "IGNORED", {key})
-    if key in ALWAYS_SO:
-        PROBES[key](tmp_path, monkeypatch)
-        return
-    with pytest.raises((Exception, pytest.fail.Exception)):   # an assertion, or the build
-        PROBES[key](tmp_path, monkeypatch)
