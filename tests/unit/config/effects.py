@@ -47,7 +47,6 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -1223,7 +1222,8 @@ def _pmem_size(vm, d, b):
 
 
 PROBES["PmemConfig.size"] = with_device(
-    "PmemConfig", lambda tmp, b: {"file": image(tmp, "big.img", 4 * MiB), "size": 2 * MiB}, _pmem_size)
+    "PmemConfig", lambda tmp, b: {"file": image(tmp, "big.img", 4 * MiB), "size": 2 * MiB},
+    _pmem_size)
 
 
 def _discard_writes(vm, d, b):
