@@ -110,3 +110,19 @@ def test_a_probe_fails_when_its_field_is_ignored(tmp_path, monkeypatch):
                         lambda *args, **kw: real(*args, **{**kw, "direct": False}))
     with pytest.raises(AssertionError):
         PROBES["DiskConfig.direct"](tmp_path, monkeypatch)
+
+
+def test_a_cli_probe_fails_when_its_key_is_dropped(tmp_path, monkeypatch):
+    """A key the command line dropped (the field left at its default) fails its probe."""
+    from pych.cli import main
+
+    real = main.config_from_args
+
+    def dropping(args):
+        config = real(args)
+        config.disks[0].__dict__["direct"] = False
+        return config
+
+    monkeypatch.setattr(main, "config_from_args", dropping)
+    with pytest.raises(AssertionError):
+        PROBES["--disk direct"](tmp_path, monkeypatch)
