@@ -32,6 +32,13 @@ Defaults are always accepted, because clients (Kata Containers, ch-remote, `vm.i
 `config` sent back) write many fields at their default values. Where a default has no effect
 in pych, the notes say so.
 
+"Works" is checked: every field and key marked so has a probe in the unit tests
+(`tests/unit/config/effects.py`) that sets it to a value other than its default, builds what
+pych builds from it (the VM assembled on a recording fake KVM: its devices, guest RAM, ACPI
+and SMBIOS tables, boot information) and asserts the value's effect there; each probe is also
+run with its field dropped on the way to the VM, and must then fail. The few effects only a
+guest shows name the guest test that shows them.
+
 This page is generated from the table in `pych/config/support.py`
 (`make options`: `python -m pych.config.options_page > docs/options.md`; a unit test checks it
 is current), the same table `VmConfig.validate()` checks configurations against.

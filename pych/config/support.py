@@ -27,8 +27,10 @@ A model reached only through refused fields (``vdpa``'s ``VdpaConfig``, the rate
 
 ``python -m pych.config.options_page`` prints docs/options.md, the table as a page (a unit test
 checks the committed page is current); tests/unit/config/test_support.py sets every field and
-every CLI key to a non-default value and checks each is honoured or refused, so a field added
-to a model without an entry here fails the tests rather than being silently ignored.
+every CLI key to a non-default value and checks each is accepted or refused, so a field added
+to a model without an entry here fails the tests rather than being silently ignored; and
+tests/unit/config/effects.py holds, for every field and key marked :class:`Works`, a probe of
+its effect (a field marked works without one fails test_effects.py).
 
 The entries (:class:`Works`, :class:`Refused`) and the tables of the command line's options
 (:data:`CLI_OPTIONS`, :data:`PROCESS_OPTIONS`) are defined in :mod:`pych.config.rules`, which

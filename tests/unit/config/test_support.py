@@ -4,8 +4,9 @@ option either works or is refused at once, naming the field and the value.
 The walks below set each field (from docs/openapi.json, the API as pych documents it) and
 each CLI key (from each model's declared keys) to a non-default value, send it the way a
 client would (``vm.create`` through the VMM, the ``pych`` command line) and check the outcome
-against the support table: a field the table says works is accepted, a refused one is
-refused with its path and value in the message.  A field or key that is in no table, or
+against the support table: a field the table says works is accepted (and its effect is
+shown by its probe: effects.py, test_effects.py), a refused one is refused with its path and
+value in the message.  A field or key that is in no table, or
 that the walks cannot place, fails: nothing new can be silently ignored.
 """
 
