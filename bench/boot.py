@@ -8,7 +8,13 @@ the peer on this host), who goes first rotating run by run, and measures:
   ``vm.reboot``, to show nothing of the first boot is kept): the resident pages of every
   mapping of the VMM process (``/proc/PID/smaps``) except guest RAM (pych's memfd
   mappings; QEMU's anonymous RAM block, the one mapping at least as large as the guest's
-  RAM), split into anonymous and file-backed pages as ``RssAnon`` and ``RssFile`` are.
+  RAM), split into anonymous and file-backed pages as ``RssAnon`` and ``RssFile`` are;
+* where the boot's time goes, from the guest's own clock: once the guest is up (after the
+  footprint is read), the timestamps of a few kernel messages in its ring buffer (``dmesg``:
+  the console is ``quiet``, the ring buffer is not) and of a line the guest writes to
+  ``/dev/kmsg`` right then, which places the kernel's clock on the host's; so the wall time
+  splits into the time before the kernel's clock starts (the VMM building the VM and loading
+  the kernel, and the kernel's earliest setup) and the kernel's phases up to GUEST-READY.
 
 Writes its table to docs/benchmarks.md (``<!-- bench:boot -->``) and a plot to docs/.
 
@@ -18,6 +24,7 @@ Writes its table to docs/benchmarks.md (``<!-- bench:boot -->``) and a plot to d
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,9 +38,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pych.api.client import ApiClient  # noqa: E402
 from bench.report import Run, add_runs_argument, markdown_table, ratio, rotated, stat  # noqa: E402
 from tests.support.guest import (  # noqa: E402
-    READY, REPO, Console, PychGuest, guest_artifacts, qemu_command)
+    READY, REPO, Console, PychGuest, Shell, guest_artifacts, qemu_command)
 
 MiB = 1 << 20
+
+# Kernel messages that mark the boot's phases, in boot order: (label, regex). Both VMMs boot
+# the same kernel, so the same messages appear, except the PCI host bridge where there is no
+# PCI bus (QEMU microvm).
+MILESTONES = (
+    ("ACPI interpreter enabled", r"ACPI: Interpreter enabled"),
+    ("PCI host bridge found (ACPI namespace scanned up to it)", r"PCI host bridge to bus"),
+    ("clocksource switched (fs initcalls)", r"clocksource: Switched to clocksource"),
+    ("kernel init done, initramfs unpacked", r"Freeing unused kernel image"),
+)
+MARK = "pych-bench-boot-phases"
+PHASES_COMMAND = (f"echo {MARK} > /dev/kmsg; dmesg | grep -E '"
+                  + "|".join([rx for _, rx in MILESTONES] + [MARK]) + "'")
+
+
+def guest_phases(shell: Shell, started: float) -> dict[str, float]:
+    """Seconds since the VMM process started at which each milestone happened: the stamps of
+    the kernel's messages (its printk clock) placed on the host's clock by a message the
+    guest writes to /dev/kmsg now, when the host's time is known. Also ``kernel clock
+    start``: where the printk clock's zero falls."""
+    rc, out = shell.run(PHASES_COMMAND, timeout=300)
+    now = time.monotonic() - started
+    if rc != 0:
+        raise RuntimeError(f"guest phases: {out}")
+    stamps: list[tuple[float, str]] = []
+    for line in out.splitlines():
+        m = re.match(r"\[\s*(\d+\.\d+)\]", line)
+        if m:
+            stamps.append((float(m.group(1)), line))
+    marks = [t for t, line in stamps if MARK in line]
+    if not marks:
+        raise RuntimeError(f"guest phases: no {MARK} line in {out!r}")
+    clock_start = now - marks[-1]
+    found = {"kernel clock start": clock_start}
+    for label, rx in MILESTONES:
+        for t, line in stamps:
+            if re.search(rx, line):
+                found[label] = clock_start + t
+                break
+    return found
 
 
 def parse_mib(text: str) -> int:
@@ -76,8 +123,10 @@ def footprint(pid: int, guest_ram: int) -> tuple[float, float]:
     return anon / MiB, file / MiB
 
 
-def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float], tuple[float, float]]:
-    """Boot time, the footprint once the guest is up, and again after one ``vm.reboot``."""
+def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float], tuple[float, float],
+                                              dict[str, float]]:
+    """Boot time, the footprint once the guest is up, again after one ``vm.reboot``, and the
+    boot's phases."""
     with tempfile.TemporaryDirectory() as d:
         g = PychGuest(Path(d), cpus=f"boot={cpus}", memory=f"size={memory}M")
         try:
@@ -86,29 +135,59 @@ def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float], tuple
             took = time.monotonic() - g.boot_started
             time.sleep(1)                       # let the guest's last writes settle
             booted = footprint(g.proc.pid, memory * MiB)
+            g.shell.prepare()
+            phases = guest_phases(g.shell, g.boot_started)
             mark = len(g.console.buf)
             status, body = ApiClient(g.api_path).put("vm.reboot")
             if status != 204:
                 raise RuntimeError(f"vm.reboot: {status} {body!r}")
             g.console.expect(READY, 600, mark)
             time.sleep(1)
-            return took, booted, footprint(g.proc.pid, memory * MiB)
+            return took, booted, footprint(g.proc.pid, memory * MiB), phases
         finally:
             g.stop()
 
 
-def boot_qemu(memory: int, cpus: int) -> tuple[float, tuple[float, float], None]:
+def boot_qemu(memory: int, cpus: int) -> tuple[float, tuple[float, float], None,
+                                              dict[str, float]]:
     cmd = qemu_command(guest_artifacts(), memory=f"{memory}M", smp=str(cpus))
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        Console(p.stdout.fileno(), p.stdin.fileno()).expect(READY, 600)
+        console = Console(p.stdout.fileno(), p.stdin.fileno())
+        console.expect(READY, 600)
         took = time.monotonic() - t0
         time.sleep(1)
-        return took, footprint(p.pid, memory * MiB), None
+        booted = footprint(p.pid, memory * MiB)
+        shell = Shell(console)
+        shell.prepare()
+        return took, booted, None, guest_phases(shell, t0)
     finally:
         p.kill()
         p.wait()
+
+
+def phase_table(phases: dict[str, list[dict[str, float]]]) -> str:
+    """Where each VMM's boot went: the median duration of each phase (from the previous
+    milestone to this one; the first from the VMM's exec), min–max over the runs."""
+    labels = ["kernel clock start", *(label for label, _ in MILESTONES), "GUEST-READY"]
+    names = list(phases)
+    rows = []
+    for i, label in enumerate(labels):
+        cells = []
+        for name in names:
+            spans = []
+            for marks in phases[name]:
+                if label not in marks:
+                    continue
+                before = [marks[x] for x in labels[:i] if x in marks]
+                spans.append(marks[label] - (before[-1] if before else 0.0))
+            cells.append(stat(spans) if spans else "—")
+        first = "exec → the kernel's clock starts (VMM set-up, loading, earliest kernel setup)"
+        rows.append([first if i == 0 else f"… → {label}", *cells])
+    return ("Where the boot goes (s, medians with min–max; each phase runs from the milestone "
+            "before it, read from the guest's clock as described above):\n\n"
+            + markdown_table(["phase", *names], rows))
 
 
 def plot(results: dict[str, list[float]], path: Path) -> None:
@@ -135,9 +214,12 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in vmms}
     memory: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
     rebooted: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in vmms}
     for i in run.runs_range():
         for name in rotated(list(vmms), i):
-            t, mem, again = vmms[name](args.memory, args.cpus)
+            t, mem, again, marks = vmms[name](args.memory, args.cpus)
+            marks["GUEST-READY"] = t
+            phases[name].append(marks)
             times[name].append(t)
             memory[name].append(mem)
             if again is not None:
@@ -158,8 +240,11 @@ def main() -> int:
              f"pych / QEMU: boot {ratio(times['pych'], times['QEMU microvm'])} "
              f"(goal ≤ 0.9×); memory beyond guest RAM "
              f"{ratio(total['pych'], total['QEMU microvm'])} (goal ≤ 40 MiB and ≤ QEMU's).")
+    body += "\n\n" + phase_table(phases)
     run.write(body, no_write=args.no_write)
     out = REPO / "docs" / "bench-boot.png"
+    if args.no_write:
+        return 0
     try:
         plot(times, out)
         print(f"plot: {out}")
