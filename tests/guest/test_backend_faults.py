@@ -231,6 +231,21 @@ class ConsoleClient:
                 self.buf += data
         return True
 
+    def read_to_eof(self, limit: float = 60) -> bool:
+        """Read until pych closes this connection; False if it is still open after ``limit``."""
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            r, _, _ = select.select([self.sock], [], [], min(left, 1))
+            if r:
+                try:
+                    data = self.sock.recv(65536)
+                except ConnectionResetError:
+                    return True
+                if not data:
+                    return True
+                self.buf += data
+        return False
+
     def close(self) -> None:
         self.sock.close()
 
@@ -402,3 +417,57 @@ def test_event_monitor_reader_stalls(guest):
         json.loads(line)                                 # no line was cut
     assert "the reader is reading again" in full_log(guest)
     assert len(events(guest, "paused")) < 41             # some were dropped, not queued
+
+
+def console_lines(tag: str, count: int) -> str:
+    """A guest command printing ``count`` numbered lines ``TAG-NNNNN`` (one awk process)."""
+    return f"awk 'BEGIN {{ for (i = 0; i < {count}; i++) printf \"{tag}-%05d\\n\", i }}'"
+
+
+def test_console_socket_clients_stall_and_vanish(guest):
+    """``--console socket=`` (hvc0), whose client the first test connected and has not read
+    since. The guest writes past that stalled client (here its socket fills after ~0.5 KB:
+    hvc0 sends a byte or two at a time; pych keeps the rest); a new client replaces it, then
+    vanishes (closed with output unread: pych's next send fails) while the guest writes; the
+    guest's writes end, its shell answers, pych answers its API, and the next client gets
+    what was written meanwhile (the history, the last 64 KiB) and then the live stream.
+    Sizes are small (hvc0 moves well under 1 KB/s here): a client falling more than 1 MiB
+    behind is tests/unit/devices/legacy/test_serial_backend.py's."""
+    stalled = guest.console_client
+    start = time.monotonic()
+    rc, out = guest.run(f"{console_lines('stalled', 200)} > /dev/hvc0; echo written", timeout=300)
+    assert rc == 0 and out.splitlines()[-1] == "written", out
+    print(f"3 KB to hvc0 in {time.monotonic() - start:.1f} s")
+
+    client = ConsoleClient(guest.console_path)       # replaces the stalled client
+    assert client.wait_for(b"stalled-00199"), client.buf[-300:]
+    assert stalled.read_to_eof(), stalled.buf[-300:]  # pych hung up on the replaced one
+    # what the stalled client got is the start of the stream, in order, nothing lost
+    assert stalled.buf and client.buf.startswith(stalled.buf), (stalled.buf[-200:],
+                                                                client.buf[:200])
+    print(f"the stalled client got {len(stalled.buf)} of {len(client.buf)} bytes")
+    stalled.close()
+
+    # the guest writes (a background job) while the client vanishes mid-stream
+    guest.run(f"({console_lines('gone', 400)} > /dev/hvc0; echo $? > /tmp/hvc.rc; "
+              "echo no-client-marker > /dev/hvc0) </dev/null >/dev/null 2>&1 &")
+    assert client.wait_for(b"gone-00050"), client.buf[-300:]
+    time.sleep(0.5)                                   # more arrives, unread
+    client.close()
+    status, body = api(guest, "GET", "vmm.ping")      # pych answers
+    assert status == 200, body
+    rc, out = guest.run("echo shell-answers")         # and so does the guest's shell
+    assert out.splitlines()[-1] == "shell-answers", out
+    rc, out = wait_in_guest(guest, "[ -s /tmp/hvc.rc ]", limit=300)
+    assert rc == 0, guest.run("ps; dmesg | tail")[1]
+    rc, out = guest.run("cat /tmp/hvc.rc")
+    assert out.splitlines()[-1] == "0", out           # every write of the guest succeeded
+    assert vm_info(guest)["state"] == "Running"
+
+    later = ConsoleClient(guest.console_path)
+    assert later.wait_for(b"no-client-marker"), later.buf[-300:]
+    assert b"gone-00399" in later.buf                  # written after the client vanished
+    guest.run("echo live-after-reconnect > /dev/hvc0")
+    assert later.wait_for(b"live-after-reconnect"), later.buf[-300:]
+    later.close()
+    assert "Traceback" not in full_log(guest), guest.pych_log()

@@ -115,6 +115,19 @@ class Console:
 SHELL_RESTARTED = b"pych-guest: shell exited, restarting it"
 """What the test guest's init (guest/init) prints when its console shell has ended."""
 
+IGNORED_EOF = '\nUse "exit" to leave shell.\n'
+"""What the console shell (busybox ash with ``ignoreeof``) prints, instead of exiting, when
+reading its next command fails; :meth:`Shell.run` drops it from outputs.
+
+Why the shell is told to ignore an end of input: with the terminal's echo off
+(:meth:`Shell.prepare`), busybox's line editor reads a command line with ``fgets()``, and
+ash catches SIGCHLD without SA_RESTART. A background job (``cmd &``: its process is the
+shell's child) that ends while the shell waits for the next command interrupts that read
+(EINTR); busybox 1.35 takes the failed ``fgets()`` for the end of input and the shell exits
+(status 0; the guest's init prints SHELL_RESTARTED and starts a new shell, without the
+prompt settings). ``setsid sh -c '...' &`` always does it: setsid's first process forks
+and exits at once. With ``ignoreeof`` ash prints this notice and reads again."""
+
 
 class Shell:
     """Runs commands in the guest's console shell and returns (exit code, output)."""
@@ -123,10 +136,12 @@ class Shell:
         self.console = console
 
     def prepare(self, timeout: float = 60) -> None:
-        """Quiet the shell (no echo, no prompt) so outputs come back clean."""
+        """Quiet the shell (no echo, no prompt) so outputs come back clean, and keep it
+        from exiting when a background job ends while it waits (see IGNORED_EOF)."""
         c = self.console
         c.send("\n")
-        self.run("stty -echo 2>/dev/null; PS1=''; export PS1", timeout=timeout, check=False)
+        self.run("stty -echo 2>/dev/null; set -o ignoreeof; PS1=''; export PS1",
+                 timeout=timeout, check=False)
 
     def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
             again_if_shell_restarts: bool = False) -> tuple[int, str]:
@@ -150,7 +165,8 @@ class Shell:
             c.expect(b"built-in commands", 60, m.end())
             self.prepare()
             return self.run(cmd, timeout, check)
-        out = c.buf[start:m.start()].decode(errors="replace").replace("\r", "")
+        out = (c.buf[start:m.start()].decode(errors="replace").replace("\r", "")
+               .replace(IGNORED_EOF, "\n"))
         lines = [ln for ln in out.split("\n")
                  if not (ln.startswith(cmd.split("\n")[0]) and ln.strip() == cmd.strip())]
         rc = int(m.group(1))

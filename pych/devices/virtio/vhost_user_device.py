@@ -514,7 +514,12 @@ class VhostUserDevice(VirtioDevice):
         """Without the back-end's in-flight record: the requests between the used and the
         available index, which are exactly the unanswered ones when the back-end answered
         in order (it took every available request, as libvhost-user back-ends do on each
-        kick). A back-end that answered out of order may leave a request unanswered here."""
+        kick). A back-end that answered out of order (qemu-storage-daemon 7.2 does, with
+        several requests in flight, and keeps no record: it does not offer INFLIGHT_SHMFD)
+        makes this guess wrong: a request it left is not answered (that I/O waits until a
+        reset), and one it answered is answered again, which Linux takes for a broken ring.
+        With one request in flight at a time the guess is exact. The rings alone cannot
+        tell: a head in the used ring may be an earlier use of the same head."""
         avail_idx = vq.avail_idx()
         count = (avail_idx - used_idx) & 0xFFFF
         if count > vq.size:
