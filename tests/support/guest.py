@@ -176,7 +176,45 @@ class Shell:
         return rc, text
 
 
-class PychGuest:
+class _PychProcess:
+    """What :class:`PychGuest` and :class:`ApiOnlyPych` share: the pych process, its log
+    file, and the guest's console and shell once there is one."""
+
+    proc: "subprocess.Popen | None" = None
+    console: "Console | None" = None
+    shell: "Shell | None" = None
+    log_path: Path
+    _log_file = None
+
+    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
+            again_if_shell_restarts: bool = False) -> tuple[int, str]:
+        return self.shell.run(cmd, timeout, check,
+                              again_if_shell_restarts=again_if_shell_restarts)
+
+    def pych_log(self) -> str:
+        """The last 3000 characters pych wrote (its stdout and stderr)."""
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL if pych has not ended within ``timeout`` s; close the
+        console and the log."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.console is not None:
+            self.console.close()
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+class PychGuest(_PychProcess):
     """A pych process booting the test guest, with its serial socket and API socket."""
 
     def __init__(self, workdir: Path, *, cpus: str = "boot=1", memory: str = "size=256M",
@@ -206,9 +244,9 @@ class PychGuest:
 
     def start(self) -> "PychGuest":
         self.boot_started = time.monotonic()
-        self._stderr = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stderr,
-                                     stderr=self._stderr, env=self.env)
+        self._log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=self._log_file, env=self.env)
         self.console = Console.connect_unix(self.serial_path, 30, self.workdir / "console.log",
                                             alive=lambda: self.proc.poll() is None)
         self.shell = Shell(self.console)
@@ -224,35 +262,11 @@ class PychGuest:
         self.shell.prepare()
         return took
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
-            again_if_shell_restarts: bool = False) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, check,
-                              again_if_shell_restarts=again_if_shell_restarts)
-
-    def pych_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
     def wait_exit(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise GuestError(f"pych still running after {timeout} s; log: {self.pych_log()}") from None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.console:
-            self.console.close()
-        if getattr(self, "_stderr", None):
-            self._stderr.close()
 
     def __enter__(self):
         return self.start()
@@ -262,7 +276,7 @@ class PychGuest:
 
 
 
-class ApiOnlyPych:
+class ApiOnlyPych(_PychProcess):
     """A pych started with only ``--api-socket`` (plus ``extra_args``; in network namespace
     ``netns`` if given): a client creates and boots its VM over the API, as Kata Containers
     does, or it receives a migrated one. Once a guest runs in it, :meth:`attach_console`
@@ -275,21 +289,19 @@ class ApiOnlyPych:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api_path = api_path or str(self.workdir / f"{name}.api")
         self.log_path = self.workdir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self._log_file = open(self.log_path, "ab")
         args = [str(REPO / ".venv" / "bin" / "pych"), "--api-socket", self.api_path,
                 *(extra_args or [])]
         if netns:
             args = ["ip", "netns", "exec", netns, *args]     # it exec()s: the same pid
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=self._log)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=self._log_file)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.api_path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise GuestError(f"pych did not start: {self.log()}")
+                raise GuestError(f"pych did not start: {self.pych_log()}")
             time.sleep(0.05)
-        self.console: Console | None = None
-        self.shell: Shell | None = None
 
     def put(self, endpoint: str, body: dict | None = None) -> tuple[int, str]:
         from pych.api.client import ApiClient
@@ -310,33 +322,10 @@ class ApiOnlyPych:
             try:
                 self.console.expect(READY, timeout)
             except GuestError as e:
-                raise GuestError(f"{e}\npych log: {self.log()}") from None
+                raise GuestError(f"{e}\npych log: {self.pych_log()}") from None
         self.shell = Shell(self.console)
         self.shell.prepare()
 
-    def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
-            again_if_shell_restarts: bool = False) -> tuple[int, str]:
-        return self.shell.run(cmd, timeout, check,
-                              again_if_shell_restarts=again_if_shell_restarts)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 15) -> None:
-        """SIGTERM, then SIGKILL if pych has not ended within ``timeout`` s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.console is not None:
-            self.console.close()
-        self._log.close()
 
 def qemu_command(art: dict[str, Path], *, machine: str = "microvm,acpi=on", memory: str = "256M",
                  smp: str = "1", cmdline: str | None = None) -> list[str]:
