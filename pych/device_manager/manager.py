@@ -238,7 +238,7 @@ class DeviceManager:
         log.info("%s at %s", PVPANIC_ID, address)
 
     # --- snapshot (VMM thread, VM paused) ---------------------------------------------------------
-    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console"})
+    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console", "virtio-mem"})
     """The device kinds whose whole state pych saves (the others are refused by name)."""
 
     def save_state(self) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from pych.memory.guest_memory import PAGE_SIZE, GuestMemoryError
 from pych.migration.protocol import MAX_MEMORY, MigrationError
-from pych.snapshot.format import CHUNK, _allocated_chunks
+from pych.snapshot.format import CHUNK, saved_chunks
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(CHUNK)
@@ -90,7 +90,7 @@ class VmSource:
         for region in self._regions:
             view = memoryview(region.mmap)
             start = length = 0
-            for offset in _allocated_chunks(region):
+            for offset in saved_chunks(region):
                 if region.mmap[offset:offset + CHUNK] == _ZERO[:min(CHUNK, region.size - offset)]:
                     continue
                 n = min(CHUNK, region.size - offset)
@@ -107,7 +107,7 @@ class VmSource:
     def blocks(self) -> list[tuple[int, int]]:
         """Every allocated 1 MiB chunk of RAM, ``(gpa, length)`` (what VERIFY checks)."""
         return [(region.gpa + offset, min(CHUNK, region.size - offset))
-                for region in self._regions for offset in _allocated_chunks(region)]
+                for region in self._regions for offset in saved_chunks(region)]
 
     def view(self, gpa: int, length: int) -> memoryview:
         for region in self._regions:
