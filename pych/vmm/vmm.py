@@ -678,8 +678,14 @@ def _check_send_migration(request, config: VmConfig, vm):
             raise InvalidRequest("local migration of memory zones backed by a file= is not "
                                  "supported by pych: give the zones no file")
     for net in config.net or ():
-        raise InvalidRequest(f"device {net.id}: pych cannot migrate net devices yet (the tap "
-                             "would have to be handed over to the receiver)")
+        if net.vhost_user:
+            raise InvalidRequest(f"device {net.id}: pych cannot migrate vhost-user net devices "
+                                 "yet (the back-end would have to be reconnected to the "
+                                 "receiver)")
+        if net.fds and not request.local:
+            raise InvalidRequest(f"device {net.id}: its tap came as fds (fd=), which only a "
+                                 "local migration can pass on (local: true); the receiver "
+                                 "cannot open it by name for its owner")
     vm.memory.check_saveable()
     vm.devices.check_saveable()
     return endpoint

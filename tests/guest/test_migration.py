@@ -15,6 +15,7 @@ source pych has exited with the downtime and total time in its log. The module b
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -27,11 +28,16 @@ import pytest
 from pych.api.client import ApiClient
 from pych.cli.remote import wait_for_vcpus
 from pych.migration import protocol
-from tests.support.guest import REPO, Console, Shell, guest_artifacts
+from tests.support.guest import REPO, Console, Shell, guest_artifacts, mem_total_kib
 
 MiB = 1 << 20
 GUEST_WAIT = 600
-COUNT = "cat /mnt/m/counter; echo var=$MIGVAR; nproc"
+BOOT = 256 * MiB
+VMEM_REGION = 256 * MiB
+MARKER = "pych-migration-marker-in-virtio-mem"
+MARKER_MD5 = "md5sum < /mnt/m/marker | cut -c1-32"
+COUNT = ("cat /mnt/m/counter; echo var=$MIGVAR; nproc; grep MemTotal /proc/meminfo; "
+         + MARKER_MD5)
 # the disk's first 64 KiB (the guest's kernel code is emulated here: a whole-disk md5 is slow)
 DISK = "dd if=/dev/vda bs=64k count=1 2>/dev/null | md5sum | cut -c1-32"
 
@@ -45,11 +51,19 @@ def disk(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def guest(guest_factory, disk):
-    g = guest_factory("mig", cpus="boot=1,max=2", memory="size=256M,shared=on",
-                      extra_args=["--disk", f"path={disk}", "-v"])
+    g = guest_factory("mig", cpus="boot=1,max=2",
+                      memory=f"size=256M,shared=on,hotplug_method=virtio-mem,"
+                             f"hotplug_size={VMEM_REGION >> 20}M",
+                      extra_args=["--disk", f"path={disk}", "-v"],
+                      cmdline_extra="memhp_default_state=online_movable")
     assert api(g.api_path, "vm.resize", {"desired_vcpus": 2})[0] == 204
     with ApiClient(g.api_path) as client:
         wait_for_vcpus(client, 2, GUEST_WAIT)
+    # virtio-mem grown by 128 MiB, onlined movable by the guest
+    g.base_kib = mem_total_kib(g)
+    assert api(g.api_path, "vm.resize", {"desired_ram": BOOT + 128 * MiB})[0] == 204
+    g.mem_kib = g.base_kib + 128 * 1024
+    assert wait_for(lambda: mem_total_kib(g), g.mem_kib) == g.mem_kib
     rc, out = g.run(
         "until [ -e /sys/devices/system/cpu/cpu1/online ]; do sleep 0.5; done; "
         "echo 1 > /sys/devices/system/cpu/cpu1/online; "
@@ -57,10 +71,57 @@ def guest(guest_factory, disk):
         "(i=0; while :; do i=$((i+1)); echo $i > /mnt/m/counter; sleep 0.1; done) & "
         "sleep 1; nproc", timeout=GUEST_WAIT)
     assert rc == 0 and out.splitlines()[-1] == "2", out
+    # A marker file in tmpfs: its pages are movable, so the guest takes them from the
+    # virtio-mem memory first (ZONE_MOVABLE); checked below to be there on the host.
+    rc, out = g.run(f"yes {MARKER} | head -c 8M > /mnt/m/marker; {MARKER_MD5}",
+                    timeout=GUEST_WAIT)
+    assert rc == 0 and len(out) == 32, out
+    g.marker_md5 = out
     g.receivers = []
     yield g
     for receiver in g.receivers:
         receiver.stop()
+
+
+def wait_for(probe, expected, timeout: float = GUEST_WAIT, interval: float = 2):
+    """Poll ``probe()`` until it returns ``expected``; its last value."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) != expected and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
+def virtio_mem(api_path: str) -> dict:
+    status, vm = info(api_path)
+    assert status == 200, vm
+    (device,) = vm["memory_hotplug"]["virtio_mem"]
+    return device
+
+
+def marker_pages_in_region(pid: int) -> int:
+    """How many 4 KiB pages of the virtio-mem region's memfd (read through the pych
+    process ``pid``'s fd) begin with the marker's text: the marker lives in that memory."""
+    fds = Path(f"/proc/{pid}/fd")
+    (fd_path,) = [p for p in fds.iterdir()
+                  if "pych-virtio-mem-mem0" in (os.readlink(p) if p.is_symlink() else "")]
+    needle = f"{MARKER}\n".encode() * 2
+    found = 0
+    fd = os.open(fd_path, os.O_RDONLY)
+    try:
+        pos = 0
+        while True:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < end:
+                data = os.pread(fd, min(8 * MiB, end - pos), pos)
+                found += data.count(needle)
+                pos += len(data)
+    finally:
+        os.close(fd)
+    return found
 
 
 def api(path: str, endpoint: str, body=None, timeout: float | None = None) -> tuple[int, str]:
@@ -209,6 +270,7 @@ def test_a_receiver_that_hangs_up_halfway_leaves_the_source_running(guest, tmp_p
     later, _ = counter(guest)
     assert before <= after < later, (before, after, later)    # it counts on, unharmed
     assert rest[1] == "2" and rest[0].startswith("var=kept-"), rest
+    assert rest[3] == guest.marker_md5, rest
 
 
 def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
@@ -263,6 +325,17 @@ def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
     return rest + [md5]
 
 
+def check_virtio_mem(guest, receiver: Receiver, rest: list[str]) -> None:
+    """After a hop: the guest's MemTotal is as before (virtio-mem's 128 MiB still plugged),
+    the marker file in it reads the same, the destination's device has the blocks plugged
+    and the marker's pages are in the destination's virtio-mem memory."""
+    assert rest[2].split()[1] == str(guest.mem_kib), rest
+    assert rest[3] == guest.marker_md5, rest
+    device = virtio_mem(receiver.api_path)
+    assert (device["plugged_size"], device["requested_size"]) == (128 * MiB, 128 * MiB), device
+    assert marker_pages_in_region(receiver.proc.pid) > 0
+
+
 def source_log_figures(log: str) -> tuple[float, float]:
     m = re.findall(r"VM migrated to \S+: downtime ([\d.]+) ms, total ([\d.]+) ms", log)
     assert m, log[-2000:]
@@ -274,8 +347,11 @@ def test_migration_over_a_unix_socket(guest, disk):
     rc, guest.disk_md5 = guest.run(DISK, timeout=GUEST_WAIT)
     assert rc == 0 and len(guest.disk_md5) == 32, guest.disk_md5
     url = guest.dst1_url
+    # the marker written into the guest's memory is in the virtio-mem region (on the host)
+    assert marker_pages_in_region(guest.proc.pid) > 0
     rest = hop(guest.api_path, guest.proc, guest.dst1, url, guest.serial_path, before)
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_virtio_mem(guest, guest.dst1, rest)
     downtime, total = source_log_figures(guest.log_path.read_text())
     assert 0 < downtime <= total, (downtime, total)
     assert "received by migration" in guest.dst1.log()
@@ -288,7 +364,8 @@ def test_migration_over_tcp(guest, tmp_path):
     guest.receivers.append(receiver)
     url = f"tcp:127.0.0.1:{free_port()}"
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before)
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_virtio_mem(guest, receiver, rest)
     downtime, total = source_log_figures(source.log())
     assert 0 < downtime <= total
     guest.dst2 = receiver
@@ -302,9 +379,20 @@ def test_local_migration_passes_memory_by_fd(guest, tmp_path):
     url = f"unix:{tmp_path}/dst3.mig"
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before,
                {"local": True})
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_virtio_mem(guest, receiver, rest)
     assert "0 MiB of RAM sent (local: memory passed by fd)" in source.log()
     # and the destination keeps serving the API: a vCPU removed
     assert api(receiver.api_path, "vm.resize", {"desired_vcpus": 1})[0] == 204
     with ApiClient(receiver.api_path) as client:
         wait_for_vcpus(client, 1, GUEST_WAIT)
+    # virtio-mem carries on on the destination: grown by 64 MiB, then shrunk below what
+    # was migrated (the guest offlines movable blocks, the marker's pages move elsewhere)
+    for extra in (192, 64):
+        assert api(receiver.api_path, "vm.resize", {"desired_ram": BOOT + extra * MiB})[0] == 204
+        want = guest.base_kib + extra * 1024
+        assert wait_for(lambda: mem_total_kib(receiver), want) == want
+        assert wait_for(lambda: virtio_mem(receiver.api_path)["plugged_size"],
+                        extra * MiB) == extra * MiB
+    rc, md5 = receiver.run(MARKER_MD5, timeout=GUEST_WAIT)
+    assert (rc, md5) == (0, guest.marker_md5)
