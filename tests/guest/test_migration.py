@@ -10,6 +10,14 @@ migration); the guest then migrates over a Unix socket, on over TCP on 127.0.0.1
 with ``local`` (memory passed by fd). After each hop the counter continues from where it
 was, the vCPUs are 2, the disk reads as before, the destination answers the API, and the
 source pych has exited with the downtime and total time in its log. The module boots once.
+
+The guest also has virtio-mem (grown by 128 MiB before the first hop, a marker file in
+tmpfs whose pages are in that memory) and a hot-added NIC on a tap in the module's network
+namespace (every pych runs there): after each hop MemTotal, the marker, the device's
+plugged size are as before and the guest pings the host end of the tap; the tap is handed
+over by name (unix, tcp: persistent only while no pych holds it) or by fd (local). A
+receiver that refuses the state after the source let the tap go leaves the source running
+with its tap. After the last hop virtio-mem is grown and shrunk again.
 """
 
 from __future__ import annotations
@@ -28,10 +36,15 @@ import pytest
 from pych.api.client import ApiClient
 from pych.cli.remote import wait_for_vcpus
 from pych.migration import protocol
-from tests.support.guest import REPO, Console, Shell, guest_artifacts, mem_total_kib
+from tests.support.guest import (REPO, Console, PychGuest, Shell, guest_artifacts,
+                                 mem_total_kib)
 
 MiB = 1 << 20
 GUEST_WAIT = 600
+NETNS = f"pych-migration-{os.getpid()}"
+TAP, GUEST_MAC = "migtap0", "52:54:00:6d:69:67"
+HOST_IP, GUEST_IP = "192.168.251.1", "192.168.251.2"
+PING = f"ping -c 2 -W 10 {HOST_IP} | grep -c 'bytes from'"
 BOOT = 256 * MiB
 VMEM_REGION = 256 * MiB
 MARKER = "pych-migration-marker-in-virtio-mem"
@@ -50,12 +63,29 @@ def disk(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest(guest_factory, disk):
-    g = guest_factory("mig", cpus="boot=1,max=2",
-                      memory=f"size=256M,shared=on,hotplug_method=virtio-mem,"
-                             f"hotplug_size={VMEM_REGION >> 20}M",
-                      extra_args=["--disk", f"path={disk}", "-v"],
-                      cmdline_extra="memhp_default_state=online_movable")
+def guest(netns, disk, tmp_path_factory):
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)   # tcp: hop
+    g = PychGuest(tmp_path_factory.mktemp("mig-vm"), cpus="boot=1,max=2",
+                  memory=f"size=256M,shared=on,hotplug_method=virtio-mem,"
+                         f"hotplug_size={VMEM_REGION >> 20}M",
+                  extra_args=["--disk", f"path={disk}", "-v"],
+                  cmdline_extra="memhp_default_state=online_movable")
+    g.args = ["ip", "netns", "exec", netns, *g.args]        # exec()s pych: same pid
+    g.receivers = []
+    try:
+        g.start()
+        g.wait_ready()
+        prepare(g)
+        yield g
+    finally:
+        for receiver in g.receivers:
+            receiver.stop()
+        g.stop()
+
+
+def prepare(g: PychGuest) -> None:
+    """Hot plug the guest: a vCPU, virtio-mem, a NIC; start the counting loop, write the
+    marker."""
     assert api(g.api_path, "vm.resize", {"desired_vcpus": 2})[0] == 204
     with ApiClient(g.api_path) as client:
         wait_for_vcpus(client, 2, GUEST_WAIT)
@@ -77,10 +107,21 @@ def guest(guest_factory, disk):
                     timeout=GUEST_WAIT)
     assert rc == 0 and len(out) == 32, out
     g.marker_md5 = out
-    g.receivers = []
-    yield g
-    for receiver in g.receivers:
-        receiver.stop()
+    # a NIC on a tap pych creates in the namespace, its host end configured by pych
+    status, text = api(g.api_path, "vm.add-net", {"tap": TAP, "ip": HOST_IP,
+                                                  "mask": "255.255.255.0", "mac": GUEST_MAC})
+    assert status == 200, text
+    rc, out = g.run("until [ -e /sys/class/net/eth0 ]; do sleep 0.5; done; "
+                    f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up && {PING}",
+                    timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
+
+
+def tap_details() -> str:
+    """``ip -d link show`` of the tap (``persist on|off`` among the tun details)."""
+    return subprocess.run(["ip", "-n", NETNS, "-d", "link", "show", TAP], capture_output=True,
+                          text=True, check=True).stdout
 
 
 def wait_for(probe, expected, timeout: float = GUEST_WAIT, interval: float = 2):
@@ -151,7 +192,8 @@ class Receiver:
         self.api_path = str(workdir / f"{name}.api")
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "pych"), "--api-socket",
+        self.proc = subprocess.Popen(["ip", "netns", "exec", NETNS,
+                                      str(REPO / ".venv" / "bin" / "pych"), "--api-socket",
                                       self.api_path, "-v"], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 30
         while not Path(self.api_path).exists():
@@ -199,20 +241,21 @@ class Receiver:
         self._log.close()
 
 
-def listening(url: str) -> bool:
+def listening(url: str, pid: int | str = "self") -> bool:
     """Someone listens on ``url`` (a Unix socket file is there; a TCP port is in LISTEN in
-    /proc/net/tcp: connecting to find out would be taken for the migration itself)."""
+    the /proc/net/tcp of process ``pid``'s network namespace: connecting to find out would
+    be taken for the migration itself)."""
     endpoint = protocol.parse_url(url)
     if endpoint.kind == "unix":
         return Path(endpoint.path).exists()
-    with open("/proc/net/tcp") as f:
+    with open(f"/proc/{pid}/net/tcp") as f:
         return any(fields[1].endswith(f":{endpoint.port:04X}") and fields[3] == "0A"
                    for fields in (line.split() for line in list(f)[1:]))
 
 
-def wait_listening(url: str, timeout: float = 30) -> None:
+def wait_listening(url: str, timeout: float = 30, pid: int | str = "self") -> None:
     deadline = time.monotonic() + timeout
-    while not listening(url):
+    while not listening(url, pid):
         assert time.monotonic() < deadline, f"nobody listens on {url}"
         time.sleep(0.05)
 
@@ -298,13 +341,59 @@ def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
     guest.dst1, guest.dst1_url = receiver, url
 
 
+def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_tap(guest,
+                                                                                 tmp_path):
+    """The receiver refuses STATE, after the source paused, sent every page and let go of
+    its tap (made persistent, closed): the source takes the tap back and runs on."""
+    path = str(tmp_path / "refuser.sock")
+    listener = protocol.listen(protocol.parse_url(f"unix:{path}"))
+    got: dict = {}
+
+    def refuser():
+        conn, _ = listener.accept()
+        channel = protocol.Channel(conn, timeout=GUEST_WAIT)
+        while True:
+            kind, length, fds = channel.receive_header()
+            if kind is protocol.Msg.MEMORY:
+                channel._recv_exact(length, what="memory")
+                continue
+            body = channel.receive_json(length, kind)
+            got.setdefault(kind.name, body)
+            if kind is protocol.Msg.VERIFY:
+                channel.answer_ok({"sums": [0] * len(body["blocks"])})
+            elif kind is protocol.Msg.STATE:
+                got["tap"] = tap_details()
+                channel.answer_error("refused by the test once the tap was let go")
+                break
+            else:
+                channel.answer_ok()
+        channel.close()
+
+    thread = threading.Thread(target=refuser, daemon=True)
+    thread.start()
+    status, text = api(guest.api_path, "vm.send-migration", {"destination_url": f"unix:{path}"})
+    thread.join(120)
+    listener.close()
+    assert status == 500 and "refused by the test" in text, text
+    assert got["STATE"]["backends"] == {"taps": {}, "persisted": [TAP]}
+    assert "persist on" in got["tap"]                    # nobody held it then
+    status, vm = info(guest.api_path)
+    assert status == 200 and vm["state"] == "Running", vm
+    before, _ = counter(guest)
+    rc, out = guest.run(PING, timeout=GUEST_WAIT)        # the source has its tap again
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
+    later, rest = counter(guest)
+    assert before < later and rest[1] == "2", (before, later, rest)
+
+
 def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
         before: int, body: dict | None = None) -> list[str]:
     """Migrate from ``source_api`` to ``receiver`` at ``url``; the checks every hop makes."""
     if receiver.thread is None or not receiver.thread.is_alive():
         receiver.result = None
         receiver.receive(url)
-    wait_listening(url)
+    wait_listening(url, pid=receiver.proc.pid)
     status, text = api(source_api, "vm.send-migration", {"destination_url": url, **(body or {})})
     assert status == 204, text
     assert receiver.received() == (204, ""), receiver.log()
@@ -325,10 +414,14 @@ def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
     return rest + [md5]
 
 
-def check_virtio_mem(guest, receiver: Receiver, rest: list[str]) -> None:
+def check_moved(guest, receiver: Receiver, rest: list[str]) -> None:
     """After a hop: the guest's MemTotal is as before (virtio-mem's 128 MiB still plugged),
     the marker file in it reads the same, the destination's device has the blocks plugged
-    and the marker's pages are in the destination's virtio-mem memory."""
+    and the marker's pages are in the destination's virtio-mem memory; the guest pings the
+    host end of its tap, which is not persistent (it goes with the pych that holds it)."""
+    rc, out = receiver.run(PING, timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
     assert rest[2].split()[1] == str(guest.mem_kib), rest
     assert rest[3] == guest.marker_md5, rest
     device = virtio_mem(receiver.api_path)
@@ -351,7 +444,7 @@ def test_migration_over_a_unix_socket(guest, disk):
     assert marker_pages_in_region(guest.proc.pid) > 0
     rest = hop(guest.api_path, guest.proc, guest.dst1, url, guest.serial_path, before)
     assert rest[4] == guest.disk_md5
-    check_virtio_mem(guest, guest.dst1, rest)
+    check_moved(guest, guest.dst1, rest)
     downtime, total = source_log_figures(guest.log_path.read_text())
     assert 0 < downtime <= total, (downtime, total)
     assert "received by migration" in guest.dst1.log()
@@ -365,7 +458,7 @@ def test_migration_over_tcp(guest, tmp_path):
     url = f"tcp:127.0.0.1:{free_port()}"
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before)
     assert rest[4] == guest.disk_md5
-    check_virtio_mem(guest, receiver, rest)
+    check_moved(guest, receiver, rest)
     downtime, total = source_log_figures(source.log())
     assert 0 < downtime <= total
     guest.dst2 = receiver
@@ -380,7 +473,7 @@ def test_local_migration_passes_memory_by_fd(guest, tmp_path):
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before,
                {"local": True})
     assert rest[4] == guest.disk_md5
-    check_virtio_mem(guest, receiver, rest)
+    check_moved(guest, receiver, rest)
     assert "0 MiB of RAM sent (local: memory passed by fd)" in source.log()
     # and the destination keeps serving the API: a vCPU removed
     assert api(receiver.api_path, "vm.resize", {"desired_vcpus": 1})[0] == 204
