@@ -42,7 +42,7 @@ from tests.support.guest import (REPO, Console, PychGuest, Shell, guest_artifact
 MiB = 1 << 20
 GUEST_WAIT = 600
 NETNS = f"pych-migration-{os.getpid()}"
-TAP, GUEST_MAC = "migtap0", "52:54:00:6d:69:67"
+TAP, GUEST_MAC, HOST_MAC = "migtap0", "52:54:00:6d:69:67", "52:54:00:68:6f:73"
 HOST_IP, GUEST_IP = "192.168.251.1", "192.168.251.2"
 PING = f"ping -c 2 -W 10 {HOST_IP} | grep -c 'bytes from'"
 BOOT = 256 * MiB
@@ -72,6 +72,7 @@ def guest(netns, disk, tmp_path_factory):
                   cmdline_extra="memhp_default_state=online_movable")
     g.args = ["ip", "netns", "exec", netns, *g.args]        # exec()s pych: same pid
     g.receivers = []
+    g.restored = None
     try:
         g.start()
         g.wait_ready()
@@ -80,6 +81,8 @@ def guest(netns, disk, tmp_path_factory):
     finally:
         for receiver in g.receivers:
             receiver.stop()
+        if g.restored is not None:
+            g.restored.stop()
         g.stop()
 
 
@@ -109,7 +112,8 @@ def prepare(g: PychGuest) -> None:
     g.marker_md5 = out
     # a NIC on a tap pych creates in the namespace, its host end configured by pych
     status, text = api(g.api_path, "vm.add-net", {"tap": TAP, "ip": HOST_IP,
-                                                  "mask": "255.255.255.0", "mac": GUEST_MAC})
+                                                  "mask": "255.255.255.0", "mac": GUEST_MAC,
+                                                  "host_mac": HOST_MAC})
     assert status == 200, text
     rc, out = g.run("until [ -e /sys/class/net/eth0 ]; do sleep 0.5; done; "
                     f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up && {PING}",
@@ -489,3 +493,68 @@ def test_local_migration_passes_memory_by_fd(guest, tmp_path):
                         extra * MiB) == extra * MiB
     rc, md5 = receiver.run(MARKER_MD5, timeout=GUEST_WAIT)
     assert (rc, md5) == (0, guest.marker_md5)
+    guest.dst3 = receiver
+
+
+class Restored(PychGuest):
+    """A pych in the module's namespace started with ``--restore``: the guest's serial
+    socket is the snapshot's configuration's."""
+
+    def __init__(self, workdir: Path, snapshot: Path, serial_path: str):
+        super().__init__(workdir)
+        self.serial_path = serial_path
+        self.args = ["ip", "netns", "exec", NETNS, str(REPO / ".venv" / "bin" / "pych"),
+                     "--api-socket", self.api_path, "-v",
+                     "--restore", f"source_url=file://{snapshot}"]
+
+
+def wait_for_vm(path: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, vm = info(path)
+            if status == 200:
+                return vm
+        except OSError:
+            pass                                    # the socket is not there yet
+        assert time.monotonic() < deadline, f"no VM after {timeout} s"
+        time.sleep(0.5)
+
+
+def test_snapshot_and_restore_of_the_migrated_guest(guest, tmp_path):
+    """virtio-mem and the NIC in a snapshot: the last destination is paused and snapshotted
+    (of the virtio-mem region only its 64 MiB of plugged blocks, at most, are saved), it
+    ends (its tap goes with it), and a new pych restores the guest: the tap is created again
+    by name, the guest counts on, MemTotal, the marker and the plugged size are as they
+    were, it pings the host end, and virtio-mem grows again."""
+    source = guest.dst3
+    before, _ = counter(source)
+    assert api(source.api_path, "vm.pause")[0] == 204
+    snap = tmp_path / "snap"
+    status, text = api(source.api_path, "vm.snapshot", {"destination_url": f"file://{snap}"})
+    assert status == 204, text
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    (region,) = [m for m in manifest["memory"] if m["name"] == "virtio-mem-mem0"]
+    assert region["size"] == VMEM_REGION
+    assert sum(n for _, n in region["extents"]) <= 64 * MiB      # plugged blocks only
+    saved = manifest["state"]["devices"]["devices"]["mem0"]["device"]
+    assert (saved["plugged_blocks"], saved["requested"]) == (32, 64 * MiB), saved
+    source.stop()
+    restored = Restored(tmp_path / "restored", snap, guest.serial_path)
+    guest.restored = restored
+    restored.start()
+    vm = wait_for_vm(restored.api_path)
+    assert vm["state"] == "Paused", vm
+    assert vm["memory_actual_size"] == BOOT + 64 * MiB, vm
+    assert api(restored.api_path, "vm.resume")[0] == 204
+    restored.shell.prepare()
+    after, rest = counter(restored)
+    assert before <= after, (before, after)
+    assert rest[2].split()[1] == str(guest.base_kib + 64 * 1024), rest
+    assert rest[3] == guest.marker_md5, rest
+    rc, out = restored.run(PING, timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert api(restored.api_path, "vm.resize", {"desired_ram": BOOT + 128 * MiB})[0] == 204
+    want = guest.base_kib + 128 * 1024
+    assert wait_for(lambda: mem_total_kib(restored), want) == want
