@@ -106,7 +106,7 @@ def prepare(g: PychGuest) -> None:
     assert rc == 0 and out.splitlines()[-1] == "2", out
     # A marker file in tmpfs: its pages are movable, so the guest takes them from the
     # virtio-mem memory first (ZONE_MOVABLE); checked below to be there on the host.
-    rc, out = g.run(f"yes {MARKER} | head -c 8M > /mnt/m/marker; {MARKER_MD5}",
+    rc, out = g.run(f"yes {MARKER} | head -c 8388608 > /mnt/m/marker; {MARKER_MD5}",
                     timeout=GUEST_WAIT)
     assert rc == 0 and len(out) == 32, out
     g.marker_md5 = out
