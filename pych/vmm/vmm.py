@@ -478,6 +478,8 @@ class Vmm(ControlLoop, RequestHandler):
             spec = (mode, config.serial.file or config.serial.socket)
             port = SerialPort(NullBackend())
             built.update(console=port, spec=spec)
+        if any(n.ip or n.mask or n.host_mac or n.mtu for n in config.net or ()):
+            import pyroute2  # noqa: F401 - now, not while the guest is paused (STATE)
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(config, self.kvm, serial_port=port, vhost_user=self._vhost_user,

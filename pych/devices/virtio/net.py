@@ -208,6 +208,7 @@ class _QueuePair:
         self._tap_events.register(tap.fd, select.EPOLLIN)
         self._tap_polled = True
         self._tap_gone = False                 # the tap was deleted: its fd is dead
+        self._handed_over = False              # a live migration took the tap (stop_polling)
         # Rate limiting (None: no check per frame at all). Receive learns a frame's size
         # only once it has read it, so it waits while the limiter is empty and charges after.
         self.rx_rate_limiter = rx_rate_limiter
@@ -429,14 +430,16 @@ class _QueuePair:
         return used
 
     def _poll_tap(self, enabled: bool) -> None:
-        if self._tap_gone:
+        if self._tap_gone or self._handed_over:
             return
         if enabled != self._tap_polled and not self._tap_events.closed:
             self._tap_events.modify(self.tap.fd, select.EPOLLIN if enabled else 0)
             self._tap_polled = enabled
 
     def stop_polling(self) -> None:
-        """(Workers stopped) forget the tap fd in the epoll set: it is being handed over."""
+        """(Workers stopped) forget the tap fd in the epoll set: it is being handed over
+        (a reset or shutdown meanwhile leaves it alone)."""
+        self._handed_over = True
         if not self._tap_gone and not self._tap_events.closed:
             try:
                 self._tap_events.unregister(self.tap.fd)
@@ -446,6 +449,7 @@ class _QueuePair:
 
     def start_polling(self) -> None:
         """(Workers stopped) poll the (possibly reopened) tap fd again."""
+        self._handed_over = False
         if not self._tap_gone and not self._tap_events.closed:
             self._tap_events.register(self.tap.fd, select.EPOLLIN)
             self._tap_polled = True

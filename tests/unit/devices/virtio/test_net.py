@@ -463,6 +463,13 @@ def test_release_and_retake_of_a_tap_pych_created():
             fd = device.tap.fd
             out["by_fd"] = (device.release_taps(close=False), device.tap.fd == fd)
             device.retake_taps()
+            # the migration succeeded: the device is shut down with its taps handed over
+            device.release_taps(close=True)
+            device.shutdown()
+            out["shut_down"] = "pychmig0" in links()
+            taker = Tap("pychmig0")                      # the receiver's part
+            taker.set_persistent(False)
+            taker.close()
         out["after"] = "pychmig0" in links()
         return out
 
@@ -472,4 +479,5 @@ def test_release_and_retake_of_a_tap_pych_created():
     assert out["retaken"] == (True, False)
     assert out["sent"] == (True, 1, 0)
     assert out["by_fd"] == ([], True)
-    assert out["after"] is False                      # not persistent: gone with the device
+    assert out["shut_down"] is True                   # the receiver's now
+    assert out["after"] is False                      # not persistent: gone with its last queue
