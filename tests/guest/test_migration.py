@@ -150,8 +150,10 @@ def marker_pages_in_region(pid: int) -> int:
     """How many 4 KiB pages of the virtio-mem region's memfd (read through the pych
     process ``pid``'s fd) begin with the marker's text: the marker lives in that memory."""
     fds = Path(f"/proc/{pid}/fd")
-    (fd_path,) = [p for p in fds.iterdir()
-                  if "pych-virtio-mem-mem0" in (os.readlink(p) if p.is_symlink() else "")]
+    # the region's fd and the one Python's mmap keeps (a dup): one memfd
+    found_fds = {os.stat(p).st_ino: p for p in fds.iterdir()
+                 if "pych-virtio-mem-mem0" in (os.readlink(p) if p.is_symlink() else "")}
+    (fd_path,) = found_fds.values()
     needle = f"{MARKER}\n".encode() * 2
     found = 0
     fd = os.open(fd_path, os.O_RDONLY)
