@@ -36,6 +36,7 @@ from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
 from pych.hypervisor.kvm.kvm import VCPU_STATE
 from pych.snapshot.state import StateError
+from pych.threads import ThreadStarter
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ class CpuManager:
         self.threads: dict[int, VcpuThread] = {}
         self._lock = threading.Lock()
         self._paused = False
+        # A hot-added vCPU runs on a thread started ahead of need, so that vm.resize does
+        # not wait for the host to schedule a new thread (readied in start()).
+        self._starter = (ThreadStarter("vcpu-spare", replace_first=True)
+                         if max_vcpus > boot_vcpus else None)
         self.hotplug_controller = CpuHotplugController(
             layout.ACPI_CPU_HOTPLUG_ADDR, max_vcpus, boot_vcpus,
             is_active=lambda cpu: cpu in self.threads, eject=self._stop_ejected_vcpu,
@@ -148,6 +153,7 @@ class CpuManager:
             self._paused = True
         for cpu_id in sorted(int(i) for i in saved["vcpus"]):
             self._start_thread(cpu_id)
+        self._ready_starter()
 
     def to_aml(self) -> bytes:
         """The CPU hot plug controller's AML and the processor objects (see
@@ -181,7 +187,7 @@ class CpuManager:
             for cpu in added:
                 if cpu >= len(self.vcpus):
                     self._create_vcpu(cpu)
-                self._start_thread(cpu)
+                self._start_thread(cpu, hot_plug=True)
             self.hotplug_controller.insert(added)
             log.info("vCPUs %d-%d hot plugged", added[0], added[-1])
         else:
@@ -221,16 +227,21 @@ class CpuManager:
         return True
 
     # --- threads -----------------------------------------------------------------------------------
-    def _start_thread(self, cpu_id: int) -> None:
+    def _start_thread(self, cpu_id: int, *, hot_plug: bool = False) -> None:
         t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit,
                        host_cpus=self.affinity.get(cpu_id))
         with self._lock:
             self.threads[cpu_id] = t
-            t.start(paused=self._paused)
+            t.start(paused=self._paused, starter=self._starter if hot_plug else None)
+
+    def _ready_starter(self) -> None:
+        if self._starter is not None:
+            self._starter.ready()
 
     def start(self) -> None:
         for cpu_id in range(self.boot_vcpus):
             self._start_thread(cpu_id)
+        self._ready_starter()
 
     def _running(self) -> list[VcpuThread]:
         with self._lock:
@@ -255,6 +266,8 @@ class CpuManager:
             self.threads.clear()
 
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.close()
         self.stop()
         for vcpu in self.vcpus:
             vcpu.close()

@@ -71,8 +71,9 @@ class FakeThread:
         self.thread = None
         self.paused = self.stopped = False
 
-    def start(self, *, paused=False):
+    def start(self, *, paused=False, starter=None):
         self.paused = paused
+        self.starter = starter
 
     def pause(self):
         self.paused = True
