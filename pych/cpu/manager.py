@@ -27,14 +27,14 @@ from collections.abc import Mapping
 from typing import Callable
 
 from pych.arch.x86_64 import boot, layout
-from pych.arch.x86_64.cpuid import Topology, shape_cpuid
+from pych.arch.x86_64.cpuid import CpuidTable, Topology
 from pych.arch.x86_64.loader import LoadedKernel
 from pych.cpu.hotplug import CpuHotplugController, VcpuState
 from pych.cpu.vcpu import VcpuThread
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
-from pych.hypervisor.kvm.kvm import VCPU_STATE
+from pych.hypervisor.kvm.kvm import VCPU_STATE, pack_msrs
 from pych.snapshot.state import StateError
 from pych.threads import ThreadStarter
 
@@ -71,7 +71,10 @@ class CpuManager:
         self.on_exit = on_exit
         self.notify = notify                    # GED notification (AcpiNotification.CPU)
         self.affinity = dict(affinity or {})    # vCPU id -> host CPUs (boot and hot-added)
-        self._supported_cpuid = kvm.supported_cpuid()
+        # What every vCPU is given, prepared once (a hot add's answer waits for it).
+        self._cpuid = CpuidTable(kvm.supported_cpuid(), self.topology)
+        self._boot_msrs = pack_msrs(boot.BOOT_MSRS)
+        self._initial_fpu = boot.initial_fpu()
         self.vcpus: list[Vcpu] = []             # every vCPU ever created, index == id
         self.threads: dict[int, VcpuThread] = {}
         self._lock = threading.Lock()
@@ -93,11 +96,12 @@ class CpuManager:
     def _create_vcpu(self, cpu_id: int) -> Vcpu:
         """Create and configure vCPU ``cpu_id`` like a boot AP: it waits for INIT/SIPI."""
         vcpu = self.kvm_vm.create_vcpu(cpu_id)
-        vcpu.set_cpuid(shape_cpuid(self._supported_cpuid, cpu_id, self.topology))
-        accepted = vcpu.set_msrs(boot.BOOT_MSRS)
-        if accepted != len(boot.BOOT_MSRS):
-            log.debug("vCPU %d: KVM accepted %d of %d boot MSRs", cpu_id, accepted, len(boot.BOOT_MSRS))
-        vcpu.set_fpu(boot.initial_fpu())
+        vcpu.set_cpuid_packed(self._cpuid.count, self._cpuid.packed(cpu_id))
+        accepted = vcpu.set_msrs(self._boot_msrs)
+        if accepted != self._boot_msrs.count:
+            log.debug("vCPU %d: KVM accepted %d of %d boot MSRs", cpu_id, accepted,
+                      self._boot_msrs.count)
+        vcpu.set_fpu(self._initial_fpu)
         vcpu.set_lapic(boot.lapic_with_lints(vcpu.get_lapic()))
         self.vcpus.append(vcpu)
         return vcpu
