@@ -186,18 +186,25 @@ class CpuManager:
         if not self.check_resize(desired):
             return False
         current = self.requested_vcpus
+        launch = []
         if desired > current:
             added = range(current, desired)
             for cpu in added:
                 if cpu >= len(self.vcpus):
                     self._create_vcpu(cpu)
-                self._start_thread(cpu, hot_plug=True)
+                launch.append(self._register_thread(cpu))
             self.hotplug_controller.insert(added)
             log.info("vCPUs %d-%d hot plugged", added[0], added[-1])
         else:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
         self.notify(AcpiNotification.CPU)
+        # The new vCPUs' threads get going last: a thread woken here competes for the GIL
+        # with this one, which has the notification to send (KVM keeps the guest's INIT and
+        # SIPI for a vCPU until its thread enters KVM_RUN; the CPU counts as present from
+        # its registration, so the guest's _STA already sees it).
+        for t in launch:
+            self._launch(t, self._starter)
         return True
 
     def check_resize(self, desired: int) -> bool:
@@ -231,12 +238,22 @@ class CpuManager:
         return True
 
     # --- threads -----------------------------------------------------------------------------------
-    def _start_thread(self, cpu_id: int, *, hot_plug: bool = False) -> None:
+    def _start_thread(self, cpu_id: int) -> None:
+        self._launch(self._register_thread(cpu_id), None)
+
+    def _register_thread(self, cpu_id: int) -> VcpuThread:
+        """vCPU ``cpu_id``'s thread, counted as running (the guest sees the CPU present)
+        but not started yet (:meth:`_launch`)."""
         t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit,
                        host_cpus=self.affinity.get(cpu_id))
         with self._lock:
             self.threads[cpu_id] = t
-            t.start(paused=self._paused, starter=self._starter if hot_plug else None)
+        return t
+
+    def _launch(self, t: VcpuThread, starter: ThreadStarter | None) -> None:
+        with self._lock:
+            if self.threads.get(t.index) is t:      # not stopped meanwhile
+                t.start(paused=self._paused, starter=starter)
 
     def _ready_starter(self) -> None:
         if self._starter is not None:
