@@ -67,3 +67,13 @@ def test_the_vmm_prepares_every_runtime_request_model_once_a_vm_runs():
     _prepare_runtime_requests(None)
     assert all(getattr(pych.config, name).__pydantic_complete__
                for name in RUNTIME_REQUEST_MODELS)
+
+
+def test_idle_work_can_be_run_at_once_without_a_loop():
+    loop = ControlLoop()
+    ran: list[int] = []
+    loop.when_idle(lambda lp: ran.append(1))
+    loop.when_idle(lambda lp: ran.append(2))
+    loop.run_idle_work()
+    loop.run_idle_work()
+    assert ran == [1, 2]
