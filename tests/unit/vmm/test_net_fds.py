@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 import re
 import shutil
 import struct
@@ -250,6 +251,12 @@ def test_hot_add_with_a_tap_fd_then_remove_keeps_nothing(capsys):
             removed = {"status": status, "kept_open": is_open(kept), "links": links(),
                        "config": served.vmm.config.net}
             served.machine.eject(2)                        # the guest's _EJ0
+            # the device's worker lets go of its fds as it ends, on its own thread: wait
+            # (bounded) for that rather than race it
+            deadline = time.monotonic() + 10
+            while (links() != ["lo"] or open_files() != baseline) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
             removed["after_eject"] = (links(), open_files() == baseline)
             return added, removed
         finally:
