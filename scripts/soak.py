@@ -63,9 +63,20 @@ def main() -> int:
           f"{args.reboot_every}; logs in {workdir}", flush=True)
     started = time.monotonic()
     load_before = loadavg()
+    soak: Soak | None = None
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+        # the page follows the run (every 10 cycles), so a run cut short still leaves its
+        # record, marked as unfinished
+        done = len(soak.result.samples) if soak is not None else 0
+        if args.record and done and done % 10 == 0 and done < args.cycles:
+            record(args, soak.result, (time.monotonic() - started) / 60, load_before, False,
+                   finished=False)
+
     with Soak(workdir, cycles=args.cycles, warmup=args.warmup, reboot_every=args.reboot_every,
               rss_bound_mib=args.rss_bound_mib, seccomp=args.seccomp,
-              progress=lambda line: print(line, flush=True)) as soak:
+              progress=progress) as soak:
         print(f"booted in {soak.result.boot_seconds:.0f} s", flush=True)
         result = soak.run()
     print()
@@ -84,10 +95,14 @@ def main() -> int:
     return 0 if result.passed else 1
 
 
-def record(args, result, minutes: float, load_before: str, plotted: bool) -> None:
+def record(args, result, minutes: float, load_before: str, plotted: bool, *,
+           finished: bool = True) -> None:
     """Write the run to its page in docs/: what ran, on which commit, how busy the host was,
-    the verdict and the whole table (nothing on the page is edited by hand)."""
+    the verdict and the whole table (nothing on the page is edited by hand). An unfinished
+    run (``finished=False``, written as it goes) says how far it got."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    state = (f"— finished {now}" if finished else
+             f"— **unfinished: {len(result.samples)} of {args.cycles} cycles so far**, {now}")
     seccomp = f" --seccomp {args.seccomp}" if args.seccomp else ""
     lines = [
         "# The soak — `make soak`",
@@ -97,7 +112,7 @@ def record(args, result, minutes: float, load_before: str, plotted: bool) -> Non
         "",
         f"`scripts/soak.py --cycles {args.cycles} --warmup {args.warmup} "
         f"--reboot-every {args.reboot_every} --rss-bound-mib {args.rss_bound_mib:g}{seccomp}` "
-        f"— finished {now}, commit {commit()}, {minutes:.0f} min (boot "
+        f"{state}, commit {commit()}, {minutes:.0f} min (boot "
         f"{result.boot_seconds:.0f} s). Host load average (1/5/15 min) before {load_before}, "
         f"after {loadavg()} on {os.cpu_count()} CPUs.",
         "",
