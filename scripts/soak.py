@@ -107,8 +107,8 @@ def record(args, result, minutes: float, load_before: str, plotted: bool, *,
     lines = [
         "# The soak — `make soak`",
         "",
-        "Written by `scripts/soak.py` every 10 cycles and at the end of a run; see its docstring and",
-        "`tests/support/soak.py` for what a cycle does and what is checked.",
+        "Written by `scripts/soak.py` every 10 cycles and at the end of a run; see its",
+        "docstring and `tests/support/soak.py` for what a cycle does and what is checked.",
         "",
         f"`scripts/soak.py --cycles {args.cycles} --warmup {args.warmup} "
         f"--reboot-every {args.reboot_every} --rss-bound-mib {args.rss_bound_mib:g}{seccomp}` "
