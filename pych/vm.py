@@ -105,12 +105,11 @@ class Vm:
             self.close()
             raise
 
-    def finish_incoming(self, saved: dict, taps: dict[str, list[int]] | None = None) -> None:
+    def finish_incoming(self, saved: dict) -> None:
         """After :meth:`prepare_incoming` and the RAM: the devices at their slots, the vCPUs,
-        and everyone's state, as :meth:`restore` does; the VM stays paused. ``taps`` (a
-        local migration): net id -> the tap queue fds the sender passed (taken over)."""
+        and everyone's state, as :meth:`restore` does; the VM stays paused."""
         try:
-            self._assemble_devices(saved, taps)
+            self._assemble_devices(saved)
             self._restore_state(saved)
         except Exception:
             self.close()
@@ -180,8 +179,7 @@ class Vm:
         else:
             self.memory.restore_state(saved["memory"], fds)
 
-    def _assemble_devices(self, saved: dict | None,
-                          taps: dict[str, list[int]] | None = None) -> None:
+    def _assemble_devices(self, saved: dict | None) -> None:
         cfg, kvm_vm = self.config, self.kvm_vm
         self._create_legacy_devices()
         self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
@@ -192,8 +190,7 @@ class Vm:
             virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
             vhost_user=self.vhost_user, on_guest_event=self.on_guest_event,
             on_device_failed=self.on_device_failed,
-            restore_slots=saved["devices"]["slots"] if saved is not None else None,
-            adopt_taps=taps)
+            restore_slots=saved["devices"]["slots"] if saved is not None else None)
         self.devices.create_boot_devices()
         self.memory.add_region_listener(self.devices.memory_region_added,
                                         self.devices.memory_region_removed)

@@ -23,7 +23,7 @@ class Target(Protocol):
     """The VM a migration builds."""
 
     def view(self, gpa: int, length: int): ...
-    def finish(self, state: dict, backends: dict, fds: list[int]) -> None: ...
+    def finish(self, state: dict) -> None: ...
     def resume(self) -> None: ...
     def close(self) -> None: ...
 
@@ -68,18 +68,13 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
 
         while True:
             kind, length, fds = channel.receive_header()
-            if kind is not Msg.STATE:
-                _close_unexpected(fds)
+            _close_unexpected(fds)
             if kind is Msg.MEMORY:
                 if stats["local"]:
                     raise Refused("guest RAM was sent in a local migration")
                 stats["memory_bytes"] += channel.receive_memory(length, target.view)
                 continue
-            try:
-                body = channel.receive_json(length, kind)
-            except BaseException:
-                _close_unexpected(fds if kind is Msg.STATE else [])
-                raise
+            body = channel.receive_json(length, kind)
             if kind is Msg.VERIFY and not stats["local"]:
                 blocks = body.get("blocks")
                 if not isinstance(blocks, list):
@@ -92,11 +87,8 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
                 continue
             _expect(kind, Msg.STATE, body)
             break
-        if bool(fds) and not stats["local"]:
-            _close_unexpected(fds)
-            raise Refused("file descriptors came with a migration that is not local")
         try:
-            target.finish(body["state"], body.get("backends") or {}, fds)
+            target.finish(body["state"])
         except Exception as e:  # noqa: BLE001
             raise Refused(f"cannot restore the VM's state: {e}") from e
         channel.answer_ok()
