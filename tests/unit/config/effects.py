@@ -591,15 +591,9 @@ def _memory_shared(tmp, mp):
 def _recorded_hugepage_memfds(mp) -> list[tuple]:
     from pych.memory import hugepages
 
-    calls: list[tuple] = []
+    from tests.unit.memory.test_hugepages import record_hugepage_memfds
 
-    def memfd(name, size, hugepage_size):
-        calls.append((name, size, hugepage_size))
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        return fd
-
-    mp.setattr(hugepages, "memfd", memfd)
+    calls = record_hugepage_memfds(mp)
     mp.setattr(hugepages, "host_sizes", lambda sysfs=None: [2 * MiB, GiB])
     mp.setattr(hugepages, "default_size", lambda meminfo=None: 2 * MiB)
     mp.setattr(hugepages, "pool", lambda size, sysfs=None: (4096, 4096, 0))

@@ -155,8 +155,7 @@ def test_a_hugetlbfs_memfd_has_the_page_size_it_asks_for():
     assert hugepages.host_sizes(), "this host's kernel offers no huge pages"
 
 
-@pytest.fixture
-def recorded_memfds(monkeypatch):
+def record_hugepage_memfds(monkeypatch) -> list[tuple]:
     """hugepages.memfd recorded, and backed by an ordinary memfd (the host's pool is not
     touched): ``(name, size, hugepage_size)`` per call."""
     calls = []
@@ -169,6 +168,11 @@ def recorded_memfds(monkeypatch):
 
     monkeypatch.setattr(hugepages, "memfd", memfd)
     return calls
+
+
+@pytest.fixture
+def recorded_memfds(monkeypatch):
+    return record_hugepage_memfds(monkeypatch)
 
 
 def test_zones_and_dimms_are_backed_by_huge_pages_of_their_size(pools, recorded_memfds):
