@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 from pych.api.dispatch import Dispatcher, HandlerCall, Rejection, Response, error_response
 from pych.fds import close_fds
 from pych.guest_log import GuestLog
-from pych.threads import NamedThread
+from pych.threads import NamedThread, ThreadStarter
 
 logger = logging.getLogger(__name__)
 _busy_log = GuestLog(logger)      # a client can repeat connecting at will
@@ -55,6 +55,7 @@ _MAX_HEADER_LINE = 64 * 1024
 _MAX_HEADERS = 100
 _SOCKET_MODE = 0o600
 _CLOSE_GRACE = 1.0  # seconds close() lets requests in flight finish
+HTTP_THREAD = "http-server"  # the reference's name for its API threads
 MAX_CONNECTIONS = 256
 """Connections served at once (a thread each); one more is answered 503 and closed, so idle or
 slow clients cannot exhaust pych's threads."""
@@ -411,6 +412,23 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.closing = False
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
+        # Each connection runs on a thread readied ahead of it (ThreadStarter), so that a
+        # request does not wait for the host to schedule a new thread; the accept loop
+        # readies the next one after handing a connection over.
+        self.starter = ThreadStarter(HTTP_THREAD)
+
+    def ready_next(self) -> None:
+        """Ready the next connection's thread, unless :attr:`max_connections` are being
+        served (the threads stay within the limit)."""
+        with self._lock:
+            room = self._accepted < self.max_connections
+        if room:
+            self.starter.ready()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """ThreadingMixIn's, on a readied thread (see :attr:`starter`)."""
+        self.starter.start(HTTP_THREAD,
+                           lambda: self.process_request_thread(request, client_address))
 
     def track(self, connection: socket.socket) -> None:
         with self._lock:
@@ -601,8 +619,8 @@ class ApiServer:
             listener = _adopt_listening_fd(self._fd)
         server = _Server(listener, self._dispatcher, max_connections=self._max_connections,
                          idle_timeout=self._idle_timeout)
-        # The reference's name; the threads serving connections inherit it from this one.
-        thread = NamedThread(target=self._accept_loop, args=(server,), name="http-server",
+        # The reference's name, that of the threads serving connections too.
+        thread = NamedThread(target=self._accept_loop, args=(server,), name=HTTP_THREAD,
                              daemon=True)
         thread.start()
         self._server, self._thread, self._started = server, thread, True
@@ -627,10 +645,12 @@ class ApiServer:
 
     def _accept_loop(self, server: _Server) -> None:
         while True:
+            server.ready_next()         # the next connection's thread
             try:
                 connection, address = server.socket.accept()
             except OSError as error:
                 if self._closing:
+                    server.starter.close()
                     return
                 logger.warning("accept() on the API socket failed: %s", error)
                 time.sleep(0.1)  # e.g. out of fds: let the VMM breathe, don't spin

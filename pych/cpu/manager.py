@@ -27,15 +27,16 @@ from collections.abc import Mapping
 from typing import Callable
 
 from pych.arch.x86_64 import boot, layout
-from pych.arch.x86_64.cpuid import Topology, shape_cpuid
+from pych.arch.x86_64.cpuid import CpuidTable, Topology
 from pych.arch.x86_64.loader import LoadedKernel
 from pych.cpu.hotplug import CpuHotplugController, VcpuState
 from pych.cpu.vcpu import VcpuThread
 from pych.devices.acpi import AcpiNotification
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import Kvm, Vcpu, Vm
-from pych.hypervisor.kvm.kvm import VCPU_STATE
+from pych.hypervisor.kvm.kvm import VCPU_STATE, pack_msrs
 from pych.snapshot.state import StateError
+from pych.threads import ThreadStarter
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,18 @@ class CpuManager:
         self.on_exit = on_exit
         self.notify = notify                    # GED notification (AcpiNotification.CPU)
         self.affinity = dict(affinity or {})    # vCPU id -> host CPUs (boot and hot-added)
-        self._supported_cpuid = kvm.supported_cpuid()
+        # What every vCPU is given, prepared once (a hot add's answer waits for it).
+        self._cpuid = CpuidTable(kvm.supported_cpuid(), self.topology)
+        self._boot_msrs = pack_msrs(boot.BOOT_MSRS)
+        self._initial_fpu = boot.initial_fpu()
         self.vcpus: list[Vcpu] = []             # every vCPU ever created, index == id
         self.threads: dict[int, VcpuThread] = {}
         self._lock = threading.Lock()
         self._paused = False
+        # A hot-added vCPU runs on a thread started ahead of need, so that vm.resize does
+        # not wait for the host to schedule a new thread (readied in start()).
+        self._starter = (ThreadStarter("vcpu-spare", replace_first=True)
+                         if max_vcpus > boot_vcpus else None)
         self.hotplug_controller = CpuHotplugController(
             layout.ACPI_CPU_HOTPLUG_ADDR, max_vcpus, boot_vcpus,
             is_active=lambda cpu: cpu in self.threads, eject=self._stop_ejected_vcpu,
@@ -88,11 +96,12 @@ class CpuManager:
     def _create_vcpu(self, cpu_id: int) -> Vcpu:
         """Create and configure vCPU ``cpu_id`` like a boot AP: it waits for INIT/SIPI."""
         vcpu = self.kvm_vm.create_vcpu(cpu_id)
-        vcpu.set_cpuid(shape_cpuid(self._supported_cpuid, cpu_id, self.topology))
-        accepted = vcpu.set_msrs(boot.BOOT_MSRS)
-        if accepted != len(boot.BOOT_MSRS):
-            log.debug("vCPU %d: KVM accepted %d of %d boot MSRs", cpu_id, accepted, len(boot.BOOT_MSRS))
-        vcpu.set_fpu(boot.initial_fpu())
+        vcpu.set_cpuid_packed(self._cpuid.count, self._cpuid.packed(cpu_id))
+        accepted = vcpu.set_msrs(self._boot_msrs)
+        if accepted != self._boot_msrs.count:
+            log.debug("vCPU %d: KVM accepted %d of %d boot MSRs", cpu_id, accepted,
+                      self._boot_msrs.count)
+        vcpu.set_fpu(self._initial_fpu)
         vcpu.set_lapic(boot.lapic_with_lints(vcpu.get_lapic()))
         self.vcpus.append(vcpu)
         return vcpu
@@ -148,6 +157,7 @@ class CpuManager:
             self._paused = True
         for cpu_id in sorted(int(i) for i in saved["vcpus"]):
             self._start_thread(cpu_id)
+        self._ready_starter()
 
     def to_aml(self) -> bytes:
         """The CPU hot plug controller's AML and the processor objects (see
@@ -176,18 +186,25 @@ class CpuManager:
         if not self.check_resize(desired):
             return False
         current = self.requested_vcpus
+        launch = []
         if desired > current:
             added = range(current, desired)
             for cpu in added:
                 if cpu >= len(self.vcpus):
                     self._create_vcpu(cpu)
-                self._start_thread(cpu)
+                launch.append(self._register_thread(cpu))
             self.hotplug_controller.insert(added)
             log.info("vCPUs %d-%d hot plugged", added[0], added[-1])
         else:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
         self.notify(AcpiNotification.CPU)
+        # The new vCPUs' threads get going last: a thread woken here competes for the GIL
+        # with this one, which has the notification to send (KVM keeps the guest's INIT and
+        # SIPI for a vCPU until its thread enters KVM_RUN; the CPU counts as present from
+        # its registration, so the guest's _STA already sees it).
+        for t in launch:
+            self._launch(t, self._starter)
         return True
 
     def check_resize(self, desired: int) -> bool:
@@ -222,15 +239,30 @@ class CpuManager:
 
     # --- threads -----------------------------------------------------------------------------------
     def _start_thread(self, cpu_id: int) -> None:
+        self._launch(self._register_thread(cpu_id), None)
+
+    def _register_thread(self, cpu_id: int) -> VcpuThread:
+        """vCPU ``cpu_id``'s thread, counted as running (the guest sees the CPU present)
+        but not started yet (:meth:`_launch`)."""
         t = VcpuThread(self.vcpus[cpu_id], self.pio, self.mmio, self.on_exit,
                        host_cpus=self.affinity.get(cpu_id))
         with self._lock:
             self.threads[cpu_id] = t
-            t.start(paused=self._paused)
+        return t
+
+    def _launch(self, t: VcpuThread, starter: ThreadStarter | None) -> None:
+        with self._lock:
+            if self.threads.get(t.index) is t:      # not stopped meanwhile
+                t.start(paused=self._paused, starter=starter)
+
+    def _ready_starter(self) -> None:
+        if self._starter is not None:
+            self._starter.ready()
 
     def start(self) -> None:
         for cpu_id in range(self.boot_vcpus):
             self._start_thread(cpu_id)
+        self._ready_starter()
 
     def _running(self) -> list[VcpuThread]:
         with self._lock:
@@ -255,6 +287,8 @@ class CpuManager:
             self.threads.clear()
 
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.close()
         self.stop()
         for vcpu in self.vcpus:
             vcpu.close()

@@ -21,7 +21,7 @@ from pych.cpu.kick import KICK_SIGNAL, install_kick_handler  # noqa: F401 - re-e
 from pych.devices.bus import Bus
 from pych.hypervisor.kvm import KvmError, Vcpu
 from pych.hypervisor.kvm import bindings as kb
-from pych.threads import NamedThread
+from pych.threads import NamedThread, ThreadStarter
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,18 @@ class VcpuThread:
         return self.vcpu.index
 
     # --- control (any thread) --------------------------------------------------------------
-    def start(self, *, paused: bool = False) -> None:
+    def start(self, *, paused: bool = False, starter: ThreadStarter | None = None) -> None:
         """Start the thread; with ``paused`` it parks before its first KVM_RUN until
-        :meth:`resume` (a vCPU hot plugged while the VM is paused)."""
+        :meth:`resume` (a vCPU hot plugged while the VM is paused). With ``starter``, its
+        spare thread runs the vCPU and this returns without waiting for the host to
+        schedule a new thread (a hot plug's answer)."""
         self._paused = paused
-        self.thread = NamedThread(target=self._run, name=f"vcpu{self.index}", daemon=True)
-        self.thread.start()
+        name = f"vcpu{self.index}"
+        if starter is not None:
+            self.thread = starter.start(name, self._run)
+        else:
+            self.thread = NamedThread(target=self._run, name=name, daemon=True)
+            self.thread.start()
 
     def kick(self) -> None:
         self.vcpu.set_immediate_exit(True)

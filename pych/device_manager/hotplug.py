@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from pych.acpi.aml import (
-    Acquire, AddressSpace, And, Arg, Device, EISAName, Equal, Field, FieldAccess, FieldUpdate,
+    Acquire, AddressSpace, And, Arg, Device, EISAName, Field, FieldAccess, FieldUpdate,
     If, Local, Method, MethodCall, Mutex, Name, Named, Notify, OpRegion, Path, RegionSpace,
     Release, ResourceTemplate, Return, ShiftLeft, Store, String,
 )
@@ -140,13 +140,32 @@ class PciHotplugSlots:
     a slot object ``Snnn`` per slot (``_SUN``, ``_ADR``, ``_EJ0`` ->
     ``\\_SB_.PHPR.PCEJ(_SUN, _SEG)``), ``DVNT(bitmap, event)`` notifying the slots whose bit
     is set, and ``PCNT``, which selects this segment and notifies added slots with 1 and slots
-    to eject with 3 (reference §5.2)."""
+    to eject with 3 (reference §5.2).
+
+    What the guest runs on each PCI event is kept short, because its ACPI interpreter is
+    slow where guest kernel code is (~0.5 µs an instruction on this host): the reference's
+    ``DVNT`` tests each of the 32 bits in turn and ``PCNT`` calls it for both bitmaps, so a
+    removal had the guest evaluate ~200 AML operations around one ``Notify`` (measured: 1.9 s
+    between the guest's reads of PCIU and PCID, most of the 3 s disk removal). Here ``PCNT``
+    calls ``DVNT`` only for a bitmap with a bit set, and ``DVNT`` halves the bitmap until it
+    reaches the set bits: ~10 tests for one slot of 32.
+    """
 
     def __init__(self, slots: int = NUM_DEVICE_SLOTS) -> None:
         self.slots = slots
 
     def to_aml(self) -> bytes:
         return _slots_aml(self.slots)
+
+
+def _notify_set_bits(lo: int, hi: int) -> list:
+    """``DVNT``'s body for slots ``lo``..``hi - 1``: ``Notify(Snnn, Arg1)`` for each slot
+    whose bit of ``Arg0`` is set, testing a half of the range only when one of its bits is."""
+    if hi - lo == 1:
+        return [Notify(f"S{lo:03d}", Arg(1))]
+    mid = (lo + hi + 1) // 2
+    return [If(And(Arg(0), ((1 << (end - start)) - 1) << start), *_notify_set_bits(start, end))
+            for start, end in ((lo, mid), (mid, hi))]
 
 
 @functools.cache
@@ -161,16 +180,15 @@ def _slots_aml(slots: int) -> bytes:
         Method("_EJ0", 1, MethodCall("\\_SB_.PHPR.PCEJ", Path("_SUN"), Path("_SEG")),
                serialized=True),
     ) for slot in range(slots)]
-    dvnt = Method("DVNT", 2, *(item for slot in range(slots) for item in (
-        And(Arg(0), 1 << slot, Local(0)),
-        If(Equal(Local(0), 1 << slot), Notify(f"S{slot:03d}", Arg(1))),
-    )), serialized=True)
+    dvnt = Method("DVNT", 2, *_notify_set_bits(0, slots), serialized=True)
     pcnt = Method(
         "PCNT", 0,
         Acquire("\\_SB_.PHPR.BLCK"),
         Store(Path("_SEG"), "\\_SB_.PHPR.PSEG"),
-        MethodCall("DVNT", Path("\\_SB_.PHPR.PCIU"), 1),
-        MethodCall("DVNT", Path("\\_SB_.PHPR.PCID"), 3),
+        Store(Path("\\_SB_.PHPR.PCIU"), Local(0)),     # reading a bitmap clears it
+        Store(Path("\\_SB_.PHPR.PCID"), Local(1)),
+        If(Local(0), MethodCall("DVNT", Local(0), 1)),
+        If(Local(1), MethodCall("DVNT", Local(1), 3)),
         Release("\\_SB_.PHPR.BLCK"),
         serialized=True)
     return b"".join(piece.to_aml() for piece in (*slot_devices, dvnt, pcnt))

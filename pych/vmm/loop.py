@@ -18,6 +18,7 @@ from typing import Any, Callable, Self, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_POLL_MS = 1000
 
 
 class ControlLoop:
@@ -29,6 +30,7 @@ class ControlLoop:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._loop_thread: threading.Thread | None = None
+        self._when_idle: list[Callable[[Self], Any]] = []
 
     def _in_loop(self) -> bool:
         return self._loop_thread is None or threading.current_thread() is self._loop_thread
@@ -50,6 +52,19 @@ class ControlLoop:
         except OSError:
             pass
 
+    def when_idle(self, fn: Callable[[Self], Any]) -> None:
+        """Run ``fn(self)`` once on the loop when it next has nothing to do for a whole
+        poll interval (a second): work that can wait for a quiet moment (from the loop's
+        thread, or before the loop runs)."""
+        self._when_idle.append(fn)
+
+    def run_idle_work(self) -> None:
+        """Run the queued idle work now, on the calling thread: for a caller that runs no
+        loop (a benchmark driving the VMM in process) and wants the VMM as a quiet loop
+        leaves it."""
+        while self._when_idle:
+            self._run_task(self._when_idle.pop(0))
+
     def run_loop(self) -> int:
         """Serve requests and guest events until the VMM is asked to exit; the exit code."""
         self._loop_thread = threading.current_thread()
@@ -57,9 +72,11 @@ class ControlLoop:
         poller.register(self._wake, select.POLLIN)
         while self.exit_code is None:
             try:
-                poller.poll(1000)
+                idle = not poller.poll(IDLE_POLL_MS)
             except InterruptedError:
-                pass
+                idle = False
+            if idle and self._when_idle:
+                self._run_task(self._when_idle.pop(0))
             try:
                 os.eventfd_read(self._wake)
             except BlockingIOError:
@@ -75,10 +92,7 @@ class ControlLoop:
             except queue.Empty:
                 return
             if fut is None:
-                try:
-                    fn(self)
-                except Exception:  # noqa: BLE001
-                    log.exception("VMM task failed")
+                self._run_task(fn)
                 continue
             if not fut.set_running_or_notify_cancel():
                 continue
@@ -86,6 +100,12 @@ class ControlLoop:
                 fut.set_result(fn(self))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
+
+    def _run_task(self, fn: Callable[[Self], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:  # noqa: BLE001
+            log.exception("VMM task failed")
 
     def request_exit(self, code: int) -> None:
         """Make :meth:`run_loop` return ``code`` once the queued work is done (the first

@@ -48,6 +48,20 @@ def _flex(header: ctypes.Structure, entry_type, entries) -> bytearray:
     return bytearray(bytes(header) + bytes(arr))
 
 
+@dataclass(frozen=True, slots=True)
+class PackedMsrs:
+    """MSR values as a ``kvm_msrs`` buffer (:func:`pack_msrs`)."""
+    count: int
+    buffer: bytes
+
+
+def pack_msrs(msrs: dict[int, int]) -> PackedMsrs:
+    """``msrs`` packed for KVM_SET_MSRS once, for values set on every new vCPU."""
+    entries = [b.kvm_msr_entry(index=i, data=v) for i, v in msrs.items()]
+    return PackedMsrs(len(entries), bytes(_flex(b.kvm_msrs(nmsrs=len(entries)),
+                                                b.kvm_msr_entry, entries)))
+
+
 class Kvm:
     """The /dev/kvm system fd."""
 
@@ -396,11 +410,15 @@ class Vcpu:
         _ioctl(self.fd, b.KVM_SET_CPUID2, _flex(b.kvm_cpuid2(nent=len(entries)),
                                                   b.kvm_cpuid_entry2, entries))
 
-    def set_msrs(self, msrs: dict[int, int]) -> int:
-        """Set MSRs; returns how many KVM accepted (it stops at the first it rejects)."""
-        entries = [b.kvm_msr_entry(index=i, data=v) for i, v in msrs.items()]
-        return _ioctl(self.fd, b.KVM_SET_MSRS, _flex(b.kvm_msrs(nmsrs=len(entries)),
-                                                     b.kvm_msr_entry, entries))
+    def set_cpuid_packed(self, count: int, entries: bytes) -> None:
+        """KVM_SET_CPUID2 with ``count`` entries already packed (``CpuidTable.packed``)."""
+        _ioctl(self.fd, b.KVM_SET_CPUID2, bytearray(bytes(b.kvm_cpuid2(nent=count)) + entries))
+
+    def set_msrs(self, msrs: "dict[int, int] | PackedMsrs") -> int:
+        """Set MSRs (a dict, or packed once with :func:`pack_msrs` when set often); returns
+        how many KVM accepted (it stops at the first it rejects)."""
+        packed = msrs if isinstance(msrs, PackedMsrs) else pack_msrs(msrs)
+        return _ioctl(self.fd, b.KVM_SET_MSRS, bytearray(packed.buffer))
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         entries = [b.kvm_msr_entry(index=i) for i in indices]

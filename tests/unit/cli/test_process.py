@@ -55,7 +55,10 @@ _PROBE = textwrap.dedent("""
 
 
 def _pydantic(modules: list[str]) -> list[str]:
-    return [name for name in modules if name == "pydantic" or name.startswith("pydantic")]
+    """pydantic's modules among ``modules``, less pych's stand-in for its plugin loader
+    (pych.cli.without_pydantic_plugins: a module of pych's, under pydantic's name)."""
+    return [name for name in modules if (name == "pydantic" or name.startswith("pydantic"))
+            and name != "pydantic.plugin._loader"]
 
 
 def test_the_no_vm_start_path_does_not_import_pydantic(tmp_path: Path) -> None:
@@ -92,3 +95,27 @@ def test_pychs_commands_turn_pydantic_plugins_off_unless_told(monkeypatch) -> No
     monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "")          # the user's word stands
     without_pydantic_plugins()
     assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == ""
+
+
+def test_with_plugins_off_pydantic_builds_models_without_its_plugin_loader() -> None:
+    """pych's stand-in for pydantic's plugin loader (importing the real one costs
+    importlib.metadata and email) is what pydantic asks when it builds a validator: models
+    validate, and neither module is imported. A pydantic that asks its loader for more
+    than ``get_plugins`` fails here, not in a user's pych."""
+    import subprocess
+    import sys
+    code = ("import os, sys; os.environ.pop('PYDANTIC_DISABLE_PLUGINS', None); "
+            "from pych.cli import without_pydantic_plugins; without_pydantic_plugins(); "
+            "from pych.config import VmResize; "
+            "assert VmResize.model_validate_json('{\"desired_vcpus\": 2}').desired_vcpus == 2; "
+            "print(sorted(m for m in ('importlib.metadata', 'email') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    code = ("import os, sys; os.environ['PYDANTIC_DISABLE_PLUGINS'] = ''; "
+            "from pych.cli import without_pydantic_plugins; without_pydantic_plugins(); "
+            "from pych.config import VmResize; VmResize.model_validate({}); "
+            "print(hasattr(sys.modules['pydantic.plugin._loader'], 'entry_points'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"            # plugins wanted: pydantic's own loader

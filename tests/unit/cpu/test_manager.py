@@ -36,8 +36,8 @@ class FakeVcpu:
         self.index = index
         self.closed = False
 
-    def set_cpuid(self, entries): pass
-    def set_msrs(self, msrs): return len(msrs)
+    def set_cpuid_packed(self, count, entries): pass
+    def set_msrs(self, msrs): return msrs.count
     def set_fpu(self, fpu): pass
     def get_lapic(self): return kb.kvm_lapic_state()
     def set_lapic(self, state): pass
@@ -71,8 +71,9 @@ class FakeThread:
         self.thread = None
         self.paused = self.stopped = False
 
-    def start(self, *, paused=False):
+    def start(self, *, paused=False, starter=None):
         self.paused = paused
+        self.starter = starter
 
     def pause(self):
         self.paused = True

@@ -55,3 +55,20 @@ def test_topology_apic_ids():
     assert find(table, 0xB, 0).eax == 1 and find(table, 0xB, 0).ebx == 2
     assert find(table, 0xB, 1).eax == 3 and find(table, 0xB, 1).ebx == 6
     assert Topology.flat(1).apic_id(0) == 0
+
+
+def test_cpuid_table_packs_each_vcpus_shaped_table():
+    """CpuidTable.packed(cpu) is shape_cpuid's table for that vCPU, packed: the template
+    patching covers every field that differs between vCPUs (APIC ids past 255 included)."""
+    import ctypes
+
+    from pych.arch.x86_64.cpuid import CpuidTable
+    from pych.hypervisor.kvm.bindings import kvm_cpuid_entry2
+
+    for topo in (Topology.flat(8), Topology(2, 3, 2, 2), Topology.flat(300)):
+        table = CpuidTable(_supported(), topo)
+        for cpu in (0, 1, 5, 7, 299):
+            shaped = shape_cpuid(_supported(), cpu, topo)
+            assert table.count == len(shaped)
+            assert bytes(table.packed(cpu)) == bytes((kvm_cpuid_entry2 * len(shaped))(*shaped))
+    assert ctypes.sizeof(kvm_cpuid_entry2) * table.count == len(table.packed(0))
