@@ -154,6 +154,10 @@ class FakeVcpu:
     def set_cpuid(self, entries) -> None:
         self.cpuid = list(entries)
 
+    def set_cpuid_packed(self, count: int, packed: bytes) -> None:
+        from pych.hypervisor.kvm import bindings as kb
+        self.cpuid = list((kb.kvm_cpuid_entry2 * count).from_buffer_copy(packed))
+
     def get_sregs(self):
         from pych.hypervisor.kvm import bindings as kb
         return kb.kvm_sregs()
@@ -185,7 +189,7 @@ class FakeVcpuThread:
     def __init__(self, vcpu, pio, mmio, on_exit, *, host_cpus=None, **kwargs) -> None:
         self.vcpu, self.index, self.host_cpus = vcpu, vcpu.index, host_cpus
 
-    def start(self, *, paused: bool = False) -> None:
+    def start(self, *, paused: bool = False, starter=None) -> None:
         self.started = True
 
     def stop(self) -> bool:
@@ -965,7 +969,7 @@ def _backing_files(tmp, mp):
     from pych.devices import storage_daemon
     started = []
     mp.setattr(storage_daemon.StorageDaemon, "start", lambda self: started.append(self))
-    mp.setattr("pych.device_manager.factories.connect_when_listening",
+    mp.setattr("pych.devices.storage_daemon.connect_when_listening",
                lambda path: _fail("no daemon runs in a unit test"))
     with pytest.raises(Exception):
         with built_vm(tmp, mp, vcpus=False, disks=[{"path": image(tmp, "q.img", head=QCOW2),
@@ -1107,7 +1111,6 @@ PROBES["NetConfig.vhost_socket"] = _vhost_user_net({}, _served_by_backend)
 @probe("NetConfig.vhost_mode")
 def _vhost_mode(tmp, mp):
     """``server``: pych listens at the socket (accept_backend) instead of connecting."""
-    from pych.device_manager import factories
     from tests.unit.devices.virtio.test_vhost_user_net import DPDK_FEATURES, DPDK_PROTOCOL
     from tests.unit.devices.test_vhost_user import FakeBackend
 
@@ -1118,7 +1121,7 @@ def _vhost_mode(tmp, mp):
         accepted.append(path)
         return b.frontend()
 
-    mp.setattr(factories, "accept_backend", accept)
+    mp.setattr("pych.devices.virtio.vhost_user_net.accept_backend", accept)
     try:
         sock = str(tmp / "server.sock")
         with built_vm(tmp, mp, vcpus=False, net=[{"vhost_user": True, "vhost_socket": sock,
