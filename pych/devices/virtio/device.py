@@ -196,12 +196,17 @@ class VirtioDevice:
             self.queues = {q.index: q for q in queues}
             self.interrupt = interrupt
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
-                                         daemon=True)
-                             for plan in self.worker_plans()]
-            self._worker = self._workers[0]
-            for worker in self._workers:
-                worker.start()
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        """One named thread per :meth:`worker_plans` entry, started (under the lifecycle
+        lock: activation, or running again after :meth:`quiesce`)."""
+        self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
+                                     daemon=True)
+                         for plan in self.worker_plans()]
+        self._worker = self._workers[0]
+        for worker in self._workers:
+            worker.start()
 
     def reset(self) -> None:
         """Stop the worker and forget the queues; the device can be activated again."""
@@ -242,12 +247,7 @@ class VirtioDevice:
                 return
             self._quiesced = False
             drain_eventfd(self._stop_fd)
-            self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
-                                         daemon=True)
-                             for plan in self.worker_plans()]
-            self._worker = self._workers[0]
-            for worker in self._workers:
-                worker.start()
+            self._start_workers()
 
     def shutdown(self) -> None:
         """Reset, then release the backend: the device is being removed."""
