@@ -2,8 +2,15 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
 
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+# Property tests check results, never timings (performance is measured in bench/): no per-example
+# deadline, which a unit test running beside two guests on 2 cores can miss for no fault of its
+# own (hypothesis' default 200 ms failed test_aml under load).
+settings.register_profile("pych", deadline=None)
+settings.load_profile("pych")
 
 
 def pytest_collection_modifyitems(config, items):
