@@ -105,11 +105,12 @@ class Vm:
             self.close()
             raise
 
-    def finish_incoming(self, saved: dict) -> None:
+    def finish_incoming(self, saved: dict, taps: dict[str, list[int]] | None = None) -> None:
         """After :meth:`prepare_incoming` and the RAM: the devices at their slots, the vCPUs,
-        and everyone's state, as :meth:`restore` does; the VM stays paused."""
+        and everyone's state, as :meth:`restore` does; the VM stays paused. ``taps`` (a
+        local migration): net id -> the tap queue fds the sender passed (taken over)."""
         try:
-            self._assemble_devices(saved)
+            self._assemble_devices(saved, taps)
             self._restore_state(saved)
         except Exception:
             self.close()
@@ -179,7 +180,8 @@ class Vm:
         else:
             self.memory.restore_state(saved["memory"], fds)
 
-    def _assemble_devices(self, saved: dict | None) -> None:
+    def _assemble_devices(self, saved: dict | None,
+                          taps: dict[str, list[int]] | None = None) -> None:
         cfg, kvm_vm = self.config, self.kvm_vm
         self._create_legacy_devices()
         self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
@@ -190,7 +192,8 @@ class Vm:
             virtio_mem=self.memory.virtio_mem_zones, dma_ranges=self.memory.dma_ranges,
             vhost_user=self.vhost_user, on_guest_event=self.on_guest_event,
             on_device_failed=self.on_device_failed,
-            restore_slots=saved["devices"]["slots"] if saved is not None else None)
+            restore_slots=saved["devices"]["slots"] if saved is not None else None,
+            adopt_taps=taps)
         self.devices.create_boot_devices()
         self.memory.add_region_listener(self.devices.memory_region_added,
                                         self.devices.memory_region_removed)

@@ -10,6 +10,7 @@ is not here: a host device is opened, not built (see ``DeviceManager``).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ class FactoryContext:
     vhost_user: VhostUserConnections | None = None
     #: ``rate_limit_groups`` by id: one limiter each, shared by the disks that name it.
     rate_limit_groups: dict[str, RateLimiter] = field(default_factory=dict)
+    #: A local migration's receiver: net id -> the tap queue fds the sender passed (taken
+    #: by make_net instead of opening the tap by name; the fds are closed once taken).
+    adopt_taps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def rate_limit_groups(config) -> dict[str, RateLimiter]:
@@ -174,7 +178,15 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
         return _vhost_user_net(net, name, ctx)
     from pych.devices.virtio.net import VirtioNet, format_mac, parse_mac, random_mac
     mac = parse_mac(net.mac) if net.mac else random_mac()
-    taps = _open_taps(net, name)
+    adopted = ctx.adopt_taps.pop(name, None)
+    if adopted is not None:             # the sender's tap, passed by a local migration
+        try:
+            taps = queues_from_fds(adopted)
+        finally:
+            for fd in adopted:
+                os.close(fd)
+    else:
+        taps = _open_taps(net, name)
     try:
         device = VirtioNet(taps, mac=mac, mtu=net.mtu, queue_size=net.queue_size,
                            offload_csum=net.offload_csum, offload_tso=net.offload_tso,

@@ -42,6 +42,7 @@ from pych.devices.vfio import (HostVfioKernel, VfioContainer, VfioError, VfioKer
 from pych.devices.vhost_user import VhostUserConnections
 from pych.devices.virtio.balloon import VirtioBalloon
 from pych.devices.virtio.device import VirtioDevice
+from pych.devices.virtio.net import VirtioNet
 from pych.devices.virtio.vhost_user_device import VhostUserDevice
 from pych.devices.virtio.pci_transport import VirtioPciDevice
 from pych.memory.guest_memory import GuestMemory
@@ -104,7 +105,8 @@ class DeviceManager:
                  dma_ranges=None, vhost_user: VhostUserConnections | None = None,
                  on_guest_event: Callable[[str], None] | None = None,
                  on_device_failed: Callable[[str, str], None] | None = None,
-                 restore_slots: dict[str, dict] | None = None):
+                 restore_slots: dict[str, dict] | None = None,
+                 adopt_taps: dict[str, list[int]] | None = None):
         self.config = config
         self.on_device_failed = on_device_failed   # (id, why), from a device's own thread
         self.mem = mem
@@ -133,7 +135,11 @@ class DeviceManager:
         self.vfio_kernel: VfioKernel = HostVfioKernel()    # the ioctl boundary (tests: a fake)
         self._vfio_container: VfioContainer | None = None
         groups = rate_limit_groups(config)      # one limiter per group, whatever the segment
-        self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user, groups)
+        # a local migration's receiver: each net's tap queues, passed by the sender (shared
+        # by the segments' contexts: each net takes its own once)
+        adopted = adopt_taps if adopt_taps is not None else {}
+        self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user, groups,
+                                                 adopt_taps=adopted)
                                   for segment in self.segments]
         self._kinds: dict[str, DeviceKind] = {}     # device id -> its kind (virtio-mem: none)
         self._id_counter = 0
@@ -238,7 +244,7 @@ class DeviceManager:
         log.info("%s at %s", PVPANIC_ID, address)
 
     # --- snapshot (VMM thread, VM paused) ---------------------------------------------------------
-    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console"})
+    SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console", "virtio-mem"})
     """The device kinds whose whole state pych saves (the others are refused by name)."""
 
     def save_state(self) -> dict:
@@ -287,6 +293,13 @@ class DeviceManager:
             if name not in self.SNAPSHOT_KINDS:
                 raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
                                  f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+
+    def tap_nets(self) -> dict:
+        """The in-process virtio-net devices (on taps), by id (a live migration hands their
+        taps over)."""
+        with self._lock:
+            return {dev_id: d.device for dev_id, d in self.devices.items()
+                    if isinstance(d.device, VirtioNet)}
 
     def disk_images(self) -> list:
         """The image files of the in-process disks (for a live migration to hand their locks

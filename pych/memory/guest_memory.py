@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 PAGE_SIZE = 4096
 
@@ -33,6 +34,10 @@ class MemoryRegion:
     owns_fd: bool = True
     name: str = ""
     slot: int | None = field(default=None)   # KVM memslot, set by the hypervisor layer
+    #: For a region of which only parts are guest RAM (virtio-mem's): returns those parts
+    #: as ``(offset, length)`` runs in the region; a snapshot or migration copies only
+    #: them. None: the whole region is RAM.
+    in_use: Callable[[], list[tuple[int, int]]] | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:

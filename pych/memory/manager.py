@@ -74,7 +74,6 @@ from pych.memory import hugepages
 from pych.memory.zones import (DEFAULT_MEMORY_ZONE, MemoryZone, VirtioMemZone,
                                dimm_hugepage_size, map_error, mergeable, prefault,
                                transparent_huge_pages, zone_specs)
-from pych.snapshot.state import NotSnapshottable
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +185,22 @@ class MemoryManager:
         regions = virtio_mem_layout(self.guest_memory.end, hotplug)
         for zone_id, gpa, size in regions:
             zone = self.zones[zone_id]
-            region = self.guest_memory.add_region(gpa, size, name=f"virtio-mem-{zone_id}")
+            adopted = adopt.pop(f"virtio-mem:{zone_id}", None)
+            try:
+                region = self.guest_memory.add_region(gpa, size, name=f"virtio-mem-{zone_id}",
+                                                      fd=adopted)
+            except BaseException:
+                if adopted is not None:
+                    os.close(adopted)
+                raise
+            if adopted is not None:
+                region.owns_fd = True
             region.slot = self.kvm_vm.add_memory(gpa, size, region.host_addr)
             if self.config.thp:
                 transparent_huge_pages(region, "--memory")
             device = VirtioMem(region, requested_size=zone.spec.hotplugged_size or 0,
                                name=zone_id)
+            region.in_use = device.plugged_offsets
             device.add_plug_listener(functools.partial(self._blocks_changed, region, 0),
                                      functools.partial(self._blocks_changed, region, 1))
             zone.virtio_mem = VirtioMemZone(zone_id, region, zone.spec.hotplugged_size or 0,
@@ -252,12 +261,13 @@ class MemoryManager:
             "dimms": {str(slot): {"gpa": r.gpa, "size": r.size}
                       for slot, r in self._dimm_regions.items()},
             "dimms_used": self._dimms,
+            "virtio_mem": {z.id: {"gpa": z.region.gpa, "size": z.region.size}
+                           for z in self.virtio_mem_zones},
         }
 
     def check_saveable(self) -> None:
-        """NotSnapshottable for RAM pych cannot save yet (virtio-mem's)."""
-        if self.virtio_mem_zones:
-            raise NotSnapshottable("a VM with virtio-mem devices cannot be snapshotted by pych yet")
+        """NotSnapshottable for RAM pych cannot save yet (none now: boot RAM, DIMMs and
+        virtio-mem regions are all saved; kept for the callers' one check)."""
 
     def saved_regions(self) -> list[tuple[MemoryRegion, bool]]:
         """Each RAM region, and whether a snapshot copies it: not a region mapped shared
@@ -268,14 +278,18 @@ class MemoryManager:
         return [(r, id(r) not in shared_files) for r in self.guest_memory.regions]
 
     def shared_fds(self) -> tuple[dict[str, int], list[int]]:
-        """For a local migration: each zone's and DIMM's memfd, as ``{"zone:<id>" or
-        "dimm<slot>": index}`` into the list of fds returned with it (not duplicated)."""
+        """For a local migration: each zone's, virtio-mem region's and DIMM's memfd, as
+        ``{"zone:<id>", "virtio-mem:<zone id>" or "dimm<slot>": index}`` into the list of fds
+        returned with it (not duplicated)."""
         names: dict[str, int] = {}
         fds: list[int] = []
         for zone_id, zone in self.zones.items():
             if zone.fd >= 0:
                 names[f"zone:{zone_id}"] = len(fds)
                 fds.append(zone.fd)
+        for zone in self.virtio_mem_zones:
+            names[f"virtio-mem:{zone.id}"] = len(fds)
+            fds.append(zone.region.fd)
         for slot, region in self._dimm_regions.items():
             names[f"dimm{slot}"] = len(fds)
             fds.append(region.fd)
@@ -310,6 +324,11 @@ class MemoryManager:
             self.create_boot_memory()
         finally:
             self.config = live
+        placed = {z.id: {"gpa": z.region.gpa, "size": z.region.size}
+                  for z in self.virtio_mem_zones}
+        if placed != saved.get("virtio_mem", {}):
+            raise ValueError(f"the saved virtio-mem regions {saved.get('virtio_mem', {})} are not "
+                             f"where this configuration places them ({placed})")
         for slot, dimm in sorted(saved["dimms"].items(), key=lambda item: int(item[0])):
             region = self._add_dimm_region(dimm["gpa"], dimm["size"], int(slot),
                                            adopt_fd=self._adopt_fds.pop(f"dimm{slot}", None))

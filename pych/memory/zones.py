@@ -188,9 +188,14 @@ def map_error(e: OSError, what: str, hugepage_size: int | None, size: int) -> Va
 
 
 def prefault(region: MemoryRegion, what: str) -> None:
-    """``prefault=on``: fault in every page of ``region`` now."""
+    """``prefault=on``: fault in every page of ``region`` now; of a region only partly RAM
+    (virtio-mem's, ``region.in_use``), only the parts in use (its plugged blocks)."""
     try:
-        region.mmap.madvise(MADV_POPULATE_WRITE)
+        if region.in_use is None:
+            region.mmap.madvise(MADV_POPULATE_WRITE)
+        else:
+            for offset, length in region.in_use():
+                region.mmap.madvise(MADV_POPULATE_WRITE, offset, length)
     except OSError as e:
         raise ValueError(f"{what}: cannot prefault {region.size} bytes: {e.strerror}") from None
 

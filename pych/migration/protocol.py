@@ -1,4 +1,4 @@
-"""pych's live migration stream, version 1: framed messages on one stream socket.
+"""pych's live migration stream, version 2: framed messages on one stream socket.
 
 Every message is a 16-byte header, ``magic "PYMG" | type u32 | length u64`` (little endian),
 then ``length`` bytes of payload: JSON for the control messages, ``gpa u64`` then the bytes
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMAT = "pych-migration"
-VERSION = 1
+VERSION = 2
 MAGIC = b"PYMG"
 HEADER = struct.Struct("<4sIQ")
 GPA = struct.Struct("<Q")

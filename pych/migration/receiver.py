@@ -23,7 +23,7 @@ class Target(Protocol):
     """The VM a migration builds."""
 
     def view(self, gpa: int, length: int): ...
-    def finish(self, state: dict) -> None: ...
+    def finish(self, state: dict, backends: dict, fds: list[int]) -> None: ...
     def resume(self) -> None: ...
     def close(self) -> None: ...
 
@@ -68,13 +68,18 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
 
         while True:
             kind, length, fds = channel.receive_header()
-            _close_unexpected(fds)
+            if kind is not Msg.STATE:
+                _close_unexpected(fds)
             if kind is Msg.MEMORY:
                 if stats["local"]:
                     raise Refused("guest RAM was sent in a local migration")
                 stats["memory_bytes"] += channel.receive_memory(length, target.view)
                 continue
-            body = channel.receive_json(length, kind)
+            try:
+                body = channel.receive_json(length, kind)
+            except BaseException:
+                _close_unexpected(fds if kind is Msg.STATE else [])
+                raise
             if kind is Msg.VERIFY and not stats["local"]:
                 blocks = body.get("blocks")
                 if not isinstance(blocks, list):
@@ -87,8 +92,11 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
                 continue
             _expect(kind, Msg.STATE, body)
             break
+        if bool(fds) and not stats["local"]:
+            _close_unexpected(fds)
+            raise Refused("file descriptors came with a migration that is not local")
         try:
-            target.finish(body["state"])
+            target.finish(body["state"], body.get("backends") or {}, fds)
         except Exception as e:  # noqa: BLE001
             raise Refused(f"cannot restore the VM's state: {e}") from e
         channel.answer_ok()

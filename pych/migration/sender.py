@@ -12,11 +12,13 @@ a fake in unit tests) over a :class:`~pych.migration.protocol.Channel`:
    rate measured so far) or ``MAX_ROUNDS`` are done.
 3. Pause (the downtime starts), the last dirty pages (again until no device wrote any, a few
    rounds at most), the state of every vCPU and device; disk image locks handed over; STATE.
+   The taps are handed over with STATE: their fds (``local``), or closed here (made
+   persistent, so they outlive it) for the receiver to open by name.
 4. The receiver has built the VM, paused: the host ends of the serial port are handed over,
    COMPLETE; the receiver resumes the guest and answers (the downtime ends).
 
-A failure before COMPLETE leaves the source as it was: dirty logging off, disk locks taken
-again, the guest resumed if it was paused here. A failure after COMPLETE was sent (the
+A failure before COMPLETE leaves the source as it was: dirty logging off, disk locks and taps
+taken again, the guest resumed if it was paused here. A failure after COMPLETE was sent (the
 receiver's answer lost) cannot tell whether the receiver runs the guest: the source stays
 paused and says so.
 """
@@ -54,7 +56,7 @@ class Source(Protocol):
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def save_state(self) -> dict: ...
-    def release_backends(self) -> None: ...
+    def release_backends(self, local: bool) -> tuple[dict, list[int]]: ...
     def retake_backends(self) -> None: ...
     def hand_over_console(self) -> None: ...
     def retake_console(self) -> None: ...
@@ -176,9 +178,9 @@ def send(channel: Channel, source: Source, *, local: bool = False, downtime_ms: 
         if source.layout() != body["layout"]:
             raise MigrationError("the VM's memory or devices changed during the migration "
                                  "(a hot plug or removal the guest completed): retry")
-        source.release_backends()
         released = True
-        channel.request(Msg.STATE, {"state": state})
+        backends, backend_fds = source.release_backends(local)
+        channel.request(Msg.STATE, {"state": state, "backends": backends}, backend_fds)
         source.hand_over_console()
         console_given = True
         try:
@@ -221,7 +223,7 @@ def _undo(source: Source, *, logging_on: bool, released: bool, paused: bool,
     if logging_on:
         steps.append(("turn dirty logging off", source.stop_dirty_log))
     if released:
-        steps.append(("take the disk image locks again", source.retake_backends))
+        steps.append(("take the disk image locks and the taps again", source.retake_backends))
     if console_given:
         steps.append(("open the serial port again", source.retake_console))
     if paused:

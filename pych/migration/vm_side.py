@@ -7,11 +7,12 @@ VM's memory (KVM dirty logging and the device-write tracking of
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 from pych.memory.guest_memory import PAGE_SIZE, GuestMemoryError
 from pych.migration.protocol import MAX_MEMORY, MigrationError
-from pych.snapshot.format import CHUNK, _allocated_chunks
+from pych.snapshot.format import CHUNK, saved_chunks
 
 log = logging.getLogger(__name__)
 _ZERO = bytes(CHUNK)
@@ -57,9 +58,18 @@ class VmSource:
         self.console = console
         self._reopen_console = reopen_console
         self._regions = [r for r, copy in vm.memory.saved_regions() if copy and r.slot is not None]
+        self._released_nets: list = []          # net devices whose taps were handed over
 
     def config(self) -> dict:
-        return self._config.model_dump(mode="json")
+        """The configuration, with the name of each tap pych named itself (``vmtapN``):
+        the receiver opens it by that name."""
+        config = self._config.model_dump(mode="json")
+        nets = self.vm.devices.tap_nets()
+        for net in config.get("net") or ():
+            device = nets.get(net.get("id"))
+            if device is not None and not net.get("fds") and not net.get("tap"):
+                net["tap"] = device.tap.name
+        return config
 
     def layout(self) -> dict:
         """What the receiver builds before the memory comes: the RAM layout and each
@@ -90,7 +100,7 @@ class VmSource:
         for region in self._regions:
             view = memoryview(region.mmap)
             start = length = 0
-            for offset in _allocated_chunks(region):
+            for offset in saved_chunks(region):
                 if region.mmap[offset:offset + CHUNK] == _ZERO[:min(CHUNK, region.size - offset)]:
                     continue
                 n = min(CHUNK, region.size - offset)
@@ -107,7 +117,7 @@ class VmSource:
     def blocks(self) -> list[tuple[int, int]]:
         """Every allocated 1 MiB chunk of RAM, ``(gpa, length)`` (what VERIFY checks)."""
         return [(region.gpa + offset, min(CHUNK, region.size - offset))
-                for region in self._regions for offset in _allocated_chunks(region)]
+                for region in self._regions for offset in saved_chunks(region)]
 
     def view(self, gpa: int, length: int) -> memoryview:
         for region in self._regions:
@@ -141,13 +151,37 @@ class VmSource:
     def save_state(self) -> dict:
         return self.vm.save_state()
 
-    def release_backends(self) -> None:
+    def release_backends(self, local: bool) -> tuple[dict, list[int]]:
+        """Hand the back-ends over (the VM is paused): the disk images' locks, and each
+        net's tap: its queues' fds to pass with STATE (``local``), or closed here, a tap
+        that would go with them made persistent first, for the receiver to open by name.
+        Returns what STATE says of them, ``{"taps": {net id: [fd index, ...]},
+        "persisted": [tap name, ...]}``, and the fds."""
         for image in self.vm.devices.disk_images():
             image.unlock()
+        taps: dict[str, list[int]] = {}
+        fds: list[int] = []
+        persisted: list[str] = []
+        for dev_id, device in self.vm.devices.tap_nets().items():
+            persisted += device.release_taps(close=not local)
+            self._released_nets.append(device)
+            if local:
+                taps[dev_id] = list(range(len(fds), len(fds) + len(device.taps)))
+                fds += [tap.fd for tap in device.taps]
+        return {"taps": taps, "persisted": persisted}, fds
 
     def retake_backends(self) -> None:
+        """The migration failed: the disk images' locks and the taps taken again (each
+        on its own: one that fails is logged and the others still are)."""
         for image in self.vm.devices.disk_images():
             image.relock()
+        released, self._released_nets = self._released_nets, []
+        for device in released:
+            try:
+                device.retake_taps()
+            except Exception:  # noqa: BLE001 - the others must still be taken back
+                log.exception("%s: cannot take its tap back after the failed migration",
+                              device.name)
 
     def hand_over_console(self) -> None:
         if self.console is not None:
@@ -173,13 +207,58 @@ class VmTarget:
         except GuestMemoryError as e:
             raise MigrationError(f"the sender sent memory outside the VM's RAM: {e}") from None
 
-    def finish(self, state: dict) -> None:
-        self.vm.finish_incoming(state)
+    def finish(self, state: dict, backends: dict, fds: list[int]) -> None:
+        """Build the devices and restore the state. ``backends`` says what came with STATE
+        (:meth:`VmSource.release_backends`): the taps' fds (``fds``, taken over: a net
+        given tap fds gets these as its new ones, a tap opened by name is taken from them
+        instead of being opened again) and the taps the sender made persistent."""
+        spec = backends.get("taps") or {}
+        nets = {net.id: net for net in self.vm.config.net or ()}
+        adopt: dict[str, list[int]] = {}
+        offered_taps: dict[str, list[int]] = {}
+        try:
+            indices = sorted(i for chosen in spec.values() for i in chosen)
+            if indices != list(range(len(fds))):
+                raise MigrationError("the tap fds named with STATE are not the ones passed")
+            for net_id, chosen in spec.items():
+                net = nets.get(net_id)
+                if net is None:
+                    raise MigrationError(f"tap fds came for {net_id}, which is not a net "
+                                         "device of the VM")
+                if net.fds:              # a net given tap fds: these are its new ones
+                    net.fds = [fds[i] for i in chosen]
+                else:
+                    adopt[net_id] = [fds[i] for i in chosen]
+            for net in nets.values():
+                if net.fds and net.id not in spec:
+                    raise MigrationError(f"net device {net.id} was given tap fds and none "
+                                         "came with STATE (only a local migration passes them)")
+            self._persisted = list(backends.get("persisted") or ())
+            offered_taps = {k: list(v) for k, v in adopt.items()}
+            self.vm.finish_incoming(state, adopt)
+        except BaseException:
+            # what make_net took it closed; the rest is still ours
+            offered = {fd for chosen in offered_taps.values() for fd in chosen}
+            left = [fd for chosen in adopt.values() for fd in chosen] if offered_taps else []
+            for fd in left + [fd for fd in fds if fd not in offered]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
 
     def resume(self) -> None:
         if self.console is not None and self._open_console is not None:
             self.console.reopen(self._open_console())
         self.vm.resume()
+        # the taps the sender made persistent to hand them over go with this VM again
+        persisted = set(getattr(self, "_persisted", ()))
+        for device in self.vm.devices.tap_nets().values():
+            if device.tap.name in persisted:
+                try:
+                    device.tap.set_persistent(False)
+                except OSError as e:
+                    log.warning("%s: %s (the tap stays after this VM)", device.name, e)
 
     def close(self) -> None:
         self.vm.close()

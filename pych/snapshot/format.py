@@ -1,9 +1,9 @@
-"""pych's snapshot format, version 1: a directory holding ``manifest.json`` and one file per
+"""pych's snapshot format, version 2: a directory holding ``manifest.json`` and one file per
 guest RAM region. docs/snapshot.md describes it; this module writes and reads it.
 
 ``manifest.json``::
 
-    {"format": "pych-snapshot", "version": 1, "pych_version": "...",
+    {"format": "pych-snapshot", "version": 2, "pych_version": "...",
      "config": {...VmConfig, every hot plug applied...},
      "state": {...the VM's state: vCPUs, irqchip, PIT, clock, memory layout, devices...},
      "memory": [{"name": "ram0", "gpa": 0, "size": ..., "file": "ram0.mem",
@@ -12,7 +12,8 @@ guest RAM region. docs/snapshot.md describes it; this module writes and reads it
 
 A memory file is as large as its region and sparse: only the ``extents`` (runs of 1 MiB chunks
 that hold a non-zero byte, found among the pages the host has allocated, SEEK_DATA/SEEK_HOLE)
-are written, and ``sha256`` is over their bytes in order. A region mapped shared from the
+are written (of a virtio-mem region, only those in its plugged blocks), and ``sha256`` is
+over their bytes in order. A region mapped shared from the
 user's own file (a memory zone's ``file=``, ``shared=on``) is that file: it is recorded with
 ``"file": null`` and not copied.
 
@@ -37,7 +38,7 @@ from urllib.parse import unquote, urlparse
 import pych
 
 FORMAT = "pych-snapshot"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 _ZERO = bytes(CHUNK)
@@ -106,7 +107,7 @@ def _write_region(directory: Path, region, copy: bool) -> dict:
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, region.size)
-        for offset in _allocated_chunks(region):
+        for offset in saved_chunks(region):
             data = region.mmap[offset:offset + CHUNK]
             if data == _ZERO[:len(data)]:
                 continue
@@ -121,6 +122,30 @@ def _write_region(directory: Path, region, copy: bool) -> dict:
         os.close(fd)
     entry.update(file=name, extents=extents, sha256=digest.hexdigest())
     return entry
+
+
+def saved_chunks(region) -> Iterator[int]:
+    """Offsets (in the region) of the 1 MiB chunks a snapshot or migration copies: those
+    holding pages the host allocated (:func:`_allocated_chunks`) and, in a region of which
+    only parts are RAM (virtio-mem's, ``region.in_use``), only in those parts (its
+    plugged blocks, 2 MiB each: whole chunks)."""
+    in_use = getattr(region, "in_use", None)
+    if in_use is None:
+        yield from _allocated_chunks(region)
+        return
+    runs = in_use()
+    if not runs:
+        return
+    ends = iter(runs)
+    start, length = next(ends)
+    for offset in _allocated_chunks(region):
+        while offset >= start + length:
+            nxt = next(ends, None)
+            if nxt is None:
+                return
+            start, length = nxt
+        if offset >= start:
+            yield offset
 
 
 def _allocated_chunks(region) -> Iterator[int]:

@@ -505,6 +505,8 @@ class Vmm(ControlLoop, RequestHandler):
             spec = (mode, config.serial.file or config.serial.socket)
             port = SerialPort(NullBackend())
             built.update(console=port, spec=spec)
+        if any(n.ip or n.mask or n.host_mac or n.mtu for n in config.net or ()):
+            import pyroute2  # noqa: F401 - now, not while the guest is paused (STATE)
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
         vm = vm_class(config, self.kvm, serial_port=port, vhost_user=self._vhost_user,
@@ -705,8 +707,14 @@ def _check_send_migration(request, config: VmConfig, vm):
             raise InvalidRequest("local migration of memory zones backed by a file= is not "
                                  "supported by pych: give the zones no file")
     for net in config.net or ():
-        raise InvalidRequest(f"device {net.id}: pych cannot migrate net devices yet (the tap "
-                             "would have to be handed over to the receiver)")
+        if net.vhost_user:
+            raise InvalidRequest(f"device {net.id}: pych cannot migrate vhost-user net devices "
+                                 "yet (the back-end would have to be reconnected to the "
+                                 "receiver)")
+        if net.fds and not request.local:
+            raise InvalidRequest(f"device {net.id}: its tap came as fds (fd=), which only a "
+                                 "local migration can pass on (local: true); the receiver "
+                                 "cannot open it by name for its owner")
     vm.memory.check_saveable()
     vm.devices.check_saveable()
     return endpoint

@@ -10,11 +10,20 @@ migration); the guest then migrates over a Unix socket, on over TCP on 127.0.0.1
 with ``local`` (memory passed by fd). After each hop the counter continues from where it
 was, the vCPUs are 2, the disk reads as before, the destination answers the API, and the
 source pych has exited with the downtime and total time in its log. The module boots once.
+
+The guest also has virtio-mem (grown by 128 MiB before the first hop, a marker file in
+tmpfs whose pages are in that memory) and a hot-added NIC on a tap in the module's network
+namespace (every pych runs there): after each hop MemTotal, the marker, the device's
+plugged size are as before and the guest pings the host end of the tap; the tap is handed
+over by name (unix, tcp: persistent only while no pych holds it) or by fd (local). A
+receiver that refuses the state after the source let the tap go leaves the source running
+with its tap. After the last hop virtio-mem is grown and shrunk again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -27,11 +36,21 @@ import pytest
 from pych.api.client import ApiClient
 from pych.cli.remote import wait_for_vcpus
 from pych.migration import protocol
-from tests.support.guest import REPO, Console, Shell, guest_artifacts
+from tests.support.guest import (REPO, Console, PychGuest, Shell, guest_artifacts,
+                                 mem_total_kib)
 
 MiB = 1 << 20
 GUEST_WAIT = 600
-COUNT = "cat /mnt/m/counter; echo var=$MIGVAR; nproc"
+NETNS = f"pych-migration-{os.getpid()}"
+TAP, GUEST_MAC, HOST_MAC = "migtap0", "52:54:00:6d:69:67", "52:54:00:68:6f:73"
+HOST_IP, GUEST_IP = "192.168.251.1", "192.168.251.2"
+PING = f"ping -c 2 -W 10 {HOST_IP} | grep -c 'bytes from'"
+BOOT = 256 * MiB
+VMEM_REGION = 256 * MiB
+MARKER = "pych-migration-marker-in-virtio-mem"
+MARKER_MD5 = "md5sum < /mnt/m/marker | cut -c1-32"
+COUNT = ("cat /mnt/m/counter; echo var=$MIGVAR; nproc; grep MemTotal /proc/meminfo; "
+         + MARKER_MD5)
 # the disk's first 64 KiB (the guest's kernel code is emulated here: a whole-disk md5 is slow)
 DISK = "dd if=/dev/vda bs=64k count=1 2>/dev/null | md5sum | cut -c1-32"
 
@@ -44,12 +63,40 @@ def disk(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guest(guest_factory, disk):
-    g = guest_factory("mig", cpus="boot=1,max=2", memory="size=256M,shared=on",
-                      extra_args=["--disk", f"path={disk}", "-v"])
+def guest(netns, disk, tmp_path_factory):
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)   # tcp: hop
+    g = PychGuest(tmp_path_factory.mktemp("mig-vm"), cpus="boot=1,max=2",
+                  memory=f"size=256M,shared=on,hotplug_method=virtio-mem,"
+                         f"hotplug_size={VMEM_REGION >> 20}M",
+                  extra_args=["--disk", f"path={disk}", "-v"],
+                  cmdline_extra="memhp_default_state=online_movable")
+    g.args = ["ip", "netns", "exec", netns, *g.args]        # exec()s pych: same pid
+    g.receivers = []
+    g.restored = None
+    try:
+        g.start()
+        g.wait_ready()
+        prepare(g)
+        yield g
+    finally:
+        for receiver in g.receivers:
+            receiver.stop()
+        if g.restored is not None:
+            g.restored.stop()
+        g.stop()
+
+
+def prepare(g: PychGuest) -> None:
+    """Hot plug the guest: a vCPU, virtio-mem, a NIC; start the counting loop, write the
+    marker."""
     assert api(g.api_path, "vm.resize", {"desired_vcpus": 2})[0] == 204
     with ApiClient(g.api_path) as client:
         wait_for_vcpus(client, 2, GUEST_WAIT)
+    # virtio-mem grown by 128 MiB, onlined movable by the guest
+    g.base_kib = mem_total_kib(g)
+    assert api(g.api_path, "vm.resize", {"desired_ram": BOOT + 128 * MiB})[0] == 204
+    g.mem_kib = g.base_kib + 128 * 1024
+    assert wait_for(lambda: mem_total_kib(g), g.mem_kib) == g.mem_kib
     rc, out = g.run(
         "until [ -e /sys/devices/system/cpu/cpu1/online ]; do sleep 0.5; done; "
         "echo 1 > /sys/devices/system/cpu/cpu1/online; "
@@ -57,10 +104,74 @@ def guest(guest_factory, disk):
         "(i=0; while :; do i=$((i+1)); echo $i > /mnt/m/counter; sleep 0.1; done) & "
         "sleep 1; nproc", timeout=GUEST_WAIT)
     assert rc == 0 and out.splitlines()[-1] == "2", out
-    g.receivers = []
-    yield g
-    for receiver in g.receivers:
-        receiver.stop()
+    # A marker file in tmpfs: its pages are movable, so the guest takes them from the
+    # virtio-mem memory first (ZONE_MOVABLE); checked below to be there on the host.
+    # (144 KiB of marker lines in one write: writing tmpfs pages is slow in this guest,
+    # whose kernel code is emulated; 8 MiB took more than 10 minutes)
+    rc, out = g.run(f"nl=$(printf '\\nx'); nl=${{nl%x}}; s=\"{MARKER}$nl\"; "
+                    "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do s=\"$s$s\"; done; "
+                    f"printf %s \"$s\" > /mnt/m/marker; {MARKER_MD5}", timeout=GUEST_WAIT)
+    assert rc == 0 and len(out) == 32, out
+    g.marker_md5 = out
+    # a NIC on a tap pych creates in the namespace, its host end configured by pych
+    status, text = api(g.api_path, "vm.add-net", {"tap": TAP, "ip": HOST_IP,
+                                                  "mask": "255.255.255.0", "mac": GUEST_MAC,
+                                                  "host_mac": HOST_MAC})
+    assert status == 200, text
+    rc, out = g.run("until [ -e /sys/class/net/eth0 ]; do sleep 0.5; done; "
+                    f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up && {PING}",
+                    timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
+
+
+def tap_details() -> str:
+    """``ip -d link show`` of the tap (``persist on|off`` among the tun details)."""
+    return subprocess.run(["ip", "-n", NETNS, "-d", "link", "show", TAP], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def wait_for(probe, expected, timeout: float = GUEST_WAIT, interval: float = 2):
+    """Poll ``probe()`` until it returns ``expected``; its last value."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) != expected and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
+def virtio_mem(api_path: str) -> dict:
+    status, vm = info(api_path)
+    assert status == 200, vm
+    (device,) = vm["memory_hotplug"]["virtio_mem"]
+    return device
+
+
+def marker_pages_in_region(pid: int) -> int:
+    """How many 4 KiB pages of the virtio-mem region's memfd (read through the pych
+    process ``pid``'s fd) begin with the marker's text: the marker lives in that memory."""
+    fds = Path(f"/proc/{pid}/fd")
+    # the region's fd and the one Python's mmap keeps (a dup): one memfd
+    found_fds = {os.stat(p).st_ino: p for p in fds.iterdir()
+                 if "pych-virtio-mem-mem0" in (os.readlink(p) if p.is_symlink() else "")}
+    (fd_path,) = found_fds.values()
+    needle = f"{MARKER}\n".encode() * 2
+    found = 0
+    fd = os.open(fd_path, os.O_RDONLY)
+    try:
+        pos = 0
+        while True:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < end:
+                data = os.pread(fd, min(8 * MiB, end - pos), pos)
+                found += data.count(needle)
+                pos += len(data)
+    finally:
+        os.close(fd)
+    return found
 
 
 def api(path: str, endpoint: str, body=None, timeout: float | None = None) -> tuple[int, str]:
@@ -90,7 +201,8 @@ class Receiver:
         self.api_path = str(workdir / f"{name}.api")
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "pych"), "--api-socket",
+        self.proc = subprocess.Popen(["ip", "netns", "exec", NETNS,
+                                      str(REPO / ".venv" / "bin" / "pych"), "--api-socket",
                                       self.api_path, "-v"], stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 30
         while not Path(self.api_path).exists():
@@ -138,20 +250,21 @@ class Receiver:
         self._log.close()
 
 
-def listening(url: str) -> bool:
+def listening(url: str, pid: int | str = "self") -> bool:
     """Someone listens on ``url`` (a Unix socket file is there; a TCP port is in LISTEN in
-    /proc/net/tcp: connecting to find out would be taken for the migration itself)."""
+    the /proc/net/tcp of process ``pid``'s network namespace: connecting to find out would
+    be taken for the migration itself)."""
     endpoint = protocol.parse_url(url)
     if endpoint.kind == "unix":
         return Path(endpoint.path).exists()
-    with open("/proc/net/tcp") as f:
+    with open(f"/proc/{pid}/net/tcp") as f:
         return any(fields[1].endswith(f":{endpoint.port:04X}") and fields[3] == "0A"
                    for fields in (line.split() for line in list(f)[1:]))
 
 
-def wait_listening(url: str, timeout: float = 30) -> None:
+def wait_listening(url: str, timeout: float = 30, pid: int | str = "self") -> None:
     deadline = time.monotonic() + timeout
-    while not listening(url):
+    while not listening(url, pid):
         assert time.monotonic() < deadline, f"nobody listens on {url}"
         time.sleep(0.05)
 
@@ -209,6 +322,7 @@ def test_a_receiver_that_hangs_up_halfway_leaves_the_source_running(guest, tmp_p
     later, _ = counter(guest)
     assert before <= after < later, (before, after, later)    # it counts on, unharmed
     assert rest[1] == "2" and rest[0].startswith("var=kept-"), rest
+    assert rest[3] == guest.marker_md5, rest
 
 
 def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
@@ -236,13 +350,59 @@ def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
     guest.dst1, guest.dst1_url = receiver, url
 
 
+def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_tap(guest,
+                                                                                 tmp_path):
+    """The receiver refuses STATE, after the source paused, sent every page and let go of
+    its tap (made persistent, closed): the source takes the tap back and runs on."""
+    path = str(tmp_path / "refuser.sock")
+    listener = protocol.listen(protocol.parse_url(f"unix:{path}"))
+    got: dict = {}
+
+    def refuser():
+        conn, _ = listener.accept()
+        channel = protocol.Channel(conn, timeout=GUEST_WAIT)
+        while True:
+            kind, length, fds = channel.receive_header()
+            if kind is protocol.Msg.MEMORY:
+                channel._recv_exact(length, what="memory")
+                continue
+            body = channel.receive_json(length, kind)
+            got.setdefault(kind.name, body)
+            if kind is protocol.Msg.VERIFY:
+                channel.answer_ok({"sums": [0] * len(body["blocks"])})
+            elif kind is protocol.Msg.STATE:
+                got["tap"] = tap_details()
+                channel.answer_error("refused by the test once the tap was let go")
+                break
+            else:
+                channel.answer_ok()
+        channel.close()
+
+    thread = threading.Thread(target=refuser, daemon=True)
+    thread.start()
+    status, text = api(guest.api_path, "vm.send-migration", {"destination_url": f"unix:{path}"})
+    thread.join(120)
+    listener.close()
+    assert status == 500 and "refused by the test" in text, text
+    assert got["STATE"]["backends"] == {"taps": {}, "persisted": [TAP]}
+    assert "persist on" in got["tap"]                    # nobody held it then
+    status, vm = info(guest.api_path)
+    assert status == 200 and vm["state"] == "Running", vm
+    before, _ = counter(guest)
+    rc, out = guest.run(PING, timeout=GUEST_WAIT)        # the source has its tap again
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
+    later, rest = counter(guest)
+    assert before < later and rest[1] == "2", (before, later, rest)
+
+
 def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
         before: int, body: dict | None = None) -> list[str]:
     """Migrate from ``source_api`` to ``receiver`` at ``url``; the checks every hop makes."""
     if receiver.thread is None or not receiver.thread.is_alive():
         receiver.result = None
         receiver.receive(url)
-    wait_listening(url)
+    wait_listening(url, pid=receiver.proc.pid)
     status, text = api(source_api, "vm.send-migration", {"destination_url": url, **(body or {})})
     assert status == 204, text
     assert receiver.received() == (204, ""), receiver.log()
@@ -263,6 +423,21 @@ def hop(source_api: str, source_proc, receiver: Receiver, url: str, serial: str,
     return rest + [md5]
 
 
+def check_moved(guest, receiver: Receiver, rest: list[str]) -> None:
+    """After a hop: the guest's MemTotal is as before (virtio-mem's 128 MiB still plugged),
+    the marker file in it reads the same, the destination's device has the blocks plugged
+    and the marker's pages are in the destination's virtio-mem memory; the guest pings the
+    host end of its tap, which is not persistent (it goes with the pych that holds it)."""
+    rc, out = receiver.run(PING, timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert "persist off" in tap_details()
+    assert rest[2].split()[1] == str(guest.mem_kib), rest
+    assert rest[3] == guest.marker_md5, rest
+    device = virtio_mem(receiver.api_path)
+    assert (device["plugged_size"], device["requested_size"]) == (128 * MiB, 128 * MiB), device
+    assert marker_pages_in_region(receiver.proc.pid) > 0
+
+
 def source_log_figures(log: str) -> tuple[float, float]:
     m = re.findall(r"VM migrated to \S+: downtime ([\d.]+) ms, total ([\d.]+) ms", log)
     assert m, log[-2000:]
@@ -274,8 +449,11 @@ def test_migration_over_a_unix_socket(guest, disk):
     rc, guest.disk_md5 = guest.run(DISK, timeout=GUEST_WAIT)
     assert rc == 0 and len(guest.disk_md5) == 32, guest.disk_md5
     url = guest.dst1_url
+    # the marker written into the guest's memory is in the virtio-mem region (on the host)
+    assert marker_pages_in_region(guest.proc.pid) > 0
     rest = hop(guest.api_path, guest.proc, guest.dst1, url, guest.serial_path, before)
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_moved(guest, guest.dst1, rest)
     downtime, total = source_log_figures(guest.log_path.read_text())
     assert 0 < downtime <= total, (downtime, total)
     assert "received by migration" in guest.dst1.log()
@@ -288,7 +466,8 @@ def test_migration_over_tcp(guest, tmp_path):
     guest.receivers.append(receiver)
     url = f"tcp:127.0.0.1:{free_port()}"
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before)
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_moved(guest, receiver, rest)
     downtime, total = source_log_figures(source.log())
     assert 0 < downtime <= total
     guest.dst2 = receiver
@@ -302,9 +481,85 @@ def test_local_migration_passes_memory_by_fd(guest, tmp_path):
     url = f"unix:{tmp_path}/dst3.mig"
     rest = hop(source.api_path, source.proc, receiver, url, guest.serial_path, before,
                {"local": True})
-    assert rest[2] == guest.disk_md5
+    assert rest[4] == guest.disk_md5
+    check_moved(guest, receiver, rest)
     assert "0 MiB of RAM sent (local: memory passed by fd)" in source.log()
     # and the destination keeps serving the API: a vCPU removed
     assert api(receiver.api_path, "vm.resize", {"desired_vcpus": 1})[0] == 204
     with ApiClient(receiver.api_path) as client:
         wait_for_vcpus(client, 1, GUEST_WAIT)
+    # virtio-mem carries on on the destination: grown by 64 MiB, then shrunk below what
+    # was migrated (the guest offlines movable blocks, the marker's pages move elsewhere)
+    for extra in (192, 64):
+        assert api(receiver.api_path, "vm.resize", {"desired_ram": BOOT + extra * MiB})[0] == 204
+        want = guest.base_kib + extra * 1024
+        assert wait_for(lambda: mem_total_kib(receiver), want) == want
+        assert wait_for(lambda: virtio_mem(receiver.api_path)["plugged_size"],
+                        extra * MiB) == extra * MiB
+    rc, md5 = receiver.run(MARKER_MD5, timeout=GUEST_WAIT)
+    assert (rc, md5) == (0, guest.marker_md5)
+    guest.dst3 = receiver
+
+
+class Restored(PychGuest):
+    """A pych in the module's namespace started with ``--restore``: the guest's serial
+    socket is the snapshot's configuration's."""
+
+    def __init__(self, workdir: Path, snapshot: Path, serial_path: str):
+        super().__init__(workdir)
+        self.serial_path = serial_path
+        self.args = ["ip", "netns", "exec", NETNS, str(REPO / ".venv" / "bin" / "pych"),
+                     "--api-socket", self.api_path, "-v",
+                     "--restore", f"source_url=file://{snapshot}"]
+
+
+def wait_for_vm(path: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, vm = info(path)
+            if status == 200:
+                return vm
+        except OSError:
+            pass                                    # the socket is not there yet
+        assert time.monotonic() < deadline, f"no VM after {timeout} s"
+        time.sleep(0.5)
+
+
+def test_snapshot_and_restore_of_the_migrated_guest(guest, tmp_path):
+    """virtio-mem and the NIC in a snapshot: the last destination is paused and snapshotted
+    (of the virtio-mem region only its 64 MiB of plugged blocks, at most, are saved), it
+    ends (its tap goes with it), and a new pych restores the guest: the tap is created again
+    by name, the guest counts on, MemTotal, the marker and the plugged size are as they
+    were, it pings the host end, and virtio-mem grows again."""
+    source = guest.dst3
+    before, _ = counter(source)
+    assert api(source.api_path, "vm.pause")[0] == 204
+    snap = tmp_path / "snap"
+    status, text = api(source.api_path, "vm.snapshot", {"destination_url": f"file://{snap}"})
+    assert status == 204, text
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    (region,) = [m for m in manifest["memory"] if m["name"] == "virtio-mem-mem0"]
+    assert region["size"] == VMEM_REGION
+    assert sum(n for _, n in region["extents"]) <= 64 * MiB      # plugged blocks only
+    saved = manifest["state"]["devices"]["devices"]["mem0"]["device"]
+    assert (saved["plugged_blocks"], saved["requested"]) == (32, 64 * MiB), saved
+    source.stop()
+    restored = Restored(tmp_path / "restored", snap, guest.serial_path)
+    guest.restored = restored
+    restored.start()
+    vm = wait_for_vm(restored.api_path)
+    assert vm["state"] == "Paused", vm
+    assert vm["memory_actual_size"] == BOOT + 64 * MiB, vm
+    assert api(restored.api_path, "vm.resume")[0] == 204
+    restored.shell.prepare()
+    after, rest = counter(restored)
+    assert before <= after, (before, after)
+    assert rest[2].split()[1] == str(guest.base_kib + 64 * 1024), rest
+    assert rest[3] == guest.marker_md5, rest
+    rc, out = restored.run(PING, timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "2"), out
+    assert api(restored.api_path, "vm.resize", {"desired_ram": BOOT + 128 * MiB})[0] == 204
+    want = guest.base_kib + 128 * 1024
+    assert wait_for(lambda: mem_total_kib(restored), want) == want

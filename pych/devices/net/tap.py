@@ -36,11 +36,13 @@ TUNGETIFF = 0x800454D2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
+TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 IFF_MULTI_QUEUE = 0x0100
+IFF_PERSIST = 0x0800
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -177,6 +179,21 @@ class Tap:
         except OSError as e:
             raise TapError(f"tap {self.name}: cannot {'attach' if enabled else 'detach'} "
                            f"a queue: {e.strerror}") from e
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the interface outlives its last open queue (``IFF_PERSIST``)."""
+        return bool(tap_fd_flags(self.fd) & IFF_PERSIST)
+
+    def set_persistent(self, persistent: bool) -> None:
+        """Make the interface outlive its last open queue, or not (``TUNSETPERSIST``): a
+        live migration keeps a tap pych created while neither VMM has it open. Raises
+        :class:`TapError`."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETPERSIST, int(persistent))
+        except OSError as e:
+            raise TapError(f"tap {self.name}: cannot {'set' if persistent else 'clear'} "
+                           f"IFF_PERSIST: {e.strerror}") from e
 
     def set_offload(self, flags: int) -> None:
         """Which offloaded frames (``TUN_F_*``) the tap may hand us: those the guest's

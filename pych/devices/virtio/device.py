@@ -129,6 +129,7 @@ class VirtioDevice:
         self._worker: threading.Thread | None = None       # the first of _workers
         self._workers: list[threading.Thread] = []
         self._stop_fd = -1
+        self._quiesced = False                  # workers stopped by quiesce()
         self._worker_state = threading.local()  # wake_at per worker thread: see wake_after
 
     def __repr__(self) -> str:
@@ -195,17 +196,23 @@ class VirtioDevice:
             self.queues = {q.index: q for q in queues}
             self.interrupt = interrupt
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
-                                         daemon=True)
-                             for plan in self.worker_plans()]
-            self._worker = self._workers[0]
-            for worker in self._workers:
-                worker.start()
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        """One named thread per :meth:`worker_plans` entry, started (under the lifecycle
+        lock: activation, or running again after :meth:`quiesce`)."""
+        self._workers = [NamedThread(target=self._run, args=(plan,), name=plan.name,
+                                     daemon=True)
+                         for plan in self.worker_plans()]
+        self._worker = self._workers[0]
+        for worker in self._workers:
+            worker.start()
 
     def reset(self) -> None:
         """Stop the worker and forget the queues; the device can be activated again."""
         with self._lifecycle:
             workers, self._workers, self._worker = self._workers, [], None
+            self._quiesced = False
             if workers:
                 os.eventfd_write(self._stop_fd, 1)      # stays readable: every worker sees it
                 for worker in workers:
@@ -219,6 +226,28 @@ class VirtioDevice:
                 self.mem = None
                 self.interrupt = None
             self.acked_features = 0
+
+    def quiesce(self) -> None:
+        """Stop the worker threads and keep everything else (queues, their positions, the
+        interrupt): the device takes nothing from its queues or back-end until
+        :meth:`unquiesce`. A live migration hands the back-end over meanwhile."""
+        with self._lifecycle:
+            if not self._workers or self._quiesced:
+                return
+            os.eventfd_write(self._stop_fd, 1)
+            for worker in self._workers:
+                if worker is not threading.current_thread():
+                    worker.join()
+            self._quiesced = True
+
+    def unquiesce(self) -> None:
+        """Start the workers :meth:`quiesce` stopped again (the migration failed)."""
+        with self._lifecycle:
+            if not self._quiesced:
+                return
+            self._quiesced = False
+            drain_eventfd(self._stop_fd)
+            self._start_workers()
 
     def shutdown(self) -> None:
         """Reset, then release the backend: the device is being removed."""

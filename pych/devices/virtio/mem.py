@@ -244,6 +244,40 @@ class VirtioMem(VirtioDevice):
                 _guest_log.warning("%s: cannot discard %d blocks at block %d: %s", self.name, count,
                                    block, e.strerror)
 
+    # --- snapshot ------------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The plugged-block bitmap (hex, bit i for block i), how many blocks are plugged,
+        the requested size and the config generation (the queue is the transport's)."""
+        with self._lock:
+            return {"config_generation": self.config_generation,
+                    "block_count": self.block_count, "plugged": f"{self._plugged:x}",
+                    "plugged_blocks": self._plugged_blocks, "requested": self._requested}
+
+    def restore_state(self, saved: dict) -> None:
+        """Put the plugged blocks and sizes back as saved (on a new VM, before it runs);
+        ValueError for a state that does not fit this device's region."""
+        plugged = int(saved["plugged"], 16)
+        blocks, requested = int(saved["plugged_blocks"]), int(saved["requested"])
+        if saved["block_count"] != self.block_count or plugged >> self.block_count:
+            raise ValueError(f"{self.name}: the saved virtio-mem state has "
+                             f"{saved['block_count']} blocks, this region "
+                             f"{self.block_count}")
+        if plugged.bit_count() != blocks or requested > self.region.size \
+                or requested % BLOCK_SIZE:
+            raise ValueError(f"{self.name}: the saved virtio-mem state is inconsistent "
+                             f"({blocks} plugged blocks, bitmap of {plugged.bit_count()}, "
+                             f"requested {requested} bytes)")
+        with self._lock:
+            self._plugged, self._plugged_blocks, self._requested = plugged, blocks, requested
+        super().restore_state(saved)
+
+    def plugged_offsets(self) -> list[tuple[int, int]]:
+        """The plugged memory as ``(offset in the region, size)`` runs, lowest first (what a
+        snapshot or migration copies of the region)."""
+        with self._lock:
+            mask = self._plugged
+        return [(block * BLOCK_SIZE, count * BLOCK_SIZE) for block, count in _runs(mask)]
+
     def plugged_ranges(self) -> list[tuple[int, int]]:
         """The plugged memory as ``(guest address, size)`` runs, lowest first."""
         with self._lock:

@@ -208,6 +208,7 @@ class _QueuePair:
         self._tap_events.register(tap.fd, select.EPOLLIN)
         self._tap_polled = True
         self._tap_gone = False                 # the tap was deleted: its fd is dead
+        self._handed_over = False              # a live migration took the tap (stop_polling)
         # Rate limiting (None: no check per frame at all). Receive learns a frame's size
         # only once it has read it, so it waits while the limiter is empty and charges after.
         self.rx_rate_limiter = rx_rate_limiter
@@ -429,11 +430,29 @@ class _QueuePair:
         return used
 
     def _poll_tap(self, enabled: bool) -> None:
-        if self._tap_gone:
+        if self._tap_gone or self._handed_over:
             return
         if enabled != self._tap_polled and not self._tap_events.closed:
             self._tap_events.modify(self.tap.fd, select.EPOLLIN if enabled else 0)
             self._tap_polled = enabled
+
+    def stop_polling(self) -> None:
+        """(Workers stopped) forget the tap fd in the epoll set: it is being handed over
+        (a reset or shutdown meanwhile leaves it alone)."""
+        self._handed_over = True
+        if not self._tap_gone and not self._tap_events.closed:
+            try:
+                self._tap_events.unregister(self.tap.fd)
+            except OSError:
+                pass
+        self._tap_polled = False
+
+    def start_polling(self) -> None:
+        """(Workers stopped) poll the (possibly reopened) tap fd again."""
+        self._handed_over = False
+        if not self._tap_gone and not self._tap_events.closed:
+            self._tap_events.register(self.tap.fd, select.EPOLLIN)
+            self._tap_polled = True
 
     def _tap_deleted(self) -> bool:
         """Whether the tap fd reports an error (a deleted tun device: ``tun_chr_poll``)."""
@@ -574,6 +593,49 @@ class VirtioNet(VirtioDevice):
     def close_backend(self) -> None:
         for pair in self.pairs:
             pair.close()
+
+    # --- live migration: handing the tap over ------------------------------------------------
+    def release_taps(self, *, close: bool) -> list[str]:
+        """Stop using the taps (the VM is paused; the workers stop, see :meth:`quiesce`) so
+        another VMM can take them: over SCM_RIGHTS (``close`` False: the fds stay open,
+        :attr:`taps`), or by name (``close``: each queue is closed; a tap that would go
+        with its last queue is made persistent first). Returns the names of the taps made
+        persistent (the taker makes them non-persistent again once it runs the guest).
+        Raises :class:`TapError`, the taps then back in use."""
+        self.quiesce()
+        made_persistent: list[str] = []
+        try:
+            if close and not self.tap.persistent:
+                self.tap.set_persistent(True)
+                made_persistent.append(self.tap.name)
+            for pair in self.pairs:
+                pair.stop_polling()
+            if close:
+                for pair in self.pairs:
+                    pair.tap.close()
+        except BaseException:
+            self._made_persistent = made_persistent
+            self.retake_taps()
+            raise
+        self._made_persistent = made_persistent
+        return made_persistent
+
+    def retake_taps(self) -> None:
+        """The migration failed: use the taps again (reopened by name if
+        :meth:`release_taps` closed them, persistence as it was) and restart the workers.
+        Raises :class:`TapError` when a tap cannot be reopened."""
+        try:
+            for pair in self.pairs:
+                if pair.tap.fd < 0:
+                    pair.tap = Tap(pair.tap.name, multi_queue=len(self.pairs) > 1)
+                    if self.acked_features:
+                        self._set_tap_offloads(tap_offloads(self.acked_features))
+                pair.start_polling()
+            for name in getattr(self, "_made_persistent", ()):
+                self.tap.set_persistent(False)
+            self._made_persistent = []
+        finally:
+            self.unquiesce()
 
     def counters(self) -> dict[str, int]:
         """The reference's net counters (totals over the queue pairs)."""

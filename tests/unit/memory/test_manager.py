@@ -4,6 +4,7 @@ vm.info reports (../shared/notes/ch-hotplug-reference.md §4.1, §4.2)."""
 
 from __future__ import annotations
 
+import os
 import pytest
 
 from pych.arch.x86_64 import boot, layout
@@ -277,3 +278,33 @@ def test_thp_advises_huge_pages_on_boot_ram_and_dimms_and_off_does_not(manager):
         assert "hg" in _vm_flags(region.host_addr), region.name
     off = manager(thp=False)
     assert "hg" not in _vm_flags(off.guest_memory.regions[0].host_addr)
+
+
+def test_virtio_mem_regions_are_in_the_saved_layout_and_restored_in_place(manager):
+    mm = manager(hotplug_size=1 * GiB, hotplug_method="VirtioMem")
+    (zone,) = mm.virtio_mem_zones
+    saved = mm.save_state()
+    assert saved["virtio_mem"] == {"mem0": {"gpa": zone.region.gpa, "size": 1 * GiB}}
+    # a snapshot copies only the plugged blocks of the region
+    assert zone.region.in_use() == []
+    zone.device.resize(4 * MiB)
+    zone.device.request(0, zone.region.gpa + 2 * MiB, 1)          # PLUG one block
+    assert zone.region.in_use() == [(2 * MiB, 2 * MiB)]
+    # a local migration passes the region's memfd, and the receiver maps that same memory
+    names, fds = mm.shared_fds()
+    assert fds[names["virtio-mem:mem0"]] == zone.region.fd
+    zone.region.mmap[2 * MiB:2 * MiB + 5] = b"moved"
+    fresh = MemoryManager(mm.config, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    try:
+        fresh.restore_state(saved, {"virtio-mem:mem0": os.dup(zone.region.fd)})
+        (moved,) = fresh.virtio_mem_zones
+        assert (moved.region.gpa, moved.region.size) == (zone.region.gpa, 1 * GiB)
+        assert moved.region.mmap[2 * MiB:2 * MiB + 5] == b"moved"
+    finally:
+        fresh.close()
+    other = MemoryManager(mm.config, FakeKvmVm(), Bus("mmio"), notify=lambda e: None)
+    try:
+        with pytest.raises(ValueError, match="saved virtio-mem regions"):
+            other.restore_state({**saved, "virtio_mem": {"mem0": {"gpa": 0, "size": 1 * GiB}}})
+    finally:
+        other.close()

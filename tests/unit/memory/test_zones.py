@@ -141,3 +141,18 @@ def test_prefault_populates_the_zone_at_boot(zones_manager):
                         {"id": "eager", "size": 8 * MiB, "prefault": True}])
     assert os.fstat(mm.zones["lazy"].fd).st_blocks == 0
     assert os.fstat(mm.zones["eager"].fd).st_blocks * 512 >= 8 * MiB
+
+
+def test_prefault_of_a_virtio_mem_region_populates_only_its_plugged_blocks():
+    """``--restore prefault=on``: unplugged virtio-mem blocks stay without host memory."""
+    from pych.memory.guest_memory import GuestMemory
+    from pych.memory.zones import prefault
+    from pych.snapshot.format import _allocated_chunks
+    mem = GuestMemory()
+    try:
+        region = mem.add_region(1 << 32, 16 * MiB, name="virtio-mem-mem0")
+        region.in_use = lambda: [(4 * MiB, 2 * MiB), (10 * MiB, 2 * MiB)]
+        prefault(region, "--restore prefault=on")
+        assert list(_allocated_chunks(region)) == [4 * MiB, 5 * MiB, 10 * MiB, 11 * MiB]
+    finally:
+        mem.close()

@@ -128,8 +128,8 @@ def test_memory_cut_short_is_truncated_and_names_what_came(pair):
 
 
 def test_a_hello_of_another_version_is_refused_by_name():
-    with pytest.raises(MigrationError, match="version 2 .*pych 9.9.*receives version 1"):
-        protocol.check_hello({"format": protocol.FORMAT, "version": 2, "pych_version": "9.9"})
+    with pytest.raises(MigrationError, match="version 1 .*pych 9.9.*receives version 2"):
+        protocol.check_hello({"format": protocol.FORMAT, "version": 1, "pych_version": "9.9"})
     with pytest.raises(MigrationError, match="does not speak"):
         protocol.check_hello({"format": "qemu"})
 

@@ -72,8 +72,11 @@ class FakeSource:
         self.calls.append("save")
         return {"cpus": "regs"}
 
-    def release_backends(self):
+    def release_backends(self, local):
         self.calls.append("unlock")
+        return self.backends
+
+    backends: tuple = ({"taps": {}, "persisted": []}, [])
 
     def retake_backends(self):
         self.calls.append("relock")
@@ -98,7 +101,8 @@ class FakeTarget:
             raise MigrationError("outside RAM")
         return memoryview(self.ram)[gpa:gpa + n]
 
-    def finish(self, state):
+    def finish(self, state, backends, fds):
+        self.backends, self.backend_fds = backends, fds
         if self.fail_finish:
             raise ValueError("device _disk0: cannot open the image")
         self.state = state
@@ -183,6 +187,41 @@ def test_local_passes_fds_and_sends_no_memory(channels):
     assert os.read(r, 1) == b"y"
     assert "log on" not in source.calls and "pause" in source.calls
     for fd in (r, w, *target.fds):
+        os.close(fd)
+
+
+def test_the_taps_are_handed_over_with_state(channels):
+    """Local: the taps' fds come with STATE (SCM_RIGHTS); by name: what the sender made
+    persistent is told, and no fd comes."""
+    left, right = channels
+    r, w = os.pipe()
+    source = FakeSource(local_fds=[w])
+    source.backends = ({"taps": {"_net1": [0]}, "persisted": []}, [w])
+    thread, out = run_receiver(right)
+    sender.send(left, source, local=True)
+    thread.join(10)
+    target = out["result"][0]
+    assert target.backends == {"taps": {"_net1": [0]}, "persisted": []}
+    assert len(target.backend_fds) == 1
+    os.write(target.backend_fds[0], b"t")
+    assert os.read(r, 1) == b"t"                       # the sender's own tap queue
+    for fd in (r, w, *target.fds, *target.backend_fds):
+        os.close(fd)
+
+
+def test_tap_fds_with_a_migration_that_is_not_local_are_refused(channels):
+    left, right = channels
+    r, w = os.pipe()
+    source = FakeSource()
+    source.backends = ({"taps": {"_net1": [0]}, "persisted": []}, [w])
+    thread, out = run_receiver(right)
+    with pytest.raises(PeerRefused, match="file descriptors came with a migration that is "
+                                          "not local"):
+        sender.send(left, source)
+    thread.join(10)
+    assert out["target"].closed
+    assert source.calls[-3:] == ["log off", "relock", "resume"]     # the source as it was
+    for fd in (r, w):
         os.close(fd)
 
 

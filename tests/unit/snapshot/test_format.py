@@ -74,7 +74,7 @@ def test_a_failed_write_leaves_nothing(memory, tmp_path):
 
 @pytest.mark.parametrize(("damage", "words"), [
     (lambda m: m["config"].update(cpus={"boot_vcpus": 1}), "was altered or damaged"),
-    (lambda m: m.update(version=2), "format version 2 .* this pych reads version 1"),
+    (lambda m: m.update(version=1), "format version 1 .* this pych reads version 2"),
     (lambda m: m.update(format="other"), "is not a pych snapshot"),
 ])
 def test_an_altered_manifest_or_another_version_is_refused(memory, tmp_path, damage, words):
@@ -116,3 +116,33 @@ def test_only_file_urls_are_taken():
     for url in ("http://host/x", "file://host/x", "/var/snap", "file://"):
         with pytest.raises(fmt.SnapshotError, match="only file:///"):
             fmt.directory_of(url)
+
+
+def test_of_a_region_only_partly_ram_only_the_parts_in_use_are_written(tmp_path):
+    """A virtio-mem region: what the guest wrote into plugged blocks is saved; a page of an
+    unplugged block (allocated on the host, never the guest's) is not."""
+    mem = GuestMemory()
+    try:
+        region = mem.add_region(1 << 32, 16 * MiB, name="virtio-mem-mem0")
+        plugged = [(2 * MiB, 4 * MiB), (12 * MiB, 2 * MiB)]
+        region.in_use = lambda: plugged
+        mem.write((1 << 32) + 3 * MiB, b"in a plugged block")
+        mem.write((1 << 32) + 13 * MiB + 7, b"and in another")
+        mem.write((1 << 32) + 8 * MiB, b"not plugged")
+        assert list(fmt.saved_chunks(region)) == [3 * MiB, 13 * MiB]
+        fmt.write(tmp_path / "snap", {}, {}, [(region, True)])
+        manifest = fmt.read_manifest(tmp_path / "snap")
+        assert manifest["memory"][0]["extents"] == [[3 * MiB, MiB], [13 * MiB, MiB]]
+        fresh = GuestMemory()
+        fresh.add_region(1 << 32, 16 * MiB, name="virtio-mem-mem0")
+        try:
+            fmt.load_memory(tmp_path / "snap", manifest, fresh)
+            assert fresh.read((1 << 32) + 3 * MiB, 18) == b"in a plugged block"
+            assert fresh.read((1 << 32) + 13 * MiB + 7, 14) == b"and in another"
+            assert fresh.read((1 << 32) + 8 * MiB, 11) == bytes(11)
+        finally:
+            fresh.close()
+        plugged.clear()                         # nothing plugged: nothing saved
+        assert list(fmt.saved_chunks(region)) == []
+    finally:
+        mem.close()

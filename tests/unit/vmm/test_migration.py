@@ -6,6 +6,7 @@ tests/unit/migration, tests/guest/test_migration.py)."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -69,6 +70,32 @@ def test_devices_the_snapshot_refuses_are_refused_for_migration_by_name(tmp_path
     status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/m"))
     assert status == 400 and "pych cannot snapshot vsock devices" in messages[-1], messages
     assert vmm.state is VmState.Running
+
+
+@pytest.mark.parametrize(("net", "words"), [
+    ({"vhost_user": True, "vhost_socket": "/run/vhost-net.sock"},
+     "device _net0: pych cannot migrate vhost-user net devices yet"),
+    ({"fds": [7]}, "device _net0: its tap came as fds (fd=), which only a local migration"),
+])
+def test_nets_pych_cannot_hand_over_are_refused_by_name(tmp_path, net, words):
+    from pych.vmm.vmm import InvalidRequest, _check_send_migration
+    config = vm_config(net=[{"id": "_net0", **net}])
+    request = SendMigrationData(destination_url=f"unix:{tmp_path}/m")
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        _check_send_migration(request, config, vm=None)
+
+
+def test_a_net_on_a_tap_by_name_or_by_fd_with_local_is_not_refused(tmp_path):
+    from pych.vmm.vmm import _check_send_migration
+    checked = []
+    vm = SimpleNamespace(memory=SimpleNamespace(check_saveable=lambda: checked.append("mem")),
+                         devices=SimpleNamespace(check_saveable=lambda: checked.append("dev")))
+    for net, local in (({"tap": "vmtap9"}, False), ({"fds": [7]}, True)):
+        config = vm_config(net=[{"id": "_net0", **net}], memory={"size": 1 << 28,
+                                                                  "shared": True})
+        request = SendMigrationData(destination_url=f"unix:{tmp_path}/m", local=local)
+        assert _check_send_migration(request, config, vm).kind == "unix"
+    assert checked == ["mem", "dev", "mem", "dev"]
 
 
 def test_a_destination_nobody_listens_on_is_400_and_the_vm_runs_on(tmp_path):

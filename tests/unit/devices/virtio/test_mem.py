@@ -157,3 +157,43 @@ def test_runs_cover_exactly_the_set_bits(mask):
         rebuilt |= ((1 << length) - 1) << first
         previous_end = first + length
     assert rebuilt == mask
+
+
+# --- snapshot / migration state ----------------------------------------------------------------
+def test_plugged_blocks_and_sizes_survive_save_and_restore(region):
+    with DeviceHarness(VirtioMem(region, requested_size=64 * MiB)) as h:
+        assert send(h, Request.PLUG, BASE + 2 * BLOCK_SIZE, 3) == (Response.ACK, 0)
+        assert send(h, Request.PLUG, BASE + 10 * BLOCK_SIZE, 1) == (Response.ACK, 0)
+        saved = h.device.save_state()
+    assert saved["plugged_blocks"] == 4 and saved["requested"] == 64 * MiB
+    other = GuestMemory()
+    try:
+        fresh = VirtioMem(other.add_region(BASE, SIZE, name="virtio-mem0"))
+        fresh.restore_state(saved)
+        assert (fresh.plugged_size, fresh.requested_size) == (4 * BLOCK_SIZE, 64 * MiB)
+        assert fresh.plugged_ranges() == [(BASE + 2 * BLOCK_SIZE, 3 * BLOCK_SIZE),
+                                          (BASE + 10 * BLOCK_SIZE, BLOCK_SIZE)]
+        assert fresh.plugged_offsets() == [(2 * BLOCK_SIZE, 3 * BLOCK_SIZE),
+                                           (10 * BLOCK_SIZE, BLOCK_SIZE)]
+        assert config(fresh)["plugged_size"] == 4 * BLOCK_SIZE
+        assert fresh.config_generation == h.device.config_generation
+        # the restored device carries on: an unplug of what was plugged is acknowledged
+        assert fresh.request(Request.UNPLUG, BASE + 10 * BLOCK_SIZE, 1) == (Response.ACK, 0)
+        assert fresh.plugged_size == 3 * BLOCK_SIZE
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"block_count": 64}, "has 64 blocks, this region 128"),
+    ({"plugged": "3"}, "inconsistent"),
+    ({"requested": BLOCK_SIZE + 1}, "inconsistent"),
+    ({"plugged": f"{1 << 130:x}", "plugged_blocks": 1}, "has 128 blocks"),
+])
+def test_a_state_that_does_not_fit_the_region_is_refused(region, change, words):
+    device = VirtioMem(region)
+    device.request(Request.PLUG, BASE, 0)
+    saved = {**device.save_state(), "plugged": "1", "plugged_blocks": 1, **change}
+    with pytest.raises(ValueError, match=words):
+        device.restore_state(saved)
+    assert device.plugged_size == 0

@@ -409,3 +409,75 @@ def test_a_deleted_tap_fails_the_nic_once_and_takes_its_link_down():
         return device.tap.fd
 
     assert in_new_netns(scenario) == -1                                   # closed on shutdown
+
+
+# --- live migration: the tap handed over -------------------------------------------------------
+def test_a_quiesced_nic_takes_no_frame_until_it_runs_again(tap):
+    """What a live migration relies on while it hands the tap over: the workers stop (the
+    queues and their buffers are kept), a frame waits in the tap, and once the device runs
+    again (the migration failed) it is received into the buffer posted before."""
+    device = VirtioNet(tap, mac=MAC)
+    with DeviceHarness(device, features=one_frame_per_chain(device)) as h:
+        mq = h.queue(RECEIVEQ)
+        head = mq.add_chain(writable=[1526])
+        h.kick(RECEIVEQ)
+        time.sleep(0.1)
+        device.quiesce()
+        assert not any(w.is_alive() for w in device._workers)
+        tap.host.send(HEADER + b"while handed over")
+        h.kick(RECEIVEQ)
+        time.sleep(0.3)
+        assert mq.used() == []                           # nobody took it
+        device.unquiesce()
+        assert h.wait_used(RECEIVEQ) == [(head, 29)]
+        assert device.rx_frames == 1
+
+
+def test_release_and_retake_of_a_tap_pych_created():
+    """By name (unix/tcp): the tap is made persistent and closed, so it outlives the sender
+    and the receiver can open it; a failed migration reopens it, persistence as it was.
+    By fd (local): the fds stay open and the tap is only no longer polled."""
+    _needs_taps()
+    from pych.devices.net.tap import Tap
+    from tests.unit.devices.net.test_tap import in_new_netns, links
+
+    def scenario():
+        out = {}
+        first = Tap("pychmig0")
+        first.configure_host()                           # up: a tap that is down takes no frame
+        device = VirtioNet(first, mac=MAC, name="_net1")
+        with DeviceHarness(device, features=one_frame_per_chain(device)) as h:
+            out["persisted"] = device.release_taps(close=True)
+            out["closed"] = device.tap.fd
+            out["kept"] = "pychmig0" in links()
+            taker = Tap("pychmig0")                      # what the receiver does
+            out["taker_persistent"] = taker.persistent
+            taker.close()
+            device.retake_taps()
+            out["retaken"] = (device.tap.fd >= 0, device.tap.persistent)
+            frame = b"\xff" * 6 + MAC + b"\x08\x00" + b"payload"
+            head = h.queue(TRANSMITQ).add_chain([HEADER + frame])
+            h.kick(TRANSMITQ)
+            out["sent"] = (h.wait_used(TRANSMITQ) == [(head, 0)], device.tx_frames,
+                           device.tx_dropped)
+            fd = device.tap.fd
+            out["by_fd"] = (device.release_taps(close=False), device.tap.fd == fd)
+            device.retake_taps()
+            # the migration succeeded: the device is shut down with its taps handed over
+            device.release_taps(close=True)
+            device.shutdown()
+            out["shut_down"] = "pychmig0" in links()
+            taker = Tap("pychmig0")                      # the receiver's part
+            taker.set_persistent(False)
+            taker.close()
+        out["after"] = "pychmig0" in links()
+        return out
+
+    out = in_new_netns(scenario)
+    assert out["persisted"] == ["pychmig0"] and out["closed"] == -1 and out["kept"]
+    assert out["taker_persistent"] is True
+    assert out["retaken"] == (True, False)
+    assert out["sent"] == (True, 1, 0)
+    assert out["by_fd"] == ([], True)
+    assert out["shut_down"] is True                   # the receiver's now
+    assert out["after"] is False                      # not persistent: gone with its last queue
