@@ -150,7 +150,7 @@ def test_hot_plugged_guest_is_snapshotted_only_when_paused(guest, disks, workdir
     r = remote(guest.api_path, "snapshot", f"file://{snapshot}")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((snapshot / "manifest.json").read_text())
-    assert manifest["format"] == "pych-snapshot" and manifest["version"] == 1
+    assert manifest["format"] == "pych-snapshot" and manifest["version"] == 2
     regions = {m["name"]: m for m in manifest["memory"]}
     assert "dimm0" in regions and regions["dimm0"]["size"] == 256 * MiB, regions.keys()
     config = manifest["config"]
