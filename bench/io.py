@@ -121,7 +121,8 @@ class CpuMeter:
 
     # The process's ticks and its vCPU threads' are read one after the other: at the start
     # the process's first, at the end its vCPU threads' first, so that the vCPU threads'
-    # interval lies within the process's and the difference cannot come out negative.
+    # interval lies within the process's. The kernel still scales a process's utime/stime and
+    # each thread's separately, so a figure can be off by one tick either way.
     def __enter__(self) -> "CpuMeter":
         self._vmm = (_ticks(f"/proc/{self.vmm_pid}/stat"), vcpu_ticks(self.vmm_pid))
         self._backend = _ticks(f"/proc/{self.backend_pid}/stat") if self.backend_pid else 0
