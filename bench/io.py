@@ -99,9 +99,8 @@ def _ticks(stat_path: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def cpu_sample(pid: int) -> tuple[int, int]:
-    """(the process's ticks, its vCPU threads' ticks)."""
-    total = _ticks(f"/proc/{pid}/stat")
+def vcpu_ticks(pid: int) -> int:
+    """The ticks of the process's vCPU threads."""
     vcpus = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -111,7 +110,7 @@ def cpu_sample(pid: int) -> tuple[int, int]:
             vcpus += _ticks(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:          # a thread that just ended
             continue
-    return total, vcpus
+    return vcpus
 
 
 class CpuMeter:
@@ -120,13 +119,18 @@ class CpuMeter:
     def __init__(self, vmm_pid: int, backend_pid: int | None = None):
         self.vmm_pid, self.backend_pid = vmm_pid, backend_pid
 
+    # The process's ticks and its vCPU threads' are read one after the other: at the start
+    # the process's first, at the end its vCPU threads' first, so that the vCPU threads'
+    # interval lies within the process's. The kernel still scales a process's utime/stime and
+    # each thread's separately, so a figure can be off by one tick either way.
     def __enter__(self) -> "CpuMeter":
-        self._vmm = cpu_sample(self.vmm_pid)
+        self._vmm = (_ticks(f"/proc/{self.vmm_pid}/stat"), vcpu_ticks(self.vmm_pid))
         self._backend = _ticks(f"/proc/{self.backend_pid}/stat") if self.backend_pid else 0
         return self
 
     def __exit__(self, *exc) -> None:
-        total, vcpus = cpu_sample(self.vmm_pid)
+        vcpus = vcpu_ticks(self.vmm_pid)
+        total = _ticks(f"/proc/{self.vmm_pid}/stat")
         self.vmm_s = ((total - self._vmm[0]) - (vcpus - self._vmm[1])) / CLK_TCK
         self.backend_s = ((_ticks(f"/proc/{self.backend_pid}/stat") - self._backend) / CLK_TCK
                           if self.backend_pid else 0.0)
