@@ -11,7 +11,8 @@ a fake in unit tests) over a :class:`~pych.migration.protocol.Channel`:
    since the last round, until a round is small enough to send within ``downtime_ms`` (at the
    rate measured so far) or ``MAX_ROUNDS`` are done.
 3. Pause (the downtime starts), the last dirty pages (again until no device wrote any, a few
-   rounds at most), the state of every vCPU and device; disk image locks handed over; STATE.
+   rounds at most); with ``verify``, VERIFY (:func:`_verify`); the state of every vCPU and
+   device; disk image locks handed over; STATE.
    The taps are handed over with STATE: their fds (``local``), or closed here (made
    persistent, so they outlive it) for the receiver to open by name.
 4. The receiver has built the VM, paused: the host ends of the serial port are handed over,
@@ -72,13 +73,15 @@ class Stats:
     total_ms: float = 0.0
     downtime_ms: float = 0.0
     last_round_bytes: int = 0
+    verified: bool = False         # VERIFY ran
     unlogged_bytes: int = 0        # found by VERIFY: written without the dirty log seeing it
     rounds_bytes: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"local": self.local, "rounds": self.rounds, "memory_bytes": self.memory_bytes,
                 "total_ms": round(self.total_ms, 1), "downtime_ms": round(self.downtime_ms, 1),
-                "last_round_bytes": self.last_round_bytes, "unlogged_bytes": self.unlogged_bytes}
+                "last_round_bytes": self.last_round_bytes, "verified": self.verified,
+                "unlogged_bytes": self.unlogged_bytes}
 
 
 class OutcomeUnknown(MigrationError):
@@ -96,8 +99,14 @@ def _send_runs(channel: Channel, runs) -> int:
 
 
 def send(channel: Channel, source: Source, *, local: bool = False, downtime_ms: int = 300,
-         timeout_s: float = 3600, clock=time.monotonic) -> Stats:
-    """Migrate ``source`` over ``channel`` (see the module docstring); the statistics."""
+         timeout_s: float = 3600, verify: bool = False, clock=time.monotonic) -> Stats:
+    """Migrate ``source`` over ``channel`` (see the module docstring); the statistics.
+
+    ``verify``: once paused, check every allocated block of RAM on both sides and send again
+    what differs (:func:`_verify`). Every writer of guest RAM that a migratable VM has is
+    logged (KVM logs the vCPUs' writes and its own, ``GuestMemory`` the device models'), so
+    this checks that claim rather than being needed: it costs a scan of the guest's RAM on
+    each side while the guest is paused (most of the downtime), and is off unless asked for."""
     stats = Stats(local=local)
     started = clock()
     paused = released = logging_on = console_given = False
@@ -149,29 +158,8 @@ def send(channel: Channel, source: Source, *, local: bool = False, downtime_ms: 
                 if not sent:
                     break
             last += _send_runs(channel, source.dirty_memory(final=True))
-            # What the receiver holds is checked against the paused source, block by block
-            # (a CRC each side): a block that differs was written without the dirty log
-            # seeing it, and is sent again.
-            # Both sides compute at once (zlib releases the GIL): the receiver answers its sums.
-            blocks = source.blocks()
-            ours: list = []
-            summing = threading.Thread(target=lambda: ours.extend(block_sums(blocks, source.view)),
-                                       name="migration-sums")
-            summing.start()
-            try:
-                answer = channel.request(Msg.VERIFY, {"blocks": [[g, n] for g, n in blocks]})
-            finally:
-                summing.join()
-            theirs = answer.get("sums")
-            if not isinstance(theirs, list) or len(theirs) != len(ours):
-                raise MigrationError("the receiver's answer to VERIFY does not match the blocks")
-            differ = [(g, n) for (g, n, crc), other in zip(ours, theirs) if crc != other]
-            stats.unlogged_bytes = sum(n for _, n in differ)
-            if differ:
-                log.warning("migration: %d KiB in %d blocks differed from what was sent (written "
-                            "without the dirty log seeing it): sent again",
-                            stats.unlogged_bytes >> 10, len(differ))
-                last += _send_runs(channel, [(g, source.view(g, n)) for g, n in differ])
+            if verify:
+                last += _verify(channel, source, stats)
             stats.memory_bytes += last
             stats.last_round_bytes = last
         state = source.save_state()
@@ -213,6 +201,33 @@ def send(channel: Channel, source: Source, *, local: bool = False, downtime_ms: 
         _undo(source, logging_on=logging_on, released=released, paused=paused,
               console_given=console_given)
         raise
+
+
+def _verify(channel: Channel, source: Source, stats: Stats) -> int:
+    """VERIFY (the source paused, every dirty page sent): what the receiver holds is checked
+    against the source block by block, a CRC each side, both at once (zlib releases the GIL;
+    the receiver answers its sums). A block that differs was written without the dirty log
+    seeing it, and is sent again. Returns the bytes sent again."""
+    blocks = source.blocks()
+    ours: list = []
+    summing = threading.Thread(target=lambda: ours.extend(block_sums(blocks, source.view)),
+                               name="migration-sums")
+    summing.start()
+    try:
+        answer = channel.request(Msg.VERIFY, {"blocks": [[g, n] for g, n in blocks]})
+    finally:
+        summing.join()
+    theirs = answer.get("sums")
+    if not isinstance(theirs, list) or len(theirs) != len(ours):
+        raise MigrationError("the receiver's answer to VERIFY does not match the blocks")
+    stats.verified = True
+    differ = [(g, n) for (g, n, crc), other in zip(ours, theirs) if crc != other]
+    stats.unlogged_bytes = sum(n for _, n in differ)
+    if not differ:
+        return 0
+    log.warning("migration: %d KiB in %d blocks differed from what was sent (written without "
+                "the dirty log seeing it): sent again", stats.unlogged_bytes >> 10, len(differ))
+    return _send_runs(channel, [(g, source.view(g, n)) for g, n in differ])
 
 
 def _undo(source: Source, *, logging_on: bool, released: bool, paused: bool,

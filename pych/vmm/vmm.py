@@ -405,7 +405,8 @@ class Vmm(ControlLoop, RequestHandler):
             source = VmSource(vm, config, serial,
                               (lambda: open_serial_backend(spec[0], spec[1])) if serial else None)
             stats = sender.send(channel, source, local=request.local,
-                                downtime_ms=request.downtime_ms, timeout_s=request.timeout_s)
+                                downtime_ms=request.downtime_ms, timeout_s=request.timeout_s,
+                                verify=os.environ.get(VERIFY_ENV) == "1")
         except sender.OutcomeUnknown as e:
             self._become(VmState.Paused)
             raise InternalError("Error sending migration", str(e)) from None
@@ -420,7 +421,8 @@ class Vmm(ControlLoop, RequestHandler):
         log.info("VM migrated to %s: downtime %.1f ms, total %.1f ms, %d rounds, %d MiB of "
                  "RAM sent%s", endpoint, stats.downtime_ms, stats.total_ms, stats.rounds,
                  stats.memory_bytes >> 20, " (local: memory passed by fd)" if request.local else
-                 f" ({stats.unlogged_bytes >> 10} KiB of it found by VERIFY, not by the dirty log)")
+                 f" ({stats.unlogged_bytes >> 10} KiB of it found by VERIFY, not by the dirty log)"
+                 if stats.verified else "")
         self.events.emit("vm", "migrated", figures)
         self._stop_vm()
         if self._serial is not None:
@@ -672,6 +674,10 @@ def _refuse_restore_fields(restore) -> None:
 
 
 CONNECT_TIMEOUT = 10.0
+# "1": a live migration checks, once the source is paused, that the receiver's RAM is the
+# source's block by block (VERIFY, docs/snapshot.md) -- a check of the dirty log, at the
+# price of a scan of guest RAM on both sides inside the downtime
+VERIFY_ENV = "PYCH_MIGRATION_VERIFY"
 """How long ``vm.send-migration`` tries to reach the receiver."""
 RECEIVE_ACCEPT_TIMEOUT = 600.0
 """How long ``vm.receive-migration`` waits for the sender (and then for each message)."""

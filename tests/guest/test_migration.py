@@ -36,6 +36,7 @@ import pytest
 from pych.api.client import ApiClient
 from pych.cli.remote import wait_for_vcpus
 from pych.migration import protocol
+from pych.vmm.vmm import VERIFY_ENV
 from tests.support.guest import (REPO, Console, PychGuest, Shell, guest_artifacts,
                                  mem_total_kib)
 
@@ -69,7 +70,9 @@ def guest(netns, disk, tmp_path_factory):
                   memory=f"size=256M,shared=on,hotplug_method=virtio-mem,"
                          f"hotplug_size={VMEM_REGION >> 20}M",
                   extra_args=["--disk", f"path={disk}", "-v"],
-                  cmdline_extra="memhp_default_state=online_movable")
+                  cmdline_extra="memhp_default_state=online_movable",
+                  # its migration checks the receiver's RAM against its own (VERIFY)
+                  env={**os.environ, VERIFY_ENV: "1"})
     g.args = ["ip", "netns", "exec", netns, *g.args]        # exec()s pych: same pid
     g.receivers = []
     g.restored = None
@@ -454,8 +457,11 @@ def test_migration_over_a_unix_socket(guest, disk):
     rest = hop(guest.api_path, guest.proc, guest.dst1, url, guest.serial_path, before)
     assert rest[4] == guest.disk_md5
     check_moved(guest, guest.dst1, rest)
-    downtime, total = source_log_figures(guest.log_path.read_text())
+    log = guest.log_path.read_text()
+    downtime, total = source_log_figures(log)
     assert 0 < downtime <= total, (downtime, total)
+    # VERIFY compared every allocated block of RAM: the dirty log had missed nothing
+    assert "(0 KiB of it found by VERIFY, not by the dirty log)" in log, log[-2000:]
     assert "received by migration" in guest.dst1.log()
 
 

@@ -383,7 +383,36 @@ def test_pages_written_without_the_dirty_log_are_found_by_verify_and_sent_again(
         original_pause()
     source.pause = pause_after_a_hidden_write
     thread, out = run_receiver(right)
-    stats = sender.send(left, source)
+    stats = sender.send(left, source, verify=True)
     thread.join(10)
     assert out["result"][0].ram == source.ram
-    assert stats.unlogged_bytes == 16 * PAGE                # the one block that held it
+    assert stats.verified and stats.unlogged_bytes == 16 * PAGE   # the one block that held it
+
+
+def test_without_verify_the_dirty_log_is_trusted_and_no_ram_is_scanned_while_paused(channels):
+    """The default: no VERIFY message; a write the log did not see (which no device pych
+    migrates makes) would not reach the receiver."""
+    left, right = channels
+    source = FakeSource()
+    original_pause = source.pause
+
+    def pause_after_a_hidden_write():
+        source.ram[5 * PAGE:5 * PAGE + 8] = b"unlogged"
+        original_pause()
+    source.pause = pause_after_a_hidden_write
+    seen = []
+    original_receive_header = right.receive_header
+
+    def receive_header():
+        header = original_receive_header()
+        seen.append(header[0])
+        return header
+    right.receive_header = receive_header
+    thread, out = run_receiver(right)
+    stats = sender.send(left, source)
+    thread.join(10)
+    assert Msg.VERIFY not in seen and Msg.STATE in seen
+    assert not stats.verified and stats.as_dict()["verified"] is False
+    received = out["result"][0].ram
+    assert received[5 * PAGE:5 * PAGE + 8] != b"unlogged"
+    assert received[:5 * PAGE] == source.ram[:5 * PAGE]
