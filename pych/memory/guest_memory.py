@@ -112,14 +112,18 @@ class GuestMemory:
 
     def add_region(self, gpa: int, size: int, *, fd: int | None = None, fd_offset: int = 0,
                    name: str = "ram", readonly: bool = False, shared: bool = True,
-                   hugepage_size: int | None = None) -> MemoryRegion:
+                   hugepage_size: int | None = None, adopt: bool = False) -> MemoryRegion:
         """Map ``size`` bytes at ``gpa``: from ``fd`` (at ``fd_offset``); from a new memfd of
         its own when ``fd`` is None (a hugetlbfs one in pages of ``hugepage_size`` if
         given); private anonymous memory when ``fd`` is -1 (``shared`` is then ignored).
-        Raises OSError if the mapping fails (ENOMEM: a huge page pool too small)."""
+        ``adopt``: ``fd`` is handed over (a local migration's memfd): the region closes it,
+        and so does a failure here. Raises OSError if the mapping fails (ENOMEM: a huge page
+        pool too small)."""
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            if adopt and fd is not None and fd >= 0:
+                os.close(fd)
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
-        owns_fd = fd is None
+        owns_fd = fd is None or (adopt and fd >= 0)
         if fd is None:
             if hugepage_size:
                 from pych.memory.hugepages import memfd

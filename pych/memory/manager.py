@@ -186,15 +186,8 @@ class MemoryManager:
         for zone_id, gpa, size in regions:
             zone = self.zones[zone_id]
             adopted = adopt.pop(f"virtio-mem:{zone_id}", None)
-            try:
-                region = self.guest_memory.add_region(gpa, size, name=f"virtio-mem-{zone_id}",
-                                                      fd=adopted)
-            except BaseException:
-                if adopted is not None:
-                    os.close(adopted)
-                raise
-            if adopted is not None:
-                region.owns_fd = True
+            region = self.guest_memory.add_region(gpa, size, name=f"virtio-mem-{zone_id}",
+                                                  fd=adopted, adopt=adopted is not None)
             region.slot = self.kvm_vm.add_memory(gpa, size, region.host_addr)
             if self.config.thp:
                 transparent_huge_pages(region, "--memory")
@@ -376,17 +369,10 @@ class MemoryManager:
         fd = adopt_fd if adopt_fd is not None else (-1 if self.config.mergeable else None)
         try:
             region = self.guest_memory.add_region(
-                gpa, size, fd=fd, name=f"dimm{index}", hugepage_size=hugepage_size)
+                gpa, size, fd=fd, name=f"dimm{index}", hugepage_size=hugepage_size,
+                adopt=adopt_fd is not None)
         except OSError as e:
-            if adopt_fd is not None:
-                os.close(adopt_fd)
             raise map_error(e, "--memory", hugepage_size, size) from None
-        except BaseException:
-            if adopt_fd is not None:
-                os.close(adopt_fd)
-            raise
-        if adopt_fd is not None:
-            region.owns_fd = True
         try:
             if self.config.thp and not hugepage_size:
                 transparent_huge_pages(region, "--memory")
