@@ -10,6 +10,15 @@ import time
 _FLOCK = struct.Struct("=hh4xqqi4x")           # struct flock
 
 
+def fd_is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open file descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def lock_is_free(path: str | os.PathLike) -> bool:
     """Whether nobody (pych) holds an OFD lock on the file at ``path``: a write lock on the
     whole file can be taken."""

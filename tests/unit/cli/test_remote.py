@@ -21,6 +21,7 @@ from pych.cli import remote as remote_cli
 from pych.cli.remote import main
 from pych.config import ConfigConflict, PciDeviceInfo, VmResizeDisk, VmSnapshotConfig
 from pych.errors import BackendError, VmNotCreated
+from tests.support.host import fd_is_open
 
 
 class Handler(RequestHandler):
@@ -312,17 +313,9 @@ def test_add_net_fd_sends_one_fd_and_no_fds_field(vmm, wire, capsys):
         os.close(write_end)
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
 def test_add_net_with_a_closed_fd_fails_before_sending(vmm, capsys):
     handler, path = vmm
-    closed = next(fd for fd in range(900, 1000) if not _is_open(fd))
+    closed = next(fd for fd in range(900, 1000) if not fd_is_open(fd))
     assert remote(path, "add-net", f"fd=[{closed}]") == 1
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == [

@@ -1,8 +1,11 @@
 """Guest memory: regions, bounds-checked access and zero-copy views."""
 
+import os
+
 import pytest
 
 from pych.memory.guest_memory import GuestMemory, GuestMemoryError
+from tests.support.host import fd_is_open
 
 
 def test_guest_memory_regions_and_bounds():
@@ -24,19 +27,9 @@ def test_guest_memory_regions_and_bounds():
         mem.close()
 
 
-def _is_open(fd: int) -> bool:
-    import os
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
 def test_an_adopted_fd_is_the_regions_and_closed_by_any_failure():
     """``adopt``: a memfd handed over by a local migration is closed with its region, and
     by every failure to make the region (so its caller has nothing to clean up)."""
-    import os
     mem = GuestMemory()
     mem.add_region(0, 0x4000)
 
@@ -49,16 +42,16 @@ def test_an_adopted_fd_is_the_regions_and_closed_by_any_failure():
         mem.add_region(0x2000, 0x4000, fd=overlapping, adopt=True)
     with pytest.raises(GuestMemoryError, match="not page aligned"):
         mem.add_region(0x10000, 0x100, fd=misaligned, adopt=True)
-    assert not _is_open(overlapping) and not _is_open(misaligned)
+    assert not fd_is_open(overlapping) and not fd_is_open(misaligned)
     region = mem.add_region(0x10000, 0x4000, fd=kept, adopt=True)
-    assert region.owns_fd and _is_open(kept)
+    assert region.owns_fd and fd_is_open(kept)
     mem.remove_region(region)
     region.close()
-    assert not _is_open(kept)
+    assert not fd_is_open(kept)
     # without adopt, the caller's fd stays the caller's
     lent = memfd()
     region = mem.add_region(0x20000, 0x4000, fd=lent)
     region.close()
-    assert _is_open(lent)
+    assert fd_is_open(lent)
     os.close(lent)
     mem.close()

@@ -12,6 +12,7 @@ import pytest
 from pych.memory.guest_memory import GuestMemory
 from pych.migration.protocol import MigrationError
 from pych.migration.vm_side import VmTarget, bitmap_pages, page_runs
+from tests.support.host import fd_is_open
 
 
 def test_bitmap_pages_reads_kvm_words_little_endian():
@@ -72,14 +73,6 @@ class _Vm:
             raise ValueError("device _net2: cannot restore")
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_the_receiver_takes_named_taps_from_their_fds_and_gives_fd_nets_new_ones():
     fds = [os.eventfd(0) for _ in range(3)]
     vm = _Vm([_Net("_net1"), _Net("_net2", fds=[97])])
@@ -87,7 +80,7 @@ def test_the_receiver_takes_named_taps_from_their_fds_and_gives_fd_nets_new_ones
     target.finish({}, {"taps": {"_net1": [0, 1], "_net2": [2]}, "persisted": []}, fds)
     assert vm.taken == {"_net1": fds[:2]}                  # adopted, not opened by name
     assert vm.config.net[1].fds == [fds[2]]                # the fd net's new fd (the VMM's)
-    assert [_is_open(fd) for fd in fds] == [False, False, True]
+    assert [fd_is_open(fd) for fd in fds] == [False, False, True]
     os.close(fds[2])
 
 
@@ -96,11 +89,11 @@ def test_a_failed_finish_closes_every_tap_fd_not_taken_and_fd_nets_need_theirs()
     vm = _Vm([_Net("_net1"), _Net("_net2"), _Net("_net3", fds=[5])], fail=True)
     with pytest.raises(ValueError, match="cannot restore"):
         VmTarget(vm).finish({}, {"taps": {"_net1": [0], "_net2": [1], "_net3": [2]}}, fds)
-    assert not any(_is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
     fds = [os.eventfd(0)]
     vm = _Vm([_Net("_net1"), _Net("_net3", fds=[5])])
     with pytest.raises(MigrationError, match="_net3 was given tap fds and none came"):
         VmTarget(vm).finish({}, {"taps": {"_net1": [0]}}, fds)
-    assert not _is_open(fds[0])
+    assert not fd_is_open(fds[0])
     with pytest.raises(MigrationError, match="not the ones passed"):
         VmTarget(_Vm([_Net("_net1")])).finish({}, {"taps": {"_net1": [1]}}, [])

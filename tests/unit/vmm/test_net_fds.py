@@ -39,6 +39,7 @@ from pych.errors import VmmError
 from pych.vmm import Vmm
 
 from tests.support.fakes import RecordingEvents
+from tests.support.host import fd_is_open
 from tests.support.machines import BootedVm, DeviceManagerMachine, run_as_booted, vm_config
 from tests.unit.devices.net.test_tap import in_new_netns, links
 
@@ -60,14 +61,6 @@ def open_queue(name: str, flags: int = VIRTIO_NET) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def open_files() -> list[tuple[str, str]]:
@@ -126,7 +119,7 @@ def test_a_tap_from_an_fd_works_on_its_own_duplicate():
                 "nonblocking": bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK),
                 "cloexec": not os.get_inheritable(tap.fd)}
         tap.close()
-        seen["after_close"] = (is_open(fd), links())
+        seen["after_close"] = (fd_is_open(fd), links())
         os.close(fd)
         seen["after_last_fd"] = links()
         return seen
@@ -166,11 +159,11 @@ def test_an_fd_that_cannot_back_virtio_net_is_refused_with_the_reason(kind, mess
         try:
             with pytest.raises(TapError) as e:
                 Tap.from_fd(fd)
-            leaked = copies(target) != before or (kind == "closed" and is_open(fd))
+            leaked = copies(target) != before or (kind == "closed" and fd_is_open(fd))
             return str(e.value), not leaked
         finally:
             for f in (fd, other):
-                if f is not None and is_open(f):
+                if f is not None and fd_is_open(f):
                     os.close(f)
 
     text, nothing_leaked = in_new_netns(scenario)
@@ -195,7 +188,7 @@ def test_a_boot_net_on_an_fd_takes_the_mac_and_mtu_not_the_host_side_and_survive
             boots.append((type(device), device.tap.name, device.tap.fd != fd, device.mac.hex(),
                           link("pychfd2")))
             m.close()
-            boots.append((is_open(fd), links()))
+            boots.append((fd_is_open(fd), links()))
         with IPRoute() as ipr:
             addresses = ipr.get_addr(index=ipr.link_lookup(ifname="pychfd2")[0])
         os.close(fd)
@@ -273,7 +266,7 @@ def test_hot_add_with_a_tap_fd_then_remove_keeps_nothing(capsys):
             added["links"] = links()
 
             status, body = served.put("vm.remove-device", {"id": "_net0"})
-            removed = {"status": status, "kept_open": is_open(kept), "links": links(),
+            removed = {"status": status, "kept_open": fd_is_open(kept), "links": links(),
                        "config": served.vmm.config.net}
             served.machine.eject(2)                        # the guest's _EJ0
             # the device's worker lets go of its fds as it ends, on its own thread: wait
@@ -360,11 +353,11 @@ def test_cold_add_keeps_the_fd_until_removed_and_vm_delete_closes_the_rest():
             seen["nets"] = [(n["id"], len(n["fds"])) for n in nets]
             kept = [n["fds"][0] for n in nets]
             seen["remove"] = served.put("vm.remove-device", {"id": "n0"})
-            seen["after_remove"] = (is_open(kept[0]), is_open(kept[1]), links())
+            seen["after_remove"] = (fd_is_open(kept[0]), fd_is_open(kept[1]), links())
             seen["json_only"] = served.put("vm.add-net", {"id": "n2", "fds": [7]})
             seen["json_only_fds"] = served.vmm.config.net[-1].fds
             seen["delete"] = served.put("vm.delete", None)
-            seen["after_delete"] = (is_open(kept[1]), links(), files_back_to(baseline))
+            seen["after_delete"] = (fd_is_open(kept[1]), links(), files_back_to(baseline))
             return seen
         finally:
             served.close()
@@ -390,9 +383,9 @@ def test_shutdown_keeps_the_fd_for_the_next_boot_and_delete_closes_it():
             os.close(fd)
             kept = served.vmm.config.net[0].fds[0]
             seen["shutdown"] = served.put("vm.shutdown", None)
-            seen["after_shutdown"] = (is_open(kept), tap_fd_name(kept), links(), tun_fds())
+            seen["after_shutdown"] = (fd_is_open(kept), tap_fd_name(kept), links(), tun_fds())
             seen["delete"] = served.put("vm.delete", None)
-            seen["after_delete"] = (is_open(kept), links(), tun_fds())
+            seen["after_delete"] = (fd_is_open(kept), links(), tun_fds())
             return seen
         finally:
             served.close()
