@@ -43,8 +43,12 @@ class Vm:
     def __init__(self, config, kvm: Kvm, *, on_exit: Callable[[str, str], None],
                  serial_port=None, vhost_user: VhostUserConnections | None = None,
                  on_guest_event: Callable[[str], None] | None = None,
-                 on_device_failed: Callable[[str, str], None] | None = None):
+                 on_device_failed: Callable[[str, str], None] | None = None,
+                 after_answer: Callable[[Callable[[], None]], None] | None = None):
         self.config = config
+        # how work a request sets going but need not wait for is run (the VMM's: once the
+        # request is answered; by default at once)
+        self.after_answer = after_answer or (lambda fn: fn())
         self.on_device_failed = on_device_failed   # (id, why): a device's back-end is gone
         self.kvm = kvm
         self.on_exit = on_exit
@@ -205,7 +209,7 @@ class Vm:
             topology=Topology(topo.threads_per_core, topo.cores_per_die,
                               topo.dies_per_package, topo.packages) if topo else None,
             on_exit=self._guest_exit, notify=self.ged.notify,
-            affinity=cfg.cpus.affinity_map())
+            affinity=cfg.cpus.affinity_map(), start_later=self.after_answer)
 
     def _create_legacy_devices(self) -> None:
         irq4 = KvmIrqLine(self.kvm_vm, layout.SERIAL_IRQ)

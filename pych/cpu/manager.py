@@ -56,7 +56,8 @@ class CpuManager:
     def __init__(self, kvm: Kvm, kvm_vm: Vm, pio: Bus, mmio: Bus, *, boot_vcpus: int,
                  max_vcpus: int, topology: Topology | None, on_exit: Callable[[str, str], None],
                  notify: Callable[[int], None],
-                 affinity: Mapping[int, frozenset[int]] | None = None):
+                 affinity: Mapping[int, frozenset[int]] | None = None,
+                 start_later: Callable[[Callable[[], None]], None] | None = None):
         if not 1 <= boot_vcpus <= max_vcpus:
             raise ValueError(f"boot vCPUs ({boot_vcpus}) must be between 1 and max ({max_vcpus})")
         if max_vcpus > kvm.max_vcpus:
@@ -70,6 +71,9 @@ class CpuManager:
         self.topology = topology or Topology.flat(max_vcpus)
         self.on_exit = on_exit
         self.notify = notify                    # GED notification (AcpiNotification.CPU)
+        # runs the start of hot-added vCPUs' threads: the VMM's, once the resize request is
+        # answered (its answer need not wait for the host to schedule them); default at once
+        self.start_later = start_later or (lambda start: start())
         self.affinity = dict(affinity or {})    # vCPU id -> host CPUs (boot and hot-added)
         # What every vCPU is given, prepared once (a hot add's answer waits for it).
         self._cpuid = CpuidTable(kvm.supported_cpuid(), self.topology)
@@ -199,12 +203,13 @@ class CpuManager:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
         self.notify(AcpiNotification.CPU)
-        # The new vCPUs' threads get going last: a thread woken here competes for the GIL
-        # with this one, which has the notification to send (KVM keeps the guest's INIT and
-        # SIPI for a vCPU until its thread enters KVM_RUN; the CPU counts as present from
-        # its registration, so the guest's _STA already sees it).
-        for t in launch:
-            self._launch(t, self._starter)
+        # The new vCPUs' threads get going last, once the request is answered: a thread
+        # woken here competes for the GIL with this one and with the one writing the answer
+        # (KVM keeps the guest's INIT and SIPI for a vCPU until its thread enters KVM_RUN;
+        # the CPU counts as present from its registration, so the guest's _STA already
+        # sees it, and a pause or stop meanwhile is honoured by _launch).
+        if launch:
+            self.start_later(lambda: [self._launch(t, self._starter) for t in launch])
         return True
 
     def check_resize(self, desired: int) -> bool:

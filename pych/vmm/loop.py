@@ -31,18 +31,37 @@ class ControlLoop:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._loop_thread: threading.Thread | None = None
         self._when_idle: list[Callable[[Self], Any]] = []
+        self._answer_hooks: list[Callable[[Self], Any]] | None = None   # see after_answer
+        self._answered: list[Callable[[Self], Any]] = []   # hooks of requests served
 
     def _in_loop(self) -> bool:
         return self._loop_thread is None or threading.current_thread() is self._loop_thread
 
     def call(self, fn: Callable[[Self], T]) -> T:
-        """Run ``fn(self)`` on the control loop and return its result (or raise its error)."""
+        """Run ``fn(self)`` on the control loop and return its result (or raise its error).
+        What ``fn`` left for :meth:`after_answer` runs on the loop once this returned, or
+        before the loop's next task if that comes first."""
         if self._in_loop():
             return fn(self)
         fut: Future = Future()
         self._tasks.put((fn, fut))
         os.eventfd_write(self._wake, 1)
-        return fut.result()
+        try:
+            return fut.result()
+        finally:
+            if getattr(fut, "answer_hooks", None):
+                self.post(ControlLoop._run_answer_hooks)
+
+    def after_answer(self, fn: Callable[[Self], Any]) -> None:
+        """Run ``fn(self)`` on the loop once the request being served has its answer (from
+        the loop's thread, while serving a :meth:`call`): work the request sets going but
+        its caller need not wait for, such as starting a hot-added vCPU's thread, which
+        would otherwise compete for the GIL with the thread writing the answer. Outside a
+        request (a Python caller on the loop's thread, before the loop runs) it runs now."""
+        if self._answer_hooks is None:
+            self._run_task(fn)
+        else:
+            self._answer_hooks.append(fn)
 
     def post(self, fn: Callable[[Self], Any]) -> None:
         """Queue ``fn(self)`` on the control loop without waiting (from any thread)."""
@@ -91,15 +110,30 @@ class ControlLoop:
                 fn, fut = self._tasks.get_nowait()
             except queue.Empty:
                 return
+            self._run_answer_hooks()
             if fut is None:
                 self._run_task(fn)
                 continue
             if not fut.set_running_or_notify_cancel():
                 continue
+            self._answer_hooks = hooks = []
             try:
-                fut.set_result(fn(self))
+                result = fn(self)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(e)
+                error = e
+            else:
+                error = None
+            self._answer_hooks = None
+            self._answered += hooks
+            fut.answer_hooks = bool(hooks)      # the caller then wakes the loop to run them
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+    def _run_answer_hooks(self) -> None:
+        while self._answered:
+            self._run_task(self._answered.pop(0))
 
     def _run_task(self, fn: Callable[[Self], Any]) -> None:
         try:

@@ -155,15 +155,22 @@ class Vmm(ControlLoop, RequestHandler):
             self._serial = SerialPort(open_serial_backend(mode, path))
         return self._serial
 
-    def _start_vm(self) -> None:
-        assert self.config is not None
+    def _new_vm(self, config: VmConfig, serial_port, vhost_user) -> Vm:
+        """A VM of ``config`` wired to this VMM: its exits and guest events come here, and
+        what its requests set going runs once they are answered."""
         vm_class = globals().get("Vm") or __getattr__("Vm")
         vm_box: list[Vm] = []
-        vm = vm_class(self.config, self.kvm, serial_port=self._serial_port(self.config),
-                vhost_user=self.vhost_user_connections,
-                on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
-                on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
+        vm = vm_class(config, self.kvm, serial_port=serial_port, vhost_user=vhost_user,
+                      on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
+                      on_guest_event=self._on_guest_event, on_device_failed=self._device_failed,
+                      after_answer=lambda fn: self.after_answer(lambda _vmm: fn()))
         vm_box.append(vm)
+        return vm
+
+    def _start_vm(self) -> None:
+        assert self.config is not None
+        vm = self._new_vm(self.config, self._serial_port(self.config),
+                          self.vhost_user_connections)
         self.events.emit("vm", "booting")
         vm.boot()
         self.vm = vm
@@ -361,13 +368,7 @@ class Vmm(ControlLoop, RequestHandler):
             self.vm_resume()
 
     def _restore_vm(self, config: VmConfig, manifest: dict, source, prefault: bool) -> None:
-        vm_class = globals().get("Vm") or __getattr__("Vm")
-        vm_box: list[Vm] = []
-        vm = vm_class(config, self.kvm, serial_port=self._serial_port(config),
-                      vhost_user=self.vhost_user_connections,
-                      on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
-                      on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
-        vm_box.append(vm)
+        vm = self._new_vm(config, self._serial_port(config), self.vhost_user_connections)
 
         def load_memory(guest_memory) -> None:
             from pych.memory.zones import prefault as prefault_region
@@ -509,12 +510,7 @@ class Vmm(ControlLoop, RequestHandler):
             built.update(console=port, spec=spec)
         if any(n.ip or n.mask or n.host_mac or n.mtu for n in config.net or ()):
             import pyroute2  # noqa: F401 - now, not while the guest is paused (STATE)
-        vm_class = globals().get("Vm") or __getattr__("Vm")
-        vm_box: list[Vm] = []
-        vm = vm_class(config, self.kvm, serial_port=port, vhost_user=self._vhost_user,
-                      on_exit=lambda kind, detail: self._on_guest_exit(vm_box[0], kind, detail),
-                      on_guest_event=self._on_guest_event, on_device_failed=self._device_failed)
-        vm_box.append(vm)
+        vm = self._new_vm(config, port, self._vhost_user)
         vm.prepare_incoming(body["layout"], mapping)
         built["config"] = config
         return VmTarget(vm, port, (lambda: open_serial_backend(*built["spec"])) if port else None)

@@ -69,11 +69,12 @@ class FakeThread:
         self.vcpu, self.index = vcpu, vcpu.index
         self.host_cpus = host_cpus
         self.thread = None
-        self.paused = self.stopped = False
+        self.paused = self.stopped = self.started = False
 
     def start(self, *, paused=False, starter=None):
         self.paused = paused
         self.starter = starter
+        self.started = True
 
     def pause(self):
         self.paused = True
@@ -166,6 +167,27 @@ def test_vcpus_hot_plugged_while_paused_start_paused(manager):
     assert m.threads[2].paused
     m.resume()
     assert not any(t.paused for t in m.threads.values())
+
+
+def test_hot_added_vcpu_threads_start_when_start_later_runs_them_as_the_vm_is_then(
+        monkeypatch):
+    """``start_later`` (the VMM's: once the request is answered) gets the start of the new
+    vCPUs' threads: registered at once (the guest's _STA sees them present), started when
+    it runs, paused if the VM was paused meanwhile."""
+    monkeypatch.setattr(cpu_manager, "VcpuThread", FakeThread)
+    later: list = []
+    m = CpuManager(FakeKvm(), FakeVm(), Bus("pio"), Bus("mmio"), boot_vcpus=1, max_vcpus=3,
+                   topology=None, on_exit=lambda kind, detail: None, notify=lambda n: None,
+                   start_later=later.append)
+    m._create_vcpu(0)
+    m.start()
+    assert m.resize(3) is True
+    assert len(later) == 1 and sorted(m.threads) == [0, 1, 2]
+    assert [s.value for s in m.states()] == ["present", "inserting", "inserting"]
+    assert not m.threads[1].started and not m.threads[2].started
+    m.pause()
+    later.pop()()
+    assert m.threads[1].started and m.threads[1].paused and m.threads[2].paused
 
 
 # --- the VMM: vm.resize and vm.info -----------------------------------------------------------

@@ -86,7 +86,7 @@ class FakeVm:
 
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
                  on_guest_event=None,
-                 on_device_failed=None):
+                 on_device_failed=None, after_answer=None):
         self.config, self.on_exit = config, on_exit
         self.on_guest_event = on_guest_event
         self.calls = []

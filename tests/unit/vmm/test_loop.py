@@ -1,4 +1,5 @@
-"""The control loop's idle work (the rest of the loop is exercised by every VMM test)."""
+"""The control loop's idle work and work after an answer (the rest of the loop is exercised
+by every VMM test)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def test_failed_idle_work_is_logged_and_the_loop_goes_on(monkeypatch, caplog):
     finally:
         loop.request_exit(0)
         thread.join(5)
+
+
+def test_work_after_an_answer_runs_on_the_loop_once_the_caller_has_its_result():
+    """``after_answer``: the hook runs on the loop's thread, after the request's result is
+    the caller's and before the loop's next request; a request that failed still has its
+    hooks run; outside a request the hook runs at once."""
+    loop = ControlLoop()
+    events: list[str] = []
+    done = threading.Event()
+    thread = threading.Thread(target=loop.run_loop)
+    thread.start()
+
+    answered = threading.Event()
+
+    def request(lp):
+        # were the hook run before the caller has the answer, it would wait here in vain
+        lp.after_answer(lambda lp: events.append(
+            f"hook on loop={threading.current_thread() is thread} answered={answered.wait(5)}"))
+        events.append("request")
+        return "answer"
+
+    def failing(lp):
+        lp.after_answer(lambda lp: (events.append("hook of the failed one"), done.set()))
+        raise ValueError("refused")
+    try:
+        assert loop.call(request) == "answer"
+        answered.set()
+        assert loop.call(lambda lp: events.append("next request")) is None
+        assert events == ["request", "hook on loop=True answered=True", "next request"]
+        try:
+            loop.call(failing)
+        except ValueError:
+            pass
+        assert done.wait(5) and events[-1] == "hook of the failed one"
+    finally:
+        loop.request_exit(0)
+        thread.join(5)
+    outside: list[str] = []
+    ControlLoop().after_answer(lambda lp: outside.append("now"))
+    assert outside == ["now"]
 
 
 def test_the_vmm_prepares_every_runtime_request_model_once_a_vm_runs():

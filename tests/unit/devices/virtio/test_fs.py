@@ -581,7 +581,7 @@ class FakeVm:
 
     def __init__(self, config, kvm, *, on_exit, serial_port=None, vhost_user=None,
                  on_guest_event=None,
-                 on_device_failed=None):
+                 on_device_failed=None, after_answer=None):
         self.config, self.vhost_user = config, vhost_user
 
     def boot(self):
