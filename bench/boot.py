@@ -1,7 +1,9 @@
 """Boot time and footprint: pych vs QEMU on the same guest, same kernel, initramfs and cmdline.
 
-Boots the test guest under pych and under ``qemu-system-x86_64 -M microvm`` (Debian's QEMU,
-the peer on this host), who goes first rotating run by run, and measures:
+Boots the test guest under pych, under ``qemu-system-x86_64 -M microvm`` (Debian's QEMU, the
+peer on this host) and under the same QEMU microvm with a PCIe host bridge and a
+virtio-rng-pci (the bus and device pych's default VM has; QEMU microvm has no PCI hot plug),
+who goes first rotating run by run, and measures:
 
 * wall time from process start to the guest's ``GUEST-READY`` line;
 * the VMM's memory beyond guest RAM once the guest is up (and, for pych, again after one
