@@ -85,3 +85,40 @@ def test_a_net_with_two_pairs_gets_two_tap_queues_by_name_and_by_fd():
     by_name, (names, fds), caller_fds, still_open = in_new_netns(run)
     assert len(by_name) == 2 and by_name[0] == by_name[1]
     assert names == ["mq0", "mq0"] and set(fds).isdisjoint(caller_fds) and still_open
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="TAP TESTS NOT RUN: need root")
+def test_a_local_migrations_receiver_takes_the_senders_tap_queues_and_closes_what_it_got():
+    """``adopt_taps`` (a local migration's receiver): the net device runs on the tap queues
+    the sender passed, not on a tap opened by name, and the passed fds are closed once
+    taken (the device holds its own duplicates)."""
+    import os
+
+    from pych.config import NetConfig
+    from pych.device_manager.factories import FactoryContext, make_net
+    from pych.devices.net.tap import open_queues
+
+    from tests.unit.devices.net.test_tap import in_new_netns
+
+    def tun_fds() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}") == "/dev/net/tun"
+                   for fd in map(int, os.listdir("/proc/self/fd"))
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    def run():
+        before = tun_fds()
+        sent = open_queues("sender0", 2)
+        passed = [os.dup(t.fd) for t in sent]
+        for t in sent:
+            t.close()
+        device = make_net(NetConfig(num_queues=4, tap="unused0"), "_net0",
+                          FactoryContext(mmio64=None, adopt_taps={"_net0": passed}))
+        try:
+            return ([t.name for t in device.taps], tun_fds() - before,
+                    os.path.exists("/sys/class/net/unused0"))
+        finally:
+            device.shutdown()
+
+    names, tun_fds_held, opened_by_name = in_new_netns(run)
+    assert names == ["sender0", "sender0"]
+    assert tun_fds_held == 2 and not opened_by_name       # the device's two, nothing else
