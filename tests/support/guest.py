@@ -40,6 +40,10 @@ def guest_cmdline(extra: str = "") -> str:
     return f"{base} {extra}".strip()
 
 
+# what Shell.prepare runs (see there)
+PREPARE_COMMAND = "stty -echo 2>/dev/null; set -o ignoreeof; PS1=''; export PS1; dmesg -n 1"
+
+
 class Console:
     """A byte stream to a guest's serial console (a socket or a pair of pipe fds)."""
 
@@ -135,13 +139,16 @@ class Shell:
     def __init__(self, console: Console):
         self.console = console
 
-    def prepare(self, timeout: float = 60) -> None:
-        """Quiet the shell (no echo, no prompt) so outputs come back clean, and keep it
-        from exiting when a background job ends while it waits (see IGNORED_EOF)."""
+    def prepare(self, timeout: float = 180) -> None:
+        """Quiet the shell (no echo, no prompt) and the kernel's console messages (only
+        emergencies: a stall warning of a guest slowed by a loaded host would otherwise land
+        in the middle of a command's output; ``dmesg`` still has them) so outputs come back
+        clean, and keep the shell from exiting when a background job ends while it waits
+        (see IGNORED_EOF). ``timeout`` is wide: the first command after a boot waits for
+        the shell to start, which a loaded host delays by minutes."""
         c = self.console
         c.send("\n")
-        self.run("stty -echo 2>/dev/null; set -o ignoreeof; PS1=''; export PS1",
-                 timeout=timeout, check=False)
+        self.run(PREPARE_COMMAND, timeout=timeout, check=False)
 
     def run(self, cmd: str, timeout: float = 120, check: bool = False, *,
             again_if_shell_restarts: bool = False) -> tuple[int, str]:

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.support.guest import IGNORED_EOF, SHELL_RESTARTED, Console, GuestError, Shell
+from tests.support.guest import (IGNORED_EOF, PREPARE_COMMAND, SHELL_RESTARTED, Console,
+                                 GuestError, Shell)
 
 BUSYBOX = "/bin/busybox"
 
@@ -61,7 +62,7 @@ def test_a_poll_is_sent_again_to_the_new_shell():
     rc, out = Shell(console).run("[ -e /x ]", timeout=30, again_if_shell_restarts=True)
     assert (rc, out) == (0, "output")
     assert sent == ["[ -e /x ]\n",
-                    "\nstty -echo 2>/dev/null; set -o ignoreeof; PS1=''; export PS1\n",
+                    f"\n{PREPARE_COMMAND}\n",
                     "[ -e /x ]\n"]
 
 
