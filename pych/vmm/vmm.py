@@ -349,7 +349,7 @@ class Vmm(ControlLoop, RequestHandler):
                 except ValueError as e:
                     raise InvalidRequest("Error restoring VM",
                                          f"the snapshot's configuration is not valid: {e}") from None
-                leftover = _take_net_fds(config, restore.net_fds, fds)
+                _take_net_fds(config, restore.net_fds, fds)
                 config.validate()
                 _check_payload_files(config)
                 _check_host(config)
@@ -360,7 +360,6 @@ class Vmm(ControlLoop, RequestHandler):
                 self._serial.close()            # the failed restore's serial back-end
                 self._serial = self._serial_spec = None
             raise
-        close_fds(leftover)
         self.config = config
         self._become(VmState.Paused)
         self.events.emit("vm", "restored")
@@ -748,27 +747,47 @@ def _check_receive_migration(request, fds: list[int]):
         raise InvalidRequest(str(e)) from None
 
 
-def _take_net_fds(config: VmConfig, net_fds, fds: list[int]) -> list[int]:
+def _take_net_fds(config: VmConfig, net_fds, fds: list[int]) -> None:
     """Give each net device of ``net_fds`` its new tap fds, taken in order from ``fds``
-    (SCM_RIGHTS); returns the fds not taken. A net device that was given fds in the snapshot
-    needs new ones: the numbers it recorded belong to the process that took the snapshot."""
+    (SCM_RIGHTS, or ``--restore net_fds=``'s numbers). A net device that was given fds in the
+    snapshot needs new ones: the numbers it recorded belong to the process that took the
+    snapshot. Every entry must name such a device once, with as many fds as it had, and the
+    request must carry exactly the fds its entries count; anything else is refused
+    (InvalidRequest naming the device) and the caller closes ``fds``. The reference ignores
+    an entry naming no device with fds (a warning) and answers a bare 400 to a wrong total."""
     nets = {net.id: net for net in config.net or ()}
-    rest = list(fds)
+    counts: dict[str, int] = {}
     for restored in net_fds or ():
         net = nets.get(restored.id)
+        if restored.id in counts:
+            raise InvalidRequest(f"vm.restore net_fds: {restored.id} is named twice")
         if net is None:
             raise InvalidRequest(f"vm.restore net_fds: the snapshot has no net device "
                                  f"{restored.id}")
+        if not net.fds:
+            raise InvalidRequest(f"vm.restore net_fds: net device {restored.id} was not given "
+                                 "tap fds (it opens its "
+                                 + ("vhost-user socket" if net.vhost_user else "tap by name")
+                                 + "): it takes none")
         count = restored.num_fds or len(restored.fds or ())
-        if count > len(rest):
-            raise InvalidRequest(f"vm.restore net_fds: {restored.id} needs {count} fds, "
-                                 f"{len(rest)} came with the request")
-        net.fds, rest = rest[:count], rest[count:]
+        if count != len(net.fds):
+            # the reference's words (its RestoreNetFdCountMismatch)
+            raise InvalidRequest(f"vm.restore net_fds: Number of Net FDs passed for "
+                                 f"'{restored.id}' during Restore: {count}. Expected: "
+                                 f"{len(net.fds)}")
+        counts[restored.id] = count
+    if sum(counts.values()) != len(fds):
+        raise InvalidRequest(f"vm.restore net_fds: {len(fds)} fds came with the request, its "
+                             f"net_fds count {sum(counts.values())} ("
+                             + (", ".join(f"{i}: {n}" for i, n in counts.items()) or "none")
+                             + ")")
     for net in nets.values():
-        if net.fds and not any(r.id == net.id for r in net_fds or ()):
+        if net.fds and net.id not in counts:
             raise InvalidRequest(f"vm.restore: net device {net.id} was given tap fds; give "
                                  "its new ones with net_fds")
-    return rest
+    rest = list(fds)
+    for net_id, count in counts.items():
+        nets[net_id].fds, rest = rest[:count], rest[count:]
 
 
 def _check_host(config: VmConfig) -> None:

@@ -76,17 +76,81 @@ def test_a_bad_snapshot_leaves_no_vm(tmp_path):
     assert vmm.state is VmState.NotCreated and vmm.config is None and vmm.vm is None
 
 
-def test_net_devices_given_fds_need_new_ones(tmp_path):
-    config = vm_config(net=[{"id": "net0", "fds": [7]}]).model_dump(mode="json")
+def write_manifest(directory, config) -> None:
     manifest = {"format": fmt.FORMAT, "version": fmt.VERSION, "pych_version": "x",
-                "config": config, "state": {}, "memory": []}
+                "config": config.model_dump(mode="json"), "state": {}, "memory": []}
     manifest["sha256"] = fmt._checksum(manifest)
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_net_devices_given_fds_need_new_ones(tmp_path):
+    write_manifest(tmp_path, vm_config(net=[{"id": "net0", "fds": [7]}]))
     vmm = Vmm()
     status, messages = error_of(lambda: vmm.vm_restore(
         RestoreConfig(source_url=f"file://{tmp_path}"), []))
     assert status == 400 and "net0 was given tap fds" in messages[-1], messages
     assert vmm.vm is None
+
+
+# A snapshot with a net given one tap fd (one queue pair), one given two (two pairs) and one
+# on a tap by name: what a restore's net_fds may say about them.
+NETS = [{"id": "net0", "fds": [7]}, {"id": "net1", "fds": [8, 9], "num_queues": 4},
+        {"id": "named", "tap": "tap9"}]
+
+
+@pytest.mark.parametrize(("net_fds", "sent", "words"), [
+    ([{"id": "net9", "num_fds": 1}, {"id": "net0", "num_fds": 1},
+      {"id": "net1", "num_fds": 2}], 4, "the snapshot has no net device net9"),
+    ([{"id": "net0", "num_fds": 2}, {"id": "net1", "num_fds": 2}], 4,
+     "Number of Net FDs passed for 'net0' during Restore: 2. Expected: 1"),
+    ([{"id": "net0", "num_fds": 1}, {"id": "net1", "num_fds": 1}], 2,
+     "Number of Net FDs passed for 'net1' during Restore: 1. Expected: 2"),
+    ([{"id": "net0", "num_fds": 1}, {"id": "net0", "num_fds": 1}], 2, "net0 is named twice"),
+    ([{"id": "named", "num_fds": 1}, {"id": "net0", "num_fds": 1},
+      {"id": "net1", "num_fds": 2}], 4, "net device named was not given tap fds"),
+    ([{"id": "net0", "num_fds": 1}, {"id": "net1", "num_fds": 2}], 2,
+     "2 fds came with the request, its net_fds count 3 (net0: 1, net1: 2)"),
+    ([{"id": "net0", "num_fds": 1}, {"id": "net1", "num_fds": 2}], 4,
+     "4 fds came with the request, its net_fds count 3 (net0: 1, net1: 2)"),
+    ([{"id": "net0", "num_fds": 1}], 1, "net device net1 was given tap fds; give its new ones"),
+])
+def test_net_fds_that_do_not_fit_the_snapshot_are_refused_naming_the_device_and_closed(
+        tmp_path, net_fds, sent, words):
+    """Every entry names a device of the snapshot that was given tap fds, once, with as
+    many fds as it had, and the request carries exactly the fds the entries count: else a
+    400 naming it, no VM, and every fd the request brought is closed (none kept, none
+    left to a device)."""
+    write_manifest(tmp_path, vm_config(cpus={"boot_vcpus": 2, "max_vcpus": 2}, net=NETS))
+    pipes = [os.pipe() for _ in range(sent)]
+    fds = [w for _, w in pipes]
+    vmm = Vmm()
+    try:
+        status, messages = error_of(lambda: vmm.vm_restore(RestoreConfig.model_validate(
+            {"source_url": f"file://{tmp_path}", "net_fds": net_fds}), list(fds)))
+        assert status == 400 and words in messages[-1], messages
+        assert vmm.vm is None and vmm.config is None and vmm.state is VmState.NotCreated
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            try:
+                os.close(w)
+            except OSError:
+                pass
+
+
+def test_net_fds_are_given_in_order_to_the_devices_they_name():
+    from pych.config import VmConfig
+    from pych.vmm.vmm import _take_net_fds
+    config = VmConfig.model_validate(vm_config(cpus={"boot_vcpus": 2, "max_vcpus": 2}, net=NETS).model_dump())
+    restore = RestoreConfig.model_validate({"source_url": "file:///s", "net_fds": [
+        {"id": "net1", "num_fds": 2}, {"id": "net0", "num_fds": 1}]})
+    _take_net_fds(config, restore.net_fds, [20, 21, 22])
+    assert [(n.id, n.fds) for n in config.net] == [("net0", [22]), ("net1", [20, 21]),
+                                                    ("named", None)]
+    config.validate()
 
 
 def test_a_restore_builds_its_vm_the_way_a_boot_does(tmp_path, monkeypatch):
