@@ -76,6 +76,18 @@ class KvmMsiVector:
     def trigger(self) -> None:
         os.eventfd_write(self.fd, 1)
 
+    def adopt_fd(self, fd: int) -> None:
+        """Use the eventfd ``fd`` (now this vector's) as the irqfd instead of its own: a
+        vhost-user back-end a local live migration handed over writes it."""
+        if self._irqfd:
+            self._vm.unregister_irqfd(self.fd, self.gsi)
+            self._irqfd = False
+        os.close(self.fd)
+        self.fd = fd
+        if self._routed:
+            self._vm.register_irqfd(self.fd, self.gsi)
+            self._irqfd = True
+
     def release(self) -> None:
         if self._irqfd:
             self._vm.unregister_irqfd(self.fd, self.gsi)

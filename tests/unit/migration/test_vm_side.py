@@ -63,7 +63,7 @@ class _Vm:
         self.fail = fail
         self.taken: dict = {}
 
-    def finish_incoming(self, state, taps):
+    def finish_incoming(self, state, taps, vhost_user=None):
         net_id, fds = next(iter(taps.items()))
         self.taken[net_id] = taps.pop(net_id)
         for fd in fds:
