@@ -294,9 +294,8 @@ class VmTarget:
             left = [fd for chosen in adopt.values() for fd in chosen] if offered_taps else []
             # the vhost-user fds: those made into connections are closed with them (a
             # device that adopted one closes it with the VM); the others here
-            vhost = set() if vhost_taken else {fds[i] for i in vhost_indices}
-            for fd in left + [fd for i, fd in enumerate(fds)
-                              if fd not in offered and i not in vhost_indices] + sorted(vhost):
+            for fd in left + [fd for i, fd in enumerate(fds) if fd not in offered
+                              and not (vhost_taken and i in vhost_indices)]:
                 try:
                     os.close(fd)
                 except OSError:

@@ -303,3 +303,49 @@ def test_pvpanic_is_placed_after_the_devices_and_reports_to_the_vm():
         assert without.dm.pvpanic is None
     finally:
         without.close()
+
+
+# --- vhost-user devices in a snapshot or a migration: what is refused, and why ------------------
+def test_virtio_fs_is_refused_for_a_snapshot_with_the_reason_and_kept_by_a_local_migration(tmp_path):
+    from pych.config import FsConfig
+    from pych.config.kinds import BY_NAME
+    from pych.snapshot.state import NotSnapshottable
+    from tests.unit.devices.test_vhost_user import FakeBackend
+    backend = FakeBackend(tmp_path / "virtiofsd.sock")
+    m = DeviceManagerMachine(vm_config())
+    try:
+        m.dm.hotplug(BY_NAME["fs"], FsConfig(tag="share", socket=backend.path))
+        with pytest.raises(NotSnapshottable) as e:
+            m.dm.check_saveable()                   # a snapshot, or a migration to elsewhere
+        words = str(e.value)
+        assert words.startswith(f"device _fs0: the state of virtio-fs _fs0 lives in its "
+                                f"back-end at {backend.path}")
+        assert "virtiofsd cannot save it or hand it to another virtiofsd" in words
+        assert 'a local migration (vm.send-migration with "local": true' in words
+        m.dm.check_saveable(local_migration=True)   # handed over instead
+        # a share whose back-end died cannot be handed over either: said so
+        m.dm.devices["_fs0"].device.failure = f"the vhost-user backend at {backend.path} hung up"
+        with pytest.raises(NotSnapshottable, match="device _fs0: its vhost-user connection "
+                                                   "cannot be handed over: the device has failed"):
+            m.dm.check_saveable(local_migration=True)
+    finally:
+        m.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("kind", ["disk", "net"])
+def test_vhost_user_blk_and_net_are_refused_by_name_even_locally(tmp_path, kind):
+    from pych.device_manager.manager import vhost_user_refusal
+    from pych.devices.virtio.vhost_user_blk import VhostUserBlock
+    from pych.devices.virtio.vhost_user_net import VhostUserNet
+    cls = VhostUserBlock if kind == "disk" else VhostUserNet
+    device = cls.__new__(cls)                       # the class's words, no back-end needed
+    device.socket_path, device.failure = "/run/backend.sock", None
+    what = cls.what
+    assert vhost_user_refusal("_x0", device, local_migration=True) == (
+        f"device _x0: pych cannot migrate {what} devices yet, not even locally: only "
+        "virtio-fs connections are handed over to the receiver; remove the device before "
+        "migrating")
+    assert vhost_user_refusal("_x0", device, local_migration=False) == (
+        f"device _x0: the state of {what} _x0 lives in its back-end at /run/backend.sock, "
+        "which pych cannot save or hand over yet; remove the device first")
