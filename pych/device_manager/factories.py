@@ -184,6 +184,7 @@ def make_net(net, name: str, ctx: FactoryContext) -> VirtioNet:
     mac = parse_mac(net.mac) if net.mac else random_mac()
     adopted = ctx.adopt_taps.pop(name, None)
     if adopted is not None:             # the sender's tap, passed by a local migration
+        from pych.devices.net.tap import queues_from_fds
         try:
             taps = queues_from_fds(adopted)
         finally:

@@ -85,3 +85,39 @@ def test_a_net_with_two_pairs_gets_two_tap_queues_by_name_and_by_fd():
     by_name, (names, fds), caller_fds, still_open = in_new_netns(run)
     assert len(by_name) == 2 and by_name[0] == by_name[1]
     assert names == ["mq0", "mq0"] and set(fds).isdisjoint(caller_fds) and still_open
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="TAP TESTS NOT RUN: need root")
+def test_a_local_migrations_receiver_takes_the_tap_queues_it_was_passed():
+    """``adopt_taps``: the sender's tap queue fds (SCM_RIGHTS) are taken, not opened by
+    name, and closed once the device has its own."""
+    import os
+
+    from pych.config import NetConfig
+    from pych.device_manager.factories import FactoryContext, make_net
+    from pych.devices.net.tap import open_queues
+
+    from tests.unit.devices.net.test_tap import in_new_netns
+
+    def run():
+        sender = open_queues("mig0", 2)
+        passed = [os.dup(t.fd) for t in sender]
+        try:
+            device = make_net(NetConfig(num_queues=4, tap="other0"), "_net0",
+                              FactoryContext(mmio64=None, adopt_taps={"_net0": passed}))
+            names = [t.name for t in device.taps]
+            device.shutdown()
+            closed = []
+            for fd in passed:
+                try:
+                    os.fstat(fd)
+                    closed.append(False)
+                except OSError:
+                    closed.append(True)
+        finally:
+            for t in sender:
+                t.close()
+        return names, closed
+
+    names, closed = in_new_netns(run)
+    assert names == ["mig0", "mig0"] and closed == [True, True]

@@ -19,7 +19,7 @@ import struct
 
 import pytest
 
-from pych.devices.vhost_user import (PARKING_GPA, SINGLE_MEM_REGION, VRING_ADDR,
+from pych.devices.vhost_user import (PARKING_GPA, VRING_ADDR,
                                      ProtocolFeature, Request, VhostUserError,
                                      VhostUserFrontend)
 from pych.devices.virtio.device import ActiveQueue, DeviceStatus
@@ -35,7 +35,7 @@ from tests.unit.devices.test_vhost_user import FakeBackend, fd_identity
 from tests.unit.devices.virtio.test_fs import (_IN_HEADER, _OUT_HEADER, FUSE_READ,
                                                EventfdMsiManager, make_fs, open_and_read,
                                                request, same_eventfd, virtiofsd)  # noqa: F401
-from tests.unit.devices.virtio.test_pci import LinuxDriver, Machine, bring_up
+from tests.unit.devices.virtio.test_pci import Machine, bring_up
 
 MiB = 1 << 20
 
