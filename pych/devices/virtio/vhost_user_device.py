@@ -425,12 +425,17 @@ class VhostUserDevice(VirtioDevice):
 
     def commit_adoption(self) -> None:
         """The migration completed (the receiver runs the guest): serve the adopted
-        connection (the monitor thread starts)."""
+        connection (the monitor thread starts), and interrupt each queue once: a request
+        the back-end completed after the sender saved its interrupt controller, while the
+        sender's irqfd still took the call, would otherwise wait for the queue's next
+        interrupt (a spurious one is harmless)."""
         with self._lock:
             if not self._held:
                 return
             self._held = False
             self._start_monitor()
+            for index in self._started:
+                self.interrupt.notify_queue(index)
 
     def _session(self) -> dict:
         table = [*self._mapped.values(), *self._inherited]

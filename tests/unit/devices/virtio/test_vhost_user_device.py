@@ -376,3 +376,48 @@ def test_debians_virtiofsd_keeps_the_fuse_session_across_a_local_migration(virti
             os.close(queue.kick_fd)
         mem2.close()
     proc.wait(10)                                                # hung up: virtiofsd exits
+
+
+def test_a_connection_parked_by_a_reboot_before_the_migration_moves_too(backend):
+    """The sender's VM had rebooted (its connection's rings were parked on its parking page,
+    which the back-end maps and the sender keeps in its table): the receiver's first table
+    change removes that entry with the sender's others, and the back-end ends with no
+    address of the sender's (the rings run in the receiver's RAM; no ring is left parked,
+    so the receiver needs no parking page of its own until it parks rings itself)."""
+    first = Machine()
+    first.msi = EventfdMsiManager()
+    fs = make_fs(backend, name="_fs0")
+    bring_up(first, fs, queue_size=64)
+    kept = fs.detach_backend()
+    first.close()
+    first.msi.close()
+    source = Machine()
+    source.msi = EventfdMsiManager()
+    again = VirtioFs("hostfs", "fake.sock", name="_fs0", connection=kept)
+    transport, _, queues = bring_up(source, again, queue_size=64)
+    sender_parking = kept.parking
+    saved = transport.save_state()
+    spec, fds = release(again)
+    assert [PARKING_GPA, 4096, sender_parking.user_addr, 0] in spec["session"]["table"]
+    receiver = receiver_machine(source)
+    try:
+        fs2, _ = adopt_on(receiver, spec, fds, saved)
+        fs2.commit_adoption()
+        source.close()
+        source.msi.close()
+        dimm = receiver.mem.add_region(1 << 32, 2 * MiB, name="dimm0")
+        fs2.memory_changed()
+        assert backend.panic is None                   # every ring mapped at every step
+        new = receiver.mem.regions[0]
+        assert sorted(backend.regions) == [(0, new.size, new.host_addr),
+                                           (1 << 32, 2 * MiB, dimm.host_addr)]
+        for desc, used, avail in backend.rings.values():
+            assert all(new.host_addr <= a < new.host_addr + new.size for a in (desc, used, avail))
+        # a reboot there parks the rings on a page of the receiver's own
+        kept2 = fs2.detach_backend()
+        assert kept2 is not None and backend.panic is None
+        assert backend.regions == [(PARKING_GPA, 4096, kept2.parking.user_addr)]
+        kept2.close()
+    finally:
+        receiver.close()
+        receiver.msi.close()
