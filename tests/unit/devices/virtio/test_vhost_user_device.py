@@ -421,3 +421,31 @@ def test_a_connection_parked_by_a_reboot_before_the_migration_moves_too(backend)
     finally:
         receiver.close()
         receiver.msi.close()
+
+
+def test_a_transport_whose_bar_is_mapped_moves_its_ioeventfds_to_adopted_kick_eventfds(backend):
+    m = Machine()
+    m.msi = AdoptingMsiManager()
+    fs = make_fs(backend)
+    try:
+        transport, driver, _ = bring_up(m, fs, queue_size=64)
+        address = driver.bar + 0x3000 + 4                  # queue 1's notify address
+        old = m.ioevents.fd_at(address)
+        kick, call = os.eventfd(0), os.eventfd(0)
+        transport.adopt_notifiers({1: kick}, {2: call})
+        assert m.ioevents.fd_at(address) == kick and _is_closed(old)
+        assert m.ioevents.fd_at(driver.bar + 0x3000) not in (None, kick)   # queue 0 kept its own
+        assert m.msi.groups[0].vectors[2].fd == call
+        with pytest.raises(ValueError, match="no queue 7"):
+            transport.adopt_notifiers({7: kick}, {})
+    finally:
+        m.close()
+        m.msi.close()
+
+
+def _is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
