@@ -116,6 +116,11 @@ def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
         if disk.serial is not None:
             raise ValueError(f"{name}: serial={disk.serial} cannot be honoured: the vhost-user "
                              "backend answers the guest's serial number requests itself")
+        adopted = ctx.adopt_vhost_user.pop(name, None)
+        if adopted is not None:         # a local migration's: the sender's connection
+            return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
+                                  queue_size=disk.queue_size, readonly=disk.readonly,
+                                  name=name, adopted=adopted)
         parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
         return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
                               queue_size=disk.queue_size, readonly=disk.readonly, name=name,

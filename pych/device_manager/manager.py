@@ -714,21 +714,23 @@ def vhost_user_refusal(dev_id: str, device: VhostUserDevice, local_migration: bo
         why = device.can_hand_over()
         if why is None:
             return None
-        if not device.adoptable:
+        if not device.adoptable and what == "vhost-user-net":
             return (f"device {dev_id}: pych cannot migrate {what} devices yet, not even "
-                    "locally: only virtio-fs connections are handed over to the receiver; "
-                    "remove the device before migrating")
+                    "locally: only virtio-fs and vhost-user-blk connections are handed over "
+                    "to the receiver; remove the device before migrating")
         return f"device {dev_id}: its vhost-user connection cannot be handed over: {why}"
-    if device.adoptable:
+    if what == "virtio-fs":
         return (f"device {dev_id}: the state of {what} {dev_id} lives in its back-end at "
                 f"{device.socket_path} (virtiofsd keeps the guest's FUSE session: open "
                 "files and the inode table) and virtiofsd cannot save it or hand it to "
                 "another virtiofsd, so neither a snapshot nor a migration to another host "
                 "can keep it; a local migration (vm.send-migration with \"local\": true, "
                 "guest RAM shared) keeps the same virtiofsd serving the guest")
+    local = (" (a local migration, vm.send-migration with \"local\": true, hands the same "
+             "connection over)" if device.adoptable else "")
     return (f"device {dev_id}: the state of {what} {dev_id} lives in its back-end at "
-            f"{device.socket_path}, which pych cannot save or hand over yet; remove the "
-            "device first")
+            f"{device.socket_path} (its rings and the requests in flight), which pych cannot "
+            f"save or move to another host{local}; remove the device first")
 
 
 def _created_at_boot(kind: DeviceKind, cfg) -> bool:

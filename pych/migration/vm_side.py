@@ -287,7 +287,7 @@ class VmTarget:
             if connections:
                 raise MigrationError("vhost-user connections came for "
                                      f"{', '.join(sorted(connections))}, which no device of "
-                                     "the VM adopted (only virtio-fs devices can)")
+                                     "the VM adopted")
         except BaseException:
             # what make_net took it closed; the rest is still ours
             offered = {fd for chosen in offered_taps.values() for fd in chosen}
@@ -311,18 +311,22 @@ class VmTarget:
         if not vspec:
             return {}
         from pych.devices.virtio.vhost_user_device import AdoptedBackend
-        shares = {fs.id: fs for fs in self.vm.config.fs or ()}
+        # the devices a connection can come for: virtio-fs shares and vhost-user-blk disks
+        sockets = {fs.id: fs.socket for fs in getattr(self.vm.config, "fs", None) or ()}
+        sockets.update({disk.id: disk.vhost_socket
+                        for disk in getattr(self.vm.config, "disks", None) or ()
+                        if disk.vhost_user})
         made: dict = {}
         consumed: set[int] = set()      # fd indices a made connection owns, or already closed
         try:
             for dev_id, spec in vspec.items():
-                fs = shares.get(dev_id)
-                if fs is None:
+                path = sockets.get(dev_id)
+                if path is None:
                     raise MigrationError(f"a vhost-user connection came for {dev_id}, which "
-                                         "is not a virtio-fs device of the VM")
+                                         "is not a virtio-fs or vhost-user-blk device of the VM")
                 AdoptedBackend.rings_of(spec, fds)          # malformed: nothing taken yet
                 consumed.add(int(spec["socket"]))
-                made[dev_id] = AdoptedBackend.from_handover(spec, fds, fs.socket)
+                made[dev_id] = AdoptedBackend.from_handover(spec, fds, path)
                 consumed |= {int(ring[k]) for ring in spec["rings"].values()
                              for k in ("kick", "call")}
         except BaseException as e:

@@ -333,19 +333,44 @@ def test_virtio_fs_is_refused_for_a_snapshot_with_the_reason_and_kept_by_a_local
         backend.close()
 
 
-@pytest.mark.parametrize("kind", ["disk", "net"])
-def test_vhost_user_blk_and_net_are_refused_by_name_even_locally(tmp_path, kind):
+def _bare(cls, **attrs):
+    """A device of ``cls`` with only the attributes the refusal reads (no back-end)."""
+    device = cls.__new__(cls)
+    device.socket_path, device.failure = "/run/backend.sock", None
+    for name, value in attrs.items():
+        setattr(device, name, value)
+    return device
+
+
+def test_vhost_user_net_is_refused_by_name_even_locally():
+    from pych.device_manager.manager import vhost_user_refusal
+    from pych.devices.virtio.vhost_user_net import VhostUserNet
+    device = _bare(VhostUserNet)
+    assert vhost_user_refusal("_net0", device, local_migration=True) == (
+        "device _net0: pych cannot migrate vhost-user-net devices yet, not even locally: only "
+        "virtio-fs and vhost-user-blk connections are handed over to the receiver; remove the "
+        "device before migrating")
+    assert vhost_user_refusal("_net0", device, local_migration=False) == (
+        "device _net0: the state of vhost-user-net _net0 lives in its back-end at "
+        "/run/backend.sock (its rings and the requests in flight), which pych cannot save or "
+        "move to another host; remove the device first")
+
+
+def test_vhost_user_blk_moves_locally_unless_pych_owns_its_daemon_or_inflight_region():
     from pych.device_manager.manager import vhost_user_refusal
     from pych.devices.virtio.vhost_user_blk import VhostUserBlock
-    from pych.devices.virtio.vhost_user_net import VhostUserNet
-    cls = VhostUserBlock if kind == "disk" else VhostUserNet
-    device = cls.__new__(cls)                       # the class's words, no back-end needed
-    device.socket_path, device.failure = "/run/backend.sock", None
-    what = cls.what
-    assert vhost_user_refusal("_x0", device, local_migration=True) == (
-        f"device _x0: pych cannot migrate {what} devices yet, not even locally: only "
-        "virtio-fs connections are handed over to the receiver; remove the device before "
-        "migrating")
-    assert vhost_user_refusal("_x0", device, local_migration=False) == (
-        f"device _x0: the state of {what} _x0 lives in its back-end at /run/backend.sock, "
-        "which pych cannot save or hand over yet; remove the device first")
+    theirs = _bare(VhostUserBlock, daemon=None, _inflight=None)
+    assert vhost_user_refusal("_disk0", theirs, local_migration=True) is None
+    assert vhost_user_refusal("_disk0", theirs, local_migration=False) == (
+        "device _disk0: the state of vhost-user-blk _disk0 lives in its back-end at "
+        "/run/backend.sock (its rings and the requests in flight), which pych cannot save or "
+        "move to another host (a local migration, vm.send-migration with \"local\": true, "
+        "hands the same connection over); remove the device first")
+    owned = _bare(VhostUserBlock, daemon=object(), _inflight=None)
+    assert vhost_user_refusal("_disk0", owned, local_migration=True) == (
+        "device _disk0: its vhost-user connection cannot be handed over: its back-end is the "
+        "qemu-storage-daemon pych started for the image, a process pych cannot hand over to "
+        "the receiver yet")
+    tracked = _bare(VhostUserBlock, daemon=None, _inflight=(None, -1, 0))
+    assert "(INFLIGHT_SHMFD), which pych does not hand over yet" in vhost_user_refusal(
+        "_disk0", tracked, local_migration=True)

@@ -275,7 +275,7 @@ def test_vhost_user_fds_for_a_device_the_vm_lacks_are_refused_and_closed():
     vm.config.fs = []
     spec = {"_fs9": {"socket": 0, "rings": {"0": {"kick": 1, "call": 2, "vector": 1}},
                      "session": {"connection": {}}}}
-    with pytest.raises(MigrationError, match="_fs9, which is not a virtio-fs device"):
+    with pytest.raises(MigrationError, match="_fs9, which is not a virtio-fs or vhost-user-blk device"):
         VmTarget(vm).finish({}, {"taps": {}, "vhost_user": spec}, fds)
     assert not any(_is_open(fd) for fd in fds)
     fds = [os.eventfd(0) for _ in range(2)]

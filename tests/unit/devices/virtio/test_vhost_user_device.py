@@ -449,3 +449,98 @@ def _is_closed(fd: int) -> bool:
     except OSError:
         return True
     return False
+
+
+# --- vhost-user-blk on a back-end someone else runs: handed over the same way -------------------
+def test_a_vhost_user_blk_connection_is_adopted_with_its_configuration_space():
+    from pych.devices.virtio.vhost_user_blk import VhostUserBlock
+    from tests.unit.devices.virtio.test_vhost_user_blk import (QSD_FEATURES,
+                                                               QSD_PROTOCOL_FEATURES, blk_config)
+    backend = FakeBackend(features=QSD_FEATURES, protocol_features=QSD_PROTOCOL_FEATURES,
+                          queue_num=4, check_rings=True)
+    backend.config = blk_config(capacity=12345)
+    backend._client.settimeout(30)
+    source = Machine()
+    source.msi = EventfdMsiManager()
+    blk = VhostUserBlock("qsd.sock", connect=lambda path: backend.frontend(), name="_disk0")
+    receiver = None
+    try:
+        transport, _, _ = bring_up(source, blk, queue_size=64)
+        saved = transport.save_state()
+        sent = len(backend.messages)
+        spec, fds = release(blk)
+        assert spec["session"]["device"]["config"] == blk.config_bytes().hex()
+        receiver = receiver_machine(source)
+        blk2 = VhostUserBlock("qsd.sock", name="_disk0",
+                              adopted=AdoptedBackend.from_handover(spec, fds, "qsd.sock"))
+        assert blk2.capacity == 12345 and blk2.config_bytes() == blk.config_bytes()
+        transport2 = VirtioPciDevice(blk2, receiver.mem, receiver.msi, receiver.ioevents)
+        transport2.adopt_notifiers(*blk2.take_adopted_notifiers())
+        receiver.pci.add_device(transport2)
+        transport2.restore_state(saved)
+        receiver.pci.restore_bars()
+        blk2.commit_adoption()
+        assert blk2.active and len(backend.messages) == sent      # no GET_CONFIG, nothing
+        source.close()
+        assert not backend.eof
+    finally:
+        if receiver is not None:
+            receiver.close()
+            receiver.msi.close()
+        source.msi.close()
+        backend.close()
+
+
+def test_qemu_storage_daemon_serves_the_adopted_connection(tmp_path):
+    """A qemu-storage-daemon someone else runs (``vhost_user=on,socket=``): the receiver's
+    device reads the disk through the connection the sender's device handed over, after
+    the sender's ended."""
+    import shutil
+    from pych.devices.storage_daemon import StorageDaemon, connect_when_listening
+    from pych.devices.virtio.vhost_user_blk import VhostUserBlock
+    if shutil.which("qemu-storage-daemon") is None or os.geteuid() != 0:
+        pytest.skip("needs qemu-storage-daemon (scripts/install-deps.sh) and root")
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"".join(i.to_bytes(2, "little") * 256 for i in range(2048)))
+    daemon = StorageDaemon(str(image), "raw", name="theirs")
+    daemon.start()
+    try:
+        blk = VhostUserBlock(daemon.socket_path, name="_disk0",
+                             connection=connect_when_listening(daemon.socket_path))
+        with DeviceHarness(blk, queue_size=16) as h:
+            assert _read_sector(h, 7) == (7).to_bytes(2, "little") * 256
+            spec, fds = release(blk)
+            mem2 = twin_memory(h.mem)
+            blk2 = VhostUserBlock(daemon.socket_path, name="_disk0",
+                                  adopted=AdoptedBackend.from_handover(spec, fds,
+                                                                       daemon.socket_path))
+            blk2.ack_features(blk.acked_features)
+            queues = [ActiveQueue(int(i), Virtqueue(mem2, h.queue(int(i)).size,
+                                                   h.queue(int(i)).desc_table,
+                                                   h.queue(int(i)).avail_ring,
+                                                   h.queue(int(i)).used_ring),
+                                  fds[ring["kick"]])
+                      for i, ring in sorted(spec["rings"].items())]
+            blk2.activate(mem2, queues, RecordingInterrupt())
+            blk2.commit_adoption()
+            blk.shutdown()                                  # the sender's VM ends
+            assert daemon.running()
+            assert _read_sector(h, 1500) == (1500).to_bytes(2, "little") * 256
+            blk2.shutdown()
+            for q in queues:
+                os.close(q.kick_fd)
+            mem2.close()
+    finally:
+        daemon.stop()
+
+
+def _read_sector(h, sector: int) -> bytes:
+    """A virtio-blk read of one sector on queue 0, as the guest's driver sends it."""
+    mq = h.queue(0)
+    head = mq.add_chain([struct.pack("<IIQ", 0, 0, sector)], [512, 1])
+    buffers = mq.writable_buffers(head)
+    h.kick(0)
+    [used] = h.wait_used(0)
+    data = mq.read_writable(buffers)
+    assert used.id == head and data[512] == 0                # VIRTIO_BLK_S_OK
+    return data[:512]
