@@ -179,3 +179,23 @@ def test_a_receiver_refuses_a_bad_configuration_by_what_is_wrong_and_keeps_no_vm
     thread.join(10)
     assert "boot_vcpus" in str(refused.value) and "not defined" not in str(refused.value)
     assert vmm.config is None and vmm.vm is None and vmm.state is VmState.NotCreated
+
+
+def test_virtio_fs_is_refused_naming_virtiofsd_unless_the_migration_is_local(tmp_path):
+    from tests.unit.devices.test_vhost_user import FakeBackend
+    backend = FakeBackend(tmp_path / "virtiofsd.sock")
+    try:
+        vmm = booted(fs=[{"tag": "share", "socket": backend.path}],
+                     memory={"size": 1 << 28, "shared": True})
+        status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/m"))
+        assert status == 400 and messages[-1].startswith("device _fs0: the state of virtio-fs "
+                                                         "_fs0 lives in its back-end"), messages
+        assert "virtiofsd cannot save it or hand it to another virtiofsd" in messages[-1]
+        assert vmm.state is VmState.Running
+        # local: past every check (nobody listens there: that is all that is wrong)
+        status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/m",
+                                         local=True))
+        assert status == 400 and "cannot connect" in messages[-1], messages
+        assert vmm.state is VmState.Running and not backend.eof
+    finally:
+        backend.close()
