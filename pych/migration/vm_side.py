@@ -189,7 +189,10 @@ class VmSource:
             for dev_id, device in self.vm.devices.vhost_user_devices().items():
                 vhost_user[dev_id] = device.release_backend(take)
                 self._released_vhost.append(device)
-        return {"taps": taps, "persisted": persisted, "vhost_user": vhost_user}, fds
+        backends: dict = {"taps": taps, "persisted": persisted}
+        if vhost_user:                  # only then: what a pych from before it reads is as was
+            backends["vhost_user"] = vhost_user
+        return backends, fds
 
     def retake_backends(self) -> None:
         """The migration failed: the disk images' locks and the taps taken again (each
