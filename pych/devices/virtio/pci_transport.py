@@ -506,6 +506,22 @@ class VirtioPciDevice(PciDevice):
         gives)."""
         return self._queues[index].msix_vector
 
+    def detach_irqfds(self, vectors) -> None:
+        """A local live migration hands these MSI-X vectors' irqfd eventfds to the receiver
+        (a vhost-user back-end writes them): unregister them from this VM, keeping the
+        routes (one VM at a time may have an eventfd as its irqfd)."""
+        for vector in vectors:
+            detach = getattr(self._msi_group.vectors[vector], "detach_irqfd", None)
+            if detach is not None:
+                detach()
+
+    def attach_irqfds(self, vectors) -> None:
+        """The migration failed: register the irqfds :meth:`detach_irqfds` let go again."""
+        for vector in vectors:
+            attach = getattr(self._msi_group.vectors[vector], "attach_irqfd", None)
+            if attach is not None:
+                attach()
+
     def adopt_notifiers(self, kicks: dict[int, int], vectors: dict[int, int]) -> None:
         """A local live migration's receiver: the sender's eventfds a vhost-user back-end
         keeps using become this transport's: ``kicks`` (queue -> fd) its queues' notify

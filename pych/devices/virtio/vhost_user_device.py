@@ -166,6 +166,7 @@ class VhostUserDevice(VirtioDevice):
         # gave it (the sender's user addresses; the receiver's descriptors of the same
         # memfds), until this device first changes it (_rehome).
         self._released = False
+        self._handed_vectors: list[int] = []
         self._held = False
         self._adoption: AdoptedBackend | None = None
         self._inherited: list[MemoryRegionInfo] = []
@@ -390,8 +391,6 @@ class VhostUserDevice(VirtioDevice):
             why = self.can_hand_over()
             if why is not None:
                 raise VhostUserError(f"{self.name}: {why}")
-            self._stop_monitor()
-            self._released = True
             rings = {}
             for index in self._started:
                 vector = None
@@ -400,8 +399,17 @@ class VhostUserDevice(VirtioDevice):
                     vector = self._vector_of(index)
                 rings[str(index)] = {"kick": take_fd(self.queues[index].kick_fd),
                                      "call": take_fd(call), "vector": vector}
+            session = self._session()
+            self._stop_monitor()
+            self._released = True
+            # the receiver registers the call eventfds as its VM's irqfds: this VM lets go
+            self._handed_vectors = sorted({r["vector"] for r in rings.values()
+                                           if r["vector"] is not None})
+            detach = getattr(self.interrupt, "detach_irqfds", None)
+            if detach is not None:
+                detach(self._handed_vectors)
             return {"socket": take_fd(self._backend.fileno()), "rings": rings,
-                    "session": self._session()}
+                    "session": session}
 
     def _vector_of(self, index: int) -> int:
         vector_of = getattr(self.interrupt, "queue_vector", None)
@@ -418,6 +426,10 @@ class VhostUserDevice(VirtioDevice):
             if not self._released:
                 return
             self._released = False
+            vectors, self._handed_vectors = self._handed_vectors, []
+            attach = getattr(self.interrupt, "attach_irqfds", None)
+            if vectors and attach is not None:
+                attach(vectors)
             if self.queues and self.failure is None:
                 self._start_monitor()
                 for index in self._started:

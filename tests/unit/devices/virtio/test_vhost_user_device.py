@@ -87,6 +87,9 @@ class AdoptingMsiManager(EventfdMsiManager):
         group = super().create_msix_group(count)
         for v in group.vectors:
             v.adopt_fd = lambda fd, v=v: _adopt_fd(v, fd)
+            v.irqfd_held = True
+            v.detach_irqfd = lambda v=v: setattr(v, "irqfd_held", False)
+            v.attach_irqfd = lambda v=v: setattr(v, "irqfd_held", True)
         return group
 
 
@@ -163,12 +166,15 @@ def test_the_sender_lets_go_silently_and_the_receiver_adopts_without_a_word(back
 
 def test_a_failed_migration_gives_the_sender_everything_back(backend):
     source = Machine()
-    source.msi = EventfdMsiManager()
+    source.msi = AdoptingMsiManager()
     fs = make_fs(backend, name="_fs0")
     transport, driver, queues = bring_up(source, fs, queue_size=64)
     saved = transport.save_state()
     sent = len(backend.messages)
     spec, fds = release(fs)
+    # the queues' vectors let their irqfds go (the receiver's VM registers those eventfds)
+    vectors = source.msi.groups[0].vectors
+    assert [v.irqfd_held for v in vectors] == [True, False, False]
     receiver = receiver_machine(source)
     try:
         adopt_on(receiver, spec, fds, saved)
@@ -177,7 +183,7 @@ def test_a_failed_migration_gives_the_sender_everything_back(backend):
         receiver.msi.close()
     assert len(backend.messages) == sent and not backend.eof    # it sent nothing either
     fs.retake_backend()
-    assert fs.active
+    assert fs.active and all(v.irqfd_held for v in vectors)
     # the sender serves again: a driver reset stops the rings as usual
     driver.common_write(CommonCfg.DEVICE_STATUS, 1, 0)
     assert backend.requests()[sent:] == ["SET_VRING_ENABLE", "GET_VRING_BASE"] * 2

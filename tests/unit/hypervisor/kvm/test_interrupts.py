@@ -58,3 +58,49 @@ def test_a_vector_takes_another_eventfd_as_its_irqfd(programmed):
     assert os.eventfd_read(passed) == 1             # a trigger writes the adopted eventfd
     vector.release()
     assert vm.irqfds == {} and _closed(passed)
+
+
+class BusyOnceVm(RecordingVm):
+    """A kernel where another VM still holds the eventfd as its irqfd for a while."""
+
+    def __init__(self, busy: int):
+        super().__init__()
+        self.busy = busy
+
+    def register_irqfd(self, fd, gsi):
+        if self.busy:
+            self.busy -= 1
+            from pych.hypervisor.kvm.kvm import KvmError
+            try:
+                raise OSError(16, "Device or resource busy")
+            except OSError as e:
+                raise KvmError("ioctl 0x4020ae76 failed: Device or resource busy") from e
+        super().register_irqfd(fd, gsi)
+
+
+def test_a_vector_lets_its_irqfd_go_for_a_migration_and_takes_it_back():
+    vm = BusyOnceVm(busy=0)
+    vector = KvmMsiVector(vm, 25)
+    vector.update(0xFEE00000, 0x42, masked=False)
+    assert vm.irqfds == {25: vector.fd}
+    vector.detach_irqfd()                       # the receiver registers the eventfd now
+    assert vm.irqfds == {}
+    vector.update(0xFEE00000, 0x43, masked=False)   # routes still follow the guest
+    assert vm.irqfds == {} and vm.log[-1] == ("route", 25, 0xFEE00000, 0x43)
+    vm.busy = 3                                 # the receiver is still letting go
+    vector.attach_irqfd()
+    assert vm.irqfds == {25: vector.fd} and vm.busy == 0
+    vector.release()
+    assert vm.irqfds == {}
+
+
+def test_a_vector_gives_up_when_the_eventfd_stays_busy():
+    from pych.hypervisor.kvm.kvm import KvmError
+    vm = BusyOnceVm(busy=0)
+    vector = KvmMsiVector(vm, 26)
+    vector.update(0xFEE00000, 0x42, masked=False)
+    vector.detach_irqfd()
+    vm.busy = 10 ** 6
+    with pytest.raises(KvmError, match="busy"):
+        vector.attach_irqfd(wait=0.1)
+    vector.release()
