@@ -109,12 +109,16 @@ class Vm:
             self.close()
             raise
 
-    def finish_incoming(self, saved: dict, taps: dict[str, list[int]] | None = None) -> None:
+    def finish_incoming(self, saved: dict, taps: dict[str, list[int]] | None = None,
+                        vhost_user: dict | None = None) -> None:
         """After :meth:`prepare_incoming` and the RAM: the devices at their slots, the vCPUs,
         and everyone's state, as :meth:`restore` does; the VM stays paused. ``taps`` (a
-        local migration): net id -> the tap queue fds the sender passed (taken over)."""
+        local migration): net id -> the tap queue fds the sender passed (taken over);
+        ``vhost_user``: device id -> the vhost-user connection the sender handed over
+        (an ``AdoptedBackend``, taken over: the device adopts it; one no device took is
+        left in the dict for the caller)."""
         try:
-            self._assemble_devices(saved, taps)
+            self._assemble_devices(saved, taps, vhost_user)
             self._restore_state(saved)
         except Exception:
             self.close()
@@ -138,8 +142,9 @@ class Vm:
         self._paused_clock = saved["clock"]
         self._paused_tsc = {int(i): tsc for i, tsc in saved["tsc"].items()}
 
-    def save_state(self) -> dict:
-        """The VM's state for a snapshot; the VM must be paused (:meth:`pause`). The guest
+    def save_state(self, *, local_migration: bool = False) -> dict:
+        """The VM's state for a snapshot (``local_migration``: for a local migration's
+        receiver, which adopts the vhost-user connections); the VM must be paused (:meth:`pause`). The guest
         clock and TSCs are the ones :meth:`pause` froze; every bus device with a
         ``state()`` (serial, CMOS, GED, the CPU, memory and PCI hot plug register blocks) is
         found by walking the buses, every PCI device by the device manager."""
@@ -151,7 +156,7 @@ class Vm:
             "pit": kvm_vm.get_pit2().hex(),
             "memory": self.memory.save_state(),
             "cpus": self.cpus.save_state(),
-            "devices": self.devices.save_state(),
+            "devices": self.devices.save_state(local_migration=local_migration),
             "bus": {key: device.save_state() for key, device in self._bus_devices().items()},
         }
 
@@ -185,7 +190,8 @@ class Vm:
             self.memory.restore_state(saved["memory"], fds)
 
     def _assemble_devices(self, saved: dict | None,
-                          taps: dict[str, list[int]] | None = None) -> None:
+                          taps: dict[str, list[int]] | None = None,
+                          vhost_user: dict | None = None) -> None:
         cfg, kvm_vm = self.config, self.kvm_vm
         self._create_legacy_devices()
         self.mmio64 = layout.mmio64_window(*self.memory.hotplug_window)
@@ -197,7 +203,7 @@ class Vm:
             vhost_user=self.vhost_user, on_guest_event=self.on_guest_event,
             on_device_failed=self.on_device_failed,
             restore_slots=saved["devices"]["slots"] if saved is not None else None,
-            adopt_taps=taps)
+            adopt_taps=taps, adopt_vhost_user=vhost_user)
         self.devices.create_boot_devices()
         self.memory.add_region_listener(self.devices.memory_region_added,
                                         self.devices.memory_region_removed)

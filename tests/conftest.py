@@ -47,7 +47,7 @@ MODULE_MINUTES = {     # the trial run of 2026-12-07 (2 workers, with other work
     "tests/guest/test_snapshot.py": 2.6, "tests/guest/test_api.py": 2.2,
     "tests/guest/test_pci_hotplug_devices.py": 2.0, "tests/guest/test_memory_dimm_removal.py": 1.8,
     "tests/guest/test_fuzz.py": 1.7, "tests/guest/test_memory_backing_landlock.py": 4.0,
-    "tests/guest/test_migration.py": 5.0, "tests/guest/test_backend_faults.py": 8.0,
+    "tests/guest/test_migration.py": 12.0, "tests/guest/test_backend_faults.py": 8.0,
 }
 GUEST_DEFAULT_MINUTES = 2
 

@@ -60,6 +60,10 @@ class FactoryContext:
     #: A local migration's receiver: net id -> the tap queue fds the sender passed (taken
     #: by make_net instead of opening the tap by name; the fds are closed once taken).
     adopt_taps: dict[str, list[int]] = field(default_factory=dict)
+    #: A local migration's receiver: device id -> the vhost-user connection the sender
+    #: handed over (:class:`~pych.devices.virtio.vhost_user_device.AdoptedBackend`), taken
+    #: by the device's factory instead of connecting to the socket.
+    adopt_vhost_user: dict[str, Any] = field(default_factory=dict)
 
 
 def rate_limit_groups(config) -> dict[str, RateLimiter]:
@@ -112,6 +116,11 @@ def make_disk(disk, name: str, ctx: FactoryContext) -> VirtioDevice:
         if disk.serial is not None:
             raise ValueError(f"{name}: serial={disk.serial} cannot be honoured: the vhost-user "
                              "backend answers the guest's serial number requests itself")
+        adopted = ctx.adopt_vhost_user.pop(name, None)
+        if adopted is not None:         # a local migration's: the sender's connection
+            return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
+                                  queue_size=disk.queue_size, readonly=disk.readonly,
+                                  name=name, adopted=adopted)
         parked = ctx.vhost_user.take(name, disk.vhost_socket) if ctx.vhost_user else None
         return VhostUserBlock(disk.vhost_socket, num_queues=disk.num_queues,
                               queue_size=disk.queue_size, readonly=disk.readonly, name=name,
@@ -265,6 +274,10 @@ def make_fs(fs, name: str, ctx: FactoryContext) -> VirtioFs:
     of the same id and socket parked (``DeviceManager.close`` with ``keep_connections``).
     Removal stops its rings and hangs up (``VirtioFs.shutdown``)."""
     from pych.devices.virtio.fs import VirtioFs
+    adopted = ctx.adopt_vhost_user.pop(name, None)
+    if adopted is not None:             # a local migration's: the sender's connection
+        return VirtioFs(fs.tag, fs.socket, num_request_queues=fs.num_queues,
+                        queue_size=fs.queue_size, name=name, adopted=adopted)
     parked = ctx.vhost_user.take(name, fs.socket) if ctx.vhost_user is not None else None
     return VirtioFs(fs.tag, fs.socket, num_request_queues=fs.num_queues,
                     queue_size=fs.queue_size, name=name, connection=parked)

@@ -106,7 +106,8 @@ class DeviceManager:
                  on_guest_event: Callable[[str], None] | None = None,
                  on_device_failed: Callable[[str, str], None] | None = None,
                  restore_slots: dict[str, dict] | None = None,
-                 adopt_taps: dict[str, list[int]] | None = None):
+                 adopt_taps: dict[str, list[int]] | None = None,
+                 adopt_vhost_user: dict[str, Any] | None = None):
         self.config = config
         self.on_device_failed = on_device_failed   # (id, why), from a device's own thread
         self.mem = mem
@@ -138,8 +139,12 @@ class DeviceManager:
         # a local migration's receiver: each net's tap queues, passed by the sender (shared
         # by the segments' contexts: each net takes its own once)
         adopted = adopt_taps if adopt_taps is not None else {}
+        #: and each vhost-user device's connection (what no device took is closed by the
+        #: caller: see VmTarget.finish)
+        self.adopt_vhost_user = adopt_vhost_user if adopt_vhost_user is not None else {}
         self._factory_contexts = [FactoryContext(segment.mem64, memslots, vhost_user, groups,
-                                                 adopt_taps=adopted)
+                                                 adopt_taps=adopted,
+                                                 adopt_vhost_user=self.adopt_vhost_user)
                                   for segment in self.segments]
         self._kinds: dict[str, DeviceKind] = {}     # device id -> its kind (virtio-mem: none)
         self._id_counter = 0
@@ -247,13 +252,15 @@ class DeviceManager:
     SNAPSHOT_KINDS = frozenset({"disk", "net", "rng", "console", "virtio-mem"})
     """The device kinds whose whole state pych saves (the others are refused by name)."""
 
-    def save_state(self) -> dict:
+    def save_state(self, *, local_migration: bool = False) -> dict:
         """Every device's slot and BAR width (:meth:`slots`: a restore places them there),
         each device's state (config space, MSI-X, virtio registers and queues) and the id
         counter (the ``PHPR`` block is a bus device, saved with the others). Raises NotSnapshottable for a device pych cannot save
-        yet, and while a removal is pending (the guest may eject the device at any time)."""
+        yet, and while a removal is pending (the guest may eject the device at any time).
+        ``local_migration``: the state goes to a local migration's receiver, which adopts
+        the vhost-user connections that can be handed over (virtio-fs)."""
         with self._lock:
-            self._check_saveable()
+            self._check_saveable(local_migration)
             return {
                 "slots": self._slots(),
                 "devices": {dev_id: d.save_state() for dev_id, d in self.devices.items()},
@@ -269,14 +276,18 @@ class DeviceManager:
         return {dev_id: {"slot": self._location(d)[1], "bar64": d.config.bar(0).is_64bit}
                 for dev_id, d in self.devices.items()}
 
-    def check_saveable(self) -> None:
+    def check_saveable(self, *, local_migration: bool = False) -> None:
         """What :meth:`save_state` would refuse (NotSnapshottable), for a VM still running
         (a live migration checks it when asked, before it starts)."""
         with self._lock:
-            self._check_saveable()
+            self._check_saveable(local_migration)
 
-    def _check_saveable(self) -> None:
-        """(``self._lock`` held) NotSnapshottable for what pych cannot save yet."""
+    def _check_saveable(self, local_migration: bool = False) -> None:
+        """(``self._lock`` held) NotSnapshottable for what pych cannot save yet. A device
+        served by a vhost-user back-end cannot be saved: its back-end holds the device's
+        state (virtiofsd: the FUSE session, its open files and inode table) and cannot hand
+        it to another back-end; a local migration hands the connection itself over
+        (virtio-fs; see :meth:`VhostUserDevice.release_backend`)."""
         if self._pending_removal:
             raise NotSnapshottable("a device removal is pending (the guest has not ejected "
                              f"{', '.join(sorted(self._pending_removal))} yet): retry "
@@ -287,12 +298,22 @@ class DeviceManager:
         for dev_id in self.devices:
             kind = self._kinds.get(dev_id)
             name = kind.name if kind is not None else "virtio-mem"
-            if isinstance(self.devices[dev_id].device, VhostUserDevice):
-                raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot devices "
-                                       "served by a vhost-user back-end yet")
+            device = self.devices[dev_id].device
+            if isinstance(device, VhostUserDevice):
+                why = vhost_user_refusal(dev_id, device, local_migration)
+                if why is None:
+                    continue
+                raise NotSnapshottable(why)
             if name not in self.SNAPSHOT_KINDS:
                 raise NotSnapshottable(f"device {dev_id}: pych cannot snapshot {name} devices "
                                  f"yet (it can: {', '.join(sorted(self.SNAPSHOT_KINDS))})")
+
+    def vhost_user_devices(self) -> dict:
+        """The devices served by a vhost-user back-end, by id (a local migration hands
+        their connections over)."""
+        with self._lock:
+            return {dev_id: d.device for dev_id, d in self.devices.items()
+                    if isinstance(d.device, VhostUserDevice)}
 
     def tap_nets(self) -> dict:
         """The in-process virtio-net devices (on taps), by id (a live migration hands their
@@ -342,6 +363,14 @@ class DeviceManager:
         except BaseException:
             device.shutdown()
             raise
+        take = getattr(device, "take_adopted_notifiers", None)
+        notifiers = take() if take is not None else None
+        if notifiers is not None:       # a migrated vhost-user connection's eventfds
+            try:
+                pci_dev.adopt_notifiers(*notifiers)
+            except BaseException:
+                pci_dev.shutdown()
+                raise
         try:
             slot = self.segments[segment].bus.add_device(pci_dev, slot)
         except BaseException:
@@ -674,6 +703,34 @@ class DeviceManager:
 
     def add_vfio(self, device) -> HotPlugged:
         return self.hotplug(VFIO, device)
+
+
+def vhost_user_refusal(dev_id: str, device: VhostUserDevice, local_migration: bool) -> str | None:
+    """Why the state of ``device`` (served by a vhost-user back-end) cannot be saved for a
+    snapshot or a migration (``local_migration``: a local one, which hands the connection
+    over when the device can), in words a user can act on; None when it can."""
+    what = device.what
+    if local_migration:
+        why = device.can_hand_over()
+        if why is None:
+            return None
+        if not device.adoptable and what == "vhost-user-net":
+            return (f"device {dev_id}: pych cannot migrate {what} devices yet, not even "
+                    "locally: only virtio-fs and vhost-user-blk connections are handed over "
+                    "to the receiver; remove the device before migrating")
+        return f"device {dev_id}: its vhost-user connection cannot be handed over: {why}"
+    if what == "virtio-fs":
+        return (f"device {dev_id}: the state of {what} {dev_id} lives in its back-end at "
+                f"{device.socket_path} (virtiofsd keeps the guest's FUSE session: open "
+                "files and the inode table) and virtiofsd cannot save it or hand it to "
+                "another virtiofsd, so neither a snapshot nor a migration to another host "
+                "can keep it; a local migration (vm.send-migration with \"local\": true, "
+                "guest RAM shared) keeps the same virtiofsd serving the guest")
+    local = (" (a local migration, vm.send-migration with \"local\": true, hands the same "
+             "connection over)" if device.adoptable else "")
+    return (f"device {dev_id}: the state of {what} {dev_id} lives in its back-end at "
+            f"{device.socket_path} (its rings and the requests in flight), which pych cannot "
+            f"save or move to another host{local}; remove the device first")
 
 
 def _created_at_boot(kind: DeviceKind, cfg) -> bool:

@@ -177,7 +177,9 @@ class VhostUserFrontend:
         self.reply_ack = False
         self.owned = False
         self.protocol_features: int | None = None
-        self.addressed_rings: set[int] = set()
+        #: Each ring given an address (SET_VRING_ADDR), as the back-end holds it: ``(desc,
+        #: used, avail)`` user addresses (a back-end keeps them after a ring stops).
+        self.ring_addrs: dict[int, tuple[int, int, int]] = {}
         self._parking: GuestMemory | None = None
         self._lock = threading.Lock()
 
@@ -196,6 +198,52 @@ class VhostUserFrontend:
         return cls(sock, path)
 
     # --- connection -------------------------------------------------------------------------
+    @classmethod
+    def adopt(cls, fd: int, path: str, session: dict) -> "VhostUserFrontend":
+        """The connection another pych made, its socket descriptor ``fd`` passed to this one
+        (a local live migration), with the session state :meth:`session` recorded there
+        (nothing is sent to the back-end). Takes ``fd`` (closed on error too). Both
+        processes' descriptors share the socket's file status flags: this one waits with a
+        timeout (non-blocking underneath), as every connection :meth:`connect` makes."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise VhostUserError(f"the descriptor passed for {path} is not a Unix stream "
+                                     "socket")
+            sock.settimeout(REPLY_TIMEOUT)
+            connection = cls(sock, path)
+            connection.owned = bool(session["owned"])
+            protocol = session["protocol_features"]
+            connection.protocol_features = None if protocol is None else int(protocol)
+            connection.reply_ack = bool(session["reply_ack"])
+            connection.ring_addrs = {int(i): tuple(int(a) for a in addrs)
+                                     for i, addrs in session["ring_addrs"].items()}
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    def session(self) -> dict:
+        """What this connection settled with the back-end (for :meth:`adopt`)."""
+        return {"owned": self.owned, "protocol_features": self.protocol_features,
+                "reply_ack": self.reply_ack,
+                "ring_addrs": {str(i): list(a) for i, a in sorted(self.ring_addrs.items())}}
+
+    @property
+    def addressed_rings(self) -> set[int]:
+        """The rings given an address (they keep it after they stop)."""
+        return set(self.ring_addrs)
+
+    def release(self) -> None:
+        """Close this process's descriptor of the socket and forget the parking page,
+        without hanging up on the back-end: another process holds the connection now (a
+        local live migration's receiver), so the back-end sees nothing."""
+        self.close()
+
     @property
     def connected(self) -> bool:
         return self._sock is not None
@@ -340,7 +388,7 @@ class VhostUserFrontend:
         """The ring's three parts, as user addresses (pych's mappings of guest memory)."""
         self._send_request(Request.SET_VRING_ADDR,
                            VRING_ADDR.pack(index, flags, desc, used, avail, log_addr))
-        self.addressed_rings.add(index)
+        self.ring_addrs[index] = (desc, used, avail)
 
     def set_vring_base(self, index: int, base: int) -> None:
         """Where the back-end starts reading the available ring."""

@@ -109,13 +109,16 @@ def receive(channel: Channel, build: Callable[[dict, list[int]], Target]) -> tup
         channel.answer_ok({"resumed_at": time.monotonic()})
         return target, stats
     except BaseException as error:
-        if isinstance(error, Refused):
-            channel.answer_error(str(error))
+        # what was built goes first, then the sender is told: it takes back what it handed
+        # over (a vhost-user back-end's call eventfds, which a kernel lets only one VM hold
+        # as an irqfd at a time) once this VM has let go of it
         if target is not None:
             try:
                 target.close()
             except Exception:  # noqa: BLE001
                 log.exception("cannot close the VM of a failed migration")
+        if isinstance(error, Refused):
+            channel.answer_error(str(error))
         raise
 
 

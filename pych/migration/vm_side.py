@@ -52,13 +52,16 @@ class VmSource:
     """The running VM being sent. ``console`` is the VMM's serial port (None without one)
     and ``reopen_console`` opens its host end again (a migration that failed late)."""
 
-    def __init__(self, vm, config, console=None, reopen_console: Callable | None = None):
+    def __init__(self, vm, config, console=None, reopen_console: Callable | None = None, *,
+                 local: bool = False):
         self.vm = vm
         self._config = config
         self.console = console
         self._reopen_console = reopen_console
+        self._local = local                     # vhost-user connections are handed over
         self._regions = [r for r, copy in vm.memory.saved_regions() if copy and r.slot is not None]
         self._released_nets: list = []          # net devices whose taps were handed over
+        self._released_vhost: list = []         # vhost-user devices whose connection was
 
     def config(self) -> dict:
         """The configuration, with the name of each tap pych named itself (``vmtapN``):
@@ -149,14 +152,17 @@ class VmSource:
         self.vm.resume()
 
     def save_state(self) -> dict:
-        return self.vm.save_state()
+        return self.vm.save_state(local_migration=self._local)
 
     def release_backends(self, local: bool) -> tuple[dict, list[int]]:
         """Hand the back-ends over (the VM is paused): the disk images' locks, and each
         net's tap: its queues' fds to pass with STATE (``local``), or closed here, a tap
-        that would go with them made persistent first, for the receiver to open by name.
-        Returns what STATE says of them, ``{"taps": {net id: [fd index, ...]},
-        "persisted": [tap name, ...]}``, and the fds."""
+        that would go with them made persistent first, for the receiver to open by name;
+        with ``local``, each vhost-user device's connection (virtio-fs: the socket and
+        its rings' eventfds, see VhostUserDevice.release_backend; the device sends the
+        back-end nothing from now on). Returns what STATE says of them, ``{"taps": {net
+        id: [fd index, ...]}, "persisted": [tap name, ...], "vhost_user": {device id:
+        {"socket": fd index, "rings": {...}, "session": {...}}}}``, and the fds."""
         for image in self.vm.devices.disk_images():
             image.unlock()
         taps: dict[str, list[int]] = {}
@@ -168,7 +174,25 @@ class VmSource:
             if local:
                 taps[dev_id] = list(range(len(fds), len(fds) + len(device.taps)))
                 fds += [tap.fd for tap in device.taps]
-        return {"taps": taps, "persisted": persisted}, fds
+        vhost_user: dict[str, dict] = {}
+        if local:
+            index_of: dict[int, int] = {}
+
+            def take(fd: int) -> int:
+                """``fd``'s index among the fds passed (one index per descriptor: two
+                rings sharing an MSI-X vector share its irqfd)."""
+                if fd not in index_of:
+                    index_of[fd] = len(fds)
+                    fds.append(fd)
+                return index_of[fd]
+
+            for dev_id, device in self.vm.devices.vhost_user_devices().items():
+                vhost_user[dev_id] = device.release_backend(take)
+                self._released_vhost.append(device)
+        backends: dict = {"taps": taps, "persisted": persisted}
+        if vhost_user:                  # only then: what a pych from before it reads is as was
+            backends["vhost_user"] = vhost_user
+        return backends, fds
 
     def retake_backends(self) -> None:
         """The migration failed: the disk images' locks and the taps taken again (each
@@ -182,6 +206,13 @@ class VmSource:
             except Exception:  # noqa: BLE001 - the others must still be taken back
                 log.exception("%s: cannot take its tap back after the failed migration",
                               device.name)
+        handed, self._released_vhost = self._released_vhost, []
+        for device in handed:
+            try:
+                device.retake_backend()
+            except Exception:  # noqa: BLE001 - the others must still be taken back
+                log.exception("%s: cannot serve its vhost-user back-end again after the "
+                              "failed migration", device.name)
 
     def hand_over_console(self) -> None:
         if self.console is not None:
@@ -190,6 +221,17 @@ class VmSource:
     def retake_console(self) -> None:
         if self.console is not None and self._reopen_console is not None:
             self.console.reopen(self._reopen_console())
+
+
+def _vhost_user_indices(vspec: dict) -> set[int]:
+    """The fd indices the vhost-user hand-over ``vspec`` names (MigrationError if it is
+    malformed)."""
+    try:
+        return {int(i) for spec in vspec.values()
+                for i in [spec["socket"], *(ring[k] for ring in spec["rings"].values()
+                                            for k in ("kick", "call"))]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MigrationError(f"malformed vhost-user hand-over: {e!r}") from None
 
 
 class VmTarget:
@@ -213,13 +255,22 @@ class VmTarget:
         given tap fds gets these as its new ones, a tap opened by name is taken from them
         instead of being opened again) and the taps the sender made persistent."""
         spec = backends.get("taps") or {}
+        vspec = backends.get("vhost_user") or {}
         nets = {net.id: net for net in self.vm.config.net or ()}
         adopt: dict[str, list[int]] = {}
         offered_taps: dict[str, list[int]] = {}
+        vhost_indices: set[int] = set()
+        vhost_taken = False             # _adopt_connections owns the vhost-user fds
+        connections: dict = {}
         try:
+            vhost_indices = _vhost_user_indices(vspec)
             indices = sorted(i for chosen in spec.values() for i in chosen)
-            if indices != list(range(len(fds))):
-                raise MigrationError("the tap fds named with STATE are not the ones passed")
+            if sorted(set(indices) | vhost_indices) != list(range(len(fds))) \
+                    or len(indices) != len(set(indices)) or set(indices) & vhost_indices:
+                raise MigrationError("the tap and vhost-user fds named with STATE are not "
+                                     "the ones passed")
+            vhost_taken = True
+            connections = self._adopt_connections(vspec, fds)
             for net_id, chosen in spec.items():
                 net = nets.get(net_id)
                 if net is None:
@@ -235,21 +286,71 @@ class VmTarget:
                                          "came with STATE (only a local migration passes them)")
             self._persisted = list(backends.get("persisted") or ())
             offered_taps = {k: list(v) for k, v in adopt.items()}
-            self.vm.finish_incoming(state, adopt)
+            self.vm.finish_incoming(state, adopt, connections)
+            if connections:
+                raise MigrationError("vhost-user connections came for "
+                                     f"{', '.join(sorted(connections))}, which no device of "
+                                     "the VM adopted")
         except BaseException:
             # what make_net took it closed; the rest is still ours
             offered = {fd for chosen in offered_taps.values() for fd in chosen}
             left = [fd for chosen in adopt.values() for fd in chosen] if offered_taps else []
-            for fd in left + [fd for fd in fds if fd not in offered]:
+            # the vhost-user fds: those made into connections are closed with them (a
+            # device that adopted one closes it with the VM); the others here
+            for fd in left + [fd for i, fd in enumerate(fds) if fd not in offered
+                              and not (vhost_taken and i in vhost_indices)]:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+            for connection in connections.values():
+                connection.close()
             raise
+
+    def _adopt_connections(self, vspec: dict, fds: list[int]) -> dict:
+        """Each vhost-user connection the sender handed over (``vspec``, see
+        VmSource.release_backends) as an AdoptedBackend for its device, by id: every fd
+        they name is theirs from then on (on failure here, all are closed)."""
+        if not vspec:
+            return {}
+        from pych.devices.virtio.vhost_user_device import AdoptedBackend
+        # the devices a connection can come for: virtio-fs shares and vhost-user-blk disks
+        sockets = {fs.id: fs.socket for fs in getattr(self.vm.config, "fs", None) or ()}
+        sockets.update({disk.id: disk.vhost_socket
+                        for disk in getattr(self.vm.config, "disks", None) or ()
+                        if disk.vhost_user})
+        made: dict = {}
+        consumed: set[int] = set()      # fd indices a made connection owns, or already closed
+        try:
+            for dev_id, spec in vspec.items():
+                path = sockets.get(dev_id)
+                if path is None:
+                    raise MigrationError(f"a vhost-user connection came for {dev_id}, which "
+                                         "is not a virtio-fs or vhost-user-blk device of the VM")
+                AdoptedBackend.rings_of(spec, fds)          # malformed: nothing taken yet
+                consumed.add(int(spec["socket"]))
+                made[dev_id] = AdoptedBackend.from_handover(spec, fds, path)
+                consumed |= {int(ring[k]) for ring in spec["rings"].values()
+                             for k in ("kick", "call")}
+        except BaseException as e:
+            for backend in made.values():
+                backend.close()
+            for i in sorted(_vhost_user_indices(vspec) - consumed):
+                try:
+                    os.close(fds[i])
+                except OSError:
+                    pass
+            if isinstance(e, (KeyError, TypeError, ValueError, IndexError)):
+                raise MigrationError(f"malformed vhost-user hand-over: {e!r}") from None
+            raise
+        return made
 
     def resume(self) -> None:
         if self.console is not None and self._open_console is not None:
             self.console.reopen(self._open_console())
+        # the migration completed: the adopted vhost-user connections are served from here
+        for device in self.vm.devices.vhost_user_devices().values():
+            device.commit_adoption()
         self.vm.resume()
         # the taps the sender made persistent to hand them over go with this VM again
         persisted = set(getattr(self, "_persisted", ()))

@@ -403,7 +403,8 @@ class Vmm(ControlLoop, RequestHandler):
         spec = self._serial_spec
         try:
             source = VmSource(vm, config, serial,
-                              (lambda: open_serial_backend(spec[0], spec[1])) if serial else None)
+                              (lambda: open_serial_backend(spec[0], spec[1])) if serial else None,
+                              local=request.local)
             stats = sender.send(channel, source, local=request.local,
                                 downtime_ms=request.downtime_ms, timeout_s=request.timeout_s,
                                 verify=os.environ.get(VERIFY_ENV) == "1")
@@ -708,16 +709,14 @@ def _check_send_migration(request, config: VmConfig, vm):
             raise InvalidRequest("local migration of memory zones backed by a file= is not "
                                  "supported by pych: give the zones no file")
     for net in config.net or ():
-        if net.vhost_user:
-            raise InvalidRequest(f"device {net.id}: pych cannot migrate vhost-user net devices "
-                                 "yet (the back-end would have to be reconnected to the "
-                                 "receiver)")
         if net.fds and not request.local:
             raise InvalidRequest(f"device {net.id}: its tap came as fds (fd=), which only a "
                                  "local migration can pass on (local: true); the receiver "
                                  "cannot open it by name for its owner")
     vm.memory.check_saveable()
-    vm.devices.check_saveable()
+    # vhost-user devices: a local migration hands virtio-fs connections over; the rest,
+    # and any of them to another host, are refused by name and why
+    vm.devices.check_saveable(local_migration=request.local)
     return endpoint
 
 

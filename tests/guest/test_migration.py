@@ -18,6 +18,16 @@ plugged size are as before and the guest pings the host end of the tap; the tap 
 over by name (unix, tcp: persistent only while no pych holds it) or by fd (local). A
 receiver that refuses the state after the source let the tap go leaves the source running
 with its tap. After the last hop virtio-mem is grown and shrunk again.
+
+Before the local hop a virtio-fs share served by Debian's virtiofsd (``cache=none``) is hot
+added and mounted, and the guest's shell holds a file in it open (fd 3) that the host then
+deletes: only virtiofsd's FUSE session (its open file) still reaches it. A migration to
+another pych that is not local is refused naming why (virtiofsd cannot hand its session
+over); a local one whose receiver refuses STATE after the source let go of the connection
+leaves the source with its share. The local hop hands the connection over: the same
+virtiofsd process serves the destination, the guest reads on through fd 3 and writes new
+files the host sees, and the share's removal there ends virtiofsd (the destination owns the
+connection). The share goes before the snapshot (which refuses virtio-fs).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ from pych.migration import protocol
 from pych.vmm.vmm import VERIFY_ENV
 from tests.support.guest import (REPO, Console, PychGuest, Shell, guest_artifacts,
                                  mem_total_kib)
+from tests.support.hotplug import wait_in_guest
+from tests.support.virtiofsd import VIRTIOFSD, Virtiofsd
 
 MiB = 1 << 20
 GUEST_WAIT = 600
@@ -87,6 +99,19 @@ def guest(netns, disk, tmp_path_factory):
         if g.restored is not None:
             g.restored.stop()
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def share(tmp_path_factory):
+    """Debian's virtiofsd (cache=none: every guest read is a FUSE READ), for the share the
+    guest gets before the local hop."""
+    if not os.path.exists(VIRTIOFSD):
+        pytest.fail(f"{VIRTIOFSD} is missing: scripts/install-deps.sh installs it "
+                    "(qemu-system-common)")
+    d = Virtiofsd(tmp_path_factory.mktemp("mig-fs"), "share")
+    d.pid = d.proc.pid
+    yield d
+    d.stop()
 
 
 def prepare(g: PychGuest) -> None:
@@ -479,6 +504,79 @@ def test_migration_over_tcp(guest, tmp_path):
     guest.dst2 = receiver
 
 
+def test_virtio_fs_is_refused_unless_local_and_a_refused_local_state_keeps_the_share(
+        guest, share, tmp_path):
+    """A share hot added to the running guest and a file in it held open by the guest's
+    shell (then deleted on the host). A migration that is not local is refused, naming
+    virtiofsd; a local one whose receiver refuses STATE, after the source paused and let go
+    of the share's connection (passed with STATE), leaves the source serving it."""
+    source = guest.dst2
+    status, body = api(source.api_path, "vm.add-fs", {"tag": "migfs", "socket": share.socket})
+    assert status == 200, body
+    guest.fs_id = json.loads(body)["id"]
+    guest.held = open(share.source / "held.txt", "a")     # the host's end of the held file
+    guest.held.write("one\n")
+    guest.held.flush()
+    (share.source / "host.txt").write_text("from the host\n")
+    rc, out = wait_in_guest(source, "ls /sys/bus/virtio/drivers/virtiofs | grep -q virtio",
+                            limit=GUEST_WAIT)
+    assert rc == 0, f"the share never showed up: {source.log()}"
+    rc, out = source.run("mkdir -p /mnt/fs && mount -t virtiofs migfs /mnt/fs && "
+                         "exec 3</mnt/fs/held.txt && read -r a <&3 && echo \"$a\" && "
+                         "cat /mnt/fs/host.txt", timeout=GUEST_WAIT)
+    assert rc == 0 and out.splitlines() == ["one", "from the host"], \
+        f"{out}\nvirtiofsd: {share.log_text()}\npych: {source.log()}"
+    os.unlink(share.source / "held.txt")                 # only the FUSE session reaches it
+
+    # not local: refused at once, saying why and what works
+    status, text = api(source.api_path, "vm.send-migration",
+                       {"destination_url": f"unix:{tmp_path}/nobody"})
+    words = text.replace('\\"', '"')                     # the JSON body's escaped quotes
+    assert status == 400 and "virtiofsd cannot save it or hand it to another virtiofsd" in words \
+        and 'a local migration (vm.send-migration with "local": true' in words, text
+
+    path = str(tmp_path / "fs-refuser.sock")
+    listener = protocol.listen(protocol.parse_url(f"unix:{path}"))
+    got: dict = {}
+
+    def refuser():
+        conn, _ = listener.accept()
+        channel = protocol.Channel(conn, timeout=GUEST_WAIT)
+        while True:
+            kind, length, fds = channel.receive_header()
+            got[f"{kind.name} fds"] = len(fds)
+            for fd in fds:                               # guest RAM, then the back-ends
+                os.close(fd)
+            body = channel.receive_json(length, kind)
+            got.setdefault(kind.name, body)
+            if kind is protocol.Msg.STATE:
+                got["virtiofsd"] = share.proc.poll()
+                channel.answer_error("refused by the test once the share was let go")
+                break
+            channel.answer_ok()
+        channel.close()
+
+    thread = threading.Thread(target=refuser, daemon=True)
+    thread.start()
+    status, text = api(source.api_path, "vm.send-migration",
+                       {"destination_url": f"unix:{path}", "local": True})
+    thread.join(120)
+    listener.close()
+    assert status == 500 and "refused by the test" in text, text
+    handed = got["STATE"]["backends"]["vhost_user"][guest.fs_id]
+    assert sorted(handed["rings"]) == ["0", "1"]          # hiprio and one request queue
+    assert got["virtiofsd"] is None                       # it never noticed
+    # the tap's queue fd, and the share's socket, 2 kick and 1-2 call eventfds
+    assert got["STATE fds"] >= 1 + 1 + 2 + 1, got
+    status, vm = info(source.api_path)
+    assert status == 200 and vm["state"] == "Running" and vm["devices_failed"] == [], vm
+    rc, out = source.run("echo from-the-source > /mnt/fs/from-source.txt && "
+                         "cat /mnt/fs/host.txt", timeout=GUEST_WAIT)
+    assert (rc, out) == (0, "from the host"), f"{out}\nvirtiofsd: {share.log_text()}"
+    assert (share.source / "from-source.txt").read_text() == "from-the-source\n"
+    assert share.proc.poll() is None and share.proc.pid == share.pid
+
+
 def test_local_migration_passes_memory_by_fd(guest, tmp_path):
     source = guest.dst2
     before, _ = counter(source)
@@ -505,6 +603,38 @@ def test_local_migration_passes_memory_by_fd(guest, tmp_path):
     rc, md5 = receiver.run(MARKER_MD5, timeout=GUEST_WAIT)
     assert (rc, md5) == (0, guest.marker_md5)
     guest.dst3 = receiver
+
+
+def test_the_virtio_fs_share_moved_with_the_local_migration(guest, share):
+    """The local hop handed the share's connection over: the same virtiofsd process (it
+    never saw its front end change) serves the destination, whose guest reads on through
+    the file it held open (deleted on the host: only the FUSE session reaches it) and
+    writes files the host sees. Removing the share there hangs up: virtiofsd exits."""
+    receiver = guest.dst3
+    assert share.proc.poll() is None and share.proc.pid == share.pid, share.log_text()
+    assert guest.dst2.proc.poll() == 0                     # the source pych has exited
+    status, vm = info(receiver.api_path)
+    assert status == 200 and vm["devices_failed"] == [], vm
+    assert [f["id"] for f in vm["config"]["fs"]] == [guest.fs_id]
+    guest.held.write("two\n")                             # through the host's open file
+    guest.held.flush()
+    (share.source / "host2.txt").write_text("written after the hop\n")
+    rc, out = receiver.run("read -r b <&3 && echo \"$b\" && cat /mnt/fs/host2.txt "
+                           "/mnt/fs/from-source.txt && echo from-the-destination > "
+                           "/mnt/fs/from-destination.txt && sync", timeout=GUEST_WAIT)
+    assert rc == 0 and out.splitlines() == ["two", "written after the hop", "from-the-source"], \
+        f"{out}\nvirtiofsd: {share.log_text()}\npych: {receiver.log()}"
+    assert (share.source / "from-destination.txt").read_text() == "from-the-destination\n"
+    assert "took over the vhost-user backend" in receiver.log_path.read_text()
+
+    # the destination owns the connection: the share's removal hangs up on virtiofsd
+    rc, out = receiver.run("exec 3<&- && umount /mnt/fs", timeout=GUEST_WAIT)
+    assert rc == 0, out
+    guest.held.close()
+    assert api(receiver.api_path, "vm.remove-device", {"id": guest.fs_id})[0] == 204
+    assert wait_for(lambda: guest.fs_id in info(receiver.api_path)[1]["device_tree"], False) \
+        is False, receiver.log()
+    share.proc.wait(60)
 
 
 class Restored(PychGuest):

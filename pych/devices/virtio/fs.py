@@ -90,7 +90,7 @@ from pych.devices.vhost_user import ProtocolFeature, VhostUserFrontend
 
 from .device import VirtioDeviceType, VirtioInterrupt
 from .queue import MAX_QUEUE_SIZE, DescriptorChain
-from .vhost_user_device import VhostUserDevice
+from .vhost_user_device import AdoptedBackend, VhostUserDevice
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +129,26 @@ class VirtioFs(VhostUserDevice):
     device_type = VirtioDeviceType.FS
     what = "virtio-fs"
     wanted_protocol_features = WANTED_PROTOCOL_FEATURES
+    adoptable = True
 
     def __init__(self, tag: str, socket_path: str, *, num_request_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, name: str = "fs",
                  connect: Callable[[str], VhostUserFrontend] = VhostUserFrontend.connect,
-                 connection: VhostUserFrontend | None = None) -> None:
+                 connection: VhostUserFrontend | None = None,
+                 adopted: AdoptedBackend | None = None) -> None:
         try:
             _check_parameters(tag, num_request_queues, queue_size, name)
         except ValueError:
             if connection is not None:
                 connection.close()
+            if adopted is not None:
+                adopted.close()
             raise
         self.tag = tag
         self.num_request_queues = num_request_queues
         self.failed_requests = 0           # FUSE requests answered -EIO after a failure
         super().__init__(socket_path, queue_sizes=[queue_size] * (1 + num_request_queues),
-                         name=name, connect=connect, connection=connection)
+                         name=name, connect=connect, connection=connection, adopted=adopted)
 
     def _too_few_queues(self, served: int) -> str:
         return (f"the vhost-user backend at {self.socket_path} serves {served} queues "

@@ -501,6 +501,52 @@ class VirtioPciDevice(PciDevice):
             return None
         return getattr(self._msi_group.vectors[vector], "fd", None)
 
+    def queue_vector(self, index: int) -> int:
+        """The MSI-X vector queue ``index`` is mapped to (whose irqfd :meth:`queue_irqfd`
+        gives)."""
+        return self._queues[index].msix_vector
+
+    def detach_irqfds(self, vectors) -> None:
+        """A local live migration hands these MSI-X vectors' irqfd eventfds to the receiver
+        (a vhost-user back-end writes them): unregister them from this VM, keeping the
+        routes (one VM at a time may have an eventfd as its irqfd)."""
+        for vector in vectors:
+            detach = getattr(self._msi_group.vectors[vector], "detach_irqfd", None)
+            if detach is not None:
+                detach()
+
+    def attach_irqfds(self, vectors) -> None:
+        """The migration failed: register the irqfds :meth:`detach_irqfds` let go again."""
+        for vector in vectors:
+            attach = getattr(self._msi_group.vectors[vector], "attach_irqfd", None)
+            if attach is not None:
+                attach()
+
+    def adopt_notifiers(self, kicks: dict[int, int], vectors: dict[int, int]) -> None:
+        """A local live migration's receiver: the sender's eventfds a vhost-user back-end
+        keeps using become this transport's: ``kicks`` (queue -> fd) its queues' notify
+        eventfds (registered as their ioeventfds), ``vectors`` (MSI-X vector -> fd) the
+        irqfds of those vectors. Called before the state is restored; the fds are the
+        transport's from now on (closed with it)."""
+        with self._lock:
+            for index, fd in kicks.items():
+                if not 0 <= index < len(self._kick_fds):
+                    raise ValueError(f"{self.device.name}: no queue {index}")
+            for vector in vectors:
+                if not 0 <= vector < len(self._msi_group.vectors):
+                    raise ValueError(f"{self.device.name}: no MSI-X vector {vector}")
+            registered = bool(self._ioevent_addresses)
+            bar = self.config.bar_address(BAR_INDEX) if registered else None
+            if registered:
+                self._unregister_ioevents()
+            for index, fd in kicks.items():
+                os.close(self._kick_fds[index])
+                self._kick_fds[index] = fd
+            if bar is not None:
+                self._register_ioevents(bar)
+            for vector, fd in vectors.items():
+                self._msi_group.vectors[vector].adopt_fd(fd)
+
     def _signal(self, isr_bit: int, vector: int) -> None:
         if self.msix.enabled:
             if vector != VIRTIO_MSI_NO_VECTOR:

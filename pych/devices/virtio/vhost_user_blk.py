@@ -37,7 +37,7 @@ from .block import (_CONFIG_SIZE, SECTOR_SHIFT, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BL
                     VIRTIO_BLK_F_WRITE_ZEROES, BlockStatus)
 from .device import VirtioDeviceType, VirtioInterrupt
 from .queue import MAX_QUEUE_SIZE, DescriptorChain
-from .vhost_user_device import VhostUserDevice
+from .vhost_user_device import AdoptedBackend, VhostUserDevice
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class VhostUserBlock(VhostUserDevice):
                  name: str = "disk",
                  connect: Callable[[str], VhostUserFrontend] = VhostUserFrontend.connect,
                  connection: VhostUserFrontend | None = None,
-                 daemon: StorageDaemon | None = None) -> None:
+                 daemon: StorageDaemon | None = None,
+                 adopted: AdoptedBackend | None = None) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"{name}: num_queues must be 1..65535, not {num_queues}")
         if not 1 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
@@ -84,16 +85,38 @@ class VhostUserBlock(VhostUserDevice):
         #: None: the back-end is someone else's.
         self.daemon = daemon
         self._config = bytes(_CONFIG_SIZE)
-        super().__init__(socket_path, queue_sizes=[queue_size] * num_queues, name=name,
-                         connect=connect, connection=connection)
-        if num_queues == 1:
-            self.avail_features &= ~VIRTIO_BLK_F_MQ
         # The in-flight region of the current activation: (mmap, fd, size) or None.
         self._inflight: tuple[mmap.mmap, int, int] | None = None
+        super().__init__(socket_path, queue_sizes=[queue_size] * num_queues, name=name,
+                         connect=connect, connection=connection, adopted=adopted)
+        if num_queues == 1:
+            self.avail_features &= ~VIRTIO_BLK_F_MQ
         self.failed_requests = 0
 
     def __repr__(self) -> str:
         return f"<VhostUserBlock {self.name} socket={self.socket_path}>"
+
+    # --- a local live migration (VhostUserDevice.release_backend) -----------------------------
+    @property
+    def adoptable(self) -> bool:          # type: ignore[override]
+        """A back-end someone else runs can be handed over; the qemu-storage-daemon pych
+        owns for an image cannot (yet): the process is this pych's child."""
+        return self.daemon is None
+
+    def can_hand_over(self) -> str | None:
+        if self.daemon is not None:
+            return ("its back-end is the qemu-storage-daemon pych started for the image, a "
+                    "process pych cannot hand over to the receiver yet")
+        if self._inflight is not None:
+            return ("its back-end tracks the requests in flight in a shared region "
+                    "(INFLIGHT_SHMFD), which pych does not hand over yet")
+        return super().can_hand_over()
+
+    def _session_device(self) -> dict:
+        return {"config": self._config.hex()}
+
+    def _adopt_session_device(self, saved: dict) -> None:
+        self._config = bytes.fromhex(saved["config"])
 
     def _negotiate_device(self) -> None:
         if not self.protocol_features & ProtocolFeature.CONFIG:

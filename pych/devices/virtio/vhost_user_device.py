@@ -46,12 +46,13 @@ import os
 import select
 import threading
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
-from pych.devices.vhost_user import (MEM_TABLE_MAX_REGIONS, VHOST_USER_F_PROTOCOL_FEATURES,
+from pych.devices.vhost_user import (MEM_TABLE_MAX_REGIONS, PARKING_GPA,
+                                     VHOST_USER_F_PROTOCOL_FEATURES,
                                      MemoryRegionInfo, ProtocolFeature, VhostUserError,
                                      VhostUserFrontend)
-from pych.memory.guest_memory import GuestMemory, MemoryRegion
+from pych.memory.guest_memory import PAGE_SIZE, GuestMemory, MemoryRegion
 from pych.threads import NamedThread
 
 from .device import (RING_FEATURES, VIRTIO_F_VERSION_1, ActivationError, ActiveQueue,
@@ -60,6 +61,63 @@ from .queue import (DescriptorChain, Virtqueue, VirtqueueError, avail_ring_size,
                     desc_table_size, used_ring_size)
 
 log = logging.getLogger(__name__)
+
+
+class AdoptedRing(NamedTuple):
+    """One running ring of a connection a local live migration hands over: the eventfd the
+    back-end waits on for the guest's notifications (the sender's ioeventfd) and the one
+    it writes to interrupt the guest: the irqfd of MSI-X ``vector``, or (``vector`` None)
+    the sender's relay eventfd."""
+    kick_fd: int
+    call_fd: int
+    vector: int | None
+
+
+class AdoptedBackend(NamedTuple):
+    """A vhost-user connection a local live migration's sender handed over (its descriptors
+    passed with STATE), for the receiver's device of the same id to take over without a
+    word to the back-end: ``session`` is :meth:`VhostUserDevice.release_backend`'s record
+    (the negotiation and the back-end's memory table), ``rings`` the running rings."""
+    connection: VhostUserFrontend
+    session: dict
+    rings: dict[int, AdoptedRing]
+
+    @staticmethod
+    def rings_of(spec: dict, fds: Sequence[int]) -> dict[int, AdoptedRing]:
+        """The rings of a hand-over ``spec`` (:meth:`VhostUserDevice.release_backend`'s
+        answer, its fd indices into ``fds``: the descriptors passed)."""
+        return {int(index): AdoptedRing(fds[ring["kick"]], fds[ring["call"]],
+                                        None if ring.get("vector") is None
+                                        else int(ring["vector"]))
+                for index, ring in spec["rings"].items()}
+
+    @classmethod
+    def from_handover(cls, spec: dict, fds: Sequence[int], path: str) -> "AdoptedBackend":
+        """The receiver's side of :meth:`VhostUserDevice.release_backend`: ``spec`` as it
+        answered, ``fds`` the descriptors passed with it, ``path`` the back-end's socket.
+        The socket's and the rings' descriptors are the result's (the socket's is closed
+        even when this fails; the rings' are not taken then)."""
+        rings = cls.rings_of(spec, fds)
+        session = spec["session"]
+        connection = VhostUserFrontend.adopt(fds[spec["socket"]], path, session["connection"])
+        return cls(connection, session, rings)
+
+    def fds(self, *, notifiers: bool = True) -> list[int]:
+        """The rings' descriptors; without ``notifiers``: only the relay eventfds (the
+        kick and irqfd ones a transport took over are its own)."""
+        return sorted({fd for ring in self.rings.values()
+                       for fd in ((ring.kick_fd, ring.call_fd) if notifiers
+                                  else (() if ring.vector is not None else (ring.call_fd,)))})
+
+    def close(self, *, notifiers: bool = True) -> None:
+        """Close this process's descriptors (the back-end sees nothing: the sender holds
+        its own); ``notifiers`` False: not those a transport took over."""
+        self.connection.release()
+        for fd in self.fds(notifiers=notifiers):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class VhostUserDevice(VirtioDevice):
@@ -85,10 +143,15 @@ class VhostUserDevice(VirtioDevice):
     wanted_protocol_features: ClassVar[int] = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                                                | ProtocolFeature.CONFIGURE_MEM_SLOTS)
     device_features: ClassVar[int] = 0
+    #: Whether a local live migration can hand the connection over (see
+    #: :meth:`release_backend`); a subclass whose device keeps more than the connection
+    #: (an owned daemon, an in-flight region, a queue pych serves) does not say so.
+    adoptable: ClassVar[bool] = False
 
     def __init__(self, socket_path: str, *, queue_sizes: Sequence[int], name: str,
                  connect: Callable[[str], VhostUserFrontend] = VhostUserFrontend.connect,
-                 connection: VhostUserFrontend | None = None) -> None:
+                 connection: VhostUserFrontend | None = None,
+                 adopted: AdoptedBackend | None = None) -> None:
         super().__init__(name=name, queue_sizes=queue_sizes)
         self.socket_path = socket_path
         self._lock = threading.Lock()
@@ -96,6 +159,29 @@ class VhostUserDevice(VirtioDevice):
         self.failure: str | None = None
         #: Told ``(device name, failure)`` once, from the monitor thread, when it fails.
         self.on_failure: Callable[[str, str], None] | None = None
+        # A local live migration (see release_backend and adopt): the sender's device handed
+        # its connection over (it sends nothing more, and takes it back if the migration
+        # fails); the receiver's adopted it and waits for the migration to complete before
+        # it serves anything (_held). _inherited: the back-end's memory table as the sender
+        # gave it (the sender's user addresses; the receiver's descriptors of the same
+        # memfds), until this device first changes it (_rehome).
+        self._released = False
+        self._handed_vectors: list[int] = []
+        self._held = False
+        self._adoption: AdoptedBackend | None = None
+        self._inherited: list[MemoryRegionInfo] = []
+        self._inherited_parking: GuestMemory | None = None
+        self._notifiers_taken = False
+        if adopted is not None:
+            self._backend = adopted.connection
+            try:
+                self._adopt_session(adopted.session)
+            except BaseException:
+                adopted.close()
+                raise
+            self._adoption = adopted
+            self._init_activation_state()
+            return
         if connection is not None:
             self._backend = connection
         else:
@@ -112,6 +198,9 @@ class VhostUserDevice(VirtioDevice):
         except BaseException:
             self._backend.close()
             raise
+        self._init_activation_state()
+
+    def _init_activation_state(self) -> None:
         # While active: the rings the back-end serves, the call eventfd each was given, pych's
         # relay eventfds (one per queue), the monitor thread and its stop eventfd.
         self._started: list[int] = []
@@ -183,15 +272,16 @@ class VhostUserDevice(VirtioDevice):
     # --- lifecycle --------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        return self._monitor is not None
+        return self._monitor is not None or self._held
 
     def activate(self, mem: GuestMemory, queues: Sequence[ActiveQueue],
                  interrupt: VirtioInterrupt) -> None:
-        """Hand the enabled queues to the back-end (the driver set DRIVER_OK)."""
+        """Hand the enabled queues to the back-end (the driver set DRIVER_OK); a device that
+        adopted a migrated connection takes its running rings over instead (:meth:`_adopt_rings`)."""
         with self._lock:
             if self.failure is not None:
                 raise ActivationError(f"{self.name}: {self.failure}")
-            if self._monitor is not None:
+            if self.active:
                 raise ActivationError(f"{self.name}: already active")
             if not queues:
                 raise ActivationError(f"{self.name}: the driver enabled no queue")
@@ -202,6 +292,17 @@ class VhostUserDevice(VirtioDevice):
             self.queues = {q.index: q for q in queues}
             self._relay_fds = {q.index: os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                                for q in queues if not self.serves_queue(q.index)}
+            if self._adoption is not None:
+                try:
+                    self._adopt_rings(self._adoption)
+                except BaseException:
+                    self._release_activation()
+                    raise
+                self._adoption = None
+                self._held = True
+                log.info("%s: took over the vhost-user backend at %s serving queues %s "
+                         "(local migration)", self.name, self.socket_path, sorted(self.queues))
+                return
             try:
                 self._start_backend()
             except BaseException as e:
@@ -210,35 +311,233 @@ class VhostUserDevice(VirtioDevice):
                 if isinstance(e, VhostUserError):
                     raise ActivationError(f"{self.name}: {e}") from None
                 raise
-            self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            own = {q.kick_fd: functools.partial(self._own_queue_kicked, q.kick_fd, q.index)
-                   for q in queues if self.serves_queue(q.index)}
-            self._monitor = NamedThread(
-                target=self._watch, name=self.name, daemon=True,
-                args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), interrupt,
-                      own))
-            self._monitor.start()
+            self._start_monitor()
         log.info("%s: the vhost-user backend at %s serves queues %s", self.name,
                  self.socket_path, sorted(self.queues))
 
+    def _start_monitor(self) -> None:
+        """(``_lock`` held, the device active) The thread that relays, serves pych's own
+        queues and watches the back-end."""
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        own = {q.kick_fd: functools.partial(self._own_queue_kicked, q.kick_fd, q.index)
+               for q in self.queues.values() if self.serves_queue(q.index)}
+        self._monitor = NamedThread(
+            target=self._watch, name=self.name, daemon=True,
+            args=(self._stop_fd, dict(self._relay_fds), self._backend.fileno(), self.interrupt,
+                  own))
+        self._monitor.start()
+
+    def _stop_monitor(self) -> None:
+        """(``_lock`` held) Stop the monitor thread, if it runs."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            if monitor is not threading.current_thread():
+                monitor.join()
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
     def reset(self) -> None:
-        """The driver reset the device: stop every ring (GET_VRING_BASE) and the relay."""
+        """The driver reset the device: stop every ring (GET_VRING_BASE) and the relay. A
+        device that handed its connection to a migration's receiver, or adopted one from a
+        sender and was not told the migration completed, sends nothing: the other side
+        holds the rings."""
         with self._lock:
-            monitor, self._monitor = self._monitor, None
-            if monitor is not None:
-                os.eventfd_write(self._stop_fd, 1)
-                if monitor is not threading.current_thread():
-                    monitor.join()
-                os.close(self._stop_fd)
-                self._stop_fd = -1
-            self._stop_rings()
+            self._stop_monitor()
+            if self._released or self._held:
+                self._started, self._call_fds = [], {}
+                self._held = False
+            else:
+                self._stop_rings()
             self._release_activation()
         super().reset()                 # the base device's worker never ran: forgets features
 
     def close_backend(self) -> None:
-        """Hang up on the back-end (virtiofsd exits when its front end goes)."""
-        self._backend.close()
+        """Hang up on the back-end (virtiofsd exits when its front end goes); a device whose
+        connection another process holds now (a migration) only closes its descriptors."""
+        if self._released:
+            self._backend.release()
+        else:
+            self._backend.close()
         self._mapped.clear()
+        self._inherited = []
+        self._drop_inherited_parking()
+        adoption, self._adoption = self._adoption, None
+        if adoption is not None:        # adopted, never activated
+            adoption.close(notifiers=not self._notifiers_taken)
+
+    # --- a local live migration: the connection handed over ---------------------------------
+    def can_hand_over(self) -> str | None:
+        """Why a local live migration cannot hand this device's connection over (None: it
+        can)."""
+        if not self.adoptable:
+            return (f"pych cannot hand a {self.what} connection over to a live migration's "
+                    "receiver")
+        if self.failure is not None:
+            return f"the device has failed ({self.failure})"
+        return None
+
+    def release_backend(self, take_fd: Callable[[int], int]) -> dict:
+        """A local live migration hands the connection over (the VM is paused): the monitor
+        thread stops and from now on the device sends the back-end nothing; the back-end's
+        rings keep running (on the paused guest's memory, which the receiver maps too).
+        ``take_fd(fd)`` enlists a descriptor to pass with STATE and answers its index.
+        Returns what the receiver's device needs to adopt the connection
+        (:meth:`adopt_spec`): the socket, each running ring's kick and call eventfds, and
+        the session (negotiated features, protocol features, memory table, ring
+        addresses). :meth:`retake_backend` undoes it; a device that was not retaken only
+        closes its descriptors when the VM ends."""
+        with self._lock:
+            why = self.can_hand_over()
+            if why is not None:
+                raise VhostUserError(f"{self.name}: {why}")
+            rings = {}
+            for index in self._started:
+                vector = None
+                call = self._call_fds[index]
+                if call != self._relay_fds.get(index):
+                    vector = self._vector_of(index)
+                rings[str(index)] = {"kick": take_fd(self.queues[index].kick_fd),
+                                     "call": take_fd(call), "vector": vector}
+            session = self._session()
+            self._stop_monitor()
+            self._released = True
+            # the receiver registers the call eventfds as its VM's irqfds: this VM lets go
+            self._handed_vectors = sorted({r["vector"] for r in rings.values()
+                                           if r["vector"] is not None})
+            detach = getattr(self.interrupt, "detach_irqfds", None)
+            if detach is not None:
+                detach(self._handed_vectors)
+            return {"socket": take_fd(self._backend.fileno()), "rings": rings,
+                    "session": session}
+
+    def _vector_of(self, index: int) -> int:
+        vector_of = getattr(self.interrupt, "queue_vector", None)
+        if vector_of is None:
+            raise VhostUserError(f"{self.name}: queue {index}'s interrupt route cannot be "
+                                 "handed over")
+        return vector_of(index)
+
+    def retake_backend(self) -> None:
+        """The migration failed: serve the connection again (the monitor thread restarts)
+        and interrupt each running queue once, in case the back-end completed a request
+        while no one relayed its call (a spurious interrupt is harmless)."""
+        with self._lock:
+            if not self._released:
+                return
+            self._released = False
+            vectors, self._handed_vectors = self._handed_vectors, []
+            attach = getattr(self.interrupt, "attach_irqfds", None)
+            if vectors and attach is not None:
+                attach(vectors)
+            if self.queues and self.failure is None:
+                self._start_monitor()
+                for index in self._started:
+                    self.interrupt.notify_queue(index)
+
+    def commit_adoption(self) -> None:
+        """The migration completed (the receiver runs the guest): serve the adopted
+        connection (the monitor thread starts), and interrupt each queue once: a request
+        the back-end completed after the sender saved its interrupt controller, while the
+        sender's irqfd still took the call, would otherwise wait for the queue's next
+        interrupt (a spurious one is harmless)."""
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+            self._start_monitor()
+            for index in self._started:
+                self.interrupt.notify_queue(index)
+
+    def _session(self) -> dict:
+        table = [*self._mapped.values(), *self._inherited]
+        parking = self._backend.parking
+        if parking is not None:
+            table.append(parking)
+        return {"backend_features": self.backend_features,
+                "protocol_features": self.protocol_features,
+                "max_regions": self.max_regions,
+                "avail_features": self.avail_features,
+                "connection": self._backend.session(),
+                "table": [[r.guest_addr, r.size, r.user_addr, r.mmap_offset] for r in table],
+                "device": self._session_device()}
+
+    def _session_device(self) -> dict:
+        """What a subclass negotiated beyond the common session (its hook)."""
+        return {}
+
+    def _adopt_session(self, session: dict) -> None:
+        """The negotiation a sender's device recorded (:meth:`_session`), instead of
+        negotiating: nothing is asked of the back-end."""
+        self.backend_features = int(session["backend_features"])
+        self.protocol_features = int(session["protocol_features"])
+        self.max_regions = int(session["max_regions"])
+        self.avail_features = int(session["avail_features"])
+        self._adopted_table = [tuple(int(v) for v in entry) for entry in session["table"]]
+        self._adopt_session_device(session.get("device") or {})
+
+    def _adopt_session_device(self, saved: dict) -> None:
+        """A subclass's part of :meth:`_adopt_session`."""
+
+    def take_adopted_notifiers(self) -> tuple[dict[int, int], dict[int, int]] | None:
+        """For the transport of a device that adopted a connection, before its state is
+        restored: the kick eventfds to take as its queues' ioeventfds (queue -> fd) and the
+        call eventfds to take as its MSI-X vectors' irqfds (vector -> fd), both the
+        transport's from now on; None otherwise (or once taken)."""
+        adoption = self._adoption
+        if adoption is None or self._notifiers_taken:
+            return None
+        self._notifiers_taken = True
+        kicks = {index: ring.kick_fd for index, ring in adoption.rings.items()}
+        vectors = {ring.vector: ring.call_fd for ring in adoption.rings.values()
+                   if ring.vector is not None}
+        return kicks, vectors
+
+    def _adopt_rings(self, adoption: AdoptedBackend) -> None:
+        """(``_lock`` held, activating) The rings the sender's device had running are the
+        driver's enabled queues, on the same eventfds: take them as they are. Raises
+        :class:`VhostUserError` (not an activation error: the migration fails) when the
+        restored device does not match."""
+        served = sorted(i for i in self.queues if not self.serves_queue(i))
+        if served != sorted(adoption.rings):
+            raise VhostUserError(f"{self.name}: the back-end runs rings {sorted(adoption.rings)}"
+                                 f" but the driver enabled queues {served}")
+        for index, ring in adoption.rings.items():
+            if self.queues[index].kick_fd != ring.kick_fd:
+                raise VhostUserError(f"{self.name}: queue {index} does not notify the "
+                                     "back-end's kick eventfd")
+            if ring.vector is not None and self._call_fd(index) != ring.call_fd:
+                raise VhostUserError(f"{self.name}: queue {index}'s interrupt is not the "
+                                     "back-end's call eventfd")
+        # the back-end's table: each region with this VM's descriptor of the same memfd
+        inherited = []
+        for gpa, size, user_addr, offset in self._adopted_table:
+            if gpa == PARKING_GPA:
+                if self._inherited_parking is None:
+                    self._inherited_parking = GuestMemory.from_ranges(
+                        [(PARKING_GPA, PAGE_SIZE)], name="vhost-user-parking")
+                fd = self._inherited_parking.regions[0].fd
+            else:
+                region = next((r for r in self.mem.regions if r.gpa == gpa and r.size == size),
+                              None)
+                if region is None or region.fd < 0:
+                    raise VhostUserError(f"{self.name}: the back-end maps guest memory at "
+                                         f"{gpa:#x}+{size:#x}, which this VM does not have")
+                fd = region.fd
+            inherited.append(MemoryRegionInfo(gpa, size, user_addr, offset, fd))
+        for index, ring in adoption.rings.items():
+            if ring.vector is None:             # the sender's relay eventfd: ours now
+                os.close(self._relay_fds[index])
+                self._relay_fds[index] = ring.call_fd
+            self._call_fds[index] = ring.call_fd
+        self._started = sorted(adoption.rings)
+        self._inherited = inherited
+        self._mapped = {}
+
+    def _drop_inherited_parking(self) -> None:
+        parking, self._inherited_parking = self._inherited_parking, None
+        if parking is not None:
+            parking.close()
 
     def detach_backend(self) -> VhostUserFrontend | None:
         """The VM is being rebuilt (a reboot): stop every ring as a driver reset does
@@ -250,13 +549,15 @@ class VhostUserDevice(VirtioDevice):
         self.reset()
         with self._lock:
             backend, self._backend = self._backend, VhostUserFrontend(None, self.socket_path)
-            mapped, self._mapped = list(self._mapped.values()), {}
+            mapped, self._mapped = [*self._mapped.values(), *self._inherited], {}
+            self._inherited = []
         try:
             self._park_rings(backend, mapped)
         except VhostUserError as e:
             log.warning("%s: cannot keep the vhost-user backend's connection across the "
                         "reboot: %s; hanging up", self.name, e)
             backend.close()
+        self._drop_inherited_parking()
         if not backend.connected:
             backend.close()
             return None
@@ -381,6 +682,8 @@ class VhostUserDevice(VirtioDevice):
         """Make the back-end's memory table the guest's RAM regions (less ``going``), and
         the connection's parking page if a previous boot parked the rings there (it stays:
         a ring the driver does not set up again still points at it)."""
+        if self._inherited:
+            self._rehome(going)
         wanted: dict[MemoryRegion, MemoryRegionInfo] = {}
         for r in self.mem.regions:
             if r is going:
@@ -405,6 +708,78 @@ class VhostUserDevice(VirtioDevice):
         elif wanted.keys() != self._mapped.keys():
             self._backend.set_mem_table([*wanted.values(), *extra])
             self._mapped = wanted
+
+    def _rehome(self, going: MemoryRegion | None = None) -> None:
+        """Make the back-end's memory table and ring addresses this process's, the first
+        time a device that adopted a migrated connection changes the table (a DIMM, a
+        driver reset, a reboot's parking). The back-end still holds the sender's user
+        addresses: its table maps the same memfds at the sender's addresses, and its rings
+        (started or stopped: a back-end keeps a stopped ring's addresses) were given in
+        them. libvhost-user translates ring addresses through the table and gives up the
+        connection when a table change leaves a ring unmapped, so at every step each ring
+        address is mapped: this process's regions are added beside the sender's (the same
+        memfds, so either translation reaches the same memory), every ring is given its
+        address here (SET_VRING_ADDR on a running ring only re-translates it), and the
+        sender's entries go. Without CONFIGURE_MEM_SLOTS: a table of both, then of ours.
+        The guest's RAM as it is now (less ``going``) is what is mapped afterwards."""
+        backend = self._backend
+        inherited = self._inherited
+        ours = [MemoryRegionInfo(r.gpa, r.size, r.host_addr, r.fd_offset, r.fd)
+                for r in self.mem.regions if r.fd >= 0 and r is not going]
+
+        def translate(addr: int) -> int:
+            for entry in inherited:
+                if entry.user_addr <= addr < entry.user_addr + entry.size:
+                    gpa = entry.guest_addr + (addr - entry.user_addr)
+                    break
+            else:
+                raise VhostUserError(f"a ring address {addr:#x} the back-end holds is in "
+                                     "none of the memory the migration handed over")
+            if PARKING_GPA <= gpa < PARKING_GPA + PAGE_SIZE:
+                parking = backend.parking_region()
+                return parking.user_addr + (gpa - PARKING_GPA)
+            try:
+                region = self.mem.region_for(gpa)
+            except Exception:  # noqa: BLE001 - GuestMemoryError: the message says it
+                raise VhostUserError(f"a ring at guest address {gpa:#x} is not in this VM's "
+                                     "RAM") from None
+            return region.host_addr + (gpa - region.gpa)
+
+        known = backend.parking is not None
+        addrs = {index: tuple(translate(a) for a in ring)
+                 for index, ring in sorted(backend.ring_addrs.items())}
+        if not known and backend.parking is not None:
+            ours.append(backend.parking)
+        slots = self.protocol_features & ProtocolFeature.CONFIGURE_MEM_SLOTS
+        limit = self.max_regions if slots else MEM_TABLE_MAX_REGIONS
+        if len(inherited) + len(ours) > limit:
+            raise VhostUserError(f"cannot move the back-end's memory table to this process "
+                                 f"after the migration: it would need {len(inherited)} + "
+                                 f"{len(ours)} regions at once and the back-end maps at most "
+                                 f"{limit}")
+        # an entry this process would describe exactly as the sender did (the same
+        # address here) stays as it is: it is neither added twice nor removed
+        same = {info.key for info in inherited} & {info.key for info in ours}
+        if slots:
+            for info in ours:
+                if info.key not in same:
+                    backend.add_mem_reg(info)
+        else:
+            backend.set_mem_table([*[i for i in inherited if i.key not in same], *ours])
+        for index, (desc, used, avail) in addrs.items():
+            backend.set_vring_addr(index, desc=desc, used=used, avail=avail)
+        if slots:
+            for info in inherited:
+                if info.key not in same:
+                    backend.rem_mem_reg(info)
+        else:
+            backend.set_mem_table(ours)
+        self._inherited = []
+        self._drop_inherited_parking()
+        self._mapped = {r: info for r in self.mem.regions for info in ours
+                        if info.guest_addr == r.gpa and info.user_addr == r.host_addr}
+        log.info("%s: the vhost-user backend at %s now maps this process's memory "
+                 "(was the migration sender's)", self.name, self.socket_path)
 
     # --- the monitor thread -------------------------------------------------------------------
     def _own_queue_kicked(self, kick_fd: int, index: int) -> None:

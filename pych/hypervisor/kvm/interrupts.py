@@ -8,8 +8,10 @@ waking a vCPU thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import time
 
 from .kvm import Vm
 
@@ -63,18 +65,63 @@ class KvmMsiVector:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._routed = False
         self._irqfd = False
+        self._detached = False      # the irqfd is another VM's meanwhile (detach_irqfd)
 
     def update(self, address: int, data: int, masked: bool) -> None:
         if masked:
             return          # the device does not trigger while masked; keep the old route
         self._vm.set_msi_route(self.gsi, address, data)
         self._routed = True
-        if not self._irqfd:
+        if not self._irqfd and not self._detached:
             self._vm.register_irqfd(self.fd, self.gsi)
             self._irqfd = True
 
+    def detach_irqfd(self) -> None:
+        """Unregister the irqfd, keeping the route and the eventfd: a local migration's
+        receiver registers the same eventfd (a vhost-user back-end's call eventfd) in its
+        VM, and a kernel takes an eventfd as the irqfd of one VM at a time (6.16 and later
+        answer EBUSY otherwise). Writes meanwhile stay counted in the eventfd: whoever
+        registers it next is interrupted at once."""
+        if self._irqfd:
+            self._vm.unregister_irqfd(self.fd, self.gsi)
+            self._irqfd = False
+        self._detached = True
+
+    def attach_irqfd(self, wait: float = 5.0) -> None:
+        """Register the irqfd again (the migration failed). The receiver that took the
+        eventfd may still be letting go of it: EBUSY is retried for ``wait`` seconds."""
+        if not self._detached:
+            return
+        self._detached = False
+        if not self._routed or self._irqfd:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._vm.register_irqfd(self.fd, self.gsi)
+                break
+            except Exception as e:  # noqa: BLE001 - KvmError, its cause the OSError
+                cause = e.__cause__ if e.__cause__ is not None else e
+                if getattr(cause, "errno", None) != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self._irqfd = True
+
     def trigger(self) -> None:
         os.eventfd_write(self.fd, 1)
+
+    def adopt_fd(self, fd: int) -> None:
+        """Use the eventfd ``fd`` (now this vector's) as the irqfd instead of its own: a
+        vhost-user back-end a local live migration handed over writes it (the sender
+        detached its irqfd from it first, see :meth:`detach_irqfd`)."""
+        if self._irqfd:
+            self._vm.unregister_irqfd(self.fd, self.gsi)
+            self._irqfd = False
+        os.close(self.fd)
+        self.fd = fd
+        if self._routed:
+            self._vm.register_irqfd(self.fd, self.gsi)
+            self._irqfd = True
 
     def release(self) -> None:
         if self._irqfd:

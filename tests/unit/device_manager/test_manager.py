@@ -303,3 +303,74 @@ def test_pvpanic_is_placed_after_the_devices_and_reports_to_the_vm():
         assert without.dm.pvpanic is None
     finally:
         without.close()
+
+
+# --- vhost-user devices in a snapshot or a migration: what is refused, and why ------------------
+def test_virtio_fs_is_refused_for_a_snapshot_with_the_reason_and_kept_by_a_local_migration(tmp_path):
+    from pych.config import FsConfig
+    from pych.config.kinds import BY_NAME
+    from pych.snapshot.state import NotSnapshottable
+    from tests.unit.devices.test_vhost_user import FakeBackend
+    backend = FakeBackend(tmp_path / "virtiofsd.sock")
+    m = DeviceManagerMachine(vm_config())
+    try:
+        m.dm.hotplug(BY_NAME["fs"], FsConfig(tag="share", socket=backend.path))
+        with pytest.raises(NotSnapshottable) as e:
+            m.dm.check_saveable()                   # a snapshot, or a migration to elsewhere
+        words = str(e.value)
+        assert words.startswith(f"device _fs0: the state of virtio-fs _fs0 lives in its "
+                                f"back-end at {backend.path}")
+        assert "virtiofsd cannot save it or hand it to another virtiofsd" in words
+        assert 'a local migration (vm.send-migration with "local": true' in words
+        m.dm.check_saveable(local_migration=True)   # handed over instead
+        # a share whose back-end died cannot be handed over either: said so
+        m.dm.devices["_fs0"].device.failure = f"the vhost-user backend at {backend.path} hung up"
+        with pytest.raises(NotSnapshottable, match="device _fs0: its vhost-user connection "
+                                                   "cannot be handed over: the device has failed"):
+            m.dm.check_saveable(local_migration=True)
+    finally:
+        m.close()
+        backend.close()
+
+
+def _bare(cls, **attrs):
+    """A device of ``cls`` with only the attributes the refusal reads (no back-end)."""
+    device = cls.__new__(cls)
+    device.socket_path, device.failure = "/run/backend.sock", None
+    for name, value in attrs.items():
+        setattr(device, name, value)
+    return device
+
+
+def test_vhost_user_net_is_refused_by_name_even_locally():
+    from pych.device_manager.manager import vhost_user_refusal
+    from pych.devices.virtio.vhost_user_net import VhostUserNet
+    device = _bare(VhostUserNet)
+    assert vhost_user_refusal("_net0", device, local_migration=True) == (
+        "device _net0: pych cannot migrate vhost-user-net devices yet, not even locally: only "
+        "virtio-fs and vhost-user-blk connections are handed over to the receiver; remove the "
+        "device before migrating")
+    assert vhost_user_refusal("_net0", device, local_migration=False) == (
+        "device _net0: the state of vhost-user-net _net0 lives in its back-end at "
+        "/run/backend.sock (its rings and the requests in flight), which pych cannot save or "
+        "move to another host; remove the device first")
+
+
+def test_vhost_user_blk_moves_locally_unless_pych_owns_its_daemon_or_inflight_region():
+    from pych.device_manager.manager import vhost_user_refusal
+    from pych.devices.virtio.vhost_user_blk import VhostUserBlock
+    theirs = _bare(VhostUserBlock, daemon=None, _inflight=None)
+    assert vhost_user_refusal("_disk0", theirs, local_migration=True) is None
+    assert vhost_user_refusal("_disk0", theirs, local_migration=False) == (
+        "device _disk0: the state of vhost-user-blk _disk0 lives in its back-end at "
+        "/run/backend.sock (its rings and the requests in flight), which pych cannot save or "
+        "move to another host (a local migration, vm.send-migration with \"local\": true, "
+        "hands the same connection over); remove the device first")
+    owned = _bare(VhostUserBlock, daemon=object(), _inflight=None)
+    assert vhost_user_refusal("_disk0", owned, local_migration=True) == (
+        "device _disk0: its vhost-user connection cannot be handed over: its back-end is the "
+        "qemu-storage-daemon pych started for the image, a process pych cannot hand over to "
+        "the receiver yet")
+    tracked = _bare(VhostUserBlock, daemon=None, _inflight=(None, -1, 0))
+    assert "(INFLIGHT_SHMFD), which pych does not hand over yet" in vhost_user_refusal(
+        "_disk0", tracked, local_migration=True)

@@ -73,8 +73,6 @@ def test_devices_the_snapshot_refuses_are_refused_for_migration_by_name(tmp_path
 
 
 @pytest.mark.parametrize(("net", "words"), [
-    ({"vhost_user": True, "vhost_socket": "/run/vhost-net.sock"},
-     "device _net0: pych cannot migrate vhost-user net devices yet"),
     ({"fds": [7]}, "device _net0: its tap came as fds (fd=), which only a local migration"),
 ])
 def test_nets_pych_cannot_hand_over_are_refused_by_name(tmp_path, net, words):
@@ -89,7 +87,8 @@ def test_a_net_on_a_tap_by_name_or_by_fd_with_local_is_not_refused(tmp_path):
     from pych.vmm.vmm import _check_send_migration
     checked = []
     vm = SimpleNamespace(memory=SimpleNamespace(check_saveable=lambda: checked.append("mem")),
-                         devices=SimpleNamespace(check_saveable=lambda: checked.append("dev")))
+                         devices=SimpleNamespace(
+                             check_saveable=lambda local_migration: checked.append("dev")))
     for net, local in (({"tap": "vmtap9"}, False), ({"fds": [7]}, True)):
         config = vm_config(net=[{"id": "_net0", **net}], memory={"size": 1 << 28,
                                                                   "shared": True})
@@ -180,3 +179,23 @@ def test_a_receiver_refuses_a_bad_configuration_by_what_is_wrong_and_keeps_no_vm
     thread.join(10)
     assert "boot_vcpus" in str(refused.value) and "not defined" not in str(refused.value)
     assert vmm.config is None and vmm.vm is None and vmm.state is VmState.NotCreated
+
+
+def test_virtio_fs_is_refused_naming_virtiofsd_unless_the_migration_is_local(tmp_path):
+    from tests.unit.devices.test_vhost_user import FakeBackend
+    backend = FakeBackend(tmp_path / "virtiofsd.sock")
+    try:
+        vmm = booted(fs=[{"tag": "share", "socket": backend.path}],
+                     memory={"size": 1 << 28, "shared": True})
+        status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/m"))
+        assert status == 400 and messages[-1].startswith("device _fs0: the state of virtio-fs "
+                                                         "_fs0 lives in its back-end"), messages
+        assert "virtiofsd cannot save it or hand it to another virtiofsd" in messages[-1]
+        assert vmm.state is VmState.Running
+        # local: past every check (nobody listens there: that is all that is wrong)
+        status, messages = error_of(send(vmm, destination_url=f"unix:{tmp_path}/m",
+                                         local=True))
+        assert status == 400 and "cannot connect" in messages[-1], messages
+        assert vmm.state is VmState.Running and not backend.eof
+    finally:
+        backend.close()
