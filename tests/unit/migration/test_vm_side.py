@@ -270,13 +270,13 @@ def test_vhost_user_fds_for_a_device_the_vm_lacks_are_refused_and_closed():
                      "session": {"connection": {}}}}
     with pytest.raises(MigrationError, match="_fs9, which is not a virtio-fs or vhost-user-blk device"):
         VmTarget(vm).finish({}, {"taps": {}, "vhost_user": spec}, fds)
-    assert not any(_is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
     fds = [os.eventfd(0) for _ in range(2)]
     with pytest.raises(MigrationError, match="not the ones passed"):
         VmTarget(vm).finish({}, {"taps": {}, "vhost_user": spec}, fds)
-    assert not any(_is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
     fds = [os.eventfd(0)]
     with pytest.raises(MigrationError, match="malformed vhost-user hand-over"):
         VmTarget(vm).finish({}, {"taps": {}, "vhost_user": {"_fs0": {"rings": {}}}}, fds)
     for fd in fds:                                  # nothing named: the generic check's
-        assert not _is_open(fd)
+        assert not fd_is_open(fd)
