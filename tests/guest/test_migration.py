@@ -378,11 +378,11 @@ def test_a_truncated_stream_is_refused_and_leaves_no_vm(guest, tmp_path):
     guest.dst1, guest.dst1_url = receiver, url
 
 
-def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_tap(guest,
-                                                                                 tmp_path):
-    """The receiver refuses STATE, after the source paused, sent every page and let go of
-    its tap (made persistent, closed): the source takes the tap back and runs on."""
-    path = str(tmp_path / "refuser.sock")
+def refusing_receiver(path: str, at_state, what: str):
+    """A receiver at unix:``path`` that takes everything (closing any fds that come,
+    counted per message in ``got["<MSG> fds"]``; VERIFY answered with sums that cannot
+    match) until STATE, calls ``at_state(got)`` there and refuses it. Returns ``got``
+    (each message's first body by name), its thread (started) and the listener."""
     listener = protocol.listen(protocol.parse_url(f"unix:{path}"))
     got: dict = {}
 
@@ -394,13 +394,16 @@ def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_ta
             if kind is protocol.Msg.MEMORY:
                 channel._recv_exact(length, what="memory")
                 continue
+            got[f"{kind.name} fds"] = len(fds)
+            for fd in fds:                               # guest RAM, then the back-ends
+                os.close(fd)
             body = channel.receive_json(length, kind)
             got.setdefault(kind.name, body)
             if kind is protocol.Msg.VERIFY:
                 channel.answer_ok({"sums": [0] * len(body["blocks"])})
             elif kind is protocol.Msg.STATE:
-                got["tap"] = tap_details()
-                channel.answer_error("refused by the test once the tap was let go")
+                at_state(got)
+                channel.answer_error(f"refused by the test once {what} was let go")
                 break
             else:
                 channel.answer_ok()
@@ -408,6 +411,16 @@ def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_ta
 
     thread = threading.Thread(target=refuser, daemon=True)
     thread.start()
+    return got, thread, listener
+
+
+def test_a_receiver_that_refuses_the_state_leaves_the_source_running_with_its_tap(guest,
+                                                                                 tmp_path):
+    """The receiver refuses STATE, after the source paused, sent every page and let go of
+    its tap (made persistent, closed): the source takes the tap back and runs on."""
+    path = str(tmp_path / "refuser.sock")
+    got, thread, listener = refusing_receiver(
+        path, lambda got: got.setdefault("tap", tap_details()), "the tap")
     status, text = api(guest.api_path, "vm.send-migration", {"destination_url": f"unix:{path}"})
     thread.join(120)
     listener.close()
@@ -536,28 +549,8 @@ def test_virtio_fs_is_refused_unless_local_and_a_refused_local_state_keeps_the_s
         and 'a local migration (vm.send-migration with "local": true' in words, text
 
     path = str(tmp_path / "fs-refuser.sock")
-    listener = protocol.listen(protocol.parse_url(f"unix:{path}"))
-    got: dict = {}
-
-    def refuser():
-        conn, _ = listener.accept()
-        channel = protocol.Channel(conn, timeout=GUEST_WAIT)
-        while True:
-            kind, length, fds = channel.receive_header()
-            got[f"{kind.name} fds"] = len(fds)
-            for fd in fds:                               # guest RAM, then the back-ends
-                os.close(fd)
-            body = channel.receive_json(length, kind)
-            got.setdefault(kind.name, body)
-            if kind is protocol.Msg.STATE:
-                got["virtiofsd"] = share.proc.poll()
-                channel.answer_error("refused by the test once the share was let go")
-                break
-            channel.answer_ok()
-        channel.close()
-
-    thread = threading.Thread(target=refuser, daemon=True)
-    thread.start()
+    got, thread, listener = refusing_receiver(
+        path, lambda got: got.setdefault("virtiofsd", share.proc.poll()), "the share")
     status, text = api(source.api_path, "vm.send-migration",
                        {"destination_url": f"unix:{path}", "local": True})
     thread.join(120)

@@ -36,6 +36,7 @@ from tests.unit.devices.virtio.test_fs import (_IN_HEADER, _OUT_HEADER, FUSE_REA
                                                EventfdMsiManager, make_fs, open_and_read,
                                                request, same_eventfd, virtiofsd)  # noqa: F401
 from tests.unit.devices.virtio.test_pci import Machine, bring_up
+from tests.support.host import fd_is_open
 
 MiB = 1 << 20
 
@@ -439,7 +440,7 @@ def test_a_transport_whose_bar_is_mapped_moves_its_ioeventfds_to_adopted_kick_ev
         old = m.ioevents.fd_at(address)
         kick, call = os.eventfd(0), os.eventfd(0)
         transport.adopt_notifiers({1: kick}, {2: call})
-        assert m.ioevents.fd_at(address) == kick and _is_closed(old)
+        assert m.ioevents.fd_at(address) == kick and not fd_is_open(old)
         assert m.ioevents.fd_at(driver.bar + 0x3000) not in (None, kick)   # queue 0 kept its own
         assert m.msi.groups[0].vectors[2].fd == call
         with pytest.raises(ValueError, match="no queue 7"):
@@ -448,13 +449,6 @@ def test_a_transport_whose_bar_is_mapped_moves_its_ioeventfds_to_adopted_kick_ev
         m.close()
         m.msi.close()
 
-
-def _is_closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
 
 
 # --- vhost-user-blk on a back-end someone else runs: handed over the same way -------------------

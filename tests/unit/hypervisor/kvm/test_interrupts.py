@@ -9,6 +9,7 @@ import os
 import pytest
 
 from pych.hypervisor.kvm.interrupts import KvmMsiVector
+from tests.support.host import fd_is_open
 
 
 class RecordingVm:
@@ -32,13 +33,6 @@ class RecordingVm:
         self.log.append(("no route", gsi))
 
 
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
-
 
 @pytest.mark.parametrize("programmed", [False, True])
 def test_a_vector_takes_another_eventfd_as_its_irqfd(programmed):
@@ -49,7 +43,7 @@ def test_a_vector_takes_another_eventfd_as_its_irqfd(programmed):
         vector.update(0xFEE00000, 0x41, masked=False)
     passed = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     vector.adopt_fd(passed)
-    assert vector.fd == passed and _closed(own)
+    assert vector.fd == passed and not fd_is_open(own)
     if not programmed:                              # registered when the guest programs it
         assert vm.irqfds == {}
         vector.update(0xFEE00000, 0x41, masked=False)
@@ -57,7 +51,7 @@ def test_a_vector_takes_another_eventfd_as_its_irqfd(programmed):
     vector.trigger()
     assert os.eventfd_read(passed) == 1             # a trigger writes the adopted eventfd
     vector.release()
-    assert vm.irqfds == {} and _closed(passed)
+    assert vm.irqfds == {} and not fd_is_open(passed)
 
 
 class BusyOnceVm(RecordingVm):
