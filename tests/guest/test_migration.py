@@ -57,7 +57,9 @@ GUEST_WAIT = 600
 NETNS = f"pych-migration-{os.getpid()}"
 TAP, GUEST_MAC, HOST_MAC = "migtap0", "52:54:00:6d:69:67", "52:54:00:68:6f:73"
 HOST_IP, GUEST_IP = "192.168.251.1", "192.168.251.2"
-PING = f"ping -c 2 -W 10 {HOST_IP} | grep -c 'bytes from'"
+# replies to the two requests; a duplicate reply ("DUP!") is not counted: one run on a loaded
+# host saw one right after the source took its tap back (docs/snapshot.md, "Known limits")
+PING = f"ping -c 2 -W 10 {HOST_IP} | grep 'bytes from' | grep -vc DUP"
 BOOT = 256 * MiB
 VMEM_REGION = 256 * MiB
 MARKER = "pych-migration-marker-in-virtio-mem"
