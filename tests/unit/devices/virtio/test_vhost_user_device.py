@@ -94,11 +94,22 @@ class AdoptingMsiManager(EventfdMsiManager):
         return group
 
 
+class MsiMachine(Machine):
+    """A test PCI machine whose MSI-X manager (eventfd-backed, as the VMM's) goes with it."""
+
+    def __init__(self, msi_class=None):
+        super().__init__()
+        self.msi = (msi_class or EventfdMsiManager)()
+
+    def close(self) -> None:
+        super().close()
+        self.msi.close()
+
+
 def receiver_machine(source: Machine) -> Machine:
-    m = Machine()
+    m = MsiMachine(AdoptingMsiManager)
     m.mem.close()
     m.mem = twin_memory(source.mem)
-    m.msi = AdoptingMsiManager()
     return m
 
 
@@ -118,8 +129,7 @@ def adopt_on(machine: Machine, spec: dict, fds: list[int], saved: dict, *,
 
 # --- against the recording back-end ------------------------------------------------------------
 def test_the_sender_lets_go_silently_and_the_receiver_adopts_without_a_word(backend):
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     fs = make_fs(backend, name="_fs0")
     transport, driver, queues = bring_up(source, fs, queue_size=64)
     msix = source.msi.groups[0].vectors
@@ -157,17 +167,14 @@ def test_the_sender_lets_go_silently_and_the_receiver_adopts_without_a_word(back
         fs2.commit_adoption()
         # the sender's VM ends: its device closes its descriptors and hangs up on no one
         source.close()
-        source.msi.close()
         assert len(backend.messages) == sent and not backend.eof
     finally:
         receiver.close()                                 # the receiver's VM ends: hangs up
-        receiver.msi.close()
     assert backend.wait_for(lambda b: b.eof)
 
 
 def test_a_failed_migration_gives_the_sender_everything_back(backend):
-    source = Machine()
-    source.msi = AdoptingMsiManager()
+    source = MsiMachine(AdoptingMsiManager)
     fs = make_fs(backend, name="_fs0")
     transport, driver, queues = bring_up(source, fs, queue_size=64)
     saved = transport.save_state()
@@ -181,7 +188,6 @@ def test_a_failed_migration_gives_the_sender_everything_back(backend):
         adopt_on(receiver, spec, fds, saved)
     finally:
         receiver.close()                     # the receiver gave up before COMPLETE
-        receiver.msi.close()
     assert len(backend.messages) == sent and not backend.eof    # it sent nothing either
     fs.retake_backend()
     assert fs.active and all(v.irqfd_held for v in vectors)
@@ -189,7 +195,6 @@ def test_a_failed_migration_gives_the_sender_everything_back(backend):
     driver.common_write(CommonCfg.DEVICE_STATUS, 1, 0)
     assert backend.requests()[sent:] == ["SET_VRING_ENABLE", "GET_VRING_BASE"] * 2
     source.close()
-    source.msi.close()
     assert backend.wait_for(lambda b: b.eof)
 
 
@@ -197,8 +202,7 @@ def test_a_failed_migration_gives_the_sender_everything_back(backend):
 def test_the_first_memory_change_moves_the_table_and_rings_to_the_receiver(backend, mem_slots):
     if not mem_slots:
         backend.protocol_features = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     fs = make_fs(backend, name="_fs0")
     transport, driver, queues = bring_up(source, fs, queue_size=64)
     saved = transport.save_state()
@@ -210,7 +214,6 @@ def test_the_first_memory_change_moves_the_table_and_rings_to_the_receiver(backe
         fs2, _ = adopt_on(receiver, spec, fds, saved)
         fs2.commit_adoption()
         source.close()
-        source.msi.close()
         new = receiver.mem.regions[0]
         assert new.host_addr != old_addr and fd_identity(new.fd) == old_memfd
         start = len(backend.messages)
@@ -242,12 +245,10 @@ def test_the_first_memory_change_moves_the_table_and_rings_to_the_receiver(backe
                                               else ["SET_MEM_TABLE"])
     finally:
         receiver.close()
-        receiver.msi.close()
 
 
 def test_a_reboot_after_the_migration_parks_the_rings_and_unmaps_the_senders_table(backend):
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     fs = make_fs(backend, name="_fs0")
     transport, _, _ = bring_up(source, fs, queue_size=64)
     saved = transport.save_state()
@@ -256,10 +257,8 @@ def test_a_reboot_after_the_migration_parks_the_rings_and_unmaps_the_senders_tab
     fs2, _ = adopt_on(receiver, spec, fds, saved)
     fs2.commit_adoption()
     source.close()
-    source.msi.close()
     kept = fs2.detach_backend()
     receiver.close()
-    receiver.msi.close()
     try:
         assert kept is not None and kept.connected and backend.panic is None
         parking = kept.parking
@@ -271,8 +270,7 @@ def test_a_reboot_after_the_migration_parks_the_rings_and_unmaps_the_senders_tab
 
 
 def test_an_adoption_that_does_not_match_the_restored_device_fails_the_migration(backend):
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     fs = make_fs(backend, name="_fs0")
     transport, _, _ = bring_up(source, fs, queue_size=64)
     saved = transport.save_state()
@@ -285,13 +283,11 @@ def test_an_adoption_that_does_not_match_the_restored_device_fails_the_migration
             adopt_on(receiver, spec, fds, saved)
     finally:
         receiver.close()
-        receiver.msi.close()
         for key in ("kick", "call"):
             os.close(fds[dropped[key]])
     assert not backend.eof                  # the sender still holds the connection
     fs.retake_backend()
     source.close()
-    source.msi.close()
 
 
 def test_a_device_that_cannot_be_handed_over_says_why(backend):
@@ -391,15 +387,12 @@ def test_a_connection_parked_by_a_reboot_before_the_migration_moves_too(backend)
     change removes that entry with the sender's others, and the back-end ends with no
     address of the sender's (the rings run in the receiver's RAM; no ring is left parked,
     so the receiver needs no parking page of its own until it parks rings itself)."""
-    first = Machine()
-    first.msi = EventfdMsiManager()
+    first = MsiMachine()
     fs = make_fs(backend, name="_fs0")
     bring_up(first, fs, queue_size=64)
     kept = fs.detach_backend()
     first.close()
-    first.msi.close()
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     again = VirtioFs("hostfs", "fake.sock", name="_fs0", connection=kept)
     transport, _, queues = bring_up(source, again, queue_size=64)
     sender_parking = kept.parking
@@ -411,7 +404,6 @@ def test_a_connection_parked_by_a_reboot_before_the_migration_moves_too(backend)
         fs2, _ = adopt_on(receiver, spec, fds, saved)
         fs2.commit_adoption()
         source.close()
-        source.msi.close()
         dimm = receiver.mem.add_region(1 << 32, 2 * MiB, name="dimm0")
         fs2.memory_changed()
         assert backend.panic is None                   # every ring mapped at every step
@@ -427,12 +419,10 @@ def test_a_connection_parked_by_a_reboot_before_the_migration_moves_too(backend)
         kept2.close()
     finally:
         receiver.close()
-        receiver.msi.close()
 
 
 def test_a_transport_whose_bar_is_mapped_moves_its_ioeventfds_to_adopted_kick_eventfds(backend):
-    m = Machine()
-    m.msi = AdoptingMsiManager()
+    m = MsiMachine(AdoptingMsiManager)
     fs = make_fs(backend)
     try:
         transport, driver, _ = bring_up(m, fs, queue_size=64)
@@ -447,7 +437,6 @@ def test_a_transport_whose_bar_is_mapped_moves_its_ioeventfds_to_adopted_kick_ev
             transport.adopt_notifiers({7: kick}, {})
     finally:
         m.close()
-        m.msi.close()
 
 
 
@@ -460,8 +449,7 @@ def test_a_vhost_user_blk_connection_is_adopted_with_its_configuration_space():
                           queue_num=4, check_rings=True)
     backend.config = blk_config(capacity=12345)
     backend._client.settimeout(30)
-    source = Machine()
-    source.msi = EventfdMsiManager()
+    source = MsiMachine()
     blk = VhostUserBlock("qsd.sock", connect=lambda path: backend.frontend(), name="_disk0")
     receiver = None
     try:
@@ -486,8 +474,6 @@ def test_a_vhost_user_blk_connection_is_adopted_with_its_configuration_space():
     finally:
         if receiver is not None:
             receiver.close()
-            receiver.msi.close()
-        source.msi.close()
         backend.close()
 
 
