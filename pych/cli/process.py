@@ -73,8 +73,7 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
                 return 1
         if config is not None:
             try:
-                vmm.vm_create(config)
-                vmm.vm_boot()
+                vmm.call(lambda v: (v.vm_create(config), v.vm_boot()))
             except ConfigError as e:
                 print(f"pych: error: {e}", file=sys.stderr)
                 return 2
@@ -83,8 +82,8 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
                 return 1
         elif restore is not None:
             try:
-                vmm.vm_restore(restore, [fd for net in restore.net_fds or ()
-                                         for fd in net.fds or ()])
+                fds = [fd for net in restore.net_fds or () for fd in net.fds or ()]
+                vmm.call(lambda v: v.vm_restore(restore, fds))
             except VmmError as e:
                 print(f"pych: error: {': '.join(e.messages)}", file=sys.stderr)
                 return 1

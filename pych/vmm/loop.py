@@ -1,20 +1,28 @@
-"""The control loop: one thread that runs every request and guest event, one at a time.
+"""The control loop: every request and guest event runs one at a time, under one lock.
 
-Requests arrive from the HTTP server thread (or from Python callers) as callables run on the
-loop through :meth:`ControlLoop.call`; guest-initiated events (poweroff, reset, fatal errors)
-arrive from vCPU threads through :meth:`ControlLoop.post`. Both wake the loop with an
-eventfd, so nothing ever races the VM's own state.
+Requests (from the HTTP server's connection threads, or from Python callers) go through
+:meth:`ControlLoop.call`, which runs them on the calling thread while it holds the VMM's
+lock: a request is served on the thread that read it, as QEMU serves QMP under its big lock,
+with no hand-off to another thread and back (each hand-off is a thread wake-up the host's
+scheduler may delay). Guest-initiated events (poweroff, reset, fatal errors) arrive from
+vCPU threads through :meth:`ControlLoop.post`, which queues them and wakes the loop's own
+thread with an eventfd; that thread runs them under the same lock, as well as work a request
+leaves for after its answer (:meth:`after_answer`) and work for a quiet moment
+(:meth:`when_idle`). Nothing runs beside anything else, so nothing races the VM's own state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import select
 import threading
-from concurrent.futures import Future
-from typing import Any, Callable, Self, TypeVar
+import time
+from typing import Any, Callable, Iterator, Self, TypeVar
+
+from pych.errors import InternalError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -22,114 +30,133 @@ IDLE_POLL_MS = 1000
 
 
 class ControlLoop:
-    """Serialises work onto the thread that runs :meth:`run_loop`. Before the loop runs (or
-    when the caller is the loop's own thread) :meth:`call` runs its function at once."""
+    """Serialises the VMM's work: :meth:`call` runs a request on the caller's thread under
+    the VMM's lock; :meth:`run_loop` serves what is posted, and idle work, on its own thread
+    under the same lock. Before the loop runs, :meth:`call` serves its request at once (still
+    under the lock); once the loop has ended, it refuses (the VMM is shutting down)."""
 
     def __init__(self) -> None:
         self.exit_code: int | None = None
+        self._lock = threading.RLock()      # held while any VMM work runs
+        self._owner: threading.Thread | None = None     # who holds it, outermost
+        self._closed = False
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._loop_thread: threading.Thread | None = None
+        self._last_request = 0.0            # time.monotonic() when the last request ended
         self._when_idle: list[Callable[[Self], Any]] = []
         self._answer_hooks: list[Callable[[Self], Any]] | None = None   # see after_answer
         self._answered: list[Callable[[Self], Any]] = []   # hooks of requests served
 
-    def _in_loop(self) -> bool:
-        return self._loop_thread is None or threading.current_thread() is self._loop_thread
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[bool]:
+        """Hold the VMM's lock; yields whether this is the outermost hold (False for work
+        that a request or task runs from inside itself)."""
+        with self._lock:
+            me = threading.current_thread()
+            if self._owner is me:
+                yield False
+                return
+            self._owner = me
+            try:
+                yield True
+            finally:
+                self._owner = None
 
     def call(self, fn: Callable[[Self], T]) -> T:
-        """Run ``fn(self)`` on the control loop and return its result (or raise its error).
-        What ``fn`` left for :meth:`after_answer` runs on the loop once this returned, or
-        before the loop's next task if that comes first."""
-        if self._in_loop():
-            return fn(self)
-        fut: Future = Future()
-        self._tasks.put((fn, fut))
-        os.eventfd_write(self._wake, 1)
-        try:
-            return fut.result()
-        finally:
-            if getattr(fut, "answer_hooks", None):
-                self.post(ControlLoop._run_answer_hooks)
+        """Run ``fn(self)`` on this thread under the VMM's lock and return its result (or
+        raise its error): posted events queued before it run first. What ``fn`` left for
+        :meth:`after_answer` runs once this returned: on the loop's thread, or before the
+        next request if that comes first."""
+        with self._serving() as outermost:
+            if not outermost:
+                return fn(self)
+            if self._closed:
+                raise InternalError("the VMM is shutting down")
+            self._run_answer_hooks()
+            self._drain()
+            if self._loop_thread is None:            # before the loop runs: hooks at once
+                return fn(self)
+            self._answer_hooks = hooks = []
+            try:
+                return fn(self)
+            finally:
+                self._answer_hooks = None
+                self._answered += hooks
+                self._last_request = time.monotonic()
+                if hooks:
+                    self._wake_loop()
 
     def after_answer(self, fn: Callable[[Self], Any]) -> None:
-        """Run ``fn(self)`` on the loop once the request being served has its answer (from
-        the loop's thread, while serving a :meth:`call`): work the request sets going but
-        its caller need not wait for, such as starting a hot-added vCPU's thread, which
-        would otherwise compete for the GIL with the thread writing the answer. Outside a
-        request (a Python caller on the loop's thread, before the loop runs) it runs now."""
+        """Run ``fn(self)`` once the request being served has its answer (called while
+        serving a :meth:`call`): work the request sets going but its caller need not wait
+        for, such as starting a hot-added vCPU's thread, which would otherwise compete for
+        the GIL with the thread writing the answer. Outside a request (a Python caller
+        before the loop runs, or a posted task) it runs now."""
         if self._answer_hooks is None:
             self._run_task(fn)
         else:
             self._answer_hooks.append(fn)
 
     def post(self, fn: Callable[[Self], Any]) -> None:
-        """Queue ``fn(self)`` on the control loop without waiting (from any thread)."""
-        self._tasks.put((fn, None))
-        try:
-            os.eventfd_write(self._wake, 1)
-        except OSError:
-            pass
+        """Queue ``fn(self)`` for the control loop without waiting (from any thread)."""
+        self._tasks.put(fn)
+        self._wake_loop()
 
     def when_idle(self, fn: Callable[[Self], Any]) -> None:
-        """Run ``fn(self)`` once on the loop when it next has nothing to do for a whole
-        poll interval (a second): work that can wait for a quiet moment (from the loop's
-        thread, or before the loop runs)."""
+        """Run ``fn(self)`` once on the loop when no request has come for a whole poll
+        interval (a second): work that can wait for a quiet moment (from a request, a
+        task, or before the loop runs)."""
         self._when_idle.append(fn)
 
     def run_idle_work(self) -> None:
         """Run the queued idle work now, on the calling thread: for a caller that runs no
         loop (a benchmark driving the VMM in process) and wants the VMM as a quiet loop
         leaves it."""
-        while self._when_idle:
-            self._run_task(self._when_idle.pop(0))
+        with self._serving():
+            while self._when_idle:
+                self._run_task(self._when_idle.pop(0))
 
     def run_loop(self) -> int:
-        """Serve requests and guest events until the VMM is asked to exit; the exit code."""
+        """Serve posted events, answered requests' hooks and idle work until the VMM is
+        asked to exit; the exit code. Requests are served meanwhile by :meth:`call`."""
         self._loop_thread = threading.current_thread()
         poller = select.poll()
         poller.register(self._wake, select.POLLIN)
         while self.exit_code is None:
             try:
-                idle = not poller.poll(IDLE_POLL_MS)
+                woken = bool(poller.poll(IDLE_POLL_MS))
             except InterruptedError:
-                idle = False
-            if idle and self._when_idle:
-                self._run_task(self._when_idle.pop(0))
+                woken = True
             try:
                 os.eventfd_read(self._wake)
             except BlockingIOError:
                 pass
-            self._drain()
-        self._drain()
+            with self._serving():
+                self._run_answer_hooks()
+                self._drain()
+                quiet = time.monotonic() - self._last_request >= IDLE_POLL_MS / 1000
+                if not woken and quiet and self._when_idle and self.exit_code is None:
+                    self._run_task(self._when_idle.pop(0))
+        self.close_loop()
         return self.exit_code
+
+    def close_loop(self) -> None:
+        """Serve what is queued, then refuse requests from now on (the VMM is going away).
+        Returns once no request is being served. Idempotent."""
+        with self._serving():
+            self._run_answer_hooks()
+            self._drain()
+            self._closed = True
 
     def _drain(self) -> None:
         while True:
             try:
-                fn, fut = self._tasks.get_nowait()
+                fn = self._tasks.get_nowait()
             except queue.Empty:
                 return
             self._run_answer_hooks()
-            if fut is None:
-                self._run_task(fn)
-                continue
-            if not fut.set_running_or_notify_cancel():
-                continue
-            self._answer_hooks = hooks = []
-            try:
-                result = fn(self)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                error = e
-            else:
-                error = None
-            self._answer_hooks = None
-            self._answered += hooks
-            fut.answer_hooks = bool(hooks)      # the caller then wakes the loop to run them
-            if error is None:
-                fut.set_result(result)
-            else:
-                fut.set_exception(error)
+            self._run_task(fn)
 
     def _run_answer_hooks(self) -> None:
         while self._answered:
@@ -141,12 +168,15 @@ class ControlLoop:
         except Exception:  # noqa: BLE001
             log.exception("VMM task failed")
 
+    def _wake_loop(self) -> None:
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass
+
     def request_exit(self, code: int) -> None:
         """Make :meth:`run_loop` return ``code`` once the queued work is done (the first
         code asked for wins)."""
         if self.exit_code is None:
             self.exit_code = code
-        try:
-            os.eventfd_write(self._wake, 1)
-        except OSError:
-            pass
+        self._wake_loop()

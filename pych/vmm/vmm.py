@@ -638,6 +638,9 @@ class Vmm(ControlLoop, RequestHandler):
 
     # --- teardown -----------------------------------------------------------------------------
     def close(self) -> None:
+        """Tear everything down once no request is being served; requests still arriving
+        are refused from here on."""
+        self.close_loop()
         self._stop_vm()
         if self.config is not None:
             from pych.vmm.controllers import close_net_fds

@@ -1,11 +1,14 @@
-"""The control loop's idle work and work after an answer (the rest of the loop is exercised
-by every VMM test)."""
+"""The control loop: requests served on their callers' threads one at a time, posted events,
+idle work and work after an answer (the rest is exercised by every VMM test)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import pytest
+
+from pych.errors import InternalError
 from pych.vmm import loop as loop_module
 from pych.vmm.loop import ControlLoop
 
@@ -53,10 +56,11 @@ def test_failed_idle_work_is_logged_and_the_loop_goes_on(monkeypatch, caplog):
         thread.join(5)
 
 
-def test_work_after_an_answer_runs_on_the_loop_once_the_caller_has_its_result():
-    """``after_answer``: the hook runs on the loop's thread, after the request's result is
-    the caller's and before the loop's next request; a request that failed still has its
-    hooks run; outside a request the hook runs at once."""
+def test_work_after_an_answer_runs_once_the_caller_has_its_result():
+    """``after_answer``: the hook runs after the request's result is the caller's and
+    before the next request (on the loop's thread, or on the next caller's if that comes
+    first); a request that failed still has its hooks run; outside a request the hook
+    runs at once."""
     loop = ControlLoop()
     events: list[str] = []
     done = threading.Event()
@@ -67,8 +71,7 @@ def test_work_after_an_answer_runs_on_the_loop_once_the_caller_has_its_result():
 
     def request(lp):
         # were the hook run before the caller has the answer, it would wait here in vain
-        lp.after_answer(lambda lp: events.append(
-            f"hook on loop={threading.current_thread() is thread} answered={answered.wait(5)}"))
+        lp.after_answer(lambda lp: events.append(f"hook answered={answered.wait(5)}"))
         events.append("request")
         return "answer"
 
@@ -79,11 +82,9 @@ def test_work_after_an_answer_runs_on_the_loop_once_the_caller_has_its_result():
         assert loop.call(request) == "answer"
         answered.set()
         assert loop.call(lambda lp: events.append("next request")) is None
-        assert events == ["request", "hook on loop=True answered=True", "next request"]
-        try:
+        assert events == ["request", "hook answered=True", "next request"]
+        with pytest.raises(ValueError):
             loop.call(failing)
-        except ValueError:
-            pass
         assert done.wait(5) and events[-1] == "hook of the failed one"
     finally:
         loop.request_exit(0)
@@ -91,6 +92,86 @@ def test_work_after_an_answer_runs_on_the_loop_once_the_caller_has_its_result():
     outside: list[str] = []
     ControlLoop().after_answer(lambda lp: outside.append("now"))
     assert outside == ["now"]
+
+
+def test_a_request_runs_on_its_callers_thread_and_never_beside_another():
+    """No hand-off: ``call`` serves the request on the calling thread (the HTTP
+    connection's), holding the VMM's lock, so requests from many threads and the loop's
+    own tasks never overlap; a request made from inside one runs at once."""
+    loop = ControlLoop()
+    thread = threading.Thread(target=loop.run_loop)
+    thread.start()
+    inside, overlaps, ran_on = [0], [], []
+    guard = threading.Lock()
+
+    def work(lp, label):
+        with guard:
+            inside[0] += 1
+            overlaps.append(inside[0])
+        ran_on.append((label, threading.current_thread()))
+        time.sleep(0.002)
+        with guard:
+            inside[0] -= 1
+
+    def caller(i):
+        for _ in range(20):
+            loop.call(lambda lp: work(lp, f"caller{i}"))
+            loop.post(lambda lp: work(lp, "posted"))
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    try:
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(30)
+        assert loop.call(lambda lp: lp.call(lambda lp: "nested")) == "nested"
+        loop.call(lambda lp: None)          # whatever was posted has run by now
+    finally:
+        loop.request_exit(0)
+        thread.join(5)
+    assert max(overlaps) == 1 and len(overlaps) == 160
+    by_caller = {label: t for label, t in ran_on if label != "posted"}
+    assert by_caller == {f"caller{i}": callers[i] for i in range(4)}
+
+
+def test_events_posted_before_a_request_run_before_it():
+    loop = ControlLoop()
+    thread = threading.Thread(target=loop.run_loop)
+    order: list[str] = []
+    release = threading.Event()
+    thread.start()
+    try:
+        # the loop is held up in a task; meanwhile an event is posted, then a request made
+        loop.post(lambda lp: release.wait(5))
+        time.sleep(0.05)
+        loop.post(lambda lp: order.append("event"))
+        threading.Timer(0.05, release.set).start()
+        loop.call(lambda lp: order.append("request"))
+        assert order == ["event", "request"]
+    finally:
+        loop.request_exit(0)
+        thread.join(5)
+
+
+def test_once_the_loop_has_ended_requests_are_refused_and_a_running_one_is_waited_for():
+    loop = ControlLoop()
+    thread = threading.Thread(target=loop.run_loop)
+    thread.start()
+    started, finished = threading.Event(), []
+
+    def slow(lp):
+        started.set()
+        time.sleep(0.2)
+        finished.append(time.monotonic())
+    request = threading.Thread(target=loop.call, args=(slow,))
+    request.start()
+    assert started.wait(5)
+    loop.request_exit(3)
+    thread.join(5)
+    ended = time.monotonic()
+    assert finished and finished[0] <= ended and loop.exit_code == 3
+    with pytest.raises(InternalError, match="shutting down"):
+        loop.call(lambda lp: None)
+    request.join(5)
 
 
 def test_the_vmm_prepares_every_runtime_request_model_once_a_vm_runs():
