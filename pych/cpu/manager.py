@@ -202,21 +202,14 @@ class CpuManager:
         else:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
-        # The new vCPUs' threads and the GED event get going last, once the request is
-        # answered: a thread woken here competes for the GIL with this one and with the one
-        # writing the answer, and so does vCPU 0 once the guest runs the event's AML (each
-        # of its register reads is an exit handled in Python, and a thread that keeps
-        # taking the GIL back can make the answering one wait up to Python's 5 ms switch
-        # interval; the round trip with a running guest measured 1.9-4.9 ms against
-        # 0.54 ms in process with the guest paused). KVM keeps the guest's INIT and SIPI
-        # for a vCPU until its thread enters KVM_RUN; the CPU counts as present from its
-        # registration, so the guest's _STA sees it; a pause or stop meanwhile is honoured
-        # by _launch.
-        def after_answer() -> None:
-            for thread in launch:
-                self._launch(thread, self._starter)
-            self.notify(AcpiNotification.CPU)
-        self.start_later(after_answer)
+        self.notify(AcpiNotification.CPU)
+        # The new vCPUs' threads get going last, once the request is answered: a thread
+        # woken here competes for the GIL with this one and with the one writing the answer
+        # (KVM keeps the guest's INIT and SIPI for a vCPU until its thread enters KVM_RUN;
+        # the CPU counts as present from its registration, so the guest's _STA already
+        # sees it, and a pause or stop meanwhile is honoured by _launch).
+        if launch:
+            self.start_later(lambda: [self._launch(t, self._starter) for t in launch])
         return True
 
     def check_resize(self, desired: int) -> bool:
