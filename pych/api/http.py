@@ -567,8 +567,8 @@ class ApiServer:
     """Serves ``/api/v1`` on a UNIX socket, one thread per connection.
 
     ``handler_call(fn)`` must run ``fn(request_handler)`` and return its result
-    or raise its exception; the VMM queues ``fn`` onto its control loop and
-    waits, tests may call it directly.  It must not return before ``fn`` has
+    or raise its exception; the VMM runs it under its control loop's lock
+    (``ControlLoop.call``), tests may call it directly.  It must not return before ``fn`` has
     either run or been definitely dropped (fds handed to ``fn`` are closed if it
     was never entered).
 
