@@ -73,7 +73,10 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
                 return 1
         if config is not None:
             try:
-                vmm.call(lambda v: (v.vm_create(config), v.vm_boot()))
+                def create_and_boot(v: Vmm) -> None:
+                    v.vm_create(config)
+                    v.vm_boot()
+                vmm.call(create_and_boot)
             except ConfigError as e:
                 print(f"pych: error: {e}", file=sys.stderr)
                 return 2

@@ -37,8 +37,8 @@ class ControlLoop:
 
     def __init__(self) -> None:
         self.exit_code: int | None = None
-        self._lock = threading.RLock()      # held while any VMM work runs
-        self._owner: threading.Thread | None = None     # who holds it, outermost
+        self._lock = threading.Lock()       # held while any VMM work runs
+        self._owner: threading.Thread | None = None     # the thread holding it
         self._closed = False
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -52,11 +52,11 @@ class ControlLoop:
     def _serving(self) -> Iterator[bool]:
         """Hold the VMM's lock; yields whether this is the outermost hold (False for work
         that a request or task runs from inside itself)."""
+        me = threading.current_thread()
+        if self._owner is me:               # only this thread sets it to itself
+            yield False
+            return
         with self._lock:
-            me = threading.current_thread()
-            if self._owner is me:
-                yield False
-                return
             self._owner = me
             try:
                 yield True
