@@ -54,13 +54,21 @@ class DeviceManagerMachine:
         self.ioevents = RecordingIoEvents()
         self.memslots = memslots
         self.notified: list[AcpiNotification] = []
-        self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
-                                ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
-                                mmio64=mmio64, notify=self.notified.append, memslots=memslots,
-                                vhost_user=vhost_user)
-        if vfio_kernel is not None:
-            self.dm.vfio_kernel = vfio_kernel
-        self.dm.create_boot_devices()
+        self.dm = None
+        try:
+            self.dm = DeviceManager(config, self.mem, self.mmio, self.pio, msi=self.msi,
+                                    ioevents=self.ioevents, irq_line=lambda gsi: RecordingIrq(),
+                                    mmio64=mmio64, notify=self.notified.append,
+                                    memslots=memslots, vhost_user=vhost_user)
+            if vfio_kernel is not None:
+                self.dm.vfio_kernel = vfio_kernel
+            self.dm.create_boot_devices()
+        except BaseException:
+            # A machine that cannot be built (a probe run with a field dropped) leaves
+            # nothing open: its RAM's memfds would otherwise wait for the garbage collector
+            # and vanish from a later test's fd-table comparison.
+            self.close()
+            raise
 
     def scan(self, segment: int = 0) -> tuple[int, int]:
         """What the guest's PCNT of ``segment`` reads: (PCIU, PCID)."""
@@ -77,7 +85,8 @@ class DeviceManagerMachine:
         self.mmio.write(B0EJ, 4, 1 << slot)
 
     def close(self) -> None:
-        self.dm.close()
+        if self.dm is not None:
+            self.dm.close()
         self.mem.close()
 
 

@@ -26,15 +26,19 @@ def error_of(call) -> tuple[int, list[str]]:
 
 def test_a_snapshot_needs_a_paused_vm(tmp_path):
     vmm = Vmm()
-    url = VmSnapshotConfig(destination_url=f"file://{tmp_path / 's'}")
-    assert error_of(lambda: vmm.vm_snapshot(url))[0] == 404          # no VM
-    vmm.vm_create(vm_config())
-    assert error_of(lambda: vmm.vm_snapshot(url))[0] == 405          # created, not booted
-    boot_fake(vmm)
-    status, messages = error_of(lambda: vmm.vm_snapshot(url))
-    assert (status, messages) == (405, ["Error creating VM snapshot",
-                                        "Trying to snapshot while VM is running"])
-    assert not (tmp_path / "s").exists()
+    try:
+        url = VmSnapshotConfig(destination_url=f"file://{tmp_path / 's'}")
+        assert error_of(lambda: vmm.vm_snapshot(url))[0] == 404          # no VM
+        vmm.vm_create(vm_config())
+        assert error_of(lambda: vmm.vm_snapshot(url))[0] == 405          # created, not booted
+        boot_fake(vmm)
+        status, messages = error_of(lambda: vmm.vm_snapshot(url))
+        assert (status, messages) == (405, ["Error creating VM snapshot",
+                                            "Trying to snapshot while VM is running"])
+        assert not (tmp_path / "s").exists()
+    finally:
+        vmm.close()     # its booted machine's RAM (left to the garbage collector, its memfds
+                        # closed in the middle of a later test's fd-table comparison)
 
 
 @pytest.mark.parametrize(("body", "words"), [
