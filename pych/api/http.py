@@ -36,6 +36,7 @@ import socketserver
 import stat
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, NamedTuple
 
@@ -236,7 +237,11 @@ class _Connection(socketserver.BaseRequestHandler):
             return
         response = self._serve()
         logger.debug('"%s" %d', self.requestline, response.status)
-        self._send(response)
+        try:
+            self._send(response)
+        finally:
+            if self.server.after_response is not None:
+                self.server.after_response()
 
     def _parse_request(self, raw_requestline: bytes) -> bool:
         """The request line and headers into :attr:`command`, :attr:`path`, :attr:`headers`
@@ -401,11 +406,13 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def __init__(self, listener: socket.socket, dispatcher: Dispatcher, *,
-                 max_connections: int, idle_timeout: float) -> None:
+                 max_connections: int, idle_timeout: float,
+                 after_response: Callable[[], None] | None = None) -> None:
         # TCPServer.__init__ would create and bind a socket of its own.
         socketserver.BaseServer.__init__(self, listener.getsockname(), _Connection)
         self.socket = listener
         self.dispatcher = dispatcher
+        self.after_response = after_response
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self._accepted = 0                # connections handed to a thread and not finished
@@ -570,7 +577,8 @@ class ApiServer:
     or raise its exception; the VMM runs it under its control loop's lock
     (``ControlLoop.call``), tests may call it directly.  It must not return before ``fn`` has
     either run or been definitely dropped (fds handed to ``fn`` are closed if it
-    was never entered).
+    was never entered).  ``after_response()``, if given, is called once each
+    response is written (or could not be).
 
     Exactly one of ``path`` (create a socket there, mode 0600, replacing a stale
     socket but never a live one, a symlink or another kind of file; removed
@@ -586,10 +594,12 @@ class ApiServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        after_response: Callable[[], None] | None = None,
     ) -> None:
         if (path is None) == (fd is None):
             raise ValueError("ApiServer needs exactly one of path= or fd=")
         self._dispatcher = Dispatcher(handler_call)
+        self._after_response = after_response
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
         self._path = None if path is None else os.fspath(path)
@@ -618,7 +628,7 @@ class ApiServer:
             assert self._fd is not None  # one of the two, checked by __init__
             listener = _adopt_listening_fd(self._fd)
         server = _Server(listener, self._dispatcher, max_connections=self._max_connections,
-                         idle_timeout=self._idle_timeout)
+                         idle_timeout=self._idle_timeout, after_response=self._after_response)
         # The reference's name, that of the threads serving connections too.
         thread = NamedThread(target=self._accept_loop, args=(server,), name=HTTP_THREAD,
                              daemon=True)

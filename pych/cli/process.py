@@ -7,6 +7,7 @@ wait for ``vm.create``) and the parsed arguments to :func:`run`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -66,7 +67,9 @@ def run(config, args: argparse.Namespace, restore=None) -> int:
         if api_opt is not None:
             from pych.api.http import ApiServer
             try:
-                server = ApiServer(vmm.call, path=api_opt.path, fd=api_opt.fd)
+                server = ApiServer(functools.partial(vmm.call, answer_follows=True),
+                                   path=api_opt.path, fd=api_opt.fd,
+                                   after_response=vmm.answered)
                 server.start()
             except (OSError, ValueError, RuntimeError) as e:
                 print(f"pych: error: --api-socket: {e}", file=sys.stderr)

@@ -202,14 +202,20 @@ class CpuManager:
         else:
             self.hotplug_controller.remove(range(desired, current))
             log.info("vCPUs %d-%d marked for removal", desired, current - 1)
-        self.notify(AcpiNotification.CPU)
-        # The new vCPUs' threads get going last, once the request is answered: a thread
-        # woken here competes for the GIL with this one and with the one writing the answer
-        # (KVM keeps the guest's INIT and SIPI for a vCPU until its thread enters KVM_RUN;
-        # the CPU counts as present from its registration, so the guest's _STA already
-        # sees it, and a pause or stop meanwhile is honoured by _launch).
-        if launch:
-            self.start_later(lambda: [self._launch(t, self._starter) for t in launch])
+        # The new vCPUs' threads and the GED event get going once the request is answered
+        # (ControlLoop.after_answer): set going here, either competes for the GIL with the
+        # thread that is to write the answer. A new vCPU's thread runs Python up to
+        # KVM_RUN; the GED event has vCPU 0 run the event's AML, each register it reads an
+        # exit handled in Python (traced with a guest idle: 2.5 ms from raising the event
+        # to the answer being ready, 0.4 ms with the event raised after it). KVM keeps the
+        # guest's INIT and SIPI for a vCPU until its thread enters KVM_RUN; the CPU counts
+        # as present from its registration, so the guest's _STA sees it; a pause or stop
+        # meanwhile is honoured by _launch.
+        def after_answer() -> None:
+            for thread in launch:
+                self._launch(thread, self._starter)
+            self.notify(AcpiNotification.CPU)
+        self.start_later(after_answer)
         return True
 
     def check_resize(self, desired: int) -> bool:

@@ -991,3 +991,31 @@ def test_many_idle_connections_cost_no_more_threads_than_the_limit(sockdir):
             assert c.get("vmm.ping")[0] == 200
     finally:
         server.close()
+
+
+def test_after_response_is_called_once_each_answer_is_written(sockdir):
+    """``after_response``: the server's signal that a response has gone out (the VMM then
+    sets going what the request left for after its answer), once per response, error
+    answers included, and only once the client can read it (were it called before the
+    write, the client would still be waiting for its answer when it is checked)."""
+    received = threading.Semaphore(0)
+    seen: list[bool] = []
+
+    def after():
+        seen.append(received.acquire(timeout=3))
+
+    server = ApiServer(lambda fn: fn(FakeHandler()), path=sockdir / "api.sock",
+                       after_response=after)
+    server.start()
+    try:
+        with ApiClient(sockdir / "api.sock", timeout=10) as c:
+            assert c.get("vmm.ping")[0] == 200
+            received.release()
+            assert c.get("vm.no-such-endpoint")[0] == 404
+            received.release()
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [True, True]
+    finally:
+        server.close()

@@ -199,3 +199,21 @@ def test_idle_work_can_be_run_at_once_without_a_loop():
     loop.run_idle_work()
     loop.run_idle_work()
     assert ran == [1, 2]
+
+
+def test_with_an_answer_to_write_the_work_after_it_waits_until_answered():
+    """``call(fn, answer_follows=True)``: the hook stays put while the caller writes its
+    answer (the API server), and runs on the loop once :meth:`answered` says it is
+    written."""
+    loop = ControlLoop()
+    thread = threading.Thread(target=loop.run_loop)
+    thread.start()
+    ran = threading.Event()
+    try:
+        loop.call(lambda lp: lp.after_answer(lambda lp: ran.set()), answer_follows=True)
+        assert not ran.wait(0.3)                 # the answer is still being written
+        loop.answered()
+        assert ran.wait(5)
+    finally:
+        loop.request_exit(0)
+        thread.join(5)
