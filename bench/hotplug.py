@@ -9,7 +9,8 @@ For each VMM and method the test guest boots with 256 MiB (hot plugged memory on
 * QEMU, virtio-mem-pci: QMP ``qom-set requested-size`` (device created at start with 0);
   each in a boot of its own.
 
-Measured: the VMM-side time (the control request's round trip: API socket or QMP) and the
+Measured: the VMM-side time (the control request's round trip on a connection already open
+and served once: API socket or QMP session) and the
 guest-visible time (from sending the request until MemTotal has grown by SIZE, seen by a
 shell loop of builtins already spinning in the guest). Also, without a guest, pych's memory
 manager alone on a real KVM VM: the ACPI add's VMM-side cost without HTTP (goal < 5 ms).
@@ -89,26 +90,29 @@ def timed_plug(shell: Shell, size: int, request) -> tuple[float, float]:
     """Start a guest loop waiting for MemTotal to grow by ``size``, then time ``request()``
     (the VMM-side time) and the wait for the loop's end (the guest-visible time)."""
     target = mem_total_kib(shell) + size // 1024
-    tag = uuid.uuid4().hex[:12]
-    console = shell.console
-    start = len(console.buf)
-    console.send(f"while read -r k v u < /proc/meminfo; [ $v -lt {target} ]; do :; done; "
-                 f"printf '%s-%s\\n' {tag} grown\n")
-    t0 = time.perf_counter()
-    request()
-    vmm_side = time.perf_counter() - t0
-    console.expect(f"{tag}-grown".encode(), TIMEOUT, start)
-    return vmm_side, time.perf_counter() - t0
+    return timed_guest_loop(
+        shell, f"while read -r k v u < /proc/meminfo; [ $v -lt {target} ]; do :; done", request)
 
 
 # --- pych -----------------------------------------------------------------------------------
+def open_client(g: PychGuest) -> ApiClient:
+    """A client whose connection is open and has been served once (``vmm.ping``), as the
+    peer's QMP session is before its timed command: the timed round trip is the request's
+    alone, not the connection's set-up (the server accepting it and handing it a thread)."""
+    client = ApiClient(g.api_path)
+    status, body = client.get("vmm.ping")
+    if status != 200:
+        raise RuntimeError(f"vmm.ping: {status} {body!r}")
+    return client
+
+
 def bench_pych(memory: str, size: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as d:
         g = PychGuest(Path(d), memory=memory, cmdline_extra=ONLINE)
         try:
             g.start()
             g.wait_ready(TIMEOUT)
-            client = ApiClient(g.api_path)
+            client = open_client(g)
 
             def resize():
                 status, body = client.put("vm.resize", {"desired_ram": BOOT + size})
@@ -206,14 +210,25 @@ GUEST_DISK = "/sys/block/vda"           # the guests boot without a disk: the ad
 def timed_until(shell: Shell, condition: str, request) -> tuple[float, float]:
     """Start a guest loop of builtins spinning until the shell test ``condition`` holds, then
     time ``request()`` (the VMM-side time) and the wait for the loop's end (guest-visible)."""
+    return timed_guest_loop(shell, f"until {condition}; do :; done", request)
+
+
+def timed_guest_loop(shell: Shell, loop: str, request) -> tuple[float, float]:
+    """Type ``loop`` (a guest shell loop that ends once the request has its effect) at the
+    guest's console and wait for its echo, so that the loop is running and the console
+    quiet; then time ``request()`` (the VMM-side time) and the wait for the loop's end (the
+    guest-visible time). Without the wait, the request met the guest echoing the line a
+    character at a time, each an exit its VMM handles meanwhile (in pych, Python taking
+    the GIL from the thread serving the request)."""
     tag = uuid.uuid4().hex[:12]
     console = shell.console
     start = len(console.buf)
-    console.send(f"until {condition}; do :; done; printf '%s-%s\\n' {tag} seen\n")
+    console.send(f"{loop}; printf '%s-%s\\n' {tag} done\n")
+    echoed = console.expect(re.compile(rb"done\r*\n"), TIMEOUT, start)     # the line's echo
     t0 = time.perf_counter()
     request()
     vmm_side = time.perf_counter() - t0
-    console.expect(f"{tag}-seen".encode(), TIMEOUT, start)
+    console.expect(f"{tag}-done".encode(), TIMEOUT, echoed.end())
     return vmm_side, time.perf_counter() - t0
 
 
@@ -231,7 +246,7 @@ def bench_pych_disk(image: Path) -> dict[str, tuple[float, float]]:
         try:
             g.start()
             g.wait_ready(TIMEOUT)
-            client = ApiClient(g.api_path)
+            client = open_client(g)
 
             def put(endpoint, body, expected):
                 status, reply = client.put(endpoint, body)
@@ -328,7 +343,7 @@ def bench_pych_cpu() -> dict[str, tuple[float, float]]:
         try:
             g.start()
             g.wait_ready(TIMEOUT)
-            client = ApiClient(g.api_path)
+            client = open_client(g)
 
             def resize():
                 status, body = client.put("vm.resize", {"desired_vcpus": 2})
