@@ -214,21 +214,22 @@ def timed_until(shell: Shell, condition: str, request) -> tuple[float, float]:
 
 
 def timed_guest_loop(shell: Shell, loop: str, request) -> tuple[float, float]:
-    """Type ``loop`` (a guest shell loop that ends once the request has its effect) at the
-    guest's console and wait for its echo, so that the loop is running and the console
-    quiet; then time ``request()`` (the VMM-side time) and the wait for the loop's end (the
-    guest-visible time). Without the wait, the request met the guest echoing the line a
-    character at a time, each an exit its VMM handles meanwhile (in pych, Python taking
-    the GIL from the thread serving the request)."""
+    """Have the guest's shell run ``loop`` (a loop of builtins that ends once the request
+    has had its effect) and wait until it says it has started, so that the loop is running
+    and the console quiet; then time ``request()`` (the VMM-side time) and the wait for the
+    loop's end (the guest-visible time). Without the wait, the request met the guest
+    reading the line from its UART (an exit per character and register, which a VMM
+    handles meanwhile: in pych, Python taking the GIL from the thread serving the
+    request)."""
     tag = uuid.uuid4().hex[:12]
     console = shell.console
     start = len(console.buf)
-    console.send(f"{loop}; printf '%s-%s\\n' {tag} done\n")
-    echoed = console.expect(re.compile(rb"done\r*\n"), TIMEOUT, start)     # the line's echo
+    console.send(f"printf '%s-%s\\n' {tag} start; {loop}; printf '%s-%s\\n' {tag} done\n")
+    started = console.expect(f"{tag}-start".encode(), TIMEOUT, start)
     t0 = time.perf_counter()
     request()
     vmm_side = time.perf_counter() - t0
-    console.expect(f"{tag}-done".encode(), TIMEOUT, echoed.end())
+    console.expect(f"{tag}-done".encode(), TIMEOUT, started.end())
     return vmm_side, time.perf_counter() - t0
 
 
