@@ -91,10 +91,11 @@ class ControlLoop:
     def answered(self) -> None:
         """The answer of a request served with ``call(fn, answer_follows=True)`` is written
         (the API server calls this after each response): what the request left for after
-        its answer runs now, on the loop's thread. Until then nothing competes with the
-        thread writing the answer: a hot-added vCPU's thread runs Python up to KVM_RUN,
-        and the answer waited for the GIL behind it (measured: ~5 ms of a 6 ms
-        ``vm.resize`` round trip)."""
+        its answer runs now, on the loop's thread. Until then nothing it set going
+        competes for the GIL with the thread writing the answer: neither the woken loop
+        thread, nor a hot-added vCPU's thread running Python up to KVM_RUN, nor vCPU 0
+        taking an exit for each register the GED event's AML reads (docs/benchmarks.md,
+        vCPU hot plug: the trace of ``vm.resize``)."""
         if self._answered:
             self._wake_loop()
 
