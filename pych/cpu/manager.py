@@ -208,10 +208,10 @@ class CpuManager:
         # KVM_RUN; the GED event has vCPU 0 run the event's AML, each register it reads an
         # exit handled in Python (traced, guest idle: with the event raised here, 2.5 ms
         # passed between raising it and the answer being ready; raised after the answer,
-        # the whole round trip took 1.6 ms). KVM keeps the
-        # guest's INIT and SIPI for a vCPU until its thread enters KVM_RUN; the CPU counts
-        # as present from its registration, so the guest's _STA sees it; a pause or stop
-        # meanwhile is honoured by _launch.
+        # the whole round trip took 1.6 ms). KVM keeps the guest's INIT and SIPI for a
+        # vCPU until its thread enters KVM_RUN; the CPU counts as present from its
+        # registration, so the guest's _STA sees it; a pause or stop meanwhile is honoured
+        # by _launch.
         def after_answer() -> None:
             for thread in launch:
                 self._launch(thread, self._starter)
