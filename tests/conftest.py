@@ -34,20 +34,20 @@ def pytest_collection_modifyitems(config, items):
 # late. MODULE_MINUTES are a module's minutes in the last full run on 2 cores with both workers
 # busy (each run prints the current figures at its end: "minutes per module"); a module not
 # listed counts as GUEST_DEFAULT_MINUTES if it boots guests and as 0 otherwise.
-MODULE_MINUTES = {     # the CI trial of 2026-12-07 15:21 (2 workers, nothing else on the host)
-    "tests/guest/test_durability.py": 11.0, "tests/guest/test_cpu_hotplug_seed.py": 7.3,
-    "tests/guest/test_migration.py": 6.8, "tests/guest/test_net_data_plane.py": 6.5,
-    "tests/guest/test_backend_faults.py": 6.2, "tests/guest/test_devices.py": 5.1,
-    "tests/guest/test_boot.py": 4.7, "tests/guest/test_pci_segments.py": 4.6,
-    "tests/guest/test_memory_hotplug.py": 4.6, "tests/guest/test_virtio_mem.py": 4.2,
-    "tests/guest/test_reference_flows.py": 4.2, "tests/guest/test_cpu_hotplug.py": 4.0,
-    "tests/guest/test_honoured_options.py": 3.9,
-    "tests/guest/test_memory_backing_landlock.py": 3.3, "tests/guest/test_pci_hotplug.py": 3.2,
-    "tests/guest/test_kata_sequence.py": 3.0, "tests/guest/test_soak.py": 3.0,
-    "tests/guest/test_virtio_fs.py": 2.9, "tests/guest/test_pci_hotplug_stress.py": 2.7,
-    "tests/guest/test_memory_zones.py": 2.7, "tests/guest/test_pci_hotplug_devices.py": 2.6,
-    "tests/guest/test_api.py": 2.4, "tests/guest/test_snapshot.py": 2.4,
-    "tests/guest/test_vhost_user_blk.py": 2.0, "tests/guest/test_memory_dimm_removal.py": 1.8,
+MODULE_MINUTES = {     # the CI run of stop 24 (2026-12-07, 2 workers, nothing else on the host)
+    "tests/guest/test_durability.py": 15.1, "tests/guest/test_cpu_hotplug_seed.py": 7.1,
+    "tests/guest/test_migration.py": 7.0, "tests/guest/test_devices.py": 7.0,
+    "tests/guest/test_pci_segments.py": 5.4, "tests/guest/test_reference_flows.py": 4.9,
+    "tests/guest/test_net_data_plane.py": 4.7, "tests/guest/test_virtio_mem.py": 4.5,
+    "tests/guest/test_cpu_hotplug.py": 4.4, "tests/guest/test_boot.py": 4.2,
+    "tests/guest/test_memory_hotplug.py": 4.2, "tests/guest/test_pci_hotplug.py": 3.4,
+    "tests/guest/test_memory_backing_landlock.py": 3.3,
+    "tests/guest/test_honoured_options.py": 3.0, "tests/guest/test_backend_faults.py": 2.8,
+    "tests/guest/test_soak.py": 2.6, "tests/guest/test_pci_hotplug_devices.py": 2.6,
+    "tests/guest/test_memory_zones.py": 2.5, "tests/guest/test_kata_sequence.py": 2.4,
+    "tests/guest/test_pci_hotplug_stress.py": 2.4, "tests/guest/test_api.py": 2.4,
+    "tests/guest/test_snapshot.py": 2.4, "tests/guest/test_vhost_user_blk.py": 2.4,
+    "tests/guest/test_virtio_fs.py": 2.3, "tests/guest/test_memory_dimm_removal.py": 1.8,
     "tests/guest/test_fuzz.py": 1.7,
 }
 GUEST_DEFAULT_MINUTES = 2
