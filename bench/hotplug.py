@@ -20,7 +20,8 @@ Prints a table and saves a plot to docs/bench-hotplug.png.
 no disk at boot), then its removal, per run under pych (``PUT vm.add-disk`` /
 ``vm.remove-device``), QEMU q35 (QMP ``blockdev-add`` + ``device_add virtio-blk-pci`` into a
 ``pcie-root-port`` / ``device_del``) and QEMU pc (the same on bus 0). VMM-side time as above;
-guest-visible: until /sys/block/vda appears (or is gone), seen by a spinning shell loop.
+guest-visible: until /sys/block/vda appears (or is gone), seen by a spinning shell loop;
+the removal is requested once the guest has finished the add.
 
 ``--kind cpu``: a vCPU hot plug into the same guest booted with 1 of 2 vCPUs, per run under
 pych (``PUT vm.resize {"desired_vcpus": 2}``) and QEMU q35 ``-smp 1,maxcpus=2`` (QMP
