@@ -1,9 +1,13 @@
 """Boot time and footprint: pych vs QEMU on the same guest, same kernel, initramfs and cmdline.
 
 Boots the test guest under pych, under ``qemu-system-x86_64 -M microvm`` (Debian's QEMU, the
-peer on this host) and under the same QEMU microvm with a PCIe host bridge and a
+peer on this host), under the same QEMU microvm with a PCIe host bridge and a
 virtio-rng-pci (the bus and device pych's default VM has; QEMU microvm has no PCI hot plug),
-who goes first rotating run by run, and measures:
+and under QEMU ``-M pc`` with a virtio-rng-pci twice: with ACPI PCI hot plug on bus 0 (the
+capability pych's default VM offers, as the reference does: a hot plug slot object for each
+of the bus's 32 slots) and without it (``PIIX4_PM.acpi-root-pci-hotplug=off``), so that
+what that capability costs a QEMU guest is measured beside what it costs pych's. Who goes
+first rotates run by run. It measures:
 
 * wall time from process start to the guest's ``GUEST-READY`` line;
 * the VMM's memory beyond guest RAM once the guest is up (and, for pych, again after one
@@ -55,6 +59,8 @@ MILESTONES = (
 )
 MARK = "pych-bench-boot-phases"
 PCI_PEER = "QEMU microvm + PCIe, virtio-rng-pci"
+HOTPLUG_PEER = "QEMU pc, virtio-rng-pci, ACPI hot plug on bus 0"
+NO_HOTPLUG_PEER = "QEMU pc, virtio-rng-pci, no hot plug on bus 0"
 PHASES_COMMAND = (f"echo {MARK} > /dev/kmsg; dmesg | grep -E '"
                   + "|".join([rx for _, rx in MILESTONES] + [MARK]) + "'")
 
@@ -152,11 +158,12 @@ def boot_pych(memory: int, cpus: int) -> tuple[float, tuple[float, float], tuple
 
 
 def boot_qemu(memory: int, cpus: int, *, machine: str = "microvm,acpi=on",
-              devices: tuple[str, ...] = ()) -> tuple[float, tuple[float, float], None,
-                                                      dict[str, float]]:
+              devices: tuple[str, ...] = (), extra: tuple[str, ...] = ()
+              ) -> tuple[float, tuple[float, float], None, dict[str, float]]:
     cmd = qemu_command(guest_artifacts(), machine=machine, memory=f"{memory}M", smp=str(cpus))
     for device in devices:
         cmd += ["-device", device]
+    cmd += extra
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -171,6 +178,11 @@ def boot_qemu(memory: int, cpus: int, *, machine: str = "microvm,acpi=on",
     finally:
         p.kill()
         p.wait()
+
+
+def difference(a: list[float], b: list[float]) -> str:
+    """The median and range of ``a - b`` run by run (each pair ran in the same run)."""
+    return stat([x - y for x, y in zip(a, b)])
 
 
 def phase_table(phases: dict[str, list[dict[str, float]]]) -> str:
@@ -219,11 +231,19 @@ def main() -> int:
     # the peer as the issue names it (no PCI bus: virtio-mmio, here no device at all), and
     # the same QEMU microvm with a PCIe host bridge and the one device pych's default VM has
     # on its bus (virtio-rng): what a PCI bus costs QEMU's guest, so that pych's remaining
-    # difference is its 32 ACPI hot plug slots (QEMU microvm cannot hot plug PCI devices)
+    # difference is its 32 ACPI hot plug slots (QEMU microvm cannot hot plug PCI devices);
+    # and QEMU pc with and without ACPI hot plug on its bus 0: what the same capability
+    # costs QEMU's guest (pc's boot also runs SeaBIOS and its legacy devices: compare the
+    # two pc columns with each other)
     vmms = {"pych": boot_pych, "QEMU microvm": boot_qemu,
             PCI_PEER: lambda memory, cpus: boot_qemu(memory, cpus,
                                                      machine="microvm,acpi=on,pcie=on",
-                                                     devices=("virtio-rng-pci",))}
+                                                     devices=("virtio-rng-pci",)),
+            HOTPLUG_PEER: lambda memory, cpus: boot_qemu(memory, cpus, machine="pc",
+                                                         devices=("virtio-rng-pci",)),
+            NO_HOTPLUG_PEER: lambda memory, cpus: boot_qemu(
+                memory, cpus, machine="pc", devices=("virtio-rng-pci",),
+                extra=("-global", "PIIX4_PM.acpi-root-pci-hotplug=off"))}
     times: dict[str, list[float]] = {name: [] for name in vmms}
     memory: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
     rebooted: dict[str, list[tuple[float, float]]] = {name: [] for name in vmms}
@@ -253,7 +273,12 @@ def main() -> int:
              f"pych / QEMU: boot {ratio(times['pych'], times['QEMU microvm'])} "
              f"(goal ≤ 0.9×); memory beyond guest RAM "
              f"{ratio(total['pych'], total['QEMU microvm'])} (goal ≤ 40 MiB and ≤ QEMU's). "
-             f"pych / {PCI_PEER}: boot {ratio(times['pych'], times[PCI_PEER])}.")
+             f"pych / {PCI_PEER}: boot {ratio(times['pych'], times[PCI_PEER])}. "
+             f"pych / {HOTPLUG_PEER}: boot {ratio(times['pych'], times[HOTPLUG_PEER])}. "
+             f"What ACPI PCI hot plug on bus 0 adds to the boot: QEMU pc "
+             f"{difference(times[HOTPLUG_PEER], times[NO_HOTPLUG_PEER])} s (with − without, "
+             f"same run); pych over {PCI_PEER} "
+             f"{difference(times['pych'], times[PCI_PEER])} s.")
     body += "\n\n" + phase_table(phases)
     run.write(body, no_write=args.no_write)
     out = REPO / "docs" / "bench-boot.png"
