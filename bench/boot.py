@@ -165,7 +165,8 @@ def boot_qemu(memory: int, cpus: int, *, machine: str = "microvm,acpi=on",
         cmd += ["-device", device]
     cmd += extra
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
     try:
         console = Console(p.stdout.fileno(), p.stdin.fileno())
         console.expect(READY, 600)
