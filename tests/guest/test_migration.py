@@ -64,8 +64,11 @@ BOOT = 256 * MiB
 VMEM_REGION = 256 * MiB
 MARKER = "pych-migration-marker-in-virtio-mem"
 MARKER_MD5 = "md5sum < /mnt/m/marker | cut -c1-32"
-COUNT = ("cat /mnt/m/counter; echo var=$MIGVAR; nproc; grep MemTotal /proc/meminfo; "
-         + MARKER_MD5)
+# The counter loop's `echo $i > counter` truncates the file before writing it: a read in
+# between finds it empty (one CI run did, and the migration tests after it failed with it),
+# so the read is retried until it has the number.
+COUNT = ('n=; while [ -z "$n" ]; do n=$(cat /mnt/m/counter); done; echo "$n"; '
+         "echo var=$MIGVAR; nproc; grep MemTotal /proc/meminfo; " + MARKER_MD5)
 # the disk's first 64 KiB (the guest's kernel code is emulated here: a whole-disk md5 is slow)
 DISK = "dd if=/dev/vda bs=64k count=1 2>/dev/null | md5sum | cut -c1-32"
 
