@@ -90,20 +90,19 @@ class AcpiGedDevice:
 
     def to_aml(self) -> bytes:
         """``\\_SB_.GEC_`` (register block and ``ESCN``) and ``\\_SB_.GED_`` (ACPI0013)."""
-        dispatch = [
-            (AcpiNotification.CPU, MethodCall("\\_SB_.CPUS.CSCN")),
-            (AcpiNotification.MEMORY, MethodCall("\\_SB_.MHPC.MSCN")),
-            (AcpiNotification.PCI, MethodCall("\\_SB_.PHPR.PSCN")),
-            (AcpiNotification.POWER_BUTTON, Notify("\\_SB_.PWRB", 0x80)),
-        ]
+        dispatch = {
+            AcpiNotification.CPU: MethodCall("\\_SB_.CPUS.CSCN"),
+            AcpiNotification.MEMORY: MethodCall("\\_SB_.MHPC.MSCN"),
+            AcpiNotification.PCI: MethodCall("\\_SB_.PHPR.PSCN"),
+            AcpiNotification.POWER_BUTTON: Notify("\\_SB_.PWRB", 0x80),
+        }
         # Every AML operation costs the guest's interpreter as much as any kernel code (here
         # ~5-10 ms each, emulated), and nothing the event's Notify queues runs before _EVT
         # returns (the GED's interrupt thread outranks the workers). So a PCI event alone,
         # the one a user waits on, goes straight to PSCN; any other mix tests each bit.
         escn = [Store(Path("GDAT"), Local(0)),
-                If(Equal(Local(0), int(AcpiNotification.PCI)),
-                   MethodCall("\\_SB_.PHPR.PSCN")),
-                Else(*(If(And(Local(0), int(bit)), action) for bit, action in dispatch))]
+                If(Equal(Local(0), int(AcpiNotification.PCI)), dispatch[AcpiNotification.PCI]),
+                Else(*(If(And(Local(0), int(bit)), action) for bit, action in dispatch.items()))]
         gec = Device(
             "\\_SB_.GEC_",
             Name("_HID", EISAName("PNP0A06")),

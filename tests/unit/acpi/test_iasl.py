@@ -18,7 +18,7 @@ import pytest
 
 from pych.acpi import tables
 from pych.acpi.aml import (
-    Acquire, Add, AddressSpace, And, Arg, Buffer, Cacheability, Concat, CreateDWordField,
+    Acquire, Add, Aml, AddressSpace, And, Arg, Buffer, Cacheability, Concat, CreateDWordField,
     CreateField, CreateQWordField, Decrement, DeRefOf, Device, EISAName, Else, Equal,
     ExtendedInterrupt, Field, FieldAccess, FieldUpdate, GreaterEqual, GreaterThan, If,
     Increment, Index, IO, LAnd, LessEqual, LessThan, Local, LNot, LOr, Memory32Fixed, Method,
@@ -85,9 +85,10 @@ def asl_spelling(path: str) -> str:
     return ".".join(seg.rstrip("_") if seg.strip("\\_") else seg for seg in path.split("."))
 
 
-def platform_dsdt() -> bytes:
+def platform_dsdt(*extra: Aml) -> bytes:
     """The DSDT pych boots with: the reference's fixed devices, the PCI hot plug controller
-    with its slots, and the CPU and memory hot plug controllers."""
+    with its slots, and the CPU and memory hot plug controllers (then ``extra``, e.g. a
+    test's method)."""
     mmio32 = MmioWindow(layout.MEM_32BIT_DEVICES_START, layout.MEM_32BIT_DEVICES_SIZE)
     mmio64 = MmioWindow(0x1_0000_0000_00, 0x10_0000_0000)
     ged = AcpiGedDevice(RecordingIrq(), layout.ACPI_GED_ADDR)
@@ -103,6 +104,7 @@ def platform_dsdt() -> bytes:
         CpuHotplugController(layout.ACPI_CPU_HOTPLUG_ADDR, 4, 2, is_active=lambda cpu: True,
                              eject=lambda cpu: True, apic_id=lambda cpu: cpu),
         MemoryHotplugController(layout.ACPI_MEM_HOTPLUG_ADDR),
+        *extra,
     )
     return tables.dsdt(body)
 
@@ -399,7 +401,7 @@ def test_ged_event_runs_exactly_the_scans_of_its_bits_as_acpica_runs_it(tmp_path
                    Store(1, "\\_SB_.MHPC.MINS"), Store(1 << 2, "\\_SB_.PHPR.PCID"),
                    MethodCall("\\_SB_.GED_._EVT", layout.GED_IRQ))
     table = tmp_path / "dsdt.aml"
-    table.write_bytes(tables.dsdt(platform_dsdt()[36:] + setup.to_aml()))
+    table.write_bytes(platform_dsdt(setup))
     out = acpiexec(table, "execute \\TEVT")
     assert "AE_" not in out.replace("AE_OK", ""), out
     notified = sorted(re.findall(r"Received a \w+ Notify on \[(\w{4})\]", out))
